@@ -1,0 +1,325 @@
+"""The one config schema: typed, validated, with help text per field.
+
+It feeds the CLI (`--set section.key=value`), the presets (YAML files in `presets/`), the MLproject parameters
+(`overrides`), and the logged run params (`flatten(cfg)`). Unknown keys, wrong types, out-of-range and contradictory
+values are rejected here, before anything trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from latentgate.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def opt(default, help: str, **check):
+    """A config field with its help text and optional range checks (ge, gt, le, lt, choices)."""
+    meta = {"help": help, **check}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("synthetic", "'synthetic' (built-in generator), a SQuAD v1.1 JSON/JSONL path, or a hub name")
+    eval_source: str = opt("", "separate eval file for a file source (empty: split the source)")
+    facts_per_context: int = opt(3, "synthetic: facts in each context (difficulty)", ge=1, le=12)
+    num_entities: int = opt(120, "synthetic: invented entity names (vocabulary size)", ge=4)
+    values_per_attribute: int = opt(16, "synthetic: values per attribute (vocabulary size)", ge=2)
+    answer_length: int = opt(2, "synthetic: max words in an answer", ge=1, le=4)
+    n_train: int = opt(20000, "training examples", ge=1)
+    n_eval: int = opt(200, "held-out eval examples", ge=1)
+    n_probe: int = opt(128, "fixed probe examples for first-token accuracy during training", ge=1)
+    max_context_words: int = opt(512, "longer contexts are truncated (answer kept) or rejected", ge=8)
+    seed: int = opt(1234, "data seed (splits use derived seeds)")
+
+
+@dataclass
+class BaseConfig:
+    name: str = opt("builtin", "'builtin' (tiny Llama trained here) or a Hugging Face causal LM id / local path")
+    trust_remote_code: bool = opt(False, "allow custom model code from the hub (off unless you ask)")
+    dtype: str = opt("float32", "LM weights dtype", choices=("float32", "bfloat16", "float16"))
+    layers: int = opt(4, "builtin: transformer layers", ge=1)
+    hidden: int = opt(128, "builtin: hidden size", ge=8)
+    heads: int = opt(4, "builtin: attention heads", ge=1)
+    intermediate: int = opt(384, "builtin: MLP width", ge=8)
+    steps: int = opt(1000, "builtin: optimizer steps of text-task training", ge=1)
+    batch_size: int = opt(64, "builtin: batch size", ge=1)
+    lr: float = opt(3e-3, "builtin: peak learning rate", gt=0)
+    warmup_steps: int = opt(100, "builtin: warm-up optimizer steps", ge=0)
+    eval_every: int = opt(250, "builtin: text F1 check every N steps (0: only at the end)", ge=0)
+    gate_min_f1: float = opt(0.5, "sanity gate: text-teacher F1 on eval must reach this", ge=0, le=1)
+    gate_max_nll: float = opt(2.0, "sanity gate: text-teacher answer NLL/token must stay below this", gt=0)
+    seed: int = opt(0, "builtin: init and batching seed")
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = opt("lm_copy", "latent encoder: trainable copy of the LM body, scratch, or frozen MiniLM",
+                       choices=("lm_copy", "scratch", "minilm"))
+    encoder_layers: int = opt(2, "scratch encoder: layers", ge=1)
+    num_latents: int = opt(8, "M: soft tokens in the prefix", ge=1)
+    d_z: int = opt(128, "latent width", ge=1)
+    anchor: str = opt("answer :", "anchor text between latent slots and the answer (part of the prefix contract)")
+    lora_r: int = opt(8, "Stage B LoRA rank", ge=1)
+    lora_alpha: int = opt(16, "Stage B LoRA alpha", ge=1)
+    lora_dropout: float = opt(0.0, "Stage B LoRA dropout", ge=0, lt=1)
+    lora_targets: list = opt(["q_proj", "k_proj", "v_proj", "o_proj"], "module names LoRA attaches to")
+    lora_layers: list = opt([], "layer indices LoRA attaches to (empty: all)")
+
+
+@dataclass
+class StageConfig:
+    steps: int = opt(200, "budget in OPTIMIZER steps (micro-steps = steps x grad_accum)", ge=1)
+    batch_size: int = opt(32, "micro-batch size", ge=1)
+    grad_accum: int = opt(1, "micro-batches per optimizer step", ge=1)
+    lr: float = opt(1e-3, "peak learning rate", gt=0)
+    schedule: str = opt("cosine", "LR schedule", choices=("constant", "cosine"))
+    warmup_steps: int = opt(20, "warm-up optimizer steps", ge=0)
+    min_lr: float = opt(1e-5, "cosine: final learning rate", ge=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", ge=0)
+    clip_norm: float = opt(1.0, "clip the grad norm of ALL trainable params (0: off)", ge=0)
+    tf_weight: float = opt(1.0, "teacher-forced CE on the whole answer", ge=0)
+    first_token_ce_weight: float = opt(3.0, "extra CE on the first answer token", ge=0)
+    k: int = opt(4, "K: answer tokens in the K-token CE", ge=1)
+    kce_weight: float = opt(0.5, "K-token CE weight", ge=0)
+    kd_weight: float = opt(0.5, "KD from the text teacher (same LM reading the full text)", ge=0)
+    kd_temperature: float = opt(1.0, "KD temperature", gt=0)
+    scheduled_sampling: bool = opt(False, "mix model predictions into the answer inputs (exposure bias fix)")
+    p_gold_floor: float = opt(0.5, "scheduled sampling: p(gold) anneals from 1.0 to this", ge=0, le=1)
+    probe_every: int = opt(25, "probe first-token accuracy every N optimizer steps", ge=1)
+    checkpoint_every: int = opt(0, "checkpoint every N optimizer steps (0: only at the end)", ge=0)
+    seed: int = opt(0, "init, batching and sampling seed")
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = opt(8, "generation cap (never taken from the gold answer)", ge=1)
+    batch_size: int = opt(200, "generation batch size", ge=1)
+    paths: list = opt(["latent", "text", "token_budget", "zero_latent", "shuffled_latent"], "paths to score")
+
+
+@dataclass
+class RunConfig:
+    experiment: str = opt("latentgate", "MLflow experiment name")
+    threads: int = opt(2, "torch intra-op threads (0: torch default)", ge=0)
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    output_dir: str = opt("runs", "local folder for run outputs (checkpoints, jsonl)")
+    registry_base: str = opt("latentgate-base", "registered model name of the base LM")
+    registry_model: str = opt("latentgate", "registered model name of the latent model")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage_a: StageConfig = field(default_factory=StageConfig)
+    stage_b: StageConfig = field(default_factory=lambda: StageConfig(lr=5e-4))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "Config":
+        for section in dataclasses.fields(self):
+            obj = getattr(self, section.name)
+            for f in dataclasses.fields(obj):
+                _check_range(f"{section.name}.{f.name}", getattr(obj, f.name), f.metadata)
+        for name in ("stage_a", "stage_b"):
+            st: StageConfig = getattr(self, name)
+            if st.warmup_steps >= st.steps and st.warmup_steps > 0:
+                raise ConfigError(f"{name}.warmup_steps={st.warmup_steps} is not below {name}.steps={st.steps}",
+                                  f"lower {name}.warmup_steps or raise {name}.steps")
+            if st.schedule == "cosine" and st.min_lr > st.lr:
+                raise ConfigError(f"{name}.min_lr={st.min_lr} exceeds {name}.lr={st.lr}", f"set {name}.min_lr <= lr")
+            if st.k > self.eval.max_new_tokens:
+                raise ConfigError(f"{name}.k={st.k} exceeds the answer budget eval.max_new_tokens="
+                                  f"{self.eval.max_new_tokens}", f"lower {name}.k")
+        if self.base.name == "builtin" and self.base.hidden % self.base.heads:
+            raise ConfigError(f"base.hidden={self.base.hidden} is not divisible by base.heads={self.base.heads}",
+                              "pick base.heads dividing base.hidden")
+        if self.data.source != "synthetic" and self.base.name == "builtin":
+            raise ConfigError("the builtin base LM only knows the synthetic task's vocabulary",
+                              "use data.source=synthetic, or set base.name to a Hugging Face model")
+        unknown = set(self.eval.paths) - set(EVAL_PATHS)
+        if unknown:
+            raise ConfigError(f"unknown eval path(s) {sorted(unknown)}", f"choose from {list(EVAL_PATHS)}")
+        return self
+
+
+EVAL_PATHS = ("latent", "text", "token_budget", "zero_latent", "shuffled_latent")
+
+
+def _check_range(key: str, value, meta) -> None:
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{key}={value!r} is not one of {list(meta['choices'])}", f"set {key} to one of them")
+    for bound, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                            ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+        if bound in meta and not ok(value, meta[bound]):
+            raise ConfigError(f"{key}={value!r} is out of range (must be {word} {meta[bound]})", f"set {key} {word} {meta[bound]}")
+
+
+# ---- flattening, overrides, presets ---------------------------------------------------------------------------
+
+def fields_table() -> dict[str, tuple[type, Any, str]]:
+    """Every dotted key -> (type, default, help). The CLI help, the MLproject test and the docs read this."""
+    out = {}
+    root = Config()
+    for section in dataclasses.fields(Config):
+        obj = getattr(root, section.name)
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            out[f"{section.name}.{f.name}"] = (hints[f.name], getattr(obj, f.name), f.metadata.get("help", ""))
+    return out
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """The resolved config as one flat dict of dotted keys: logged as run params in full."""
+    return {f"{s}.{k}": v for s, sec in dataclasses.asdict(cfg).items() for k, v in sec.items()}
+
+
+def config_hash(cfg: Config, sections: tuple[str, ...] | None = None) -> str:
+    flat = flatten(cfg)
+    if sections:
+        flat = {k: v for k, v in flat.items() if k.split(".")[0] in sections}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _coerce(key: str, typ, raw):
+    """Turn a CLI/YAML value into the field's type, or raise a ConfigError naming the key."""
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return raw.lower() in ("true", "1", "yes", "on")
+    elif typ is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str):
+            try:
+                return int(raw)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        if isinstance(raw, str):
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(raw, (str, int, float)) and not isinstance(raw, bool):
+            return str(raw)
+    elif typ is list:
+        if isinstance(raw, list):
+            return raw
+        if isinstance(raw, str):
+            text = raw.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError:
+                    pass
+            else:
+                items = [x.strip() for x in text.split(",") if x.strip()]
+                return [int(x) if x.lstrip("-").isdigit() else x for x in items]
+    raise ConfigError(f"{key} expects {getattr(typ, '__name__', typ)}, got {raw!r}", f"pass a valid {getattr(typ, '__name__', typ)} for {key}")
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Apply dotted-key overrides; an unknown key gets a did-you-mean."""
+    table = fields_table()
+    for key, raw in overrides.items():
+        if key not in table:
+            close = difflib.get_close_matches(key, table, n=1, cutoff=0.5)
+            if not close:  # a bare field name: look it up across sections
+                close = [k for k in table if k.endswith("." + key)][:1]
+            hint = f"did you mean {close[0]}?" if close else "see `latentgate config --list`"
+            raise ConfigError(f"unknown config key {key!r}", hint)
+        section, name = key.split(".", 1)
+        setattr(getattr(cfg, section), name, _coerce(key, table[key][0], raw))
+    return cfg
+
+
+def parse_set_args(items: typing.Iterable[str]) -> dict[str, str]:
+    """`key=value` strings (from --set or the MLproject `overrides` parameter) -> dict."""
+    out = {}
+    for item in items:
+        for part in item.split() if " " in item.strip() and "=" in item else [item]:
+            if not part:
+                continue
+            if "=" not in part:
+                raise ConfigError(f"override {part!r} is not key=value", "write overrides as section.key=value")
+            k, v = part.split("=", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _load_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})", "fix the file's syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level", "write section: {key: value}")
+    return data
+
+
+def preset_overrides(name_or_path: str, _seen: tuple = ()) -> dict[str, Any]:
+    """A preset's flattened overrides, following `extends:` chains."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        close = difflib.get_close_matches(name_or_path, preset_names(), n=1)
+        hint = f"did you mean {close[0]}?" if close else f"choose one of {preset_names()}"
+        raise ConfigError(f"unknown preset {name_or_path!r}", hint)
+    if str(path) in _seen:
+        raise ConfigError(f"preset {path} extends itself", "break the extends: cycle")
+    data = _load_yaml(path)
+    parent = data.pop("extends", None)
+    flat = preset_overrides(parent, _seen + (str(path),)) if parent else {}
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping", "write section: {key: value}")
+        for k, v in values.items():
+            flat[f"{section}.{k}"] = v
+    return flat
+
+
+def resolve(preset: str | None = "smoke", overrides: dict[str, Any] | None = None) -> Config:
+    """Preset + overrides -> validated Config. This is the only way stages get their config."""
+    cfg = Config()
+    if preset:
+        apply_overrides(cfg, preset_overrides(preset))
+    apply_overrides(cfg, overrides or {})
+    return cfg.validate()
+
+
+def from_flat(flat: dict[str, Any]) -> Config:
+    """Rebuild a Config from logged params or a manifest (strings are coerced back to field types)."""
+    table = fields_table()
+    return apply_overrides(Config(), {k: v for k, v in flat.items() if k in table}).validate()
+
+
+def dumps(cfg: Config) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
+
+
+Stage = Literal["stage_a", "stage_b"]

@@ -1,0 +1,1 @@
+"""Data: the synthetic SQuAD-style generator, readers for SQuAD JSON/JSONL, and record validation."""

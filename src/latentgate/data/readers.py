@@ -1,0 +1,578 @@
+"""Readers for SQuAD v1.1 JSON, JSONL and hub datasets, with validation that names file, line and field.
+
+Accepted inputs (`load_examples(source)`):
+
+* **SQuAD v1.1 JSON** (``.json``): ``{"data": [{"title", "paragraphs": [{"context", "qas": [{"id", "question",
+  "answers": [{"text", "answer_start"}]}]}]}]}``. Every answer of a question becomes a reference.
+* **JSONL** (``.jsonl``/``.ndjson``, or a ``.json`` file that holds one object per line): one object per line with
+  ``context``, ``question``, ``answers`` and optionally ``id``. ``answers`` may be a list of strings (optionally
+  with a parallel ``answer_starts`` list, the layout `write_jsonl` writes), a list of ``{"text", "answer_start"}``
+  objects, or the Hugging Face squad layout ``{"text": [...], "answer_start": [...]}``. A JSON array of such
+  objects is accepted too. A missing ``id`` becomes ``"<file stem>-<line>"``.
+* **A hub dataset name** (e.g. ``"squad"`` or ``"owner/name"``): a source that does not exist locally, has no
+  ``.json``/``.jsonl`` suffix and no other path separator is loaded with ``datasets.load_dataset(source,
+  split=split)``; offline or on failure this is a `DataError` telling to pass a local file.
+
+Loading goes through Hugging Face ``datasets`` (``load_dataset("json")`` for JSONL, ``Dataset.from_list`` for the
+parsed SQuAD JSON), but the raw file is first checked here so every error is one line naming the file, the line
+(JSONL) or the paragraph/question (SQuAD JSON), and the field: undecodable UTF-8 (with the byte offset), invalid
+JSON, missing or non-string ``context``/``question``, missing or empty ``answers``, an empty answer, an answer
+longer than the context or not occurring in it, duplicate ids (both places named) and an empty split.
+
+``answer_start`` offsets that do not point at their text are re-anchored to the nearest occurrence of the text
+(one warning per file). When no offset is given the first occurrence is used.
+
+**Huge contexts.** A context longer than ``max_context_words`` whitespace-separated words is cut after its
+``max_context_words``-th word if every answer of the record still lies entirely inside the kept part (one
+`warnings.warn` per file says how many contexts were cut); otherwise the record is rejected with a `DataError`
+naming its line and this rule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from latentgate.data.records import Example
+from latentgate.errors import ConfigError, DataError
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+JSON_SUFFIXES = (".json",)
+_BOM = b"\xef\xbb\xbf"
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_WORD = re.compile(r"\S+")
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Where a record came from: `prefix` starts error messages, `short` names it inside another message."""
+
+    prefix: str
+    short: str
+    auto_id: str
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self.reanchored = 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def load_examples(source: str | os.PathLike, *, max_context_words: int = 512, split: str = "train") -> list[Example]:
+    """Load and validate examples from a SQuAD v1.1 JSON file, a JSONL file or a hub dataset name.
+
+    See the module docstring for the accepted layouts. Contexts longer than `max_context_words` words are cut
+    to that many words (with one warning per file) when every answer stays inside the kept part; otherwise the
+    record is rejected with a `DataError`. `split` is only used for hub datasets. Every problem raises a
+    `DataError` whose message is one line naming the file, the line or record, and the field.
+    """
+    if not isinstance(max_context_words, int) or isinstance(max_context_words, bool) or max_context_words < 1:
+        raise ConfigError(
+            f"max_context_words must be a positive integer, got {max_context_words!r}",
+            fix="set max_context_words to e.g. 512",
+        )
+    if _is_hub_name(source):
+        return _load_hub(str(source), split, max_context_words)
+
+    name = _one_line(os.fspath(source))
+    path = Path(source)
+    if not path.exists():
+        raise DataError(
+            f"data file not found: {name}",
+            fix="check the path; pass a SQuAD JSON (.json) or JSONL (.jsonl) file, or a hub dataset name like 'squad'",
+        )
+    if path.is_dir():
+        raise DataError(f"{name} is a directory, not a data file", fix="pass the path of a .json or .jsonl file")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(
+            f"cannot read {name}: {_one_line(err.strerror or str(err))}", fix="check the file's permissions"
+        ) from None
+
+    text = _decode(raw, name)
+    kind, payload = _detect(path, text, name)
+    counters = _Counters()
+    if kind == "jsonl":
+        raws: list[tuple[_Where, dict]] = payload
+        for where, obj in raws:  # pre-validate with line numbers before datasets sees the file
+            _normalize(obj, where, counters)
+        _check_unique_ids(raws, name)
+        rows = _rows_via_load_dataset(path, text, raws, name)
+        records = [_normalize(row, where, _Counters()) for row, (where, _) in zip(rows, raws, strict=True)]
+    else:  # squad or a JSON array of records: parsed here, handed to datasets as a list of flat records
+        raws = payload
+        flat = [_normalize(obj, where, counters) for where, obj in raws]
+        _check_unique_ids(raws, name, flat)
+        records = _rows_via_from_list(flat)
+    if counters.reanchored:
+        warnings.warn(
+            f"{name}: {counters.reanchored} answer_start offset(s) did not point at their answer text and were "
+            "moved to the nearest occurrence of the text",
+            stacklevel=2,
+        )
+    wheres = [where for where, _ in raws]
+    examples = _apply_context_limit(records, wheres, name, max_context_words)
+    return validate_examples(examples, name)
+
+
+def validate_examples(examples: Iterable[Example], source: str) -> list[Example]:
+    """Split-level checks: the split is not empty, ids are unique, every example has answers whose offsets
+    (when given) point at their text. Returns the examples as a list; raises a one-line `DataError`."""
+    name = _one_line(str(source))
+    examples = list(examples)
+    if not examples:
+        raise DataError(f"{name}: no examples (empty split)", fix="add at least one example or pick another file")
+    first_index: dict[str, int] = {}
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, Example):
+            raise DataError(f"{name}: item {i} is a {type(ex).__name__}, not an Example", fix="build Example records")
+        label = f"{name}: example {i} (id {_show(ex.id)})"
+        if ex.id in first_index:
+            raise DataError(
+                f"{name}: duplicate id {_show(ex.id)} (examples {first_index[ex.id]} and {i})",
+                fix="give every example a unique id",
+            )
+        first_index[ex.id] = i
+        if not ex.answers:
+            raise DataError(f"{label}: field 'answers' is empty", fix="give every example at least one answer")
+        if ex.answer_starts and len(ex.answer_starts) != len(ex.answers):
+            raise DataError(
+                f"{label}: {len(ex.answer_starts)} answer_starts for {len(ex.answers)} answers",
+                fix="give one answer_start per answer, or none",
+            )
+        for j, answer in enumerate(ex.answers):
+            if not answer.strip():
+                raise DataError(f"{label}: field 'answers' has an empty answer (answers[{j}])", fix="remove it")
+            if ex.answer_starts:
+                s = ex.answer_starts[j]
+                if ex.context[s : s + len(answer)] != answer:
+                    raise DataError(
+                        f"{label}: answer_starts[{j}]={s} does not point at answer {_show(answer)}",
+                        fix="fix the offset or drop answer_starts",
+                    )
+            elif answer not in ex.context:
+                raise DataError(f"{label}: answer {_show(answer)} does not occur in the context", fix="fix the answer")
+    return examples
+
+
+def write_jsonl(examples: Iterable[Example], path: str | os.PathLike) -> None:
+    """Write examples as JSONL (one `Example.to_dict()` per line, UTF-8), atomically; `load_examples` reads it back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+        for ex in examples:
+            fh.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Raw file checks
+
+
+def _is_hub_name(source: object) -> bool:
+    if not isinstance(source, str) or os.path.exists(source):
+        return False
+    if source.lower().endswith(JSON_SUFFIXES + JSONL_SUFFIXES) or "\\" in source:
+        return False
+    if not _HUB_NAME.match(source):
+        return False
+    owner = source.split("/", 1)[0]
+    return "/" not in source or not os.path.exists(owner)
+
+
+def _decode(raw: bytes, name: str) -> str:
+    skip = len(_BOM) if raw.startswith(_BOM) else 0
+    try:
+        return raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        offset = err.start + skip
+        line = raw.count(b"\n", 0, offset) + 1
+        raise DataError(
+            f"{name}:{line}: not valid UTF-8 (byte 0x{raw[offset]:02x} at byte offset {offset})",
+            fix="re-save the file as UTF-8",
+        ) from None
+
+
+def _detect(path: Path, text: str, name: str):
+    """('jsonl', [(where, obj)]) for JSON lines, ('records', [(where, obj)]) for SQuAD JSON or a JSON array."""
+    suffix = path.suffix.lower()
+    stem = path.stem
+    if suffix not in JSONL_SUFFIXES and text.strip():
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as err:
+            if err.msg != "Extra data" and suffix in JSON_SUFFIXES:
+                raise DataError(
+                    f"{name}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})",
+                    fix="fix the JSON syntax on that line",
+                ) from None
+        else:
+            if isinstance(doc, dict) and "data" in doc:
+                return "records", _squad_records(doc, name, stem)
+            if isinstance(doc, list):
+                return "records", [
+                    (_Where(f"{name}: item {i}", f"item {i}", f"{stem}-{i}"), obj) for i, obj in enumerate(doc)
+                ]
+            if isinstance(doc, dict) and "context" in doc:  # a single (possibly pretty-printed) record
+                return "records", [(_Where(f"{name}: record 0", "record 0", f"{stem}-0"), doc)]
+            if suffix in JSON_SUFFIXES:
+                raise DataError(
+                    f"{name}: expected SQuAD v1.1 layout: a JSON object with a 'data' list of articles",
+                    fix="use SQuAD v1.1 JSON, or JSONL with one {context, question, answers} object per line",
+                )
+    return "jsonl", _jsonl_records(text, name, stem)
+
+
+def _jsonl_records(text: str, name: str, stem: str) -> list[tuple[_Where, dict]]:
+    out = []
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{name}:{lineno}: invalid JSON: {err.msg} (column {err.colno})",
+                fix="put exactly one JSON object on each line",
+            ) from None
+        out.append((_Where(f"{name}:{lineno}", f"line {lineno}", f"{stem}-{lineno}"), obj))
+    return out
+
+
+def _squad_records(doc: dict, name: str, stem: str) -> list[tuple[_Where, dict]]:
+    fix = "follow the SQuAD v1.1 layout {data: [{paragraphs: [{context, qas: [{id, question, answers}]}]}]}"
+    data = doc["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{name}: field 'data' must be a list of articles, got {_kind(data)}", fix=fix)
+    out = []
+    for ai, article in enumerate(data):
+        if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
+            got = _kind(article.get("paragraphs", _MISSING)) if isinstance(article, dict) else _kind(article)
+            raise DataError(f"{name}: data[{ai}]: field 'paragraphs' must be a list, got {got}", fix=fix)
+        for pi, para in enumerate(article["paragraphs"]):
+            ploc = f"data[{ai}].paragraphs[{pi}]"
+            if not isinstance(para, dict):
+                raise DataError(f"{name}: {ploc}: paragraph must be an object, got {_kind(para)}", fix=fix)
+            qas = para.get("qas", _MISSING)
+            if not isinstance(qas, list):
+                raise DataError(
+                    f"{name}: {ploc} (paragraph {pi}): field 'qas' must be a list, got {_kind(qas)}", fix=fix
+                )
+            for qi, qa in enumerate(qas):
+                qloc = f"{ploc}.qas[{qi}]"
+                if not isinstance(qa, dict):
+                    raise DataError(f"{name}: {qloc}: question must be an object, got {_kind(qa)}", fix=fix)
+                ident = f" (id {_show(qa['id'])})" if "id" in qa else ""
+                obj = {k: qa[k] for k in ("id", "question", "answers") if k in qa}
+                if "context" in para:
+                    obj["context"] = para["context"]
+                out.append((_Where(f"{name}: {qloc}{ident}", f"{qloc}{ident}", f"{stem}-{ai}-{pi}-{qi}"), obj))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Record checks
+
+
+def _normalize(obj: object, where: _Where, counters: _Counters) -> dict:
+    """Validate one raw record (or a datasets row) and return {id, context, question, answers, answer_starts}."""
+    if not isinstance(obj, dict):
+        raise DataError(
+            f"{where.prefix}: record must be a JSON object, got {_kind(obj)}", fix="write one object per record"
+        )
+    context = _text_field(obj, "context", where)
+    question = _text_field(obj, "question", where)
+    rid = obj.get("id")
+    if rid is None:
+        rid = where.auto_id
+    elif isinstance(rid, int) and not isinstance(rid, bool):
+        rid = str(rid)
+    elif not isinstance(rid, str) or not rid.strip():
+        raise DataError(
+            f"{where.prefix}: field 'id' must be a non-empty string, got {_kind(rid)}", fix="use string ids"
+        )
+
+    texts, starts = _answer_parts(obj, where)
+    fix_answer = "every answer must be a non-empty span copied exactly from the context"
+    out_starts = []
+    for j, text in enumerate(texts):
+        label = f"answers[{j}]"
+        if not isinstance(text, str):
+            raise DataError(
+                f"{where.prefix}: field 'answers': {label} must be a string, got {_kind(text)}", fix=fix_answer
+            )
+        if not text.strip():
+            raise DataError(f"{where.prefix}: field 'answers' has an empty answer ({label})", fix=fix_answer)
+        if len(text) > len(context):
+            raise DataError(
+                f"{where.prefix}: field 'answers': {label} ({len(text)} characters) is longer than the context "
+                f"({len(context)} characters)",
+                fix=fix_answer,
+            )
+        start = starts[j] if starts is not None else None
+        if start is not None and (not isinstance(start, int) or isinstance(start, bool) or start < 0):
+            raise DataError(
+                f"{where.prefix}: field 'answers': answer_start of {label} must be a non-negative integer, "
+                f"got {_show(start)}",
+                fix="give character offsets as integers, or leave them out",
+            )
+        if start is not None and context[start : start + len(text)] == text:
+            out_starts.append(start)
+            continue
+        found = _nearest(context, text, start)
+        if found < 0:
+            raise DataError(
+                f"{where.prefix}: field 'answers': {label} {_show(text)} does not occur in the context", fix=fix_answer
+            )
+        if start is not None:
+            counters.reanchored += 1
+        out_starts.append(found)
+    return {"id": rid, "context": context, "question": question, "answers": list(texts), "answer_starts": out_starts}
+
+
+def _text_field(obj: dict, field: str, where: _Where) -> str:
+    value = obj.get(field, _MISSING)
+    if value is _MISSING or value is None:
+        raise DataError(f"{where.prefix}: missing field '{field}'", fix=f"give every record a string '{field}'")
+    if not isinstance(value, str):
+        raise DataError(
+            f"{where.prefix}: field '{field}' must be a string, got {_kind(value)}", fix=f"make '{field}' a string"
+        )
+    if not value.strip():
+        raise DataError(f"{where.prefix}: field '{field}' is empty", fix=f"give every record a non-empty '{field}'")
+    return value
+
+
+def _answer_parts(obj: dict, where: _Where) -> tuple[list, list | None]:
+    """(texts, starts or None) from any accepted `answers` layout."""
+    fix = 'use "answers": ["text", ...] or [{"text", "answer_start"}, ...] or {"text": [...], "answer_start": [...]}'
+    answers = obj.get("answers", _MISSING)
+    if answers is _MISSING or answers is None:
+        raise DataError(f"{where.prefix}: missing field 'answers'", fix=fix)
+    if isinstance(answers, dict):
+        texts = answers.get("text", _MISSING)
+        starts = answers.get("answer_start")
+        if isinstance(texts, str):
+            texts, starts = [texts], None if starts is None else [starts]
+        if not isinstance(texts, list) or (starts is not None and not isinstance(starts, list)):
+            raise DataError(
+                f"{where.prefix}: field 'answers' must hold a 'text' list and an 'answer_start' list", fix=fix
+            )
+        if starts is not None and len(starts) != len(texts):
+            raise DataError(
+                f"{where.prefix}: field 'answers' has {len(texts)} texts but {len(starts)} answer_start values", fix=fix
+            )
+    elif isinstance(answers, list):
+        if answers and all(isinstance(a, dict) for a in answers):
+            texts, starts = [], []
+            for j, a in enumerate(answers):
+                if "text" not in a:
+                    raise DataError(f"{where.prefix}: field 'answers': answers[{j}] has no 'text'", fix=fix)
+                texts.append(a["text"])
+                starts.append(a.get("answer_start"))
+        else:
+            texts = answers
+            starts = obj.get("answer_starts")
+            if starts is not None and not isinstance(starts, list):
+                raise DataError(f"{where.prefix}: field 'answer_starts' must be a list, got {_kind(starts)}", fix=fix)
+            if starts == []:
+                starts = None
+            if starts is not None and len(starts) != len(texts):
+                raise DataError(
+                    f"{where.prefix}: field 'answer_starts' has {len(starts)} values for {len(texts)} answers",
+                    fix="give one answer_start per answer, or none",
+                )
+    else:
+        raise DataError(f"{where.prefix}: field 'answers' must be a list, got {_kind(answers)}", fix=fix)
+    if not texts:
+        raise DataError(
+            f"{where.prefix}: field 'answers' is empty",
+            fix="give every question at least one answer (unanswerable SQuAD v2 questions are not supported)",
+        )
+    return texts, starts
+
+
+def _nearest(context: str, text: str, hint: int | None) -> int:
+    """Offset of the occurrence of `text` nearest to `hint` (first occurrence without a hint), -1 if none."""
+    first = context.find(text)
+    if first < 0 or hint is None:
+        return first
+    best, pos = first, first
+    while pos >= 0:
+        if abs(pos - hint) < abs(best - hint):
+            best = pos
+        if pos > hint:
+            break
+        pos = context.find(text, pos + 1)
+    return best
+
+
+def _check_unique_ids(raws: Sequence[tuple[_Where, dict]], name: str, flat: Sequence[dict] | None = None) -> None:
+    if not raws:
+        raise DataError(f"{name}: no records found (empty split)", fix="add at least one example or pick another file")
+    seen: dict[str, _Where] = {}
+    for i, (where, obj) in enumerate(raws):
+        rid = flat[i]["id"] if flat is not None else _normalize_id(obj, where)
+        if rid in seen:
+            raise DataError(
+                f"{where.prefix}: duplicate id {_show(rid)} (first used at {seen[rid].short}, again at {where.short})",
+                fix="give every record a unique id",
+            )
+        seen[rid] = where
+
+
+def _normalize_id(obj: dict, where: _Where) -> str:
+    rid = obj.get("id")
+    return where.auto_id if rid is None else str(rid)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Through Hugging Face datasets
+
+
+def _rows_via_load_dataset(path: Path, text: str, raws, name: str) -> list[dict]:
+    """Load a pre-validated JSONL file with `load_dataset("json")` and return its rows as dicts."""
+    from datasets import load_dataset
+
+    lines = text.split("\n")
+    # a single trailing newline is fine; any other blank or whitespace-only line is not
+    has_blank = any(not ln.strip() for ln in lines[:-1]) or (lines[-1] != "" and not lines[-1].strip())
+    with tempfile.TemporaryDirectory(prefix="latentgate-data-") as tmp:
+        data_file = str(path)
+        if has_blank:  # datasets' JSON loader trips over blank lines in some layouts: hand it the compacted lines
+            data_file = os.path.join(tmp, "records.jsonl")
+            with open(data_file, "w", encoding="utf-8") as fh:
+                fh.write("\n".join(ln for ln in lines if ln.strip()) + "\n")
+        with _quiet_datasets():
+            try:
+                ds = load_dataset(
+                    "json",
+                    data_files=data_file,
+                    split="train",
+                    cache_dir=os.path.join(tmp, "cache"),
+                    keep_in_memory=True,
+                )
+            except Exception as err:  # noqa: BLE001 - anything datasets raises becomes one actionable line
+                raise DataError(
+                    f"{name}: datasets could not load the file: {_one_line(str(err))[:200]}",
+                    fix="use the same field types on every line",
+                ) from None
+        rows = ds.to_list()
+    if len(rows) != len(raws):
+        raise DataError(
+            f"{name}: datasets read {len(rows)} records but the file has {len(raws)} non-blank lines",
+            fix="put exactly one JSON object on each line",
+        )
+    return rows
+
+
+def _rows_via_from_list(flat: list[dict]) -> list[dict]:
+    from datasets import Dataset
+
+    with _quiet_datasets():
+        ds = Dataset.from_list(flat)
+    return ds.to_list()
+
+
+class _quiet_datasets:
+    """Silence datasets' progress bars for the duration of a load, restoring the caller's setting."""
+
+    def __enter__(self):
+        from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars
+
+        self._was_disabled = are_progress_bars_disabled()
+        disable_progress_bars()
+        return self
+
+    def __exit__(self, *exc):
+        from datasets.utils.tqdm import enable_progress_bars
+
+        if not self._was_disabled:
+            enable_progress_bars()
+        return False
+
+
+def _load_hub(source: str, split: str, max_context_words: int) -> list[Example]:
+    from datasets import load_dataset
+
+    with _quiet_datasets():
+        try:
+            rows = load_dataset(source, split=split).to_list()
+        except Exception as err:  # noqa: BLE001 - offline, unknown name, missing split...
+            raise DataError(
+                f"cannot load dataset {_show(source)} from the hub: {_one_line(str(err))[:200]}",
+                fix="pass a local SQuAD JSON or JSONL file, or go online",
+            ) from None
+    name = f"{source}[{split}]"
+    raws = [(_Where(f"{name} row {i}", f"row {i}", f"{source}-{split}-{i}"), row) for i, row in enumerate(rows)]
+    counters = _Counters()
+    flat = [_normalize(row, where, counters) for where, row in raws]
+    _check_unique_ids(raws, name, flat)
+    wheres = [where for where, _ in raws]
+    return validate_examples(_apply_context_limit(flat, wheres, name, max_context_words), name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Context limit and helpers
+
+
+def _apply_context_limit(records: list[dict], wheres: list[_Where], name: str, max_words: int) -> list[Example]:
+    examples = []
+    cut_count = 0
+    for rec, where in zip(records, wheres, strict=True):
+        context = rec["context"]
+        answers, starts = tuple(rec["answers"]), tuple(rec["answer_starts"])
+        if len(context.split()) > max_words:
+            n_words = len(context.split())
+            end = 0
+            for k, m in enumerate(_WORD.finditer(context), start=1):
+                if k == max_words:
+                    end = m.end()
+                    break
+            outside = [a for a, s in zip(answers, starts, strict=True) if s + len(a) > end]
+            if outside:
+                raise DataError(
+                    f"{where.prefix}: field 'context' has {n_words} words, more than max_context_words={max_words}, "
+                    f"and answer {_show(outside[0])} lies beyond word {max_words}, so the context cannot be cut",
+                    fix=f"raise max_context_words above {max_words} or shorten the context so its answers stay inside",
+                )
+            context = context[:end]
+            cut_count += 1
+        examples.append(Example(str(rec["id"]), context, rec["question"], answers, starts))
+    if cut_count:
+        warnings.warn(
+            f"{name}: truncated {cut_count} context(s) longer than {max_words} words to their first {max_words} words",
+            stacklevel=3,
+        )
+    return examples
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.splitlines()) if ("\n" in text or "\r" in text) else text
+
+
+def _show(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def _kind(value: object) -> str:
+    if value is _MISSING:
+        return "nothing"
+    if value is None:
+        return "null"
+    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "integer", float: "number"}.get(
+        type(value), type(value).__name__
+    )

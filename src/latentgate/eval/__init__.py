@@ -1,0 +1,1 @@
+"""Evaluation: batched KV-cached greedy generation, SQuAD v1.1 scoring, probes, controls."""

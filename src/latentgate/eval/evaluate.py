@@ -1,0 +1,136 @@
+"""Score every path on the eval split and always write `eval_detailed.jsonl` and `metrics.json`.
+
+Paths: latent (encoder -> adapter -> LoRA'd LM), text (the teacher: the LM with LoRA disabled reading the full
+text), token_budget (the text cut to M tokens, question kept), and controls that show whether the latent carries
+information about THIS input: zero_latent and shuffled_latent (latents of other examples). Nothing from the gold
+answers reaches a model input or the length cap: references are only read to score.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from latentgate.eval import scoring
+from latentgate.eval.generate import decode, greedy_generate
+from latentgate.eval.probe import _EvalMode
+from latentgate.model.contract import build_latent_batch, build_text_batch, encode_answers, text_prompt
+from latentgate.train.losses import answer_logits
+
+LATENT_PATHS = ("latent", "zero_latent", "shuffled_latent")
+
+
+def _prefix_for(ws, path: str, chunk, latents: torch.Tensor | None):
+    """Model inputs for one path: (inputs_embeds, attention_mask, lm_context, scoring_batch_fn)."""
+    if path in LATENT_PATHS:
+        if path == "zero_latent":
+            lat = torch.zeros_like(latents)
+        elif path == "shuffled_latent":  # a derangement: every row gets another example's latents
+            lat = latents.roll(1, dims=0) if latents.shape[0] > 1 else torch.zeros_like(latents)
+        else:
+            lat = latents
+        prefix = build_latent_batch(ws.contract, ws.embed, lat)
+        return prefix, (lambda answers: build_latent_batch(ws.contract, ws.embed, lat, answer_targets=answers)), None
+    budget = ws.contract.num_latents if path == "token_budget" else None
+    prompts = [text_prompt(e.context, e.question, ws.contract.anchor, budget, ws.tokenizer) for e in chunk]
+    prefix = build_text_batch(ws.contract, ws.tokenizer, ws.embed, prompts, left_pad=True)
+    return prefix, (lambda answers: build_text_batch(ws.contract, ws.tokenizer, ws.embed, prompts, answers)), prompts
+
+
+@torch.no_grad()
+def evaluate(ws, examples, out_dir: Path, paths=None, batch_size: int | None = None) -> dict:
+    paths = list(paths or ws.cfg.eval.paths)
+    batch_size = batch_size or ws.cfg.eval.batch_size
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    extra: dict[str, dict] = {p: {"hits": 0, "hits5": 0, "nll": 0.0, "tokens": 0.0, "prompt_tokens": 0,
+                                  "prompt_bytes": 0} for p in paths}
+    with _EvalMode(ws.encoder, ws.adapter, ws.lm):
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            latents = ws.latents(chunk) if any(p in LATENT_PATHS for p in paths) else None
+            gold_first = encode_answers(ws.tokenizer, [e.answer for e in chunk])  # scoring only
+            for path in paths:
+                teacher = path in ("text", "token_budget")
+                with (ws.teacher() if teacher else _nullctx()):
+                    prefix, scoring_batch, prompts = _prefix_for(ws, path, chunk, latents)
+                    gen = greedy_generate(ws.lm, prefix.inputs_embeds, prefix.attention_mask,
+                                          ws.cfg.eval.max_new_tokens, ws.contract.eos_id)
+                    # Teacher-forced NLL of the gold answer: a score, computed after generation finished.
+                    sb = scoring_batch(gold_first)
+                    logits = answer_logits(ws.lm, sb).float()
+                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), sb.answer_targets, reduction="none")
+                e = extra[path]
+                e["nll"] += float((nll * sb.answer_mask).sum())
+                e["tokens"] += float(sb.answer_mask.sum())
+                gold0 = sb.answer_targets[:, 0]
+                top5 = gen.first_logits.topk(min(5, gen.first_logits.shape[-1]), -1).indices
+                first_ok = (gen.first_logits.argmax(-1) == gold0).tolist()
+                e["hits"] += sum(first_ok)
+                e["hits5"] += int((top5 == gold0[:, None]).any(-1).sum())
+                if prompts is not None:
+                    e["prompt_tokens"] += int(prefix.attention_mask.sum())
+                    e["prompt_bytes"] += sum(len(p.encode()) for p in prompts)
+                preds = decode(ws.tokenizer, gen.token_ids)
+                for ex, pred, ok, ids in zip(chunk, preds, first_ok, gen.token_ids):
+                    refs = list(ex.answers)
+                    rows.append({"id": ex.id, "path": path, "question": ex.question, "references": refs,
+                                 "prediction": pred, "first_token": ids[0] if ids else None,
+                                 "em": scoring.exact_match(pred, refs), "f1": scoring.f1(pred, refs),
+                                 "first_token_correct": bool(ok), "error_mode": scoring.error_mode(pred, refs)})
+    with (out_dir / "eval_detailed.jsonl").open("w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    metrics = aggregate(rows, extra, ws, len(examples))
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics
+
+
+def aggregate(rows: list[dict], extra: dict, ws, n_examples: int) -> dict:
+    """Aggregates per path, with EM/F1 from the shipped `evaluate` metric module (SQuAD v1.1, all references)."""
+    from latentgate.eval.squad_metric import load_squad_metric
+
+    metric = load_squad_metric()
+    out: dict = {"n_examples": n_examples, "paths": {}}
+    for path, e in extra.items():
+        prs = [r for r in rows if r["path"] == path]
+        official = metric.compute(
+            predictions=[{"id": r["id"], "prediction_text": r["prediction"]} for r in prs],
+            references=[{"id": r["id"], "answers": {"text": r["references"], "answer_start": []}} for r in prs])
+        f1s = [r["f1"] for r in prs]
+        modes = Counter(r["error_mode"] for r in prs)
+        preds = Counter(r["prediction"] for r in prs)
+        firsts = Counter(r["first_token"] for r in prs)
+        n = len(prs)
+        out["paths"][path] = {
+            "em": official["exact_match"] / 100, "f1": official["f1"] / 100, "n": n,
+            "first_top1": e["hits"] / n, "first_top5": e["hits5"] / n,
+            "nll_per_token": e["nll"] / max(e["tokens"], 1.0),
+            "f1_distribution": scoring.f1_buckets(f1s), "first_f1_nonzero_idx": scoring.first_nonzero_index(f1s),
+            "error_modes": {m: modes.get(m, 0) for m in scoring.ERROR_MODES},
+            "repetition_rate": modes.get("repetition", 0) / n, "empty_rate": modes.get("empty", 0) / n,
+            "top_prediction_share": preds.most_common(1)[0][1] / n if n else 0.0,
+            "distinct_first_tokens": len(firsts),
+        }
+        if e["prompt_tokens"]:
+            out["paths"][path]["prompt_tokens_per_example"] = e["prompt_tokens"] / n
+            out["paths"][path]["prompt_bytes_per_example"] = e["prompt_bytes"] / n
+    elem = torch.finfo(ws.embed.weight.dtype).bits // 8
+    hidden = ws.embed.weight.shape[1]
+    out["latent_tokens"] = ws.contract.num_latents
+    out["latent_bytes_per_example"] = ws.contract.num_latents * hidden * elem
+    if "text" in out["paths"]:
+        out["prompt_bytes_per_example"] = out["paths"]["text"]["prompt_bytes_per_example"]
+        out["prompt_tokens_per_example"] = out["paths"]["text"]["prompt_tokens_per_example"]
+    return out
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

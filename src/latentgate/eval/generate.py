@@ -1,0 +1,46 @@
+"""Batched greedy decoding from `inputs_embeds` with a KV cache: the prefix is encoded once, then one token per
+step for the whole batch. The length cap comes from config, never from the gold answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Generation:
+    token_ids: list[list[int]]  # per example, cut at (and excluding) the first EOS
+    first_logits: torch.Tensor  # [B, V] logits of the first generated token (first-token top-1/top-5)
+
+
+@torch.no_grad()
+def greedy_generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                    eos_id: int) -> Generation:
+    """Rows may be left-padded (text prompts); latent prefixes all have the same length."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+             use_cache=True, logits_to_keep=1)
+    first_logits = out.logits[:, -1].float()
+    next_tok = first_logits.argmax(-1)
+    b = next_tok.shape[0]
+    done = torch.zeros(b, dtype=torch.bool, device=next_tok.device)
+    steps = []
+    pos = position_ids[:, -1:]
+    for t in range(max_new_tokens):
+        steps.append(next_tok)
+        done |= next_tok == eos_id
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((b, 1))], dim=1)
+        pos = pos + 1
+        out = lm(input_ids=next_tok.unsqueeze(1), attention_mask=attention_mask, position_ids=pos,
+                 past_key_values=out.past_key_values, use_cache=True)
+        next_tok = out.logits[:, -1].argmax(-1)
+    ids = torch.stack(steps, dim=1).tolist()
+    cut = [row[: row.index(eos_id)] if eos_id in row else row for row in ids]
+    return Generation(cut, first_logits)
+
+
+def decode(tokenizer, token_ids: list[list[int]]) -> list[str]:
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in token_ids]

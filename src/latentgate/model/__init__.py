@@ -1,0 +1,1 @@
+"""Model: the frozen LM, the latent encoder/adapter, the prefix contract, LoRA."""

@@ -1,0 +1,85 @@
+"""The frozen LLM (and, read with the adapter disabled, its own text teacher).
+
+Any Hugging Face causal LM loads by name or local path. The embedded default is a small Llama built from a
+config, with a word-level tokenizer made by the `tokenizers` library from the synthetic task's vocabulary;
+the `base` stage trains it on the text version of the task.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from latentgate.config import Config
+from latentgate.errors import CheckpointError, ConfigError
+
+SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+PROMPT_WORDS = ["context", "question", "answer", ":"]
+
+
+def build_builtin_tokenizer(vocab_words: list[str]):
+    """Word-level tokenizer: every word of the synthetic task is one token, so answers are 1-3 tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    words = SPECIALS + sorted(set(vocab_words) | set(PROMPT_WORDS))
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<bos>", eos_token="<eos>",
+                                   clean_up_tokenization_spaces=False)
+
+
+def build_builtin_lm(cfg: Config, vocab_size: int, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(cfg.base.seed)
+    lcfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.base.hidden,
+        intermediate_size=cfg.base.intermediate,
+        num_hidden_layers=cfg.base.layers,
+        num_attention_heads=cfg.base.heads,
+        num_key_value_heads=cfg.base.heads,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(lcfg)
+
+
+def load_lm(path_or_name: str, cfg: Config, device: torch.device):
+    """Load a causal LM + tokenizer by hub id or local folder. No remote code unless the config asks for it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = getattr(torch, cfg.base.dtype)
+    local = Path(path_or_name)
+    if not local.exists() and ("/" in path_or_name and path_or_name.startswith((".", "/"))):
+        raise CheckpointError(f"base LM folder {path_or_name} does not exist", "train it with `latentgate base`")
+    try:
+        tok = AutoTokenizer.from_pretrained(path_or_name, trust_remote_code=cfg.base.trust_remote_code)
+        lm = AutoModelForCausalLM.from_pretrained(path_or_name, dtype=dtype,
+                                                  trust_remote_code=cfg.base.trust_remote_code)
+    except OSError as err:
+        raise ConfigError(f"cannot load base LM {path_or_name!r}: {str(err).splitlines()[0]}",
+                          "pass a local model folder, or go online for a hub id") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return lm.to(device), tok
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+def embedding_rms(lm) -> float:
+    """Per-element RMS of the LM's input embeddings: the scale the adapter calibrates latents to."""
+    w = lm.get_input_embeddings().weight.detach().float()
+    return float(w.pow(2).mean().sqrt())

@@ -1,0 +1,65 @@
+"""`smoke`: one parent run with child runs base -> stage_a -> stage_b -> eval, and a short printed summary."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from latentgate.config import Config, flatten
+from latentgate.phases.stages import run_base, run_eval, run_stage
+from latentgate.tracking.runs import setup_experiment, tracked_run
+
+
+def run_output_dir(cfg: Config, name: str) -> Path:
+    out = Path(cfg.run.output_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run_smoke(cfg: Config, preset: str = "smoke") -> dict:
+    from latentgate.train.workspace import load_splits
+
+    setup_experiment(cfg.run.experiment)
+    t0 = time.perf_counter()
+    out = run_output_dir(cfg, "smoke")
+    splits = load_splits(cfg)
+    with tracked_run("smoke", nested=False, run_id=os.environ.get("MLFLOW_RUN_ID"),
+                     tags={"latentgate.preset": preset}) as parent:
+        parent.log_params(flatten(cfg))
+        base = run_base(cfg, out, splits)
+        a = run_stage(cfg, "stage_a", base, out, splits)
+        b = run_stage(cfg, "stage_b", base, out, splits, init_from=Path(a["checkpoint"]))
+        ev = run_eval(cfg, base, Path(b["checkpoint"]), out, splits, source_uri=b["checkpoint_uri"])
+        paths = ev["metrics"]["paths"]
+        summary = {
+            "run_id": parent.run_id,
+            "text_f1": paths["text"]["f1"] if "text" in paths else base["text"]["f1"],
+            "latent_f1": paths["latent"]["f1"], "latent_em": paths["latent"]["em"],
+            "stage_a_probe_first_acc": (a["final_probe"] or {}).get("first_acc"),
+            "stage_b_probe_first_acc": (b["final_probe"] or {}).get("first_acc"),
+            "controls_f1": {p: paths[p]["f1"] for p in ("zero_latent", "shuffled_latent", "token_budget") if p in paths},
+            "wall_seconds": time.perf_counter() - t0, "base_source": base["source"],
+            "children": {"base": base["run_id"], "stage_a": a["run_id"], "stage_b": b["run_id"], "eval": ev["run_id"]},
+            "output_dir": str(out),
+        }
+        parent.log_metrics({"text_f1": summary["text_f1"], "latent_f1": summary["latent_f1"],
+                            "latent_em": summary["latent_em"], "wall_seconds": summary["wall_seconds"]}, step=0)
+        parent.log_dict(summary, "summary.json")
+        parent.set_tags({"latentgate.children": ",".join(summary["children"].values())})
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    ctrl = ", ".join(f"{k} {v:.3f}" for k, v in s["controls_f1"].items())
+    fa = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
+    return "\n".join([
+        "── latentgate smoke ──",
+        f"text-teacher F1   {s['text_f1']:.3f}",
+        f"latent F1 / EM    {s['latent_f1']:.3f} / {s['latent_em']:.3f}",
+        f"controls F1       {ctrl}",
+        f"probe first-token Stage A {fa(s['stage_a_probe_first_acc'])}, Stage B {fa(s['stage_b_probe_first_acc'])}",
+        f"base LM           {s['base_source']}",
+        f"wall time         {s['wall_seconds']:.0f} s",
+        f"run id            {s['run_id']}  (mlflow ui --backend-store-uri sqlite:///mlflow.db)",
+    ])

@@ -1,0 +1,1 @@
+"""Tracking: MLflow runs, batched metrics, provenance, secrets masking."""

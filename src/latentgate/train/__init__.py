@@ -1,0 +1,1 @@
+"""Training: losses, the stage loop, checkpoints, the base LM."""

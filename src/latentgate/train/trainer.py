@@ -1,0 +1,220 @@
+"""Stage A / Stage B training loop.
+
+Budgets, warm-up and schedules count OPTIMIZER steps; micro-steps are counted and logged separately (the
+predecessor's "160 steps" were micro-batches: 12-16 real updates). Every trainable parameter is clipped together
+and the grad norm is logged per parameter group. A NaN/inf loss or gradient stops the run with the step and the
+terms that went bad. SIGTERM/SIGINT write a final checkpoint before the run is marked KILLED.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from latentgate.config import StageConfig, flatten
+from latentgate.errors import TrainingFault
+from latentgate.model.contract import build_latent_batch, build_text_batch, encode_answers, text_prompt
+from latentgate.train import checkpoint as ckpt
+from latentgate.train.losses import TERMS, answer_logits, compute_losses, p_gold_at, scheduled_inputs
+from latentgate.train.workspace import Workspace
+
+COMPAT_KEYS = ("model.num_latents", "model.d_z", "model.encoder", "base.name", "base.layers", "base.hidden")
+
+
+def build_optimizer(ws: Workspace, st: StageConfig):
+    from transformers import get_constant_schedule_with_warmup
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    groups = {
+        "encoder": [p for p in ws.encoder.parameters() if p.requires_grad],
+        "adapter": [p for p in ws.adapter.parameters() if p.requires_grad],
+        "lora": [p for n, p in ws.lm.named_parameters() if p.requires_grad and "lora_" in n],
+    }
+    groups = {k: v for k, v in groups.items() if v}
+    opt = torch.optim.AdamW([{"params": v, "name": k} for k, v in groups.items()], lr=st.lr,
+                            weight_decay=st.weight_decay)
+    if st.schedule == "cosine":
+        sched = get_cosine_with_min_lr_schedule_with_warmup(opt, st.warmup_steps, st.steps, min_lr=st.min_lr)
+    else:
+        sched = get_constant_schedule_with_warmup(opt, st.warmup_steps)
+    return opt, sched, groups
+
+
+def batch_indices(n: int, batch_size: int, micro_step: int, seed: int) -> list[int]:
+    """Deterministic function of the micro-step, so a resumed run sees exactly the batches it would have."""
+    per_epoch = max(1, n // batch_size)
+    epoch, j = divmod(micro_step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[j * batch_size : (j + 1) * batch_size].tolist()
+
+
+def epoch_of(n: int, batch_size: int, micro_step: int) -> int:
+    return micro_step // max(1, n // batch_size)
+
+
+class _SignalFlag:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits cleanly."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+def stage_step(ws: Workspace, examples, st: StageConfig, step: int, gen: torch.Generator):
+    """One micro-batch: encoder -> adapter -> contract -> LM; teacher pass with LoRA disabled; all losses."""
+    answers = encode_answers(ws.tokenizer, [e.answer for e in examples])
+    latents = ws.latents(examples)
+    teacher = None
+    if st.kd_weight > 0:
+        with torch.no_grad(), ws.teacher():
+            prompts = [text_prompt(e.context, e.question, ws.contract.anchor) for e in examples]
+            tb = build_text_batch(ws.contract, ws.tokenizer, ws.embed, prompts, answers)
+            teacher = answer_logits(ws.lm, tb)
+    inputs = None
+    if st.scheduled_sampling:
+        with torch.no_grad():
+            probe = build_latent_batch(ws.contract, ws.embed, latents.detach(), answer_targets=answers)
+            preds = answer_logits(ws.lm, probe).argmax(-1)
+        p_gold = p_gold_at(step, st.steps, st.p_gold_floor)
+        inputs = scheduled_inputs(preds, probe.answer_targets, probe.answer_mask, p_gold, gen)
+    batch = build_latent_batch(ws.contract, ws.embed, latents, answer_inputs=inputs, answer_targets=answers)
+    logits = answer_logits(ws.lm, batch)
+    return compute_losses(logits, batch.answer_targets, batch.answer_mask, st, teacher, ws.contract.eos_id)
+
+
+def _group_norms(groups: dict) -> dict[str, float]:
+    out = {}
+    for name, params in groups.items():
+        grads = [p.grad for p in params if p.grad is not None]
+        out[name] = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    return out
+
+
+def checkpoint_modules(ws: Workspace) -> dict:
+    return {"encoder": ws.encoder, "adapter": ws.adapter}
+
+
+def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path | None = None) -> dict:
+    """Train `stage` ("stage_a" or "stage_b") on ws; returns a summary. Writes diagnostics and checkpoints
+    under out_dir; the tracker receives params, step metrics and artifacts."""
+    from latentgate.eval.probe import run_probe
+
+    st: StageConfig = getattr(ws.cfg, stage)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out_dir / "checkpoints" / stage
+    train = ws.splits["train"]
+    ws.encoder.train()
+    ws.adapter.train()
+    if ws.is_peft:
+        ws.lm.train()
+    opt, sched, groups = build_optimizer(ws, st)
+    trainable = [p for ps in groups.values() for p in ps]
+    gen = torch.Generator().manual_seed(st.seed + 7)
+    torch.manual_seed(st.seed)
+    state = {"stage": stage, "global_step": 0, "micro_step": 0, "probes": [], "elapsed": 0.0}
+    if resume is not None:
+        manifest = ckpt.load_checkpoint(resume, modules=checkpoint_modules(ws), lora_model=ws.lm if ws.is_peft else None,
+                                        optimizer=opt, scheduler=sched, expect_config=flatten(ws.cfg),
+                                        compat_keys=COMPAT_KEYS)
+        state.update(manifest["trainer_state"])
+        ckpt.restore_rng_state(state.pop("rng"))
+        gen.set_state(torch.tensor(state.pop("gen_state"), dtype=torch.uint8))
+        tracker.skip_logged_steps([f"{stage}/{k}" for k in ("loss", "first_acc", "probe_first_acc")])
+    diag_path = out_dir / "diagnostics.jsonl"
+    _truncate_jsonl(diag_path, stage, state["global_step"])
+    t0 = time.perf_counter() - state["elapsed"]
+    last_probe = state["probes"][-1] if state["probes"] else None
+
+    def save(step_state: dict) -> Path:
+        trainer_state = {**step_state, "elapsed": time.perf_counter() - t0, "rng": ckpt.capture_rng_state(),
+                         "gen_state": gen.get_state().tolist()}
+        return ckpt.save_checkpoint(ckpt_dir, modules=checkpoint_modules(ws), lora_model=ws.lm if ws.is_peft else None,
+                                    optimizer=opt, scheduler=sched, trainer_state=trainer_state,
+                                    config=flatten(ws.cfg), contract=ws.contract.to_dict())
+
+    with _SignalFlag() as flag, diag_path.open("a") as diag:
+        while state["global_step"] < st.steps:
+            step = state["global_step"]
+            sums = {f"{k}_{w}": 0.0 for k in TERMS for w in ("raw", "weighted")}
+            stats_sum: dict[str, float] = {}
+            for _ in range(st.grad_accum):
+                idx = batch_indices(len(train), st.batch_size, state["micro_step"], st.seed)
+                out = stage_step(ws, [train[i] for i in idx], st, step, gen)
+                bad = {k: float(v) for k, v in out.raw.items() if not math.isfinite(float(v))}
+                if bad or not math.isfinite(float(out.total)):
+                    raise TrainingFault(f"{stage}: non-finite loss at optimizer step {step + 1} "
+                                        f"(micro-step {state['micro_step'] + 1}): {bad or {'total': float(out.total)}}",
+                                        "lower the learning rate or the loss weights, then resume from the last checkpoint")
+                (out.total / st.grad_accum).backward()
+                state["micro_step"] += 1
+                for k in TERMS:
+                    sums[f"{k}_raw"] += float(out.raw[k]) / st.grad_accum
+                    sums[f"{k}_weighted"] += float(out.weighted[k]) / st.grad_accum
+                for k, v in out.stats.items():
+                    stats_sum[k] = stats_sum.get(k, 0.0) + v / st.grad_accum
+            norms = _group_norms(groups)
+            total_norm = float(torch.nn.utils.clip_grad_norm_(trainable, st.clip_norm if st.clip_norm > 0 else float("inf")))
+            if not math.isfinite(total_norm):
+                raise TrainingFault(f"{stage}: non-finite gradient norm at optimizer step {step + 1} (per group: {norms})",
+                                    "lower the learning rate, then resume from the last checkpoint")
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            state["global_step"] = step = step + 1
+            record = {"global_step": step, "micro_step": state["micro_step"], "stage": stage,
+                      "epoch": epoch_of(len(train), st.batch_size, state["micro_step"] - 1), "lr": lr,
+                      **{k: round(v, 6) for k, v in sums.items()}, "loss": sum(sums[f"{k}_weighted"] for k in TERMS),
+                      **{k: round(v, 6) for k, v in stats_sum.items()}, "grad_norm": total_norm,
+                      **{f"grad_norm_{g}": n for g, n in norms.items()},
+                      "elapsed": round(time.perf_counter() - t0, 3)}
+            if st.scheduled_sampling:
+                record["p_gold"] = p_gold_at(step - 1, st.steps, st.p_gold_floor)
+            if step % st.probe_every == 0 or step == st.steps:
+                last_probe = run_probe(ws, ws.splits["probe"], with_f1=True)
+                state["probes"].append({"step": step, **last_probe})
+                record.update({f"probe_{k}": v for k, v in last_probe.items()})
+                if stage == "stage_b" or stage == "stage_a":
+                    ws.encoder.train(), ws.adapter.train()
+                    if ws.is_peft:
+                        ws.lm.train()
+            diag.write(json.dumps(record) + "\n")
+            tracker.log_metrics({f"{stage}/{k}": v for k, v in record.items() if isinstance(v, (int, float))
+                                 and k not in ("global_step",)}, step=step)
+            if (st.checkpoint_every and step % st.checkpoint_every == 0) or flag.signum:
+                diag.flush()
+                tracker.flush()
+                path = save(state)
+            if flag.signum:
+                from latentgate.tracking.runs import Interrupted
+
+                raise Interrupted(flag.signum, step, str(path))
+    path = save(state)
+    tracker.flush()
+    return {"stage": stage, "steps": state["global_step"], "micro_steps": state["micro_step"],
+            "checkpoint": str(path), "probes": state["probes"], "final_probe": last_probe,
+            "elapsed": time.perf_counter() - t0}
+
+
+def _truncate_jsonl(path: Path, stage: str, upto_step: int) -> None:
+    """On resume, drop this stage's diagnostics past the checkpoint: they are re-created identically."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and not (json.loads(line).get("stage") == stage and json.loads(line)["global_step"] > upto_step)]
+    path.write_text("".join(x + "\n" for x in keep))
