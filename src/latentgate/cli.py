@@ -3,61 +3,9 @@ no mlflow). Errors the user can act on print one line and exit non-zero; `--debu
 
 from __future__ import annotations
 
-import functools
-import sys
-import traceback
-
 import click
 
-from latentgate.errors import LatentgateError
-
-
-def _fail(message: str, code: int) -> None:
-    click.echo(f"latentgate: error: {message}", err=True)
-    sys.exit(code)
-
-
-def guarded(fn):
-    """Turn LatentgateError into a one-line message and its exit code; other errors into one line too."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        debug = click.get_current_context().find_root().params.get("debug", False)
-        try:
-            return fn(*args, **kwargs)
-        except LatentgateError as err:
-            if debug:
-                traceback.print_exc()
-            from latentgate.tracking.secrets import mask_secrets
-
-            _fail(mask_secrets(str(err)), err.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
-        except Exception as err:  # noqa: BLE001 - last resort: still one line, unless --debug
-            if debug:
-                traceback.print_exc()
-            from latentgate.tracking.secrets import mask_secrets
-
-            first = (str(err).splitlines() or [""])[0][:300]
-            _fail(f"{type(err).__name__}: {mask_secrets(first)} (rerun with --debug for the traceback)", 1)
-
-    return wrapper
-
-
-def config_options(fn):
-    """--preset / --set / --overrides: the one way every subcommand takes config."""
-    fn = click.option("--overrides", default="", help="space-separated key=value overrides (MLproject parameter)")(fn)
-    fn = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                      help="override a config field, e.g. --set stage_b.lr=1e-4 (see `latentgate config --list`)")(fn)
-    fn = click.option("--preset", default=None, help="preset name from presets/ or a YAML path")(fn)
-    return fn
-
-
-def resolve_config(preset: str | None, sets, overrides: str, default_preset: str):
-    from latentgate import config
-
-    pairs = config.parse_set_args(list(sets) + ([overrides] if overrides.strip() else []))
-    return config.resolve(preset or default_preset, pairs)
+from latentgate.cli_common import config_options, guarded, resolve_config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -94,17 +42,31 @@ def smoke(preset, sets, overrides):
     click.echo(format_summary(summary))
 
 
-@main.command()
-@config_options
-@guarded
-def base(preset, sets, overrides):
-    """Train (or reuse) the base LM and run the text-teacher sanity gate."""
-    cfg = resolve_config(preset, sets, overrides, "smoke")
-    from latentgate.phases.entry import run_base_entry
+# Each area owns its subcommands in its own module (top-level imports there: click only).
+COMMAND_MODULES = (
+    "latentgate.phases.cli",
+    "latentgate.registry.cli",
+    "latentgate.analysis.cli",
+    "latentgate.sweep.cli",
+    "latentgate.bench.cli",
+)
 
-    res = run_base_entry(cfg)
-    click.echo(f"base LM {res['source']}: text F1 {res['text']['f1']:.3f}, run {res['run_id']}")
 
+def _register() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if not (err.name and name.startswith(err.name)):  # a real import error inside it: surface it
+                raise
+            continue
+        for command in module.COMMANDS:
+            main.add_command(command)
+
+
+_register()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -7,6 +7,7 @@ values are rejected here, before anything trains.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import hashlib
@@ -226,9 +227,9 @@ def _coerce(key: str, typ, raw):
         if isinstance(raw, str):
             text = raw.strip()
             if text.startswith("["):
-                try:
-                    return json.loads(text)
-                except json.JSONDecodeError:
+                try:  # JSON, or the Python repr that logged params hold
+                    return list(ast.literal_eval(text))
+                except (ValueError, SyntaxError):
                     pass
             else:
                 items = [x.strip() for x in text.split(",") if x.strip()]
@@ -261,6 +262,8 @@ def parse_set_args(items: typing.Iterable[str]) -> dict[str, str]:
             if "=" not in part:
                 raise ConfigError(f"override {part!r} is not key=value", "write overrides as section.key=value")
             k, v = part.split("=", 1)
+            if v.strip() == "":  # an MLproject parameter left at its empty default: keep the preset's value
+                continue
             out[k.strip()] = v.strip()
     return out
 

@@ -145,7 +145,7 @@ def _log_stage_common(tr, cfg: Config, splits, ws, stage: str) -> None:
 
 
 def run_stage(cfg: Config, stage: str, base: dict, out_dir: Path, splits, init_from: Path | None = None,
-              resume: Path | None = None, run_id: str | None = None) -> dict:
+              resume: Path | None = None, run_id: str | None = None, on_probe=None, tags: dict | None = None) -> dict:
     """Stage A (encoder+adapter, LM frozen) or Stage B (resumed from Stage A, plus LoRA)."""
     from latentgate.model.lora import attach_lora
     from latentgate.train import checkpoint as ckpt
@@ -153,7 +153,7 @@ def run_stage(cfg: Config, stage: str, base: dict, out_dir: Path, splits, init_f
     from latentgate.train.workspace import build_workspace
 
     with tracked_run(stage, run_id=run_id, tags={"latentgate.base_run": base["run_id"],
-                                                 "latentgate.init_from": str(init_from or "")}) as tr:
+                                                 "latentgate.init_from": str(init_from or ""), **(tags or {})}) as tr:
         ws = build_workspace(cfg, base["base_dir"], splits)
         if init_from is not None:  # Stage B starts from Stage A's encoder + adapter
             ckpt.load_checkpoint(init_from, modules=checkpoint_modules(ws), expect_config=flatten(cfg),
@@ -166,7 +166,7 @@ def run_stage(cfg: Config, stage: str, base: dict, out_dir: Path, splits, init_f
         if resume is None:
             _log_stage_common(tr, cfg, splits, ws, stage)
         stage_dir = out_dir / stage
-        result = train_stage(ws, stage, tr, stage_dir, resume=resume)
+        result = train_stage(ws, stage, tr, stage_dir, resume=resume, on_probe=on_probe)
         tr.log_artifact(stage_dir / "diagnostics.jsonl")
         tr.log_artifacts(result["checkpoint"], f"checkpoints/{stage}")
         tr.log_metrics({f"{stage}/final_probe_{k}": v for k, v in (result["final_probe"] or {}).items()},

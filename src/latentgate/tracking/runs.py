@@ -62,6 +62,9 @@ def setup_experiment(name: str) -> str:
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     try:
+        if os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run`: children go where the project's run is
+            mlflow.set_experiment(experiment_id=mlflow.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id)
+            return uri
         exp = mlflow.get_experiment_by_name(name)
         if exp is None:
             location = None

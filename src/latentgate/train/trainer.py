@@ -109,9 +109,11 @@ def checkpoint_modules(ws: Workspace) -> dict:
     return {"encoder": ws.encoder, "adapter": ws.adapter}
 
 
-def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path | None = None) -> dict:
+def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path | None = None,
+                on_probe=None) -> dict:
     """Train `stage` ("stage_a" or "stage_b") on ws; returns a summary. Writes diagnostics and checkpoints
-    under out_dir; the tracker receives params, step metrics and artifacts."""
+    under out_dir; the tracker receives params, step metrics and artifacts. `on_probe(step, probe)` is called
+    after every probe (a sweep reports intermediate values there and may raise optuna.TrialPruned)."""
     from latentgate.eval.probe import run_probe
 
     st: StageConfig = getattr(ws.cfg, stage)
@@ -189,10 +191,6 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
                 last_probe = run_probe(ws, ws.splits["probe"], with_f1=True)
                 state["probes"].append({"step": step, **last_probe})
                 record.update({f"probe_{k}": v for k, v in last_probe.items()})
-                if stage == "stage_b" or stage == "stage_a":
-                    ws.encoder.train(), ws.adapter.train()
-                    if ws.is_peft:
-                        ws.lm.train()
             diag.write(json.dumps(record) + "\n")
             tracker.log_metrics({f"{stage}/{k}": v for k, v in record.items() if isinstance(v, (int, float))
                                  and k not in ("global_step",)}, step=step)
@@ -200,6 +198,9 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
                 diag.flush()
                 tracker.flush()
                 path = save(state)
+            if on_probe is not None and "probe_first_acc" in record:
+                tracker.flush()
+                on_probe(step, last_probe)
             if flag.signum:
                 from latentgate.tracking.runs import Interrupted
 

@@ -1,0 +1,3 @@
+from latentgate.cli import main
+
+main()
