@@ -67,3 +67,18 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     """The real `latentgate` CLI in a subprocess (same interpreter), capturing output."""
     return subprocess.run([sys.executable, "-m", "latentgate", *args], cwd=cwd or ROOT, env=cli_env(env),
                           capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+@pytest.fixture()
+def tiny_ws(micro_cfg):
+    """A Workspace around a tiny, randomly initialised builtin Llama + encoder + adapter (no training)."""
+    import torch
+
+    from latentgate.data.synthetic import vocabulary
+    from latentgate.model.base_lm import build_builtin_lm, build_builtin_tokenizer
+    from latentgate.train.workspace import load_splits, synthetic_spec, workspace_from_lm
+
+    torch.manual_seed(0)
+    tok = build_builtin_tokenizer(vocabulary(synthetic_spec(micro_cfg)))
+    lm = build_builtin_lm(micro_cfg, len(tok), tok)
+    return workspace_from_lm(micro_cfg, lm, tok, load_splits(micro_cfg))

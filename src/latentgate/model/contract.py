@@ -118,11 +118,12 @@ def build_latent_batch(
     else:
         inputs = answer_inputs
     t_max = targets.shape[1]
-    # Feed answer tokens 0..T-2: the last target (EOS for the longest answer) is predicted, never read.
-    parts.append(embed(inputs[:, : t_max - 1]))
-    segments.append(("answer", t_max - 1))
+    # The concatenated ids are prefix + answer + EOS, exactly what a `labels=` forward would see; the logits at
+    # the final EOS position predict nothing.
+    parts.append(embed(inputs))
+    segments.append(("answer", t_max))
     embeds = torch.cat(parts, dim=1)
-    attn = torch.cat([torch.ones((b, p), dtype=torch.long, device=device), mask[:, : t_max - 1].long()], dim=1)
+    attn = torch.cat([torch.ones((b, p), dtype=torch.long, device=device), mask.long()], dim=1)
     answer_pos = (p - 1 + torch.arange(t_max, device=device)).unsqueeze(0).expand(b, -1)
     return PrefixBatch(embeds, attn, _hf_labels(targets, mask, answer_pos, embeds.shape[1]), answer_pos,
                        targets, mask, segments)
@@ -179,7 +180,7 @@ def build_text_batch(
                            [("text", -1)])
     targets, mask = _pad_answers(answer_ids, contract.pad_id, device)
     t_max = targets.shape[1]
-    seqs = [p + a[:-1] for p, a in zip(prompt_ids, answer_ids)]  # the final EOS is predicted, not read
+    seqs = [p + a for p, a in zip(prompt_ids, answer_ids)]  # prompt + answer + EOS: the concatenated ids
     s = max(len(x) for x in seqs)
     ids = torch.full((b, s), contract.pad_id, dtype=torch.long)
     attn = torch.zeros((b, s), dtype=torch.long)
@@ -187,7 +188,8 @@ def build_text_batch(
         ids[i, : len(x)] = torch.tensor(x)
         attn[i, : len(x)] = 1
     starts = torch.tensor([len(p) - 1 for p in prompt_ids]).unsqueeze(1)
+    # clamp: rows with short answers index past their end only at masked (ignored) slots
     answer_pos = (starts + torch.arange(t_max).unsqueeze(0)).clamp(max=s - 1).to(device)
     ids, attn = ids.to(device), attn.to(device)
     labels = _hf_labels(targets, mask, answer_pos, s)
-    return PrefixBatch(embed(ids), attn, labels, answer_pos, targets, mask, [("text", -1), ("answer", t_max - 1)])
+    return PrefixBatch(embed(ids), attn, labels, answer_pos, targets, mask, [("text", -1), ("answer", t_max)])

@@ -86,12 +86,19 @@ class Workspace:
 
 
 def build_workspace(cfg: Config, base_dir: str | Path, splits: dict | None = None, with_latent: bool = True) -> Workspace:
-    from latentgate.model.base_lm import embedding_rms, freeze, load_lm
-    from latentgate.model.latent import build_latent_modules
+    from latentgate.model.base_lm import load_lm
 
     set_threads(cfg.run.threads)
-    device = resolve_device(cfg.run.device)
-    lm, tok = load_lm(str(base_dir), cfg, device)
+    lm, tok = load_lm(str(base_dir), cfg, resolve_device(cfg.run.device))
+    return workspace_from_lm(cfg, lm, tok, splits, with_latent)
+
+
+def workspace_from_lm(cfg: Config, lm, tok, splits: dict | None = None, with_latent: bool = True) -> Workspace:
+    """Freeze the LM, build the contract (and encoder + adapter) around it."""
+    from latentgate.model.base_lm import embedding_rms, freeze
+    from latentgate.model.latent import build_latent_modules
+
+    device = next(lm.parameters()).device
     freeze(lm)
     contract = PrefixContract.from_tokenizer(tok, cfg.model.num_latents, cfg.model.anchor)
     ws = Workspace(cfg, device, lm, tok, contract, splits if splits is not None else load_splits(cfg))
@@ -104,7 +111,6 @@ def build_workspace(cfg: Config, base_dir: str | Path, splits: dict | None = Non
 
 def malloc_env() -> dict[str, str]:
     """glibc malloc churn took ~1/3 of CPU time in the prototype; these settings cut step time 20-25%.
-    They only take effect in a fresh process, so the Makefile / MLproject export them."""
+    They only take effect in a fresh process, so the Makefile exports them."""
     return {"MALLOC_TRIM_THRESHOLD_": "268435456", "MALLOC_TOP_PAD_": "268435456",
             "MALLOC_MMAP_THRESHOLD_": "268435456"}
-

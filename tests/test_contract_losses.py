@@ -1,0 +1,137 @@
+"""The prefix contract and the losses: the checks that prevent lessons 1-4 (labels shifted twice, train/eval
+layouts drifting, disagreeing token targets, misaligned KD)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from latentgate.model.contract import (IGNORE, build_latent_batch, build_text_batch, encode_answers,
+                                       text_prompt)
+from latentgate.train.losses import answer_logits, compute_losses
+
+
+def _mixed(ws, n=6):
+    """Examples with different answer lengths and context lengths."""
+    ex = sorted(ws.splits["train"][:40], key=lambda e: (len(e.answer.split()), len(e.context)))
+    picked = [ex[0], ex[-1], ex[len(ex) // 2], ex[1], ex[-2], ex[5]][:n]
+    assert len({len(e.answer.split()) for e in picked}) > 1 and len({len(e.context) for e in picked}) > 1
+    return picked
+
+
+def _stage(ws, **kw):
+    return dataclasses.replace(ws.cfg.stage_a, **kw)
+
+
+def test_answers_have_no_bos_and_end_with_eos(tiny_ws):
+    tok = tiny_ws.tokenizer
+    ids = encode_answers(tok, ["paris", "37 years"])
+    assert ids[0] == tok("paris", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert all(tok.bos_token_id not in a for a in ids) and all(a[-1] == tok.eos_token_id for a in ids)
+
+
+def test_tf_loss_equals_hf_labels_loss_latent_and_text(tiny_ws):
+    ws = tiny_ws
+    ex = _mixed(ws)
+    answers = encode_answers(ws.tokenizer, [e.answer for e in ex])
+    with torch.no_grad():
+        lat = ws.latents(ex)
+        for batch in (build_latent_batch(ws.contract, ws.embed, lat, answer_targets=answers),
+                      build_text_batch(ws.contract, ws.tokenizer, ws.embed,
+                                       [text_prompt(e.context, e.question, ws.contract.anchor) for e in ex], answers)):
+            ours = compute_losses(answer_logits(ws.lm, batch), batch.answer_targets, batch.answer_mask,
+                                  _stage(ws)).raw["tf"]
+            hf = ws.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, labels=batch.labels).loss
+            assert torch.allclose(ours, hf, atol=1e-5), (float(ours), float(hf))
+            # every supervised label is an answer token (no prefix / pad / BOS position is supervised)
+            assert int((batch.labels != IGNORE).sum()) == int(batch.answer_mask.sum())
+
+
+def test_golden_layout_training_equals_generation(tiny_ws):
+    ws = tiny_ws
+    c = ws.contract
+    m = ws.cfg.model.num_latents
+    assert c.layout() == [("bos", 1), ("latent", m), ("anchor", 2), ("answer", -1)]
+    assert ws.tokenizer.decode(list(c.anchor_ids)) == "answer :"
+    assert text_prompt("ctx .", "q ?", c.anchor) == "context : ctx . question : q ? answer :"
+    ex = _mixed(ws)
+    answers = encode_answers(ws.tokenizer, [e.answer for e in ex])
+    with torch.no_grad():
+        lat = ws.latents(ex)
+        train = build_latent_batch(c, ws.embed, lat, answer_targets=answers)
+        gen = build_latent_batch(c, ws.embed, lat)
+        p = c.prefix_len
+        assert gen.inputs_embeds.shape[1] == p == 1 + m + 2
+        assert train.segments[:3] == gen.segments == [("bos", 1), ("latent", m), ("anchor", 2)]
+        assert torch.equal(train.inputs_embeds[:, :p], gen.inputs_embeds)
+        assert (train.answer_pos[:, 0] == p - 1).all()
+        # the first answer logits at training time are exactly the first generation step's logits
+        from latentgate.eval.generate import greedy_generate
+
+        g = greedy_generate(ws.lm, gen.inputs_embeds, gen.attention_mask, 3, c.eos_id)
+        t = answer_logits(ws.lm, train)[:, 0]
+        assert torch.allclose(g.first_logits, t.float(), atol=1e-5)
+
+
+def test_first_k_and_tf_targets_agree(tiny_ws):
+    ws = tiny_ws
+    ex = _mixed(ws)
+    answers = encode_answers(ws.tokenizer, [e.answer for e in ex])
+    with torch.no_grad():
+        batch = build_latent_batch(ws.contract, ws.embed, ws.latents(ex), answer_targets=answers)
+        logits = answer_logits(ws.lm, batch)
+    t_max = batch.answer_targets.shape[1]
+    k1 = compute_losses(logits, batch.answer_targets, batch.answer_mask, _stage(ws, k=1))
+    kall = compute_losses(logits, batch.answer_targets, batch.answer_mask, _stage(ws, k=t_max))
+    assert torch.allclose(k1.raw["kce"], k1.raw["first"])  # K=1 is exactly the first-token loss
+    assert torch.allclose(kall.raw["kce"], kall.raw["tf"])  # K>=T is exactly the teacher-forced loss
+    first_words = [ws.tokenizer(e.answer, add_special_tokens=False)["input_ids"][0] for e in ex]
+    assert batch.answer_targets[:, 0].tolist() == first_words  # the first target is the first answer WORD
+    nll0 = torch.nn.functional.cross_entropy(logits[:, 0].float(), torch.tensor(first_words))
+    assert torch.allclose(k1.raw["first"], nll0, atol=1e-6)
+
+
+def test_kd_alignment_on_mixed_lengths(tiny_ws):
+    """Teacher logits read through the index map on a right-padded batch equal each example run alone."""
+    ws = tiny_ws
+    ex = _mixed(ws)
+    answers = encode_answers(ws.tokenizer, [e.answer for e in ex])
+    prompts = [text_prompt(e.context, e.question, ws.contract.anchor) for e in ex]
+    with torch.no_grad():
+        tb = build_text_batch(ws.contract, ws.tokenizer, ws.embed, prompts, answers)
+        batched = answer_logits(ws.lm, tb)
+        for i in range(len(ex)):
+            one = build_text_batch(ws.contract, ws.tokenizer, ws.embed, [prompts[i]], [answers[i]])
+            alone = answer_logits(ws.lm, one)[0]
+            n = len(answers[i])
+            assert torch.allclose(batched[i, :n], alone[:n], atol=1e-4)
+        # KD of the teacher against itself is zero; against a different student it is positive
+        st = _stage(ws, kd_weight=1.0)
+        same = compute_losses(batched, tb.answer_targets, tb.answer_mask, st, teacher_logits=batched)
+        assert float(same.raw["kd"]) == pytest.approx(0.0, abs=1e-6)
+        other = compute_losses(batched.roll(1, 0), tb.answer_targets, tb.answer_mask, st, teacher_logits=batched)
+        assert float(other.raw["kd"]) > 0
+
+
+def test_teacher_pass_runs_without_lora(tiny_ws):
+    from latentgate.model.lora import attach_lora
+
+    ws = tiny_ws
+    ex = _mixed(ws, 3)
+    answers = encode_answers(ws.tokenizer, [e.answer for e in ex])
+    prompts = [text_prompt(e.context, e.question, ws.contract.anchor) for e in ex]
+    with torch.no_grad():
+        tb = build_text_batch(ws.contract, ws.tokenizer, ws.embed, prompts, answers)
+        before = answer_logits(ws.lm, tb)
+        ws.lm, counts = attach_lora(ws.lm, ws.cfg)
+        for n, p in ws.lm.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.5)
+        student = answer_logits(ws.lm, tb)
+        with ws.teacher():
+            teacher = answer_logits(ws.lm, tb)
+    assert counts["total"] > 0 and set(counts["per_layer"]) == set(range(ws.cfg.base.layers))
+    assert torch.allclose(teacher, before, atol=1e-6)
+    assert not torch.allclose(student, before, atol=1e-3)
