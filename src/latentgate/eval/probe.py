@@ -57,3 +57,19 @@ def run_probe(ws, examples, with_f1: bool = False, batch_size: int = 256) -> dic
     if with_f1:
         out["f1"] = sum(f1s) / n
     return out
+
+
+@torch.no_grad()
+def epoch_samples(ws, examples, n_samples: int = 5) -> dict:
+    """Sample predictions and the histogram of predicted first tokens on the probe set (collapse shows here)."""
+    from collections import Counter
+
+    with _EvalMode(ws.encoder, ws.adapter, ws.lm):
+        prefix = build_latent_batch(ws.contract, ws.embed, ws.latents(examples))
+        gen = greedy_generate(ws.lm, prefix.inputs_embeds, prefix.attention_mask, ws.cfg.eval.max_new_tokens,
+                              ws.contract.eos_id)
+    preds = decode(ws.tokenizer, gen.token_ids)
+    firsts = Counter(ws.tokenizer.decode([row[0]]) if row else "<eos>" for row in gen.token_ids)
+    return {"sample_predictions": [{"question": e.question, "prediction": p, "gold": list(e.answers)}
+                                   for e, p in zip(examples[:n_samples], preds[:n_samples])],
+            "first_token_histogram": dict(firsts.most_common())}

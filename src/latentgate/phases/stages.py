@@ -168,6 +168,7 @@ def run_stage(cfg: Config, stage: str, base: dict, out_dir: Path, splits, init_f
         stage_dir = out_dir / stage
         result = train_stage(ws, stage, tr, stage_dir, resume=resume, on_probe=on_probe)
         tr.log_artifact(stage_dir / "diagnostics.jsonl")
+        tr.log_artifact(stage_dir / "diagnostics_epoch.jsonl")
         tr.log_artifacts(result["checkpoint"], f"checkpoints/{stage}")
         tr.log_metrics({f"{stage}/final_probe_{k}": v for k, v in (result["final_probe"] or {}).items()},
                        step=result["steps"])

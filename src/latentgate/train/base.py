@@ -68,7 +68,7 @@ def train_builtin_base(cfg: Config, tracker, out_dir: Path, splits=None) -> tupl
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        metrics = {"base/loss": float(loss), "base/lr": sched.get_last_lr()[0], "base/grad_norm": grad_norm,
+        metrics = {"base/loss": float(loss.detach()), "base/lr": sched.get_last_lr()[0], "base/grad_norm": grad_norm,
                    "base/first_acc": float((logits[:, 0].argmax(-1) == tb.answer_targets[:, 0]).float().mean()),
                    "base/elapsed": time.perf_counter() - t0}
         if b.eval_every and step % b.eval_every == 0 and step < b.steps:

@@ -114,7 +114,7 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
     """Train `stage` ("stage_a" or "stage_b") on ws; returns a summary. Writes diagnostics and checkpoints
     under out_dir; the tracker receives params, step metrics and artifacts. `on_probe(step, probe)` is called
     after every probe (a sweep reports intermediate values there and may raise optuna.TrialPruned)."""
-    from latentgate.eval.probe import run_probe
+    from latentgate.eval.probe import epoch_samples, run_probe
 
     st: StageConfig = getattr(ws.cfg, stage)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +149,18 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
                                     optimizer=opt, scheduler=sched, trainer_state=trainer_state,
                                     config=flatten(ws.cfg), contract=ws.contract.to_dict())
 
-    with _SignalFlag() as flag, diag_path.open("a") as diag:
+    epoch_path = out_dir / "diagnostics_epoch.jsonl"
+    _truncate_jsonl(epoch_path, stage, state["global_step"])
+    epoch_terms: dict[str, list[float]] = {}
+
+    def end_epoch(epoch: int, step: int, fh) -> None:
+        """diagnostics_epoch.jsonl: sample predictions, first-token histogram, loss breakdown of the epoch."""
+        breakdown = {k: sum(v) / len(v) for k, v in epoch_terms.items() if v}
+        fh.write(json.dumps({"stage": stage, "epoch": epoch, "global_step": step, "loss_breakdown": breakdown,
+                             **epoch_samples(ws, ws.splits["probe"])}) + "\n")
+        epoch_terms.clear()
+
+    with _SignalFlag() as flag, diag_path.open("a") as diag, epoch_path.open("a") as diag_epoch:
         while state["global_step"] < st.steps:
             step = state["global_step"]
             sums = {f"{k}_{w}": 0.0 for k in TERMS for w in ("raw", "weighted")}
@@ -157,16 +168,17 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
             for _ in range(st.grad_accum):
                 idx = batch_indices(len(train), st.batch_size, state["micro_step"], st.seed)
                 out = stage_step(ws, [train[i] for i in idx], st, step, gen)
-                bad = {k: float(v) for k, v in out.raw.items() if not math.isfinite(float(v))}
-                if bad or not math.isfinite(float(out.total)):
+                raw = {k: float(v.detach()) for k, v in out.raw.items()}
+                bad = {k: v for k, v in raw.items() if not math.isfinite(v)}
+                if bad or not math.isfinite(float(out.total.detach())):
                     raise TrainingFault(f"{stage}: non-finite loss at optimizer step {step + 1} "
                                         f"(micro-step {state['micro_step'] + 1}): {bad or {'total': float(out.total)}}",
                                         "lower the learning rate or the loss weights, then resume from the last checkpoint")
                 (out.total / st.grad_accum).backward()
                 state["micro_step"] += 1
                 for k in TERMS:
-                    sums[f"{k}_raw"] += float(out.raw[k]) / st.grad_accum
-                    sums[f"{k}_weighted"] += float(out.weighted[k]) / st.grad_accum
+                    sums[f"{k}_raw"] += raw[k] / st.grad_accum
+                    sums[f"{k}_weighted"] += float(out.weighted[k].detach()) / st.grad_accum
                 for k, v in out.stats.items():
                     stats_sum[k] = stats_sum.get(k, 0.0) + v / st.grad_accum
             norms = _group_norms(groups)
@@ -191,6 +203,11 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
                 last_probe = run_probe(ws, ws.splits["probe"], with_f1=True)
                 state["probes"].append({"step": step, **last_probe})
                 record.update({f"probe_{k}": v for k, v in last_probe.items()})
+            for k in sums:
+                epoch_terms.setdefault(k, []).append(sums[k])
+            next_epoch = epoch_of(len(train), st.batch_size, state["micro_step"])
+            if next_epoch != record["epoch"] or step == st.steps:
+                end_epoch(record["epoch"], step, diag_epoch)
             diag.write(json.dumps(record) + "\n")
             tracker.log_metrics({f"{stage}/{k}": v for k, v in record.items() if isinstance(v, (int, float))
                                  and k not in ("global_step",)}, step=step)

@@ -1,0 +1,112 @@
+"""End to end: the micro smoke's run tree, params, step metrics, datasets, artifacts and output-folder contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from latentgate.config import flatten
+
+CHILDREN = ("base", "stage_a", "stage_b", "eval")
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def test_run_tree_params_and_status(micro_smoke, micro_cfg):
+    c = _client()
+    parent = c.get_run(micro_smoke["run_id"])
+    assert parent.info.status == "FINISHED"
+    kids = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(k.data.tags["latentgate.phase"] for k in kids) == sorted(CHILDREN)
+    assert all(k.info.status == "FINISHED" for k in kids)
+    expected = {k: str(v) for k, v in flatten(micro_smoke_cfg(micro_smoke, micro_cfg)).items()}
+    for k in kids:
+        tags = k.data.tags
+        assert tags["latentgate.git_commit"] and tags["latentgate.version.torch"]
+        if tags["latentgate.phase"] in ("stage_a", "stage_b", "eval"):
+            logged = {key: val for key, val in k.data.params.items() if key in expected}
+            assert logged == expected  # the resolved config, in full
+
+
+def micro_smoke_cfg(summary, micro_cfg):
+    """The config the fixture ran: micro with its output_dir changed."""
+    import dataclasses
+
+    cfg = dataclasses.replace(micro_cfg)
+    cfg.run = dataclasses.replace(micro_cfg.run, output_dir=str(Path(summary["output_dir"]).parent))
+    return cfg
+
+
+def test_step_metrics_count_optimizer_steps(micro_smoke, micro_cfg):
+    c = _client()
+    for stage in ("stage_a", "stage_b"):
+        run_id = micro_smoke["children"][stage]
+        st = getattr(micro_cfg, stage)
+        loss = c.get_metric_history(run_id, f"{stage}/loss")
+        assert [m.step for m in loss] == list(range(1, st.steps + 1))  # no duplicated or missing steps
+        micro = c.get_metric_history(run_id, f"{stage}/micro_step")
+        assert [int(m.value) for m in micro] == [s * st.grad_accum for s in range(1, st.steps + 1)]
+        probe = c.get_metric_history(run_id, f"{stage}/probe_first_acc")
+        assert [m.step for m in probe] == list(range(st.probe_every, st.steps + 1, st.probe_every))
+        for key in ("first_raw", "kce_raw", "kd_raw", "tf_raw", "first_weighted", "grad_norm", "grad_norm_adapter",
+                    "lr", "first_acc_top5", "answer_length_avg", "token_diversity", "probe_first_acc_lo"):
+            assert len(c.get_metric_history(run_id, f"{stage}/{key}")) >= 1, key
+    lora = c.get_metric_history(micro_smoke["children"]["stage_b"], "stage_b/grad_norm_lora")
+    assert lora and all(m.value > 0 for m in lora)
+
+
+def test_datasets_and_artifacts(micro_smoke):
+    c = _client()
+    a = c.get_run(micro_smoke["children"]["stage_a"])
+    names = {d.dataset.name for d in a.inputs.dataset_inputs}
+    assert names == {"train", "probe", "eval"}
+    assert a.data.tags["dataset.eval.digest"]
+    arts = {f.path for f in c.list_artifacts(a.info.run_id)}
+    assert {"diagnostics.jsonl", "contract.json", "checkpoints", "stage_summary.json"} <= arts
+    ck = {f.path for f in c.list_artifacts(micro_smoke["children"]["stage_b"], "checkpoints/stage_b")}
+    assert "checkpoints/stage_b/manifest.json" in ck and "checkpoints/stage_b/lora" in ck
+    ev = {f.path for f in c.list_artifacts(micro_smoke["children"]["eval"])}
+    assert {"eval_detailed.jsonl", "metrics.json", "contract.json"} <= ev
+    base = {f.path for f in c.list_artifacts(micro_smoke["children"]["base"])}
+    assert {"base_lm", "sanity_gate.json"} <= base
+
+
+def test_output_folder_contract(micro_smoke, micro_cfg):
+    out = Path(micro_smoke["output_dir"])
+    a = out / "stage_a" / "checkpoints" / "stage_a"
+    assert sorted(p.name for p in a.iterdir()) == sorted(
+        ["manifest.json", "encoder.safetensors", "adapter.safetensors", "optimizer.pt", "scheduler.pt", "rng.json"])
+    b = out / "stage_b" / "checkpoints" / "stage_b"
+    assert (b / "lora" / "adapter_model.safetensors").exists() and (b / "manifest.json").exists()
+    assert not list(out.rglob("*.tmp-*"))  # atomic writes leave nothing behind
+    diag = [json.loads(x) for x in (out / "stage_b" / "diagnostics.jsonl").read_text().splitlines()]
+    assert [d["global_step"] for d in diag] == list(range(1, micro_cfg.stage_b.steps + 1))
+    required = {"global_step", "micro_step", "stage", "epoch", "lr", "first_raw", "first_weighted", "kce_raw",
+                "kd_raw", "tf_raw", "first_acc", "first_acc_top5", "grad_norm", "grad_norm_encoder",
+                "grad_norm_adapter", "grad_norm_lora", "answer_length_avg", "token_diversity", "elapsed"}
+    assert required <= set(diag[0])
+    epoch = [json.loads(x) for x in (out / "stage_b" / "diagnostics_epoch.jsonl").read_text().splitlines()]
+    assert epoch and {"sample_predictions", "first_token_histogram", "loss_breakdown"} <= set(epoch[-1])
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert set(metrics["paths"]) == set(micro_cfg.eval.paths)
+    rows = [json.loads(x) for x in (out / "eval" / "eval_detailed.jsonl").read_text().splitlines()]
+    assert len(rows) == micro_cfg.data.n_eval * len(micro_cfg.eval.paths)
+    assert {"question", "references", "prediction", "em", "f1", "first_token_correct", "path"} <= set(rows[0])
+
+
+def test_second_smoke_reuses_base(micro_smoke, micro_cfg, tmp_path):
+    import dataclasses
+
+    from latentgate.phases.smoke import run_smoke
+
+    c = _client()
+    cfg = dataclasses.replace(micro_cfg)
+    cfg.run = dataclasses.replace(micro_cfg.run, output_dir=str(tmp_path))
+    again = run_smoke(cfg, "micro")
+    assert again["base_source"] == f"reused:{micro_smoke['children']['base']}"
+    versions = c.search_model_versions(f"name='{micro_cfg.run.registry_base}'")
+    assert len(versions) == 1
