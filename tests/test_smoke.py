@@ -110,3 +110,28 @@ def test_second_smoke_reuses_base(micro_smoke, micro_cfg, tmp_path):
     assert again["base_source"] == f"reused:{micro_smoke['children']['base']}"
     versions = c.search_model_versions(f"name='{micro_cfg.run.registry_base}'")
     assert len(versions) == 1
+
+
+def test_mlflow_run_entry_point_makes_real_children(tmp_path):
+    """`mlflow run . -e smoke` (what `make smoke` runs): the project's run is the parent, stages are children."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, cli_env
+
+    env = cli_env({"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    out = subprocess.run(["mlflow", "run", str(ROOT), "-e", "smoke", "-P", "preset=micro", "-P",
+                          f"overrides=run.output_dir={tmp_path / 'runs'}", "--env-manager", "local",
+                          "--experiment-name", "latentgate"], env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "latent F1 / EM" in out.stdout
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "mlflow.db")
+    runs = dict(db.execute("select run_uuid, name from runs").fetchall())
+    parents = dict(db.execute("select run_uuid, value from tags where key='mlflow.parentRunId'").fetchall())
+    (parent,) = [r for r in runs if r not in parents]
+    assert runs[parent] == "smoke"
+    assert sorted(runs[c] for c, p in parents.items() if p == parent) == sorted(CHILDREN)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from latentgate.config import Config, flatten
 from latentgate.phases.stages import run_base, run_eval, run_stage
-from latentgate.tracking.runs import setup_experiment, tracked_run
+from latentgate.tracking.secrets import mask_secrets
+from latentgate.tracking.runs import adopt_project_run, setup_experiment, tracked_run, tracking_uri
 
 
 def run_output_dir(cfg: Config, name: str) -> Path:
@@ -17,15 +18,16 @@ def run_output_dir(cfg: Config, name: str) -> Path:
     return out
 
 
-def run_smoke(cfg: Config, preset: str = "smoke") -> dict:
+def run_smoke(cfg: Config, preset: str = "smoke", name: str = "smoke", tags: dict | None = None) -> dict:
+    """The whole chain as one parent run `name` (the smoke; the hero uses it with its own name and tags)."""
     from latentgate.train.workspace import load_splits
 
     setup_experiment(cfg.run.experiment)
     t0 = time.perf_counter()
-    out = run_output_dir(cfg, "smoke")
+    out = run_output_dir(cfg, name)
     splits = load_splits(cfg)
-    with tracked_run("smoke", nested=False, run_id=os.environ.get("MLFLOW_RUN_ID"),
-                     tags={"latentgate.preset": preset}) as parent:
+    with tracked_run(name, nested=False, run_id=adopt_project_run(),
+                     tags={"latentgate.preset": preset, **(tags or {})}) as parent:
         parent.log_params(flatten(cfg))
         base = run_base(cfg, out, splits)
         a = run_stage(cfg, "stage_a", base, out, splits)
@@ -41,7 +43,7 @@ def run_smoke(cfg: Config, preset: str = "smoke") -> dict:
             "controls_f1": {p: paths[p]["f1"] for p in ("zero_latent", "shuffled_latent", "token_budget") if p in paths},
             "wall_seconds": time.perf_counter() - t0, "base_source": base["source"],
             "children": {"base": base["run_id"], "stage_a": a["run_id"], "stage_b": b["run_id"], "eval": ev["run_id"]},
-            "output_dir": str(out),
+            "output_dir": str(out), "tracking_uri": mask_secrets(tracking_uri()),
         }
         parent.log_metrics({"text_f1": summary["text_f1"], "latent_f1": summary["latent_f1"],
                             "latent_em": summary["latent_em"], "wall_seconds": summary["wall_seconds"]}, step=0)
@@ -61,5 +63,5 @@ def format_summary(s: dict) -> str:
         f"probe first-token Stage A {fa(s['stage_a_probe_first_acc'])}, Stage B {fa(s['stage_b_probe_first_acc'])}",
         f"base LM           {s['base_source']}",
         f"wall time         {s['wall_seconds']:.0f} s",
-        f"run id            {s['run_id']}  (mlflow ui --backend-store-uri sqlite:///mlflow.db)",
+        f"run id            {s['run_id']}  (mlflow ui --backend-store-uri {s['tracking_uri']})",
     ])

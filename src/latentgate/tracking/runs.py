@@ -11,23 +11,13 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
-from latentgate.errors import LatentgateError, StoreError
+from latentgate.errors import Interrupted, LatentgateError, StoreError  # noqa: F401 (Interrupted: re-exported)
 from latentgate.tracking.secrets import mask_secrets
 from latentgate.tracking.tracker import MlflowTracker
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 PACKAGES = ("torch", "transformers", "peft", "mlflow", "optuna", "accelerate", "datasets", "evaluate")
-
-
-class Interrupted(LatentgateError):
-    """SIGTERM/SIGINT during training: a final checkpoint was written and the run is marked KILLED."""
-
-    def __init__(self, signum: int, step: int, checkpoint: str):
-        self.signum = signum
-        self.exit_code = 128 + signum
-        super().__init__(f"interrupted by signal {signum} at optimizer step {step}; checkpoint saved to {checkpoint}",
-                         "resume with `latentgate resume <run_id>`")
 
 
 def tracking_uri() -> str:
@@ -37,20 +27,53 @@ def tracking_uri() -> str:
     return uri
 
 
+DB_DEFAULT_PORTS = {"postgresql": 5432, "postgres": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433}
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, before any training, if an HTTP tracking server does not answer."""
-    if not uri.startswith(("http://", "https://")):
+    """Fail in seconds, before any training, if a tracking server or database server does not answer.
+
+    HTTP(S) URIs must answer `/health`; database URIs (`postgresql://`, `mysql://`, ...) must accept a TCP
+    connection on their host and port. Local stores (sqlite, file) are not checked here. The URI in the
+    message has its password masked."""
+    import socket
+    from urllib.parse import urlsplit
+
+    shown = mask_secrets(uri)
+    if uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)
+        netloc = parts.hostname or ""
+        if parts.port:
+            netloc += f":{parts.port}"
+        url = f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}/health"  # credentials never go into the URL
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (user-configured URI)
+                if resp.status >= 400:
+                    raise StoreError(f"tracking server {shown} answered HTTP {resp.status}",
+                                     "check MLFLOW_TRACKING_URI and the server's logs")
+        except urllib.error.HTTPError as err:
+            if err.code in (401, 403):  # alive, and asking for credentials: MLflow itself will send them
+                return
+            raise StoreError(f"tracking server {shown} answered HTTP {err.code}",
+                             "check MLFLOW_TRACKING_URI and the server's logs") from None
+        except (urllib.error.URLError, OSError) as err:
+            reason = mask_secrets(str(getattr(err, "reason", err)))
+            raise StoreError(f"tracking server {shown} is unreachable ({reason})",
+                             "start the server or fix MLFLOW_TRACKING_URI") from None
         return
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (user-configured URI)
-            if resp.status >= 400:
-                raise StoreError(f"tracking server {mask_secrets(uri)} answered HTTP {resp.status}",
-                                 "check MLFLOW_TRACKING_URI and the server's logs")
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise StoreError(f"tracking server {mask_secrets(uri)} is unreachable ({reason})",
-                         "start the server or fix MLFLOW_TRACKING_URI") from None
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme in DB_DEFAULT_PORTS:
+        parts = urlsplit(uri)
+        host = parts.hostname or "localhost"
+        try:
+            port = parts.port or DB_DEFAULT_PORTS[scheme]
+        except ValueError:
+            raise StoreError(f"tracking store {shown} has an invalid port", "fix MLFLOW_TRACKING_URI") from None
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as err:
+            raise StoreError(f"tracking database {shown} is unreachable ({err.strerror or err})",
+                             "start the database server or fix MLFLOW_TRACKING_URI") from None
 
 
 def setup_experiment(name: str) -> str:
@@ -75,7 +98,8 @@ def setup_experiment(name: str) -> str:
     except LatentgateError:
         raise
     except Exception as err:  # an unusable store: one line naming it, not a traceback
-        raise StoreError(f"tracking store {mask_secrets(uri)} is unusable: {str(err).splitlines()[0][:200]}",
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise StoreError(f"tracking store {mask_secrets(uri)} is unusable: {mask_secrets(first)}",
                          "check MLFLOW_TRACKING_URI (and that the folder is writable)") from None
     return uri
 
@@ -105,29 +129,54 @@ def provenance_tags() -> dict[str, str]:
     return tags
 
 
+def _end(tracker, status: str, tags: dict) -> None:
+    """Best effort: the original error is what the user must see, even when the store also fails now."""
+    import mlflow
+
+    for action in (tracker.flush, lambda: tracker.set_tags(tags), lambda: mlflow.end_run(status=status)):
+        try:
+            action()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def adopt_project_run() -> str | None:
+    """Inside `mlflow run`, MLFLOW_RUN_ID names the project's run. The entry point's top-level run adopts it, and
+    it is removed from the environment so that nested runs become real children instead of re-attaching."""
+    return os.environ.pop("MLFLOW_RUN_ID", None)
+
+
 @contextmanager
 def tracked_run(name: str, *, nested: bool = True, tags: dict | None = None, run_id: str | None = None):
-    """Start (or re-open) a run and yield its tracker. The run ends FINISHED, or FAILED with the error as a tag,
-    or KILLED on a signal: never stuck RUNNING."""
+    """Start (or re-open) a run and yield its tracker. The run ends FINISHED; or FAILED with the error in the tags
+    `latentgate.error` (one line, secrets masked) and `latentgate.error_type`; or KILLED on SIGTERM/SIGINT:
+    never stuck RUNNING."""
     import mlflow
 
     run = mlflow.start_run(run_id=run_id, run_name=None if run_id else name, nested=nested)
     tracker = MlflowTracker(run.info.run_id)
-    tracker.set_tags({"latentgate.phase": name, **provenance_tags(), **(tags or {})})
     try:
+        # a run adopted from `mlflow run` gets the phase's name instead of a random one
+        named = {"mlflow.runName": name} if run_id and run.data.tags.get("mlflow.project.entryPoint") else {}
+        tracker.set_tags({"latentgate.phase": name, **named, **provenance_tags(), **(tags or {})})
         yield tracker
-    except Interrupted as err:
-        tracker.flush()
-        tracker.set_tags({"latentgate.error": str(err)})
-        mlflow.end_run(status="KILLED")
+    except (Interrupted, KeyboardInterrupt) as err:
+        message = str(err) or "interrupted by SIGINT"
+        tags = {"latentgate.error": mask_secrets(message)[:500], "latentgate.error_type": type(err).__name__}
+        checkpoint = getattr(err, "checkpoint", None)
+        if checkpoint and not getattr(err, "logged", False):  # the final checkpoint, resumable by runs:/ URI
+            err.logged = True  # the innermost run (the stage that trained) owns it, not its parents
+            tags["latentgate.final_checkpoint"] = f"runs:/{tracker.run_id}/checkpoints/{name}"
+            try:
+                tracker.log_artifacts(checkpoint, f"checkpoints/{name}")
+            except Exception:  # noqa: BLE001 - the local checkpoint is still there, and named in the error
+                tags.pop("latentgate.final_checkpoint")
+        _end(tracker, "KILLED", tags)
         raise
     except BaseException as err:
-        try:
-            tracker.flush()
-        except Exception:
-            pass
-        tracker.set_tags({"latentgate.error": f"{type(err).__name__}: {str(err)[:500]}"})
-        mlflow.end_run(status="FAILED")
+        message = " ".join(f"{type(err).__name__}: {err}".split())
+        _end(tracker, "FAILED", {"latentgate.error": mask_secrets(message)[:500],
+                                 "latentgate.error_type": type(err).__name__})
         raise
     else:
         tracker.flush()
