@@ -135,3 +135,53 @@ def test_teacher_pass_runs_without_lora(tiny_ws):
     assert counts["total"] > 0 and set(counts["per_layer"]) == set(range(ws.cfg.base.layers))
     assert torch.allclose(teacher, before, atol=1e-6)
     assert not torch.allclose(student, before, atol=1e-3)
+
+
+def test_scheduled_sampling_mixes_predictions_by_schedule():
+    from latentgate.train.losses import p_gold_at, scheduled_inputs
+
+    assert p_gold_at(0, 100, 0.5) == 1.0 and p_gold_at(50, 100, 0.5) == 0.75 and p_gold_at(100, 100, 0.5) == 0.5
+    gold = torch.arange(1, 401).reshape(20, 20)
+    preds = -gold
+    mask = torch.ones_like(gold, dtype=torch.bool)
+    mask[:, 15:] = False
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(scheduled_inputs(preds, gold, mask, 1.0, g), gold)
+    all_pred = scheduled_inputs(preds, gold, mask, 0.0, g)
+    assert torch.equal(all_pred[:, :15], preds[:, :15]) and torch.equal(all_pred[:, 15:], gold[:, 15:])
+    half = scheduled_inputs(preds, gold, mask, 0.5, g)[:, :15]
+    share = float((half == gold[:, :15]).float().mean())
+    assert 0.35 < share < 0.65
+
+
+def test_scheduled_sampling_stage_trains(tiny_ws, tmp_path):
+    """A Stage run with scheduled sampling: finite losses, p_gold annealed in the diagnostics."""
+    import json
+
+    from latentgate.tracking.tracker import NullTracker
+    from latentgate.train.trainer import train_stage
+
+    ws = tiny_ws
+    ws.cfg.stage_a = dataclasses.replace(ws.cfg.stage_a, scheduled_sampling=True, p_gold_floor=0.5, steps=4,
+                                         probe_every=4, warmup_steps=0)
+    result = train_stage(ws, "stage_a", NullTracker(), tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "diagnostics.jsonl").read_text().splitlines()]
+    assert [r["p_gold"] for r in rows] == [1.0, 0.875, 0.75, 0.625]
+    assert result["steps"] == 4 and all(r["loss"] == r["loss"] for r in rows)
+
+
+def test_external_hf_model_by_path(tiny_ws, tmp_path):
+    """Any HF causal LM folder works as the base: loaded with AutoModelForCausalLM, contract built from its
+    tokenizer, no remote code."""
+    from latentgate.config import resolve
+    from latentgate.train.workspace import build_workspace
+
+    ws = tiny_ws
+    ws.lm.save_pretrained(tmp_path / "lm")
+    ws.tokenizer.save_pretrained(tmp_path / "lm")
+    cfg = resolve("micro", {"base.name": str(tmp_path / "lm")})
+    other = build_workspace(cfg, cfg.base.name, ws.splits)
+    assert other.contract == ws.contract
+    assert not any(p.requires_grad for p in other.lm.parameters())
+    ids = torch.tensor([[1, 5, 7]])
+    assert torch.equal(other.lm(ids).logits, ws.lm(ids).logits)
