@@ -1,0 +1,185 @@
+"""The hero readiness checklist as data: `registry/hero.yaml`, loaded and validated here.
+
+Every criterion names a kind of query over recorded evidence (see `KINDS`), its parameters, a comparison and a
+threshold. Code that needs a threshold (the pipeline's decision tree, the gate) reads it from the file through
+`Checklist.threshold(name)`, never from a constant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from latentgate.errors import ConfigError
+
+DEFAULT_PATH = Path(__file__).resolve().parents[3] / "registry" / "hero.yaml"
+
+OPS = {
+    ">=": lambda a, b: a >= b,
+    ">": lambda a, b: a > b,
+    "<=": lambda a, b: a <= b,
+    "<": lambda a, b: a < b,
+    "==": lambda a, b: a == b,
+}
+
+# kind -> (required params, optional params, whether a numeric threshold is required)
+KINDS: dict[str, tuple[set, set, bool]] = {
+    "metric_peak": ({"run", "metric"}, set(), True),
+    "metric_final_drop": ({"run", "metric"}, set(), True),
+    "metric_max": ({"runs", "metric"}, set(), True),
+    "nonfinite_steps": ({"runs", "metrics"}, set(), True),
+    "eval_example_max": ({"path", "field"}, set(), True),
+    "eval_metric": ({"path", "key"}, set(), True),
+    "eval_share": ({"path", "field", "equals"}, set(), True),
+    "latent_margin": ({"path", "key", "controls"}, set(), True),
+    "lineage": ({"runs"}, {"require_clean_tree"}, True),
+    "dataset_digest": ({"dataset"}, set(), False),
+}
+LINEAGE_RUNS = ("base", "stage_a", "stage_b", "eval")
+ANY = "any"
+
+
+@dataclass(frozen=True)
+class Criterion:
+    name: str
+    kind: str
+    op: str
+    threshold: float | None
+    params: dict = field(default_factory=dict)
+    description: str = ""
+
+    def compare(self, observed: Any, threshold: Any = None) -> bool:
+        threshold = self.threshold if threshold is None else threshold
+        if observed is None or threshold is None:
+            return False
+        if isinstance(observed, float) and math.isnan(observed):
+            return False
+        return bool(OPS[self.op](observed, threshold))
+
+
+@dataclass(frozen=True)
+class Checklist:
+    path: Path
+    sha256: str
+    version: int
+    model_name: str
+    alias: str
+    criteria: tuple[Criterion, ...]
+    eval_dataset_digest: Any  # "any", one digest string, or {data config hash: digest}
+
+    def names(self) -> list[str]:
+        return [c.name for c in self.criteria]
+
+    def criterion(self, name: str) -> Criterion:
+        for c in self.criteria:
+            if c.name == name:
+                return c
+        raise ConfigError(f"checklist {self.path} has no criterion {name!r}", f"choose one of {self.names()}")
+
+    def threshold(self, name: str):
+        """A criterion's threshold, e.g. threshold("first_token_learning") == 0.12."""
+        return self.criterion(name).threshold
+
+    def pinned_digest(self, data_hash: str) -> str | None:
+        """The eval dataset digest pinned for a data config hash: a digest, "any", or None (not pinned)."""
+        pin = self.eval_dataset_digest
+        if isinstance(pin, dict):
+            value = pin.get(data_hash)
+            return None if value is None else str(value)
+        return str(pin)
+
+
+def _fail(path: Path, problem: str, fix: str) -> ConfigError:
+    return ConfigError(f"checklist {path}: {problem}", fix)
+
+
+def _criterion(path: Path, i: int, raw: Any) -> Criterion:
+    if not isinstance(raw, dict):
+        raise _fail(path, f"criterion #{i + 1} is not a mapping",
+                    "write each criterion as {name, kind, params, op, threshold}")
+    unknown = set(raw) - {"name", "kind", "params", "op", "threshold", "description"}
+    if unknown:
+        raise _fail(path, f"criterion #{i + 1} has unknown key(s) {sorted(unknown)}",
+                    "use name, description, kind, params, op, threshold")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.replace("_", "").isalnum():
+        raise _fail(path, f"criterion #{i + 1} has an invalid name {name!r}", "use letters, digits and '_'")
+    kind = raw.get("kind")
+    if kind not in KINDS:
+        raise _fail(path, f"criterion {name}: unknown kind {kind!r}", f"choose one of {sorted(KINDS)}")
+    required, optional, numeric = KINDS[kind]
+    params = raw.get("params") or {}
+    if not isinstance(params, dict):
+        raise _fail(path, f"criterion {name}: params must be a mapping", "write params: {key: value}")
+    missing, extra = required - set(params), set(params) - required - optional
+    if missing or extra:
+        raise _fail(path, f"criterion {name} ({kind}): missing params {sorted(missing)}, "
+                    f"unknown params {sorted(extra)}",
+                    f"{kind} takes {sorted(required)} (optional {sorted(optional)})")
+    if kind == "lineage":
+        bad = set(params["runs"]) - set(LINEAGE_RUNS)
+        if bad:
+            raise _fail(path, f"criterion {name}: unknown lineage run(s) {sorted(bad)}",
+                        f"choose from {list(LINEAGE_RUNS)}")
+    op = raw.get("op")
+    if op not in OPS:
+        raise _fail(path, f"criterion {name}: unknown op {op!r}", f"choose one of {list(OPS)}")
+    threshold = raw.get("threshold")
+    if numeric:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+            raise _fail(path, f"criterion {name}: threshold must be a finite number, got {threshold!r}",
+                        "write threshold: <number>")
+        threshold = float(threshold)
+    elif threshold is not None:
+        raise _fail(path, f"criterion {name} ({kind}) takes no threshold (it compares with a pinned value)",
+                    "remove threshold:")
+    elif op != "==":
+        raise _fail(path, f"criterion {name} ({kind}) compares with '=='", "write op: \"==\"")
+    return Criterion(name, kind, op, threshold, dict(params), str(raw.get("description", "")))
+
+
+def load_checklist(path: str | Path | None = None) -> Checklist:
+    """Load and validate a checklist file (default: <repo>/registry/hero.yaml)."""
+    import yaml
+
+    path = Path(path) if path else DEFAULT_PATH
+    if not path.is_file():
+        raise ConfigError(f"checklist {path} does not exist", f"pass --checklist <file> or restore {DEFAULT_PATH}")
+    text = path.read_bytes()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise _fail(path, f"invalid YAML ({str(err).splitlines()[0]})", "fix the file's syntax") from None
+    if not isinstance(data, dict):
+        raise _fail(path, "expected a mapping at the top level", "see registry/hero.yaml")
+    unknown = set(data) - {"version", "model_name", "alias", "eval_dataset_digest", "criteria"}
+    if unknown:
+        raise _fail(path, f"unknown top-level key(s) {sorted(unknown)}",
+                    "use version, model_name, alias, eval_dataset_digest, criteria")
+    if data.get("version") != 1:
+        raise _fail(path, f"unsupported version {data.get('version')!r}", "write version: 1")
+    raw = data.get("criteria")
+    if not isinstance(raw, list) or not raw:
+        raise _fail(path, "no criteria", "list at least one criterion under criteria:")
+    criteria = tuple(_criterion(path, i, c) for i, c in enumerate(raw))
+    names = [c.name for c in criteria]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise _fail(path, f"duplicate criterion name(s) {dupes}", "give every criterion its own name")
+    pin = data.get("eval_dataset_digest", ANY)
+    if isinstance(pin, dict):
+        if not pin or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in pin.items()):
+            raise _fail(path, "eval_dataset_digest must map data config hashes to digest strings",
+                        "write eval_dataset_digest: {<data config hash>: <digest>} (quote all-digit values)")
+    elif not isinstance(pin, str) or not pin:
+        raise _fail(path, f"eval_dataset_digest must be 'any', a digest or a mapping, got {pin!r}",
+                    "write eval_dataset_digest: any")
+    alias = data.get("alias", "hero")
+    if not isinstance(alias, str) or not alias.replace("_", "").replace("-", "").isalnum():
+        raise _fail(path, f"invalid alias {alias!r}", "write alias: hero")
+    return Checklist(path=path.resolve(), sha256=hashlib.sha256(text).hexdigest(), version=1,
+                     model_name=str(data.get("model_name", "latentgate")), alias=alias, criteria=criteria,
+                     eval_dataset_digest=pin)

@@ -1,0 +1,386 @@
+"""Evidence for the readiness checklist: queries over what the runs recorded, never numbers typed in by hand.
+
+Starting from an eval run, the lineage is found through tags: the eval run's `latentgate.checkpoint`
+(runs:/<stage_b>/checkpoints/...) and `latentgate.base_run`; Stage B's `latentgate.init_from` (a runs:/ URI, or a
+local path, in which case the parent smoke run's `latentgate.children` names the Stage A run). Each check returns
+the observed value, the evidence source and what was missing. Missing evidence fails; it never passes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from latentgate.registry.checklist import ANY, Checklist, Criterion
+
+_RUN_URI = re.compile(r"^runs:/([0-9a-f]{32})(?:/|$)")
+MAX_HOPS = 8
+
+
+class Missing(Exception):
+    """A piece of evidence that is not recorded; its message says which, and where it was looked for."""
+
+
+@dataclass
+class Observation:
+    observed: Any
+    source: str
+    detail: str = ""
+    missing: list[str] = field(default_factory=list)
+    threshold: Any = None  # overrides the criterion's threshold (dataset_digest: the pinned digest)
+
+
+def run_id_of(uri: str) -> str | None:
+    m = _RUN_URI.match(uri or "")
+    return m.group(1) if m else None
+
+
+def _short(run_id: str) -> str:
+    return run_id[:8]
+
+
+class Evidence:
+    """Cached access to the candidate's runs, metric histories and eval artifacts."""
+
+    def __init__(self, eval_run_id: str, client=None):
+        from mlflow import MlflowClient
+
+        self.client = client or MlflowClient()
+        self.eval_run_id = eval_run_id
+        self._runs: dict[str, Any] = {}
+        self._why: dict[str, str] = {}  # phase -> why it is missing
+        self._how: dict[str, str] = {}  # phase -> how it was found
+        self._hist: dict[tuple[str, str], list] = {}
+        self._artifacts: dict[str, Path] = {}
+        self._resolve()
+
+    # ---- lineage ---------------------------------------------------------------------------------------------
+    def _get(self, run_id: str):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException:
+            return None
+
+    def _resolve(self) -> None:
+        ev = self._get(self.eval_run_id)
+        if ev is None:
+            self._why["eval"] = f"eval run {self.eval_run_id} does not exist in the tracking store"
+            for phase in ("base", "stage_a", "stage_b"):
+                self._why[phase] = "no eval run to start the lineage from"
+            return
+        self._set("eval", ev, "the candidate's eval run")
+        tags = ev.data.tags
+        base_id = tags.get("latentgate.base_run")
+        self._link("base", base_id, "eval tag latentgate.base_run", "the eval run has no latentgate.base_run tag")
+        ckpt = tags.get("latentgate.checkpoint", "")
+        sb_id = run_id_of(ckpt)
+        self._link("stage_b", sb_id, f"eval tag latentgate.checkpoint={ckpt}",
+                   f"the eval run's latentgate.checkpoint ({ckpt or 'absent'}) is not a runs:/<stage_b>/... URI")
+        if "stage_b" not in self._runs:
+            self._why.setdefault("stage_a", "no Stage B run to follow latentgate.init_from from")
+            return
+        run, seen = self._runs["stage_b"], set()
+        for _ in range(MAX_HOPS):  # follow init_from through extend/fix stages until a stage_a run
+            seen.add(run.info.run_id)
+            init = run.data.tags.get("latentgate.init_from", "") or run.data.tags.get("latentgate.resume_from", "")
+            nxt_id = run_id_of(init)
+            how = f"{run.data.tags.get('latentgate.phase')} {_short(run.info.run_id)} tag latentgate.init_from={init}"
+            if nxt_id is None and init:  # a local path: the parent smoke run's children name the Stage A run
+                nxt_id, how = self._sibling(run, "stage_a"), "the stage_a run in the parent run's latentgate.children"
+            if nxt_id is None or nxt_id in seen:
+                self._why["stage_a"] = (f"Stage B run {_short(self._runs['stage_b'].info.run_id)} does not lead to a "
+                                        f"Stage A run (latentgate.init_from={init or 'absent'})")
+                return
+            nxt = self._get(nxt_id)
+            if nxt is None:
+                self._why["stage_a"] = f"run {nxt_id} ({how}) does not exist"
+                return
+            if nxt.data.tags.get("latentgate.phase") == "stage_a":
+                self._set("stage_a", nxt, how)
+                return
+            run = nxt
+        self._why["stage_a"] = f"no Stage A run within {MAX_HOPS} latentgate.init_from hops of Stage B"
+
+    def _sibling(self, run, phase: str) -> str | None:
+        parent_id = run.data.tags.get("mlflow.parentRunId")
+        parent = self._get(parent_id) if parent_id else None
+        if parent is None:
+            return None
+        found = []
+        for cid in filter(None, parent.data.tags.get("latentgate.children", "").split(",")):
+            child = self._get(cid.strip())
+            if child is not None and child.data.tags.get("latentgate.phase") == phase:
+                found.append(child.info.run_id)
+        return found[0] if len(found) == 1 else None
+
+    def _link(self, phase: str, run_id: str | None, how: str, why_absent: str) -> None:
+        if not run_id:
+            self._why[phase] = why_absent
+            return
+        run = self._get(run_id)
+        if run is None:
+            self._why[phase] = f"{phase} run {run_id} ({how}) does not exist"
+            return
+        self._set(phase, run, how)
+
+    def _set(self, phase: str, run, how: str) -> None:
+        self._runs[phase] = run
+        self._how[phase] = how
+
+    def run(self, phase: str):
+        if phase not in self._runs:
+            raise Missing(f"{phase} run: {self._why.get(phase, 'not found')}")
+        return self._runs[phase]
+
+    def lineage(self) -> dict[str, str]:
+        return {p: r.info.run_id for p, r in self._runs.items()}
+
+    # ---- metric histories and artifacts ------------------------------------------------------------------------
+    def history(self, phase: str, key: str) -> list:
+        run = self.run(phase)
+        ck = (run.info.run_id, key)
+        if ck not in self._hist:
+            self._hist[ck] = sorted(self.client.get_metric_history(run.info.run_id, key),
+                                    key=lambda m: (m.step, m.timestamp))
+        if not self._hist[ck]:
+            raise Missing(f"{phase} run {_short(run.info.run_id)}: no metric history {key}")
+        return self._hist[ck]
+
+    def artifact(self, name: str) -> Path:
+        if name not in self._artifacts:
+            import mlflow
+            from mlflow.exceptions import MlflowException
+
+            run = self.run("eval")
+            try:
+                local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=name)
+            except (MlflowException, OSError):
+                raise Missing(f"eval run {_short(run.info.run_id)}: no artifact {name}") from None
+            self._artifacts[name] = Path(local)
+        return self._artifacts[name]
+
+    def metrics_json(self) -> dict:
+        path = self.artifact("metrics.json")
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise Missing(f"eval run {_short(self.eval_run_id)}: metrics.json is unreadable ({err})") from None
+
+    def eval_path_metrics(self, path: str) -> dict:
+        m = self.metrics_json().get("paths", {}).get(path)
+        if not isinstance(m, dict):
+            raise Missing(f"eval run {_short(self.eval_run_id)}: metrics.json has no path {path!r}")
+        return m
+
+    def detailed_rows(self, path: str) -> list[dict]:
+        file = self.artifact("eval_detailed.jsonl")
+        rows = []
+        for line in file.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if row.get("path") == path:
+                    rows.append(row)
+        if not rows:
+            raise Missing(f"eval run {_short(self.eval_run_id)}: eval_detailed.jsonl has no {path!r} rows")
+        return rows
+
+    def src(self, phase: str) -> str:
+        return f"{phase} run {_short(self.run(phase).info.run_id)}"
+
+
+# ---- checks: one per criterion kind ----------------------------------------------------------------------------
+
+def _finite(values) -> list[float]:
+    return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def check_metric_peak(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+    hist = ev.history(c.params["run"], c.params["metric"])
+    vals = _finite(m.value for m in hist)
+    if not vals:
+        raise Missing(f"{ev.src(c.params['run'])}: {c.params['metric']} has no finite value")
+    peak = max(vals)
+    step = next(m.step for m in hist if m.value == peak)
+    return Observation(peak, f"metric history {c.params['metric']} ({ev.src(c.params['run'])}, {len(hist)} points)",
+                       f"peak at step {step}")
+
+
+def check_metric_final_drop(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+    hist = ev.history(c.params["run"], c.params["metric"])
+    vals = _finite(m.value for m in hist)
+    if not vals:
+        raise Missing(f"{ev.src(c.params['run'])}: {c.params['metric']} has no finite value")
+    peak, final = max(vals), hist[-1].value
+    drop = float("nan") if not math.isfinite(final) else ((peak - final) / peak if peak > 0 else 0.0)
+    return Observation(drop, f"metric history {c.params['metric']} ({ev.src(c.params['run'])}, {len(hist)} points)",
+                       f"peak {peak:.4g}, final {final:.4g} at step {hist[-1].step}")
+
+
+def check_metric_max(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+    values, sources, missing = [], [], []
+    for phase in c.params["runs"]:
+        key = c.params["metric"].format(run=phase)
+        try:
+            hist = ev.history(phase, key)
+        except Missing as err:
+            missing.append(str(err))
+            continue
+        values += [m.value for m in hist]
+        sources.append(f"{key} ({ev.src(phase)})")
+    if missing:
+        return Observation(None, "metric histories " + ", ".join(sources), missing=missing)
+    bad = [v for v in values if not math.isfinite(v)]
+    observed = float("nan") if bad else max(values)
+    return Observation(observed, "metric histories " + ", ".join(sources),
+                       f"{len(bad)} non-finite values" if bad else f"{len(values)} points")
+
+
+def check_nonfinite_steps(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+    count, problems, sources, missing = 0, [], [], []
+    for phase in c.params["runs"]:
+        try:
+            run = ev.run(phase)
+        except Missing as err:
+            missing.append(str(err))
+            continue
+        steps = run.data.params.get(f"{phase}.steps", "")
+        for pattern in c.params["metrics"]:
+            key = pattern.format(run=phase)
+            try:
+                hist = ev.history(phase, key)
+            except Missing as err:
+                missing.append(str(err))
+                continue
+            sources.append(f"{key} ({ev.src(phase)})")
+            nonfinite = [m.step for m in hist if not math.isfinite(m.value)]
+            logged = {m.step for m in hist}
+            expected = set(range(1, int(steps) + 1)) if steps.isdigit() else set(range(min(logged), max(logged) + 1))
+            skipped = sorted(expected - logged)
+            if nonfinite:
+                problems.append(f"{key}: non-finite at steps {nonfinite[:5]}")
+            if skipped:
+                problems.append(f"{key}: {len(skipped)} optimizer steps not logged (first {skipped[:5]})")
+            count += len(nonfinite) + len(skipped)
+    return Observation(None if missing else count, "metric histories " + ", ".join(sources),
+                       "; ".join(problems) or "every optimizer step logged, all finite", missing=missing)
+
+
+def check_eval_example_max(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+    rows = ev.detailed_rows(c.params["path"])
+    vals = [float(r.get(c.params["field"], float("nan"))) for r in rows]
+    best = max(vals)
+    nonzero = sum(v > 0 for v in vals)
+    return Observation(best, f"eval_detailed.jsonl ({ev.src('eval')}, {len(rows)} {c.params['path']} rows)",
+                       f"{nonzero} of {len(rows)} examples with {c.params['field']} > 0")
+
+
+def check_eval_metric(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+    m = ev.eval_path_metrics(c.params["path"])
+    if c.params["key"] not in m:
+        raise Missing(f"eval run {_short(ev.eval_run_id)}: metrics.json paths.{c.params['path']} "
+                      f"has no {c.params['key']}")
+    return Observation(float(m[c.params["key"]]),
+                       f"metrics.json paths.{c.params['path']}.{c.params['key']} ({ev.src('eval')})",
+                       f"n={m.get('n')}")
+
+
+def check_eval_share(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+    rows = ev.detailed_rows(c.params["path"])
+    hits = sum(r.get(c.params["field"]) == c.params["equals"] for r in rows)
+    return Observation(hits / len(rows), f"eval_detailed.jsonl ({ev.src('eval')}, {len(rows)} {c.params['path']} rows)",
+                       f"{hits} of {len(rows)} with {c.params['field']}={c.params['equals']}")
+
+
+def check_latent_margin(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+    key = c.params["key"]
+    main = float(ev.eval_path_metrics(c.params["path"])[key])
+    controls, missing = {}, []
+    for p in c.params["controls"]:
+        try:
+            controls[p] = float(ev.eval_path_metrics(p)[key])
+        except Missing as err:
+            missing.append(str(err))
+    if missing:
+        return Observation(None, f"metrics.json ({ev.src('eval')})", missing=missing)
+    best = max(controls, key=controls.get)
+    return Observation(main - controls[best], f"metrics.json paths.*.{key} ({ev.src('eval')})",
+                       f"{c.params['path']} {main:.4g} vs " + ", ".join(f"{p} {v:.4g}" for p, v in controls.items()))
+
+
+def check_lineage(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+    problems, missing, found = [], [], {}
+    for phase in c.params["runs"]:
+        try:
+            found[phase] = ev.run(phase)
+        except Missing as err:
+            missing.append(str(err))
+            problems.append(f"{phase} run not found")
+    for phase, run in found.items():
+        if run.info.status != "FINISHED":
+            problems.append(f"{phase} run {_short(run.info.run_id)} is {run.info.status}")
+        tag_phase = run.data.tags.get("latentgate.phase")
+        allowed = (phase, "extend", "fix") if phase == "stage_b" else (phase,)  # extend/fix continue Stage B
+        if tag_phase not in allowed:
+            problems.append(f"{phase} run {_short(run.info.run_id)} is tagged latentgate.phase={tag_phase}")
+        if c.params.get("require_clean_tree") and run.data.tags.get("latentgate.git_dirty") != "false":
+            problems.append(f"{phase} run {_short(run.info.run_id)} ran from a dirty working tree")
+    commits = {p: r.data.tags.get("latentgate.git_commit", "unknown") for p, r in found.items()}
+    if any(v in ("", "unknown") for v in commits.values()):
+        unknown = ", ".join(p for p, v in commits.items() if v in ("", "unknown"))
+        problems.append(f"runs without a git commit: {unknown}")
+    if len(set(commits.values())) > 1:
+        problems.append("different git commits: " + ", ".join(f"{p}={v[:10]}" for p, v in commits.items()))
+    if "stage_b" in found and "base" in found:
+        sb_base = found["stage_b"].data.tags.get("latentgate.base_run")
+        if sb_base and sb_base != found["base"].info.run_id:
+            problems.append(f"Stage B was trained on base run {_short(sb_base)}, the eval used "
+                            f"{_short(found['base'].info.run_id)}")
+    ids = ", ".join(f"{p}={_short(r.info.run_id)}" for p, r in found.items())
+    commit = next(iter(set(commits.values()))) if len(set(commits.values())) == 1 else "mixed"
+    return Observation(len(problems), f"run tags + statuses ({ids})",
+                       "; ".join(problems) or f"all FINISHED at commit {commit[:10]}", missing=missing)
+
+
+def check_dataset_digest(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+    from latentgate.config import config_hash, from_flat
+    from latentgate.errors import ConfigError
+
+    run = ev.run("eval")
+    tag = f"dataset.{c.params['dataset']}.digest"
+    digest = run.data.tags.get(tag)
+    if not digest:
+        raise Missing(f"eval run {_short(run.info.run_id)}: no tag {tag}")
+    try:
+        data_hash = config_hash(from_flat(run.data.params), ("data",))
+    except ConfigError as err:
+        raise Missing(f"eval run {_short(run.info.run_id)}: its params do not rebuild a config ({err})") from None
+    pinned = cl.pinned_digest(data_hash)
+    source = f"{ev.src('eval')} tag {tag}; pin for data config {data_hash} in {cl.path.name}"
+    if pinned is None:
+        return Observation(digest, source, f"no digest pinned for data config {data_hash}: add "
+                           f"'{data_hash}: {digest}' under eval_dataset_digest in {cl.path} if this eval set is "
+                           "the intended one", threshold="<not pinned>")
+    if pinned == ANY:
+        return Observation(digest, source, "the checklist pins no eval set (eval_dataset_digest: any)",
+                           threshold=digest)
+    return Observation(digest, source, f"data config {data_hash}", threshold=pinned)
+
+
+CHECKS = {
+    "metric_peak": check_metric_peak,
+    "metric_final_drop": check_metric_final_drop,
+    "metric_max": check_metric_max,
+    "nonfinite_steps": check_nonfinite_steps,
+    "eval_example_max": check_eval_example_max,
+    "eval_metric": check_eval_metric,
+    "eval_share": check_eval_share,
+    "latent_margin": check_latent_margin,
+    "lineage": check_lineage,
+    "dataset_digest": check_dataset_digest,
+}

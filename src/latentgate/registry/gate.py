@@ -1,0 +1,452 @@
+"""The promotion gate: the alias `hero` moves only on evidence.
+
+`evaluate` is read-only. `promote` evaluates every criterion of the checklist, then, holding a registry lock:
+removes `hero` first if this very version holds it and now fails; writes one tag per criterion
+(`hero.check.<name>`), a JSON report artifact (`hero.report`) and the audit tag (`hero.audit`: rule file hash,
+commit, time, decision); and moves the alias LAST, only when everything passed. A crash anywhere in between leaves
+`hero` where it was (on a version whose audit passed) or nowhere, never on a failing version. The lock (a file
+lock next to the SQLite store; a per-URI lock file in the temp folder for other stores, which serialises
+promotions from one machine only) makes concurrent promotions apply one after the other: the registry always
+reads as a sequence of complete promotions.
+
+`verify` re-checks the holder of `hero`: an alias set by hand (no valid audit tag) or evidence that no longer
+passes is reported. `hero_model_uri` is what the hero run starts from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from latentgate.errors import GateRefused, StoreError
+from latentgate.registry.checklist import Checklist, load_checklist
+from latentgate.registry.model import TAG_EVAL_RUN, client
+
+TAG_CHECK = "hero.check."
+TAG_AUDIT = "hero.audit"
+TAG_REPORT = "hero.report"
+TAG_PASSED = "hero.passed"
+TAG_EVENT = "hero.event."
+TAG_SUPERSEDED = "hero.superseded_by"
+FAULT_ENV = "LATENTGATE_FAULT"  # fault injection for tests: "promote.before_alias"
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+TAG_MAX = 4900
+
+
+@dataclass
+class Report:
+    candidate: str
+    passed: bool
+    rows: list[dict]
+    missing: list[str]
+    version: str | None = None
+    eval_run: str | None = None
+    model_name: str = "latentgate"
+    lineage: dict = field(default_factory=dict)
+    checklist: str = ""
+    checklist_sha256: str = ""
+    decision: str = "evaluated"  # evaluated | dry-run | promoted | refused | verified
+    time: str = ""
+    commit: str = ""
+
+    def failing(self) -> list[str]:
+        return [r["name"] for r in self.rows if not r["passed"]]
+
+    def to_dict(self) -> dict:
+        return _jsonable(asdict(self))
+
+
+def _jsonable(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def _commit() -> str:
+    from latentgate.tracking.runs import git_commit
+
+    sha, dirty = git_commit()
+    return sha + ("-dirty" if dirty else "")
+
+
+def _checklist(checklist) -> Checklist:
+    return checklist if isinstance(checklist, Checklist) else load_checklist(checklist)
+
+
+# ---- candidates ---------------------------------------------------------------------------------------------------
+
+def _version_of(ref: str, name: str) -> str | None:
+    for prefix in (f"models:/{name}/", f"{name}/"):
+        if ref.startswith(prefix) and ref[len(prefix):].isdigit():
+            return ref[len(prefix):]
+    return ref if ref.isdigit() else None
+
+
+def resolve_candidate(c, ref: str, name: str) -> tuple[str | None, str | None, list[str]]:
+    """A version number (or models:/<name>/<n>), an eval run, a smoke run or a register run ->
+    (version or None, eval run id or None, what is missing)."""
+    from mlflow.exceptions import MlflowException
+
+    ref = str(ref).strip()
+    version = _version_of(ref, name)
+    if version is not None:
+        try:
+            mv = c.get_model_version(name, version)
+        except MlflowException:
+            raise StoreError(f"model version {name}/{version} does not exist",
+                             "register one: latentgate register <eval_run>") from None
+        eval_run = mv.tags.get(TAG_EVAL_RUN)
+        if not eval_run and mv.run_id:
+            try:
+                eval_run = c.get_run(mv.run_id).data.tags.get(TAG_EVAL_RUN)
+            except MlflowException:
+                eval_run = None
+        missing = [] if eval_run else [f"version {version}: no {TAG_EVAL_RUN} tag (no eval run links it to evidence)"]
+        return version, eval_run, missing
+    run_id = ref.removeprefix("runs:/").split("/")[0]
+    if not _RUN_ID.match(run_id):
+        raise GateRefused(f"{ref!r} is neither a model version nor a run id", "pass a version number or a run id")
+    try:
+        run = c.get_run(run_id)
+    except MlflowException:
+        raise StoreError(f"run {run_id} does not exist in the tracking store",
+                         "check the run id and MLFLOW_TRACKING_URI") from None
+    phase = run.data.tags.get("latentgate.phase")
+    if phase == "eval":
+        return None, run_id, []
+    if phase == "register":
+        return None, run.data.tags.get(TAG_EVAL_RUN), []
+    if phase in ("smoke", "pipeline"):
+        evals = []
+        for cid in filter(None, run.data.tags.get("latentgate.children", "").split(",")):
+            try:
+                child = c.get_run(cid.strip())
+            except MlflowException:
+                continue
+            if child.data.tags.get("latentgate.phase") == "eval":
+                evals.append(child)
+        if evals:
+            return None, max(evals, key=lambda r: r.info.start_time).info.run_id, []
+        return None, None, [f"{phase} run {run_id}: no eval run among its latentgate.children"]
+    raise GateRefused(f"run {run_id} is a {phase or 'non-latentgate'} run", "pass an eval or smoke run, or a version")
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------------
+
+def _row(crit, obs) -> dict:
+    threshold = obs.threshold if obs.threshold is not None else crit.threshold
+    passed = crit.compare(obs.observed, threshold) and not obs.missing
+    return {"name": crit.name, "passed": passed, "observed": obs.observed, "op": crit.op, "threshold": threshold,
+            "source": obs.source, "detail": obs.detail, "missing": list(obs.missing), "kind": crit.kind,
+            "description": crit.description, "params": crit.params}
+
+
+def evaluate(version_or_eval_run: str, checklist=None, name: str | None = None, *, checklist_path=None) -> Report:
+    """Evaluate every criterion against recorded evidence. Read-only. `checklist` (or `checklist_path`): a path or
+    a loaded Checklist; default registry/hero.yaml."""
+    from latentgate.registry.evidence import CHECKS, Evidence, Missing, Observation
+
+    cl = _checklist(checklist if checklist is not None else checklist_path)
+    name = name or cl.model_name
+    c = client()
+    version, eval_run, missing = resolve_candidate(c, version_or_eval_run, name)
+    ev = Evidence(eval_run, c) if eval_run else None
+    rows = []
+    for crit in cl.criteria:
+        if ev is None:
+            obs = Observation(None, "", missing=list(missing))
+        else:
+            try:
+                obs = CHECKS[crit.kind](ev, crit, cl)
+            except Missing as err:
+                obs = Observation(None, "", missing=[str(err)])
+        rows.append(_row(crit, obs))
+    all_missing = list(dict.fromkeys(missing + [m for r in rows for m in r["missing"]]))
+    return Report(candidate=str(version_or_eval_run), passed=all(r["passed"] for r in rows) and not all_missing,
+                  rows=rows, missing=all_missing, version=version, eval_run=eval_run, model_name=name,
+                  lineage=ev.lineage() if ev else {}, checklist=str(cl.path), checklist_sha256=cl.sha256,
+                  time=_now(), commit=_commit())
+
+
+# ---- registry writes ---------------------------------------------------------------------------------------------
+
+def _lock_path(name: str) -> Path:
+    import hashlib
+
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        return db.with_name(f"{db.name}.{name}.registry.lock")
+    key = hashlib.sha256(uri.encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"latentgate-registry-{key}-{name}.lock"
+
+
+@contextmanager
+def registry_lock(name: str, timeout: float = 300.0):
+    """Serialise registry writes for one registered model (threads and processes alike)."""
+    import fcntl
+
+    path = _lock_path(name)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreError(f"registry lock {path} is held for over {timeout:.0f} s",
+                                     "another promote/demote is running; retry when it ends") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _fault(point: str) -> None:
+    if os.environ.get(FAULT_ENV) == point:
+        raise RuntimeError(f"injected fault at {point} ({FAULT_ENV})")
+
+
+def alias_holder(c, name: str, alias: str = "hero") -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(c.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "missing"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def check_tag_value(row: dict) -> str:
+    state = "pass" if row["passed"] else "fail"
+    if row["missing"]:
+        return f"{state} missing: {'; '.join(row['missing'])}"[:TAG_MAX]
+    return f"{state} observed={_fmt(row['observed'])} {row['op']} {_fmt(row['threshold'])}"[:TAG_MAX]
+
+
+def _event(c, name: str, version: str, text: str) -> None:
+    c.set_model_version_tag(name, version, f"{TAG_EVENT}{_stamp()}", text[:TAG_MAX])
+
+
+def _write_report_artifact(c, mv, report: Report) -> str:
+    """The JSON report, logged to the version's run (hero_reports/); returns its URI ('' without a run)."""
+    if not mv.run_id:
+        return ""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"v{mv.version}-{_stamp()}.json"
+        path.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True, default=str))
+        c.log_artifact(mv.run_id, str(path), "hero_reports")
+    return f"runs:/{mv.run_id}/hero_reports/{path.name}"
+
+
+def promote(version: str, dry_run: bool = False, checklist=None, name: str | None = None, *,
+            checklist_path=None) -> Report:
+    """Evaluate; unless dry_run, record the result on the version and move the alias only if all passed.
+    A run id (eval/smoke) is registered first (`register_candidate`) unless dry_run."""
+    from latentgate.registry.model import register_candidate
+
+    cl = _checklist(checklist if checklist is not None else checklist_path)
+    name = name or cl.model_name
+    report = evaluate(version, cl, name)
+    if dry_run:
+        report.decision = "dry-run"
+        return report
+    if report.version is None:
+        if not report.eval_run:
+            raise GateRefused(f"{version}: nothing to register ({'; '.join(report.missing)})",
+                              "pass a finished eval or smoke run, or a registered version")
+        report.version = register_candidate(report.eval_run, name)
+    c = client()
+    v = report.version
+    with registry_lock(name):
+        holder = alias_holder(c, name, cl.alias)
+        mv = c.get_model_version(name, v)
+        if not report.passed and holder == v:  # never leave the alias on a version whose tags say fail
+            c.delete_registered_model_alias(name, cl.alias)
+            _event(c, name, v, f"alias {cl.alias} removed: re-promotion failed ({', '.join(report.failing())})")
+        for key in [k for k in mv.tags if k.startswith(TAG_CHECK)]:
+            if key[len(TAG_CHECK):] not in cl.names():
+                c.delete_model_version_tag(name, v, key)  # a criterion the current checklist no longer has
+        for row in report.rows:
+            c.set_model_version_tag(name, v, f"{TAG_CHECK}{row['name']}", check_tag_value(row))
+        report.decision = "promoted" if report.passed else "refused"
+        report_uri = _write_report_artifact(c, mv, report)
+        audit = {"decision": "promote" if report.passed else "refuse", "passed": report.passed, "version": v,
+                 "eval_run": report.eval_run, "rules_file": report.checklist, "rules_sha256": report.checklist_sha256,
+                 "commit": report.commit, "time": report.time, "failing": report.failing(), "report": report_uri,
+                 "alias": cl.alias, "previous_holder": holder}
+        c.set_model_version_tag(name, v, TAG_REPORT, report_uri)
+        c.set_model_version_tag(name, v, TAG_PASSED, str(report.passed).lower())
+        c.set_model_version_tag(name, v, TAG_AUDIT, json.dumps(audit, sort_keys=True)[:TAG_MAX])
+        _fault("promote.before_alias")
+        if report.passed:
+            c.set_registered_model_alias(name, cl.alias, v)  # LAST: only after every tag landed
+            _event(c, name, v, f"promoted to {cl.alias} (previous holder: {holder or 'none'})")
+            if holder and holder != v:
+                c.set_model_version_tag(name, holder, TAG_SUPERSEDED, v)
+                _event(c, name, holder, f"alias {cl.alias} moved to version {v}")
+        else:
+            _event(c, name, v, f"refused: {', '.join(report.failing())}")
+    return report
+
+
+def demote(version: str, reason: str, to: str | None = None, checklist=None, name: str | None = None) -> dict:
+    """Take `hero` off `version` (if it holds it) and mark its audit as demoted, keeping its tags as history.
+    With `to`, then promote that version (the alias moves only if it passes)."""
+    cl = _checklist(checklist)
+    name = name or cl.model_name
+    if not reason or not reason.strip():
+        raise GateRefused("a demotion needs a reason", "pass --reason '<why>'")
+    c = client()
+    v = _version_of(str(version), name) or str(version)
+    with registry_lock(name):
+        mv = c.get_model_version(name, v)
+        held = alias_holder(c, name, cl.alias) == v
+        if held:
+            c.delete_registered_model_alias(name, cl.alias)
+        try:
+            audit = json.loads(mv.tags.get(TAG_AUDIT, "{}"))
+        except ValueError:
+            audit = {}
+        audit.update(decision="demote", passed=False, demoted_at=_now(), demote_reason=reason, version=v)
+        c.set_model_version_tag(name, v, TAG_AUDIT, json.dumps(audit, sort_keys=True)[:TAG_MAX])
+        c.set_model_version_tag(name, v, TAG_PASSED, "false")
+        _event(c, name, v, f"demoted{' (held ' + cl.alias + ')' if held else ''}: {reason}")
+    out = {"version": v, "held_alias": held, "reason": reason, "promoted": None}
+    if to:
+        out["promoted"] = promote(to, checklist=cl, name=name)
+    out["holder"] = alias_holder(c, name, cl.alias)
+    return out
+
+
+# ---- verification ---------------------------------------------------------------------------------------------
+
+def audit_problems(mv, alias: str = "hero") -> list[str]:
+    """Why the alias on this version is not backed by a complete, passing promotion ([] if it is)."""
+    raw = mv.tags.get(TAG_AUDIT)
+    if not raw:
+        return [f"version {mv.version} has no {TAG_AUDIT} tag: alias {alias} was set by hand, "
+                "not by `latentgate promote`"]
+    try:
+        audit = json.loads(raw)
+    except ValueError:
+        return [f"version {mv.version}: {TAG_AUDIT} is not valid JSON"]
+    problems = []
+    if audit.get("decision") != "promote" or audit.get("passed") is not True:
+        problems.append(f"version {mv.version}: the audit says decision={audit.get('decision')} "
+                        f"passed={audit.get('passed')}, so alias {alias} was set by hand")
+    if str(audit.get("version")) != str(mv.version):
+        problems.append(f"version {mv.version}: the audit names version {audit.get('version')}")
+    checks = {k: v for k, v in mv.tags.items() if k.startswith(TAG_CHECK)}
+    if not checks:
+        problems.append(f"version {mv.version} has no {TAG_CHECK}* tags")
+    problems += [f"version {mv.version}: {k} = {v[:120]}" for k, v in sorted(checks.items())
+                 if not v.startswith("pass")]
+    return problems
+
+
+def verify(checklist=None, name: str | None = None, *, checklist_path=None) -> Report:
+    """Re-check the version holding `hero`: its audit (was the alias set by promote?) and its evidence now."""
+    cl = _checklist(checklist if checklist is not None else checklist_path)
+    name = name or cl.model_name
+    c = client()
+    holder = alias_holder(c, name, cl.alias)
+    if holder is None:
+        return Report(candidate=f"models:/{name}@{cl.alias}", passed=False, rows=[], model_name=name,
+                      missing=[f"no version of {name} holds alias {cl.alias}"], checklist=str(cl.path),
+                      checklist_sha256=cl.sha256, decision="verified", time=_now(), commit=_commit())
+    mv = c.get_model_version(name, holder)
+    problems = audit_problems(mv, cl.alias)
+    report = evaluate(holder, cl, name)
+    audit_row = {"name": "audit", "passed": not problems, "observed": "; ".join(problems) or "promoted by the gate",
+                 "op": "==", "threshold": "audited promotion", "source": f"version {holder} tags {TAG_AUDIT}, "
+                 f"{TAG_CHECK}*", "detail": mv.tags.get(TAG_AUDIT, "")[:300], "missing": [], "kind": "audit",
+                 "description": "the alias was moved by `latentgate promote` after every criterion passed",
+                 "params": {}}
+    report.rows.insert(0, audit_row)
+    report.passed = report.passed and not problems
+    report.candidate = f"models:/{name}@{cl.alias} (version {holder})"
+    report.decision = "verified"
+    return report
+
+
+def hero_model_uri(name: str = "latentgate", alias: str = "hero") -> str:
+    """`models:/<name>@hero`, after checking that the alias exists and was set by a passing promotion."""
+    c = client()
+    holder = alias_holder(c, name, alias)
+    if holder is None:
+        raise GateRefused(f"no version of {name} holds alias {alias}",
+                          "promote a candidate first: latentgate promote <version|eval_run>")
+    problems = audit_problems(c.get_model_version(name, holder), alias)
+    if problems:
+        raise GateRefused(f"models:/{name}@{alias} is not a gated promotion: {'; '.join(problems)}",
+                          f"run `latentgate verify`, then `latentgate demote {holder} --reason ...` and promote a "
+                          "candidate that passes")
+    return f"models:/{name}@{alias}"
+
+
+# ---- printing ------------------------------------------------------------------------------------------------
+
+def format_table(report: Report, explain: bool = False) -> str:
+    head = (f"── hero gate: {report.candidate}"
+            + (f" (version {report.version})" if report.version and report.version not in report.candidate else "")
+            + f"  eval run {report.eval_run or 'none'} ──")
+    rows = [("criterion", "result", "observed", "threshold", "source")]
+    for r in report.rows:
+        thr = f"{r['op']} {_fmt(r['threshold'])}" if r["threshold"] is not None else "—"
+        rows.append((r["name"], "PASS" if r["passed"] else "FAIL", _fmt(r["observed"])[:40], thr[:24],
+                     r["source"] or "; ".join(r["missing"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [head] + ["  ".join(x.ljust(w) for x, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
+                      for row in rows]
+    if explain:
+        lines.append("")
+        lines.append(f"checklist {report.checklist} (sha256 {report.checklist_sha256[:12]})")
+        for r in report.rows:
+            lines.append(f"- {r['name']}: {r['description']}")
+            lines.append(f"    query: {r['kind']} {json.dumps(r['params'], sort_keys=True)}; passes when observed "
+                         f"{r['op']} threshold")
+            if r["detail"]:
+                lines.append(f"    found: {r['detail']}")
+    if report.missing:
+        lines.append("missing evidence:")
+        lines += [f"  - {m}" for m in report.missing]
+    verdict = {"dry-run": "would PROMOTE" if report.passed else "would REFUSE",
+               "promoted": f"PROMOTED: alias hero -> version {report.version}",
+               "refused": f"REFUSED: version {report.version} keeps no alias",
+               "verified": "VERIFIED" if report.passed else "VERIFY FAILED"}.get(report.decision,
+                                                                                 "PASS" if report.passed else "FAIL")
+    failing = report.failing()
+    lines.append(f"{verdict}" + (f" (failing: {', '.join(failing)})" if failing and not report.passed else ""))
+    return "\n".join(lines)

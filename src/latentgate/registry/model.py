@@ -1,0 +1,221 @@
+"""Register a finished eval run's Stage-B model as a version of the `latentgate` registered model.
+
+The model is an MLflow pyfunc logged from code (`pyfunc_model.py`), bundling: the Stage-B checkpoint
+(manifest + safetensors + lora/), the base LM folder (config, safetensors, tokenizer) for the builtin base or a
+reference to it (its hub id / path in the config) for an external one, the prefix contract and the resolved
+config. Version tags link it to its evidence (eval, Stage B and base runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from latentgate.errors import CheckpointError, DataError, StoreError
+
+MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
+REQUIREMENTS = ("torch", "transformers", "peft", "tokenizers", "safetensors", "mlflow", "pandas", "pyyaml")
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin")
+TAG_EVAL_RUN = "latentgate.eval_run"
+TAG_STAGE_B_RUN = "latentgate.stage_b_run"
+TAG_BASE_RUN = "latentgate.base_run"
+TAG_CHECKPOINT = "latentgate.checkpoint"
+TAG_REGISTER_RUN = "latentgate.register_run"
+TAG_COMMIT = "latentgate.git_commit"
+
+
+def client():
+    """An MlflowClient on the configured store (MLFLOW_TRACKING_URI, or ./mlflow.db)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from latentgate.tracking.runs import check_reachable, tracking_uri
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = tracking_uri()
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient()
+
+
+def _pip_requirements() -> list[str]:
+    out = []
+    for pkg in REQUIREMENTS:
+        try:
+            out.append(f"{pkg}=={metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _base_lm_dir(c, base_run_id: str) -> str:
+    """The base LM folder: the base run's `base_lm/` artifact, or that of the run it reused."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    base = c.get_run(base_run_id)
+    source = base.data.tags.get("latentgate.base_source", "")
+    holder = source.split(":", 1)[1] if source.startswith(("reused:", "trained:")) else base_run_id
+    try:
+        return mlflow.artifacts.download_artifacts(run_id=holder, artifact_path="base_lm")
+    except (MlflowException, OSError):
+        raise CheckpointError(f"base LM artifact runs:/{holder}/base_lm is missing (base run {base_run_id})",
+                              "re-run `latentgate base` for this config") from None
+
+
+def _signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec("string", "context"), ColSpec("string", "question")]),
+                          outputs=Schema([ColSpec("string", "answer")]))
+
+
+def register_candidate(eval_run_id: str, name: str = "latentgate") -> str:
+    """Log the pyfunc model of a FINISHED eval run's checkpoint and register it under `name`; returns the version."""
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from latentgate.config import flatten, from_flat
+    from latentgate.phases.stages import resolve_checkpoint
+    from latentgate.tracking.runs import tracked_run
+    from latentgate.train.workspace import load_splits
+
+    c = client()
+    try:
+        ev = c.get_run(eval_run_id)
+    except MlflowException:
+        raise StoreError(f"eval run {eval_run_id} does not exist in {mlflow.get_tracking_uri()}",
+                         "pass the run id of a finished `latentgate eval` (or smoke's eval child)") from None
+    tags = ev.data.tags
+    if tags.get("latentgate.phase") != "eval" or ev.info.status != "FINISHED":
+        raise CheckpointError(f"run {eval_run_id} is a {tags.get('latentgate.phase', 'non-latentgate')} run "
+                              f"({ev.info.status}), not a FINISHED eval run", "pass a finished eval run id")
+    ckpt_uri, base_run = tags.get(TAG_CHECKPOINT, ""), tags.get(TAG_BASE_RUN, "")
+    if not ckpt_uri or not base_run:
+        raise CheckpointError(f"eval run {eval_run_id} lacks the {TAG_CHECKPOINT} / {TAG_BASE_RUN} tags",
+                              "evaluate through `latentgate eval` so the lineage is recorded")
+    cfg = from_flat(ev.data.params)
+    ckpt_dir = resolve_checkpoint(ckpt_uri)
+    stage_b = ckpt_uri.split("/")[1] if ckpt_uri.startswith("runs:/") else ""
+    examples = load_splits(cfg)["eval"][:2]
+    example = pd.DataFrame({"context": [e.context for e in examples], "question": [e.question for e in examples]})
+    version_tags = {TAG_EVAL_RUN: eval_run_id, TAG_STAGE_B_RUN: stage_b, TAG_BASE_RUN: base_run,
+                    TAG_CHECKPOINT: ckpt_uri, TAG_COMMIT: tags.get(TAG_COMMIT, "unknown")}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt_dir = weights_only_copy(ckpt_dir, Path(tmp) / "checkpoint")
+        (Path(tmp) / "config.json").write_text(json.dumps(flatten(cfg), indent=2, sort_keys=True, default=str))
+        artifacts = {"checkpoint": str(ckpt_dir), "config": str(Path(tmp) / "config.json")}
+        try:
+            artifacts["contract"] = mlflow.artifacts.download_artifacts(run_id=eval_run_id,
+                                                                        artifact_path="contract.json",
+                                                                        dst_path=tmp)
+        except (MlflowException, OSError):
+            raise CheckpointError(f"eval run {eval_run_id} has no contract.json", "re-run the eval") from None
+        if cfg.base.name == "builtin":  # bundle the base LM; an external one is referenced by cfg.base.name
+            artifacts["base_lm"] = _base_lm_dir(c, base_run)
+        if mlflow.active_run() is None and not os.environ.get("MLFLOW_RUN_ID"):
+            mlflow.set_experiment(experiment_id=ev.info.experiment_id)
+        with tracked_run("register", tags={**version_tags, "latentgate.base_reference": cfg.base.name}) as tr:
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(MODEL_FILE), artifacts=artifacts, signature=_signature(),
+                input_example=example, pip_requirements=_pip_requirements(),
+                metadata={"latentgate.eval_run": eval_run_id, "latentgate.checkpoint": ckpt_uri,
+                          "latentgate.base": cfg.base.name})
+            register_run = tr.run_id
+            tr.set_tags({"latentgate.model_uri": info.model_uri})
+    version_tags[TAG_REGISTER_RUN] = register_run
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        try:
+            c.create_registered_model(name, description="latentgate latent-prefix models; alias `hero` = gated by "
+                                                        "registry/hero.yaml (latentgate promote)")
+        except MlflowException:
+            pass  # created concurrently
+    mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
+    return str(mv.version)
+
+
+def weights_only_copy(src: Path, dst: Path) -> Path:
+    """The checkpoint without its pickled training state (optimizer.pt, scheduler.pt): the bundle then holds
+    safetensors, JSON and the LoRA adapter only. The manifest drops those entries and says so."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    dropped = [rel for rel in list(manifest.get("files", {})) if rel.endswith(PICKLE_SUFFIXES)]
+    for rel in dropped:
+        manifest["files"].pop(rel)
+        (manifest.get("sizes") or {}).pop(rel, None)
+        (dst / rel).unlink(missing_ok=True)
+    manifest["exported"] = {"weights_only": True, "dropped": dropped}
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    leftovers = [p.name for p in dst.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+    if leftovers:
+        raise CheckpointError(f"checkpoint {src} holds pickled files the manifest does not list: {leftovers}",
+                              "re-save the checkpoint with latentgate")
+    return dst
+
+
+def load_workspace(model_uri: str = "models:/latentgate@hero"):
+    """The Workspace (cfg, LM with LoRA, encoder, adapter, tokenizer, contract) inside a registered model."""
+    import mlflow
+
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().ws
+
+
+# ---- loading and prediction (used by pyfunc_model.py) ------------------------------------------------------------
+
+def load_bundle(artifacts: dict):
+    """The workspace of a logged model: config, base LM (bundled or referenced), checkpoint; contract checked."""
+    from latentgate.config import from_flat
+    from latentgate.phases.stages import load_trained
+
+    cfg = from_flat(json.loads(Path(artifacts["config"]).read_text()))
+    base = artifacts.get("base_lm") or cfg.base.name
+    ws = load_trained(cfg, base, Path(artifacts["checkpoint"]), splits={})
+    bundled = json.loads(Path(artifacts["contract"]).read_text())
+    built = json.loads(json.dumps(ws.contract.to_dict()))
+    if bundled != built:
+        raise CheckpointError("the bundled prefix contract differs from the one the loaded tokenizer builds",
+                              "re-register the model from its eval run")
+    return ws
+
+
+def predict_answers(ws, contexts: list[str], questions: list[str]) -> list[str]:
+    """Greedy latent-path answers, composed exactly as `latentgate.eval.evaluate` composes its latent path."""
+    import torch
+
+    from latentgate.data.records import Example
+    from latentgate.eval.generate import decode, greedy_generate
+    from latentgate.eval.probe import _EvalMode
+    from latentgate.model.contract import build_latent_batch
+
+    examples = [Example(str(i), c, q, ("",)) for i, (c, q) in enumerate(zip(contexts, questions, strict=True))]
+    out: list[str] = []
+    bs = ws.cfg.eval.batch_size
+    with torch.no_grad(), _EvalMode(ws.encoder, ws.adapter, ws.lm):
+        for start in range(0, len(examples), bs):
+            chunk = examples[start : start + bs]
+            prefix = build_latent_batch(ws.contract, ws.embed, ws.latents(chunk))
+            gen = greedy_generate(ws.lm, prefix.inputs_embeds, prefix.attention_mask, ws.cfg.eval.max_new_tokens,
+                                  ws.contract.eos_id)
+            out += decode(ws.tokenizer, gen.token_ids)
+    return out
+
+
+def predict_frame(ws, frame):
+    import pandas as pd
+
+    if not isinstance(frame, pd.DataFrame):
+        frame = pd.DataFrame(frame)
+    missing = {"context", "question"} - set(frame.columns)
+    if missing:
+        raise DataError(f"model input lacks column(s) {sorted(missing)}", "pass a DataFrame with context and question")
+    answers = predict_answers(ws, [str(x) for x in frame["context"]], [str(x) for x in frame["question"]])
+    return pd.DataFrame({"answer": answers})
