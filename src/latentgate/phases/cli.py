@@ -1,0 +1,120 @@
+"""`latentgate base | stage-a | stage-b | eval | extend | fix | hero | pipeline | resume`: the plan's phases, one
+subcommand per MLproject entry point. Top-level imports: click and cli_common only (`latentgate --help` stays fast).
+"""
+
+from __future__ import annotations
+
+import click
+
+from latentgate.cli_common import config_options, guarded, resolve_config
+
+CHECKPOINT_HELP = "runs:/<run_id>/<path>, models:/<name>@<alias> (or /<version>), or a local checkpoint folder"
+
+
+def _phase(entry_point: str, default_preset: str, input_option: str | None = None, implied: tuple = ()):
+    """A click command running entry point `entry_point` with the shared config options. `implied` overrides
+    define the phase whatever the preset (the user's own --set / --overrides still come after them)."""
+    from_help = {"resume_from": f"Stage A checkpoint to start from: {CHECKPOINT_HELP}",
+                 "checkpoint": f"checkpoint to evaluate: {CHECKPOINT_HELP}"}
+
+    def command(preset, sets, overrides, **kwargs):
+        cfg = resolve_config(preset, implied + tuple(sets), overrides, default_preset)
+        from latentgate.phases.entry import run_entry
+
+        result = run_entry(entry_point, cfg, preset or default_preset, kwargs.get(input_option or "", "") or "")
+        click.echo(_summary(entry_point, result))
+
+    command = guarded(command)
+    command = config_options(command)
+    if input_option:
+        command = click.option(f"--{input_option.replace('_', '-')}", input_option, required=True,
+                               help=from_help[input_option])(command)
+    return command
+
+
+def _summary(entry_point: str, result: dict) -> str:
+    lines = [f"{entry_point}: run {result.get('run_id')}"]
+    if result.get("checkpoint_uri"):
+        lines.append(f"checkpoint  {result['checkpoint_uri']}")
+    if result.get("final_probe"):
+        p = result["final_probe"]
+        lines.append(f"probe first-token accuracy {p.get('first_acc', 0):.1%} after {result.get('steps')} "
+                     "optimizer steps")
+    if result.get("metrics"):
+        for path, m in result["metrics"]["paths"].items():
+            lines.append(f"{path:16s} EM {m['em']:.3f}  F1 {m['f1']:.3f}  first-token top-1 {m['first_top1']:.3f}")
+    if result.get("source"):
+        lines.append(f"base LM     {result['source']}")
+    return "\n".join(lines)
+
+
+base = click.command("base", help="Train the builtin base LM (or reuse the registered one), then the sanity gate.")(
+    _phase("base", "smoke"))
+stage_a = click.command("stage-a", help="Stage A: encoder + adapter against the frozen base LM registered for "
+                                        "this config.")(_phase("stage_a", "smoke"))
+stage_b = click.command("stage-b", help="Stage B: LoRA + encoder + adapter, starting from a Stage A checkpoint.")(
+    _phase("stage_b", "smoke", "resume_from"))
+eval_ = click.command("eval", help="Score a checkpoint on every eval path (latent and its controls).")(
+    _phase("eval", "smoke", "checkpoint"))
+extend = click.command("extend", help="Phase 1: Stage B from a Stage A checkpoint with the budget doubled in "
+                                      "optimizer steps (preset extend).")(_phase("extend", "extend", "resume_from"))
+fix = click.command("fix", help="Phase 3: Stage B with scheduled sampling, p(gold) 1.0 -> 0.5 (preset fix).")(
+    _phase("fix", "fix", "resume_from", implied=("stage_b.scheduled_sampling=true",)))
+
+
+@click.command("hero")
+@click.option("--model", default="", help="the approved model: only models:/<registry_model>@hero is accepted")
+@config_options
+@guarded
+def hero(model, preset, sets, overrides):
+    """Phase 4: the hero run. Starts only from the model version holding the registry alias `hero`."""
+    cfg = resolve_config(preset, sets, overrides, "hero")
+    from latentgate.phases.entry import hero as run_hero
+    from latentgate.phases.smoke import format_summary
+
+    click.echo(format_summary(run_hero(cfg, model, preset or "hero")))
+
+
+@click.command("pipeline")
+@click.option("--launch-hero", type=click.BOOL, default=False, show_default=True,
+              help="after a promotion, go on to the hero run (default: stop before it)")
+@click.option("--checklist", default="", help="readiness checklist file (default: registry/hero.yaml)")
+@click.option("--budget-minutes", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="no new phase starts once this much wall time has passed (0: no limit)")
+@click.option("--env-manager", default="local", show_default=True,
+              help="env manager for every inner mlflow run (inner runs do not inherit the outer one's)")
+@click.option("--runner", type=click.Choice(["project", "inprocess"]), default="project", show_default=True,
+              help="project: each step is an `mlflow run` of its entry point; inprocess: steps run in this process")
+@click.option("--hero-preset", default="hero", show_default=True, help="preset of the hero run (with --launch-hero)")
+@click.option("--sweep-study", default="phase2", show_default=True, help="sweep study of Phase 2 (sweeps/<name>.yaml)")
+@click.option("--sweep-trials", type=click.IntRange(min=0), default=0, show_default=True,
+              help="trials of the Phase 2 sweep (0: the study file's n_trials)")
+@config_options
+@guarded
+def pipeline(launch_hero, checklist, budget_minutes, env_manager, runner, hero_preset, sweep_study, sweep_trials,
+             preset, sets, overrides):
+    """The plan's decision tree: Phase 1 -> checklist -> promote / Phase 3 / Phase 2 (+ Phase 3), reusing
+    finished steps, with every decision recorded in decisions.json / decisions.md of the pipeline run."""
+    from latentgate import config as cfgmod
+    from latentgate.phases.pipeline import PipelineOptions, format_decisions, run_pipeline
+
+    pairs = cfgmod.parse_set_args(list(sets) + ([overrides] if overrides.strip() else []))
+    opts = PipelineOptions(preset=preset or "smoke", overrides=pairs, launch_hero=launch_hero,
+                           checklist=checklist or None, budget_minutes=budget_minutes, env_manager=env_manager,
+                           runner=runner, hero_preset=hero_preset, sweep_study=sweep_study,
+                           sweep_trials=sweep_trials)
+    click.echo(format_decisions(run_pipeline(opts)))
+
+
+@click.command("resume")
+@click.argument("run_id")
+@guarded
+def resume(run_id):
+    """Continue a killed or failed training phase (stage_a, stage_b, extend, fix) in the same MLflow run, from
+    its last checkpoint. A FINISHED run is never overwritten."""
+    from latentgate.phases.entry import resume as resume_run
+
+    click.echo(_summary("resume", resume_run(run_id)))
+
+
+COMMANDS = [base, stage_a, stage_b, eval_, extend, fix, hero, pipeline, resume]

@@ -1,0 +1,311 @@
+"""The plan's phases as entry points: one function per MLproject entry point, each one tracked MLflow run built
+from `phases/stages.py`.
+
+Inside `mlflow run` (MLFLOW_RUN_ID set) the phase's run IS the project's run; elsewhere it is a new run (nested
+under an active one, e.g. the pipeline's). Every phase run carries the tags the pipeline and `resume` read:
+
+    latentgate.entry_point   the MLproject entry point (base, stage_a, stage_b, eval, extend, fix, hero)
+    latentgate.step_key      hash of the resolved config the phase depends on (reuse key)
+    latentgate.input_uri     the checkpoint / model URI it started from ("" for base, stage_a)
+    latentgate.output_dir    local folder of its checkpoints and diagnostics (resume reads it)
+    latentgate.preset        the preset name it was resolved from
+
+Inputs are checked before anything is built or trained: a checkpoint that does not exist, or one trained with a
+different M, d_z, encoder or base LM, fails in one line naming the mismatch. A FINISHED phase is never
+overwritten; a failed one ends FAILED with the error as the tag `latentgate.error`.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from latentgate.config import Config, config_hash, flatten, from_flat
+from latentgate.errors import CheckpointError, ConfigError, GateRefused, LatentgateError
+
+TRAINING = ("stage_a", "stage_b", "extend", "fix")
+STAGE_OF = {"stage_a": "stage_a", "stage_b": "stage_b", "extend": "stage_b", "fix": "stage_b"}
+HERO_ALIAS = "hero"
+
+
+def step_key(entry_point: str, cfg: Config) -> str:
+    """What a phase's result depends on: the base LM only on base/data; every other phase on the whole config."""
+    from latentgate.phases.stages import base_hash
+
+    return base_hash(cfg) if entry_point == "base" else config_hash(cfg)
+
+
+def phase_tags(entry_point: str, cfg: Config, preset: str, input_uri: str = "", output_dir: Path | None = None) -> dict:
+    return {"latentgate.entry_point": entry_point, "latentgate.step_key": step_key(entry_point, cfg),
+            "latentgate.input_uri": input_uri, "latentgate.preset": preset,
+            "latentgate.output_dir": str(Path(output_dir).resolve()) if output_dir else ""}
+
+
+def _open(cfg: Config) -> str | None:
+    """Point MLflow at the store and experiment; return the run `mlflow run` created for this process, if any
+    (removed from the environment, so runs nested under it are real children)."""
+    from latentgate.tracking.runs import adopt_project_run, setup_experiment
+
+    setup_experiment(cfg.run.experiment)  # inside `mlflow run`: the project run's experiment
+    return adopt_project_run()
+
+
+@contextmanager
+def _preflight(run_id: str | None):
+    """Checks before the phase's run starts. Inside `mlflow run` the project's run already exists: a failed
+    check marks it FAILED with the error as a tag, as a failure during training would."""
+    try:
+        yield
+    except LatentgateError as err:
+        if run_id:
+            from mlflow import MlflowClient
+
+            client = MlflowClient()
+            if client.get_run(run_id).info.status != "FINISHED":  # a finished run is never touched
+                client.set_tag(run_id, "latentgate.error", f"{type(err).__name__}: {str(err)[:500]}")
+                client.set_terminated(run_id, status="FAILED")
+        raise
+
+
+def _refuse_finished(run_id: str | None):
+    """The attached run (an mlflow Run) if it already holds an unfinished phase, to be resumed; None for a fresh
+    run. A FINISHED phase is never overwritten."""
+    if not run_id:
+        return None
+    from mlflow import MlflowClient
+
+    run = MlflowClient().get_run(run_id)
+    if run.info.status == "FINISHED" and run.data.tags.get("latentgate.entry_point"):
+        raise ConfigError(f"run {run_id} already holds a FINISHED {run.data.tags['latentgate.entry_point']} phase; "
+                          "a finished phase is never overwritten", "start a new run (omit --run-id)")
+    return run if run.data.tags.get("latentgate.entry_point") else None
+
+
+def _begin(cfg: Config, name: str):
+    """Output folder and data splits of a phase."""
+    from latentgate.phases.smoke import run_output_dir
+    from latentgate.train.workspace import load_splits
+
+    return run_output_dir(cfg, name), load_splits(cfg)
+
+
+# ---- inputs: checkpoints and the base LM behind them ------------------------------------------------------------
+
+def _run_id_of(uri: str) -> str | None:
+    """The MLflow run behind a runs:/ or models:/ URI (None for a local path)."""
+    if uri.startswith("runs:/"):
+        return uri.removeprefix("runs:/").split("/", 1)[0]
+    if uri.startswith("models:/"):
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        ref = uri.removeprefix("models:/")
+        client = MlflowClient()
+        try:
+            if "@" in ref:
+                name, alias = ref.split("@", 1)
+                return client.get_model_version_by_alias(name, alias.strip("/")).run_id
+            name, version = ref.rstrip("/").split("/", 1)
+            return client.get_model_version(name, version).run_id
+        except (MlflowException, ValueError) as err:
+            raise CheckpointError(f"cannot resolve {uri}: {str(err).splitlines()[0][:200]}",
+                                  "check the model name and alias (latentgate registry list)") from None
+    return None
+
+
+def base_for_checkpoint(cfg: Config, uri: str, manifest: dict) -> dict:
+    """The base LM a checkpoint was trained against: the base run recorded by the checkpoint's run, or, for a
+    plain folder, the registered base LM whose config matches the one in the checkpoint's manifest."""
+    from latentgate.phases.stages import base_from_run, find_registered_base
+
+    run_id = _run_id_of(uri)
+    if run_id:
+        return base_from_run(run_id)
+    trained_with = from_flat(manifest.get("config") or flatten(cfg))
+    found = find_registered_base(trained_with)
+    if not found:
+        raise CheckpointError(f"no registered base LM ({cfg.run.registry_base}) matches the config of checkpoint {uri}",
+                              "pass the checkpoint as runs:/<run_id>/checkpoints/<stage>, or run `latentgate base` "
+                              "with the preset it was trained with")
+    return {"run_id": found[0], "base_dir": found[1], "source": f"reused:{found[0]}"}
+
+
+def prepare_checkpoint(cfg: Config, uri: str, want: str | None = None) -> tuple[Path, dict, dict]:
+    """Resolve `uri`, check it against cfg (one line naming a mismatch), find its base LM: (dir, manifest, base)."""
+    from latentgate.phases.stages import check_compatible, resolve_checkpoint
+
+    if not uri:
+        raise ConfigError("no checkpoint given", "pass runs:/<run_id>/checkpoints/<stage>, models:/<name>@<alias> "
+                                                 "or a checkpoint folder")
+    local = resolve_checkpoint(uri)
+    manifest = check_compatible(cfg, local)
+    stage = "stage_b" if manifest.get("lora") else "stage_a"
+    if want and stage != want:
+        raise CheckpointError(f"{uri} is a {stage} checkpoint; this phase starts from a {want} checkpoint",
+                              f"pass runs:/<{want}_run_id>/checkpoints/{want}")
+    return local, manifest, base_for_checkpoint(cfg, uri, manifest)
+
+
+# ---- the entry points ---------------------------------------------------------------------------------------------
+
+def base(cfg: Config, preset: str = "") -> dict:
+    """`base`: train the builtin base LM (or reuse the registered one with the same config), then the sanity gate."""
+    from latentgate.phases.stages import run_base
+
+    attached = _open(cfg)
+    with _preflight(attached):
+        _refuse_finished(attached)
+    out, splits = _begin(cfg, "base")
+    return run_base(cfg, out, splits, run_id=attached, tags=phase_tags("base", cfg, preset, "", out))
+
+
+def stage_a(cfg: Config, preset: str = "") -> dict:
+    """`stage_a`: encoder + adapter against the frozen base LM registered for this config."""
+    from latentgate.phases.stages import find_registered_base, run_stage
+
+    attached = _open(cfg)
+    with _preflight(attached):
+        if (existing := _refuse_finished(attached)) is not None:
+            return resume(existing.info.run_id)
+        found = find_registered_base(cfg)
+        if not found:
+            raise CheckpointError(f"no base LM registered under {cfg.run.registry_base} for this config",
+                                  "run `latentgate base` (or mlflow run . -e base) with the same preset first")
+    out, splits = _begin(cfg, "stage_a")
+    base_info = {"run_id": found[0], "base_dir": found[1], "source": f"reused:{found[0]}"}
+    return run_stage(cfg, "stage_a", base_info, out, splits, run_id=attached,
+                     tags=phase_tags("stage_a", cfg, preset, "", out))
+
+
+def stage_b(cfg: Config, resume_from: str, preset: str = "", entry_point: str = "stage_b") -> dict:
+    """`stage_b` (and Phase 1 `extend`, Phase 3 `fix`): Stage B with LoRA, starting from a Stage A checkpoint."""
+    from latentgate.phases.stages import run_stage
+
+    attached = _open(cfg)
+    with _preflight(attached):
+        if (existing := _refuse_finished(attached)) is not None:
+            return resume(existing.info.run_id)
+        local, _, base_info = prepare_checkpoint(cfg, resume_from, want="stage_a")
+    out, splits = _begin(cfg, entry_point)
+    tags = {**phase_tags(entry_point, cfg, preset, resume_from, out), "latentgate.phase": entry_point,
+            "latentgate.init_from": resume_from}  # the URI: the registry follows it to the Stage A run
+    return run_stage(cfg, "stage_b", base_info, out, splits, init_from=local, run_id=attached, tags=tags)
+
+
+def extend(cfg: Config, resume_from: str, preset: str = "") -> dict:
+    """Phase 1: Stage B resumed from Stage A with the budget doubled (preset `extend`)."""
+    return stage_b(cfg, resume_from, preset, entry_point="extend")
+
+
+def fix(cfg: Config, resume_from: str, preset: str = "") -> dict:
+    """Phase 3: Stage B with scheduled sampling (preset `fix`: p_gold 1.0 -> 0.5)."""
+    if not cfg.stage_b.scheduled_sampling:
+        raise ConfigError("fix is the scheduled-sampling phase but stage_b.scheduled_sampling is false",
+                          "use --preset fix, or --set stage_b.scheduled_sampling=true")
+    return stage_b(cfg, resume_from, preset, entry_point="fix")
+
+
+def evaluate(cfg: Config, checkpoint: str, preset: str = "") -> dict:
+    """`eval`: every eval path (latent and its controls) on a Stage A or Stage B checkpoint."""
+    from latentgate.phases.stages import run_eval
+
+    attached = _open(cfg)
+    with _preflight(attached):
+        _refuse_finished(attached)
+        local, _, base_info = prepare_checkpoint(cfg, checkpoint)
+    out, splits = _begin(cfg, "eval")
+    return run_eval(cfg, base_info, local, out, splits, source_uri=checkpoint, run_id=attached,
+                    tags=phase_tags("eval", cfg, preset, checkpoint, out))
+
+
+def hero(cfg: Config, model: str = "", preset: str = "") -> dict:
+    """Phase 4: the hero preset, end to end. Starts only from the model version holding the registry alias
+    `hero` (the readiness checklist passed); without one it exits with the gate's reasons and starts nothing.
+    The hero config must keep the approved model's architecture (M, d_z, encoder, base LM)."""
+    from latentgate.tracking.runs import setup_experiment
+
+    setup_experiment(cfg.run.experiment)
+    attached = os.environ.get("MLFLOW_RUN_ID")  # run_smoke adopts it
+    name = cfg.run.registry_model
+    expected = f"models:/{name}@{HERO_ALIAS}"
+    with _preflight(attached):
+        _refuse_finished(attached)
+        if model and model != expected:
+            raise GateRefused(f"hero starts only from {expected}, not {model}",
+                              f"promote a version with `latentgate promote <version>`, then pass --model {expected}")
+        try:
+            from latentgate.registry.gate import hero_model_uri
+        except ImportError:
+            raise GateRefused("the registry gate (latentgate.registry.gate) is not installed",
+                              "install the registry part of latentgate") from None
+        approved = hero_model_uri(name=name)  # GateRefused with the reasons when no valid alias
+        prepare_checkpoint(cfg, approved)
+        from mlflow import MlflowClient
+
+        version = MlflowClient().get_model_version_by_alias(name, HERO_ALIAS).version
+    from latentgate.phases.smoke import run_smoke
+
+    tags = {**phase_tags("hero", cfg, preset, f"models:/{name}/{version}"), "latentgate.hero_from": approved,
+            "latentgate.hero_version": str(version)}
+    return run_smoke(cfg, preset or "hero", name="hero", tags=tags)
+
+
+ENTRY_POINTS = {"base": base, "stage_a": stage_a, "stage_b": stage_b, "extend": extend, "fix": fix,
+                "eval": evaluate, "hero": hero}
+INPUT_PARAM = {"stage_b": "resume_from", "extend": "resume_from", "fix": "resume_from", "eval": "checkpoint",
+               "hero": "model"}
+
+
+def run_entry(entry_point: str, cfg: Config, preset: str = "", input_uri: str = "") -> dict:
+    """Call an entry point in this process (the CLI and the pipeline's in-process runner)."""
+    fn = ENTRY_POINTS[entry_point]
+    return fn(cfg, input_uri, preset) if entry_point in INPUT_PARAM else fn(cfg, preset)
+
+
+# ---- resume ---------------------------------------------------------------------------------------------------------
+
+def resume(run_id: str) -> dict:
+    """Continue a killed, failed or interrupted training phase in the SAME run, from its last checkpoint. The
+    config is rebuilt from the run's logged params; already-logged metric steps are not logged again."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from latentgate.phases.stages import base_from_run, run_stage
+    from latentgate.tracking.runs import tracking_uri
+    from latentgate.train.workspace import load_splits
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise ConfigError(f"no run {run_id} in the tracking store: {str(err).splitlines()[0][:160]}",
+                          "check the run id and MLFLOW_TRACKING_URI") from None
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)
+    tags = run.data.tags
+    entry_point = tags.get("latentgate.entry_point", "")
+    if entry_point not in TRAINING:
+        raise ConfigError(f"run {run_id} is not a training phase (entry point {entry_point or 'unknown'!r})",
+                          f"resume a run of {list(TRAINING)}")
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"run {run_id} ({entry_point}) is FINISHED; a finished phase is never overwritten",
+                          "start a new run of the phase instead")
+    cfg = from_flat(run.data.params)
+    if config_hash(cfg) != tags.get("latentgate.step_key"):
+        raise ConfigError(f"run {run_id}: the config rebuilt from its params does not match its step key",
+                          "the run's params are incomplete; start the phase again")
+    stage = STAGE_OF[entry_point]
+    out = Path(tags.get("latentgate.output_dir", ""))
+    ckpt_dir = out / stage / "checkpoints" / stage
+    if not (ckpt_dir / "manifest.json").exists():
+        raise CheckpointError(f"run {run_id} left no checkpoint in {ckpt_dir} (it stopped before its first one)",
+                              f"start the phase again (set {stage}.checkpoint_every to checkpoint more often)")
+    base_info = base_from_run(run_id)
+    keep = {k: v for k, v in tags.items() if k.startswith("latentgate.") and k != "latentgate.error"}
+    if "latentgate.error" in tags:
+        client.delete_tag(run_id, "latentgate.error")
+    splits = load_splits(cfg)
+    return run_stage(cfg, stage, base_info, out, splits, resume=ckpt_dir, run_id=run_id,
+                     tags={**keep, "latentgate.resumed": "true"})

@@ -1,0 +1,442 @@
+"""`pipeline`: the plan's decision tree, carried out and recorded.
+
+    base -> stage_a -> Phase 1 (extend) -> eval -> checklist
+      F1 > 0 and the checklist passes    -> promote (alias hero); stop before the hero unless --launch-hero
+      F1 = 0 and peak first-token >= 12% -> Phase 3 (fix: scheduled sampling) -> eval -> checklist
+      otherwise                          -> Phase 2 (sweep) -> eval of the best trial -> checklist
+                                            -> Phase 3 if still short
+    No new phase starts once the budget is spent. The thresholds (and their comparisons) come from the checklist
+    file (registry/hero.yaml), never from constants here.
+
+Like MLflow's multistep example, each step is an entry point run (`mlflow.projects.run`, with our env_manager
+passed on: inner runs do not inherit it) and a FINISHED run with the same entry point, resolved config (step key)
+input URI and git commit is reused instead of run again. Steps hand each other checkpoints as runs:/ URIs. Every
+decision, the evidence it used (metric values, run ids) and the rule that fired go to the pipeline run as
+decisions.json and decisions.md. `decide` is a pure function, so each branch is testable with synthetic evidence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from latentgate.config import Config, flatten, resolve
+from latentgate.errors import ConfigError, LatentgateError
+
+ROOT = Path(__file__).resolve().parents[3]
+
+# next_phase values
+PROMOTE, HERO, FIX, SWEEP, STOP = "promote", "hero", "fix", "sweep", "stop"
+
+
+# ---- the decision tree (pure) ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Evidence:
+    """What one phase produced, as the decision tree reads it."""
+
+    phase: str  # the phase just finished: extend | sweep | fix
+    f1_max: float | None  # best latent F1 over the eval examples
+    peak_first_acc: float | None  # peak probe first-token accuracy in Stage B
+    checklist_passed: bool  # every criterion of the readiness checklist (the registry's gate, dry run)
+    f1_mean: float | None = None
+    checklist_failed: tuple[str, ...] = ()  # names of the criteria that failed or lacked evidence
+    budget_left_s: float | None = None  # None: no budget
+    launch_hero: bool = False
+    run_ids: dict = field(default_factory=dict)  # stage_b, eval (and sweep) runs the numbers come from
+
+
+@dataclass(frozen=True)
+class Decision:
+    rule: str
+    next_phase: str
+    evidence: Evidence
+    reason: str = ""
+
+
+def decide(evidence: Evidence, checklist) -> Decision:
+    """The plan's decision tree. `checklist` is the registry's Checklist: its criteria f1_breakthrough and
+    first_token_learning supply the thresholds and comparisons (F1 > 0, peak >= 12% in registry/hero.yaml)."""
+    f1c, ftc = checklist.criterion("f1_breakthrough"), checklist.criterion("first_token_learning")
+    f1_ok = f1c.compare(evidence.f1_max)
+    ft_ok = ftc.compare(evidence.peak_first_acc)
+    f1_txt = f"best example F1 {_fmt(evidence.f1_max)} {'' if f1_ok else 'not '}{f1c.op} {f1c.threshold:g}"
+    ft_txt = f"peak first-token {_fmt(evidence.peak_first_acc)} {'' if ft_ok else 'not '}{ftc.op} {ftc.threshold:g}"
+    spent = evidence.budget_left_s is not None and evidence.budget_left_s <= 0
+    failed = ", ".join(evidence.checklist_failed) or "none"
+
+    def out(rule: str, nxt: str, reason: str) -> Decision:
+        return Decision(rule, nxt, evidence, reason)
+
+    if f1_ok and evidence.checklist_passed:
+        if evidence.launch_hero and not spent:
+            return out("ready_launch_hero", HERO, f"{f1_txt} and the checklist passes: promote, then the hero run")
+        why = "budget spent" if evidence.launch_hero else "--launch-hero not given"
+        return out("ready_stop_before_hero", PROMOTE, f"{f1_txt} and the checklist passes: promote; stop before "
+                                                      f"the hero ({why})")
+    if spent:
+        return out("budget_exhausted", STOP, f"after {evidence.phase}: not ready (failed: {failed}) and the budget "
+                                             "is spent")
+    if evidence.phase == "extend":
+        if not f1_ok and ft_ok:
+            return out("exposure_bias", FIX, f"{f1_txt}, {ft_txt}: exposure bias, Phase 3 (scheduled sampling)")
+        return out("needs_tuning", SWEEP, f"{f1_txt}, {ft_txt}, checklist failed: {failed}: Phase 2 (sweep)")
+    if evidence.phase == "sweep":
+        return out("still_short_after_sweep", FIX, f"best trial: {f1_txt}, checklist failed: {failed}: Phase 3")
+    return out("plan_exhausted", STOP, f"after {evidence.phase}: {f1_txt}, checklist failed: {failed}; no phase "
+                                       "of the plan is left")
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4g}"
+
+
+# ---- phase configs ----------------------------------------------------------------------------------------------
+
+def phase_overrides(phase: str, cfg: Config) -> dict:
+    """A phase relative to the pipeline's preset: Phase 1 doubles Stage B's OPTIMIZER-step budget; Phase 3 keeps
+    that budget and adds scheduled sampling (p_gold 1.0 -> 0.5). For the smoke preset these equal the extend and
+    fix presets (a test holds them to it)."""
+    doubled = {"stage_b.steps": 2 * cfg.stage_b.steps}
+    if cfg.stage_b.checkpoint_every == 0:  # a long phase should be resumable
+        doubled["stage_b.checkpoint_every"] = max(1, cfg.stage_b.steps // 3)
+    if phase == "extend":
+        return doubled
+    if phase == "fix":
+        return {**doubled, "stage_b.scheduled_sampling": True, "stage_b.p_gold_floor": 0.5}
+    raise ConfigError(f"no phase overrides for {phase!r}", "use extend or fix")
+
+
+# ---- steps: run an entry point, or reuse a finished run -------------------------------------------------------
+
+@dataclass
+class PipelineOptions:
+    preset: str = "smoke"
+    overrides: dict = field(default_factory=dict)
+    launch_hero: bool = False
+    checklist: str | None = None
+    budget_minutes: float = 0.0
+    env_manager: str = "local"
+    runner: str = "project"  # project | inprocess
+    hero_preset: str = "hero"
+    sweep_study: str = "phase2"
+    sweep_trials: int = 0
+
+
+def _overrides_string(overrides: dict) -> str:
+    parts = []
+    for k, v in overrides.items():
+        text = str(v).lower() if isinstance(v, bool) else str(v)
+        if not text or any(c.isspace() for c in text):
+            raise ConfigError(f"pipeline override {k}={text!r} is empty or contains white space",
+                              "pass pipeline overrides as key=value without spaces")
+        parts.append(f"{k}={text}")
+    return " ".join(parts)
+
+
+class ProjectRunner:
+    """Each step is `mlflow.projects.run` of this project's entry point, nested under the pipeline's run."""
+
+    def __init__(self, env_manager: str, experiment_id: str):
+        self.env_manager = env_manager
+        self.experiment_id = experiment_id
+        bindir = str(Path(sys.executable).parent)  # `latentgate` of this interpreter, for the MLproject commands
+        if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+
+    def run(self, entry_point: str, params: dict) -> str:
+        import mlflow
+        from mlflow.exceptions import ExecutionException
+
+        try:
+            submitted = mlflow.projects.run(uri=str(ROOT), entry_point=entry_point, parameters=params,
+                                            env_manager=self.env_manager, experiment_id=self.experiment_id,
+                                            synchronous=False)
+        except ExecutionException as err:
+            raise LatentgateError(f"step {entry_point} could not start: {str(err).splitlines()[0][:300]}",
+                                  "check the MLproject entry point and its parameters") from None
+        return _wait(entry_point, submitted)
+
+
+class InProcessRunner:
+    """Each step runs its entry point function in this process (same runs, tags and reuse; no `mlflow run`
+    start-up cost). For tests and quick local use."""
+
+    def run(self, entry_point: str, params: dict) -> str:
+        from latentgate.config import parse_set_args
+        from latentgate.phases.entry import INPUT_PARAM, run_entry
+
+        cfg = resolve(params["preset"], parse_set_args([params.get("overrides", "")]))
+        return run_entry(entry_point, cfg, params["preset"], params.get(INPUT_PARAM.get(entry_point, ""), ""))["run_id"]
+
+
+def _wait(entry_point: str, submitted) -> str:
+    """Wait for an inner `mlflow run`; a run its process left RUNNING (killed) is ended here."""
+    from mlflow import MlflowClient
+
+    ok = submitted.wait()
+    client = MlflowClient()
+    if client.get_run(submitted.run_id).info.status == "RUNNING":
+        client.set_terminated(submitted.run_id, status="FINISHED" if ok else "FAILED")
+    if not ok:
+        raise StepFailed(entry_point, submitted.run_id)
+    return submitted.run_id
+
+
+class StepFailed(LatentgateError):
+    def __init__(self, entry_point: str, run_id: str):
+        from mlflow import MlflowClient
+
+        error = MlflowClient().get_run(run_id).data.tags.get("latentgate.error", "see the run's log")
+        super().__init__(f"step {entry_point} failed (run {run_id}): {error}",
+                         f"fix the cause; `latentgate resume {run_id}` continues a training step from its checkpoint")
+
+
+def already_ran(entry_point: str, cfg: Config, input_uri: str, commit: str, experiment_id: str) -> str | None:
+    """A FINISHED run of `entry_point` with the same step key (resolved config), input URI and git commit."""
+    from mlflow import MlflowClient
+
+    from latentgate.phases.entry import step_key
+
+    key = step_key(entry_point, cfg)
+    runs = MlflowClient().search_runs(
+        [experiment_id], order_by=["attributes.start_time DESC"], max_results=50,
+        filter_string=(f"tags.`latentgate.entry_point` = '{entry_point}' and tags.`latentgate.step_key` = '{key}' "
+                       "and attributes.status = 'FINISHED'"))
+    flat = {k: str(v) for k, v in flatten(cfg).items()}
+    for run in runs:
+        tags, params = run.data.tags, run.data.params
+        if tags.get("latentgate.input_uri", "") != input_uri or tags.get("latentgate.git_commit") != commit:
+            continue
+        if any(params.get(k, flat[k]) != flat[k] for k in flat):  # the logged resolved config agrees
+            continue
+        return run.info.run_id
+    return None
+
+
+class Pipeline:
+    def __init__(self, opts: PipelineOptions, tracker, runner, experiment_id: str, commit: str, checklist):
+        self.opts, self.tr, self.runner = opts, tracker, runner
+        self.experiment_id, self.commit, self.checklist = experiment_id, commit, checklist
+        self.t0 = time.monotonic()
+        self.steps: list[dict] = []
+        self.decisions: list[Decision] = []
+
+    def budget_left_s(self) -> float | None:
+        if not self.opts.budget_minutes:
+            return None
+        return self.opts.budget_minutes * 60 - (time.monotonic() - self.t0)
+
+    def step(self, entry_point: str, overrides: dict | None = None, input_uri: str = "",
+             preset: str | None = None, reuse_input: str | None = None) -> str:
+        """Run `entry_point` on `input_uri`, or reuse a FINISHED run of it with the same config, input and commit
+        (`reuse_input`: what the run records as its input, when that differs from the URI it is given)."""
+        from latentgate.phases.entry import INPUT_PARAM
+
+        preset = preset or self.opts.preset
+        merged = {**self.opts.overrides, **(overrides or {})}
+        cfg = resolve(preset, merged)
+        t0 = time.monotonic()
+        run_id = already_ran(entry_point, cfg, reuse_input or input_uri, self.commit, self.experiment_id)
+        reused = run_id is not None
+        if not reused:
+            params = {"preset": preset, "overrides": _overrides_string(merged)}
+            if entry_point in INPUT_PARAM:
+                params[INPUT_PARAM[entry_point]] = input_uri
+            run_id = self.runner.run(entry_point, params)
+        self.steps.append({"entry_point": entry_point, "run_id": run_id, "reused": reused, "input_uri": input_uri,
+                           "overrides": {k: str(v) for k, v in merged.items()},
+                           "seconds": round(time.monotonic() - t0, 1)})
+        self.tr.log_dict(self.steps, "steps.json")
+        self.tr.set_tags({"latentgate.children": ",".join(s["run_id"] for s in self.steps if s.get("run_id"))})
+        return run_id
+
+    def record(self, decision: Decision) -> None:
+        self.decisions.append(decision)
+        self.tr.log_dict(self.summary(), "decisions.json")
+        self.tr.log_text(decisions_markdown(self.summary()), "decisions.md")
+
+    def summary(self) -> dict:
+        return {"preset": self.opts.preset, "overrides": self.opts.overrides, "git_commit": self.commit,
+                "checklist": {"path": str(self.checklist.path), "sha256": self.checklist.sha256},
+                "steps": self.steps, "decisions": [asdict(d) for d in self.decisions]}
+
+
+# ---- evidence, registry, sweep ------------------------------------------------------------------------------------
+
+def gather_evidence(phase: str, stage_run: str, eval_run: str, opts: PipelineOptions, budget_left_s,
+                    extra_runs: dict | None = None) -> Evidence:
+    """Read a phase's numbers back from MLflow (never from logs) and ask the registry's gate (dry run)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    hist = [m.value for m in client.get_metric_history(stage_run, "stage_b/probe_first_acc")]
+    local = mlflow.artifacts.download_artifacts(run_id=eval_run, artifact_path="eval_detailed.jsonl")
+    rows = [json.loads(x) for x in Path(local).read_text().splitlines() if x.strip()]
+    f1s = [r["f1"] for r in rows if r.get("path") == "latent"]
+    passed, failed = checklist_verdict(eval_run, opts.checklist)
+    return Evidence(phase=phase, f1_max=max(f1s) if f1s else None, peak_first_acc=max(hist) if hist else None,
+                    checklist_passed=passed, f1_mean=client.get_run(eval_run).data.metrics.get("eval/latent/f1"),
+                    checklist_failed=tuple(failed), budget_left_s=budget_left_s, launch_hero=opts.launch_hero,
+                    run_ids={"stage_b": stage_run, "eval": eval_run, **(extra_runs or {})})
+
+
+def checklist_verdict(eval_run: str, checklist_path: str | None) -> tuple[bool, list[str]]:
+    """(passed, names of the failing criteria and missing evidence) from the registry's gate; read-only."""
+    from latentgate.registry.gate import evaluate
+
+    report = evaluate(eval_run, checklist_path)
+    return bool(report.passed), sorted(set(report.failing())) + list(report.missing)
+
+
+def run_sweep(pl: Pipeline, stage_a_uri: str) -> tuple[str, str, dict]:
+    """Phase 2 through the `sweep` entry point (always an inner `mlflow run`, env_manager passed on). Returns the
+    best trial's Stage B run, its eval run, and its tuned keys (relative to the pipeline's config)."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.projects import _project_spec
+
+    declared = _project_spec.load_project(str(ROOT)).get_entry_point("sweep").parameters
+    wanted = {"study": pl.opts.sweep_study, "n_trials": pl.opts.sweep_trials or None, "resume_from": stage_a_uri,
+              "preset": pl.opts.preset, "overrides": _overrides_string(pl.opts.overrides)}
+    params = {k: v for k, v in wanted.items() if k in declared and v is not None}
+    t0 = time.monotonic()
+    submitted = mlflow.projects.run(uri=str(ROOT), entry_point="sweep", parameters=params,
+                                    env_manager=pl.opts.env_manager, experiment_id=pl.experiment_id,
+                                    synchronous=False)
+    _wait("sweep", submitted)
+    client = MlflowClient()
+    tags = client.get_run(submitted.run_id).data.tags
+    best, best_eval = tags.get("latentgate.best_trial_run"), tags.get("latentgate.best_eval_run")
+    if not best or best == "None" or not best_eval or best_eval == "None":
+        raise LatentgateError(f"the sweep run {submitted.run_id} names no best trial with an eval run "
+                              f"(latentgate.best_trial={tags.get('latentgate.best_trial')})",
+                              "check the sweep's trials (latentgate sweep ...); at least one must complete")
+    trial = client.get_run(best).data.params
+    base_cfg = flatten(resolve(pl.opts.preset, pl.opts.overrides))
+    tuned = {k: v for k, v in trial.items() if k.startswith(("stage_b.", "model.lora_")) and k in base_cfg
+             and str(base_cfg[k]) != v and " " not in v}
+    pl.steps.append({"entry_point": "sweep", "run_id": submitted.run_id, "reused": False, "input_uri": stage_a_uri,
+                     "best_trial_run": best, "best_eval_run": best_eval, "seconds": round(time.monotonic() - t0, 1)})
+    pl.tr.log_dict(pl.steps, "steps.json")
+    return best, best_eval, tuned
+
+
+def promote_version(eval_run: str, checklist_path: str | None, name: str) -> str:
+    """Move the alias `hero` to the eval run's model version (registered once: a rerun finds the version it
+    registered before). The gate re-checks every criterion itself."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from latentgate.registry.gate import promote
+    from latentgate.registry.model import TAG_EVAL_RUN
+
+    try:
+        versions = MlflowClient().search_model_versions(f"name='{name}'")
+    except MlflowException:
+        versions = []
+    mine = [int(v.version) for v in versions if v.tags.get(TAG_EVAL_RUN) == eval_run]
+    report = promote(str(max(mine)) if mine else eval_run, dry_run=False, checklist=checklist_path, name=name)
+    if not report.passed:
+        raise LatentgateError(f"the gate refused {eval_run} although its evaluation passed: {report.failing()}",
+                              f"inspect `latentgate promote {eval_run} --dry-run true`")
+    return str(report.version)
+
+
+# ---- the pipeline ---------------------------------------------------------------------------------------------------
+
+def run_pipeline(opts: PipelineOptions) -> dict:
+    import mlflow
+
+    from latentgate.registry.checklist import load_checklist
+    from latentgate.tracking.runs import adopt_project_run, git_commit, setup_experiment, tracked_run
+
+    cfg = resolve(opts.preset, opts.overrides)  # a bad override fails here, before any step
+    _overrides_string(opts.overrides)
+    checklist = load_checklist(opts.checklist)
+    setup_experiment(cfg.run.experiment)
+    commit = git_commit()[0]
+    with tracked_run("pipeline", nested=False, run_id=adopt_project_run(),
+                     tags={"latentgate.entry_point": "pipeline", "latentgate.preset": opts.preset}) as tr:
+        experiment_id = mlflow.get_run(tr.run_id).info.experiment_id
+        tr.log_params({"pipeline.preset": opts.preset, "pipeline.launch_hero": opts.launch_hero,
+                       "pipeline.budget_minutes": opts.budget_minutes, "pipeline.env_manager": opts.env_manager,
+                       "pipeline.runner": opts.runner, "pipeline.checklist": str(checklist.path),
+                       "pipeline.checklist_sha256": checklist.sha256, **flatten(cfg)})
+        runner = ProjectRunner(opts.env_manager, experiment_id) if opts.runner == "project" else InProcessRunner()
+        pl = Pipeline(opts, tr, runner, experiment_id, commit, checklist)
+        pl.step("base")
+        stage_a_uri = f"runs:/{pl.step('stage_a')}/checkpoints/stage_a"
+        phase, tuned = "extend", {}
+        stage_over = phase_overrides("extend", cfg)
+        stage_run = pl.step("extend", stage_over, stage_a_uri)
+        eval_run = pl.step("eval", stage_over, f"runs:/{stage_run}/checkpoints/stage_b")
+        extra: dict = {}
+        while True:
+            evidence = gather_evidence(phase, stage_run, eval_run, opts, pl.budget_left_s(), extra)
+            decision = decide(evidence, checklist)
+            pl.record(decision)
+            if decision.next_phase in (PROMOTE, HERO):
+                name = cfg.run.registry_model
+                version = promote_version(eval_run, opts.checklist, name)
+                pl.steps.append({"entry_point": "promote", "version": version, "input_uri": eval_run})
+                if decision.next_phase == HERO:  # reused only for the same approved version
+                    pl.step("hero", {}, f"models:/{name}@hero", preset=opts.hero_preset,
+                            reuse_input=f"models:/{name}/{version}")
+                break
+            if decision.next_phase == STOP:
+                break
+            if decision.next_phase == SWEEP:
+                stage_run, eval_run, tuned = run_sweep(pl, stage_a_uri)
+                phase, extra = "sweep", {"sweep": pl.steps[-1]["run_id"]}
+                continue
+            phase, extra = "fix", {}
+            stage_over = {**phase_overrides("fix", cfg), **tuned}
+            stage_run = pl.step("fix", stage_over, stage_a_uri)
+            eval_run = pl.step("eval", stage_over, f"runs:/{stage_run}/checkpoints/stage_b")
+        summary = {"run_id": tr.run_id, **pl.summary()}
+        tr.set_tags({"latentgate.final_rule": decision.rule, "latentgate.final_next": decision.next_phase})
+        tr.log_dict(summary, "decisions.json")
+        tr.log_text(decisions_markdown(summary), "decisions.md")
+    return summary
+
+
+# ---- records ------------------------------------------------------------------------------------------------------
+
+def decisions_markdown(summary: dict) -> str:
+    lines = ["# latentgate pipeline decisions", "",
+             f"preset `{summary['preset']}`, git commit `{summary['git_commit']}`, checklist "
+             f"`{summary['checklist']['path']}` (sha256 {summary['checklist']['sha256'][:12]})", "",
+             "## Steps", "", "| step | run | reused | input |", "|---|---|---|---|"]
+    for s in summary["steps"]:
+        lines.append(f"| {s['entry_point']} | {s.get('run_id') or s.get('version', '')} | "
+                     f"{'yes' if s.get('reused') else 'no'} | {s.get('input_uri', '')} |")
+    lines += ["", "## Decisions", ""]
+    for i, d in enumerate(summary["decisions"], 1):
+        ev = d["evidence"]
+        lines += [f"### {i}. after {ev['phase']}: `{d['rule']}` -> **{d['next_phase']}**", "", d["reason"], "",
+                  "| evidence | value |", "|---|---|",
+                  f"| best example latent F1 | {_fmt(ev['f1_max'])} |",
+                  f"| mean latent F1 | {_fmt(ev['f1_mean'])} |",
+                  f"| peak probe first-token accuracy | {_fmt(ev['peak_first_acc'])} |",
+                  f"| checklist passed | {ev['checklist_passed']} |",
+                  f"| checklist failed | {', '.join(ev['checklist_failed']) or '-'} |",
+                  f"| budget left (s) | {_fmt(ev['budget_left_s'])} |"]
+        lines += [f"| run {k} | {v} |" for k, v in ev["run_ids"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def format_decisions(summary: dict) -> str:
+    out = [f"── latentgate pipeline ── run {summary['run_id']}"]
+    for s in summary["steps"]:
+        out.append(f"  {s['entry_point']:8s} {s.get('run_id') or s.get('version', '')}  "
+                   f"{'(reused)' if s.get('reused') else ''}")
+    for d in summary["decisions"]:
+        out.append(f"decision after {d['evidence']['phase']}: {d['rule']} -> {d['next_phase']}: {d['reason']}")
+    return "\n".join(out)
