@@ -1,0 +1,67 @@
+"""`latentgate sweep` (coordinator) and `latentgate sweep-worker` (one worker; also started by hand on other
+machines against the same storage). Top-level imports: click and cli_common only."""
+
+from __future__ import annotations
+
+import click
+
+from latentgate.cli_common import guarded
+
+
+@click.command()
+@click.option("--study", "study_name", default="phase2", show_default=True,
+              help="study name in sweeps/ (defaults.yaml + <study>.yaml) or a YAML path")
+@click.option("--n-trials", default="", help="trials to finish (empty: the study file's n_trials)")
+@click.option("--workers", default="1", show_default=True, help="worker processes on this machine")
+@click.option("--storage", default="", help="Optuna storage: empty = optuna/<study>.db (1 worker) or "
+              "optuna/<study>.journal (several); a .journal path; or an RDB URL (postgresql://user:pw@host/db)")
+@click.option("--threads", default="", help="torch threads per worker (empty: cores / workers)")
+@click.option("--check", is_flag=True, help="only validate the study file(s) and print the resolved study")
+@click.option("--no-register", is_flag=True, help="do not register the best model / evaluate the checklist")
+@guarded
+def sweep(study_name, n_trials, workers, storage, threads, check, no_register):
+    """Phase 2: an Optuna search over Stage B (objective: latent F1), one MLflow parent run per study."""
+    import json
+
+    from latentgate.errors import ConfigError
+    from latentgate.sweep.study import load_study
+
+    spec = load_study(study_name)
+    if check:
+        click.echo(json.dumps(spec.to_dict(), indent=2, sort_keys=True, default=str))
+        return
+    ints = {}
+    for name, raw, low in (("--n-trials", n_trials, 1), ("--workers", workers, 1), ("--threads", threads, 1)):
+        if str(raw).strip() == "":
+            ints[name] = None
+            continue
+        try:
+            ints[name] = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not an integer", f"pass {name} <n>") from None
+        if ints[name] < low:
+            raise ConfigError(f"{name}={raw} must be >= {low}", f"pass {name} >= {low}")
+    from latentgate.sweep.runner import format_summary, run_sweep
+
+    summary = run_sweep(spec, ints["--n-trials"], ints["--workers"] or 1, storage, ints["--threads"],
+                        echo=click.echo, register=not no_register)
+    click.echo(format_summary(summary))
+
+
+@click.command("sweep-worker")
+@click.option("--study", "study_name", required=True, help="the study's name (as created by `latentgate sweep`)")
+@click.option("--storage", required=True, help="the study's Optuna storage URL or journal path")
+@click.option("--worker-index", default=0, type=int, help="offsets the sampler seed (distinct proposals per worker)")
+@click.option("--threads", default=0, type=int, help="torch threads (0: the study's config)")
+@guarded
+def sweep_worker(study_name, storage, worker_index, threads):
+    """Run trials of an existing study until its budget is spent (start more on other machines by hand)."""
+    from latentgate.sweep.runner import run_worker
+    from latentgate.sweep.storage import is_journal, journal_path
+
+    url = str(journal_path(storage).resolve()) if is_journal(storage) else storage
+    n = run_worker(study_name, url, worker_index, threads or None, echo=click.echo)
+    click.echo(f"worker {worker_index}: ran {n} trial(s)")
+
+
+COMMANDS = [sweep, sweep_worker]

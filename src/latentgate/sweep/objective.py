@@ -1,0 +1,174 @@
+"""One trial: Stage B resumed from the study's Stage A checkpoint with the trial's params as config overrides, then
+eval. Objective = latent F1 + tie_weight * latent first-token top-1 (maximised). Intermediate value at every probe:
+probe F1 + tie_weight * probe first-token accuracy, reported to the pruner."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from latentgate.errors import CheckpointError
+from latentgate.sweep import tracking as st
+from latentgate.sweep.study import StudySpec, suggest
+
+RESUME_ATTR = "latentgate.resume_from"
+PARENT_ATTR = "latentgate.mlflow_parent_run"
+SPEC_ATTR = "latentgate.spec"
+N_TRIALS_ATTR = "latentgate.n_trials"
+SAMPLE_ROWS = 20
+
+
+def base_for_checkpoint(uri: str, cfg) -> dict:
+    """The base LM a Stage A checkpoint was trained on: followed through the stage run's `latentgate.base_run`
+    tag (and a reused base to the run that trained it); else the registered base with the same config."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from latentgate.phases.stages import find_registered_base
+
+    if cfg.base.name != "builtin":
+        return {"run_id": "", "base_dir": cfg.base.name}
+    if uri.startswith("runs:/"):
+        c = MlflowClient()
+        try:
+            base_run = c.get_run(uri.split("/")[1]).data.tags.get("latentgate.base_run", "")
+            source = c.get_run(base_run).data.tags.get("latentgate.base_source", "") if base_run else ""
+        except MlflowException:
+            base_run, source = "", ""
+        owner = source.split(":", 1)[1] if source.startswith(("trained:", "reused:")) else ""
+        if owner:
+            try:
+                local = mlflow.artifacts.download_artifacts(run_id=owner, artifact_path="base_lm")
+                return {"run_id": base_run, "base_dir": local}
+            except (MlflowException, OSError):
+                pass
+    found = find_registered_base(cfg)
+    if found:
+        return {"run_id": found[0], "base_dir": found[1]}
+    raise CheckpointError(f"no base LM found for the Stage A checkpoint {uri}",
+                          "resume from a runs:/<stage_a run>/checkpoints/stage_a URI, or use resume_from: auto")
+
+
+class TrialContext:
+    """What every trial of a worker shares: the spec, the Stage A checkpoint, the base LM, the data splits."""
+
+    def __init__(self, spec: StudySpec, resume_from: str, parent_run_id: str | None, threads: int | None = None,
+                 artifact_store=None):
+        from latentgate.phases.stages import resolve_checkpoint
+        from latentgate.train.workspace import load_splits
+
+        self.spec = spec
+        self.extra = {"run.threads": threads} if threads else {}
+        self.cfg0 = spec.trial_config({}, self.extra)
+        self.resume_from = resume_from
+        self.stage_a_dir = resolve_checkpoint(resume_from)
+        self.base = base_for_checkpoint(resume_from, self.cfg0)
+        self.splits = load_splits(self.cfg0)
+        self.parent_run_id = parent_run_id
+        self.artifact_store = artifact_store
+        self.lock = None  # an AskLock, released as soon as the trial exists
+
+
+def _retry_of(trial) -> int | None:
+    frozen = getattr(trial, "_cached_frozen_trial", trial)  # optuna.Trial no longer exposes system_attrs
+    return getattr(frozen, "system_attrs", {}).get("failed_trial")
+
+
+def run_trial(ctx: TrialContext, trial) -> float:
+    """The Optuna objective (a closure over ctx is passed to study.optimize)."""
+    import mlflow
+    import optuna
+
+    from latentgate.phases.stages import run_eval, run_stage
+
+    if ctx.lock is not None:
+        ctx.lock.release()
+    spec = ctx.spec
+    params = suggest(trial, spec.search_space)
+    retry_of = _retry_of(trial)
+    trial.set_user_attr("latentgate.worker_pid", os.getpid())
+    run_id = st.start_trial_run(ctx.parent_run_id, spec.name, trial.number, params, retry_of)
+    trial.set_user_attr("latentgate.mlflow_run_id", run_id)
+    state = {"stage_run": None, "step": 0}
+
+    def on_probe(step: int, probe: dict) -> None:
+        value = spec.probe_value(probe)
+        state["step"] = step
+        active = mlflow.active_run()
+        state["stage_run"] = active.info.run_id if active else None
+        st.log_intermediate(run_id, step, value, probe)
+        trial.report(value, step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at optimizer step {step} (intermediate value {value:.4f})")
+
+    stage_b = None
+    try:
+        cfg = spec.trial_config(params, {**ctx.extra, "run.output_dir": ctx.cfg0.run.output_dir})
+        out = Path(cfg.run.output_dir) / f"sweep-{spec.name}" / f"trial-{trial.number:04d}-{os.getpid()}"
+        tags = {st.STUDY_TAG: spec.name, st.TRIAL_TAG: str(trial.number), "latentgate.resume_from": ctx.resume_from,
+                "latentgate.init_from": ctx.resume_from}  # the URI (registry lineage), not the local download
+        stage_b = run_stage(cfg, "stage_b", ctx.base, out, ctx.splits, init_from=ctx.stage_a_dir,
+                            on_probe=on_probe, tags=tags)
+        st.client().set_tag(stage_b["run_id"], st.STATE_TAG, "COMPLETE")
+        trial.set_user_attr("latentgate.stage_b_run_id", stage_b["run_id"])
+        trial.set_user_attr("latentgate.checkpoint_uri", stage_b["checkpoint_uri"])
+        trial.set_user_attr("latentgate.optimizer_steps", int(stage_b["steps"]))
+        ev = run_eval(cfg, ctx.base, Path(stage_b["checkpoint"]), out, ctx.splits,
+                      source_uri=stage_b["checkpoint_uri"])
+        paths = ev["metrics"]["paths"]
+        value, main, tie = spec.score(paths)
+        trial.set_user_attr("latentgate.eval_run_id", ev["run_id"])
+        trial.set_user_attr("latentgate.latent_f1", paths["latent"]["f1"])
+        trial.set_user_attr("latentgate.latent_first_top1", paths["latent"]["first_top1"])
+        _upload_artifacts(ctx, trial, run_id, out / "eval", ev["metrics"])
+        st.end_trial_run(run_id, "COMPLETE", metrics={
+            "objective": value, "latent_f1": paths["latent"]["f1"], "latent_em": paths["latent"]["em"],
+            "latent_first_top1": paths["latent"]["first_top1"], "optimizer_steps": stage_b["steps"]},
+            tags={"latentgate.eval_run": ev["run_id"], "latentgate.stage_b_run": stage_b["run_id"]})
+        return value
+    except optuna.TrialPruned as err:
+        trial.set_user_attr("latentgate.optimizer_steps", int(state["step"]))
+        if state["stage_run"]:
+            st.mark_run(state["stage_run"], "PRUNED", str(err))
+        st.end_trial_run(run_id, "PRUNED", metrics={"optimizer_steps": state["step"]},
+                         tags={"latentgate.pruned": str(err)})
+        raise
+    except BaseException as err:
+        steps = int(stage_b["steps"]) if stage_b else int(state["step"])
+        trial.set_user_attr("latentgate.optimizer_steps", steps)
+        st.end_trial_run(run_id, "FAIL", metrics={"optimizer_steps": steps},
+                         tags={"latentgate.error": f"{type(err).__name__}: {str(err)[:500]}"})
+        raise
+
+
+def _upload_artifacts(ctx: TrialContext, trial, run_id: str, eval_dir: Path, metrics: dict) -> None:
+    """Sample predictions and the F1 breakdown: to the Optuna artifact store (the dashboard shows them) and to
+    the trial's MLflow run."""
+    from latentgate.sweep.tracking import client
+
+    rows = [json.loads(line) for line in (eval_dir / "eval_detailed.jsonl").read_text().splitlines() if line]
+    latent = [r for r in rows if r["path"] == "latent"][:SAMPLE_ROWS]
+    samples = eval_dir / "sample_predictions.jsonl"
+    samples.write_text("".join(json.dumps({k: r[k] for k in ("id", "question", "references", "prediction", "f1",
+                                                                 "em", "first_token_correct", "error_mode")}) + "\n"
+                               for r in latent))
+    lp = metrics["paths"]["latent"]
+    breakdown = {"latent": {k: lp[k] for k in ("f1", "em", "first_top1", "first_top5", "f1_distribution",
+                                               "first_f1_nonzero_idx", "error_modes", "top_prediction_share",
+                                               "distinct_first_tokens")},
+                 "controls_f1": {p: m["f1"] for p, m in metrics["paths"].items() if p != "latent"},
+                 "n_examples": metrics["n_examples"]}
+    bd = eval_dir / "f1_breakdown.json"
+    bd.write_text(json.dumps(breakdown, indent=2, sort_keys=True))
+    c = client()
+    c.log_artifact(run_id, str(samples))
+    c.log_artifact(run_id, str(bd))
+    if ctx.artifact_store is not None:
+        from optuna.artifacts import upload_artifact
+
+        for path, mime in ((samples, "application/jsonl"), (bd, "application/json")):
+            aid = upload_artifact(artifact_store=ctx.artifact_store, file_path=str(path), study_or_trial=trial,
+                                  mimetype=mime)
+            trial.set_user_attr(f"latentgate.artifact.{path.name}", aid)

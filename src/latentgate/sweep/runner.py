@@ -1,0 +1,455 @@
+"""The sweep: a coordinator (`latentgate sweep`) and its workers (`latentgate sweep-worker`).
+
+The coordinator creates the MLflow store, the study (before any worker starts: fresh SQLite/journal files race)
+and the sweep's parent run, resolves the Stage A checkpoint (`resume_from: auto` runs or reuses base + Stage A
+once), starts the workers, restarts one that died while trials remain, and at the end records the best trial,
+the Optuna plots, and registers the best model and evaluates the readiness checklist on it.
+
+A worker needs only the storage URL and the study name (the study file is stored in the study's user attributes),
+so workers can also be started by hand on other machines against the same RDB storage.
+
+Budget: the study ends when `n_trials` trials have an outcome (COMPLETE, PRUNED or FAIL). A trial failed by the
+heartbeat (its worker died) is retried, and its retry replaces it in the count. Workers on one machine count and
+ask under a file lock, so they never start more trials than the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from latentgate.errors import ConfigError, StoreError
+from latentgate.sweep import tracking as st
+from latentgate.sweep.objective import N_TRIALS_ATTR, PARENT_ATTR, RESUME_ATTR, SPEC_ATTR, TrialContext, run_trial
+from latentgate.sweep.storage import AskLock, dashboard_command, open_storage, resolve_storage
+from latentgate.sweep.study import StudySpec, build_pruner, build_sampler, spec_from_dict
+from latentgate.tracking.secrets import mask_secrets
+
+POLL_S = 1.0
+STAGE_A_KEY_TAG = "latentgate.sweep.stage_a_key"
+
+
+@dataclass
+class Progress:
+    done: int
+    running: int
+    waiting: int
+    complete: int
+    pruned: int
+    failed: int
+    total: int
+
+
+def progress(study) -> Progress:
+    from optuna.trial import TrialState as S
+
+    trials = study.get_trials(deepcopy=False)
+    superseded = {n for t in trials for n in t.system_attrs.get("retry_history", [])}  # replaced by a retry
+    fail_outcomes = [t for t in trials if t.state == S.FAIL and t.number not in superseded]
+    count = lambda s: sum(t.state == s for t in trials)  # noqa: E731
+    return Progress(done=count(S.COMPLETE) + count(S.PRUNED) + len(fail_outcomes), running=count(S.RUNNING),
+                    waiting=count(S.WAITING), complete=count(S.COMPLETE), pruned=count(S.PRUNED),
+                    failed=count(S.FAIL), total=len(trials))
+
+
+def _fail_stale(study) -> None:
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optuna.storages.fail_stale_trials(study)
+
+
+def artifact_store(spec: StudySpec):
+    from optuna.artifacts import FileSystemArtifactStore
+
+    path = Path(spec.artifact_dir) / spec.name
+    path.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(path.resolve()))
+
+
+# ---- worker --------------------------------------------------------------------------------------------------------
+
+def run_worker(study_name: str, storage_url: str, worker_index: int = 0, threads: int | None = None,
+               echo=print) -> int:
+    """Run trials of an existing study until its budget is spent. Returns the number of trials this worker ran."""
+    import mlflow
+    import optuna
+
+    from latentgate.tracking.runs import tracking_uri
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        study0 = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+    except KeyError:
+        raise StoreError(f"study {study_name!r} does not exist in {mask_secrets(storage_url)}",
+                         "create it with `latentgate sweep --study <name> --storage <url>` first") from None
+    if SPEC_ATTR not in study0.user_attrs or RESUME_ATTR not in study0.user_attrs:
+        raise StoreError(f"study {study_name!r} was not created by `latentgate sweep`",
+                         "start the sweep with `latentgate sweep` before starting workers by hand")
+    spec = spec_from_dict(study0.user_attrs[SPEC_ATTR], f"study {study_name} (stored)")
+    n_trials = int(study0.user_attrs[N_TRIALS_ATTR])
+    parent = study0.user_attrs.get(PARENT_ATTR)
+    storage = open_storage(storage_url, spec.heartbeat, st.StaleTrialCallback(spec.heartbeat["max_retry"]))
+    study = optuna.load_study(study_name=study_name, storage=storage, sampler=build_sampler(spec, worker_index),
+                              pruner=build_pruner(spec))
+    mlflow.set_tracking_uri(tracking_uri())
+    if mlflow.active_run() is None and parent:
+        mlflow.set_experiment(experiment_id=mlflow.get_run(parent).info.experiment_id)
+    ctx = TrialContext(spec, study.user_attrs[RESUME_ATTR], parent, threads, artifact_store(spec))
+    lock = AskLock(storage_url, study_name)
+    ran = 0
+    while True:
+        lock.acquire()
+        try:
+            _fail_stale(study)
+            p = progress(study)
+            if p.done >= n_trials:
+                break
+            if p.waiting == 0 and p.done + p.running >= n_trials:  # the last trials run elsewhere: watch them
+                lock.release()
+                time.sleep(POLL_S)
+                continue
+            ctx.lock = lock
+            study.optimize(lambda trial: run_trial(ctx, trial), n_trials=1, catch=(Exception,),
+                           gc_after_trial=False)
+            ran += 1
+            echo(f"[worker {worker_index}] {_describe_last(study)}")
+        finally:
+            lock.release()
+    return ran
+
+
+def _describe_last(study) -> str:
+    import optuna
+
+    mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("latentgate.worker_pid") == os.getpid()
+            and t.state != optuna.trial.TrialState.RUNNING]
+    if not mine:
+        return "no trial"
+    t = mine[-1]
+    value = f" value {t.value:.4f}" if t.value is not None else ""
+    return f"trial {t.number}: {t.state.name}{value} ({t.user_attrs.get('latentgate.optimizer_steps', 0)} steps)"
+
+
+# ---- coordinator -----------------------------------------------------------------------------------------------
+
+def ensure_stage_a(spec: StudySpec, cfg, echo=print) -> str:
+    """`resume_from: auto`: reuse a FINISHED Stage A run with the same config (base, data, model, stage_a), or run
+    base + Stage A once (as children of the active run). Returns its checkpoint URI."""
+    import mlflow
+
+    from latentgate.config import config_hash
+    from latentgate.phases.smoke import run_output_dir
+    from latentgate.phases.stages import run_base, run_stage
+    from latentgate.train.workspace import load_splits
+
+    key = config_hash(cfg, ("data", "base", "stage_a")) + "-" + _model_key(cfg)
+    exp = mlflow.get_experiment_by_name(cfg.run.experiment)
+    ids = [exp.experiment_id] if exp else []
+    active = mlflow.active_run()
+    if active is not None:
+        ids = sorted(set(ids) | {active.info.experiment_id})
+    if ids:
+        runs = mlflow.search_runs(ids, filter_string=f"tags.`{STAGE_A_KEY_TAG}` = '{key}' and "
+                                                    "attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+        if runs:
+            echo(f"resume_from: reusing Stage A run {runs[0].info.run_id}")
+            return f"runs:/{runs[0].info.run_id}/checkpoints/stage_a"
+    echo("resume_from: auto -> training the base LM (or reusing a registered one) and Stage A once")
+    out = run_output_dir(cfg, f"sweep-{spec.name}-stage_a")
+    splits = load_splits(cfg)
+    base = run_base(cfg, out, splits)
+    a = run_stage(cfg, "stage_a", base, out, splits, tags={STAGE_A_KEY_TAG: key, st.STUDY_TAG: spec.name})
+    return a["checkpoint_uri"]
+
+
+def _model_key(cfg) -> str:
+    import hashlib
+
+    from latentgate.config import flatten
+
+    keep = {k: v for k, v in flatten(cfg).items() if k.startswith("model.") and not k.startswith("model.lora_")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _check_resume(spec: StudySpec, cfg, uri: str) -> None:
+    """Fail before any trial if the Stage A checkpoint does not fit the study's config."""
+    from latentgate.config import flatten
+    from latentgate.phases.stages import resolve_checkpoint
+    from latentgate.train import checkpoint as ckpt
+    from latentgate.train.trainer import COMPAT_KEYS
+
+    manifest = ckpt.read_manifest(resolve_checkpoint(uri))
+    saved = manifest.get("config") or {}
+    saved = {f"{s}.{k}": v for s, sec in saved.items() for k, v in sec.items()} if all(
+        isinstance(v, dict) for v in saved.values()) else saved
+    mine = flatten(cfg)
+    bad = [k for k in COMPAT_KEYS if k in saved and str(saved[k]) != str(mine[k])]
+    if bad:
+        raise ConfigError(f"study {spec.name}: the Stage A checkpoint {uri} was trained with "
+                          + ", ".join(f"{k}={saved[k]}" for k in bad) + " but the study's config has "
+                          + ", ".join(f"{k}={mine[k]}" for k in bad),
+                          "resume from a matching checkpoint, or use resume_from: auto")
+
+
+def worker_command(study: str, url: str, index: int, threads: int | None) -> list[str]:
+    cmd = [sys.executable, "-m", "latentgate", "sweep-worker", "--study", study, "--storage", url,
+           "--worker-index", str(index)]
+    return cmd + (["--threads", str(threads)] if threads else [])
+
+
+def create_study(spec: StudySpec, url: str, n_trials: int):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=spec.name, storage=open_storage(url), direction="maximize",
+                                sampler=build_sampler(spec), pruner=build_pruner(spec), load_if_exists=True)
+    stored = study.user_attrs.get(SPEC_ATTR)
+    if stored is not None and json.dumps(stored, sort_keys=True) != json.dumps(spec.to_dict(), sort_keys=True):
+        raise ConfigError(f"study {spec.name!r} in {mask_secrets(url)} was created from a different study file",
+                          "continue it with the same file, or use another study_name or storage")
+    study.set_user_attr(SPEC_ATTR, spec.to_dict())
+    study.set_user_attr(N_TRIALS_ATTR, int(n_trials))
+    return study
+
+
+def run_sweep(spec: StudySpec, n_trials: int | None = None, workers: int = 1, storage: str = "",
+              threads: int | None = None, echo=print, register: bool = True, processes: bool | None = None) -> dict:
+    """Run (or continue) a study to `n_trials` outcomes. `processes`: run workers as subprocesses (default: when
+    workers > 1; the single worker otherwise runs in this process)."""
+
+    from latentgate.tracking.runs import setup_experiment, tracked_run
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    n_trials = int(n_trials or spec.n_trials)
+    if n_trials < 1 or workers < 1:
+        raise ConfigError(f"n_trials={n_trials} and workers={workers} must be positive",
+                          "pass --n-trials/--workers >= 1")
+    cfg = spec.trial_config({})
+    setup_experiment(cfg.run.experiment)  # creates the MLflow database before any worker starts
+    url = resolve_storage(spec.name, storage, workers)
+    study = create_study(spec, url, n_trials)
+    if workers > 1 and threads is None:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+    parent_id = os.environ.get("MLFLOW_RUN_ID") or _existing_run(study.user_attrs.get(PARENT_ATTR))
+    t0 = time.perf_counter()
+    with tracked_run("sweep", nested=False, run_id=parent_id, tags={st.STUDY_TAG: spec.name}) as tr:
+        study.set_user_attr(PARENT_ATTR, tr.run_id)
+        _log_parent(tr, spec, url, n_trials, workers)
+        resume = study.user_attrs.get(RESUME_ATTR)
+        if not resume:
+            resume = ensure_stage_a(spec, cfg, echo) if spec.resume_from == "auto" else spec.resume_from
+            _check_resume(spec, cfg, resume)
+            study.set_user_attr(RESUME_ATTR, resume)
+        tr.set_tags({"latentgate.resume_from": resume})
+        echo(f"study {spec.name}: {n_trials} trials, {workers} worker(s), storage {mask_secrets(url)}")
+        echo(f"dashboard: {dashboard_command(url, str(Path(spec.artifact_dir) / spec.name))}")
+        t_workers = time.perf_counter()
+        if not (processes if processes is not None else workers > 1):
+            run_worker(spec.name, url, 0, threads, echo)
+        else:
+            _run_worker_processes(spec, url, workers, threads, n_trials, echo)
+        worker_seconds = time.perf_counter() - t_workers
+        summary = finalize(study, spec, tr, echo, register=register)
+        summary.update(storage=url, parent_run_id=tr.run_id, worker_seconds=worker_seconds,
+                       wall_seconds=time.perf_counter() - t0, workers=workers, n_trials=n_trials,
+                       dashboard=dashboard_command(url, str(Path(spec.artifact_dir) / spec.name)))
+        tr.log_metrics({"sweep/worker_seconds": worker_seconds,
+                        "sweep/trials_per_hour": summary["finished"] * 3600 / max(worker_seconds, 1e-9)}, step=0)
+        tr.log_dict(summary, "sweep_summary.json")
+    return summary
+
+
+def _existing_run(run_id: str | None) -> str | None:
+    if not run_id:
+        return None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        st.client().get_run(run_id)
+        return run_id
+    except MlflowException:
+        return None
+
+
+def _log_parent(tr, spec: StudySpec, url: str, n_trials: int, workers: int) -> None:
+    from mlflow.exceptions import MlflowException
+
+    params = {"study": spec.name, "storage": mask_secrets(url), "sampler": spec.sampler["name"],
+              "sampler_args": json.dumps({k: v for k, v in spec.sampler.items() if k != "name"}, sort_keys=True),
+              "pruner": spec.pruner["name"],
+              "pruner_args": json.dumps({k: v for k, v in spec.pruner.items() if k != "name"}, sort_keys=True),
+              "seed": spec.sampler.get("seed"), "study_digest": spec.digest(), "preset": spec.preset,
+              "objective": f"{spec.objective['metric']} + {spec.objective['tie_weight']} * "
+                           f"{spec.objective['tie_break']}"}
+    try:
+        tr.log_params(params)
+    except MlflowException:  # a resumed study's parent run: params are immutable, so these go to tags
+        pass
+    tr.set_tags({"latentgate.n_trials": n_trials, "latentgate.workers": workers,
+                 "latentgate.storage": mask_secrets(url), "latentgate.sampler": spec.sampler["name"],
+                 "latentgate.pruner": spec.pruner["name"], "latentgate.seed": spec.sampler.get("seed")})
+    tr.log_dict(spec.to_dict(), "study.json")
+
+
+def _run_worker_processes(spec: StudySpec, url: str, workers: int, threads: int | None, n_trials: int,
+                          echo=print) -> None:
+    """Start `workers` processes; restart one that died while trials remain (its trial is failed by the heartbeat
+    and retried by the others or by its replacement)."""
+    import optuna
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # workers attach to the parent by tag
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    log_dir = Path(spec.artifact_dir).parent / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs: dict[int, subprocess.Popen] = {}
+    restarts = 0
+
+    def start(i: int) -> None:
+        log = open(log_dir / f"{spec.name}.worker{i}.log", "a")  # noqa: SIM115 - owned by the process
+        procs[i] = subprocess.Popen(worker_command(spec.name, url, i, threads), env=env, stdout=log,
+                                    stderr=subprocess.STDOUT)
+        echo(f"worker {i} started (pid {procs[i].pid}, log {log.name})")
+
+    for i in range(workers):
+        start(i)
+    study = optuna.load_study(study_name=spec.name, storage=open_storage(url))
+    while procs:
+        time.sleep(POLL_S)
+        for i, p in list(procs.items()):
+            rc = p.poll()
+            if rc is None:
+                continue
+            del procs[i]
+            if rc != 0:
+                echo(f"worker {i} (pid {p.pid}) exited with {rc}")
+                if progress(study).done < n_trials and restarts < 2 * workers:
+                    restarts += 1
+                    start(workers + restarts - 1)
+        if not procs and progress(study).done < n_trials and restarts < 2 * workers:
+            restarts += 1
+            start(workers + restarts - 1)
+    if progress(study).done < n_trials:
+        raise StoreError(f"study {spec.name}: workers stopped with {progress(study).done}/{n_trials} trials done",
+                         f"see the worker logs in {log_dir}; rerun the same command to continue the study")
+
+
+# ---- the end of a sweep ----------------------------------------------------------------------------------------
+
+def finalize(study, spec: StudySpec, tr, echo=print, register: bool = True) -> dict:
+    from optuna.trial import TrialState as S
+
+    p = progress(study)
+    trials = study.get_trials(deepcopy=False)
+    steps = sum(int(t.user_attrs.get("latentgate.optimizer_steps", 0)) for t in trials)
+    summary = {"study": spec.name, "complete": p.complete, "pruned": p.pruned, "failed": p.failed,
+               "finished": p.done, "trials": p.total, "optimizer_steps": steps, "best": None}
+    tr.log_metrics({"sweep/complete": p.complete, "sweep/pruned": p.pruned, "sweep/failed": p.failed,
+                    "sweep/optimizer_steps": steps}, step=0)
+    complete = [t for t in trials if t.state == S.COMPLETE]
+    _log_plots(study, tr, echo)
+    if not complete:
+        tr.set_tags({"latentgate.best_trial": "none"})
+        echo("no trial completed: no best trial")
+        return summary
+    best = study.best_trial
+    ua = best.user_attrs
+    summary["best"] = {"number": best.number, "value": best.value, "params": best.params,
+                       "latent_f1": ua.get("latentgate.latent_f1"),
+                       "latent_first_top1": ua.get("latentgate.latent_first_top1"),
+                       "trial_run_id": ua.get("latentgate.mlflow_run_id"),
+                       "eval_run_id": ua.get("latentgate.eval_run_id"),
+                       "checkpoint_uri": ua.get("latentgate.checkpoint_uri")}
+    tr.log_metrics({"best/value": best.value, "best/latent_f1": ua.get("latentgate.latent_f1") or 0.0,
+                    "best/latent_first_top1": ua.get("latentgate.latent_first_top1") or 0.0}, step=0)
+    tr.set_tags({"latentgate.best_trial": best.number, "latentgate.best_trial_run": ua.get("latentgate.mlflow_run_id"),
+                 "latentgate.best_eval_run": ua.get("latentgate.eval_run_id"),
+                 "latentgate.best_checkpoint": ua.get("latentgate.checkpoint_uri"),
+                 **{f"best.{k}": v for k, v in best.params.items()}})
+    echo(f"best trial {best.number}: value {best.value:.4f} (latent F1 {ua.get('latentgate.latent_f1', 0):.4f}) "
+         f"params {best.params}")
+    if register:
+        summary["registry"] = register_best(ua.get("latentgate.eval_run_id"), tr, echo)
+    return summary
+
+
+def register_best(eval_run_id: str | None, tr, echo=print) -> dict:
+    """Register the best trial's model version and evaluate the readiness checklist on it (registry API)."""
+    if not eval_run_id:
+        return {"note": "best trial has no eval run"}
+    try:
+        from latentgate.registry.gate import evaluate
+        from latentgate.registry.model import register_candidate
+    except ImportError as err:
+        note = f"registry API unavailable ({err}); best model not registered"
+        tr.set_tags({"latentgate.registry_note": note})
+        echo(note)
+        return {"note": note}
+    version = register_candidate(eval_run_id)
+    report = evaluate(version)
+    rows = getattr(report, "rows", [])
+    out = {"version": str(getattr(version, "version", version)), "gate_passed": bool(report.passed),
+           "missing": list(getattr(report, "missing", []) or [])}
+    tr.set_tags({"latentgate.best_model_version": out["version"], "latentgate.best_gate_passed": out["gate_passed"]})
+    tr.log_dict({**out, "rows": [r if isinstance(r, dict) else getattr(r, "__dict__", str(r)) for r in rows]},
+                "best_gate_report.json")
+    echo(f"best model version {out['version']}: readiness checklist {'PASSED' if out['gate_passed'] else 'not passed'}")
+    return out
+
+
+def _log_plots(study, tr, echo=print) -> None:
+    """Optuna's visualisations (matplotlib backend) as parent-run artifacts under optuna_plots/."""
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ov
+
+    plots = {"optimization_history": ov.plot_optimization_history, "param_importances": ov.plot_param_importances,
+             "intermediate_values": ov.plot_intermediate_values}
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        made = []
+        for name, fn in plots.items():
+            try:
+                ax = fn(study)
+                fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                fig.set_size_inches(8, 5)
+                fig.tight_layout()
+                fig.savefig(Path(tmp) / f"{name}.png", dpi=90)
+                plt.close(fig)
+                made.append(name)
+            except Exception as err:  # noqa: BLE001 - e.g. importances need 2+ complete trials
+                tr.set_tags({f"latentgate.plot_note.{name}": f"{type(err).__name__}: {str(err)[:200]}"})
+        if made:
+            tr.log_artifacts(tmp, "optuna_plots")
+    echo(f"plots: {', '.join(made) or 'none'} (parent run artifacts optuna_plots/)")
+
+
+def format_summary(s: dict) -> str:
+    lines = ["── latentgate sweep ──",
+             f"study             {s['study']}  ({s['finished']}/{s['n_trials']} trials: {s['complete']} complete, "
+             f"{s['pruned']} pruned, {s['failed']} failed)",
+             f"optimizer steps   {s['optimizer_steps']}",
+             f"worker time       {s['worker_seconds']:.0f} s with {s['workers']} worker(s)"]
+    if s.get("best"):
+        b = s["best"]
+        lines += [f"best trial        #{b['number']}  value {b['value']:.4f}  latent F1 {b['latent_f1']:.4f}",
+                  f"best params       {b['params']}",
+                  f"best checkpoint   {b['checkpoint_uri']}"]
+        if s.get("registry"):
+            lines.append(f"registry          {s['registry']}")
+    lines += [f"parent run        {s['parent_run_id']}", f"dashboard         {s['dashboard']}"]
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""MLflow glue for sweeps (Optuna's MLflowCallback is deprecated, so we own it).
+
+One parent run per study (tags: study name, masked storage, sampler, pruner, seed). One child run per trial
+(run name `trial-<n>`, param `trial_number`, the trial's params under their config keys, intermediate values as
+step metrics `trial/intermediate`, the final state as tag `latentgate.trial_state` = COMPLETE / PRUNED / FAIL, and
+the objective). Under it sit the trial's stage_b and eval runs.
+
+MLflow status per state: COMPLETE -> FINISHED; PRUNED -> KILLED (a pruned trial is not a success, nor an error);
+FAIL -> FAILED. A pruned trial's stage_b run is KILLED with the same tag (the stage's own wrapper first ends it
+FAILED on the TrialPruned exception; it is corrected here).
+"""
+
+from __future__ import annotations
+
+import time
+
+STATE_TAG = "latentgate.trial_state"
+STUDY_TAG = "latentgate.study"
+TRIAL_TAG = "latentgate.trial_number"
+STATUS_OF = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+def client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def start_trial_run(parent_run_id: str | None, study: str, number: int, params: dict, retry_of: int | None):
+    """Start the trial's run (fluent, so the stage runs nest under it)."""
+    import mlflow
+
+    from latentgate.tracking.runs import provenance_tags
+
+    tags = {"latentgate.phase": "trial", STUDY_TAG: study, TRIAL_TAG: str(number), STATE_TAG: "RUNNING",
+            **provenance_tags()}
+    if mlflow.active_run() is not None:  # in-process worker: nests under the active sweep run
+        run = mlflow.start_run(run_name=f"trial-{number}", nested=True, tags=tags)
+    else:
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = mlflow.start_run(run_name=f"trial-{number}", tags=tags)
+    c = client()
+    from mlflow.entities import Param
+
+    items = [Param("trial_number", str(number)), Param("study", study)]
+    items += [Param(k, str(v)) for k, v in params.items()]
+    if retry_of is not None:
+        items.append(Param("retry_of", str(retry_of)))
+    c.log_batch(run.info.run_id, params=items, synchronous=True)
+    return run.info.run_id
+
+
+def log_intermediate(run_id: str, step: int, value: float, probe: dict) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric("trial/intermediate", float(value), now, step),
+               Metric("trial/probe_first_acc", float(probe["first_acc"]), now, step)]
+    if probe.get("f1") is not None:
+        metrics.append(Metric("trial/probe_f1", float(probe["f1"]), now, step))
+    client().log_batch(run_id, metrics=metrics, synchronous=True)
+
+
+def end_trial_run(run_id: str, state: str, metrics: dict | None = None, tags: dict | None = None) -> None:
+    """Close the trial run with its final state tag and the matching MLflow status."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    c = client()
+    if metrics:
+        now = int(time.time() * 1000)
+        c.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()], synchronous=True)
+    for k, v in {STATE_TAG: state, **(tags or {})}.items():
+        c.set_tag(run_id, k, str(v)[:5000])
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        mlflow.end_run(status=STATUS_OF[state])
+    else:
+        c.set_terminated(run_id, STATUS_OF[state])
+
+
+def mark_run(run_id: str, state: str, note: str = "") -> None:
+    """Re-mark a finished stage run (e.g. the stage_b run of a pruned trial)."""
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    try:
+        c.set_tag(run_id, STATE_TAG, state)
+        if state == "PRUNED":
+            try:
+                c.delete_tag(run_id, "latentgate.error")  # pruning is a decision, not an error
+            except MlflowException:
+                pass
+            c.set_tag(run_id, "latentgate.pruned", note)
+        c.set_terminated(run_id, STATUS_OF[state])
+    except MlflowException:
+        pass
+
+
+def fail_dead_runs(run_id: str, note: str) -> None:
+    """A trial whose worker died: its run and any child run left RUNNING end FAILED (never stuck RUNNING)."""
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    try:
+        run = c.get_run(run_id)
+    except MlflowException:
+        return
+    children = c.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+    for child in children:
+        if child.info.status == "RUNNING":
+            c.set_tag(child.info.run_id, STATE_TAG, "FAIL")
+            c.set_tag(child.info.run_id, "latentgate.error", note)
+            c.set_terminated(child.info.run_id, "FAILED")
+    c.set_tag(run_id, "latentgate.error", note)
+    if run.info.status == "RUNNING":
+        c.set_tag(run_id, STATE_TAG, "FAIL")
+        c.set_terminated(run_id, "FAILED")
+
+
+class StaleTrialCallback:
+    """Heartbeat-stale trial: retry it (Optuna's RetryHeartbeatStaleTrialCallback) and fail its MLflow runs."""
+
+    def __init__(self, max_retry: int):
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def __call__(self, study, trial) -> None:
+        self.retry(study, trial)
+        run_id = trial.user_attrs.get("latentgate.mlflow_run_id")
+        if run_id:
+            try:
+                fail_dead_runs(run_id, f"worker died (pid {trial.user_attrs.get('latentgate.worker_pid')}): "
+                                       f"no heartbeat; trial {trial.number} failed and retried")
+            except Exception:  # noqa: BLE001 - tracking must not stop the retry
+                pass
