@@ -1,0 +1,131 @@
+"""Run the selected comparisons, one row each (an error in one becomes an ERROR row, never a lost table), then
+print and write the table."""
+
+from __future__ import annotations
+
+import inspect
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from latentgate.bench import report
+from latentgate.bench.report import ERROR, NOT_MEASURED, Row
+
+KEYS = ("startup", "tracking", "generation", "step", "gpu")  # the default set; `smoke` and `sweep` on request
+
+
+@dataclass
+class BenchOptions:
+    only: tuple[str, ...] = KEYS
+    smoke: bool = False
+    smoke_preset: str = "smoke"
+    smoke_args: tuple[str, ...] = ()
+    sweep: bool = False
+    preset: str = "smoke"
+    threads: int = 1
+    clock: str = "cpu"
+    quick: bool = False
+    reps: int | None = None
+    out_dir: Path = Path("bench-out")
+    overrides: dict = field(default_factory=dict)
+
+    def plan(self) -> dict:
+        """Repetitions and step budgets per comparison (`--quick`: enough to exercise everything)."""
+        q = self.quick
+        return {"startup": {"reps": self.reps or (3 if q else 7)},
+                "tracking": {"reps": self.reps or (2 if q else 3), "steps": 10 if q else 50},
+                "generation": {"reps": self.reps or (2 if q else 3), "n": 200},
+                "step": {"reps": self.reps or (2 if q else 3), "steps": 6 if q else 16}}
+
+
+def _sweep_rows(opts: BenchOptions, work: Path) -> list[Row]:
+    what = ("sweep comparisons (latentgate.sweep.bench.bench_sweep)", "-", "see rows")
+    try:
+        from latentgate.sweep.bench import bench_sweep
+    except ImportError as err:
+        return [report.not_measured("sweep", *what, f"latentgate.sweep.bench not importable: {err}")]
+    offered = {"out_dir": opts.out_dir, "work_dir": work, "quick": opts.quick, "reps": opts.reps,
+               "threads": opts.threads}
+    params = inspect.signature(bench_sweep).parameters
+    result = bench_sweep(**{k: v for k, v in offered.items() if k in params})
+    rows = []
+    for i, r in enumerate(result if isinstance(result, (list, tuple)) else [result]):
+        if isinstance(r, Row):
+            rows.append(r)
+        elif isinstance(r, dict):
+            known = {k: r[k] for k in Row.__dataclass_fields__ if k in r}
+            known.setdefault("key", f"sweep_{i}")
+            for k in ("what", "compared_with", "measured", "target", "status"):
+                known.setdefault(k, "-")
+            rows.append(Row(**known))
+        else:
+            rows.append(Row(f"sweep_{i}", what[0], "-", str(r), "-", report.INFO))
+    return rows
+
+
+def run_bench(opts: BenchOptions, echo=print) -> list[Row]:
+    import torch
+
+    from latentgate.bench import comparisons as C
+
+    torch.set_num_threads(max(1, opts.threads))
+    C.JUDGE_CLOCK["clock"] = opts.clock
+    cfg = C.bench_config(opts.preset, opts.overrides, threads=opts.threads)
+    plan = opts.plan()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="latentgate-bench-") as tmp:
+        work = Path(tmp)
+        jobs = {
+            "startup": (C.STARTUP, lambda: C.bench_startup(**plan["startup"])),
+            "tracking": (C.TRACKING, lambda: C.bench_tracking(cfg, work / "tracking", **plan["tracking"])),
+            "generation": (C.GENERATION, lambda: C.bench_generation(cfg, work / "generation", **plan["generation"])),
+            "step": (C.STEP, lambda: C.bench_step(cfg, work / "step", **plan["step"])),
+        }
+        for key in opts.only:
+            if key == "gpu":
+                echo("bench: gpu ...")
+                try:
+                    rows += C.bench_gpu()
+                except Exception as err:  # noqa: BLE001 - one failed comparison must not lose the table
+                    rows.append(report.error_row("gpu_step", *C.GPU_STEP, err))
+                continue
+            if key not in jobs:
+                continue
+            what, fn = jobs[key]
+            echo(f"bench: {key} ...")
+            try:
+                rows.append(fn())
+            except Exception as err:  # noqa: BLE001
+                rows.append(report.error_row(key, *what, err))
+            echo(f"  {rows[-1].status}: {rows[-1].measured}")
+        if opts.smoke:
+            echo(f"bench: smoke (latentgate smoke --preset {opts.smoke_preset}) ...")
+            try:
+                rows.append(C.bench_smoke(opts.smoke_preset, list(opts.smoke_args), opts.out_dir))
+            except Exception as err:  # noqa: BLE001
+                rows.append(report.error_row("smoke", *C.SMOKE, err))
+        else:
+            rows.append(report.not_measured("smoke", *C.SMOKE, "run `latentgate bench --smoke`"))
+        if opts.sweep:
+            echo("bench: sweep ...")
+            try:
+                rows += _sweep_rows(opts, work / "sweep")
+            except Exception as err:  # noqa: BLE001
+                rows.append(report.error_row("sweep", "sweep comparisons", "-", "-", err))
+    return rows
+
+
+def finish(rows: list[Row], opts: BenchOptions, echo=print) -> bool:
+    env = report.environment()
+    env.update({"clock": opts.clock, "preset": opts.preset, "quick": opts.quick})
+    echo("")
+    echo(report.format_table(rows))
+    js, md = report.write_outputs(rows, opts.out_dir, env)
+    echo(f"\nwritten: {js}, {md}")
+    failed = [r.key for r in rows if r.status in (report.FAIL, ERROR)]
+    skipped = [r.key for r in rows if r.status == NOT_MEASURED]
+    if failed:
+        echo(f"targets missed: {', '.join(failed)}")
+    if skipped:
+        echo(f"not measured: {', '.join(skipped)}")
+    return not failed

@@ -1,0 +1,257 @@
+"""The bench: its fast paths are correct (batched KV-cached greedy decoding == per-example `model.generate`), its
+measurements are real (metrics land in a real SQLite store, the RSS of a real child process), and its table and
+PASS/FAIL logic say what was measured. Real tiny models, real stores, real subprocesses; no mocks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from latentgate.bench import comparisons as C
+from latentgate.bench import report
+from latentgate.eval.generate import greedy_generate
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
+
+def tiny_llama(seed: int = 0, vocab: int = 48):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def pick_eos(rows: list[list[int]]) -> int:
+    """A token that some (not all) greedy rows emit: used as EOS, so early stopping is really exercised."""
+    n = len(rows)
+    counts = Counter(t for r in rows for t in set(r))
+    for tok, c in counts.most_common():
+        if 0 < c < n:
+            return tok
+    raise AssertionError("no token splits the rows")
+
+
+# ---- correctness of the fast path ----------------------------------------------------------------------------
+
+def test_batched_greedy_equals_per_example_generate_on_latent_prefixes():
+    lm = tiny_llama()
+    b, p, h, t = 24, 7, 32, 8
+    emb = torch.randn(b, p, h, generator=torch.Generator().manual_seed(1)) * 0.5
+    mask = torch.ones(b, p, dtype=torch.long)
+    first = greedy_generate(lm, emb, mask, t, eos_id=-1).token_ids  # no EOS: every row runs to the cap
+    assert all(len(r) == t for r in first)
+    eos = pick_eos(first)
+    batched = greedy_generate(lm, emb, mask, t, eos)
+    reference = C.per_example_generate(lm, emb, mask, t, eos, pad_id=0)
+    assert batched.token_ids == reference
+    lengths = {len(r) for r in batched.token_ids}
+    assert min(lengths) < t and max(lengths) == t  # some rows stopped at EOS, some ran to the cap
+    assert all(eos not in r for r in batched.token_ids)
+    # first-token logits are those of the full (uncached) forward pass at the last prefix position
+    full = lm(inputs_embeds=emb, attention_mask=mask).logits[:, -1]
+    torch.testing.assert_close(batched.first_logits, full, rtol=1e-4, atol=1e-5)
+
+
+def test_batched_greedy_equals_generate_on_left_padded_prompts():
+    """Text prompts of different lengths are left-padded in a batch; each must decode as if it were alone."""
+    lm = tiny_llama(seed=3)
+    g = torch.Generator().manual_seed(4)
+    lengths = [3, 9, 5, 9, 1, 6, 8, 2]
+    s, t = max(lengths), 6
+    ids = torch.zeros(len(lengths), s, dtype=torch.long)
+    mask = torch.zeros(len(lengths), s, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, s - n :] = torch.randint(3, 48, (n,), generator=g)
+        mask[i, s - n :] = 1
+    emb = lm.get_input_embeddings()(ids).detach()
+    eos = pick_eos(greedy_generate(lm, emb, mask, t, eos_id=-1).token_ids)
+    batched = greedy_generate(lm, emb, mask, t, eos).token_ids
+    alone = [C.per_example_generate(lm, emb[i : i + 1, s - n :], mask[i : i + 1, s - n :], t, eos, 0)[0]
+             for i, n in enumerate(lengths)]
+    assert batched == alone
+
+
+# ---- table, verdicts, outputs --------------------------------------------------------------------------------
+
+def test_verdicts_follow_the_targets():
+    assert report.judge(0.98, ">=", 0.97) == report.PASS
+    assert report.judge(0.96, ">=", 0.97) == report.FAIL
+    assert report.judge(0.5, "<=", 0.5) == report.PASS
+    assert report.judge(0.51, "<=", 0.5) == report.FAIL
+    assert report.judge(0.0, ">", 0.0) == report.FAIL
+    assert report.judge(None, ">=", 1) == report.NOT_MEASURED
+    row = report.ratio_row("k", "what", "base", 9.9, ">=", 10, "9.9x")
+    assert (row.status, row.target) == (report.FAIL, ">= 10x")
+    assert report.overall([report.ratio_row("a", "w", "c", 11, ">=", 10, "11x"),
+                           report.not_measured("g", "gpu", "-", "MFU >= 40%", "no GPU")])
+    assert not report.overall([row])
+    assert not report.overall([report.error_row("e", "w", "c", "t", RuntimeError("boom\nmore"))])
+
+
+def test_interleave_alternates_and_limits_reps():
+    calls = []
+    times = report.interleave({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 4, counts={"b": 2})
+    assert calls == ["a", "b", "b", "a", "a", "a"]  # A B, B A, A, A  (b limited to 2 runs)
+    assert len(times["a"]) == 4 and len(times["b"]) == 2
+    assert report.paired_ratio([1.0, 2.0, 3.0], [2.0, 2.0, 3.0]) == 1.0
+    reps = [[(1.0, 0.5), (3.0, 1.0)], [(2.0, 0.4), (2.0, 2.0)]]
+    assert C.best_of(reps) == (3.0, 1.4)  # per segment the fastest repetition, summed
+    assert C.best_of(reps, slice(1, None)) == (2.0, 1.0)
+
+
+def test_table_markdown_and_json(tmp_path):
+    rows = [report.ratio_row("tracking", "training step with tracking " * 3, "NullTracker", 0.99, ">=", 0.97,
+                             "0.990x (long measured text " + "x" * 80 + ")", details={"steps": 5}),
+            report.ratio_row("startup", "start-up", "python -c pass", 0.7, "<=", 0.5, "0.70 s", unit=" s"),
+            report.not_measured("gpu_step", "GPU | step", "-", "MFU >= 40%", "no GPU")]
+    table = report.format_table(rows)
+    lines = table.splitlines()
+    assert lines[0].split()[:2] == ["what", "compared"] and set(lines[1]) <= {"-", " "}
+    assert "PASS" in table and "FAIL" in table and "not measured (no GPU)" in table
+    assert max(len(x) for x in lines) < 200  # long cells wrap instead of running off
+    env = {"date": "2026-01-01", "cpus": 2, "torch": "x", "torch_threads": 1}
+    js, md = report.write_outputs(rows, tmp_path / "out", env)
+    data = json.loads(js.read_text())
+    assert [r["status"] for r in data["rows"]] == [report.PASS, report.FAIL, report.NOT_MEASURED]
+    assert data["rows"][0]["details"] == {"steps": 5} and data["environment"]["date"] == "2026-01-01"
+    md_lines = md.read_text().splitlines()
+    assert md_lines[2].startswith("| what |") and len([x for x in md_lines if x.startswith("| ")]) == 4
+    assert "GPU \\| step" in md.read_text()  # a pipe in a cell cannot break the markdown table
+
+
+# ---- real measurements on tiny runs --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def micro_bench_cfg():
+    return C.bench_config("micro", threads=1)
+
+
+def test_tracking_comparison_logs_every_step_to_a_real_store(micro_bench_cfg, mlflow_store, tmp_path):
+    row = C.bench_tracking(micro_bench_cfg, tmp_path, reps=1, steps=4, store_uri=os.environ["MLFLOW_TRACKING_URI"])
+    d = row.details
+    assert d["metrics_logged_for_loss"] == 4  # read back from the SQLite store
+    assert d["identical_losses"]  # tracking does not change what is trained
+    assert row.status == report.judge(row.value, ">=", 0.97) and row.value > 0
+    assert os.environ["MLFLOW_TRACKING_URI"].startswith("sqlite:")
+
+
+def test_step_comparison_on_micro(micro_bench_cfg, tmp_path):
+    row = C.bench_step(micro_bench_cfg, tmp_path, reps=1, steps=5, warm=1)
+    d = row.details
+    assert d["tokens_per_step"] > 0 and d["trainer_tokens_per_s"] > 0 and d["bare_tokens_per_s"] > 0
+    assert row.status == report.judge(row.value, ">=", 0.9)
+
+
+def test_generation_comparison_on_micro(micro_bench_cfg, tmp_path):
+    row = C.bench_generation(micro_bench_cfg, tmp_path, reps=1, n=24)
+    assert row.details["mismatches"] == 0 and "identical" in row.measured
+    assert row.value > 1  # batched beats one-at-a-time even at 24 answers
+    assert row.status == report.judge(row.value, ">=", 10)
+
+
+def test_startup_has_no_heavy_imports():
+    assert C.heavy_imports_at_startup() == []
+    row = C.bench_startup(reps=1)
+    assert set(row.details["median_s"]) == {"python -c pass", "latentgate --help", "latentgate config"}
+    assert row.status == report.judge(row.value, "<=", 0.5)
+
+
+def test_measure_subprocess_reports_the_child_peak_rss(tmp_path):
+    code = "b = bytearray(150 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096]); print('done')"
+    res = C.measure_subprocess([sys.executable, "-c", code], log=tmp_path / "child.log")
+    assert res["rc"] == 0 and res["output"].strip() == "done"
+    assert 150 * 1024**2 <= res["max_rss_bytes"] < 1024**3
+    assert (tmp_path / "child.log").read_text().strip() == "done"
+
+
+def test_smoke_summary_is_parsed_from_the_real_format():
+    from latentgate.phases.smoke import format_summary
+
+    summary = {"run_id": "0123456789abcdef0123456789abcdef", "text_f1": 0.9, "latent_f1": 0.125, "latent_em": 0.05,
+               "stage_a_probe_first_acc": 0.2, "stage_b_probe_first_acc": None, "controls_f1": {"zero_latent": 0.0},
+               "wall_seconds": 123.4, "base_source": "reused:x", "children": {}, "output_dir": "runs/x",
+               "tracking_uri": "sqlite:////tmp/x/mlflow.db"}
+    parsed = C.parse_smoke_summary("noise\n" + format_summary(summary) + "\n")
+    assert parsed == {"run_id": summary["run_id"], "latent_f1": 0.125, "latent_em": 0.05, "wall_seconds": 123.0,
+                      "tracking_uri": "sqlite:////tmp/x/mlflow.db"}
+
+
+@pytest.mark.slow
+def test_smoke_row_on_micro(tmp_path, hf_home):
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "HF_HOME": str(hf_home)}
+    row = C.bench_smoke("micro", ["--set", f"run.output_dir={tmp_path / 'runs'}"], tmp_path / "out", env=env)
+    d = row.details
+    assert d["rc"] == 0, d["output_tail"]
+    assert d["latent_f1_source"] == "mlflow" and d["latent_f1"] is not None
+    assert 0 < d["max_rss_bytes"] < 4 * 1024**3 and d["wall_s"] > 0
+    assert (tmp_path / "out" / "smoke.log").exists()
+
+
+# ---- GPU rows: the code path runs on CPU with a tiny config --------------------------------------------------
+
+def test_gpu_path_places_everything_on_device_and_dtype(micro_bench_cfg):
+    cfg = C.resolve(None, {**C.flatten(micro_bench_cfg), "base.dtype": "bfloat16", "data.n_train": 64,
+                           "stage_b.batch_size": 4})
+    r = C.gpu_stage_b(cfg, torch.device("cpu"), steps=3, warm=1, vocab_size=512, gen_n=8)
+    assert r["tokens_per_s"] > 0 and r["model_tflops_per_s"] > 0 and r["gen_answers_per_s"] > 0
+    assert r["mfu"] is None  # no peak is known for a CPU
+    assert r["placement"].get("lm:base:bfloat16", 0) > 0  # the frozen LM really is in bf16
+    assert r["placement"].get("lm:lora:float32", 0) + r["placement"].get("lm:lora:bfloat16", 0) > 0
+
+
+def test_placement_check_catches_a_stray_dtype(micro_bench_cfg):
+    cfg = C.resolve(None, {**C.flatten(micro_bench_cfg), "base.dtype": "bfloat16", "data.n_train": 16})
+    ws = C.direct_workspace(cfg, torch.device("cpu"), stage="stage_a")
+    C.check_placement(ws)
+    layer = ws.lm.model.layers[0].mlp.down_proj
+    layer.weight.data = layer.weight.data.float()
+    with pytest.raises(AssertionError, match="down_proj.weight is torch.float32"):
+        C.check_placement(ws)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has CUDA")
+def test_gpu_rows_say_not_measured_without_cuda():
+    rows = C.bench_gpu()
+    assert [r.status for r in rows] == [report.NOT_MEASURED] * 2
+    assert all("no GPU" in r.measured for r in rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_rows_on_cuda():
+    rows = C.bench_gpu({"base.layers": 2, "stage_b.batch_size": 8}, steps=4)
+    assert rows[0].details["placement"] and rows[0].value is not None
+    assert rows[1].value > 0
+
+
+# ---- the CLI -------------------------------------------------------------------------------------------------
+
+def test_cli_writes_table_and_exit_code_matches(tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "bo"
+    res = run_cli("bench", "--only", "startup", "--reps", "1", "--out", str(out))
+    data = json.loads((out / "bench.json").read_text())
+    statuses = {r["key"]: r["status"] for r in data["rows"]}
+    assert statuses["smoke"] == report.NOT_MEASURED and "startup" in statuses
+    assert res.returncode == (0 if statuses["startup"] == report.PASS else 1), res.stderr
+    assert "latentgate --help" in res.stdout and (out / "bench.md").exists()
+    bad = run_cli("bench", "--only", "nope")
+    assert bad.returncode == 2 and "unknown comparison" in bad.stderr
+
+
+def test_bench_command_is_registered():
+    from latentgate.cli import main
+
+    assert "bench" in main.commands
+    assert dataclasses.is_dataclass(report.Row) and Path(C.__file__).name == "comparisons.py"
