@@ -42,6 +42,60 @@ def smoke(preset, sets, overrides):
     click.echo(format_summary(summary))
 
 
+
+@main.group()
+def data() -> None:
+    """Check data files before training on them."""
+
+
+@data.command("check")
+@click.argument("path")
+@click.option("--max-context-words", type=int, default=None,
+              help="context limit (default: data.max_context_words of the config)")
+@click.option("--write-jsonl", "write_to", default=None, metavar="OUT",
+              help="also write the validated records as JSONL (atomic: OUT is complete or untouched)")
+@guarded
+def data_check(path, max_context_words, write_to):
+    """Validate a SQuAD v1.1 JSON / JSONL file (or hub name) and print a one-line summary; errors name the line."""
+    from latentgate.config import DataConfig
+    from latentgate.data.readers import load_examples, write_jsonl
+
+    limit = max_context_words if max_context_words is not None else DataConfig().max_context_words
+    examples = load_examples(path, max_context_words=limit)
+    if write_to:
+        write_jsonl(examples, write_to)
+    refs = sum(len(e.answers) for e in examples)
+    click.echo(f"ok: {path}: {len(examples)} examples, {refs} references"
+               + (f", written to {write_to}" if write_to else ""))
+
+
+@main.group()
+def checkpoint() -> None:
+    """Inspect checkpoints (local folders, runs:/ or models:/ URIs)."""
+
+
+@checkpoint.command("verify")
+@click.argument("uri")
+@config_options
+@guarded
+def checkpoint_verify(uri, preset, sets, overrides):
+    """Re-hash every file of a checkpoint against its manifest; with --preset/--set, also check that it fits
+    that config (the keys a resume or an eval must share)."""
+    from latentgate.phases.stages import resolve_checkpoint
+    from latentgate.train import checkpoint as ckpt
+
+    path = resolve_checkpoint(uri)
+    manifest = ckpt.verify_checkpoint(path)
+    if preset or sets or overrides.strip():
+        from latentgate.config import flatten
+        from latentgate.train.trainer import COMPAT_KEYS
+
+        cfg = resolve_config(preset, sets, overrides, "smoke")
+        ckpt.check_compat(path, manifest, flatten(cfg), COMPAT_KEYS)
+    step = (manifest.get("trainer_state") or {}).get("global_step")
+    click.echo(f"ok: {uri}: {len(manifest['modules'])} modules, lora={'yes' if manifest.get('lora') else 'no'}, "
+               f"step {step}, every hash verified")
+
 # Each area owns its subcommands in its own module (top-level imports there: click only).
 COMMAND_MODULES = (
     "latentgate.phases.cli",

@@ -1,20 +1,86 @@
 """Helpers every CLI module shares: config options, and the guard that turns errors into one line + exit code.
-Top-level imports: click only, so `latentgate --help` stays fast."""
+Top-level imports: click only, so `latentgate --help` stays fast.
+
+The guard's promise (tests/test_reliability.py holds it to it): whatever goes wrong, stderr gets exactly one line
+`latentgate: error: <problem> (fix: <what to do>)`, the exit code is non-zero (2 for errors the user can act on,
+3 for a training fault, 4 for a refused gate, 143 / 130 for SIGTERM / SIGINT, 1 for anything unexpected), and no
+Python traceback is shown unless `latentgate --debug ...` is given.
+"""
 
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
 import traceback
+import warnings
 
 import click
 
-from latentgate.errors import LatentgateError
+from latentgate.errors import Interrupted, LatentgateError, StoreError, os_error_in_chain
+
+# Messages of the SQLite / SQLAlchemy layer that mean "the disk refused the write", not a bug.
+_STORE_WRITE_FAILURES = ("database or disk is full", "disk i/o error", "attempt to write a readonly database",
+                         "unable to open database file")
 
 
 def _fail(message: str, code: int) -> None:
     click.echo(f"latentgate: error: {message}", err=True)
     sys.exit(code)
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    text = " ".join(str(message).split())
+    click.echo(f"latentgate: warning: {text}", err=True)
+
+
+def prepare_runtime(debug: bool) -> None:
+    """What every guarded command needs before it does anything:
+
+    * SIGTERM becomes an exception (like SIGINT's KeyboardInterrupt), so runs end KILLED and never stay RUNNING;
+      the trainer installs its own handler during training (checkpoint at the next step boundary).
+    * SIGXFSZ (file-size limit hit) is ignored, so the write raises OSError(EFBIG) and is reported in one line
+      instead of the process dying with a core dump.
+    * Progress bars of HF / MLflow are off and warnings are printed as one line each (`--debug` keeps them as is).
+    """
+    if threading_main():
+        signal.signal(signal.SIGTERM, _raise_interrupted)
+        if hasattr(signal, "SIGXFSZ"):
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if debug:
+        return
+    for key, value in {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                       "TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}.items():
+        os.environ.setdefault(key, value)
+    warnings.showwarning = _one_line_warning
+    for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=r".*Converting a tensor with requires_grad=True to a scalar.*")
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def as_user_error(err: BaseException) -> LatentgateError | None:
+    """Map an unexpected exception to a user-actionable one when its cause is clear (disk full, read-only, ...)."""
+    mapped = os_error_in_chain(err)
+    if mapped is not None:
+        return mapped
+    text = str(err).lower()
+    for needle in _STORE_WRITE_FAILURES:
+        if needle in text:
+            return StoreError(f"the tracking store refused a write ({needle})",
+                              "free disk space or make the store's folder writable (check MLFLOW_TRACKING_URI), "
+                              "then rerun")
+    return None
 
 
 def guarded(fn):
@@ -23,21 +89,26 @@ def guarded(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         debug = click.get_current_context().find_root().params.get("debug", False)
+        from latentgate.tracking.secrets import mask_secrets
+
+        prepare_runtime(debug)
         try:
             return fn(*args, **kwargs)
         except LatentgateError as err:
             if debug:
                 traceback.print_exc()
-            from latentgate.tracking.secrets import mask_secrets
-
             _fail(mask_secrets(str(err)), err.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted", 130)
+            if debug:
+                traceback.print_exc()
+            err = Interrupted(signal.SIGINT)
+            _fail(str(err), err.exit_code)
         except Exception as err:  # noqa: BLE001 - last resort: still one line, unless --debug
             if debug:
                 traceback.print_exc()
-            from latentgate.tracking.secrets import mask_secrets
-
+            mapped = as_user_error(err)
+            if mapped is not None:
+                _fail(mask_secrets(str(mapped)), mapped.exit_code)
             first = (str(err).splitlines() or [""])[0][:300]
             _fail(f"{type(err).__name__}: {mask_secrets(first)} (rerun with --debug for the traceback)", 1)
 

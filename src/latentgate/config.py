@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,8 @@ EVAL_PATHS = ("latent", "text", "token_budget", "zero_latent", "shuffled_latent"
 
 
 def _check_range(key: str, value, meta) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r} is not a finite number", f"set {key} to a finite value")
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{key}={value!r} is not one of {list(meta['choices'])}", f"set {key} to one of them")
     for bound, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),

@@ -40,3 +40,65 @@ class GateRefused(LatentgateError):
     """The readiness checklist did not pass, so a promotion or a hero run was refused."""
 
     exit_code = 4
+
+
+SIGNAL_NAMES = {2: "SIGINT", 15: "SIGTERM"}
+
+
+class Interrupted(LatentgateError):
+    """SIGTERM/SIGINT: the run is marked KILLED and the exit code is 128 + the signal number (143 / 130).
+
+    Raised by the trainer at an optimizer-step boundary after it wrote a final checkpoint (`checkpoint` names it),
+    or by the CLI's signal handler outside training (`checkpoint` is None: nothing was checkpointed)."""
+
+    def __init__(self, signum: int, step: int | None = None, checkpoint: str | None = None):
+        self.signum = signum
+        self.step = step
+        self.checkpoint = checkpoint
+        self.exit_code = 128 + signum
+        name = SIGNAL_NAMES.get(signum, f"signal {signum}")
+        if checkpoint:
+            super().__init__(f"interrupted by {name} at optimizer step {step}; final checkpoint saved to {checkpoint}",
+                             "resume from that checkpoint (it is complete and verified by its manifest)")
+        else:
+            super().__init__(f"interrupted by {name} outside a training step; the run is marked KILLED",
+                             "rerun the command (finished stages are reused or resumable from their checkpoints)")
+
+
+def os_error_in_chain(err: BaseException) -> LatentgateError | None:
+    """`describe_os_error` of the first OSError in `err`'s cause/context chain (libraries often wrap it)."""
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError):
+            mapped = describe_os_error(cur)
+            if mapped is not None:
+                return mapped
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def describe_os_error(err: OSError, doing: str = "write") -> LatentgateError | None:
+    """An OSError a user can act on (disk full, file-size limit, read-only, permission) as one StoreError line;
+    None for other errors."""
+    import errno
+
+    where = err.filename or "a file"
+    fixes = {
+        errno.ENOSPC: ("no space left on the device", "free disk space or point run.output_dir / the artifact "
+                       "location at a bigger disk, then resume"),
+        errno.EDQUOT: ("disk quota exceeded", "free space within your quota, then resume"),
+        errno.EFBIG: ("file too large (file-size limit or full disk)", "raise the limit (`ulimit -f`) or free disk "
+                      "space, then resume"),
+        errno.EROFS: ("the file system is read-only", "point run.output_dir / the artifact location at a writable "
+                      "folder"),
+        errno.EACCES: ("permission denied", "make the folder writable, or point run.output_dir / the artifact "
+                       "location elsewhere"),
+        errno.EPERM: ("operation not permitted", "make the folder writable, or point run.output_dir / the artifact "
+                      "location elsewhere"),
+    }
+    if err.errno not in fixes:
+        return None
+    problem, fix = fixes[err.errno]
+    return StoreError(f"cannot {doing} {where}: {problem}", fix)

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latentgate.data.records import Example
-from latentgate.errors import ConfigError, DataError
+from latentgate.errors import ConfigError, DataError, os_error_in_chain
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (".json",)
@@ -170,11 +170,23 @@ def write_jsonl(examples: Iterable[Example], path: str | os.PathLike) -> None:
     """Write examples as JSONL (one `Example.to_dict()` per line, UTF-8), atomically; `load_examples` reads it back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-        for ex in examples:
-            fh.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result gets the usual permissions
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            for ex in examples:
+                fh.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a signal: the old file (if any) stays, no temp file is left
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -465,6 +477,9 @@ def _rows_via_load_dataset(path: Path, text: str, raws, name: str) -> list[dict]
                     keep_in_memory=True,
                 )
             except Exception as err:  # noqa: BLE001 - anything datasets raises becomes one actionable line
+                disk = os_error_in_chain(err)  # a full disk / read-only temp dir is not a problem of the data
+                if disk is not None:
+                    raise disk from None
                 raise DataError(
                     f"{name}: datasets could not load the file: {_one_line(str(err))[:200]}",
                     fix="use the same field types on every line",

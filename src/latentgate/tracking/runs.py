@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -104,6 +105,7 @@ def setup_experiment(name: str) -> str:
     return uri
 
 
+@functools.lru_cache(maxsize=1)  # the code a process runs is the code it started with
 def git_commit() -> tuple[str, bool]:
     root = Path(__file__).resolve().parents[3]
     try:
