@@ -3,6 +3,7 @@ smoke run in it, and a helper that runs the real CLI in a subprocess."""
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -58,6 +59,7 @@ def micro_smoke(mlflow_store, micro_cfg, tmp_path_factory):
 
 def cli_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
+    env.pop("MLFLOW_EXPERIMENT_ID", None)  # set by mlflow.set_experiment in this process; would pin subprocesses
     env.update(extra or {})
     return env
 
@@ -78,7 +80,8 @@ def tiny_ws(micro_cfg):
     from latentgate.model.base_lm import build_builtin_lm, build_builtin_tokenizer
     from latentgate.train.workspace import load_splits, synthetic_spec, workspace_from_lm
 
+    cfg = copy.deepcopy(micro_cfg)  # tests may change the config; the session's stays untouched
     torch.manual_seed(0)
-    tok = build_builtin_tokenizer(vocabulary(synthetic_spec(micro_cfg)))
-    lm = build_builtin_lm(micro_cfg, len(tok), tok)
-    return workspace_from_lm(micro_cfg, lm, tok, load_splits(micro_cfg))
+    tok = build_builtin_tokenizer(vocabulary(synthetic_spec(cfg)))
+    lm = build_builtin_lm(cfg, len(tok), tok)
+    return workspace_from_lm(cfg, lm, tok, load_splits(cfg))

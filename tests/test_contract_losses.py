@@ -8,8 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from latentgate.model.contract import (IGNORE, build_latent_batch, build_text_batch, encode_answers,
-                                       text_prompt)
+from latentgate.model.contract import IGNORE, build_latent_batch, build_text_batch, encode_answers, text_prompt
 from latentgate.train.losses import answer_logits, compute_losses
 
 

@@ -42,9 +42,9 @@ def _train_a_little(ws, tmp_path, steps=2):
 
 
 def test_checkpoint_save_load_identical_logits_and_missing_module(tiny_ws, tmp_path):
+    from latentgate.config import flatten
     from latentgate.model.contract import build_latent_batch
     from latentgate.model.lora import attach_lora
-    from latentgate.config import flatten
     from latentgate.phases.stages import load_trained
     from latentgate.train import checkpoint as ckpt
     from latentgate.train.losses import answer_logits

@@ -70,7 +70,9 @@ def test_datasets_and_artifacts(micro_smoke):
     ck = {f.path for f in c.list_artifacts(micro_smoke["children"]["stage_b"], "checkpoints/stage_b")}
     assert "checkpoints/stage_b/manifest.json" in ck and "checkpoints/stage_b/lora" in ck
     ev = {f.path for f in c.list_artifacts(micro_smoke["children"]["eval"])}
-    assert {"eval_detailed.jsonl", "metrics.json", "contract.json"} <= ev
+    assert {"eval_detailed.jsonl", "metrics.json", "contract.json", "plots"} <= ev
+    plots = {f.path for f in c.list_artifacts(a.info.run_id, "plots")}
+    assert {"plots/first_acc.png", "plots/losses.png", "plots/grad_norm.png"} <= plots
     base = {f.path for f in c.list_artifacts(micro_smoke["children"]["base"])}
     assert {"base_lm", "sanity_gate.json"} <= base
 

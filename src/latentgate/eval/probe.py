@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from latentgate.eval.scoring import f1 as f1_score, wilson_interval
 from latentgate.eval.generate import decode, greedy_generate
+from latentgate.eval.scoring import f1 as f1_score
+from latentgate.eval.scoring import wilson_interval
 from latentgate.model.contract import build_latent_batch, encode_answers
 from latentgate.train.losses import answer_logits
 

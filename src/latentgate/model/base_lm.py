@@ -20,7 +20,7 @@ PROMPT_WORDS = ["context", "question", "answer", ":"]
 
 def build_builtin_tokenizer(vocab_words: list[str]):
     """Word-level tokenizer: every word of the synthetic task is one token, so answers are 1-3 tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = SPECIALS + sorted(set(vocab_words) | set(PROMPT_WORDS))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from latentgate.config import Config, flatten
 from latentgate.phases.stages import run_base, run_eval, run_stage
-from latentgate.tracking.secrets import mask_secrets
 from latentgate.tracking.runs import adopt_project_run, setup_experiment, tracked_run, tracking_uri
+from latentgate.tracking.secrets import mask_secrets
 
 
 def run_output_dir(cfg: Config, name: str) -> Path:

@@ -65,12 +65,12 @@ def register_base(cfg: Config, run_id: str) -> str:
     return v.version
 
 
-def run_base(cfg: Config, out_dir: Path, splits) -> dict:
+def run_base(cfg: Config, out_dir: Path, splits, run_id: str | None = None, tags: dict | None = None) -> dict:
     """Reuse the registered base LM when its config matches; otherwise train it. Then the sanity gate."""
     from latentgate.train.base import sanity_gate, text_eval, train_builtin_base
     from latentgate.train.workspace import build_workspace
 
-    with tracked_run("base") as tr:
+    with tracked_run("base", run_id=run_id, tags=tags) as tr:
         tr.log_params({k: v for k, v in flatten(cfg).items() if k.startswith(("base.", "data."))})
         t0 = time.perf_counter()
         if cfg.base.name != "builtin":
@@ -111,12 +111,59 @@ def resolve_checkpoint(uri: str) -> Path:
                                   "check the run id / model name / alias (latentgate runs list)") from None
         if (local / "checkpoint" / "manifest.json").exists():  # a logged latentgate model
             local = local / "checkpoint"
+        elif (local / "artifacts" / "checkpoint" / "manifest.json").exists():  # the registered pyfunc model
+            local = local / "artifacts" / "checkpoint"
         return local
     path = Path(uri)
     if not (path / "manifest.json").exists():
         raise CheckpointError(f"checkpoint {uri} does not exist or has no manifest.json",
                               "pass a checkpoint folder, runs:/<id>/checkpoints/<stage>, or models:/<name>@<alias>")
     return path
+
+
+def base_from_run(run_id: str) -> dict:
+    """The base LM a recorded run used (a base run itself, or any run tagged `latentgate.base_run`):
+    {"run_id", "base_dir", "source"}. A base run that reused a registered base points at the run that trained it."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+        tags = run.data.tags
+        base_id = run_id if tags.get("latentgate.phase") == "base" else tags.get("latentgate.base_run")
+        if not base_id:
+            raise CheckpointError(f"run {run_id} records no base LM (tag latentgate.base_run)",
+                                  "pass a checkpoint of a latentgate Stage A / Stage B run")
+        base_run = client.get_run(base_id)
+    except MlflowException as err:
+        raise CheckpointError(f"cannot read run {run_id} or its base run: {str(err).splitlines()[0][:200]}",
+                              "check MLFLOW_TRACKING_URI and the run id") from None
+    source = base_run.data.tags.get("latentgate.base_source", "")
+    if source == "external":
+        return {"run_id": base_id, "base_dir": base_run.data.params["base.name"], "source": source}
+    kind, _, trained_by = source.partition(":")
+    if kind not in ("trained", "reused") or not trained_by:
+        raise CheckpointError(f"base run {base_id} has no usable latentgate.base_source tag ({source!r})",
+                              "it did not finish; rerun `latentgate base` and the stages after it")
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=trained_by, artifact_path="base_lm")
+    except (MlflowException, OSError) as err:
+        raise CheckpointError(f"the base LM of run {base_id} (artifact base_lm of run {trained_by}) cannot be read: "
+                              f"{str(err).splitlines()[0][:200]}", "rerun `latentgate base`") from None
+    return {"run_id": base_id, "base_dir": local, "source": source}
+
+
+def check_compatible(cfg: Config, checkpoint: Path, manifest: dict | None = None) -> dict:
+    """Fail in one line, before anything is built or trained, if `checkpoint` was trained with a different
+    M, d_z, encoder or base LM than `cfg` (trainer.COMPAT_KEYS). Returns the manifest."""
+    from latentgate.train import checkpoint as ckpt
+    from latentgate.train.trainer import COMPAT_KEYS
+
+    manifest = manifest or ckpt.read_manifest(checkpoint)
+    ckpt._check_compat(Path(checkpoint), manifest, flatten(cfg), COMPAT_KEYS)
+    return manifest
 
 
 def load_trained(cfg: Config, base_dir: str, checkpoint: Path, splits=None):
@@ -169,6 +216,7 @@ def run_stage(cfg: Config, stage: str, base: dict, out_dir: Path, splits, init_f
         result = train_stage(ws, stage, tr, stage_dir, resume=resume, on_probe=on_probe)
         tr.log_artifact(stage_dir / "diagnostics.jsonl")
         tr.log_artifact(stage_dir / "diagnostics_epoch.jsonl")
+        _log_plots(tr, "stage", stage_dir / "diagnostics.jsonl", stage_dir / "plots")
         tr.log_artifacts(result["checkpoint"], f"checkpoints/{stage}")
         tr.log_metrics({f"{stage}/final_probe_{k}": v for k, v in (result["final_probe"] or {}).items()},
                        step=result["steps"])
@@ -177,11 +225,12 @@ def run_stage(cfg: Config, stage: str, base: dict, out_dir: Path, splits, init_f
         return result
 
 
-def run_eval(cfg: Config, base: dict, checkpoint: Path, out_dir: Path, splits, source_uri: str = "") -> dict:
+def run_eval(cfg: Config, base: dict, checkpoint: Path, out_dir: Path, splits, source_uri: str = "",
+             run_id: str | None = None, tags: dict | None = None) -> dict:
     from latentgate.eval.evaluate import evaluate
 
-    with tracked_run("eval", tags={"latentgate.checkpoint": source_uri or str(checkpoint),
-                                   "latentgate.base_run": base["run_id"]}) as tr:
+    with tracked_run("eval", run_id=run_id, tags={"latentgate.checkpoint": source_uri or str(checkpoint),
+                                                  "latentgate.base_run": base["run_id"], **(tags or {})}) as tr:
         ws = load_trained(cfg, base["base_dir"], checkpoint, splits)
         tr.log_params(flatten(cfg))
         tr.log_input(splits["eval"], "eval", "evaluation")
@@ -195,5 +244,16 @@ def run_eval(cfg: Config, base: dict, checkpoint: Path, out_dir: Path, splits, s
         tr.log_metrics(flat, step=0)
         tr.log_artifact(eval_dir / "eval_detailed.jsonl")
         tr.log_artifact(eval_dir / "metrics.json")
+        _log_plots(tr, "eval", eval_dir, eval_dir / "plots")
         tr.log_dict(ws.contract.to_dict(), "contract.json")
         return {"run_id": tr.run_id, "metrics": metrics}
+
+
+def _log_plots(tr, kind: str, source: Path, out_dir: Path) -> None:
+    """The run's plots (first_acc with stage boundaries, losses, grad norm; F1 histogram, error modes), made at
+    the end of every stage and eval run. Plotting never fails a run: errors become warnings inside."""
+    from latentgate.analysis.plots import make_eval_plots, make_stage_plots
+
+    made = make_stage_plots(source, out_dir) if kind == "stage" else make_eval_plots(source, out_dir)
+    if made:
+        tr.log_artifacts(out_dir, "plots")

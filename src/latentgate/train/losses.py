@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from latentgate.config import StageConfig
 from latentgate.model.contract import PrefixBatch

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from latentgate.config import StageConfig, flatten
-from latentgate.errors import TrainingFault
+from latentgate.errors import Interrupted, TrainingFault
 from latentgate.model.contract import build_latent_batch, build_text_batch, encode_answers, text_prompt
 from latentgate.train import checkpoint as ckpt
 from latentgate.train.losses import TERMS, answer_logits, compute_losses, p_gold_at, scheduled_inputs
@@ -136,7 +136,7 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
         state.update(manifest["trainer_state"])
         ckpt.restore_rng_state(state.pop("rng"))
         gen.set_state(torch.tensor(state.pop("gen_state"), dtype=torch.uint8))
-        tracker.skip_logged_steps([f"{stage}/{k}" for k in ("loss", "first_acc", "probe_first_acc")])
+        tracker.skip_logged_steps(_logged_keys(tracker, stage))
     diag_path = out_dir / "diagnostics.jsonl"
     _truncate_jsonl(diag_path, stage, state["global_step"])
     t0 = time.perf_counter() - state["elapsed"]
@@ -219,14 +219,23 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
                 tracker.flush()
                 on_probe(step, last_probe)
             if flag.signum:
-                from latentgate.tracking.runs import Interrupted
-
                 raise Interrupted(flag.signum, step, str(path))
     path = save(state)
+    if flag.signum:  # the signal came during the last step: the final checkpoint above is complete
+        raise Interrupted(flag.signum, state["global_step"], str(path))
     tracker.flush()
     return {"stage": stage, "steps": state["global_step"], "micro_steps": state["micro_step"],
             "checkpoint": str(path), "probes": state["probes"], "final_probe": last_probe,
             "elapsed": time.perf_counter() - t0}
+
+
+def _logged_keys(tracker, stage: str) -> list[str]:
+    """Every metric of `stage` already in the run. All of them, not a few: a kill can land after a metric flush and
+    before the checkpoint it precedes, so any key may hold steps past the checkpoint (they must not be re-logged)."""
+    client = getattr(tracker, "client", None)
+    if client is None:
+        return []
+    return [k for k in client.get_run(tracker.run_id).data.metrics if k.startswith(f"{stage}/")]
 
 
 def _truncate_jsonl(path: Path, stage: str, upto_step: int) -> None:

@@ -3,7 +3,6 @@ encoder and adapter. Training, evaluation, the pyfunc model and the benchmarks a
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
