@@ -161,10 +161,8 @@ def build_text_batch(
     """Text path: [BOS] prompt (+ answer). Right-padded for training/KD (index map to answer logits);
     left-padded for generation, so every row's next token sits at the last position."""
     device = embed.weight.device
-    prompt_ids = [
-        ([contract.bos_id] if contract.bos_id is not None else []) + tokenizer(p, add_special_tokens=False)["input_ids"]
-        for p in prompts
-    ]
+    bos = [contract.bos_id] if contract.bos_id is not None else []
+    prompt_ids = [bos + ids for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]  # one call
     b = len(prompts)
     if answer_ids is None:
         s = max(len(p) for p in prompt_ids)

@@ -227,7 +227,7 @@ def run_sweep(spec: StudySpec, n_trials: int | None = None, workers: int = 1, st
     """Run (or continue) a study to `n_trials` outcomes. `processes`: run workers as subprocesses (default: when
     workers > 1; the single worker otherwise runs in this process)."""
 
-    from latentgate.tracking.runs import setup_experiment, tracked_run
+    from latentgate.tracking.runs import adopt_project_run, setup_experiment, tracked_run
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     n_trials = int(n_trials or spec.n_trials)
@@ -240,7 +240,8 @@ def run_sweep(spec: StudySpec, n_trials: int | None = None, workers: int = 1, st
     study = create_study(spec, url, n_trials)
     if workers > 1 and threads is None:
         threads = max(1, (os.cpu_count() or 1) // workers)
-    parent_id = os.environ.get("MLFLOW_RUN_ID") or _existing_run(study.user_attrs.get(PARENT_ATTR))
+    # inside `mlflow run` the project's run is the study's parent; nested trial runs must not re-attach to it
+    parent_id = adopt_project_run() or _existing_run(study.user_attrs.get(PARENT_ATTR))
     t0 = time.perf_counter()
     with tracked_run("sweep", nested=False, run_id=parent_id, tags={st.STUDY_TAG: spec.name}) as tr:
         study.set_user_attr(PARENT_ATTR, tr.run_id)
