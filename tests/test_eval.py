@@ -18,7 +18,7 @@ def test_no_gold_leakage(tiny_ws, tmp_path):
     examples = ws.splits["eval"][:12]
     fake = [dataclasses.replace(e, answers=("zzz zzz zzz zzz zzz zzz",), answer_starts=()) for e in examples]
     real_m = evaluate(ws, examples, tmp_path / "real")
-    fake_m = evaluate(ws, fake, tmp_path / "fake")
+    evaluate(ws, fake, tmp_path / "fake")
     read = lambda d: [json.loads(x) for x in (tmp_path / d / "eval_detailed.jsonl").read_text().splitlines()]  # noqa: E731
     real, swapped = read("real"), read("fake")
     assert [r["prediction"] for r in real] == [r["prediction"] for r in swapped]

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from conftest import cli_env, run_cli
 from test_registry import eval_digest, write_checklist
 
@@ -33,7 +34,8 @@ def server(tmp_path_factory):
     env = cli_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
+        [str(Path(sys.executable).parent / "mlflow"), "server",
+         "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
          "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts", "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
         env=env, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"), start_new_session=True)

@@ -169,7 +169,8 @@ def _check_range(key: str, value, meta) -> None:
     for bound, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
                             ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
         if bound in meta and not ok(value, meta[bound]):
-            raise ConfigError(f"{key}={value!r} is out of range (must be {word} {meta[bound]})", f"set {key} {word} {meta[bound]}")
+            raise ConfigError(f"{key}={value!r} is out of range (must be {word} {meta[bound]})",
+                              f"set {key} {word} {meta[bound]}")
 
 
 # ---- flattening, overrides, presets ---------------------------------------------------------------------------
@@ -237,7 +238,8 @@ def _coerce(key: str, typ, raw):
             else:
                 items = [x.strip() for x in text.split(",") if x.strip()]
                 return [int(x) if x.lstrip("-").isdigit() else x for x in items]
-    raise ConfigError(f"{key} expects {getattr(typ, '__name__', typ)}, got {raw!r}", f"pass a valid {getattr(typ, '__name__', typ)} for {key}")
+    name = getattr(typ, "__name__", typ)
+    raise ConfigError(f"{key} expects {name}, got {raw!r}", f"pass a valid {name} for {key}")
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:

@@ -40,7 +40,8 @@ def run_smoke(cfg: Config, preset: str = "smoke", name: str = "smoke", tags: dic
             "latent_f1": paths["latent"]["f1"], "latent_em": paths["latent"]["em"],
             "stage_a_probe_first_acc": (a["final_probe"] or {}).get("first_acc"),
             "stage_b_probe_first_acc": (b["final_probe"] or {}).get("first_acc"),
-            "controls_f1": {p: paths[p]["f1"] for p in ("zero_latent", "shuffled_latent", "token_budget") if p in paths},
+            "controls_f1": {p: paths[p]["f1"] for p in ("zero_latent", "shuffled_latent", "token_budget")
+                            if p in paths},
             "wall_seconds": time.perf_counter() - t0, "base_source": base["source"],
             "children": {"base": base["run_id"], "stage_a": a["run_id"], "stage_b": b["run_id"], "eval": ev["run_id"]},
             "output_dir": str(out), "tracking_uri": mask_secrets(tracking_uri()),

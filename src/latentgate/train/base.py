@@ -28,7 +28,8 @@ def sanity_gate(cfg: Config, text_metrics: dict) -> dict:
     record = {"text_f1": text_metrics["f1"], "text_nll_per_token": text_metrics["nll_per_token"],
               "min_f1": cfg.base.gate_min_f1, "max_nll": cfg.base.gate_max_nll}
     if text_metrics["f1"] < cfg.base.gate_min_f1 or text_metrics["nll_per_token"] > cfg.base.gate_max_nll:
-        raise GateRefused(f"text-teacher sanity gate failed: F1 {text_metrics['f1']:.3f} (need >= {cfg.base.gate_min_f1}),"
+        raise GateRefused(f"text-teacher sanity gate failed: F1 {text_metrics['f1']:.3f} "
+                          f"(need >= {cfg.base.gate_min_f1}),"
                           f" NLL/token {text_metrics['nll_per_token']:.2f} (need <= {cfg.base.gate_max_nll})",
                           "train the base LM longer (base.steps) or check the tokenizer/labels before latent training")
     return record
@@ -50,7 +51,8 @@ def train_builtin_base(cfg: Config, tracker, out_dir: Path, splits=None) -> tupl
     ws = Workspace(cfg, device, lm, tok, contract, splits)
     b = cfg.base
     opt = torch.optim.AdamW(lm.parameters(), lr=b.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, min(b.warmup_steps, b.steps - 1), b.steps, min_lr=b.lr * 0.05)
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, min(b.warmup_steps, b.steps - 1), b.steps,
+                                                        min_lr=b.lr * 0.05)
     train = splits["train"]
     prompts = [text_prompt(e.context, e.question, contract.anchor) for e in train]
     answers = encode_answers(tok, [e.answer for e in train])

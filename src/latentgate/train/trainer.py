@@ -130,7 +130,8 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
     torch.manual_seed(st.seed)
     state = {"stage": stage, "global_step": 0, "micro_step": 0, "probes": [], "elapsed": 0.0}
     if resume is not None:
-        manifest = ckpt.load_checkpoint(resume, modules=checkpoint_modules(ws), lora_model=ws.lm if ws.is_peft else None,
+        manifest = ckpt.load_checkpoint(resume, modules=checkpoint_modules(ws),
+                                        lora_model=ws.lm if ws.is_peft else None,
                                         optimizer=opt, scheduler=sched, expect_config=flatten(ws.cfg),
                                         compat_keys=COMPAT_KEYS)
         state.update(manifest["trainer_state"])
@@ -173,7 +174,8 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
                 if bad or not math.isfinite(float(out.total.detach())):
                     raise TrainingFault(f"{stage}: non-finite loss at optimizer step {step + 1} "
                                         f"(micro-step {state['micro_step'] + 1}): {bad or {'total': float(out.total)}}",
-                                        "lower the learning rate or the loss weights, then resume from the last checkpoint")
+                                        "lower the learning rate or the loss weights, "
+                                        "then resume from the last checkpoint")
                 (out.total / st.grad_accum).backward()
                 state["micro_step"] += 1
                 for k in TERMS:
@@ -182,9 +184,11 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
                 for k, v in out.stats.items():
                     stats_sum[k] = stats_sum.get(k, 0.0) + v / st.grad_accum
             norms = _group_norms(groups)
-            total_norm = float(torch.nn.utils.clip_grad_norm_(trainable, st.clip_norm if st.clip_norm > 0 else float("inf")))
+            max_norm = st.clip_norm if st.clip_norm > 0 else float("inf")
+            total_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
             if not math.isfinite(total_norm):
-                raise TrainingFault(f"{stage}: non-finite gradient norm at optimizer step {step + 1} (per group: {norms})",
+                raise TrainingFault(f"{stage}: non-finite gradient norm at optimizer step {step + 1} "
+                                    f"(per group: {norms})",
                                     "lower the learning rate, then resume from the last checkpoint")
             lr = sched.get_last_lr()[0]
             opt.step()
@@ -242,6 +246,6 @@ def _truncate_jsonl(path: Path, stage: str, upto_step: int) -> None:
     """On resume, drop this stage's diagnostics past the checkpoint: they are re-created identically."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and not (json.loads(line).get("stage") == stage and json.loads(line)["global_step"] > upto_step)]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    keep = [json.dumps(r) for r in records if not (r.get("stage") == stage and r["global_step"] > upto_step)]
     path.write_text("".join(x + "\n" for x in keep))

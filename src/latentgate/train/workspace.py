@@ -84,7 +84,8 @@ class Workspace:
         return self.lm.disable_adapter() if self.is_peft else nullcontext()
 
 
-def build_workspace(cfg: Config, base_dir: str | Path, splits: dict | None = None, with_latent: bool = True) -> Workspace:
+def build_workspace(cfg: Config, base_dir: str | Path, splits: dict | None = None,
+                    with_latent: bool = True) -> Workspace:
     from latentgate.model.base_lm import load_lm
 
     set_threads(cfg.run.threads)
