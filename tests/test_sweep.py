@@ -302,7 +302,7 @@ def test_dashboard_serves_the_study(killed_sweep):
 
 # ---- PostgreSQL, two workers -----------------------------------------------------------------------------------
 
-@pytest.mark.slow  # ~30 s of server start-up + 2 worker processes; CI runs it with -m slow
+# ~30-70 s: server start-up + 2 worker processes; .ci/run installs Debian's postgresql first
 def test_postgresql_two_workers(tmp_path, stage_a_uri, pg_url):  # noqa: F811
     path = write_study(tmp_path, "pg", stage_a_uri, pruner={"name": "none"},
                        search_space={"stage_b.steps": {"type": "int", "low": 3, "high": 6, "step": 3}})

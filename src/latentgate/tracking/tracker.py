@@ -33,6 +33,8 @@ class NullTracker:
     def max_logged_step(self, key: str) -> int:
         return -1
 
+    def skip_logged_steps(self, keys) -> None: ...
+
 
 class MlflowTracker(NullTracker):
     """Writes to one MLflow run (already started by the caller)."""

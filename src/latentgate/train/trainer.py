@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -17,9 +18,11 @@ from pathlib import Path
 import torch
 
 from latentgate.config import StageConfig, flatten
-from latentgate.errors import Interrupted, TrainingFault
+from latentgate.errors import ConfigError, Interrupted, TrainingFault
 from latentgate.model.contract import build_latent_batch, build_text_batch, encode_answers, text_prompt
+from latentgate.tracking.tracker import NullTracker
 from latentgate.train import checkpoint as ckpt
+from latentgate.train import distributed as dist
 from latentgate.train.losses import TERMS, answer_logits, compute_losses, p_gold_at, scheduled_inputs
 from latentgate.train.workspace import Workspace
 
@@ -117,6 +120,13 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
     from latentgate.eval.probe import epoch_samples, run_probe
 
     st: StageConfig = getattr(ws.cfg, stage)
+    rank, size = dist.world()
+    if size > 1:
+        if st.batch_size % size:
+            raise ConfigError(f"{stage}.batch_size={st.batch_size} does not split over {size} processes",
+                              f"use a global batch size divisible by {size}")
+        if rank != 0:  # only rank 0 talks to the store and writes files
+            tracker, on_probe = NullTracker(), None
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints" / stage
     train = ws.splits["train"]
@@ -138,19 +148,21 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
         ckpt.restore_rng_state(state.pop("rng"))
         gen.set_state(torch.tensor(state.pop("gen_state"), dtype=torch.uint8))
         tracker.skip_logged_steps(_logged_keys(tracker, stage))
-    diag_path = out_dir / "diagnostics.jsonl"
+    diag_path = out_dir / "diagnostics.jsonl" if rank == 0 else Path(os.devnull)
     _truncate_jsonl(diag_path, stage, state["global_step"])
     t0 = time.perf_counter() - state["elapsed"]
     last_probe = state["probes"][-1] if state["probes"] else None
 
     def save(step_state: dict) -> Path:
+        if rank != 0:
+            return ckpt_dir
         trainer_state = {**step_state, "elapsed": time.perf_counter() - t0, "rng": ckpt.capture_rng_state(),
                          "gen_state": gen.get_state().tolist()}
         return ckpt.save_checkpoint(ckpt_dir, modules=checkpoint_modules(ws), lora_model=ws.lm if ws.is_peft else None,
                                     optimizer=opt, scheduler=sched, trainer_state=trainer_state,
                                     config=flatten(ws.cfg), contract=ws.contract.to_dict())
 
-    epoch_path = out_dir / "diagnostics_epoch.jsonl"
+    epoch_path = out_dir / "diagnostics_epoch.jsonl" if rank == 0 else Path(os.devnull)
     _truncate_jsonl(epoch_path, stage, state["global_step"])
     epoch_terms: dict[str, list[float]] = {}
 
@@ -167,7 +179,7 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
             sums = {f"{k}_{w}": 0.0 for k in TERMS for w in ("raw", "weighted")}
             stats_sum: dict[str, float] = {}
             for _ in range(st.grad_accum):
-                idx = batch_indices(len(train), st.batch_size, state["micro_step"], st.seed)
+                idx = dist.shard(batch_indices(len(train), st.batch_size, state["micro_step"], st.seed), rank, size)
                 out = stage_step(ws, [train[i] for i in idx], st, step, gen)
                 raw = {k: float(v.detach()) for k, v in out.raw.items()}
                 bad = {k: v for k, v in raw.items() if not math.isfinite(v)}
@@ -183,6 +195,9 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
                     sums[f"{k}_weighted"] += float(out.weighted[k].detach()) / st.grad_accum
                 for k, v in out.stats.items():
                     stats_sum[k] = stats_sum.get(k, 0.0) + v / st.grad_accum
+            if size > 1:  # every rank takes the same step: average gradients and logged scalars first
+                dist.average_gradients(trainable, size)
+                sums, stats_sum = dist.mean_scalars(sums, size), dist.mean_scalars(stats_sum, size)
             norms = _group_norms(groups)
             max_norm = st.clip_norm if st.clip_norm > 0 else float("inf")
             total_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
@@ -210,7 +225,7 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
             for k in sums:
                 epoch_terms.setdefault(k, []).append(sums[k])
             next_epoch = epoch_of(len(train), st.batch_size, state["micro_step"])
-            if next_epoch != record["epoch"] or step == st.steps:
+            if rank == 0 and (next_epoch != record["epoch"] or step == st.steps):
                 end_epoch(record["epoch"], step, diag_epoch)
             diag.write(json.dumps(record) + "\n")
             tracker.log_metrics({f"{stage}/{k}": v for k, v in record.items() if isinstance(v, (int, float))
@@ -225,6 +240,7 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
             if flag.signum:
                 raise Interrupted(flag.signum, step, str(path))
     path = save(state)
+    dist.barrier()  # no rank returns before rank 0's final checkpoint exists
     if flag.signum:  # the signal came during the last step: the final checkpoint above is complete
         raise Interrupted(flag.signum, state["global_step"], str(path))
     tracker.flush()
