@@ -277,7 +277,8 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def _load_yaml(path: Path) -> dict:
+def load_yaml_mapping(path: Path) -> dict:
+    """A YAML file whose top level is a mapping (presets, sweep studies), or a one-line ConfigError."""
     import yaml
 
     try:
@@ -285,7 +286,7 @@ def _load_yaml(path: Path) -> dict:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})", "fix the file's syntax") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level", "write section: {key: value}")
+        raise ConfigError(f"{path}: expected a mapping at the top level", "write key: value pairs")
     return data
 
 
@@ -300,7 +301,7 @@ def preset_overrides(name_or_path: str, _seen: tuple = ()) -> dict[str, Any]:
         raise ConfigError(f"unknown preset {name_or_path!r}", hint)
     if str(path) in _seen:
         raise ConfigError(f"preset {path} extends itself", "break the extends: cycle")
-    data = _load_yaml(path)
+    data = load_yaml_mapping(path)
     parent = data.pop("extends", None)
     flat = preset_overrides(parent, _seen + (str(path),)) if parent else {}
     for section, values in data.items():

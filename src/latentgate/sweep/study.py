@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from latentgate.config import load_yaml_mapping
 from latentgate.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -105,18 +106,6 @@ def study_names(directory: Path = SWEEP_DIR) -> list[str]:
     return sorted(p.stem for p in Path(directory).glob("*.yaml") if p.stem != DEFAULTS)
 
 
-def _read(path: Path) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})", "fix the file's syntax") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level", "write key: value pairs")
-    return data
-
-
 def _merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -146,8 +135,8 @@ def load_study(name_or_path: str, directory: Path = SWEEP_DIR) -> StudySpec:
     """Read defaults + the study file and validate everything (keys, types, bounds, sampler and pruner)."""
     path = study_path(name_or_path, directory)
     defaults_path = path.parent / f"{DEFAULTS}.yaml"
-    defaults = _read(defaults_path) if defaults_path.exists() else {}
-    raw = _merge(defaults, _read(path))
+    defaults = load_yaml_mapping(defaults_path) if defaults_path.exists() else {}
+    raw = _merge(defaults, load_yaml_mapping(path))
     raw.setdefault("study_name", path.stem)
     return spec_from_dict(raw, str(path))
 
