@@ -44,9 +44,13 @@ def test_two_processes_match_one_and_only_rank0_logs(tmp_path, mlflow_store):
     import mlflow
     from mlflow import MlflowClient
 
-    run = MlflowClient().create_run(mlflow.get_experiment_by_name("latentgate").experiment_id)
-    one = _run(tmp_path / "one", 4, 1)
-    two = _run(tmp_path / "two", 4, 2, run_id=run.info.run_id)
+    client = MlflowClient()
+    run = client.create_run(mlflow.get_experiment_by_name("latentgate").experiment_id)
+    try:
+        one = _run(tmp_path / "one", 4, 1)
+        two = _run(tmp_path / "two", 4, 2, run_id=run.info.run_id)
+    finally:  # the shared store never keeps a run RUNNING (the reliability catalogue checks it)
+        client.set_terminated(run.info.run_id, "FINISHED")
     assert two["world"] == 2 and one["world"] == 1
     err = _update_error(two, one)
     print(f"final loss: 1 process {one['loss']:.6f}, 2 processes {two['loss']:.6f}; update error {err:.4f}")

@@ -65,7 +65,8 @@ def test_smoke_gate_monitor_and_pyfunc_over_http(server, tmp_path, micro_cfg):
     import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(server)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(server)  # also sets MLFLOW_TRACKING_URI in os.environ: restored below
     try:
         c = MlflowClient(server)
         exp = c.get_experiment_by_name("latentgate")
@@ -108,7 +109,8 @@ def test_smoke_gate_monitor_and_pyfunc_over_http(server, tmp_path, micro_cfg):
         df = pd.DataFrame([{"context": by_id[r["id"]].context, "question": by_id[r["id"]].question} for r in latent])
         assert list(model.predict(df)["answer"]) == [r["prediction"] for r in latent]
     finally:
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        mlflow.set_tracking_uri(previous)
+        os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def test_unreachable_server_fails_in_seconds(tmp_path):
