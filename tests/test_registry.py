@@ -364,7 +364,7 @@ def test_pyfunc_round_trip_equals_the_eval_predictions(candidate, lenient, micro
     import pandas as pd
     import torch
 
-    from latentgate.eval.probe import _EvalMode
+    from latentgate.eval.probe import EvalMode
     from latentgate.model.contract import build_latent_batch
     from latentgate.phases.stages import load_trained, resolve_checkpoint
     from latentgate.registry.gate import hero_model_uri, promote
@@ -393,11 +393,11 @@ def test_pyfunc_round_trip_equals_the_eval_predictions(candidate, lenient, micro
     ref = load_trained(micro_cfg, _base_dir(micro_smoke), resolve_checkpoint(_stage_b_uri(micro_smoke)), splits={})
     logits = []
     for w in (ws, ref):
-        with torch.no_grad(), _EvalMode(w.encoder, w.adapter, w.lm):
+        with torch.no_grad(), EvalMode(w.encoder, w.adapter, w.lm):
             prefix = build_latent_batch(w.contract, w.embed, w.latents(examples[:4]))
             logits.append(w.lm(inputs_embeds=prefix.inputs_embeds, attention_mask=prefix.attention_mask).logits)
     assert torch.equal(logits[0], logits[1])
-    with torch.no_grad(), _EvalMode(ref.encoder, ref.adapter, ref.lm), ref.teacher():  # LoRA off: different logits
+    with torch.no_grad(), EvalMode(ref.encoder, ref.adapter, ref.lm), ref.teacher():  # LoRA off: different logits
         prefix = build_latent_batch(ref.contract, ref.embed, ref.latents(examples[:4]))
         assert not torch.equal(logits[0], ref.lm(inputs_embeds=prefix.inputs_embeds,
                                                  attention_mask=prefix.attention_mask).logits)

@@ -192,10 +192,13 @@ def flatten(cfg: Config) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, sec in dataclasses.asdict(cfg).items() for k, v in sec.items()}
 
 
-def config_hash(cfg: Config, sections: tuple[str, ...] | None = None) -> str:
+def config_hash(cfg: Config, sections: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()) -> str:
+    """Short sha256 of the resolved config (or of some sections, minus keys starting with `exclude`)."""
     flat = flatten(cfg)
     if sections:
         flat = {k: v for k, v in flat.items() if k.split(".")[0] in sections}
+    if exclude:
+        flat = {k: v for k, v in flat.items() if not k.startswith(exclude)}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -251,17 +251,17 @@ def batched_generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tens
 
 def latent_prefixes(ws, examples) -> tuple[torch.Tensor, torch.Tensor]:
     """The eval latent path's generation inputs (encoder -> adapter -> prefix contract), in eval mode."""
-    from latentgate.eval.probe import _EvalMode
+    from latentgate.eval.probe import EvalMode
     from latentgate.model.contract import build_latent_batch
 
-    with torch.no_grad(), _EvalMode(ws.encoder, ws.adapter, ws.lm):
+    with torch.no_grad(), EvalMode(ws.encoder, ws.adapter, ws.lm):
         prefix = build_latent_batch(ws.contract, ws.embed, ws.latents(examples))
     return prefix.inputs_embeds, prefix.attention_mask
 
 
 def bench_generation(cfg: Config, work: Path, reps: int = 3, n: int = 200, ws=None, loop_reps: int = 1) -> Row:
     from latentgate.bench.fixtures import smoke_workspace
-    from latentgate.eval.probe import _EvalMode
+    from latentgate.eval.probe import EvalMode
 
     ws = ws or smoke_workspace(cfg, work / "base")
     examples = (ws.splits["eval"] * (n // max(1, len(ws.splits["eval"])) + 1))[:n]
@@ -271,7 +271,7 @@ def bench_generation(cfg: Config, work: Path, reps: int = 3, n: int = 200, ws=No
 
     def side(name, fn):
         def go():
-            with torch.no_grad(), _EvalMode(ws.lm):
+            with torch.no_grad(), EvalMode(ws.lm):
                 outputs[name] = fn()
         return go
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from latentgate.eval import scoring
 from latentgate.eval.generate import decode, greedy_generate
-from latentgate.eval.probe import _EvalMode
+from latentgate.eval.probe import EvalMode
 from latentgate.model.contract import build_latent_batch, build_text_batch, encode_answers, text_prompt
 from latentgate.train.losses import answer_logits
 
@@ -48,14 +49,14 @@ def evaluate(ws, examples, out_dir: Path, paths=None, batch_size: int | None = N
     rows: list[dict] = []
     extra: dict[str, dict] = {p: {"hits": 0, "hits5": 0, "nll": 0.0, "tokens": 0.0, "prompt_tokens": 0,
                                   "prompt_bytes": 0} for p in paths}
-    with _EvalMode(ws.encoder, ws.adapter, ws.lm):
+    with EvalMode(ws.encoder, ws.adapter, ws.lm):
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             latents = ws.latents(chunk) if any(p in LATENT_PATHS for p in paths) else None
             gold_first = encode_answers(ws.tokenizer, [e.answer for e in chunk])  # scoring only
             for path in paths:
                 teacher = path in ("text", "token_budget")
-                with (ws.teacher() if teacher else _nullctx()):
+                with (ws.teacher() if teacher else nullcontext()):
                     prefix, scoring_batch, prompts = _prefix_for(ws, path, chunk, latents)
                     gen = greedy_generate(ws.lm, prefix.inputs_embeds, prefix.attention_mask,
                                           ws.cfg.eval.max_new_tokens, ws.contract.eos_id)
@@ -127,10 +128,3 @@ def aggregate(rows: list[dict], extra: dict, ws, n_examples: int) -> dict:
         out["prompt_tokens_per_example"] = out["paths"]["text"]["prompt_tokens_per_example"]
     return out
 
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -12,7 +12,7 @@ from latentgate.model.contract import build_latent_batch, encode_answers
 from latentgate.train.losses import answer_logits
 
 
-class _EvalMode:
+class EvalMode:
     def __init__(self, *modules):
         self.modules = [m for m in modules if m is not None]
 
@@ -31,7 +31,7 @@ def run_probe(ws, examples, with_f1: bool = False, batch_size: int = 256) -> dic
     hits = hits5 = 0
     nll_sum = tok_count = 0.0
     f1s: list[float] = []
-    with _EvalMode(ws.encoder, ws.adapter, ws.lm):
+    with EvalMode(ws.encoder, ws.adapter, ws.lm):
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
             latents = ws.latents(chunk)
@@ -65,7 +65,7 @@ def epoch_samples(ws, examples, n_samples: int = 5) -> dict:
     """Sample predictions and the histogram of predicted first tokens on the probe set (collapse shows here)."""
     from collections import Counter
 
-    with _EvalMode(ws.encoder, ws.adapter, ws.lm):
+    with EvalMode(ws.encoder, ws.adapter, ws.lm):
         prefix = build_latent_batch(ws.contract, ws.embed, ws.latents(examples))
         gen = greedy_generate(ws.lm, prefix.inputs_embeds, prefix.attention_mask, ws.cfg.eval.max_new_tokens,
                               ws.contract.eos_id)

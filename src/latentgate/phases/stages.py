@@ -5,7 +5,6 @@ Stages hand each other checkpoints by URI (`runs:/<id>/checkpoints/stage_a`), re
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -17,11 +16,8 @@ BASE_HASH_TAG = "latentgate.base_config_hash"
 
 
 def base_hash(cfg: Config) -> str:
-    keep = {k: v for k, v in flatten(cfg).items()
-            if k.startswith("base.") and not k.startswith("base.gate_") or k.startswith("data.")}
-    import hashlib
-
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """What identifies a trained base LM: its data and base config (the sanity-gate thresholds do not)."""
+    return config_hash(cfg, ("base", "data"), exclude=("base.gate_",))
 
 
 def find_registered_base(cfg: Config) -> tuple[str, str] | None:

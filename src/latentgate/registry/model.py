@@ -193,13 +193,13 @@ def predict_answers(ws, contexts: list[str], questions: list[str]) -> list[str]:
 
     from latentgate.data.records import Example
     from latentgate.eval.generate import decode, greedy_generate
-    from latentgate.eval.probe import _EvalMode
+    from latentgate.eval.probe import EvalMode
     from latentgate.model.contract import build_latent_batch
 
     examples = [Example(str(i), c, q, ("",)) for i, (c, q) in enumerate(zip(contexts, questions, strict=True))]
     out: list[str] = []
     bs = ws.cfg.eval.batch_size
-    with torch.no_grad(), _EvalMode(ws.encoder, ws.adapter, ws.lm):
+    with torch.no_grad(), EvalMode(ws.encoder, ws.adapter, ws.lm):
         for start in range(0, len(examples), bs):
             chunk = examples[start : start + bs]
             prefix = build_latent_batch(ws.contract, ws.embed, ws.latents(chunk))

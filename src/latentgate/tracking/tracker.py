@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -116,6 +115,3 @@ class MlflowTracker(NullTracker):
         self.client.log_inputs(self.run_id, datasets=[entry])
         self.set_tags({f"dataset.{name}.digest": ds.digest})
 
-
-def env_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI", "")

@@ -108,9 +108,3 @@ def workspace_from_lm(cfg: Config, lm, tok, splits: dict | None = None, with_lat
         ws.adapter.to(device)
     return ws
 
-
-def malloc_env() -> dict[str, str]:
-    """glibc malloc churn took ~1/3 of CPU time in the prototype; these settings cut step time 20-25%.
-    They only take effect in a fresh process, so the Makefile exports them."""
-    return {"MALLOC_TRIM_THRESHOLD_": "268435456", "MALLOC_TOP_PAD_": "268435456",
-            "MALLOC_MMAP_THRESHOLD_": "268435456"}
