@@ -131,6 +131,23 @@ def test_objective_and_intermediate_formula():
         {"latent": {"f1": 0.010, "first_top1": 0.99}})[0]
 
 
+def test_bench_trials_are_fixed_in_space_and_longest_first():
+    """The worker benchmark runs the same trials with 1 and 2 workers: drawn once, reproducibly, from the space."""
+    from latentgate.sweep.bench import draw_trials
+    from latentgate.sweep.study import load_study
+
+    spec = load_study("phase2")
+    draws = draw_trials(spec, 8, seed=0)
+    assert draws == draw_trials(spec, 8, seed=0) and draws != draw_trials(spec, 8, seed=1)
+    steps = [d["stage_b.steps"] for d in draws]
+    assert steps == sorted(steps, reverse=True) and len({json.dumps(d, sort_keys=True) for d in draws}) == 8
+    for d in draws:
+        assert set(d) <= set(spec.search_space)
+        assert ("stage_b.min_lr" in d) == (d["stage_b.schedule"] == "cosine")  # the `when` condition holds
+        p = spec.search_space["stage_b.first_token_ce_weight"]
+        assert p.low <= d["stage_b.first_token_ce_weight"] <= p.high
+
+
 # ---- pruning: in-process, SQLite storage -----------------------------------------------------------------------
 
 def test_pruned_trials_never_look_like_successes(tmp_path, stage_a_uri, mlflow_store):
@@ -322,3 +339,17 @@ def test_cli_help_does_not_import_heavy_modules():
                         "print(sorted(m for m in ('torch', 'mlflow', 'optuna') if m in sys.modules))"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.stdout.strip() == "[]", r.stderr
+
+
+@pytest.mark.slow
+def test_sweep_bench_quick_measures_both_comparisons(tmp_path, mlflow_store):
+    """`latentgate bench --sweep --quick`: both rows are measured (micro numbers mean nothing, so no verdict)."""
+    from latentgate.sweep.bench import bench_sweep
+
+    rows = bench_sweep(out_dir=tmp_path, quick=True, echo=lambda *_: None)
+    assert [r.key for r in rows] == ["sweep_workers", "sweep_pruning"]
+    workers, pruning = rows
+    assert workers.details["1"]["trials"] == workers.details["2"]["trials"] == 4
+    assert workers.details["1"]["optimizer_steps"] == workers.details["2"]["optimizer_steps"]  # the same trials
+    assert workers.value > 0 and pruning.value is not None and pruning.status in ("PASS", "FAIL")
+    assert json.loads((tmp_path / "sweep" / "sweep_bench.json").read_text())[0]["key"] == "sweep_workers"

@@ -3,7 +3,6 @@ print and write the table."""
 
 from __future__ import annotations
 
-import inspect
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,29 +37,10 @@ class BenchOptions:
                 "step": {"reps": self.reps or (2 if q else 3), "steps": 6 if q else 16}}
 
 
-def _sweep_rows(opts: BenchOptions, work: Path) -> list[Row]:
-    what = ("sweep comparisons (latentgate.sweep.bench.bench_sweep)", "-", "see rows")
-    try:
-        from latentgate.sweep.bench import bench_sweep
-    except ImportError as err:
-        return [report.not_measured("sweep", *what, f"latentgate.sweep.bench not importable: {err}")]
-    offered = {"out_dir": opts.out_dir, "work_dir": work, "quick": opts.quick, "reps": opts.reps,
-               "threads": opts.threads}
-    params = inspect.signature(bench_sweep).parameters
-    result = bench_sweep(**{k: v for k, v in offered.items() if k in params})
-    rows = []
-    for i, r in enumerate(result if isinstance(result, (list, tuple)) else [result]):
-        if isinstance(r, Row):
-            rows.append(r)
-        elif isinstance(r, dict):
-            known = {k: r[k] for k in Row.__dataclass_fields__ if k in r}
-            known.setdefault("key", f"sweep_{i}")
-            for k in ("what", "compared_with", "measured", "target", "status"):
-                known.setdefault(k, "-")
-            rows.append(Row(**known))
-        else:
-            rows.append(Row(f"sweep_{i}", what[0], "-", str(r), "-", report.INFO))
-    return rows
+def _sweep_rows(opts: BenchOptions) -> list[Row]:
+    from latentgate.sweep.bench import bench_sweep
+
+    return bench_sweep(out_dir=opts.out_dir, quick=opts.quick, threads=opts.threads)
 
 
 def run_bench(opts: BenchOptions, echo=print) -> list[Row]:
@@ -109,7 +89,7 @@ def run_bench(opts: BenchOptions, echo=print) -> list[Row]:
         if opts.sweep:
             echo("bench: sweep ...")
             try:
-                rows += _sweep_rows(opts, work / "sweep")
+                rows += _sweep_rows(opts)
             except Exception as err:  # noqa: BLE001
                 rows.append(report.error_row("sweep", "sweep comparisons", "-", "-", err))
     return rows
