@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from latentgate import config
+from latentgate import distributed as dist
 from latentgate.data.synthetic import vocabulary
 from latentgate.model.base_lm import build_builtin_lm, build_builtin_tokenizer
 from latentgate.tracking.tracker import MlflowTracker, NullTracker
-from latentgate.train import distributed as dist
 from latentgate.train.trainer import train_stage
 from latentgate.train.workspace import load_splits, synthetic_spec, workspace_from_lm
 

@@ -70,3 +70,73 @@ def test_checkpoints_resume_across_world_sizes(tmp_path, first, then):
     assert resumed["steps"] == 4
     assert resumed["loss"] == pytest.approx(straight["loss"], rel=2e-2)
     assert _update_error(resumed, straight) < 0.05
+
+
+# ---- the phase entry points under torchrun: rank 0 owns the store -------------------------------------------------
+
+def _torchrun(args: list[str], store: Path, procs: int = 2) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+                "--master_addr", "127.0.0.1", "--master_port", str(_port()), "-m", "latentgate"]
+    cmd = launcher + args if procs > 1 else [sys.executable, "-m", "latentgate", *args]
+    env = cli_env({"MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}", "OMP_NUM_THREADS": "1"})
+    return subprocess.run(cmd, cwd=store, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _runs(store: Path) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_phases_under_torchrun_write_once_and_match_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 -m latentgate smoke` then `stage-b`: one set of runs, one registered base LM,
+    one output folder, one printed summary; every metric step logged once; the same losses as 1 process."""
+    from mlflow import MlflowClient
+
+    store = tmp_path / "store"
+    store.mkdir()
+    micro = ["--preset", "micro", "--set", f"run.output_dir={tmp_path / 'runs'}"]
+    two = _torchrun(["smoke", *micro], store)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("── latentgate smoke ──") == 1  # printed by rank 0 only
+    runs = _runs(store)
+    by_phase = {}
+    for r in runs:
+        by_phase.setdefault(r.data.tags.get("latentgate.phase"), []).append(r)
+    assert sorted(by_phase) == ["base", "eval", "smoke", "stage_a", "stage_b"]
+    assert all(len(v) == 1 for v in by_phase.values()) and all(r.info.status == "FINISHED" for r in runs)
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    assert len(client.search_model_versions("name='latentgate-base'")) == 1
+    assert len(list((tmp_path / "runs").iterdir())) == 1  # rank 0's folder, shared by both ranks
+    a_run = by_phase["stage_a"][0].info.run_id
+    for stage, run in (("stage_a", a_run), ("stage_b", by_phase["stage_b"][0].info.run_id)):
+        steps = [m.step for m in client.get_metric_history(run, f"{stage}/loss")]
+        assert steps == list(range(1, 7)), steps  # reduced across ranks, logged once
+
+    one = _torchrun(["smoke", *micro], store, procs=1)  # reuses the registered base LM: same start point
+    assert one.returncode == 0, one.stderr[-3000:]
+    smokes = sorted((r for r in _runs(store) if r.data.tags.get("latentgate.phase") == "stage_b"),
+                    key=lambda r: r.info.start_time)
+    loss2, loss1 = (s.data.metrics["stage_b/loss"] for s in smokes)
+    print(f"stage_b final loss: 2 processes {loss2:.6f}, 1 process {loss1:.6f}")
+    assert loss2 == pytest.approx(loss1, rel=2e-2)
+
+    b = _torchrun(["stage-b", *micro, "--resume-from", f"runs:/{a_run}/checkpoints/stage_a"], store)
+    assert b.returncode == 0, b.stderr[-3000:]
+    assert b.stdout.count("stage_b: run") == 1
+    fresh = [r for r in _runs(store) if r.data.tags.get("latentgate.entry_point") == "stage_b"]
+    assert len(fresh) == 1 and fresh[0].info.status == "FINISHED"
+    assert fresh[0].data.tags["latentgate.init_from"] == f"runs:/{a_run}/checkpoints/stage_a"
+
+
+def test_a_failed_check_under_torchrun_stops_every_rank(tmp_path):
+    """A missing checkpoint fails on every rank in seconds, one line each, no traceback, nothing left RUNNING."""
+    store = tmp_path / "store"
+    store.mkdir()
+    done = _torchrun(["stage-b", "--preset", "micro", "--resume-from", str(tmp_path / "nope")], store)
+    assert done.returncode != 0
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("latentgate: error:")]
+    assert len(lines) == 2 and all("does not exist" in ln for ln in lines), done.stderr[-2000:]
+    assert "latentgate/" not in done.stderr  # no frame of ours: torchrun's own report is all that follows
+    assert all(r.info.status != "RUNNING" for r in _runs(store))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from latentgate.cli_common import config_options, guarded, resolve_config
+from latentgate.cli_common import config_options, echo_main, guarded, resolve_config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -38,8 +38,7 @@ def smoke(preset, sets, overrides):
     cfg = resolve_config(preset, sets, overrides, "smoke")
     from latentgate.phases.smoke import format_summary, run_smoke
 
-    summary = run_smoke(cfg, preset or "smoke")
-    click.echo(format_summary(summary))
+    echo_main(format_summary(run_smoke(cfg, preset or "smoke")))
 
 
 

@@ -25,8 +25,15 @@ _STORE_WRITE_FAILURES = ("database or disk is full", "disk i/o error", "attempt 
                          "unable to open database file")
 
 
+def echo_main(text: str) -> None:
+    """Print a command's result once: on rank 0 only when several processes run the command (torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(text)
+
+
 def _fail(message: str, code: int) -> None:
-    click.echo(f"latentgate: error: {message}", err=True)
+    rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
+    click.echo(f"latentgate: error: {'' if rank == '0' else f'[rank {rank}] '}{message}", err=True)
     sys.exit(code)
 
 
@@ -46,12 +53,17 @@ def prepare_runtime(debug: bool) -> None:
       the trainer installs its own handler during training (checkpoint at the next step boundary).
     * SIGXFSZ (file-size limit hit) is ignored, so the write raises OSError(EFBIG) and is reported in one line
       instead of the process dying with a core dump.
+    * Under torchrun / accelerate launch (WORLD_SIZE > 1) the process joins the process group.
     * Progress bars of HF / MLflow are off and warnings are printed as one line each (`--debug` keeps them as is).
     """
     if threading_main():
         signal.signal(signal.SIGTERM, _raise_interrupted)
         if hasattr(signal, "SIGXFSZ"):
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun / accelerate launch: join the process group
+        from latentgate.distributed import init_from_env
+
+        init_from_env()
     if debug:
         return
     for key, value in {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
@@ -97,6 +109,8 @@ def guarded(fn):
         except LatentgateError as err:
             if debug:
                 traceback.print_exc()
+            if getattr(err, "quiet", False):  # another process (rank 0) already printed the line
+                sys.exit(err.exit_code)
             _fail(mask_secrets(str(err)), err.exit_code)
         except KeyboardInterrupt:
             if debug:

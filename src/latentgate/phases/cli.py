@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from latentgate.cli_common import config_options, guarded, resolve_config
+from latentgate.cli_common import config_options, echo_main, guarded, resolve_config
 
 CHECKPOINT_HELP = "runs:/<run_id>/<path>, models:/<name>@<alias> (or /<version>), or a local checkpoint folder"
 
@@ -22,7 +22,7 @@ def _phase(entry_point: str, default_preset: str, input_option: str | None = Non
         from latentgate.phases.entry import run_entry
 
         result = run_entry(entry_point, cfg, preset or default_preset, kwargs.get(input_option or "", "") or "")
-        click.echo(_summary(entry_point, result))
+        echo_main(_summary(entry_point, result))
 
     command = guarded(command)
     command = config_options(command)
@@ -72,7 +72,7 @@ def hero(model, preset, sets, overrides):
     from latentgate.phases.entry import hero as run_hero
     from latentgate.phases.smoke import format_summary
 
-    click.echo(format_summary(run_hero(cfg, model, preset or "hero")))
+    echo_main(format_summary(run_hero(cfg, model, preset or "hero")))
 
 
 @click.command("pipeline")
@@ -114,7 +114,7 @@ def resume(run_id):
     its last checkpoint. A FINISHED run is never overwritten."""
     from latentgate.phases.entry import resume as resume_run
 
-    click.echo(_summary("resume", resume_run(run_id)))
+    echo_main(_summary("resume", resume_run(run_id)))
 
 
 COMMANDS = [base, stage_a, stage_b, eval_, extend, fix, hero, pipeline, resume]

@@ -58,7 +58,9 @@ def _preflight(run_id: str | None):
     try:
         yield
     except LatentgateError as err:
-        if run_id:
+        from latentgate.distributed import owns_store
+
+        if run_id and owns_store():
             from mlflow import MlflowClient
 
             client = MlflowClient()
@@ -272,6 +274,7 @@ def resume(run_id: str) -> dict:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from latentgate.distributed import owns_store
     from latentgate.phases.stages import base_from_run, run_stage
     from latentgate.tracking.runs import tracking_uri
     from latentgate.train.workspace import load_splits
@@ -304,7 +307,7 @@ def resume(run_id: str) -> dict:
                               f"start the phase again (set {stage}.checkpoint_every to checkpoint more often)")
     base_info = base_from_run(run_id)
     keep = {k: v for k, v in tags.items() if k.startswith("latentgate.") and k != "latentgate.error"}
-    if "latentgate.error" in tags:
+    if "latentgate.error" in tags and owns_store():
         client.delete_tag(run_id, "latentgate.error")
     splits = load_splits(cfg)
     return run_stage(cfg, stage, base_info, out, splits, resume=ckpt_dir, run_id=run_id,

@@ -13,9 +13,16 @@ from latentgate.tracking.secrets import mask_secrets
 
 
 def run_output_dir(cfg: Config, name: str) -> Path:
-    out = Path(cfg.run.output_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    """A fresh folder under run.output_dir. Under torchrun, rank 0's folder, shared by every rank (rank 0 writes
+    the checkpoints the others load next; across nodes run.output_dir must be a shared filesystem)."""
+    from latentgate.distributed import main_only
+
+    def make() -> Path:
+        out = Path(cfg.run.output_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        out.mkdir(parents=True, exist_ok=True)
+        return out.resolve()
+
+    return main_only(make)
 
 
 def run_smoke(cfg: Config, preset: str = "smoke", name: str = "smoke", tags: dict | None = None) -> dict:

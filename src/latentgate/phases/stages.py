@@ -62,7 +62,18 @@ def register_base(cfg: Config, run_id: str) -> str:
 
 
 def run_base(cfg: Config, out_dir: Path, splits, run_id: str | None = None, tags: dict | None = None) -> dict:
-    """Reuse the registered base LM when its config matches; otherwise train it. Then the sanity gate."""
+    """Reuse the registered base LM when its config matches; otherwise train it. Then the sanity gate.
+    Under torchrun rank 0 does all of it (it registers the base LM); the other ranks then read the base LM
+    from the store by its run."""
+    from latentgate import distributed as dist
+
+    result = dist.main_only(lambda: _run_base(cfg, out_dir, splits, run_id, tags))
+    if not dist.owns_store():
+        result = {**result, "base_dir": base_from_run(result["run_id"])["base_dir"]}
+    return result
+
+
+def _run_base(cfg: Config, out_dir: Path, splits, run_id: str | None, tags: dict | None) -> dict:
     from latentgate.train.base import sanity_gate, text_eval, train_builtin_base
     from latentgate.train.workspace import build_workspace
 
@@ -190,6 +201,7 @@ def _log_stage_common(tr, cfg: Config, splits, ws, stage: str) -> None:
 def run_stage(cfg: Config, stage: str, base: dict, out_dir: Path, splits, init_from: Path | None = None,
               resume: Path | None = None, run_id: str | None = None, on_probe=None, tags: dict | None = None) -> dict:
     """Stage A (encoder+adapter, LM frozen) or Stage B (resumed from Stage A, plus LoRA)."""
+    from latentgate import distributed as dist
     from latentgate.model.lora import attach_lora
     from latentgate.train import checkpoint as ckpt
     from latentgate.train.trainer import COMPAT_KEYS, checkpoint_modules, train_stage
@@ -210,19 +222,29 @@ def run_stage(cfg: Config, stage: str, base: dict, out_dir: Path, splits, init_f
             _log_stage_common(tr, cfg, splits, ws, stage)
         stage_dir = out_dir / stage
         result = train_stage(ws, stage, tr, stage_dir, resume=resume, on_probe=on_probe)
+        result.update(run_id=tr.run_id, checkpoint_uri=f"runs:/{tr.run_id}/checkpoints/{stage}")
+        if not dist.owns_store():  # ranks > 0: rank 0 logs the artifacts and makes the plots
+            return result
         tr.log_artifact(stage_dir / "diagnostics.jsonl")
         tr.log_artifact(stage_dir / "diagnostics_epoch.jsonl")
         _log_plots(tr, "stage", stage_dir / "diagnostics.jsonl", stage_dir / "plots")
         tr.log_artifacts(result["checkpoint"], f"checkpoints/{stage}")
         tr.log_metrics({f"{stage}/final_probe_{k}": v for k, v in (result["final_probe"] or {}).items()},
                        step=result["steps"])
-        result.update(run_id=tr.run_id, checkpoint_uri=f"runs:/{tr.run_id}/checkpoints/{stage}")
         tr.log_dict({k: v for k, v in result.items() if k != "probes"}, "stage_summary.json")
         return result
 
 
 def run_eval(cfg: Config, base: dict, checkpoint: Path, out_dir: Path, splits, source_uri: str = "",
              run_id: str | None = None, tags: dict | None = None) -> dict:
+    """Every eval path on `checkpoint`. Under torchrun rank 0 evaluates and the others receive its metrics."""
+    from latentgate.distributed import main_only
+
+    return main_only(lambda: _run_eval(cfg, base, checkpoint, out_dir, splits, source_uri, run_id, tags))
+
+
+def _run_eval(cfg: Config, base: dict, checkpoint: Path, out_dir: Path, splits, source_uri: str,
+              run_id: str | None, tags: dict | None) -> dict:
     from latentgate.eval.evaluate import evaluate
 
     with tracked_run("eval", run_id=run_id, tags={"latentgate.checkpoint": source_uri or str(checkpoint),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from latentgate.errors import Interrupted, LatentgateError, StoreError  # noqa: F401 (Interrupted: re-exported)
 from latentgate.tracking.secrets import mask_secrets
-from latentgate.tracking.tracker import MlflowTracker
+from latentgate.tracking.tracker import MlflowTracker, NullTracker
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -78,13 +78,22 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 def setup_experiment(name: str) -> str:
-    """Point MLflow at the store and experiment; local stores keep artifacts in an ignored folder."""
+    """Point MLflow at the store and experiment; local stores keep artifacts in an ignored folder. Under torchrun
+    only rank 0 creates anything; the other ranks point at the same store, to read from it."""
     import mlflow
+
+    from latentgate import distributed as dist
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = tracking_uri()
-    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
+    return dist.main_only(lambda: _setup_experiment(uri, name))
+
+
+def _setup_experiment(uri: str, name: str) -> str:
+    import mlflow
+
+    check_reachable(uri)
     try:
         if os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run`: children go where the project's run is
             mlflow.set_experiment(experiment_id=mlflow.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id)
@@ -155,7 +164,14 @@ def tracked_run(name: str, *, nested: bool = True, tags: dict | None = None, run
     never stuck RUNNING."""
     import mlflow
 
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else name, nested=nested)
+    from latentgate import distributed as dist
+
+    started = dist.main_only(lambda: mlflow.start_run(run_id=run_id, run_name=None if run_id else name,
+                                                      nested=nested).info.run_id)
+    if not dist.owns_store():  # ranks > 0 of a multi-process run: rank 0's run id, and nothing logged
+        yield NullTracker(started)
+        return
+    run = mlflow.active_run()
     tracker = MlflowTracker(run.info.run_id)
     try:
         # a run adopted from `mlflow run` gets the phase's name instead of a random one

@@ -18,7 +18,10 @@ METRIC_FLUSH = 1000
 
 
 class NullTracker:
-    run_id: str | None = None
+    """Logs nothing: tracking off, and ranks > 0 of a multi-process run (run_id: rank 0's run)."""
+
+    def __init__(self, run_id: str | None = None):
+        self.run_id = run_id
 
     def log_params(self, params: dict) -> None: ...
     def log_metrics(self, metrics: dict, step: int) -> None: ...

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
+from latentgate import distributed as dist
 from latentgate.config import StageConfig, flatten
 from latentgate.errors import ConfigError, Interrupted, TrainingFault
 from latentgate.model.contract import build_latent_batch, build_text_batch, encode_answers, text_prompt
 from latentgate.tracking.tracker import NullTracker
 from latentgate.train import checkpoint as ckpt
-from latentgate.train import distributed as dist
 from latentgate.train.losses import TERMS, answer_logits, compute_losses, p_gold_at, scheduled_inputs
 from latentgate.train.workspace import Workspace
 
@@ -120,7 +120,7 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
     from latentgate.eval.probe import epoch_samples, run_probe
 
     st: StageConfig = getattr(ws.cfg, stage)
-    rank, size = dist.world()
+    rank, size = dist.active_world()
     if size > 1:
         if st.batch_size % size:
             raise ConfigError(f"{stage}.batch_size={st.batch_size} does not split over {size} processes",

@@ -1,0 +1,153 @@
+"""Data-parallel training across processes (`torchrun` or `accelerate launch`: both set RANK / WORLD_SIZE).
+
+Every rank holds the same modules and takes its shard of the same global batch. Gradients are averaged with one
+all-reduce per parameter before clipping, so every rank takes the same step. Logged scalars are averaged across
+ranks first. Checkpoints carry no per-rank state, so a checkpoint written by N processes resumes in M.
+
+Only rank 0 writes: MLflow runs, metrics, artifacts, registry versions, checkpoints, output folders. The phases
+run the same code on every rank; what only rank 0 may do goes through `main_only(fn)`, which runs fn on rank 0
+alone and hands its result (or its error) to the others. Other ranks may read the store (download a checkpoint
+or a base LM by URI), never write it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import os
+
+from latentgate.errors import LatentgateError
+
+TIMEOUT_ENV = "LATENTGATE_DIST_TIMEOUT_MIN"  # how long ranks wait for rank 0 (e.g. its base-LM training or eval)
+_solo = 0  # > 0 while rank 0 runs a main_only section alone: nothing inside may call a collective
+
+
+class RankFailed(LatentgateError):
+    """Raised on ranks > 0 when rank 0 failed inside main_only: they stop with rank 0's exit code, and stay
+    silent (rank 0 prints the one line)."""
+
+    quiet = True
+
+    def __init__(self, kind: str, message: str, exit_code: int):
+        super().__init__(f"rank 0 failed: {kind}: {message}")
+        self.exit_code = exit_code
+
+
+def launched() -> bool:
+    """Started by torchrun / accelerate launch with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env() -> bool:
+    """Join the process group when launched with WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+    if not launched():
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return True
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = datetime.timedelta(minutes=float(os.environ.get(TIMEOUT_ENV, "120")))
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
+    atexit.register(_leave)
+    return True
+
+
+def _leave() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when not distributed (torch is not even imported then)."""
+    if not launched():
+        return 0, 1
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def collective() -> bool:
+    """Several ranks take part in what runs now (False inside a main_only section: rank 0 is alone there)."""
+    return world()[1] > 1 and _solo == 0
+
+
+def active_world() -> tuple[int, int]:
+    """(rank, size) of the ranks taking part in what runs now: (0, 1) inside a main_only section."""
+    return world() if collective() else (0, 1)
+
+
+def owns_store() -> bool:
+    """Whether this process may write to the tracking store and the output folders now."""
+    return active_world()[0] == 0
+
+
+def broadcast(obj):
+    """Rank 0's `obj` on every rank (picklable objects)."""
+    if not collective():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def main_only(fn):
+    """Run fn() on rank 0 alone and return its result on every rank. An error on rank 0 is raised there and, as
+    RankFailed, on the others, so no rank waits forever for a result that will not come."""
+    global _solo
+    if not collective():
+        return fn()
+    if world()[0] != 0:
+        outcome = broadcast(None)
+        if outcome[0] == "error":
+            raise RankFailed(*outcome[1:])
+        return outcome[1]
+    _solo += 1
+    try:
+        result = fn()
+    except BaseException as err:
+        _solo -= 1
+        broadcast(("error", type(err).__name__, str(err), int(getattr(err, "exit_code", 1))))
+        raise
+    _solo -= 1
+    broadcast(("ok", result))
+    return result
+
+
+def shard(indices: list[int], rank: int, size: int) -> list[int]:
+    return indices[rank::size]
+
+
+def average_gradients(params, size: int) -> None:
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(size)
+
+
+def mean_scalars(values: dict[str, float], size: int) -> dict[str, float]:
+    """Average a dict of floats across ranks (same keys on every rank)."""
+    import torch
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return {k: float(v) / size for k, v in zip(keys, t.tolist())}
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if collective():
+        dist.barrier()
