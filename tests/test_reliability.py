@@ -165,6 +165,24 @@ def test_config_errors(case, store):
     assert line.count("\n") == 0
 
 
+USAGE_CASES = {
+    "unknown option": (["smoke", "--bogus"], "No such option '--bogus' (fix: see `"),
+    "unknown command": (["smokee"], "No such command 'smokee'. Did you mean 'smoke'?"),
+    "missing required option": (["stage-b", *MICRO], "Missing option '--resume-from'"),
+    "invalid choice": (["bench", "--clock", "sundial"], "'sundial' is not one of 'cpu', 'wall'"),
+    "missing argument": (["data", "check"], "Missing argument 'PATH'"),
+}
+
+
+@pytest.mark.parametrize("case", list(USAGE_CASES))
+def test_usage_errors_are_one_line(case):
+    """click's own errors (before any of our code runs) keep the one-line format, exit 2, and point at --help."""
+    args, needle = USAGE_CASES[case]
+    proc = run_cli(*args, timeout=60)
+    line = assert_fails(proc, 2, needle)
+    assert line.endswith("--help`)") and proc.stdout == ""
+
+
 def test_debug_shows_the_traceback(store):
     proc = run_cli("--debug", "config", *MICRO, "--set", "model.lora_r=0", timeout=60)
     assert proc.returncode == 2 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr

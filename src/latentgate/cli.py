@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import click
 
-from latentgate.cli_common import config_options, echo_main, guarded, resolve_config
+from latentgate.cli_common import OneLineErrorsGroup, config_options, echo_main, guarded, resolve_config
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=OneLineErrorsGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--debug", is_flag=True, help="show Python tracebacks on errors")
 @click.version_option(package_name="latentgate")
 def main(debug: bool) -> None:

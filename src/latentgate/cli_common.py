@@ -129,6 +129,27 @@ def guarded(fn):
     return wrapper
 
 
+class OneLineErrorsGroup(click.Group):
+    """The root command group. Click's own usage errors (unknown option or command, missing or invalid value) are
+    printed in the one-line format of every other error, instead of click's usage block."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        extra.pop("standalone_mode", None)
+        try:
+            code = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as err:  # a bare `latentgate` / `latentgate registry`: the help
+            click.echo(err.format_message(), err=True)
+            sys.exit(err.exit_code)
+        except click.UsageError as err:
+            where = err.ctx.command_path if err.ctx else (prog_name or "latentgate")
+            _fail(f"{err.format_message().rstrip('.')} (fix: see `{where} --help`)", err.exit_code)
+        except click.ClickException as err:
+            _fail(f"{err.format_message().rstrip('.')} (fix: check the command line)", err.exit_code)
+        except click.Abort:
+            _fail("aborted (fix: rerun the command)", 1)
+        sys.exit(code if isinstance(code, int) else 0)  # ctx.exit(n) / --help / --version return their code
+
+
 def config_options(fn):
     """--preset / --set / --overrides: the one way every subcommand takes config."""
     fn = click.option("--overrides", default="", help="space-separated key=value overrides (MLproject parameter)")(fn)
