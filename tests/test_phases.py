@@ -30,6 +30,7 @@ from latentgate.phases.pipeline import (
     Evidence,
     PipelineOptions,
     decide,
+    format_decisions,
     phase_overrides,
     run_pipeline,
 )
@@ -376,6 +377,39 @@ def test_pipeline_as_mlflow_projects_twice(steer_to_fix, tmp_path_factory, mlflo
     assert proc.stdout.count("(reused)") == 6
     assert phase_runs() == training
     assert {r.info.run_id for r in all_runs() if r.data.tags.get("mlflow.project.entryPoint")} == project_runs
+
+
+def test_pipeline_phase2_branch_end_to_end(tmp_path_factory, mlflow_store, micro_smoke):
+    """The real checklist on a micro run (F1 0, first-token peak below 12%): Phase 1 -> Phase 2, a real sweep as an
+    inner `mlflow run` -> the best trial's eval -> still short -> Phase 3 with the sweep's tuned params -> stop."""
+    out = tmp_path_factory.mktemp("pipeline-sweep")
+    opts = PipelineOptions(preset="micro", overrides={"run.output_dir": str(out)}, runner="inprocess",
+                           sweep_study="micro", sweep_trials=2)
+    old_path = os.environ.get("PATH", "")
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{old_path}"  # the inner `mlflow run`
+    try:
+        summary = run_pipeline(opts)
+    finally:
+        os.environ["PATH"] = old_path
+    print(format_decisions(summary))
+    rules = [d["rule"] for d in summary["decisions"]]
+    assert rules[:2] == ["needs_tuning", "still_short_after_sweep"], rules
+    steps = [s["entry_point"] for s in summary["steps"]]
+    assert steps[:5] == ["base", "stage_a", "extend", "eval", "sweep"] and steps[5:7] == ["fix", "eval"], steps
+    sweep_step = summary["steps"][4]
+    sweep_run = _client().get_run(sweep_step["run_id"])
+    assert sweep_run.info.status == "FINISHED"
+    assert sweep_run.data.tags["latentgate.best_trial_run"] == sweep_step["best_trial_run"]
+    # the decision after the sweep read the best trial's own runs
+    after_sweep = summary["decisions"][1]["evidence"]
+    assert after_sweep["run_ids"]["stage_b"] == sweep_step["best_trial_run"] or \
+        after_sweep["run_ids"]["eval"] == sweep_step["best_eval_run"]
+    # Phase 3 starts from the same Stage A and carries the best trial's tuned Stage B params
+    fix_run = _client().get_run(summary["steps"][5]["run_id"])
+    best = _client().get_run(sweep_step["best_trial_run"]).data.params
+    assert fix_run.data.params["stage_b.scheduled_sampling"] == "True"
+    for key in ("stage_b.lr", "stage_b.first_token_ce_weight"):
+        assert fix_run.data.params[key] == best[key]
 
 
 # ---- kill -9 at a random step, then `latentgate resume` ----------------------------------------------------------

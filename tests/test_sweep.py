@@ -353,3 +353,15 @@ def test_sweep_bench_quick_measures_both_comparisons(tmp_path, mlflow_store):
     assert workers.details["1"]["optimizer_steps"] == workers.details["2"]["optimizer_steps"]  # the same trials
     assert workers.value > 0 and pruning.value is not None and pruning.status in ("PASS", "FAIL")
     assert json.loads((tmp_path / "sweep" / "sweep_bench.json").read_text())[0]["key"] == "sweep_workers"
+
+
+def test_sweep_command_line_changes_the_study(tmp_path):
+    """--name / --resume-from / --preset / --set (what the pipeline passes) change the study, validated again."""
+    r = run_cli("sweep", "--study", "micro", "--name", "micro-abc", "--resume-from", "runs:/abc/checkpoints/stage_a",
+                "--set", "run.output_dir=/tmp/x", "--set", "stage_b.batch_size=4", "--check", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)
+    assert shown["study_name"] == "micro-abc" and shown["resume_from"] == "runs:/abc/checkpoints/stage_a"
+    assert shown["overrides"] == {"run.output_dir": "/tmp/x", "stage_b.batch_size": "4"} and shown["preset"] == "micro"
+    bad = run_cli("sweep", "--study", "micro", "--set", "stage_b.lrr=1", "--check", cwd=tmp_path)
+    assert bad.returncode == 2 and "did you mean stage_b.lr?" in bad.stderr and bad.stdout == ""

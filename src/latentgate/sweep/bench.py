@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import multiprocessing
 import time
@@ -25,11 +24,7 @@ F1_GAP = 0.02
 
 
 def _variant(spec, name: str, **changes):
-    from latentgate.sweep.study import spec_from_dict
-
-    raw = copy.deepcopy(spec.to_dict())
-    raw.update(study_name=name, **changes)
-    return spec_from_dict(raw, f"bench variant {name}")
+    return spec.with_changes(f"bench variant {name}", study_name=name, **changes)
 
 
 def draw_trials(spec, n: int, seed: int = 0) -> list[dict]:

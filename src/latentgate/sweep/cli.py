@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import click
 
-from latentgate.cli_common import guarded
+from latentgate.cli_common import config_options, guarded
 
 
 @click.command()
 @click.option("--study", "study_name", default="phase2", show_default=True,
               help="study name in sweeps/ (defaults.yaml + <study>.yaml) or a YAML path")
+@click.option("--name", "name", default="", help="Optuna study name (empty: the study file's study_name)")
+@click.option("--resume-from", default="", help="Stage A checkpoint every trial starts from (empty: the study "
+              "file's resume_from): runs:/<id>/checkpoints/stage_a, a folder, or auto")
 @click.option("--n-trials", default="", help="trials to finish (empty: the study file's n_trials)")
 @click.option("--workers", default="1", show_default=True, help="worker processes on this machine")
 @click.option("--storage", default="", help="Optuna storage: empty = optuna/<study>.db (1 worker) or "
@@ -18,15 +21,25 @@ from latentgate.cli_common import guarded
 @click.option("--threads", default="", help="torch threads per worker (empty: cores / workers)")
 @click.option("--check", is_flag=True, help="only validate the study file(s) and print the resolved study")
 @click.option("--no-register", is_flag=True, help="do not register the best model / evaluate the checklist")
+@config_options
 @guarded
-def sweep(study_name, n_trials, workers, storage, threads, check, no_register):
-    """Phase 2: an Optuna search over Stage B (objective: latent F1), one MLflow parent run per study."""
+def sweep(study_name, name, resume_from, n_trials, workers, storage, threads, check, no_register, preset, sets,
+          overrides):
+    """Phase 2: an Optuna search over Stage B (objective: latent F1), one MLflow parent run per study.
+    --preset replaces the study file's preset; --set / --overrides add to its overrides."""
     import json
 
+    from latentgate import config
     from latentgate.errors import ConfigError
     from latentgate.sweep.study import load_study
 
     spec = load_study(study_name)
+    extra = config.parse_set_args(list(sets) + ([overrides] if overrides.strip() else []))
+    changes = {k: v for k, v in (("study_name", name), ("resume_from", resume_from), ("preset", preset)) if v}
+    if extra:
+        changes["overrides"] = {**spec.overrides, **extra}
+    if changes:
+        spec = spec.with_changes(f"study {spec.name} with {sorted(changes)} from the command line", **changes)
     if check:
         click.echo(json.dumps(spec.to_dict(), indent=2, sort_keys=True, default=str))
         return

@@ -77,6 +77,11 @@ class StudySpec:
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+    def with_changes(self, where: str, **changes) -> "StudySpec":
+        """The same study with some top-level keys replaced (validated again), e.g. the study name, the Stage A
+        checkpoint, or the preset and overrides a pipeline runs the sweep with."""
+        return spec_from_dict({**self.to_dict(), **changes}, where)
+
     def base_overrides(self) -> dict:
         return dict(self.overrides)
 
