@@ -426,3 +426,19 @@ def test_cli_promote_dry_run_prints_the_table_and_exits_4_when_refused(candidate
     assert "generation_quality" in proc.stdout and "FAIL" in proc.stdout and "would REFUSE" in proc.stdout
     assert "query: eval_metric" in proc.stdout
     assert "failing criteria: generation_quality" in proc.stderr
+
+
+def test_a_continued_sweep_does_not_register_its_unchanged_best_again(candidate, micro_smoke):
+    from mlflow import MlflowClient
+
+    from latentgate.registry.model import TAG_EVAL_RUN
+    from latentgate.sweep.runner import register_best
+    from latentgate.tracking.tracker import NullTracker
+
+    eval_run = micro_smoke["children"]["eval"]
+    mine = lambda: {str(v.version) for v in MlflowClient().search_model_versions("name='latentgate'")  # noqa: E731
+                    if v.tags.get(TAG_EVAL_RUN) == eval_run}
+    before = mine()
+    assert candidate in before
+    out = register_best(eval_run, NullTracker(), echo=lambda *_: None)
+    assert mine() == before and out["version"] == max(before, key=int)

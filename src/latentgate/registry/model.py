@@ -74,6 +74,18 @@ def _signature():
                           outputs=Schema([ColSpec("string", "answer")]))
 
 
+def version_for_eval_run(eval_run_id: str, name: str = "latentgate") -> str | None:
+    """The newest version of `name` already registered from this eval run, if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client().search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    mine = [v for v in versions if v.tags.get(TAG_EVAL_RUN) == eval_run_id]
+    return str(max(mine, key=lambda v: int(v.version)).version) if mine else None
+
+
 def register_candidate(eval_run_id: str, name: str = "latentgate") -> str:
     """Log the pyfunc model of a FINISHED eval run's checkpoint and register it under `name`; returns the version."""
     import mlflow

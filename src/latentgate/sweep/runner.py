@@ -390,13 +390,14 @@ def register_best(eval_run_id: str | None, tr, echo=print) -> dict:
         return {"note": "best trial has no eval run"}
     try:
         from latentgate.registry.gate import evaluate
-        from latentgate.registry.model import register_candidate
+        from latentgate.registry.model import register_candidate, version_for_eval_run
     except ImportError as err:
         note = f"registry API unavailable ({err}); best model not registered"
         tr.set_tags({"latentgate.registry_note": note})
         echo(note)
         return {"note": note}
-    version = register_candidate(eval_run_id)
+    # a continued study whose best trial did not change keeps its version instead of registering a copy
+    version = version_for_eval_run(eval_run_id) or register_candidate(eval_run_id)
     report = evaluate(version)
     rows = getattr(report, "rows", [])
     out = {"version": str(getattr(version, "version", version)), "gate_passed": bool(report.passed),
