@@ -25,15 +25,21 @@ _STORE_WRITE_FAILURES = ("database or disk is full", "disk i/o error", "attempt 
                          "unable to open database file")
 
 
+def _rank() -> int:
+    """This process's rank under torchrun / accelerate launch (0 otherwise), from the launcher's environment."""
+    from latentgate.distributed import launched
+
+    return int(os.environ.get("RANK", "0")) if launched() else 0
+
+
 def echo_main(text: str) -> None:
-    """Print a command's result once: on rank 0 only when several processes run the command (torchrun)."""
-    if os.environ.get("RANK", "0") == "0":
+    """Print a command's result once: on rank 0 only when several processes run the command."""
+    if _rank() == 0:
         click.echo(text)
 
 
 def _fail(message: str, code: int) -> None:
-    rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
-    click.echo(f"latentgate: error: {'' if rank == '0' else f'[rank {rank}] '}{message}", err=True)
+    click.echo(f"latentgate: error: {f'[rank {_rank()}] ' if _rank() else ''}{message}", err=True)
     sys.exit(code)
 
 
@@ -60,10 +66,9 @@ def prepare_runtime(debug: bool) -> None:
         signal.signal(signal.SIGTERM, _raise_interrupted)
         if hasattr(signal, "SIGXFSZ"):
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun / accelerate launch: join the process group
-        from latentgate.distributed import init_from_env
+    from latentgate.distributed import init_from_env
 
-        init_from_env()
+    init_from_env()  # under torchrun / accelerate launch (WORLD_SIZE > 1) only; torch is not imported otherwise
     if debug:
         return
     for key, value in {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",

@@ -112,14 +112,14 @@ def main_only(fn):
         return outcome[1]
     _solo += 1
     try:
-        result = fn()
+        outcome = ("ok", fn())
     except BaseException as err:
-        _solo -= 1
-        broadcast(("error", type(err).__name__, str(err), int(getattr(err, "exit_code", 1))))
+        outcome = ("error", type(err).__name__, str(err), int(getattr(err, "exit_code", 1)))
         raise
-    _solo -= 1
-    broadcast(("ok", result))
-    return result
+    finally:
+        _solo -= 1
+        broadcast(outcome)
+    return outcome[1]
 
 
 def shard(indices: list[int], rank: int, size: int) -> list[int]:
