@@ -16,7 +16,8 @@ CHOICES = ("startup", "tracking", "generation", "step", "gpu")
               help="comma-separated comparisons to run (startup, tracking, generation, step, gpu)")
 @click.option("--smoke", is_flag=True, help="also time a full `latentgate smoke` in a subprocess (wall, peak RSS, F1)")
 @click.option("--smoke-preset", default="smoke", show_default=True, help="preset for --smoke")
-@click.option("--sweep", is_flag=True, help="also run latentgate.sweep.bench.bench_sweep if it is installed")
+@click.option("--sweep", is_flag=True, help="also run the sweep comparisons: 2 workers vs 1 and pruning vs none "
+              "(phase2, 8 and 16 smoke-size trials: ~25 min on 2 cores; with --quick: micro trials)")
 @click.option("--preset", default="smoke", show_default=True, help="config whose model sizes the comparisons use")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="config override for the comparisons")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1),
