@@ -94,7 +94,7 @@ def _begin(cfg: Config, name: str):
 
 # ---- inputs: checkpoints and the base LM behind them ------------------------------------------------------------
 
-def _run_id_of(uri: str) -> str | None:
+def run_id_of(uri: str) -> str | None:
     """The MLflow run behind a runs:/ or models:/ URI (None for a local path)."""
     if uri.startswith("runs:/"):
         return uri.removeprefix("runs:/").split("/", 1)[0]
@@ -121,7 +121,7 @@ def base_for_checkpoint(cfg: Config, uri: str, manifest: dict) -> dict:
     plain folder, the registered base LM whose config matches the one in the checkpoint's manifest."""
     from latentgate.phases.stages import base_from_run, find_registered_base
 
-    run_id = _run_id_of(uri)
+    run_id = run_id_of(uri)
     if run_id:
         return base_from_run(run_id)
     trained_with = from_flat(manifest.get("config") or flatten(cfg))

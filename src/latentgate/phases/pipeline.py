@@ -301,11 +301,12 @@ def run_sweep(pl: Pipeline, stage_a_uri: str) -> tuple[str, str, dict]:
     from mlflow import MlflowClient
     from mlflow.projects import _project_spec
 
+    from latentgate.phases.entry import run_id_of
     from latentgate.sweep.study import load_study
 
     declared = _project_spec.load_project(str(ROOT)).get_entry_point("sweep").parameters
     # one study per (study file, Stage A run): a rerun of the pipeline continues it, another Stage A never does
-    name = f"{load_study(pl.opts.sweep_study).name}-{_run_of(stage_a_uri)[:8]}"
+    name = f"{load_study(pl.opts.sweep_study).name}-{run_id_of(stage_a_uri)[:8]}"
     wanted = {"study": pl.opts.sweep_study, "n_trials": pl.opts.sweep_trials or None, "resume_from": stage_a_uri,
               "name": name, "preset": pl.opts.preset, "overrides": _overrides_string(pl.opts.overrides)}
     params = {k: v for k, v in wanted.items() if k in declared and v is not None}
@@ -329,10 +330,6 @@ def run_sweep(pl: Pipeline, stage_a_uri: str) -> tuple[str, str, dict]:
                      "best_trial_run": best, "best_eval_run": best_eval, "seconds": round(time.monotonic() - t0, 1)})
     pl.tr.log_dict(pl.steps, "steps.json")
     return best, best_eval, tuned
-
-
-def _run_of(uri: str) -> str:
-    return uri.removeprefix("runs:/").split("/", 1)[0]
 
 
 def promote_version(eval_run: str, checklist_path: str | None, name: str) -> str:
