@@ -15,6 +15,7 @@ import torch
 from conftest import cli_env
 
 WORKER = str(Path(__file__).with_name("ddp_worker.py"))
+LEAVE_WORKER = str(Path(__file__).with_name("leave_worker.py"))
 
 
 def _port() -> int:
@@ -70,6 +71,23 @@ def test_checkpoints_resume_across_world_sizes(tmp_path, first, then):
     assert resumed["steps"] == 4
     assert resumed["loss"] == pytest.approx(straight["loss"], rel=2e-2)
     assert _update_error(resumed, straight) < 0.05
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc")
+def test_leaving_the_group_joins_its_threads(tmp_path):
+    """The exit hook frees the process group while Python is alive. Were anything (here: modules that transformers
+    imports, which bind `group.WORLD` as a default argument) to keep it alive, its gloo threads would outlive the
+    interpreter, and one freeing a finished broadcast at exit aborts the process (SIGABRT, seen in CI)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_port()), LEAVE_WORKER, str(tmp_path)]
+    env = cli_env({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = [json.loads(ln) for ln in done.stdout.splitlines() if ln.startswith("{")]
+    assert sorted(c["rank"] for c in counts) == [0, 1]
+    for c in counts:
+        assert c["joined"] > c["before"], c  # the group's threads started ...
+        assert c["after"] == c["before"], c  # ... and were joined when the process left it
 
 
 # ---- the phase entry points under torchrun: rank 0 owns the store -------------------------------------------------

@@ -49,6 +49,12 @@ def init_from_env() -> bool:
         return True
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when it is imported (transformers
+    # imports it through torch.distributed.fsdp while loading a tokenizer). Imported after the group exists, those
+    # defaults keep it alive past destroy_process_group: its gloo threads then outlive the interpreter, and one that
+    # frees a finished broadcast at exit aborts the process ("terminate called without an active exception").
+    # Imported now, while WORLD is None, they hold nothing. tests/test_distributed.py checks the threads are gone.
+    import torch.distributed.nn.functional  # noqa: F401
     timeout = datetime.timedelta(minutes=float(os.environ.get(TIMEOUT_ENV, "120")))
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
     atexit.register(_leave)
