@@ -1,9 +1,9 @@
 """One process of tests/test_distributed.py::test_leaving_the_group_joins_its_threads, under torchrun.
 
 Joins the group as the CLI does, loads a tokenizer through transformers (which imports modules that bind the
-group as a default argument), broadcasts as main_only does, leaves as the exit hook does, and prints how many
-OS threads the process had before joining, while joined, and after leaving. Threads left behind outlive the
-interpreter and can abort the exit. argv: a scratch folder.
+group as a default argument), broadcasts as main_only does, leaves as the exit hook does, and writes how many
+OS threads the process had before joining, while joined, and after leaving to <folder>/threads-<rank>.json.
+Threads left behind outlive the interpreter and can abort the exit. argv: a scratch folder.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ def main() -> None:
     import torch.distributed.nn.functional  # noqa: F401 - what transformers imports today, should it stop
     dist.broadcast({"rank0": True})
     dist._leave()
-    print(json.dumps({"rank": int(os.environ["RANK"]), "before": before, "joined": joined, "after": threads()}))
+    counts = {"rank": int(os.environ["RANK"]), "before": before, "joined": joined, "after": threads()}
+    # a file per rank, not stdout: torchrun forwards both ranks' stdout into one pipe, where lines can interleave
+    (Path(sys.argv[1]) / f"threads-{os.environ['RANK']}.json").write_text(json.dumps(counts))
 
 
 if __name__ == "__main__":
