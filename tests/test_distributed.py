@@ -24,11 +24,15 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _launcher(procs: int = 2) -> list[str]:
+    """`torchrun --nproc_per_node procs` on loopback, on a free port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+            "--master_addr", "127.0.0.1", "--master_port", str(_port())]
+
+
 def _run(out: Path, steps: int, procs: int, resume: Path | None = None, run_id: str | None = None) -> dict:
     args = [str(out), str(steps)] + ([str(resume)] if resume else [])
-    cmd = [sys.executable, WORKER, *args] if procs == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_addr", "127.0.0.1",
-        "--master_port", str(_port()), WORKER, *args]
+    cmd = [sys.executable, WORKER, *args] if procs == 1 else [*_launcher(procs), WORKER, *args]
     env = cli_env({"LG_RUN_ID": run_id or "", "OMP_NUM_THREADS": "1"})
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -78,8 +82,7 @@ def test_leaving_the_group_joins_its_threads(tmp_path):
     """The exit hook frees the process group while Python is alive. Were anything (here: modules that transformers
     imports, which bind `group.WORLD` as a default argument) to keep it alive, its gloo threads would outlive the
     interpreter, and one freeing a finished broadcast at exit aborts the process (SIGABRT, seen in CI)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_port()), LEAVE_WORKER, str(tmp_path)]
+    cmd = [*_launcher(), LEAVE_WORKER, str(tmp_path)]
     env = cli_env({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -93,9 +96,7 @@ def test_leaving_the_group_joins_its_threads(tmp_path):
 # ---- the phase entry points under torchrun: rank 0 owns the store -------------------------------------------------
 
 def _torchrun(args: list[str], store: Path, procs: int = 2) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-                "--master_addr", "127.0.0.1", "--master_port", str(_port()), "-m", "latentgate"]
-    cmd = launcher + args if procs > 1 else [sys.executable, "-m", "latentgate", *args]
+    cmd = [*_launcher(procs), "-m", "latentgate", *args] if procs > 1 else [sys.executable, "-m", "latentgate", *args]
     env = cli_env({"MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}", "OMP_NUM_THREADS": "1"})
     return subprocess.run(cmd, cwd=store, env=env, capture_output=True, text=True, timeout=600)
 
