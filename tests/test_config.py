@@ -12,7 +12,7 @@ from latentgate.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 # Changing these alone makes the config contradictory on purpose (covered by their own tests).
-SKIP = {"data.source"}
+SKIP = {"data.source", "model.prompt_format"}
 
 
 def _changed_value(key, typ, default, meta):
@@ -106,3 +106,14 @@ def test_cli_config_shows_override_and_lists_keys(tmp_path):
     assert cfg["stage_b"]["lr"] == 0.123 and cfg["stage_b"]["steps"] == 77 and cfg["model"]["num_latents"] == 5
     listing = run_cli("config", "--list")
     assert "stage_b.first_token_ce_weight" in listing.stdout
+
+
+def test_auto_choices_resolve_by_base_lm_and_chat_needs_a_template():
+    builtin = config.resolve("smoke")
+    assert (builtin.model.encoder, builtin.model.answer_end) == ("lm_copy", "eos")
+    external = config.resolve("smoke", {"base.name": "/some/hf-folder"})
+    assert (external.model.encoder, external.model.answer_end) == ("lm_self", "none")
+    chat = config.resolve("smoke", {"base.name": "/some/hf-folder", "model.prompt_format": "chat"})
+    assert chat.model.answer_end == "eos"
+    with pytest.raises(ConfigError, match="chat template"):
+        config.resolve("smoke", {"model.prompt_format": "chat"})

@@ -35,6 +35,7 @@ def opt(default, help: str, **check):
 class DataConfig:
     source: str = opt("synthetic", "'synthetic' (built-in generator), a SQuAD v1.1 JSON/JSONL path, or a hub name")
     eval_source: str = opt("", "separate eval file for a file source (empty: split the source)")
+    eval_split: str = opt("validation", "hub source: the split eval and probe questions come from")
     facts_per_context: int = opt(3, "synthetic: facts in each context (difficulty)", ge=1, le=12)
     num_entities: int = opt(120, "synthetic: invented entity names (vocabulary size)", ge=4)
     values_per_attribute: int = opt(16, "synthetic: values per attribute (vocabulary size)", ge=2)
@@ -50,7 +51,11 @@ class DataConfig:
 class BaseConfig:
     name: str = opt("builtin", "'builtin' (tiny Llama trained here) or a Hugging Face causal LM id / local path")
     trust_remote_code: bool = opt(False, "allow custom model code from the hub (off unless you ask)")
-    dtype: str = opt("float32", "LM weights dtype", choices=("float32", "bfloat16", "float16"))
+    revision: str = opt("", "hub id: branch, tag or commit to load (empty: the default branch)")
+    dtype: str = opt("auto", "frozen LM weights dtype (auto: bfloat16 on CUDA, float32 on CPU); what trains is fp32",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    attn_implementation: str = opt("sdpa", "attention kernel", choices=("eager", "sdpa", "flash_attention_2"))
+    gradient_checkpointing: bool = opt(False, "recompute LM activations in backward (less memory, ~30% more time)")
     layers: int = opt(4, "builtin: transformer layers", ge=1)
     hidden: int = opt(128, "builtin: hidden size", ge=8)
     heads: int = opt(4, "builtin: attention heads", ge=1)
@@ -60,19 +65,29 @@ class BaseConfig:
     lr: float = opt(3e-3, "builtin: peak learning rate", gt=0)
     warmup_steps: int = opt(100, "builtin: warm-up optimizer steps", ge=0)
     eval_every: int = opt(250, "builtin: text F1 check every N steps (0: only at the end)", ge=0)
-    gate_min_f1: float = opt(0.5, "sanity gate: text-teacher F1 on eval must reach this", ge=0, le=1)
-    gate_max_nll: float = opt(2.0, "sanity gate: text-teacher answer NLL/token must stay below this", gt=0)
+    gate_min_f1: float = opt(0.5, "sanity gate (per LM): text-teacher F1 on eval must reach this", ge=0, le=1)
+    gate_max_nll: float = opt(2.0, "sanity gate (per LM): text-teacher answer NLL/token must stay below this", gt=0)
     seed: int = opt(0, "builtin: init and batching seed")
 
 
 @dataclass
 class ModelConfig:
-    encoder: str = opt("lm_copy", "latent encoder: trainable copy of the LM body, scratch, or frozen MiniLM",
-                       choices=("lm_copy", "scratch", "minilm"))
+    encoder: str = opt("auto", "latent encoder: lm_self (the frozen LM encodes, with an encoder-only LoRA), lm_copy "
+                       "(trainable copy of the LM body), scratch, or frozen MiniLM; auto: lm_copy for the builtin LM, "
+                       "lm_self for any other", choices=("auto", "lm_self", "lm_copy", "scratch", "minilm"))
+    encoder_lora_r: int = opt(16, "lm_self: rank of the encoder-only LoRA", ge=1)
+    encoder_lora_alpha: int = opt(32, "lm_self: alpha of the encoder-only LoRA", ge=1)
     encoder_layers: int = opt(2, "scratch encoder: layers", ge=1)
     num_latents: int = opt(8, "M: soft tokens in the prefix", ge=1)
     d_z: int = opt(128, "latent width", ge=1)
     anchor: str = opt("answer :", "anchor text between latent slots and the answer (part of the prefix contract)")
+    prompt_format: str = opt("plain", "plain ('context : ... question : ... answer :') or chat (the tokenizer's chat "
+                             "template around the same text); part of the prefix contract", choices=("plain", "chat"))
+    answer_end: str = opt("auto", "what ends an answer target: eos (the tokenizer's end token), none (nothing: the "
+                          "LM is never scored on an end token it would not emit); auto: eos for the builtin LM and "
+                          "chat prompts, none for a plain prompt on any other LM", choices=("auto", "eos", "none"))
+    stop_strings: list = opt(["\n"], "generation also stops at a token containing one of these (and the text is cut "
+                             "there); end-token ids come from the tokenizer and generation_config")
     lora_r: int = opt(8, "Stage B LoRA rank", ge=1)
     lora_alpha: int = opt(16, "Stage B LoRA alpha", ge=1)
     lora_dropout: float = opt(0.0, "Stage B LoRA dropout", ge=0, lt=1)
@@ -132,6 +147,14 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> "Config":
+        builtin = self.base.name == "builtin"
+        if self.model.encoder == "auto":
+            self.model.encoder = "lm_copy" if builtin else "lm_self"
+        if self.model.answer_end == "auto":
+            self.model.answer_end = "eos" if builtin or self.model.prompt_format == "chat" else "none"
+        if builtin and self.model.prompt_format == "chat":
+            raise ConfigError("model.prompt_format=chat needs a tokenizer with a chat template; the builtin LM has none",
+                              "use model.prompt_format=plain, or set base.name to a chat model")
         for section in dataclasses.fields(self):
             obj = getattr(self, section.name)
             for f in dataclasses.fields(obj):

@@ -53,24 +53,37 @@ def build_builtin_lm(cfg: Config, vocab_size: int, tokenizer):
     return LlamaForCausalLM(lcfg)
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 for the frozen weights on a CUDA device that supports it, float32 elsewhere."""
+    if name == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return getattr(torch, name)
+
+
 def load_lm(path_or_name: str, cfg: Config, device: torch.device):
-    """Load a causal LM + tokenizer by hub id or local folder. No remote code unless the config asks for it."""
+    """Load a causal LM + tokenizer by hub id or local folder, straight onto `device` in the frozen dtype.
+    No remote code unless the config asks for it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = getattr(torch, cfg.base.dtype)
+    dtype = resolve_dtype(cfg.base.dtype, device)
     local = Path(path_or_name)
     if not local.exists() and ("/" in path_or_name and path_or_name.startswith((".", "/"))):
         raise CheckpointError(f"base LM folder {path_or_name} does not exist", "train it with `latentgate base`")
+    revision = cfg.base.revision or None
     try:
-        tok = AutoTokenizer.from_pretrained(path_or_name, trust_remote_code=cfg.base.trust_remote_code)
-        lm = AutoModelForCausalLM.from_pretrained(path_or_name, dtype=dtype,
+        tok = AutoTokenizer.from_pretrained(path_or_name, trust_remote_code=cfg.base.trust_remote_code,
+                                            revision=revision)
+        lm = AutoModelForCausalLM.from_pretrained(path_or_name, dtype=dtype, revision=revision,
+                                                  attn_implementation=cfg.base.attn_implementation,
+                                                  device_map={"": device},
                                                   trust_remote_code=cfg.base.trust_remote_code)
-    except OSError as err:
+    except (OSError, ImportError) as err:
         raise ConfigError(f"cannot load base LM {path_or_name!r}: {str(err).splitlines()[0]}",
                           "pass a local model folder, or go online for a hub id") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return lm.to(device), tok
+    return lm, tok
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:
