@@ -85,3 +85,51 @@ def tiny_ws(micro_cfg):
     tok = build_builtin_tokenizer(vocabulary(synthetic_spec(cfg)))
     lm = build_builtin_lm(cfg, len(tok), tok)
     return workspace_from_lm(cfg, lm, tok, load_splits(cfg))
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def bpe_lm_dir(tmp_path_factory, micro_cfg) -> Path:
+    """A local HF folder like a real external LM: a byte-level BPE tokenizer (trained here with `tokenizers`, the
+    GPT-2 / Llama-3 / SmolLM2 kind: leading-space tokens, newline tokens), a ChatML chat template, <|im_end|> as
+    EOS plus a second end id in generation_config, and a tiny random Llama."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from latentgate.train.workspace import load_splits
+
+    splits = load_splits(micro_cfg)
+    corpus = [f"context : {e.context} question : {e.question} answer : {e.answer}\n" for e in splits["train"]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                     bos_token=None, chat_template=CHATML)
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                      eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id,
+                                      tie_word_embeddings=True))
+    lm.generation_config = GenerationConfig(eos_token_id=[hf_tok.eos_token_id, hf_tok.convert_tokens_to_ids(
+        "<|endoftext|>")])
+    folder = tmp_path_factory.mktemp("bpe_lm")
+    lm.save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def bpe_ws(bpe_lm_dir, micro_cfg):
+    """A Workspace on the BPE LM folder, loaded the way any external LM is (lm_self encoder, answer_end=none)."""
+    from latentgate import config
+    from latentgate.train.workspace import build_workspace, load_splits
+
+    cfg = config.resolve("micro", {"base.name": str(bpe_lm_dir)})
+    return build_workspace(cfg, cfg.base.name, load_splits(cfg))

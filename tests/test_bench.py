@@ -48,7 +48,7 @@ def test_batched_greedy_equals_per_example_generate_on_latent_prefixes():
     b, p, h, t = 24, 7, 32, 8
     emb = torch.randn(b, p, h, generator=torch.Generator().manual_seed(1)) * 0.5
     mask = torch.ones(b, p, dtype=torch.long)
-    first = greedy_generate(lm, emb, mask, t, eos_id=-1).token_ids  # no EOS: every row runs to the cap
+    first = greedy_generate(lm, emb, mask, t, stop_ids=-1).token_ids  # no EOS: every row runs to the cap
     assert all(len(r) == t for r in first)
     eos = pick_eos(first)
     batched = greedy_generate(lm, emb, mask, t, eos)
@@ -74,7 +74,7 @@ def test_batched_greedy_equals_generate_on_left_padded_prompts():
         ids[i, s - n :] = torch.randint(3, 48, (n,), generator=g)
         mask[i, s - n :] = 1
     emb = lm.get_input_embeddings()(ids).detach()
-    eos = pick_eos(greedy_generate(lm, emb, mask, t, eos_id=-1).token_ids)
+    eos = pick_eos(greedy_generate(lm, emb, mask, t, stop_ids=-1).token_ids)
     batched = greedy_generate(lm, emb, mask, t, eos).token_ids
     alone = [C.per_example_generate(lm, emb[i : i + 1, s - n :], mask[i : i + 1, s - n :], t, eos, 0)[0]
              for i, n in enumerate(lengths)]

@@ -26,7 +26,7 @@ def _stage(ws, **kw):
 
 def test_answers_have_no_bos_and_end_with_eos(tiny_ws):
     tok = tiny_ws.tokenizer
-    ids = encode_answers(tok, ["paris", "37 years"])
+    ids = encode_answers(tiny_ws.contract, tok, ["paris", "37 years"])
     assert ids[0] == tok("paris", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert all(tok.bos_token_id not in a for a in ids) and all(a[-1] == tok.eos_token_id for a in ids)
 
@@ -34,12 +34,12 @@ def test_answers_have_no_bos_and_end_with_eos(tiny_ws):
 def test_tf_loss_equals_hf_labels_loss_latent_and_text(tiny_ws):
     ws = tiny_ws
     ex = _mixed(ws)
-    answers = encode_answers(ws.tokenizer, [e.answer for e in ex])
+    answers = encode_answers(ws.contract, ws.tokenizer, [e.answer for e in ex])
     with torch.no_grad():
         lat = ws.latents(ex)
         for batch in (build_latent_batch(ws.contract, ws.embed, lat, answer_targets=answers),
                       build_text_batch(ws.contract, ws.tokenizer, ws.embed,
-                                       [text_prompt(e.context, e.question, ws.contract.anchor) for e in ex], answers)):
+                                       [text_prompt(e.context, e.question) for e in ex], answers)):
             ours = compute_losses(answer_logits(ws.lm, batch), batch.answer_targets, batch.answer_mask,
                                   _stage(ws)).raw["tf"]
             hf = ws.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, labels=batch.labels).loss
@@ -52,24 +52,24 @@ def test_golden_layout_training_equals_generation(tiny_ws):
     ws = tiny_ws
     c = ws.contract
     m = ws.cfg.model.num_latents
-    assert c.layout() == [("bos", 1), ("latent", m), ("anchor", 2), ("answer", -1)]
+    assert c.layout() == [("head", 1), ("latent", m), ("anchor", 2), ("answer", -1)]
     assert ws.tokenizer.decode(list(c.anchor_ids)) == "answer :"
-    assert text_prompt("ctx .", "q ?", c.anchor) == "context : ctx . question : q ? answer :"
+    assert text_prompt("ctx .", "q ?") == "context : ctx . question : q ?"
     ex = _mixed(ws)
-    answers = encode_answers(ws.tokenizer, [e.answer for e in ex])
+    answers = encode_answers(ws.contract, ws.tokenizer, [e.answer for e in ex])
     with torch.no_grad():
         lat = ws.latents(ex)
         train = build_latent_batch(c, ws.embed, lat, answer_targets=answers)
         gen = build_latent_batch(c, ws.embed, lat)
         p = c.prefix_len
         assert gen.inputs_embeds.shape[1] == p == 1 + m + 2
-        assert train.segments[:3] == gen.segments == [("bos", 1), ("latent", m), ("anchor", 2)]
+        assert train.segments[:3] == gen.segments == [("head", 1), ("latent", m), ("anchor", 2)]
         assert torch.equal(train.inputs_embeds[:, :p], gen.inputs_embeds)
         assert (train.answer_pos[:, 0] == p - 1).all()
         # the first answer logits at training time are exactly the first generation step's logits
         from latentgate.eval.generate import greedy_generate
 
-        g = greedy_generate(ws.lm, gen.inputs_embeds, gen.attention_mask, 3, c.eos_id)
+        g = greedy_generate(ws.lm, gen.inputs_embeds, gen.attention_mask, 3, c.stop_ids)
         t = answer_logits(ws.lm, train)[:, 0]
         assert torch.allclose(g.first_logits, t.float(), atol=1e-5)
 
@@ -77,7 +77,7 @@ def test_golden_layout_training_equals_generation(tiny_ws):
 def test_first_k_and_tf_targets_agree(tiny_ws):
     ws = tiny_ws
     ex = _mixed(ws)
-    answers = encode_answers(ws.tokenizer, [e.answer for e in ex])
+    answers = encode_answers(ws.contract, ws.tokenizer, [e.answer for e in ex])
     with torch.no_grad():
         batch = build_latent_batch(ws.contract, ws.embed, ws.latents(ex), answer_targets=answers)
         logits = answer_logits(ws.lm, batch)
@@ -96,8 +96,8 @@ def test_kd_alignment_on_mixed_lengths(tiny_ws):
     """Teacher logits read through the index map on a right-padded batch equal each example run alone."""
     ws = tiny_ws
     ex = _mixed(ws)
-    answers = encode_answers(ws.tokenizer, [e.answer for e in ex])
-    prompts = [text_prompt(e.context, e.question, ws.contract.anchor) for e in ex]
+    answers = encode_answers(ws.contract, ws.tokenizer, [e.answer for e in ex])
+    prompts = [text_prompt(e.context, e.question) for e in ex]
     with torch.no_grad():
         tb = build_text_batch(ws.contract, ws.tokenizer, ws.embed, prompts, answers)
         batched = answer_logits(ws.lm, tb)
@@ -119,8 +119,8 @@ def test_teacher_pass_runs_without_lora(tiny_ws):
 
     ws = tiny_ws
     ex = _mixed(ws, 3)
-    answers = encode_answers(ws.tokenizer, [e.answer for e in ex])
-    prompts = [text_prompt(e.context, e.question, ws.contract.anchor) for e in ex]
+    answers = encode_answers(ws.contract, ws.tokenizer, [e.answer for e in ex])
+    prompts = [text_prompt(e.context, e.question) for e in ex]
     with torch.no_grad():
         tb = build_text_batch(ws.contract, ws.tokenizer, ws.embed, prompts, answers)
         before = answer_logits(ws.lm, tb)
@@ -178,7 +178,7 @@ def test_external_hf_model_by_path(tiny_ws, tmp_path):
     ws = tiny_ws
     ws.lm.save_pretrained(tmp_path / "lm")
     ws.tokenizer.save_pretrained(tmp_path / "lm")
-    cfg = resolve("micro", {"base.name": str(tmp_path / "lm")})
+    cfg = resolve("micro", {"base.name": str(tmp_path / "lm"), "model.answer_end": "eos"})
     other = build_workspace(cfg, cfg.base.name, ws.splits)
     assert other.contract == ws.contract
     assert not any(p.requires_grad for p in other.lm.parameters())

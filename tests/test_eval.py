@@ -64,7 +64,7 @@ def test_checkpoint_save_load_identical_logits_and_missing_module(tiny_ws, tmp_p
         w.encoder.eval(), w.adapter.eval(), w.lm.eval()
         with torch.no_grad():
             return answer_logits(w.lm, build_latent_batch(w.contract, w.embed, w.latents(ex),
-                                                          answer_targets=[[w.contract.eos_id]] * len(ex)))
+                                                          answer_targets=[[w.contract.end_id]] * len(ex)))
 
     loaded = load_trained(ws.cfg, str(base_dir), path, ws.splits)
     assert torch.equal(logits(ws), logits(loaded))

@@ -227,25 +227,26 @@ GENERATION = ("eval generation: batched KV-cached greedy decoding from inputs_em
 
 
 def per_example_generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                         eos_id: int, pad_id: int) -> list[list[int]]:
-    """The reference: `model.generate` one example at a time, cut at (and excluding) the first EOS."""
-    rows = []
+                         stop_ids, pad_id: int) -> list[list[int]]:
+    """The reference: `model.generate` one example at a time, cut at (and excluding) the first stop id."""
+    rows, stops = [], set(stop_ids)
     for i in range(inputs_embeds.shape[0]):
         out = lm.generate(inputs_embeds=inputs_embeds[i : i + 1], attention_mask=attention_mask[i : i + 1],
-                          max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id)
+                          max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(stops),
+                          pad_token_id=pad_id)
         row = out[0].tolist()
-        rows.append(row[: row.index(eos_id)] if eos_id in row else row)
+        rows.append(row[: next((i for i, t in enumerate(row) if t in stops), len(row))])
     return rows
 
 
 def batched_generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                     eos_id: int, batch_size: int) -> list[list[int]]:
+                     stop_ids, batch_size: int) -> list[list[int]]:
     from latentgate.eval.generate import greedy_generate
 
     rows: list[list[int]] = []
     for s in range(0, inputs_embeds.shape[0], batch_size):
         rows += greedy_generate(lm, inputs_embeds[s : s + batch_size], attention_mask[s : s + batch_size],
-                                max_new_tokens, eos_id).token_ids
+                                max_new_tokens, stop_ids).token_ids
     return rows
 
 
@@ -266,7 +267,7 @@ def bench_generation(cfg: Config, work: Path, reps: int = 3, n: int = 200, ws=No
     ws = ws or smoke_workspace(cfg, work / "base")
     examples = (ws.splits["eval"] * (n // max(1, len(ws.splits["eval"])) + 1))[:n]
     emb, mask = latent_prefixes(ws, examples)
-    t, eos, pad = cfg.eval.max_new_tokens, ws.contract.eos_id, ws.contract.pad_id
+    t, eos, pad = cfg.eval.max_new_tokens, ws.contract.stop_ids, ws.contract.pad_id
     outputs: dict[str, list] = {}
 
     def side(name, fn):
@@ -308,15 +309,15 @@ def prepare_bare_batch(ws, examples) -> dict:
     from latentgate.model.contract import build_latent_batch, build_text_batch, encode_answers, text_prompt
     from latentgate.model.latent import encoder_text
 
-    answers = encode_answers(ws.tokenizer, [e.answer for e in examples])
+    answers = encode_answers(ws.contract, ws.tokenizer, [e.answer for e in examples])
     ids, mask = ws.enc_tok([encoder_text(e.context, e.question) for e in examples], ws.device)
     with torch.no_grad():
-        prompts = [text_prompt(e.context, e.question, ws.contract.anchor) for e in examples]
+        prompts = [text_prompt(e.context, e.question) for e in examples]
         tb = build_text_batch(ws.contract, ws.tokenizer, ws.embed, prompts, answers)
         dummy = torch.zeros(len(examples), ws.contract.num_latents, ws.embed.weight.shape[1], device=ws.device)
         sb = build_latent_batch(ws.contract, ws.embed, dummy, answer_targets=answers)
     m = ws.contract.num_latents
-    head = 1 if ws.contract.bos_id is not None else 0
+    head = len(ws.contract.head_ids)
     emb = sb.inputs_embeds.detach()
     tokens = int(mask.sum()) + int(sb.attention_mask.sum()) + int(tb.attention_mask.sum())
     return {"ids": ids, "mask": mask, "t_emb": tb.inputs_embeds.detach(), "t_attn": tb.attention_mask,
@@ -546,7 +547,7 @@ def direct_workspace(cfg: Config, device: torch.device, vocab_size: int | None =
     """A Workspace built in memory on `device` (a 1B model is not worth a round trip through disk): the builtin
     tokenizer, a Llama from config in base.dtype, the encoder/adapter, and LoRA for Stage B."""
     from latentgate.data.synthetic import vocabulary
-    from latentgate.model.base_lm import build_builtin_lm, build_builtin_tokenizer, embedding_rms, freeze
+    from latentgate.model.base_lm import build_builtin_lm, build_builtin_tokenizer, embedding_rms, freeze, resolve_dtype
     from latentgate.model.contract import PrefixContract
     from latentgate.model.latent import build_latent_modules
     from latentgate.model.lora import attach_lora
@@ -556,8 +557,8 @@ def direct_workspace(cfg: Config, device: torch.device, vocab_size: int | None =
     tok = build_builtin_tokenizer(vocabulary(synthetic_spec(cfg)))
     with torch.device(device):
         lm = build_builtin_lm(cfg, vocab_size or len(tok), tok)
-    lm = freeze(lm.to(getattr(torch, cfg.base.dtype)))
-    contract = PrefixContract.from_tokenizer(tok, cfg.model.num_latents, cfg.model.anchor)
+    lm = freeze(lm.to(resolve_dtype(cfg.base.dtype, device)))
+    contract = PrefixContract.for_config(cfg, tok)
     ws = Workspace(cfg, device, lm, tok, contract, load_splits(cfg))
     ws.encoder, ws.adapter, ws.enc_tok = build_latent_modules(cfg, lm, tok, embedding_rms(lm))
     ws.encoder.to(device)
@@ -570,7 +571,9 @@ def direct_workspace(cfg: Config, device: torch.device, vocab_size: int | None =
 def check_placement(ws) -> dict:
     """Every parameter and buffer on the workspace's device; the frozen LM's weights in base.dtype. Raises on a
     misplaced tensor, returns dtype counts."""
-    want = getattr(torch, ws.cfg.base.dtype)
+    from latentgate.model.base_lm import resolve_dtype
+
+    want = resolve_dtype(ws.cfg.base.dtype, ws.device)
     dtypes: dict[str, int] = {}
     for owner, module in (("lm", ws.lm), ("encoder", ws.encoder), ("adapter", ws.adapter)):
         for name, t in list(module.named_parameters()) + list(module.named_buffers()):
@@ -596,14 +599,14 @@ def step_flops(ws, examples) -> tuple[float, int]:
     from latentgate.model.contract import build_text_batch, encode_answers, text_prompt
     from latentgate.model.latent import encoder_text
 
-    answers = encode_answers(ws.tokenizer, [e.answer for e in examples])
+    answers = encode_answers(ws.contract, ws.tokenizer, [e.answer for e in examples])
     ids, _ = ws.enc_tok([encoder_text(e.context, e.question) for e in examples], ws.device)
     b, t_ans = len(examples), max(len(a) for a in answers)
     student = b * (ws.contract.prefix_len + t_ans - 1)
     teacher = 0
     if ws.cfg.stage_b.kd_weight > 0:
         with torch.no_grad():
-            prompts = [text_prompt(e.context, e.question, ws.contract.anchor) for e in examples]
+            prompts = [text_prompt(e.context, e.question) for e in examples]
             teacher = build_text_batch(ws.contract, ws.tokenizer, ws.embed, prompts, answers).attention_mask.numel()
     n_enc, n_lm = _body_params(ws.encoder), _body_params(ws.lm)
     head = 2 * ws.embed.weight.shape[0] * ws.embed.weight.shape[1] * b * t_ans
@@ -651,10 +654,10 @@ def gpu_stage_b(cfg: Config, device: torch.device, steps: int = 8, warm: int = 2
     examples = (ws.splits["eval"] * (gen_n // max(1, len(ws.splits["eval"])) + 1))[:gen_n]
     emb, mask = latent_prefixes(ws, examples)
     with torch.no_grad():
-        batched_generate(ws.lm, emb[:2], mask[:2], 2, ws.contract.eos_id, cfg.eval.batch_size)  # warm-up
+        batched_generate(ws.lm, emb[:2], mask[:2], 2, ws.contract.stop_ids, cfg.eval.batch_size)  # warm-up
         sync()
         t0 = time.perf_counter()
-        batched_generate(ws.lm, emb, mask, cfg.eval.max_new_tokens, ws.contract.eos_id, cfg.eval.batch_size)
+        batched_generate(ws.lm, emb, mask, cfg.eval.max_new_tokens, ws.contract.stop_ids, cfg.eval.batch_size)
         sync()
     out["gen_answers_per_s"] = gen_n / (time.perf_counter() - t0)
     return out

@@ -36,7 +36,7 @@ def _prefix_for(ws, path: str, chunk, latents: torch.Tensor | None):
         prefix = build_latent_batch(ws.contract, ws.embed, lat)
         return prefix, (lambda answers: build_latent_batch(ws.contract, ws.embed, lat, answer_targets=answers)), None
     budget = ws.contract.num_latents if path == "token_budget" else None
-    prompts = [text_prompt(e.context, e.question, ws.contract.anchor, budget, ws.tokenizer) for e in chunk]
+    prompts = [text_prompt(e.context, e.question, budget, ws.tokenizer) for e in chunk]
     prefix = build_text_batch(ws.contract, ws.tokenizer, ws.embed, prompts, left_pad=True)
     return prefix, (lambda answers: build_text_batch(ws.contract, ws.tokenizer, ws.embed, prompts, answers)), prompts
 
@@ -53,13 +53,13 @@ def evaluate(ws, examples, out_dir: Path, paths=None, batch_size: int | None = N
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             latents = ws.latents(chunk) if any(p in LATENT_PATHS for p in paths) else None
-            gold_first = encode_answers(ws.tokenizer, [e.answer for e in chunk])  # scoring only
+            gold_first = encode_answers(ws.contract, ws.tokenizer, [e.answer for e in chunk])  # scoring only
             for path in paths:
                 teacher = path in ("text", "token_budget")
                 with (ws.teacher() if teacher else nullcontext()):
                     prefix, scoring_batch, prompts = _prefix_for(ws, path, chunk, latents)
                     gen = greedy_generate(ws.lm, prefix.inputs_embeds, prefix.attention_mask,
-                                          ws.cfg.eval.max_new_tokens, ws.contract.eos_id)
+                                          ws.cfg.eval.max_new_tokens, ws.contract.stop_ids)
                     # Teacher-forced NLL of the gold answer: a score, computed after generation finished.
                     sb = scoring_batch(gold_first)
                     logits = answer_logits(ws.lm, sb).float()

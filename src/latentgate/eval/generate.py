@@ -3,6 +3,7 @@ step for the whole batch. The length cap comes from config, never from the gold 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -10,14 +11,18 @@ import torch
 
 @dataclass
 class Generation:
-    token_ids: list[list[int]]  # per example, cut at (and excluding) the first EOS
+    token_ids: list[list[int]]  # per example, cut at (and excluding) the first stop id
     first_logits: torch.Tensor  # [B, V] logits of the first generated token (first-token top-1/top-5)
 
 
 @torch.no_grad()
 def greedy_generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                    eos_id: int) -> Generation:
-    """Rows may be left-padded (text prompts); latent prefixes all have the same length."""
+                    stop_ids: int | Collection[int]) -> Generation:
+    """Rows may be left-padded (text prompts); latent prefixes all have the same length. A row ends at the first
+    of `stop_ids` (end tokens, and tokens containing a stop string: the contract's `stop_ids`)."""
+    stops = torch.tensor([stop_ids] if isinstance(stop_ids, int) else sorted(stop_ids), dtype=torch.long,
+                         device=inputs_embeds.device)
+    stop_set = set(stops.tolist())
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
              use_cache=True, logits_to_keep=1)
@@ -29,7 +34,7 @@ def greedy_generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
     pos = position_ids[:, -1:]
     for t in range(max_new_tokens):
         steps.append(next_tok)
-        done |= next_tok == eos_id
+        done |= torch.isin(next_tok, stops)
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((b, 1))], dim=1)
@@ -38,7 +43,7 @@ def greedy_generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
                  past_key_values=out.past_key_values, use_cache=True)
         next_tok = out.logits[:, -1].argmax(-1)
     ids = torch.stack(steps, dim=1).tolist()
-    cut = [row[: row.index(eos_id)] if eos_id in row else row for row in ids]
+    cut = [row[: next((i for i, t in enumerate(row) if t in stop_set), len(row))] for row in ids]
     return Generation(cut, first_logits)
 
 

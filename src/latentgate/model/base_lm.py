@@ -86,6 +86,38 @@ def load_lm(path_or_name: str, cfg: Config, device: torch.device):
     return lm, tok
 
 
+FULL_HASH_LIMIT = 2 << 30  # larger weight files are fingerprinted by size + sampled chunks, not read whole
+_CHUNK = 4 << 20
+
+
+def base_reference(path_or_name: str, cfg: Config, lm=None) -> dict:
+    """What a checkpoint records about its base LM: name, revision / commit, and a fingerprint of the weights
+    (sha256 over config.json and every weight file; files over 2 GiB by size and their first, middle and last
+    4 MiB, so a 16 GB LM is not re-read at every load)."""
+    import hashlib
+
+    ref = {"name": cfg.base.name, "revision": cfg.base.revision or getattr(getattr(lm, "config", None),
+                                                                            "_commit_hash", None)}
+    folder = Path(path_or_name)
+    if not folder.is_dir():
+        return {**ref, "fingerprint": None}
+    h = hashlib.sha256()
+    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json")
+                     and p.name not in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"))
+    for p in weights:
+        size = p.stat().st_size
+        h.update(f"{p.name}:{size}".encode())
+        with p.open("rb") as fh:
+            if size <= FULL_HASH_LIMIT:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            else:
+                for offset in (0, size // 2, max(0, size - _CHUNK)):
+                    fh.seek(offset)
+                    h.update(fh.read(_CHUNK))
+    return {**ref, "fingerprint": h.hexdigest()}
+
+
 def freeze(module: torch.nn.Module) -> torch.nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)

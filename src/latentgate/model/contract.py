@@ -1,12 +1,20 @@
 """The prefix contract: the ONE place that lays out what the LM reads.
 
-Latent (student) path:  [BOS] [latent x M] [anchor tokens] -> answer tokens + EOS
-Text (teacher) path:    [BOS] "context : ... question : ... answer :" -> answer tokens + EOS
+Latent (student) path:  [head] [latent x M] [anchor] -> answer
+Text (teacher) path:    [head] "context : ... question : ..." [anchor] -> answer
+
+`plain` format: head = [BOS] (if the tokenizer has one), anchor = " answer :". `chat` format: head and anchor are
+the tokenizer's chat template split around the user message (system prompt, user header | end of turn, assistant
+header). Both paths use the same head and anchor ids, by construction.
+
+Answers are the ids the LM sees AFTER the anchor (`" Paris"` after a plain prompt, not `"Paris"` on its own), plus
+the end token only when `answer_end=eos`: an LM is never scored on an end token it would not emit. Generation stops
+at any end-token id (tokenizer + generation_config) or at a token containing a stop string.
 
 Training losses, probes, evaluation and generation all build their inputs here, so the layout cannot drift
 between them (the predecessor applied a different anchor, chat header and gain at eval). Sequences are
 right-padded; every consumer reads answer logits through the explicit index map `answer_pos`, where
-`logits[i, answer_pos[i, t]]` predicts answer token t. Answers are tokenized WITHOUT BOS and WITH EOS appended.
+`logits[i, answer_pos[i, t]]` predicts answer token t.
 """
 
 from __future__ import annotations
@@ -16,42 +24,90 @@ from dataclasses import asdict, dataclass
 import torch
 
 IGNORE = -100
-TEXT_TEMPLATE = "context : {context} question : {question} {anchor}"
-BUDGET_TEMPLATE = "question : {question} context : {context} {anchor}"
+TEXT_BODY = "context : {context} question : {question}"
+BUDGET_BODY = "question : {question} context : {context}"
+_SLOT = "\x00LATENTGATE_SLOT\x00"  # stands for the user message when the chat template is split
 
 
 @dataclass(frozen=True)
 class PrefixContract:
     num_latents: int
+    head_ids: tuple[int, ...]
     anchor_ids: tuple[int, ...]
-    eos_id: int
+    anchor_text: str  # the text the anchor ids come from (plain: " answer :"; chat: end of turn + assistant header)
+    answer_sep: str  # text between the anchor and the answer, as the LM would see it
+    end_id: int | None  # appended to answer targets (answer_end=eos), else None
+    stop_ids: tuple[int, ...]  # generation stops at any of these
+    stop_strings: tuple[str, ...]
     pad_id: int
     bos_id: int | None
     anchor: str
+    prompt_format: str
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, num_latents: int, anchor: str) -> "PrefixContract":
-        anchor_ids = tuple(tokenizer(anchor, add_special_tokens=False)["input_ids"])
+    def from_tokenizer(cls, tokenizer, num_latents: int, anchor: str, prompt_format: str = "plain",
+                       answer_end: str = "eos", stop_strings=(), generation_config=None) -> "PrefixContract":
+        if prompt_format == "chat":
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError("model.prompt_format=chat, but the tokenizer has no chat template")
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": _SLOT}], tokenize=False,
+                                                     add_generation_prompt=True)
+            head_text, anchor_text = rendered.split(_SLOT)
+            head = tuple(tokenizer(head_text, add_special_tokens=False)["input_ids"])
+            sep = ""
+        else:
+            head = (tokenizer.bos_token_id,) if tokenizer.bos_token_id is not None else ()
+            anchor_text, sep = " " + anchor, " "
+        anchor_ids = tuple(tokenizer(anchor_text, add_special_tokens=False)["input_ids"])
         if not anchor_ids:
-            raise ValueError(f"anchor {anchor!r} tokenizes to nothing")
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return cls(num_latents, anchor_ids, tokenizer.eos_token_id, pad, tokenizer.bos_token_id, anchor)
+            raise ValueError(f"anchor {anchor_text!r} tokenizes to nothing")
+        end_ids = end_token_ids(tokenizer, generation_config)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[0]
+        end_id = tokenizer.eos_token_id if answer_end == "eos" else None
+        stops = tuple(sorted(set(end_ids) | set(_ids_containing(tokenizer, stop_strings))))
+        return cls(num_latents, head, anchor_ids, anchor_text, sep, end_id, stops, tuple(stop_strings), pad,
+                   tokenizer.bos_token_id, anchor, prompt_format)
+
+    @classmethod
+    def for_config(cls, cfg, tokenizer, generation_config=None) -> "PrefixContract":
+        m = cfg.model
+        return cls.from_tokenizer(tokenizer, m.num_latents, m.anchor, m.prompt_format, m.answer_end,
+                                  tuple(m.stop_strings), generation_config)
 
     @property
     def prefix_len(self) -> int:
-        return (self.bos_id is not None) + self.num_latents + len(self.anchor_ids)
+        return len(self.head_ids) + self.num_latents + len(self.anchor_ids)
 
     def layout(self) -> list[tuple[str, int]]:
         """Segments of the latent prefix, in order: what the golden test and the logged contract show."""
-        segs = [("bos", 1)] if self.bos_id is not None else []
+        segs = [("head", len(self.head_ids))] if self.head_ids else []
         return segs + [("latent", self.num_latents), ("anchor", len(self.anchor_ids)), ("answer", -1)]
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["layout"] = self.layout()
         d["prefix_len"] = self.prefix_len
-        d["text_template"] = TEXT_TEMPLATE
+        d["text_template"] = TEXT_BODY
         return d
+
+
+def end_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every id that ends a turn: the tokenizer's EOS and all of generation_config.eos_token_id (Llama-3 and many
+    instruct models list several)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    extra = getattr(generation_config, "eos_token_id", None)
+    ids += extra if isinstance(extra, (list, tuple)) else [extra] if extra is not None else []
+    if not ids:
+        raise ValueError("the tokenizer has no end token and generation_config lists none")
+    return list(dict.fromkeys(ids))
+
+
+def _ids_containing(tokenizer, stop_strings) -> list[int]:
+    """Vocabulary ids whose text contains a stop string (e.g. every token with a newline in a BPE vocabulary)."""
+    if not stop_strings:
+        return []
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return [i for i, t in enumerate(texts) if any(s in t for s in stop_strings)]
 
 
 @dataclass
@@ -62,15 +118,29 @@ class PrefixBatch:
     attention_mask: torch.Tensor  # [B, S]
     labels: torch.Tensor  # [B, S], HF convention (unshifted), IGNORE outside the answer
     answer_pos: torch.Tensor  # [B, T] position whose logits predict answer token t
-    answer_targets: torch.Tensor  # [B, T] gold answer ids (EOS included), pad elsewhere
+    answer_targets: torch.Tensor  # [B, T] gold answer ids (end id included when answer_end=eos), pad elsewhere
     answer_mask: torch.Tensor  # [B, T] bool
     segments: list[tuple[str, int]]
 
 
-def encode_answers(tokenizer, answers: list[str]) -> list[list[int]]:
-    """Answer ids without BOS and with EOS appended: the same targets for TF, first-token and K-token losses."""
-    ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
-    return [list(a) + [tokenizer.eos_token_id] for a in ids]
+def encode_answers(contract: PrefixContract, tokenizer, answers: list[str]) -> list[list[int]]:
+    """The answer ids the LM sees after the anchor, without BOS, plus the end id when the contract has one: the
+    same targets for TF, first-token and K-token losses, KD, NLL and first-token accuracy. Tokenized together with
+    the anchor text and cut after it, so merges at the boundary are the ones the LM would see."""
+    anchor = list(contract.anchor_ids)
+    joint = tokenizer([contract.anchor_text + contract.answer_sep + a for a in answers],
+                      add_special_tokens=False)["input_ids"]
+    end = [contract.end_id] if contract.end_id is not None else []
+    out = []
+    for a, ids in zip(answers, joint):
+        if list(ids[: len(anchor)]) == anchor:
+            ids = list(ids[len(anchor) :])
+        else:  # a merge across the boundary (rare): the answer as the LM would start it on its own
+            ids = tokenizer(contract.answer_sep + a, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"answer {a!r} tokenizes to nothing")
+        out.append(list(ids) + end)
+    return out
 
 
 def _pad_answers(answer_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,9 +168,9 @@ def build_latent_batch(
         raise ValueError(f"got {m} latents, contract says {contract.num_latents}")
     device = latents.device
     parts, segments = [], []
-    if contract.bos_id is not None:
-        parts.append(embed(torch.full((b, 1), contract.bos_id, device=device)))
-        segments.append(("bos", 1))
+    if contract.head_ids:
+        parts.append(embed(torch.tensor(contract.head_ids, device=device)).unsqueeze(0).expand(b, -1, -1))
+        segments.append(("head", len(contract.head_ids)))
     parts.append(latents.to(embed.weight.dtype))
     segments.append(("latent", m))
     parts.append(embed(torch.tensor(contract.anchor_ids, device=device)).unsqueeze(0).expand(b, -1, -1))
@@ -118,7 +188,7 @@ def build_latent_batch(
     else:
         inputs = answer_inputs
     t_max = targets.shape[1]
-    # The concatenated ids are prefix + answer + EOS, exactly what a `labels=` forward would see; the logits at
+    # The concatenated ids are prefix + answer (+ end id), exactly what a `labels=` forward would see; the logits at
     # the final EOS position predict nothing.
     parts.append(embed(inputs))
     segments.append(("answer", t_max))
@@ -138,16 +208,17 @@ def _hf_labels(targets, mask, answer_pos, seq_len) -> torch.Tensor:
     return labels[:, :seq_len]
 
 
-def text_prompt(context: str, question: str, anchor: str, budget_tokens: int | None = None, tokenizer=None) -> str:
-    """The teacher's prompt. With `budget_tokens`, the token-budget baseline: the question is always kept and the
-    context is cut so question + context fit in the budget (the predecessor dropped the question)."""
+def text_prompt(context: str, question: str, budget_tokens: int | None = None, tokenizer=None) -> str:
+    """The teacher's prompt body (the contract adds head and anchor). With `budget_tokens`, the token-budget
+    baseline: the question is always kept and the context is cut so question + context fit in the budget (the
+    predecessor dropped the question)."""
     if budget_tokens is None:
-        return TEXT_TEMPLATE.format(context=context, question=question, anchor=anchor)
+        return TEXT_BODY.format(context=context, question=question)
     q_len = len(tokenizer(question, add_special_tokens=False)["input_ids"])
     room = max(0, budget_tokens - q_len)
     ctx_ids = tokenizer(context, add_special_tokens=False)["input_ids"][:room]
     cut = tokenizer.decode(ctx_ids, skip_special_tokens=True) if ctx_ids else ""
-    return BUDGET_TEMPLATE.format(question=question, context=cut, anchor=anchor)
+    return BUDGET_BODY.format(question=question, context=cut)
 
 
 def build_text_batch(
@@ -158,11 +229,11 @@ def build_text_batch(
     answer_ids: list[list[int]] | None = None,
     left_pad: bool = False,
 ) -> PrefixBatch:
-    """Text path: [BOS] prompt (+ answer). Right-padded for training/KD (index map to answer logits);
-    left-padded for generation, so every row's next token sits at the last position."""
+    """Text path: [head] prompt body [anchor] (+ answer). Right-padded for training/KD (index map to answer
+    logits); left-padded for generation, so every row's next token sits at the last position."""
     device = embed.weight.device
-    bos = [contract.bos_id] if contract.bos_id is not None else []
-    prompt_ids = [bos + ids for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]  # one call
+    head, anchor = list(contract.head_ids), list(contract.anchor_ids)
+    prompt_ids = [head + ids + anchor for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     b = len(prompts)
     if answer_ids is None:
         s = max(len(p) for p in prompt_ids)
@@ -178,7 +249,7 @@ def build_text_batch(
                            [("text", -1)])
     targets, mask = _pad_answers(answer_ids, contract.pad_id, device)
     t_max = targets.shape[1]
-    seqs = [p + a for p, a in zip(prompt_ids, answer_ids)]  # prompt + answer + EOS: the concatenated ids
+    seqs = [p + a for p, a in zip(prompt_ids, answer_ids)]  # prompt + answer (+ end id): the concatenated ids
     s = max(len(x) for x in seqs)
     ids = torch.full((b, s), contract.pad_id, dtype=torch.long)
     attn = torch.zeros((b, s), dtype=torch.long)

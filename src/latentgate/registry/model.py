@@ -216,7 +216,7 @@ def predict_answers(ws, contexts: list[str], questions: list[str]) -> list[str]:
             chunk = examples[start : start + bs]
             prefix = build_latent_batch(ws.contract, ws.embed, ws.latents(chunk))
             gen = greedy_generate(ws.lm, prefix.inputs_embeds, prefix.attention_mask, ws.cfg.eval.max_new_tokens,
-                                  ws.contract.eos_id)
+                                  ws.contract.stop_ids)
             out += decode(ws.tokenizer, gen.token_ids)
     return out
 

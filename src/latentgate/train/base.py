@@ -47,15 +47,15 @@ def train_builtin_base(cfg: Config, tracker, out_dir: Path, splits=None) -> tupl
     splits = splits or load_splits(cfg)
     tok = build_builtin_tokenizer(vocabulary(synthetic_spec(cfg)))
     lm = build_builtin_lm(cfg, len(tok), tok).to(device)
-    contract = PrefixContract.from_tokenizer(tok, cfg.model.num_latents, cfg.model.anchor)
+    contract = PrefixContract.for_config(cfg, tok)
     ws = Workspace(cfg, device, lm, tok, contract, splits)
     b = cfg.base
     opt = torch.optim.AdamW(lm.parameters(), lr=b.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, min(b.warmup_steps, b.steps - 1), b.steps,
                                                         min_lr=b.lr * 0.05)
     train = splits["train"]
-    prompts = [text_prompt(e.context, e.question, contract.anchor) for e in train]
-    answers = encode_answers(tok, [e.answer for e in train])
+    prompts = [text_prompt(e.context, e.question) for e in train]
+    answers = encode_answers(contract, tok, [e.answer for e in train])
     torch.manual_seed(b.seed)
     t0 = time.perf_counter()
     lm.train()

@@ -283,6 +283,7 @@ def save_checkpoint(
     config: dict | None = None,
     contract: dict | None = None,
     rng_state: dict | None = None,
+    base_lm: dict | None = None,
 ) -> Path:
     """Write a complete checkpoint to `directory` atomically and return its path.
 
@@ -318,6 +319,7 @@ def save_checkpoint(
         "trainer_state": _to_json(trainer_state or {}, "trainer_state"),
         "config": _to_json(config or {}, "config"),
         "contract": _to_json(contract or {}, "contract"),
+        "base_lm": _to_json(base_lm or {}, "base_lm"),
     }
     rng = _to_json(rng_state if rng_state is not None else capture_rng_state(), "rng_state")
 
@@ -550,6 +552,19 @@ def _check_compat(d: Path, manifest: dict, expect_config: dict | None, compat_ke
             )
 
 
+def check_base(d: Path, manifest: dict, expect_base: dict | None) -> None:
+    """A checkpoint holds only what trains, so it is meaningless on another base LM: refuse a fingerprint that
+    differs from the one it was trained on (both must be known to compare)."""
+    saved = (manifest.get("base_lm") or {}).get("fingerprint")
+    want = (expect_base or {}).get("fingerprint")
+    if saved and want and saved != want:
+        raise CheckpointError(
+            f"checkpoint {d} was trained on base LM {manifest['base_lm'].get('name')!r} (fingerprint {saved[:12]}), "
+            f"this run loads {expect_base.get('name')!r} (fingerprint {want[:12]})",
+            "load the base LM the checkpoint was trained on (base.name / base.revision)",
+        )
+
+
 check_compat = _check_compat  # public: `latentgate checkpoint verify --preset ...` checks a config against it
 
 
@@ -586,6 +601,7 @@ def load_checkpoint(
     compat_keys: tuple[str, ...] = (),
     allow_extra: bool = False,
     restore_rng: bool = False,
+    expect_base: dict | None = None,
 ) -> dict:
     """Verify, check and load a checkpoint into the given objects; return the manifest.
 
@@ -598,6 +614,7 @@ def load_checkpoint(
     d = Path(directory)
     manifest = read_manifest(d)
     _check_compat(d, manifest, expect_config, tuple(compat_keys))
+    check_base(d, manifest, expect_base)
 
     # --- the set of modules must match exactly: no silent fresh init, no silently ignored weights
     if not isinstance(modules, dict):

@@ -24,9 +24,10 @@ from latentgate.model.contract import build_latent_batch, build_text_batch, enco
 from latentgate.tracking.tracker import NullTracker
 from latentgate.train import checkpoint as ckpt
 from latentgate.train.losses import TERMS, answer_logits, compute_losses, p_gold_at, scheduled_inputs
-from latentgate.train.workspace import Workspace
+from latentgate.train.workspace import Workspace, autocast
 
-COMPAT_KEYS = ("model.num_latents", "model.d_z", "model.encoder", "base.name", "base.layers", "base.hidden")
+COMPAT_KEYS = ("model.num_latents", "model.d_z", "model.encoder", "model.encoder_lora_r", "model.prompt_format",
+               "base.name", "base.layers", "base.hidden")
 
 
 def build_optimizer(ws: Workspace, st: StageConfig):
@@ -80,12 +81,17 @@ class _SignalFlag:
 
 def stage_step(ws: Workspace, examples, st: StageConfig, step: int, gen: torch.Generator):
     """One micro-batch: encoder -> adapter -> contract -> LM; teacher pass with LoRA disabled; all losses."""
-    answers = encode_answers(ws.tokenizer, [e.answer for e in examples])
+    with autocast(ws):
+        return _stage_step(ws, examples, st, step, gen)
+
+
+def _stage_step(ws: Workspace, examples, st: StageConfig, step: int, gen: torch.Generator):
+    answers = encode_answers(ws.contract, ws.tokenizer, [e.answer for e in examples])
     latents = ws.latents(examples)
     teacher = None
     if st.kd_weight > 0:
         with torch.no_grad(), ws.teacher():
-            prompts = [text_prompt(e.context, e.question, ws.contract.anchor) for e in examples]
+            prompts = [text_prompt(e.context, e.question) for e in examples]
             tb = build_text_batch(ws.contract, ws.tokenizer, ws.embed, prompts, answers)
             teacher = answer_logits(ws.lm, tb)
     inputs = None
@@ -97,7 +103,7 @@ def stage_step(ws: Workspace, examples, st: StageConfig, step: int, gen: torch.G
         inputs = scheduled_inputs(preds, probe.answer_targets, probe.answer_mask, p_gold, gen)
     batch = build_latent_batch(ws.contract, ws.embed, latents, answer_inputs=inputs, answer_targets=answers)
     logits = answer_logits(ws.lm, batch)
-    return compute_losses(logits, batch.answer_targets, batch.answer_mask, st, teacher, ws.contract.eos_id)
+    return compute_losses(logits, batch.answer_targets, batch.answer_mask, st, teacher, ws.contract.end_id)
 
 
 def _group_norms(groups: dict) -> dict[str, float]:
@@ -132,7 +138,7 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
     train = ws.splits["train"]
     ws.encoder.train()
     ws.adapter.train()
-    if ws.is_peft:
+    if ws.is_peft or ws.cfg.base.gradient_checkpointing:  # HF checkpoints layers only in train mode
         ws.lm.train()
     opt, sched, groups = build_optimizer(ws, st)
     trainable = [p for ps in groups.values() for p in ps]
@@ -143,7 +149,7 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
         manifest = ckpt.load_checkpoint(resume, modules=checkpoint_modules(ws),
                                         lora_model=ws.lm if ws.is_peft else None,
                                         optimizer=opt, scheduler=sched, expect_config=flatten(ws.cfg),
-                                        compat_keys=COMPAT_KEYS)
+                                        compat_keys=COMPAT_KEYS, expect_base=ws.base_ref)
         state.update(manifest["trainer_state"])
         ckpt.restore_rng_state(state.pop("rng"))
         gen.set_state(torch.tensor(state.pop("gen_state"), dtype=torch.uint8))
@@ -160,7 +166,7 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
                          "gen_state": gen.get_state().tolist()}
         return ckpt.save_checkpoint(ckpt_dir, modules=checkpoint_modules(ws), lora_model=ws.lm if ws.is_peft else None,
                                     optimizer=opt, scheduler=sched, trainer_state=trainer_state,
-                                    config=flatten(ws.cfg), contract=ws.contract.to_dict())
+                                    config=flatten(ws.cfg), contract=ws.contract.to_dict(), base_lm=ws.base_ref)
 
     epoch_path = out_dir / "diagnostics_epoch.jsonl" if rank == 0 else Path(os.devnull)
     _truncate_jsonl(epoch_path, stage, state["global_step"])

@@ -61,6 +61,7 @@ class Workspace:
     adapter: torch.nn.Module | None = None
     enc_tok: object = None
     lora_counts: dict | None = None
+    base_ref: dict | None = None  # name, revision, fingerprint: recorded in checkpoints, checked on load
 
     @property
     def embed(self) -> torch.nn.Embedding:
@@ -86,11 +87,13 @@ class Workspace:
 
 def build_workspace(cfg: Config, base_dir: str | Path, splits: dict | None = None,
                     with_latent: bool = True) -> Workspace:
-    from latentgate.model.base_lm import load_lm
+    from latentgate.model.base_lm import base_reference, load_lm
 
     set_threads(cfg.run.threads)
     lm, tok = load_lm(str(base_dir), cfg, resolve_device(cfg.run.device))
-    return workspace_from_lm(cfg, lm, tok, splits, with_latent)
+    ws = workspace_from_lm(cfg, lm, tok, splits, with_latent)
+    ws.base_ref = base_reference(str(base_dir), cfg, lm)
+    return ws
 
 
 def workspace_from_lm(cfg: Config, lm, tok, splits: dict | None = None, with_latent: bool = True) -> Workspace:
@@ -100,11 +103,28 @@ def workspace_from_lm(cfg: Config, lm, tok, splits: dict | None = None, with_lat
 
     device = next(lm.parameters()).device
     freeze(lm)
-    contract = PrefixContract.from_tokenizer(tok, cfg.model.num_latents, cfg.model.anchor)
+    contract = PrefixContract.for_config(cfg, tok, getattr(lm, "generation_config", None))
     ws = Workspace(cfg, device, lm, tok, contract, splits if splits is not None else load_splits(cfg))
     if with_latent:
         ws.encoder, ws.adapter, ws.enc_tok = build_latent_modules(cfg, lm, tok, embedding_rms(lm))
         ws.encoder.to(device)
         ws.adapter.to(device)
+    if cfg.base.gradient_checkpointing:
+        enable_gradient_checkpointing(lm, ws.encoder)
     return ws
+
+
+def enable_gradient_checkpointing(lm, encoder=None) -> None:
+    """Non-reentrant checkpointing (gradients reach the soft prefix and the hooks' LoRA through a frozen LM). An
+    lm_self encoder's hooks are re-entered in the mode each layer ran in, so recomputation is exact."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(encoder, "checkpoint_context"):
+        kwargs["context_fn"] = encoder.checkpoint_context
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def autocast(ws: "Workspace"):
+    """Mixed precision where the frozen LM runs in half precision on CUDA; a no-op in fp32 (the CPU default)."""
+    dtype = ws.embed.weight.dtype
+    return torch.autocast(ws.device.type, dtype=dtype, enabled=ws.device.type == "cuda" and dtype != torch.float32)
 
