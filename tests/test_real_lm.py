@@ -4,6 +4,8 @@ several end ids, stop strings, gradient checkpointing and the base-LM fingerprin
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,3 +233,27 @@ def test_checkpoint_records_the_base_lm_and_refuses_another(bpe_ws, tiny_ws, tmp
 def test_contract_for_config_matches_from_tokenizer(bpe_ws):
     c = PrefixContract.for_config(bpe_ws.cfg, bpe_ws.tokenizer, bpe_ws.lm.generation_config)
     assert c == bpe_ws.contract and c.to_dict()["prompt_format"] == "plain"
+
+
+def test_sanity_gate_is_per_lm_and_records_its_evidence(mlflow_store, bpe_lm_dir, tmp_path):
+    """An external LM's teacher that scores below its gate stops before latent training, in one line that says
+    what it scored and what to do; the base run keeps the figures as evidence."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from conftest import run_cli
+
+    proc = run_cli("base", "--preset", "micro", "--set", f"base.name={bpe_lm_dir}", "--set", "base.gate_min_f1=0.9",
+                   "--set", f"run.output_dir={tmp_path}", env={"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]})
+    assert proc.returncode == 4, proc.stderr
+    line = [x for x in proc.stderr.splitlines() if x.startswith("latentgate: error:")]
+    assert len(line) == 1 and f"sanity gate failed for {bpe_lm_dir}: F1 " in line[0]
+    assert "need >= 0.9" in line[0] and "base.gate_min_f1" in line[0] and "Traceback" not in proc.stderr
+    client = MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              f"params.`base.name` = '{bpe_lm_dir}' and tags.`latentgate.phase` = 'base'")
+    assert runs and runs[0].info.status != "RUNNING"
+    local = client.download_artifacts(runs[0].info.run_id, "sanity_gate.json", str(tmp_path))
+    gate = json.loads(Path(local).read_text())
+    assert gate["passed"] is False and gate["min_f1"] == 0.9 and gate["text_f1"] == runs[0].data.metrics["text_f1"]

@@ -3,7 +3,8 @@
 Latent (student) path:  [head] [latent x M] [anchor] -> answer
 Text (teacher) path:    [head] "context : ... question : ..." [anchor] -> answer
 
-`plain` format: head = [BOS] (if the tokenizer has one), anchor = " answer :". `chat` format: head and anchor are
+`plain` format: head = [BOS] where the tokenizer itself starts text with it (Llama-3) or the LM was trained so
+(the builtin LM), else nothing (SmolLM2's BOS is `<|im_start|>`, a chat-turn opener); anchor = " answer :". `chat` format: head and anchor are
 the tokenizer's chat template split around the user message (system prompt, user header | end of turn, assistant
 header). Both paths use the same head and anchor ids, by construction.
 
@@ -46,7 +47,8 @@ class PrefixContract:
 
     @classmethod
     def from_tokenizer(cls, tokenizer, num_latents: int, anchor: str, prompt_format: str = "plain",
-                       answer_end: str = "eos", stop_strings=(), generation_config=None) -> "PrefixContract":
+                       answer_end: str = "eos", stop_strings=(), generation_config=None,
+                       add_bos: bool | None = None) -> "PrefixContract":
         if prompt_format == "chat":
             if not getattr(tokenizer, "chat_template", None):
                 raise ValueError("model.prompt_format=chat, but the tokenizer has no chat template")
@@ -56,7 +58,10 @@ class PrefixContract:
             head = tuple(tokenizer(head_text, add_special_tokens=False)["input_ids"])
             sep = ""
         else:
-            head = (tokenizer.bos_token_id,) if tokenizer.bos_token_id is not None else ()
+            bos = tokenizer.bos_token_id
+            if add_bos is None:  # what the tokenizer does itself
+                add_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+            head = (bos,) if add_bos and bos is not None else ()
             anchor_text, sep = " " + anchor, " "
         anchor_ids = tuple(tokenizer(anchor_text, add_special_tokens=False)["input_ids"])
         if not anchor_ids:
@@ -72,7 +77,8 @@ class PrefixContract:
     def for_config(cls, cfg, tokenizer, generation_config=None) -> "PrefixContract":
         m = cfg.model
         return cls.from_tokenizer(tokenizer, m.num_latents, m.anchor, m.prompt_format, m.answer_end,
-                                  tuple(m.stop_strings), generation_config)
+                                  tuple(m.stop_strings), generation_config,
+                                  add_bos=True if cfg.base.name == "builtin" else None)  # trained with BOS-led text
 
     @property
     def prefix_len(self) -> int:

@@ -118,7 +118,7 @@ class SelfEncoder(nn.Module):
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
         with self.encoding():
             states = body(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
-        return self.proj(states[:, -m:].float())
+        return self.proj(states[:, -m:].float().contiguous())  # a copy: the full states need not stay alive
 
 
 def _layer_index(name: str) -> int | None:

@@ -17,7 +17,8 @@ BASE_HASH_TAG = "latentgate.base_config_hash"
 
 def base_hash(cfg: Config) -> str:
     """What identifies a trained base LM: its data and base config (the sanity-gate thresholds do not)."""
-    return config_hash(cfg, ("base", "data"), exclude=("base.gate_",))
+    runtime = ("base.gate_", "base.gradient_checkpointing", "base.attn_implementation")  # same weights either way
+    return config_hash(cfg, ("base", "data"), exclude=runtime)
 
 
 def find_registered_base(cfg: Config) -> tuple[str, str] | None:
@@ -74,7 +75,7 @@ def run_base(cfg: Config, out_dir: Path, splits, run_id: str | None = None, tags
 
 
 def _run_base(cfg: Config, out_dir: Path, splits, run_id: str | None, tags: dict | None) -> dict:
-    from latentgate.train.base import sanity_gate, text_eval, train_builtin_base
+    from latentgate.train.base import gate_record, sanity_gate, text_eval, train_builtin_base
     from latentgate.train.workspace import build_workspace
 
     with tracked_run("base", run_id=run_id, tags=tags) as tr:
@@ -97,8 +98,8 @@ def _run_base(cfg: Config, out_dir: Path, splits, run_id: str | None, tags: dict
         tr.log_metrics({"text_f1": text["f1"], "text_em": text["em"], "text_nll_per_token": text["nll_per_token"],
                         "seconds": time.perf_counter() - t0}, step=0)
         tr.set_tags({"latentgate.base_source": source, BASE_HASH_TAG: base_hash(cfg)})
-        gate = sanity_gate(cfg, text)
-        tr.log_dict(gate, "sanity_gate.json")
+        tr.log_dict(gate_record(cfg, text), "sanity_gate.json")  # the evidence, whether the gate passes or not
+        sanity_gate(cfg, text)
         if source.startswith("trained:"):
             tr.set_tags({"latentgate.base_version": register_base(cfg, tr.run_id)})
         return {"run_id": tr.run_id, "base_dir": str(base_dir), "source": source, "text": text,
@@ -190,6 +191,22 @@ def load_trained(cfg: Config, base_dir: str, checkpoint: Path, splits=None):
     return ws
 
 
+def check_memory(cfg: Config, stage: str, base_dir: str, splits) -> None:
+    """The memory plan for this stage at the longest encoder input of the training data (the tokenizer alone is
+    loaded): ConfigError with the figures and the fix when the device cannot hold it."""
+    from transformers import AutoTokenizer
+
+    from latentgate.model.latent import encoder_text
+    from latentgate.model.memory_plan import check_fits
+    from latentgate.train.workspace import resolve_device
+
+    longest = sorted(splits["train"], key=lambda e: len(e.context) + len(e.question), reverse=True)[:32]
+    texts = [encoder_text(e.context, e.question) for e in longest]
+    tok = AutoTokenizer.from_pretrained(str(base_dir), revision=cfg.base.revision or None)
+    seq_len = min(max(len(ids) for ids in tok(texts)["input_ids"]), cfg.data.max_context_words * 2)
+    check_fits(cfg, resolve_device(cfg.run.device), seq_len=seq_len + cfg.model.num_latents, stages=(stage,))
+
+
 def _log_stage_common(tr, cfg: Config, splits, ws, stage: str) -> None:
     tr.log_params(flatten(cfg))
     tr.log_params({"stage": stage, "config_hash": config_hash(cfg)})
@@ -207,6 +224,7 @@ def run_stage(cfg: Config, stage: str, base: dict, out_dir: Path, splits, init_f
     from latentgate.train.trainer import COMPAT_KEYS, checkpoint_modules, train_stage
     from latentgate.train.workspace import build_workspace
 
+    check_memory(cfg, stage, base["base_dir"], splits)  # a run that cannot fit is refused before anything loads
     with tracked_run(stage, run_id=run_id, tags={"latentgate.base_run": base["run_id"],
                                                  "latentgate.init_from": str(init_from or ""), **(tags or {})}) as tr:
         ws = build_workspace(cfg, base["base_dir"], splits)
@@ -254,17 +272,23 @@ def _run_eval(cfg: Config, base: dict, checkpoint: Path, out_dir: Path, splits, 
         tr.log_input(splits["eval"], "eval", "evaluation")
         eval_dir = out_dir / "eval"
         metrics = evaluate(ws, splits["eval"], eval_dir)
-        flat = {}
-        for path, m in metrics["paths"].items():
-            for k in ("em", "f1", "first_top1", "first_top5", "nll_per_token", "repetition_rate", "empty_rate",
-                      "top_prediction_share", "distinct_first_tokens"):
-                flat[f"eval/{path}/{k}"] = m[k]
-        tr.log_metrics(flat, step=0)
-        tr.log_artifact(eval_dir / "eval_detailed.jsonl")
-        tr.log_artifact(eval_dir / "metrics.json")
-        _log_plots(tr, "eval", eval_dir, eval_dir / "plots")
-        tr.log_dict(ws.contract.to_dict(), "contract.json")
+        record_eval(tr, ws, metrics, eval_dir)
         return {"run_id": tr.run_id, "metrics": metrics}
+
+
+def record_eval(tr, ws, metrics: dict, eval_dir: Path) -> None:
+    """What an eval run records: per-path metrics (eval/<path>/<key>), eval_detailed.jsonl, metrics.json, the
+    plots and the prefix contract."""
+    flat = {}
+    for path, m in metrics["paths"].items():
+        for k in ("em", "f1", "first_top1", "first_top5", "first_top1_const", "nll_per_token", "repetition_rate",
+                  "empty_rate", "top_prediction_share", "distinct_first_tokens"):
+            flat[f"eval/{path}/{k}"] = m[k]
+    tr.log_metrics(flat, step=0)
+    tr.log_artifact(eval_dir / "eval_detailed.jsonl")
+    tr.log_artifact(eval_dir / "metrics.json")
+    _log_plots(tr, "eval", eval_dir, eval_dir / "plots")
+    tr.log_dict(ws.contract.to_dict(), "contract.json")
 
 
 def _log_plots(tr, kind: str, source: Path, out_dir: Path) -> None:
