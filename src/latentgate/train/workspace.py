@@ -26,20 +26,29 @@ def set_threads(n: int) -> None:
 
 
 def load_splits(cfg: Config) -> dict[str, list[Example]]:
+    """train / eval / probe. Train comes from the source (split `train` of a hub name or dataset folder); eval and
+    probe from data.eval_source, else from data.eval_split of a hub name or dataset folder, else from the tail."""
     if cfg.data.source == "synthetic":
         from latentgate.data.synthetic import make_splits
 
         return make_splits(synthetic_spec(cfg), cfg.data.seed, cfg.data.n_train, cfg.data.n_eval, cfg.data.n_probe)
-    from latentgate.data.readers import load_examples
+    from latentgate.data.readers import has_splits, load_examples
 
-    examples = load_examples(cfg.data.source, max_context_words=cfg.data.max_context_words)
-    if cfg.data.eval_source:
-        held = load_examples(cfg.data.eval_source, max_context_words=cfg.data.max_context_words)
-    else:  # deterministic split of one file: eval and probe from the tail
-        n_hold = cfg.data.n_eval + cfg.data.n_probe
+    data = cfg.data
+
+    def read(source: str, split: str = "train"):  # `split` matters for hub names and dataset folders only
+        return load_examples(source, max_context_words=data.max_context_words, split=split)
+
+    examples = read(data.source)
+    if data.eval_source:
+        held = read(data.eval_source, data.eval_split)
+    elif has_splits(data.source) and data.eval_split != "train":  # the dataset's own held-out split
+        held = read(data.source, data.eval_split)
+    else:  # deterministic split of one file (or of the train split): eval and probe from the tail
+        n_hold = data.n_eval + data.n_probe
         examples, held = examples[:-n_hold] if len(examples) > n_hold else examples, examples[-n_hold:]
-    return {"train": examples[: cfg.data.n_train], "eval": held[: cfg.data.n_eval],
-            "probe": held[cfg.data.n_eval : cfg.data.n_eval + cfg.data.n_probe] or held[: cfg.data.n_probe]}
+    return {"train": examples[: data.n_train], "eval": held[: data.n_eval],
+            "probe": held[data.n_eval : data.n_eval + data.n_probe] or held[: data.n_probe]}
 
 
 def synthetic_spec(cfg: Config):
