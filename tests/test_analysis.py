@@ -103,7 +103,7 @@ def test_report_figures_equal_values_recomputed_from_metric_history(micro_smoke,
     if rep["readiness"]["source"] == "latentgate.registry.gate":  # two implementations, one set of figures
         gate = {r["name"]: r["observed"] for r in rep["readiness"]["rows"]}
         sb_fig = next(s for s in rep["stages"] if s["run_id"] == kids["stage_b"])
-        assert gate["first_token_learning"] == pytest.approx(sb_fig["peak_first_acc"])
+        assert gate["first_token_learning"] == pytest.approx(sb_fig["peak_first_acc_lift"])  # lift, not raw
         assert gate["gradient_health"] == pytest.approx(rep["gradients"]["max_grad_norm"])
     assert rep["recommendation"]["peak_first_acc"] == next(
         s["peak_first_acc"] for s in rep["stages"] if s["run_id"] == kids["stage_b"])
@@ -158,9 +158,13 @@ def test_analyze_accepts_a_stage_run_an_eval_run_and_the_cli(micro_smoke, tmp_pa
 # ------------------------------------------------------------------------------------------------------------
 
 
+CONST = 0.01  # the synthetic probes' constant-guess control (the shuffled-latent one is 0)
+
+
 def _synthetic_run(client, exp_id: str, tmp: Path, probes: list[tuple[int, float]], latent_f1s: list[float],
                    text_f1: float = 0.8) -> str:
-    """A real parent run with a stage_b child (step metrics) and an eval child (metrics + eval_detailed.jsonl)."""
+    """A real parent run with a stage_b child (step metrics, the probe's controls and lift) and an eval child
+    (metrics + eval_detailed.jsonl)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -175,7 +179,10 @@ def _synthetic_run(client, exp_id: str, tmp: Path, probes: list[tuple[int, float
         if step in probe_at:
             metrics += [Metric("stage_b/probe_first_acc", probe_at[step], now, step),
                         Metric("stage_b/probe_first_acc_lo", probe_at[step] / 2, now, step),
-                        Metric("stage_b/probe_first_acc_hi", probe_at[step] * 2, now, step)]
+                        Metric("stage_b/probe_first_acc_hi", probe_at[step] * 2, now, step),
+                        Metric("stage_b/probe_first_acc_const", CONST, now, step),
+                        Metric("stage_b/probe_first_acc_shuffled", 0.0, now, step),
+                        Metric("stage_b/probe_first_acc_lift", probe_at[step] - CONST, now, step)]
     client.log_batch(sb, metrics=metrics)
     client.set_terminated(sb)
     ev = client.create_run(exp_id, run_name="eval", tags={"latentgate.phase": "eval", "mlflow.parentRunId": parent,
@@ -200,7 +207,7 @@ def _synthetic_run(client, exp_id: str, tmp: Path, probes: list[tuple[int, float
     return parent
 
 
-HISTORIES = {  # verdict: (probe history of stage B, per-example latent F1)
+HISTORIES = {  # verdict: (probe history of stage B (raw; lift = raw - 1%), per-example latent F1)
     "hero-ready": ([(10, 0.05), (20, 0.15), (30, 0.14)], [0.0, 1.0, 0.0, 0.0]),
     "phase3": ([(10, 0.05), (20, 0.14), (30, 0.13)], [0.0, 0.0, 0.0, 0.0]),
     "phase2": ([(10, 0.02), (20, 0.08), (30, 0.06)], [0.0, 0.0, 0.0, 0.0]),
@@ -214,6 +221,8 @@ def test_recommendation_branches_on_three_synthetic_histories(mlflow_store, tmp_
 
     from latentgate.analysis.history import load_bundle
     from latentgate.analysis.report import build_report, recommend
+    from latentgate.phases.pipeline import Evidence
+    from latentgate.registry.checklist import load_checklist
 
     client = MlflowClient()
     exp_id = mlflow.get_experiment_by_name("latentgate").experiment_id
@@ -230,13 +239,24 @@ def test_recommendation_branches_on_three_synthetic_histories(mlflow_store, tmp_
     assert hero["eval"]["breakthrough"]["first_f1_nonzero_idx"] == 1
     assert hero["eval"]["breakthrough"]["example"]["id"] == "q1"
 
-    # The pure function, at the edges.
-    assert recommend(0.30, 0.05, True, 0.12) == "hero-ready"
-    assert recommend(0.30, 0.05, False, 0.12) == "phase2"   # F1 > 0 but the checklist fails: tune
-    assert recommend(0.12, 0.0, False, 0.12) == "phase3"    # exactly at the threshold
-    assert recommend(0.1199, 0.0, False, 0.12) == "phase2"
+    # The pure function (the pipeline's decision tree), at the edges: the peak LIFT over the controls decides.
+    cl = load_checklist()
 
-    # The threshold comes from the checklist file: lower it to 5% and the Phase 2 history becomes Phase 3.
+    def evidence(lift, f1, passed, raw=None, const=0.05, share=0.1) -> Evidence:
+        return Evidence(phase="extend", f1_max=f1, peak_first_acc=raw or const + lift, checklist_passed=passed,
+                        peak_first_acc_lift=lift, first_acc_const=const, first_acc_shuffled=0.0,
+                        top_prediction_share=share, repetition_rate=0.0)
+
+    assert recommend(evidence(0.30, 0.05, True), cl)[0] == "hero-ready"
+    assert recommend(evidence(0.30, 0.05, False), cl)[0] == "phase2"   # F1 > 0 but the checklist fails: tune
+    assert recommend(evidence(0.12, 0.0, False), cl)[0] == "phase3"    # exactly at the threshold
+    assert recommend(evidence(0.1199, 0.0, False), cl)[0] == "phase2"
+    # raw 17.2%, all of it the constant guess, one answer for everyone: collapse, tune (never exposure bias)
+    verdict, decision = recommend(evidence(0.0, 0.0, False, raw=0.172, const=0.172, share=1.0), cl)
+    assert (verdict, decision.rule) == ("phase2", "collapsed")
+
+    # The threshold comes from the checklist file: lower it to 5% and the Phase 2 history (lift 7%) becomes
+    # Phase 3.
     pytest.importorskip("latentgate.registry.checklist")
     from latentgate.registry.checklist import DEFAULT_PATH
 

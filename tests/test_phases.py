@@ -86,11 +86,14 @@ def checklist():
 
 @pytest.fixture(scope="module")
 def steer_to_fix(tmp_path_factory) -> Path:
-    """The real checklist with first_token_learning at 0: a micro run (F1 0) then takes the Phase 3 branch."""
+    """The real checklist with first_token_learning at a lift of -1 and no_mode_collapse blind to one answer for
+    everyone: a micro run (F1 0, every latent answer the same) then takes the Phase 3 branch."""
     data = yaml.safe_load(DEFAULT_PATH.read_text())
     for c in data["criteria"]:
         if c["name"] == "first_token_learning":
-            c["threshold"] = 0.0
+            c["threshold"] = -1.0
+        if c["name"] == "no_mode_collapse":
+            c["params"]["max_top_prediction_share"] = 1.0
     path = tmp_path_factory.mktemp("checklist") / "steer.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -98,30 +101,51 @@ def steer_to_fix(tmp_path_factory) -> Path:
 
 # ---- the decision tree, branch by branch (synthetic evidence, real checklist) ------------------------------------
 
-def ev(phase="extend", f1_max=0.0, peak=0.05, passed=False, budget=None, hero=False) -> Evidence:
-    return Evidence(phase=phase, f1_max=f1_max, peak_first_acc=peak, checklist_passed=passed,
+def ev(phase="extend", f1_max=0.0, lift=0.05, passed=False, budget=None, hero=False, raw=None, const=0.03,
+       share=0.05, repetition=0.0) -> Evidence:
+    """Evidence with the probe's controls: `lift` over the better of the constant guess (`const`) and the shuffled
+    latent; raw accuracy defaults to const + lift. `share`/`repetition`: the latent path's eval predictions."""
+    return Evidence(phase=phase, f1_max=f1_max, peak_first_acc=None if lift is None else (raw or const + lift),
+                    checklist_passed=passed, peak_first_acc_lift=lift, first_acc_const=const, first_acc_shuffled=const,
+                    top_prediction_share=share, repetition_rate=repetition,
                     checklist_failed=() if passed else ("f1_breakthrough",), budget_left_s=budget, launch_hero=hero,
                     run_ids={"stage_b": "s" * 32, "eval": "e" * 32})
 
 
+# The issue's run: latent F1 0, probe first-token accuracy 17.2% (raw, above the plan's 12%), but the same answer
+# to all 100 eval questions and a first token no better than always guessing the most frequent one.
+ISSUE_RUN = dict(f1_max=0.0, raw=0.172, const=0.172, lift=0.0, share=1.0)
+
 BRANCHES = {
     # Phase 1 result                                                      rule                       next phase
-    "F1>0 + checklist passes: promote, stop before hero": (ev(f1_max=0.2, peak=0.3, passed=True),
+    "F1>0 + checklist passes: promote, stop before hero": (ev(f1_max=0.2, lift=0.3, passed=True),
                                                            "ready_stop_before_hero", PROMOTE),
-    "F1>0 + checklist passes + --launch-hero": (ev(f1_max=0.2, peak=0.3, passed=True, hero=True),
+    "F1>0 + checklist passes + --launch-hero": (ev(f1_max=0.2, lift=0.3, passed=True, hero=True),
                                                 "ready_launch_hero", HERO),
-    "ready, --launch-hero, budget spent: promote only": (ev(f1_max=0.2, peak=0.3, passed=True, hero=True, budget=0),
+    "ready, --launch-hero, budget spent: promote only": (ev(f1_max=0.2, lift=0.3, passed=True, hero=True, budget=0),
                                                          "ready_stop_before_hero", PROMOTE),
-    "F1=0, peak first-token exactly 12%: Phase 3": (ev(f1_max=0.0, peak=0.12), "exposure_bias", FIX),
-    "F1=0, peak first-token 11.9%: Phase 2": (ev(f1_max=0.0, peak=0.119), "needs_tuning", SWEEP),
-    "F1>0 but the checklist fails: Phase 2": (ev(f1_max=0.2, peak=0.5, passed=False), "needs_tuning", SWEEP),
-    "F1=0, first-token learned, budget spent: stop": (ev(f1_max=0.0, peak=0.5, budget=-1.0), "budget_exhausted", STOP),
-    "after the sweep, still short: Phase 3": (ev("sweep", f1_max=0.0, peak=0.3), "still_short_after_sweep", FIX),
-    "after the sweep, ready: promote": (ev("sweep", f1_max=0.05, peak=0.3, passed=True), "ready_stop_before_hero",
+    "F1=0, peak first-token lift exactly 12%: Phase 3": (ev(f1_max=0.0, lift=0.12), "exposure_bias", FIX),
+    "F1=0, peak first-token lift 11.9%: Phase 2": (ev(f1_max=0.0, lift=0.119), "needs_tuning", SWEEP),
+    "F1=0, raw 40% but lift 5% over a 35% constant guess: Phase 2": (ev(f1_max=0.0, raw=0.40, const=0.35, lift=0.05),
+                                                                    "needs_tuning", SWEEP),
+    "the issue's run (one answer for all, raw 17.2% = constant guess): collapsed, Phase 2": (
+        ev(**ISSUE_RUN), "collapsed", SWEEP),
+    "F1=0, lift 12% but one answer for 60% of the eval: collapsed, not exposure bias": (
+        ev(f1_max=0.0, lift=0.12, share=0.6), "collapsed", SWEEP),
+    "top prediction share exactly at the limit (50%): not collapsed": (ev(f1_max=0.0, lift=0.12, share=0.5),
+                                                                       "exposure_bias", FIX),
+    "F1=0, lift 12%, 10% repetitive answers: collapsed": (ev(f1_max=0.0, lift=0.12, repetition=0.1), "collapsed",
+                                                          SWEEP),
+    "F1>0 but the checklist fails: Phase 2": (ev(f1_max=0.2, lift=0.5, passed=False), "needs_tuning", SWEEP),
+    "F1>0, checklist fails on collapse: collapsed": (ev(f1_max=0.2, lift=0.5, share=0.9), "collapsed", SWEEP),
+    "F1=0, first-token learned, budget spent: stop": (ev(f1_max=0.0, lift=0.5, budget=-1.0), "budget_exhausted", STOP),
+    "after the sweep, still short: Phase 3": (ev("sweep", f1_max=0.0, lift=0.3), "still_short_after_sweep", FIX),
+    "after the sweep, ready: promote": (ev("sweep", f1_max=0.05, lift=0.3, passed=True), "ready_stop_before_hero",
                                         PROMOTE),
-    "after Phase 3, still short: stop": (ev("fix", f1_max=0.0, peak=0.5), "plan_exhausted", STOP),
-    "after Phase 3, ready: promote": (ev("fix", f1_max=0.1, peak=0.5, passed=True), "ready_stop_before_hero", PROMOTE),
-    "no eval rows at all: never ready": (ev(f1_max=None, peak=None, passed=True), "needs_tuning", SWEEP),
+    "after Phase 3, still short: stop": (ev("fix", f1_max=0.0, lift=0.5), "plan_exhausted", STOP),
+    "after Phase 3, ready: promote": (ev("fix", f1_max=0.1, lift=0.5, passed=True), "ready_stop_before_hero", PROMOTE),
+    "no eval rows, no lift recorded: never ready": (ev(f1_max=None, lift=None, share=None, repetition=None,
+                                                       passed=True), "needs_tuning", SWEEP),
 }
 
 
@@ -131,6 +155,18 @@ def test_decision_tree_branch(case, checklist):
     d = decide(evidence, checklist)
     assert (d.rule, d.next_phase) == (rule, nxt), d.reason
     assert d.evidence is evidence and d.reason
+    if rule == "collapsed":
+        assert d.reason.startswith("mode collapse") and "not exposure bias" in d.reason
+
+
+def test_the_issues_run_reads_as_collapse_and_shows_its_raw_numbers(checklist):
+    """Raw first-token accuracy 17.2% passes the plan's raw 12% bar, which read F1 0 as exposure bias; its lift
+    over the constant guess is 0, and the reason says so with the raw numbers beside it."""
+    evidence = ev(**ISSUE_RUN)
+    assert checklist.criterion("first_token_learning").compare(evidence.peak_first_acc)  # the plan's raw reading
+    d = decide(evidence, checklist)
+    assert d.rule == "collapsed" and d.next_phase != FIX
+    assert "raw peak 0.172" in d.reason and "constant guess 0.172" in d.reason and "lift 0 not >= 0.12" in d.reason
 
 
 def test_thresholds_come_from_the_checklist_file(tmp_path, checklist):
@@ -144,10 +180,10 @@ def test_thresholds_come_from_the_checklist_file(tmp_path, checklist):
     path = tmp_path / "edited.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     edited = load_checklist(path)
-    peak_8 = ev(f1_max=0.0, peak=0.08)
-    assert decide(peak_8, checklist).next_phase == SWEEP  # 8% < 12%
-    assert decide(peak_8, edited).next_phase == FIX  # 8% >= 5% in the edited file
-    f1_02 = ev(f1_max=0.2, peak=0.3, passed=True)
+    lift_8 = ev(f1_max=0.0, lift=0.08)
+    assert decide(lift_8, checklist).next_phase == SWEEP  # 8% < 12%
+    assert decide(lift_8, edited).next_phase == FIX  # 8% >= 5% in the edited file
+    f1_02 = ev(f1_max=0.2, lift=0.3, passed=True)
     assert decide(f1_02, checklist).next_phase == PROMOTE
     assert decide(f1_02, edited).rule == "exposure_bias"  # 0.2 is no breakthrough when the file says F1 > 0.5
 
@@ -380,7 +416,7 @@ def test_pipeline_as_mlflow_projects_twice(steer_to_fix, tmp_path_factory, mlflo
 
 
 def test_pipeline_phase2_branch_end_to_end(tmp_path_factory, mlflow_store, micro_smoke):
-    """The real checklist on a micro run (F1 0, first-token peak below 12%): Phase 1 -> Phase 2, a real sweep as an
+    """The real checklist on a micro run (F1 0, one latent answer for all): Phase 1 -> Phase 2, a real sweep as an
     inner `mlflow run` -> the best trial's eval -> still short -> Phase 3 with the sweep's tuned params -> stop."""
     out = tmp_path_factory.mktemp("pipeline-sweep")
     opts = PipelineOptions(preset="micro", overrides={"run.output_dir": str(out)}, runner="inprocess",
@@ -393,7 +429,10 @@ def test_pipeline_phase2_branch_end_to_end(tmp_path_factory, mlflow_store, micro
         os.environ["PATH"] = old_path
     print(format_decisions(summary))
     rules = [d["rule"] for d in summary["decisions"]]
-    assert rules[:2] == ["needs_tuning", "still_short_after_sweep"], rules
+    # the micro run gives most eval questions the same (empty) latent answer: collapse, not a first-token shortfall
+    assert rules[:2] == ["collapsed", "still_short_after_sweep"], rules
+    share = summary["decisions"][0]["evidence"]["top_prediction_share"]
+    assert share > load_checklist().collapse_rule().max_top_share
     steps = [s["entry_point"] for s in summary["steps"]]
     assert steps[:5] == ["base", "stage_a", "extend", "eval", "sweep"] and steps[5:7] == ["fix", "eval"], steps
     sweep_step = summary["steps"][4]

@@ -2,7 +2,7 @@
 
 Public API:
 - `make_stage_plots(diagnostics_jsonl, out_dir)`, `make_eval_plots(eval_dir, out_dir)` -> list of PNG paths
-- `recommend(peak_first_acc, f1, checklist_passed, threshold)` -> "hero-ready" | "phase3" | "phase2"
+- `recommend(evidence, checklist)` -> ("hero-ready" | "phase3" | "phase2", the pipeline's Decision)
 - `build_report(bundle)`, `analyze(run_id, out_dir)`, `load_bundle(run_id)`
 - `Monitor(run_id, ...)` (live follow with alerts), `compare_runs(run_ids)`
 Imports are lazy: importing this package loads neither matplotlib nor mlflow.

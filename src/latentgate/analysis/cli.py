@@ -79,7 +79,7 @@ def analyze(target, out_dir, no_log, last_n, checklist, no_plots, as_json):
               help="alert (exit 4) when a RUNNING run logs nothing for this long")
 @click.option("--regression-threshold", default=None, type=float,
               help="relative drop from the peak probe first_acc that alerts (default: the checklist's "
-                   "first_token_stability, 0.2)")
+                   "first_token_stability)")
 @click.option("--spike-factor", default=10.0, show_default=True, type=float,
               help="grad_norm above this many times the median of the previous steps alerts")
 @click.option("--on-alert", "on_alert", default=None, metavar="CMD",

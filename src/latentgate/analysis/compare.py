@@ -23,7 +23,7 @@ def run_summary(bundle: history.RunBundle) -> dict[str, Any]:
         "preset": bundle.tags.get("latentgate.preset", ""), "stage": fig.get("stage"),
         "steps": fig.get("steps"), "peak_first_acc": fig.get("peak_first_acc"), "peak_step": fig.get("peak_step"),
         "final_first_acc": fig.get("final_first_acc"), "regression_pct": fig.get("regression_pct"),
-        "top5_final": fig.get("top5_final"),
+        "top5_final": fig.get("top5_final"), "peak_first_acc_lift": fig.get("peak_first_acc_lift"),
         "latent_f1": paths.get("latent", {}).get("f1"), "latent_em": paths.get("latent", {}).get("em"),
         "text_f1": paths.get("text", {}).get("f1"), "token_budget_f1": paths.get("token_budget", {}).get("f1"),
         "repetition_rate": paths.get("latent", {}).get("repetition_rate"),
@@ -59,7 +59,7 @@ def differing_params(params: list[dict[str, str]]) -> dict[str, list[str | None]
     return out
 
 
-def compare_runs(run_ids: list[str], plot: Path | None = None, threshold: float | None = None) -> dict[str, Any]:
+def compare_runs(run_ids: list[str], plot: Path | None = None) -> dict[str, Any]:
     """Summaries, differing params and (if `plot`) an overlay PNG for the given runs, in the given order."""
     cl = history.client()
     bundles = [history.load_bundle(r, cl, with_artifacts=False) for r in run_ids]
@@ -68,14 +68,12 @@ def compare_runs(run_ids: list[str], plot: Path | None = None, threshold: float 
            "plot": None}
     if plot is not None:
         from latentgate.analysis.plots import overlay_first_acc
-        from latentgate.analysis.report import checklist_thresholds
 
-        th = threshold if threshold is not None else checklist_thresholds()[0]["first_token_learning"]
         curves = {}
         for b in bundles:
             label = f"{b.run_name or b.phase} {b.run_id[:8]}"
             curves[label] = curve(b)
-        made = overlay_first_acc(curves, plot, th)
+        made = overlay_first_acc(curves, plot)
         out["plot"] = str(made) if made else None
     return out
 
@@ -96,7 +94,8 @@ ROWS = (("phase", "phase", "str"), ("preset", "preset", "str"), ("status", "stat
         ("stage (evaluated)", "stage", "str"), ("steps", "steps", "int"),
         ("peak probe first_acc", "peak_first_acc", "pct"), ("  at step", "peak_step", "int"),
         ("final probe first_acc", "final_first_acc", "pct"), ("regression from peak %", "regression_pct", "g"),
-        ("final top-5", "top5_final", "pct"), ("latent F1", "latent_f1", "num"), ("latent EM", "latent_em", "num"),
+        ("final top-5", "top5_final", "pct"), ("peak lift over controls", "peak_first_acc_lift", "pct"),
+        ("latent F1", "latent_f1", "num"), ("latent EM", "latent_em", "num"),
         ("text F1 (teacher)", "text_f1", "num"), ("token-budget F1", "token_budget_f1", "num"),
         ("latent repetition", "repetition_rate", "pct"), ("top prediction share", "top_prediction_share", "pct"),
         ("max grad norm", "max_grad_norm", "g"), ("wall seconds", "wall_seconds", "g"))

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from latentgate.errors import DataError, StoreError
+from latentgate.eval.controls import CONTROL_KEYS
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 NOT_STAGES = ("eval", "base")
 PROBE_KEYS = ("probe_first_acc", "probe_first_acc_lo", "probe_first_acc_hi", "probe_first_acc_top5", "probe_f1",
-              "probe_nll")
+              "probe_nll", *(f"probe_{k}" for k in CONTROL_KEYS))
 LOSS_TERMS = ("tf_raw", "first_raw", "kce_raw", "kd_raw")
 EVAL_PATHS = ("latent", "text", "token_budget", "zero_latent", "shuffled_latent")
 CHILD_DEPTH = 3

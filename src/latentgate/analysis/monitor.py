@@ -7,8 +7,10 @@ Alerts (kind: severity):
   probe_f1         info      the probe's greedy F1 went above 0 during training (latent path)
   f1_breakthrough  info      the first F1 > 0 at eval, on the LATENT path only (never the text teacher or a control)
   regression       warning   probe first_acc fell more than --regression-threshold (relative) below its peak
-  collapse         warning   eval: latent repetition share >= the checklist's limit, or one prediction >= 50% of
-                             them; training: a probe where every step since the previous probe predicted one token
+  collapse         warning   eval: the latent path collapsed as the checklist's no_mode_collapse defines it (one
+                             prediction for more than its max_top_prediction_share of the inputs, or a repetition
+                             share failing its threshold); training: a probe where every step since the previous
+                             probe predicted one token
   grad_spike       warning   grad_norm > --spike-factor x the median of the previous steps, or > the checklist limit
   nan              critical  a NaN/inf metric, or a run that failed on a non-finite loss or gradient
   failed           critical  a watched run ended FAILED or KILLED
@@ -25,6 +27,8 @@ import time
 from dataclasses import dataclass, field
 
 from latentgate.analysis import history
+from latentgate.eval.controls import LIFT
+from latentgate.registry.checklist import GRADIENTS, STABILITY, CollapseRule, load_checklist
 
 SEVERITY = {"new_peak": "info", "probe_f1": "info", "f1_breakthrough": "info", "regression": "warning",
             "collapse": "warning", "grad_spike": "warning", "nan": "critical", "failed": "critical",
@@ -56,12 +60,13 @@ class Alert:
 
 @dataclass
 class Limits:
-    regression: float = 0.2          # relative drop from the peak (checklist: first_token_stability)
+    """What alerts; `default_limits` reads the checklist's values (the report and the pipeline read the same)."""
+
+    regression: float                # relative drop from the peak (checklist: first_token_stability)
+    grad_limit: float                # checklist: gradient_health
+    collapse: CollapseRule           # checklist: no_mode_collapse
     stall_minutes: float = 30.0
     spike_factor: float = 10.0
-    grad_limit: float = 500.0        # checklist: gradient_health
-    repetition: float = 0.10         # checklist: no_mode_collapse
-    top_share: float = 0.5
 
 
 def _fmt_pct(v) -> str:
@@ -72,6 +77,8 @@ def probe_line(stage: str, step: int, rec: dict) -> str:
     lo, hi = rec.get("probe_first_acc_lo"), rec.get("probe_first_acc_hi")
     interval = f" [{lo:.1%}, {hi:.1%}]" if lo is not None and hi is not None else ""
     parts = [f"{stage:8s} step {step:5d}", f"first_acc {_fmt_pct(rec.get('probe_first_acc'))}{interval}"]
+    if rec.get(f"probe_{LIFT}") is not None:
+        parts.append(f"lift {rec[f'probe_{LIFT}']:+.1%}")
     if rec.get("probe_first_acc_top5") is not None:
         parts.append(f"top5 {rec['probe_first_acc_top5']:.1%}")
     if rec.get("probe_f1") is not None:
@@ -210,12 +217,11 @@ class EvalWatch:
         if f1 is not None and f1 > 0 and "f1_breakthrough" not in self.raised:
             self.raised.add("f1_breakthrough")
             alerts.append(Alert("f1_breakthrough", f"{tag}: BREAKTHROUGH latent F1 {f1:.4f} > 0", self.run_id, 0, f1))
-        rep, share = latent.get("repetition_rate"), latent.get("top_prediction_share")
-        if "collapse" not in self.raised and ((rep is not None and rep >= self.limits.repetition)
-                                              or (share is not None and share >= self.limits.top_share)):
+        share = latent.get("top_prediction_share")
+        why = self.limits.collapse.why(share, latent.get("repetition_rate"))
+        if "collapse" not in self.raised and why:
             self.raised.add("collapse")
-            alerts.append(Alert("collapse", f"{tag}: latent predictions collapsed (repetition {rep or 0:.0%}, "
-                                f"top prediction share {share or 0:.0%})", self.run_id, 0, share))
+            alerts.append(Alert("collapse", f"{tag}: latent path {why}", self.run_id, 0, share))
         return lines, alerts
 
 
@@ -224,7 +230,7 @@ class Monitor:
     """Follow a run (and every run under it). `poll()` prints what is new; `follow()` loops until the run ends."""
 
     run_id: str
-    limits: Limits = field(default_factory=Limits)
+    limits: Limits = field(default_factory=lambda: default_limits())
     on_alert: str | None = None
     set_tags: bool = True
     echo: object = None          # callable(str, colour|None); default: click.echo with click.style
@@ -378,9 +384,7 @@ def _last_per_kind(alerts: list[Alert]) -> list[Alert]:
 def default_limits(regression: float | None = None, stall_minutes: float = 30.0, spike_factor: float = 10.0,
                    checklist_path=None) -> Limits:
     """Limits whose defaults come from the readiness checklist (stability, gradient health, mode collapse)."""
-    from latentgate.analysis.report import checklist_thresholds
-
-    th, _ = checklist_thresholds(checklist_path)
-    return Limits(regression=th["first_token_stability"] if regression is None else regression,
-                  stall_minutes=stall_minutes, spike_factor=spike_factor, grad_limit=th["gradient_health"],
-                  repetition=th["no_mode_collapse"])
+    cl = load_checklist(checklist_path)
+    return Limits(regression=cl.threshold(STABILITY) if regression is None else regression,
+                  grad_limit=cl.threshold(GRADIENTS), collapse=cl.collapse_rule(), stall_minutes=stall_minutes,
+                  spike_factor=spike_factor)

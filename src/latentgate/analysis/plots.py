@@ -1,10 +1,11 @@
 """PNG plots (matplotlib, Agg canvas, no pyplot global state, so they are safe in threads and fast).
 
 Stage plots read diagnostics.jsonl records (or the same records rebuilt from MLflow metric histories):
-first-token accuracy (batch, and the probe with its 95% interval) over optimizer steps with the stage boundaries
-marked, every loss term, and the gradient norm per group. Eval plots read eval_detailed.jsonl: the F1 histogram
-per path and the error modes per path. A plot that cannot be drawn is skipped with a warning: plotting never
-fails the run that calls it.
+first-token accuracy (batch, and the probe with its 95% interval and its controls: the better of the constant
+guess and the shuffled latent, and that floor plus the checklist's lift threshold) over optimizer steps with the
+stage boundaries marked, every loss term, and the gradient norm per group. Eval plots read eval_detailed.jsonl:
+the F1 histogram per path and the error modes per path. A plot that cannot be drawn is skipped with a warning:
+plotting never fails the run that calls it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import warnings
 from pathlib import Path
 
 from latentgate.analysis.history import LOSS_TERMS, read_jsonl, split_stages
+from latentgate.errors import LatentgateError
+from latentgate.eval.controls import CONST, SHUFFLED
+from latentgate.registry.checklist import GRADIENTS, LEARNING, load_checklist
 
 DPI = 100
 PATH_COLOURS = {"latent": "#d62728", "text": "#1f77b4", "token_budget": "#2ca02c", "zero_latent": "#7f7f7f",
@@ -97,8 +101,14 @@ def _plot_first_acc(placed, out: Path, threshold: float | None) -> Path | None:
         if tx:
             ax.plot(tx, ty, color="#ff7f0e", linestyle=":", marker=".", linewidth=1,
                     label="probe top-5" if i == 0 else None)
-    if threshold is not None:
-        ax.axhline(threshold, color="green", linestyle=":", linewidth=1, label=f"checklist {threshold:.0%}")
+        floor = [(x, max(r[f"probe_{CONST}"], r[f"probe_{SHUFFLED}"])) for x, r in one[1]
+                 if _finite(r.get(f"probe_{CONST}")) and _finite(r.get(f"probe_{SHUFFLED}"))]
+        if floor:  # what the probe scores with no information about the input; the checklist reads the lift above it
+            ax.plot([x for x, _ in floor], [v for _, v in floor], color="#555555", linestyle="--", linewidth=1,
+                    label="controls (best of constant guess, shuffled latent)" if i == 0 else None)
+            if threshold is not None:
+                ax.plot([x for x, _ in floor], [v + threshold for _, v in floor], color="green", linestyle=":",
+                        linewidth=1, label=f"checklist: controls + {threshold:.0%}" if i == 0 else None)
     _boundaries(ax, placed)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_ylim(bottom=0)
@@ -158,9 +168,10 @@ def _guard(fn, *args):
         return None
 
 
-def stage_plots(stages: list[tuple[str, list[dict]]], out_dir: Path, threshold: float | None = 0.12,
-                grad_limit: float | None = 500.0) -> list[Path]:
-    """first_acc.png, losses.png, grad_norm.png for stages given as [(name, records)] in order."""
+def stage_plots(stages: list[tuple[str, list[dict]]], out_dir: Path, threshold: float | None = None,
+                grad_limit: float | None = None) -> list[Path]:
+    """first_acc.png, losses.png, grad_norm.png for stages given as [(name, records)] in order. `threshold` (the
+    checklist's first-token lift) and `grad_limit` (its gradient health) draw the checklist's lines."""
     out_dir = Path(out_dir)
     placed = _layout(stages)
     if not placed:
@@ -171,9 +182,9 @@ def stage_plots(stages: list[tuple[str, list[dict]]], out_dir: Path, threshold: 
     return [p for p in made if p is not None]
 
 
-def make_stage_plots(diagnostics_jsonl: Path, out_dir: Path) -> list[Path]:
-    """Plots of one run's diagnostics.jsonl (one stage, or several in file order). Returns the PNGs written;
-    [] when the file is missing or empty."""
+def make_stage_plots(diagnostics_jsonl: Path, out_dir: Path, checklist_path=None) -> list[Path]:
+    """Plots of one run's diagnostics.jsonl (one stage, or several in file order), with the checklist's lines.
+    Returns the PNGs written; [] when the file is missing or empty."""
     path = Path(diagnostics_jsonl)
     if not path.is_file():
         return []
@@ -182,7 +193,13 @@ def make_stage_plots(diagnostics_jsonl: Path, out_dir: Path) -> list[Path]:
     except Exception as err:  # noqa: BLE001
         warnings.warn(f"latentgate: cannot read {path} for plots: {err}", stacklevel=2)
         return []
-    return stage_plots(split_stages(records), out_dir)
+    try:
+        cl = load_checklist(checklist_path)
+        threshold, grad_limit = cl.threshold(LEARNING), cl.threshold(GRADIENTS)
+    except LatentgateError as err:  # plots without the checklist's lines rather than none
+        warnings.warn(f"latentgate: plots drawn without the checklist's lines: {err}", stacklevel=2)
+        threshold = grad_limit = None
+    return stage_plots(split_stages(records), out_dir, threshold, grad_limit)
 
 
 def _path_order(paths) -> list[str]:
@@ -263,8 +280,8 @@ def make_eval_plots(eval_dir: Path, out_dir: Path) -> list[Path]:
     return eval_plots(rows, out_dir, agg)
 
 
-def bundle_plots(bundle, out_dir: Path, threshold: float | None = 0.12,
-                 grad_limit: float | None = 500.0) -> list[Path]:
+def bundle_plots(bundle, out_dir: Path, threshold: float | None = None,
+                 grad_limit: float | None = None) -> list[Path]:
     """All plots of a run bundle: the stages on one step axis (from metric histories), and its last eval."""
     out_dir = Path(out_dir)
     made = stage_plots([(s.stage, s.records()) for s in bundle.stages], out_dir, threshold, grad_limit)
@@ -274,9 +291,9 @@ def bundle_plots(bundle, out_dir: Path, threshold: float | None = 0.12,
     return made
 
 
-def overlay_first_acc(curves: dict[str, list[tuple[int, float]]], out: Path,
-                      threshold: float | None = 0.12) -> Path | None:
-    """compare: probe first_acc curves of several runs on one axis."""
+def overlay_first_acc(curves: dict[str, list[tuple[int, float]]], out: Path) -> Path | None:
+    """compare: probe first_acc curves of several runs on one axis (raw accuracy: the checklist reads the lift over
+    each run's controls, so no checklist line is drawn here)."""
     from matplotlib.ticker import PercentFormatter
 
     curves = {k: v for k, v in curves.items() if v}
@@ -285,8 +302,6 @@ def overlay_first_acc(curves: dict[str, list[tuple[int, float]]], out: Path,
     fig, ax = _figure(7.5, 4.0)
     for label, pts in curves.items():
         ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", markersize=3, linewidth=1.3, label=label)
-    if threshold is not None:
-        ax.axhline(threshold, color="green", linestyle=":", linewidth=1, label=f"checklist {threshold:.0%}")
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_ylim(bottom=0)
     ax.set_xlabel("optimizer step (stages in sequence)")

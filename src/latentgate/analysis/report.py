@@ -3,6 +3,9 @@ histories and run artifacts, closed by the readiness checklist and the plan's re
 
 `build_report(bundle)` returns a JSON-able dict; `to_markdown` and `print_rich` render it; `analyze(run_id)` does
 all of it, makes the plots and logs report.md, report.json and the PNGs to the run (under `analysis/`).
+Thresholds come from the readiness checklist (`latentgate.registry.checklist`), and the recommendation is the
+pipeline's own decision tree (`latentgate.phases.pipeline.decide`): the report, the monitor and the pipeline judge
+a run by the same file and the same rules.
 """
 
 from __future__ import annotations
@@ -15,18 +18,23 @@ from typing import Any
 
 from latentgate.analysis.history import EVAL_PATHS, RunBundle, StageHistory
 from latentgate.errors import ConfigError
+from latentgate.eval import controls
+from latentgate.phases import pipeline
+from latentgate.registry.checklist import (
+    BREAKTHROUGH,
+    COLLAPSE,
+    GRADIENTS,
+    LEARNING,
+    QUALITY,
+    STABILITY,
+    Checklist,
+    load_checklist,
+)
 
-# The plan's defaults (used only when no checklist file can be read).
-PLAN_DEFAULTS = {
-    "first_token_learning": 0.12,   # peak probe first-token accuracy >= 12%
-    "first_token_stability": 0.20,  # final within 20% of peak
-    "f1_breakthrough": 0.0,         # F1 > 0 on at least one eval example
-    "generation_quality": 0.01,     # mean latent F1 >= 0.01
-    "gradient_health": 500.0,       # max grad norm < 500
-    "no_mode_collapse": 0.10,       # < 10% repetitive predictions
-}
-CRITERIA = tuple(PLAN_DEFAULTS)
 VERDICTS = ("hero-ready", "phase3", "phase2")
+# The decision tree's next phase, as the plan's verdict (the report judges a Phase 1 result).
+VERDICT_OF = {pipeline.PROMOTE: "hero-ready", pipeline.HERO: "hero-ready", pipeline.FIX: "phase3",
+              pipeline.SWEEP: "phase2", pipeline.STOP: "phase2"}
 GRAD_GROUPS = ("grad_norm", "grad_norm_encoder", "grad_norm_adapter", "grad_norm_lora")
 CONTROLS = ("token_budget", "zero_latent", "shuffled_latent")
 # Gate criteria about provenance rather than learning: failing them is not a reason to tune.
@@ -38,18 +46,17 @@ EVIDENCE_CRITERIA = ("lineage", "eval_dataset_digest")
 # ------------------------------------------------------------------------------------------------------------
 
 
-def recommend(peak_first_acc: float, f1: float, checklist_passed: bool | None, threshold: float) -> str:
-    """The plan's decision tree, with the checklist as the bar for "hero-ready":
+def recommend(evidence: pipeline.Evidence, checklist: Checklist) -> tuple[str, pipeline.Decision]:
+    """The plan's verdict on a Phase 1 result: the pipeline's decision tree (`decide`) on the same evidence, read
+    against the same checklist, so the report never recommends what the pipeline would not do:
 
-    * "hero-ready": every checklist criterion passes (that includes latent F1 > 0) -> Phase 4 (hero run);
-    * "phase3": latent F1 = 0 but peak first-token accuracy >= threshold -> exposure bias, scheduled sampling;
-    * "phase2": anything else (first-token accuracy below threshold, or F1 > 0 but the checklist fails) -> tune.
+    * "hero-ready": F1 > 0 and every checklist criterion passes -> Phase 4 (hero run);
+    * "phase3": F1 = 0, the peak first-token LIFT over the controls reaches first_token_learning, no collapse ->
+      exposure bias, scheduled sampling;
+    * "phase2": anything else, including mode collapse (rule `collapsed`: one answer for many inputs) -> tune.
     """
-    if checklist_passed and f1 > 0:
-        return "hero-ready"
-    if f1 <= 0 and peak_first_acc >= threshold:
-        return "phase3"
-    return "phase2"
+    decision = pipeline.decide(evidence, checklist)
+    return VERDICT_OF[decision.next_phase], decision
 
 
 NEXT_STEP = {
@@ -57,63 +64,21 @@ NEXT_STEP = {
     "phase3": "Phase 3: exposure bias; add scheduled sampling (latentgate fix --resume-from <stage B checkpoint>)",
     "phase2": "Phase 2: tune (latentgate sweep; e.g. first-token CE weight, more steps, cosine LR)",
 }
+NEXT_STEP_OF_RULE = {
+    "collapsed": "Phase 2: the latent path gives the same answer whatever the input (mode collapse), which scheduled "
+                 "sampling does not fix; tune (latentgate sweep; e.g. first-token CE weight, LR, more Stage A steps)",
+}
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Checklist (thresholds) and the registry gate, both optional
+# Thresholds (the checklist file) and the registry gate
 # ------------------------------------------------------------------------------------------------------------
 
 
-def checklist_thresholds(path: str | Path | None = None) -> tuple[dict[str, float], str]:
-    """Thresholds from the readiness checklist file, and where they came from. The registry's loader is used
-    when it exists; the plan's defaults only when no checklist file can be found."""
-    try:
-        from latentgate.registry.checklist import load_checklist
-    except ImportError:
-        load_checklist = None
-    if load_checklist is not None:
-        try:
-            cl = load_checklist(path)
-        except (ConfigError, FileNotFoundError):
-            if path is not None and Path(path).is_file():
-                raise  # the file exists but is invalid: say so, never fall back silently
-            if path is not None:
-                raise ConfigError(f"checklist {path} does not exist",
-                                  "pass an existing checklist file, or omit --checklist") from None
-            cl = None  # no default checklist file: the plan's defaults
-        if cl is not None:
-            out = dict(PLAN_DEFAULTS)
-            for name in CRITERIA:
-                try:
-                    value = cl.threshold(name)
-                except (ConfigError, KeyError, LookupError):
-                    continue
-                if value is not None:
-                    out[name] = float(value)
-            label = str(getattr(cl, "path", None) or getattr(cl, "source", None) or path or "checklist")
-            version = getattr(cl, "version", None)
-            return out, f"{label}{f' (version {version})' if version else ''}"
-    if path is not None:
-        return _read_checklist_file(Path(path)), str(path)
-    return dict(PLAN_DEFAULTS), "plan defaults (no checklist file)"
-
-
-def _read_checklist_file(path: Path) -> dict[str, float]:
-    """A checklist YAML/JSON read without the registry: {name: value}, {name: {threshold: v}} or
-    {criteria: [{name, threshold}]}."""
-    if not path.is_file():
-        raise ConfigError(f"checklist {path} does not exist", "pass an existing checklist file, or omit --checklist")
-    import yaml
-
-    data = yaml.safe_load(path.read_text()) or {}
-    items = data.get("criteria", data) if isinstance(data, dict) else data
-    if isinstance(items, dict):
-        items = [{"name": k, **(v if isinstance(v, dict) else {"threshold": v})} for k, v in items.items()]
-    out = dict(PLAN_DEFAULTS)
-    for item in items or []:
-        if isinstance(item, dict) and item.get("name") in out and isinstance(item.get("threshold"), (int, float)):
-            out[item["name"]] = float(item["threshold"])
-    return out
+def thresholds(cl: Checklist) -> dict[str, float]:
+    """Every numeric threshold of the checklist by criterion name (the report shows them; nothing else reads them
+    from here)."""
+    return {c.name: c.threshold for c in cl.criteria if c.threshold is not None}
 
 
 def gate_readiness(eval_run_id: str | None, checklist_path=None) -> dict | None:
@@ -148,7 +113,7 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def stage_figures(st: StageHistory, last_n: int = 3, stability: float = 0.2) -> dict[str, Any]:
+def stage_figures(st: StageHistory, last_n: int = 3) -> dict[str, Any]:
     probes = st.probes()
     out: dict[str, Any] = {"stage": st.stage, "run_id": st.run_id, "status": st.status, "steps": st.max_step(),
                            "probes": len(probes)}
@@ -170,7 +135,6 @@ def stage_figures(st: StageHistory, last_n: int = 3, stability: float = 0.2) -> 
         "final_interval": [final.get("first_acc_lo"), final.get("first_acc_hi")],
         "regression_pct": (peak["first_acc"] - final["first_acc"]) / peak["first_acc"] * 100
         if peak["first_acc"] > 0 else 0.0,
-        "stable": peak["first_acc"] > 0 and final["first_acc"] >= (1 - stability) * peak["first_acc"],
         "last_n": {"n": len(tail), "mean": statistics.fmean(tail), "min": min(tail), "max": max(tail),
                    "std": statistics.pstdev(tail)},
     })
@@ -181,6 +145,14 @@ def stage_figures(st: StageHistory, last_n: int = 3, stability: float = 0.2) -> 
     f1s = [p["f1"] for p in probes if "f1" in p]
     if f1s:
         out.update(probe_f1_max=max(f1s), probe_f1_final=final.get("f1"))
+    lifted = [p for p in probes if controls.LIFT in p]
+    if lifted:  # the controls: what the probe scores with no information about the input
+        best = max(lifted, key=lambda p: (p[controls.LIFT], -p["step"]))
+        out.update(peak_first_acc_lift=best[controls.LIFT], peak_lift_step=best["step"],
+                   peak_lift_first_acc=best["first_acc"], first_acc_const=best.get(controls.CONST),
+                   first_acc_shuffled=best.get(controls.SHUFFLED), final_first_acc_lift=final.get(controls.LIFT),
+                   final_top_first_token_share=final.get(controls.TOP_SHARE),
+                   final_distinct_first_tokens=final.get(controls.DISTINCT))
     return out
 
 
@@ -228,10 +200,7 @@ def eval_figures(ev) -> dict[str, Any]:
         modes = {m: 0 for m in scoring.ERROR_MODES}
         for r in latent_rows:
             modes[r.get("error_mode", "wrong_entity")] = modes.get(r.get("error_mode", "wrong_entity"), 0) + 1
-        preds: dict[str, int] = {}
-        for r in latent_rows:
-            preds[r["prediction"]] = preds.get(r["prediction"], 0) + 1
-        top_pred, top_count = max(preds.items(), key=lambda kv: kv[1])
+        alike = controls.collapse_stats(latent_rows)
         n = len(latent_rows)
         out["breakthrough"] = {
             "any_f1_nonzero": idx is not None, "first_f1_nonzero_idx": idx, "n": n,
@@ -241,9 +210,7 @@ def eval_figures(ev) -> dict[str, Any]:
         }
         out["f1_distribution"] = scoring.f1_buckets(f1s)
         out["collapse"] = {
-            "n": n, "top_prediction": top_pred, "top_prediction_count": top_count,
-            "top_prediction_share": top_count / n, "repetition_count": modes.get("repetition", 0),
-            "repetition_rate": modes.get("repetition", 0) / n, "empty_count": modes.get("empty", 0),
+            **alike, "repetition_count": modes.get("repetition", 0), "empty_count": modes.get("empty", 0),
             "empty_rate": modes.get("empty", 0) / n,
             "distinct_first_tokens": len({r.get("first_token") for r in latent_rows}), "error_modes": modes,
         }
@@ -262,34 +229,37 @@ def eval_figures(ev) -> dict[str, Any]:
     return out
 
 
-def local_readiness(stage: dict | None, ev: dict | None, grads: dict, th: dict[str, float]) -> dict:
-    """The six criteria from this report's own figures (when the registry gate is unavailable)."""
+def local_readiness(stage: dict | None, ev: dict | None, grads: dict, cl: Checklist) -> dict:
+    """The plan's six criteria from this report's own figures (when the registry gate is unavailable), judged by the
+    checklist's criteria: the same observed quantities as the gate, the same comparisons and thresholds."""
+    stage, ev = stage or {}, ev or {}
+    bt = ev.get("breakthrough") or {}
+    col = ev.get("collapse") or {}
+    latent = (ev.get("paths") or {}).get("latent") or {}
+    src_stage = f"{stage.get('stage', 'stage')}/probe_"
+    peak = stage.get("peak_first_acc")
+    lift_detail = ("" if stage.get("peak_first_acc_lift") is None else
+                   f"peak lift at step {stage['peak_lift_step']}: first_acc {stage['peak_lift_first_acc']:.4g}, "
+                   f"constant guess {_num(stage.get('first_acc_const'), '.4g')}, shuffled latent "
+                   f"{_num(stage.get('first_acc_shuffled'), '.4g')}")
+    rule = cl.collapse_rule()
+    collapse = rule.why(col.get("top_prediction_share"), col.get("repetition_rate"), col.get("top_prediction"))
+    observed = {  # name -> (observed, source, detail, failure)
+        LEARNING: (stage.get("peak_first_acc_lift"), src_stage + controls.LIFT, lift_detail, ""),
+        STABILITY: (None if peak is None else stage.get("regression_pct", 0.0) / 100, src_stage + controls.FIRST_ACC,
+                    "", ""),
+        BREAKTHROUGH: (bt.get("max_f1"), "eval_detailed.jsonl (latent)", "", ""),
+        QUALITY: (latent.get("f1"), "eval/latent/f1", "", ""),
+        GRADIENTS: (grads.get("max_grad_norm"), "grad_norm (all stages)", "", ""),
+        COLLAPSE: (col.get("repetition_rate"), "eval_detailed.jsonl (latent)", collapse or "", collapse or ""),
+    }
     rows = []
-
-    ops = {"first_token_learning": ">=", "first_token_stability": "<=", "f1_breakthrough": ">",
-           "generation_quality": ">=", "gradient_health": "<", "no_mode_collapse": "<"}
-
-    def row(name, observed, passed, source):
-        rows.append({"name": name, "passed": None if observed is None else bool(passed), "observed": observed,
-                     "op": ops[name], "threshold": th[name], "source": source})
-
-    peak = (stage or {}).get("peak_first_acc")
-    final = (stage or {}).get("final_first_acc")
-    src_stage = f"{(stage or {}).get('stage', 'stage')}/probe_first_acc"
-    row("first_token_learning", peak, peak is not None and peak >= th["first_token_learning"], src_stage)
-    regression = None if peak is None else (stage or {}).get("regression_pct", 0.0) / 100
-    row("first_token_stability", regression,
-        peak is not None and peak > 0 and final >= (1 - th["first_token_stability"]) * peak, src_stage)
-    bt = (ev or {}).get("breakthrough") or {}
-    latent = ((ev or {}).get("paths") or {}).get("latent") or {}
-    n_nonzero = bt.get("n_f1_nonzero", (1 if bt.get("any_f1_nonzero") else 0) if bt else None)
-    row("f1_breakthrough", n_nonzero, bool(bt.get("any_f1_nonzero")), "eval_detailed.jsonl (latent)")
-    f1 = latent.get("f1")
-    row("generation_quality", f1, f1 is not None and f1 >= th["generation_quality"], "eval/latent/f1")
-    gmax = grads.get("max_grad_norm")
-    row("gradient_health", gmax, gmax is not None and gmax < th["gradient_health"], "grad_norm (all stages)")
-    rep = ((ev or {}).get("collapse") or {}).get("repetition_rate")
-    row("no_mode_collapse", rep, rep is not None and rep < th["no_mode_collapse"], "eval_detailed.jsonl (latent)")
+    for name, (value, source, detail, failure) in observed.items():
+        if name not in cl.names():
+            continue
+        c = cl.criterion(name)
+        rows.append({"name": name, "passed": None if value is None else c.compare(value) and not failure,
+                     "observed": value, "op": c.op, "threshold": c.threshold, "source": source, "detail": detail})
     missing = [r["name"] for r in rows if r["observed"] is None]
     return {"source": "local (latentgate.registry.gate unavailable)", "rows": rows, "missing": missing,
             "passed": not missing and all(r["passed"] for r in rows)}
@@ -301,8 +271,9 @@ def local_readiness(stage: dict | None, ev: dict | None, grads: dict, th: dict[s
 
 
 def build_report(bundle: RunBundle, last_n: int = 3, checklist_path=None, use_gate: bool = True) -> dict[str, Any]:
-    th, th_source = checklist_thresholds(checklist_path)
-    stages = [stage_figures(s, last_n, th["first_token_stability"]) for s in bundle.stages]
+    cl = load_checklist(checklist_path)
+    th_source = f"{cl.path} (version {cl.version}, sha256 {cl.sha256[:12]})"
+    stages = [stage_figures(s, last_n) for s in bundle.stages]
     for fig, st in zip(stages, bundle.stages, strict=True):
         fig["label"] = _stage_label(st, bundle.stages)
     evaluated = bundle.evaluated_stage()
@@ -317,23 +288,25 @@ def build_report(bundle: RunBundle, last_n: int = 3, checklist_path=None, use_ga
         except Exception as err:  # noqa: BLE001 - the report still stands without the gate
             note = f"registry gate failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
     if readiness is None:
-        readiness = local_readiness(ev_stage, ev, grads, th)
-        readiness["note"] = note or "checklist unavailable: figures below are this report's, against " + th_source
-    readiness["thresholds"] = th
+        readiness = local_readiness(ev_stage, ev, grads, cl)
+        readiness["note"] = note or "registry gate unavailable: figures below are this report's, against " + th_source
+    readiness["thresholds"] = thresholds(cl)
     readiness["thresholds_source"] = th_source
     rec = None
     peak = (ev_stage or {}).get("peak_first_acc")
     f1 = (((ev or {}).get("paths") or {}).get("latent") or {}).get("f1")
     if peak is not None and f1 is not None:
-        verdict = recommend(peak, f1, readiness["passed"], th["first_token_learning"])
         failed = [r["name"] for r in readiness["rows"] if not r["passed"]]
-        next_step = NEXT_STEP[verdict]
-        if verdict == "phase2" and f1 > 0 and failed and set(failed) <= set(EVIDENCE_CRITERIA):
+        verdict, decision = recommend(_evidence(ev_stage, ev, readiness, failed, bundle), cl)
+        next_step = NEXT_STEP_OF_RULE.get(decision.rule, NEXT_STEP[verdict])
+        broke_through = cl.criterion(BREAKTHROUGH).compare(decision.evidence.f1_max)
+        if verdict == "phase2" and broke_through and failed and set(failed) <= set(EVIDENCE_CRITERIA):
             next_step = (f"the learning criteria pass but the evidence does not ({', '.join(failed)}): re-run the "
                          "smoke so its runs form a clean lineage at one commit on the pinned eval set, then promote")
-        rec = {"verdict": verdict, "next_step": next_step, "peak_first_acc": peak, "latent_f1": f1,
-               "checklist_passed": readiness["passed"], "threshold": th["first_token_learning"],
-               "reason": _reason(verdict, peak, f1, readiness, th["first_token_learning"])}
+        rec = {"verdict": verdict, "rule": decision.rule, "next_step": next_step, "peak_first_acc": peak,
+               "peak_first_acc_lift": decision.evidence.peak_first_acc_lift, "latent_f1": f1,
+               "checklist_passed": readiness["passed"], "threshold": cl.threshold(LEARNING),
+               "reason": decision.reason}
     return {
         "run": {"run_id": bundle.run_id, "name": bundle.run_name, "phase": bundle.phase, "status": bundle.status,
                 "preset": bundle.tags.get("latentgate.preset", ""),
@@ -349,15 +322,17 @@ def build_report(bundle: RunBundle, last_n: int = 3, checklist_path=None, use_ga
     }
 
 
-def _reason(verdict: str, peak: float, f1: float, readiness: dict, threshold: float) -> str:
-    if verdict == "hero-ready":
-        return f"every checklist criterion passes; latent F1 {f1:.3f} > 0"
-    if verdict == "phase3":
-        return f"latent F1 = 0 but peak first-token accuracy {peak:.1%} >= {threshold:.0%}: exposure bias"
-    if f1 > 0:
-        failed = [r["name"] for r in readiness["rows"] if not r["passed"]]
-        return f"latent F1 {f1:.3f} > 0 but the checklist fails ({', '.join(failed) or 'missing data'})"
-    return f"latent F1 = 0 and peak first-token accuracy {peak:.1%} < {threshold:.0%}"
+def _evidence(stage: dict, ev: dict, readiness: dict, failed: list[str], bundle: RunBundle) -> pipeline.Evidence:
+    """The decision tree's evidence from this report's figures (a Phase 1 result)."""
+    bt, col = ev.get("breakthrough") or {}, ev.get("collapse") or {}
+    latent = (ev.get("paths") or {}).get("latent") or {}
+    return pipeline.Evidence(
+        phase="extend", f1_max=bt.get("max_f1", latent.get("f1")), peak_first_acc=stage.get("peak_first_acc"),
+        checklist_passed=bool(readiness["passed"]), f1_mean=latent.get("f1"),
+        peak_first_acc_lift=stage.get("peak_first_acc_lift"), first_acc_const=stage.get("first_acc_const"),
+        first_acc_shuffled=stage.get("first_acc_shuffled"), top_prediction_share=col.get("top_prediction_share"),
+        repetition_rate=col.get("repetition_rate"), checklist_failed=tuple(failed),
+        run_ids={"stage_b": stage.get("run_id"), "eval": ev.get("run_id")})
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -398,21 +373,25 @@ def sections(rep: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                         f"{_pct(s['last_n']['mean'])} ± {_pct(s['last_n']['std'])} "
                         f"({_pct(s['last_n']['min'])}–{_pct(s['last_n']['max'])})",
                         f"{_pct(s.get('top5_at_peak'))} / {_pct(s.get('top5_final'))}",
-                        _num(s.get("probe_f1_max"))])
+                        _num(s.get("probe_f1_max")),
+                        "—" if s.get("peak_first_acc_lift") is None else
+                        f"{_pct(s['peak_first_acc_lift'])} @ {s['peak_lift_step']} (constant guess "
+                        f"{_pct(s.get('first_acc_const'))}, shuffled {_pct(s.get('first_acc_shuffled'))})"])
     out.append(("First-token learning (held-out probe)",
                 ["stage", "steps", "probes", "peak (95% CI)", "final", "regression", f"last {rep['last_n']} probes",
-                 "top-5 peak/final", "probe F1 max"], st_rows))
+                 "top-5 peak/final", "probe F1 max", "peak lift over controls"], st_rows))
     ev = rep.get("eval")
     if ev:
         rows = []
         for path, m in ev["paths"].items():
             rows.append([path + ("" if path == "latent" else " (control)" if path in CONTROLS
                                  else " (teacher)" if path == "text" else ""),
-                         _num(m.get("f1")), _num(m.get("em")), _pct(m.get("first_top1")), _pct(m.get("first_top5")),
+                         _num(m.get("f1")), _num(m.get("em")), _pct(m.get("first_top1")),
+                         _pct(m.get("first_top1_const")), _pct(m.get("first_top5")),
                          _num(m.get("nll_per_token"), ".2f"), _pct(m.get("top_prediction_share")),
                          _pct(m.get("repetition_rate")), _pct(m.get("empty_rate"))])
-        out.append(("Eval (per path)", ["path", "F1", "EM", "first@1", "first@5", "NLL/tok", "top share",
-                                        "repetition", "empty"], rows))
+        out.append(("Eval (per path)", ["path", "F1", "EM", "first@1", "first@1 constant guess", "first@5",
+                                        "NLL/tok", "top share", "repetition", "empty"], rows))
         bt = ev.get("breakthrough") or {}
         dist = ev.get("f1_distribution") or {}
         ex = bt.get("example")
@@ -550,8 +529,9 @@ def analyze(target: str, out_dir: Path, log: bool = True, last_n: int = 3, check
     if plots:
         from latentgate.analysis.plots import bundle_plots
 
-        pngs = bundle_plots(bundle, out_dir / "plots", threshold=rep["readiness"]["thresholds"]["first_token_learning"],
-                            grad_limit=rep["readiness"]["thresholds"]["gradient_health"])
+        cl = load_checklist(checklist_path)
+        pngs = bundle_plots(bundle, out_dir / "plots", threshold=cl.threshold(LEARNING),
+                            grad_limit=cl.threshold(GRADIENTS))
     if log and bundle.run_id:
         cl = history.client()
         for f in files:

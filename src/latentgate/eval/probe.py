@@ -1,10 +1,18 @@
 """The fixed held-out probe: first-token accuracy with a 95% interval (a single batch of 24 is noise: 8.33% was
-2 of 24), top-5, answer NLL/token, and optionally greedy F1. Read-only: restores train/eval modes."""
+2 of 24), top-5, answer NLL/token, and optionally greedy F1. Read-only: restores train/eval modes.
+
+Every probe also measures what first-token accuracy scores without information about the input
+(`latentgate.eval.controls`): the constant guess (the probe set's most frequent gold first token) and the shuffled
+latent (each example fed the previous example's latents, the last one's for the first: a derangement of the whole
+set), and reports the lift over the better of them, with the share of the most frequent predicted first token and
+the number of distinct ones. A model that says the same thing to everyone has a lift <= 0, whatever its raw accuracy.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from latentgate.eval import controls
 from latentgate.eval.generate import decode, greedy_generate
 from latentgate.eval.scoring import f1 as f1_score
 from latentgate.eval.scoring import wilson_interval
@@ -26,21 +34,38 @@ class EvalMode:
             m.train(f)
 
 
+def _first_logits(ws, latents: torch.Tensor, answers: list[list[int]]) -> torch.Tensor:
+    """Teacher-forced logits of the first answer token only (the answers cut to one token: same logits, less work)."""
+    batch = build_latent_batch(ws.contract, ws.embed, latents, answer_targets=[a[:1] for a in answers])
+    return answer_logits(ws.lm, batch)[:, 0].float()
+
+
 @torch.no_grad()
 def run_probe(ws, examples, with_f1: bool = False, batch_size: int = 256) -> dict:
-    hits = hits5 = 0
+    hits = hits5 = shuffled_hits = 0
     nll_sum = tok_count = 0.0
     f1s: list[float] = []
+    gold_first: list[int] = []
+    pred_first: list[int] = []
     with EvalMode(ws.encoder, ws.adapter, ws.lm):
+        previous = ws.latents(examples[-1:]) if len(examples) > 1 else None  # what the first row is shuffled to
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
             latents = ws.latents(chunk)
-            answers = encode_answers(ws.tokenizer, [e.answer for e in chunk])
+            answers = encode_answers(ws.contract, ws.tokenizer, [e.answer for e in chunk])
             batch = build_latent_batch(ws.contract, ws.embed, latents, answer_targets=answers)
             logits = answer_logits(ws.lm, batch).float()
             first = logits[:, 0]
             gold = batch.answer_targets[:, 0]
             hits += int((first.argmax(-1) == gold).sum())
+            gold_first += gold.tolist()
+            pred_first += first.argmax(-1).tolist()
+            if previous is None:  # one example: no other example's latents to feed it (as eval: zeros)
+                shuffled = torch.zeros_like(latents)
+            else:
+                shuffled = torch.cat([previous.to(latents.dtype), latents[:-1]])
+                previous = latents[-1:]
+            shuffled_hits += int((_first_logits(ws, shuffled, answers).argmax(-1) == gold).sum())
             hits5 += int((first.topk(min(5, first.shape[-1]), -1).indices == gold[:, None]).any(-1).sum())
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.answer_targets, reduction="none")
             nll_sum += float((nll * batch.answer_mask).sum())
@@ -48,13 +73,13 @@ def run_probe(ws, examples, with_f1: bool = False, batch_size: int = 256) -> dic
             if with_f1:
                 prefix = build_latent_batch(ws.contract, ws.embed, latents)
                 gen = greedy_generate(ws.lm, prefix.inputs_embeds, prefix.attention_mask,
-                                      ws.cfg.eval.max_new_tokens, ws.contract.eos_id)
+                                      ws.cfg.eval.max_new_tokens, ws.contract.stop_ids)
                 preds = decode(ws.tokenizer, gen.token_ids)
                 f1s += [f1_score(p, list(e.answers)) for p, e in zip(preds, chunk)]
     n = len(examples)
     lo, hi = wilson_interval(hits, n)
     out = {"first_acc": hits / n, "first_acc_lo": lo, "first_acc_hi": hi, "first_acc_top5": hits5 / n,
-           "nll": nll_sum / max(tok_count, 1.0)}
+           "nll": nll_sum / max(tok_count, 1.0), **controls.control_stats(gold_first, pred_first, shuffled_hits)}
     if with_f1:
         out["f1"] = sum(f1s) / n
     return out
@@ -68,7 +93,7 @@ def epoch_samples(ws, examples, n_samples: int = 5) -> dict:
     with EvalMode(ws.encoder, ws.adapter, ws.lm):
         prefix = build_latent_batch(ws.contract, ws.embed, ws.latents(examples))
         gen = greedy_generate(ws.lm, prefix.inputs_embeds, prefix.attention_mask, ws.cfg.eval.max_new_tokens,
-                              ws.contract.eos_id)
+                              ws.contract.stop_ids)
     preds = decode(ws.tokenizer, gen.token_ids)
     firsts = Counter(ws.tokenizer.decode([row[0]]) if row else "<eos>" for row in gen.token_ids)
     return {"sample_predictions": [{"question": e.question, "prediction": p, "gold": list(e.answers)}

@@ -38,7 +38,10 @@ def _summary(entry_point: str, result: dict) -> str:
         lines.append(f"checkpoint  {result['checkpoint_uri']}")
     if result.get("final_probe"):
         p = result["final_probe"]
-        lines.append(f"probe first-token accuracy {p.get('first_acc', 0):.1%} after {result.get('steps')} "
+        lift = "" if p.get("first_acc_lift") is None else (
+            f" (lift {p['first_acc_lift']:+.1%} over the controls: constant guess {p['first_acc_const']:.1%}, "
+            f"shuffled latent {p['first_acc_shuffled']:.1%})")
+        lines.append(f"probe first-token accuracy {p.get('first_acc', 0):.1%}{lift} after {result.get('steps')} "
                      "optimizer steps")
     if result.get("metrics"):
         for path, m in result["metrics"]["paths"].items():

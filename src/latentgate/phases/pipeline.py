@@ -1,12 +1,15 @@
 """`pipeline`: the plan's decision tree, carried out and recorded.
 
     base -> stage_a -> Phase 1 (extend) -> eval -> checklist
-      F1 > 0 and the checklist passes    -> promote (alias hero); stop before the hero unless --launch-hero
-      F1 = 0 and peak first-token >= 12% -> Phase 3 (fix: scheduled sampling) -> eval -> checklist
-      otherwise                          -> Phase 2 (sweep) -> eval of the best trial -> checklist
-                                            -> Phase 3 if still short
-    No new phase starts once the budget is spent. The thresholds (and their comparisons) come from the checklist
-    file (registry/hero.yaml), never from constants here.
+      F1 > 0 and the checklist passes         -> promote (alias hero); stop before the hero unless --launch-hero
+      mode collapse (one answer for many       -> Phase 2 (sweep), rule `collapsed`: a model that says the same
+        inputs, or repetition)                    thing to everyone is not an exposure-bias case
+      F1 = 0 and peak first-token LIFT >= 12% -> Phase 3 (fix: scheduled sampling) -> eval -> checklist
+      otherwise                               -> Phase 2 (sweep) -> eval of the best trial -> checklist
+                                                 -> Phase 3 if still short
+    The lift is the probe's first-token accuracy minus the better of its controls (constant guess, shuffled
+    latent): raw accuracy is shown, never read as learning. No new phase starts once the budget is spent. The
+    thresholds (and their comparisons) come from the checklist file (registry/hero.yaml), never from constants here.
 
 Like MLflow's multistep example, each step is an entry point run (`mlflow.projects.run`, with our env_manager
 passed on: inner runs do not inherit it) and a FINISHED run with the same entry point, resolved config (step key)
@@ -26,6 +29,8 @@ from pathlib import Path
 
 from latentgate.config import Config, flatten, resolve
 from latentgate.errors import ConfigError, LatentgateError
+from latentgate.eval import controls
+from latentgate.registry.checklist import BREAKTHROUGH, LEARNING
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -41,9 +46,14 @@ class Evidence:
 
     phase: str  # the phase just finished: extend | sweep | fix
     f1_max: float | None  # best latent F1 over the eval examples
-    peak_first_acc: float | None  # peak probe first-token accuracy in Stage B
+    peak_first_acc: float | None  # peak raw probe first-token accuracy in Stage B (shown, never read as learning)
     checklist_passed: bool  # every criterion of the readiness checklist (the registry's gate, dry run)
     f1_mean: float | None = None
+    peak_first_acc_lift: float | None = None  # peak lift over the controls: what first_token_learning judges
+    first_acc_const: float | None = None  # the probe's constant-guess control
+    first_acc_shuffled: float | None = None  # the probe's shuffled-latent control, at the peak-lift step
+    top_prediction_share: float | None = None  # eval, latent path: share of its most frequent prediction
+    repetition_rate: float | None = None  # eval, latent path: share of repetitive predictions
     checklist_failed: tuple[str, ...] = ()  # names of the criteria that failed or lacked evidence
     budget_left_s: float | None = None  # None: no budget
     launch_hero: bool = False
@@ -59,13 +69,17 @@ class Decision:
 
 
 def decide(evidence: Evidence, checklist) -> Decision:
-    """The plan's decision tree. `checklist` is the registry's Checklist: its criteria f1_breakthrough and
-    first_token_learning supply the thresholds and comparisons (F1 > 0, peak >= 12% in registry/hero.yaml)."""
-    f1c, ftc = checklist.criterion("f1_breakthrough"), checklist.criterion("first_token_learning")
+    """The plan's decision tree. `checklist` is the registry's Checklist: its criteria f1_breakthrough,
+    first_token_learning and no_mode_collapse supply the thresholds and comparisons (F1 > 0, peak lift >= 12%,
+    top prediction share <= 50% and repetition < 10% in registry/hero.yaml)."""
+    f1c, ftc = checklist.criterion(BREAKTHROUGH), checklist.criterion(LEARNING)
     f1_ok = f1c.compare(evidence.f1_max)
-    ft_ok = ftc.compare(evidence.peak_first_acc)
+    ft_ok = ftc.compare(evidence.peak_first_acc_lift)
+    collapse = checklist.collapse_rule().why(evidence.top_prediction_share, evidence.repetition_rate)
     f1_txt = f"best example F1 {_fmt(evidence.f1_max)} {'' if f1_ok else 'not '}{f1c.op} {f1c.threshold:g}"
-    ft_txt = f"peak first-token {_fmt(evidence.peak_first_acc)} {'' if ft_ok else 'not '}{ftc.op} {ftc.threshold:g}"
+    ft_txt = (f"peak first-token lift {_fmt(evidence.peak_first_acc_lift)} {'' if ft_ok else 'not '}{ftc.op} "
+              f"{ftc.threshold:g} (raw peak {_fmt(evidence.peak_first_acc)}; controls: constant guess "
+              f"{_fmt(evidence.first_acc_const)}, shuffled latent {_fmt(evidence.first_acc_shuffled)})")
     spent = evidence.budget_left_s is not None and evidence.budget_left_s <= 0
     failed = ", ".join(evidence.checklist_failed) or "none"
 
@@ -82,11 +96,15 @@ def decide(evidence: Evidence, checklist) -> Decision:
         return out("budget_exhausted", STOP, f"after {evidence.phase}: not ready (failed: {failed}) and the budget "
                                              "is spent")
     if evidence.phase == "extend":
+        if collapse:
+            return out("collapsed", SWEEP, f"{collapse}; {f1_txt}, {ft_txt}: the latent path answers alike whatever "
+                                           f"the input, not exposure bias; checklist failed: {failed}: Phase 2 (sweep)")
         if not f1_ok and ft_ok:
             return out("exposure_bias", FIX, f"{f1_txt}, {ft_txt}: exposure bias, Phase 3 (scheduled sampling)")
         return out("needs_tuning", SWEEP, f"{f1_txt}, {ft_txt}, checklist failed: {failed}: Phase 2 (sweep)")
     if evidence.phase == "sweep":
-        return out("still_short_after_sweep", FIX, f"best trial: {f1_txt}, checklist failed: {failed}: Phase 3")
+        also = f"; {collapse}" if collapse else ""
+        return out("still_short_after_sweep", FIX, f"best trial: {f1_txt}{also}, checklist failed: {failed}: Phase 3")
     return out("plan_exhausted", STOP, f"after {evidence.phase}: {f1_txt}, checklist failed: {failed}; no phase "
                                        "of the plan is left")
 
@@ -269,19 +287,37 @@ class Pipeline:
 # ---- evidence, registry, sweep ------------------------------------------------------------------------------------
 
 def gather_evidence(phase: str, stage_run: str, eval_run: str, opts: PipelineOptions, budget_left_s,
-                    extra_runs: dict | None = None) -> Evidence:
-    """Read a phase's numbers back from MLflow (never from logs) and ask the registry's gate (dry run)."""
+                    extra_runs: dict | None = None, checklist=None) -> Evidence:
+    """Read a phase's numbers back from MLflow (never from logs) and ask the registry's gate (dry run). The lift
+    metric is the one the checklist's first_token_learning reads; the controls are read at its peak step."""
     import mlflow
     from mlflow import MlflowClient
 
+    from latentgate.registry.checklist import load_checklist
+
+    checklist = checklist or load_checklist(opts.checklist)
     client = MlflowClient()
-    hist = [m.value for m in client.get_metric_history(stage_run, "stage_b/probe_first_acc")]
+
+    def history(key: str) -> dict[int, float]:
+        return {m.step: m.value for m in client.get_metric_history(stage_run, key)}
+
+    raw = history(f"stage_b/probe_{controls.FIRST_ACC}")
+    lift = history(checklist.criterion(LEARNING).params["metric"])
+    peak_step = max(lift, key=lambda s: (lift[s], -s)) if lift else None  # the earliest of equal peaks
+    const, shuffled = history(f"stage_b/probe_{controls.CONST}"), history(f"stage_b/probe_{controls.SHUFFLED}")
     local = mlflow.artifacts.download_artifacts(run_id=eval_run, artifact_path="eval_detailed.jsonl")
     rows = [json.loads(x) for x in Path(local).read_text().splitlines() if x.strip()]
-    f1s = [r["f1"] for r in rows if r.get("path") == "latent"]
+    latent = [r for r in rows if r.get("path") == "latent"]
+    f1s = [r["f1"] for r in latent]
+    collapse = controls.collapse_stats(latent) if latent else {}
     passed, failed = checklist_verdict(eval_run, opts.checklist)
-    return Evidence(phase=phase, f1_max=max(f1s) if f1s else None, peak_first_acc=max(hist) if hist else None,
-                    checklist_passed=passed, f1_mean=client.get_run(eval_run).data.metrics.get("eval/latent/f1"),
+    return Evidence(phase=phase, f1_max=max(f1s) if f1s else None,
+                    peak_first_acc=max(raw.values()) if raw else None, checklist_passed=passed,
+                    f1_mean=client.get_run(eval_run).data.metrics.get("eval/latent/f1"),
+                    peak_first_acc_lift=lift.get(peak_step), first_acc_const=const.get(peak_step),
+                    first_acc_shuffled=shuffled.get(peak_step),
+                    top_prediction_share=collapse.get("top_prediction_share"),
+                    repetition_rate=collapse.get("repetition_rate"),
                     checklist_failed=tuple(failed), budget_left_s=budget_left_s, launch_hero=opts.launch_hero,
                     run_ids={"stage_b": stage_run, "eval": eval_run, **(extra_runs or {})})
 
@@ -383,7 +419,7 @@ def run_pipeline(opts: PipelineOptions) -> dict:
         eval_run = pl.step("eval", stage_over, f"runs:/{stage_run}/checkpoints/stage_b")
         extra: dict = {}
         while True:
-            evidence = gather_evidence(phase, stage_run, eval_run, opts, pl.budget_left_s(), extra)
+            evidence = gather_evidence(phase, stage_run, eval_run, opts, pl.budget_left_s(), extra, checklist)
             decision = decide(evidence, checklist)
             pl.record(decision)
             if decision.next_phase in (PROMOTE, HERO):
@@ -428,7 +464,12 @@ def decisions_markdown(summary: dict) -> str:
                   "| evidence | value |", "|---|---|",
                   f"| best example latent F1 | {_fmt(ev['f1_max'])} |",
                   f"| mean latent F1 | {_fmt(ev['f1_mean'])} |",
-                  f"| peak probe first-token accuracy | {_fmt(ev['peak_first_acc'])} |",
+                  f"| peak probe first-token accuracy (raw) | {_fmt(ev['peak_first_acc'])} |",
+                  f"| peak first-token lift over the controls | {_fmt(ev.get('peak_first_acc_lift'))} |",
+                  f"| controls at that step: constant guess, shuffled latent | {_fmt(ev.get('first_acc_const'))}, "
+                  f"{_fmt(ev.get('first_acc_shuffled'))} |",
+                  f"| latent top prediction share, repetition | {_fmt(ev.get('top_prediction_share'))}, "
+                  f"{_fmt(ev.get('repetition_rate'))} |",
                   f"| checklist passed | {ev['checklist_passed']} |",
                   f"| checklist failed | {', '.join(ev['checklist_failed']) or '-'} |",
                   f"| budget left (s) | {_fmt(ev['budget_left_s'])} |"]

@@ -1,8 +1,9 @@
 """The hero readiness checklist as data: `registry/hero.yaml`, loaded and validated here.
 
 Every criterion names a kind of query over recorded evidence (see `KINDS`), its parameters, a comparison and a
-threshold. Code that needs a threshold (the pipeline's decision tree, the gate) reads it from the file through
-`Checklist.threshold(name)`, never from a constant.
+threshold. Code that needs a threshold (the gate, the pipeline's decision tree, the analysis report, the monitor)
+reads it from the file through this module, never from a constant: `Checklist.threshold(name)`,
+`Checklist.criterion(name).compare(value)` and `Checklist.collapse_rule()` (what counts as mode collapse).
 """
 
 from __future__ import annotations
@@ -27,19 +28,28 @@ OPS = {
 
 # kind -> (required params, optional params, whether a numeric threshold is required)
 KINDS: dict[str, tuple[set, set, bool]] = {
-    "metric_peak": ({"run", "metric"}, set(), True),
+    "metric_peak": ({"run", "metric"}, {"show"}, True),
     "metric_final_drop": ({"run", "metric"}, set(), True),
     "metric_max": ({"runs", "metric"}, set(), True),
     "nonfinite_steps": ({"runs", "metrics"}, set(), True),
     "eval_example_max": ({"path", "field"}, set(), True),
     "eval_metric": ({"path", "key"}, set(), True),
     "eval_share": ({"path", "field", "equals"}, set(), True),
+    "eval_collapse": ({"path", "max_top_prediction_share"}, set(), True),
     "latent_margin": ({"path", "key", "controls"}, set(), True),
     "lineage": ({"runs"}, {"require_clean_tree"}, True),
     "dataset_digest": ({"dataset"}, set(), False),
 }
 LINEAGE_RUNS = ("base", "stage_a", "stage_b", "eval")
 ANY = "any"
+
+# The criteria the decision tree, the analysis report and the monitor read (besides the gate, which reads all).
+LEARNING = "first_token_learning"
+STABILITY = "first_token_stability"
+BREAKTHROUGH = "f1_breakthrough"
+QUALITY = "generation_quality"
+GRADIENTS = "gradient_health"
+COLLAPSE = "no_mode_collapse"
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,28 @@ class Criterion:
         if isinstance(observed, float) and math.isnan(observed):
             return False
         return bool(OPS[self.op](observed, threshold))
+
+
+@dataclass(frozen=True)
+class CollapseRule:
+    """Mode collapse as the checklist defines it (criterion `no_mode_collapse`, kind eval_collapse): one answer for
+    more than `max_top_share` of the inputs, or a share of repetitive ("thethethe") predictions that fails the
+    criterion's comparison."""
+
+    max_top_share: float
+    repetition: Criterion
+
+    def why(self, top_share: float | None, repetition_rate: float | None, top_answer: str | None = None) -> str | None:
+        """The collapse, in words starting with "mode collapse", or None (not collapsed, or nothing to judge)."""
+        reasons = []
+        if top_share is not None and top_share > self.max_top_share:
+            said = f" ({top_answer!r})" if top_answer is not None else ""
+            reasons.append(f"one answer{said} for {top_share:.0%} of the inputs (top prediction share {top_share:.4g} "
+                           f"> {self.max_top_share:g})")
+        if repetition_rate is not None and not self.repetition.compare(repetition_rate):
+            reasons.append(f"{repetition_rate:.0%} repetitive predictions (not {self.repetition.op} "
+                           f"{self.repetition.threshold:g})")
+        return "mode collapse: " + "; ".join(reasons) if reasons else None
 
 
 @dataclass(frozen=True)
@@ -82,6 +114,14 @@ class Checklist:
     def threshold(self, name: str):
         """A criterion's threshold, e.g. threshold("first_token_learning") == 0.12."""
         return self.criterion(name).threshold
+
+    def collapse_rule(self) -> CollapseRule:
+        """What counts as mode collapse: criterion no_mode_collapse (kind eval_collapse)."""
+        c = self.criterion(COLLAPSE)
+        if c.kind != "eval_collapse":
+            raise ConfigError(f"checklist {self.path}: {COLLAPSE} is of kind {c.kind}, the decision tree, the report "
+                              "and the monitor need eval_collapse", "see registry/hero.yaml")
+        return CollapseRule(float(c.params["max_top_prediction_share"]), c)
 
     def pinned_digest(self, data_hash: str) -> str | None:
         """The eval dataset digest pinned for a data config hash: a digest, "any", or None (not pinned)."""
@@ -119,6 +159,14 @@ def _criterion(path: Path, i: int, raw: Any) -> Criterion:
         raise _fail(path, f"criterion {name} ({kind}): missing params {sorted(missing)}, "
                     f"unknown params {sorted(extra)}",
                     f"{kind} takes {sorted(required)} (optional {sorted(optional)})")
+    if kind == "eval_collapse":
+        share = params["max_top_prediction_share"]
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise _fail(path, f"criterion {name}: max_top_prediction_share must be a number in [0, 1], got {share!r}",
+                        "write e.g. max_top_prediction_share: 0.5")
+    if "show" in params and (not isinstance(params["show"], list)
+                             or not all(isinstance(m, str) and m for m in params["show"])):
+        raise _fail(path, f"criterion {name}: show must be a list of metric names", "write show: [<metric>, ...]")
     if kind == "lineage":
         bad = set(params["runs"]) - set(LINEAGE_RUNS)
         if bad:

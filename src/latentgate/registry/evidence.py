@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from latentgate.eval.controls import collapse_stats
 from latentgate.registry.checklist import ANY, Checklist, Criterion
 
 _RUN_URI = re.compile(r"^runs:/([0-9a-f]{32})(?:/|$)")
@@ -32,6 +33,7 @@ class Observation:
     detail: str = ""
     missing: list[str] = field(default_factory=list)
     threshold: Any = None  # overrides the criterion's threshold (dataset_digest: the pinned digest)
+    failure: str = ""  # a reason the criterion fails whatever `observed` is (eval_collapse: one answer for many)
 
 
 def run_id_of(uri: str) -> str | None:
@@ -207,8 +209,15 @@ def check_metric_peak(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
         raise Missing(f"{ev.src(c.params['run'])}: {c.params['metric']} has no finite value")
     peak = max(vals)
     step = next(m.step for m in hist if m.value == peak)
+    shown = []
+    for key in c.params.get("show", []):  # e.g. the raw accuracy and the controls behind a lift
+        try:
+            at = {m.step: m.value for m in ev.history(c.params["run"], key)}
+        except Missing:
+            at = {}
+        shown.append(f"{key.rsplit('/', 1)[-1]} {at[step]:.4g}" if step in at else f"{key} not recorded")
     return Observation(peak, f"metric history {c.params['metric']} ({ev.src(c.params['run'])}, {len(hist)} points)",
-                       f"peak at step {step}")
+                       f"peak at step {step}" + (f": {', '.join(shown)}" if shown else ""))
 
 
 def check_metric_final_drop(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
@@ -297,6 +306,17 @@ def check_eval_share(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
                        f"{hits} of {len(rows)} with {c.params['field']}={c.params['equals']}")
 
 
+def check_eval_collapse(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+    st = collapse_stats(ev.detailed_rows(c.params["path"]))
+    n, repetition = st["n"], st["repetition_rate"]
+    why = cl.collapse_rule().why(st["top_prediction_share"], repetition, st["top_prediction"])
+    counts = (f"top prediction {st['top_prediction']!r} for {st['top_prediction_count']} of {n} (share "
+              f"{st['top_prediction_share']:.4g}, limit {c.params['max_top_prediction_share']:g}), "
+              f"{round(repetition * n)} repetitive")
+    return Observation(repetition, f"eval_detailed.jsonl ({ev.src('eval')}, {n} {c.params['path']} rows)",
+                       f"{why}; {counts}" if why else counts, failure=why or "")
+
+
 def check_latent_margin(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
     key = c.params["key"]
     main = float(ev.eval_path_metrics(c.params["path"])[key])
@@ -380,6 +400,7 @@ CHECKS = {
     "eval_example_max": check_eval_example_max,
     "eval_metric": check_eval_metric,
     "eval_share": check_eval_share,
+    "eval_collapse": check_eval_collapse,
     "latent_margin": check_latent_margin,
     "lineage": check_lineage,
     "dataset_digest": check_dataset_digest,

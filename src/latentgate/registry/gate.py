@@ -155,7 +155,7 @@ def resolve_candidate(c, ref: str, name: str) -> tuple[str | None, str | None, l
 
 def _row(crit, obs) -> dict:
     threshold = obs.threshold if obs.threshold is not None else crit.threshold
-    passed = crit.compare(obs.observed, threshold) and not obs.missing
+    passed = crit.compare(obs.observed, threshold) and not obs.missing and not obs.failure
     return {"name": crit.name, "passed": passed, "observed": obs.observed, "op": crit.op, "threshold": threshold,
             "source": obs.source, "detail": obs.detail, "missing": list(obs.missing), "kind": crit.kind,
             "description": crit.description, "params": crit.params}
@@ -252,7 +252,8 @@ def check_tag_value(row: dict) -> str:
     state = "pass" if row["passed"] else "fail"
     if row["missing"]:
         return f"{state} missing: {'; '.join(row['missing'])}"[:TAG_MAX]
-    return f"{state} observed={_fmt(row['observed'])} {row['op']} {_fmt(row['threshold'])}"[:TAG_MAX]
+    why = f"; {row['detail']}" if not row["passed"] and row.get("detail") else ""
+    return f"{state} observed={_fmt(row['observed'])} {row['op']} {_fmt(row['threshold'])}{why}"[:TAG_MAX]
 
 
 def _event(c, name: str, version: str, text: str) -> None:
@@ -425,8 +426,9 @@ def format_table(report: Report, explain: bool = False) -> str:
     rows = [("criterion", "result", "observed", "threshold", "source")]
     for r in report.rows:
         thr = f"{r['op']} {_fmt(r['threshold'])}" if r["threshold"] is not None else "—"
+        why = f" — {r['detail']}" if not r["passed"] and r.get("detail") and not explain else ""
         rows.append((r["name"], "PASS" if r["passed"] else "FAIL", _fmt(r["observed"])[:40], thr[:24],
-                     r["source"] or "; ".join(r["missing"])))
+                     (r["source"] or "; ".join(r["missing"])) + why))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [head] + ["  ".join(x.ljust(w) for x, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
                       for row in rows]
