@@ -26,7 +26,7 @@ def _changed_value(key, typ, default, meta):
         return default / 2 if default else 0.25
     if typ is list:
         return {"eval.paths": ["latent", "text"], "model.lora_targets": ["q_proj"]}.get(key, [0])
-    return f"{default}x" if key != "model.anchor" else "reply :"
+    return {"model.anchor": "reply :", "run.device": "cpu"}.get(key, f"{default}x")
 
 
 def _meta(key):

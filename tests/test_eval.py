@@ -71,6 +71,9 @@ def test_checkpoint_save_load_identical_logits_and_missing_module(tiny_ws, tmp_p
     # a missing module is an error, never a silent fresh init
     manifest = json.loads((path / "manifest.json").read_text())
     del manifest["modules"]["adapter"]
+    from latentgate.train.checkpoint import MANIFEST_DIGEST, manifest_digest
+
+    manifest[MANIFEST_DIGEST] = manifest_digest(manifest)  # a consistent manifest that lacks the module
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="adapter"):
         load_trained(ws.cfg, str(base_dir), path, ws.splits)

@@ -1,4 +1,5 @@
-"""Reliability under bad input and faults: one parametrised test per family of the catalogue (issue 8).
+"""Reliability under bad input and faults: one parametrised test per family of the catalogue (issue 8), and one
+section per class of the second catalogue (issue 18: signals, locks, full disks, secrets, leftovers).
 
 Every case runs the real CLI in a subprocess against the session's real SQLite MLflow store and asserts
 * a non-zero exit code (the specific one where it is defined: 2 user error, 3 training fault, 143/130 signals);
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -37,7 +39,8 @@ SECRET_SET = ("--set", f"data.eval_source=postgresql://reader:{SECRET}@db.exampl
 def error_line(proc: subprocess.CompletedProcess) -> str:
     """The single error line; fails if there is a traceback or any other non-warning line on stderr."""
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("latentgate: warning:")]
+    lines = [ln for ln in proc.stderr.splitlines()  # progress lines (stderr without a terminal) are not errors
+             if ln.strip() and not ln.startswith(("latentgate: warning:", "latentgate: progress:"))]
     assert len(lines) == 1, f"expected one error line, got {len(lines)}:\n{proc.stderr[-3000:]}"
     line = lines[0]
     assert line.startswith("latentgate: error: ") and "(fix: " in line, line
@@ -585,4 +588,419 @@ def test_sweep_and_registry_errors(case, store, tmp_path):
     proc = run_cli(*args, cwd=ROOT, timeout=120)
     assert_fails(proc, 2, needle)
     assert SECRET not in proc.stderr + proc.stdout
+    assert_store_consistent(reg)
+
+
+# ---- second catalogue (issue 18): signals, locks, full disks, secrets, leftovers ----------------------------------
+# One section per class of the issue; each test fails on the code before the fix.
+
+def _finish(proc: subprocess.Popen, timeout: float = 180) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _wait_caught(proc: subprocess.Popen, signum: int, timeout: float = 60) -> None:
+    """Wait until `proc` has its own handler for `signum` (bit in /proc/<pid>/status SigCgt): the CLI's guard is
+    in place, and (for a command that then imports torch and MLflow) no run exists yet."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        status = Path(f"/proc/{proc.pid}/status")
+        caught = next((ln for ln in status.read_text().splitlines() if ln.startswith("SigCgt:")), "SigCgt: 0")
+        if int(caught.split()[1], 16) >> (signum - 1) & 1:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        time.sleep(0.005)
+    proc.kill()
+    raise AssertionError(f"signal {signum} never got a handler")
+
+
+def _new_runs(before: set[str], output_dir) -> list:
+    return [r for r in all_runs()
+            if r.info.run_id not in before and r.data.params.get("run.output_dir") == str(output_dir)]
+
+
+def _unshare_ok() -> bool:
+    """`unshare -rm` (a private mount namespace as an unprivileged user) lets a test mount a tiny tmpfs: a real
+    full disk."""
+    if not shutil.which("unshare") or not Path("/proc/self/status").exists():
+        return False
+    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+# class 1: a dying process leaves nothing RUNNING; a locked store is waited for, then fails cleanly
+
+@pytest.fixture(scope="module")
+def sighup_run(store, tmp_path_factory):
+    """A micro smoke with a long Stage A, sent SIGHUP (what an ssh disconnect sends) once Stage A trains. No secret
+    in its params: `latentgate resume` rebuilds the config from them."""
+    out = tmp_path_factory.mktemp("sighup")
+    reg = registry_state()
+    before = {r.info.run_id for r in all_runs()}
+    proc = popen_cli("smoke", *MICRO, "--set", "stage_a.steps=300", "--set", "stage_a.probe_every=150",
+                     "--set", f"run.output_dir={out}")
+    wait_for_lines("smoke-*/stage_a/diagnostics.jsonl", out, 1, proc)
+    proc.send_signal(signal.SIGHUP)
+    return {"proc": _finish(proc, 120), "out": out, "registry": reg, "before": before}
+
+
+def test_sighup_writes_final_checkpoint_and_ends_runs_killed(sighup_run):
+    _check_interrupted(sighup_run, 129, "SIGHUP")
+
+
+@pytest.mark.slow  # ~25 s: a 7 s lock
+def test_locked_store_waits_then_fails_cleanly(store, tmp_path):
+    """Another process holds the SQLite store locked while Stage A trains: the command waits the bounded time
+    (LATENTGATE_STORE_WAIT_S), then exits 2 with one line; once the lock is gone the runs end FAILED."""
+    import sqlite3
+
+    reg = registry_state()
+    before = {r.info.run_id for r in all_runs()}
+    proc = popen_cli("smoke", *MICRO, "--set", "stage_a.steps=3000", "--set", "stage_a.probe_every=1500",
+                     "--set", f"run.output_dir={tmp_path}", env={"LATENTGATE_STORE_WAIT_S": "2"})
+    wait_for_lines("smoke-*/stage_a/diagnostics.jsonl", tmp_path, 1, proc)
+    lock = sqlite3.connect(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"), timeout=30,
+                           isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    time.sleep(7)  # past SQLite's own 5 s default, past our 2 s wait
+    lock.execute("COMMIT")
+    lock.close()
+    assert_fails(_finish(proc), 2, "locked by another process")
+    assert_store_consistent(reg)
+    runs = runs_by_phase(parent_of_error(before, tmp_path))
+    assert runs["stage_a"].info.status == "FAILED" and runs["smoke"].info.status == "FAILED"
+    assert "database is locked" in runs["stage_a"].data.tags["latentgate.error"]
+
+
+# class 2: work stops when the user stops it; --workers is bounded
+
+def test_sweep_workers_are_capped(store, tmp_path):
+    proc = run_cli("sweep", "--study", "micro", "--workers", "99999", "--check", cwd=tmp_path, timeout=60)
+    assert_fails(proc, 2, "--workers=99999 exceeds")
+    assert proc.stdout == ""
+
+
+@pytest.mark.slow
+def test_sigterm_to_sweep_stops_its_workers(store, tmp_path):
+    journal = tmp_path / "stop.journal"
+    log = (tmp_path / "sweep.out").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "latentgate", "sweep", "--study", "micro", "--name",
+                             f"stop-{tmp_path.name}", "--n-trials", "8", "--workers", "2", "--storage", str(journal),
+                             "--no-register", "--set", "stage_b.steps=400"], cwd=tmp_path, env=cli_env(),
+                            stdout=log, stderr=subprocess.PIPE, text=True)
+    pids: list[int] = []
+    deadline = time.time() + 240
+    while len(pids) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        pids = [int(ln.split("(pid ")[1].split(",")[0]) for ln in (tmp_path / "sweep.out").read_text().splitlines()
+                if " started (pid " in ln]
+    assert len(pids) == 2, (tmp_path / "sweep.out").read_text()[-3000:]
+    time.sleep(8)  # the workers are inside their first trials
+    proc.send_signal(signal.SIGTERM)
+    done = _finish(proc, 120)
+    log.close()
+    assert_fails(done, 143, "interrupted by SIGTERM")
+
+    def alive(pid: int) -> bool:
+        stat = Path(f"/proc/{pid}/stat")
+        return stat.exists() and stat.read_text().split(") ")[1][0] != "Z"
+
+    assert not [p for p in pids if alive(p)], "workers kept running after the sweep was stopped"
+    assert_store_consistent({})
+
+
+# class 3: a secret in the tracking URI is never printed
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (its own SQLite store), stopped by its PID."""
+    import urllib.request
+
+    from test_server import _free_port
+
+    root = tmp_path_factory.mktemp("live_server")
+    port = _free_port()
+    env = cli_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+                             f"sqlite:///{root / 'db.sqlite'}", "--artifacts-destination", str(root / "artifacts"),
+                             "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2):
+                break
+        except OSError:
+            time.sleep(1)
+    try:
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_secret_in_tracking_uri_is_not_printed(live_server, tmp_path):
+    uri = live_server.replace("http://", f"http://lg:{SECRET}@")
+    proc = run_cli("base", *MICRO, "--set", f"run.output_dir={tmp_path}", env={"MLFLOW_TRACKING_URI": uri})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert SECRET not in proc.stdout + proc.stderr
+    assert "View run" not in proc.stdout
+
+
+# class 4: no data silently lost, no half-copied artifact, no edited manifest passing verification
+
+def test_in_memory_store_is_refused(store, tmp_path):
+    proc = run_cli("smoke", *MICRO, "--set", f"run.output_dir={tmp_path}", env={"MLFLOW_TRACKING_URI": "sqlite://"},
+                   timeout=120)
+    assert_fails(proc, 2, "in-memory SQLite")
+    assert proc.stdout == "" and not list(tmp_path.iterdir())
+
+
+def test_edited_manifest_fails_verification(sigterm_run, tmp_path):
+    ckpt = Path(error_line(sigterm_run["proc"]).split("saved to ")[1].split(" (fix:")[0])
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["config"]["stage_a.lr"] = 0.5  # every file still matches its hash; the manifest itself does not
+    (copy / "manifest.json").write_text(json.dumps(m))
+    assert_fails(run_cli("checkpoint", "verify", str(copy), timeout=90), 2, "does not match its own hash")
+
+
+@pytest.mark.skipif(not _unshare_ok(), reason="needs `unshare -rm` (a private mount namespace) for a tiny tmpfs")
+@pytest.mark.parametrize("full", ["artifact store", "output folder"])
+def test_full_disk_leaves_nothing_half_copied(full, micro_smoke, tmp_path):
+    """A real full disk (a 400 KiB tmpfs: the Stage A checkpoint does not fit) under the artifact store or the
+    output folder: one line naming the file on that disk, runs FAILED, no partial checkpoint anywhere. The base LM
+    is the session's (micro_smoke), so nothing registered lives on the vanishing tmpfs."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    name = f"full-{tmp_path.name}"
+    if full == "artifact store":
+        client().create_experiment(name, artifact_location=disk.as_uri())
+    out = disk if full == "output folder" else tmp_path / "runs"
+    reg = registry_state()
+    before = {r.info.run_id for r in all_runs()}
+    cmd = [sys.executable, "-m", "latentgate", "smoke", *MICRO, "--set", f"run.output_dir={out}",
+           "--set", f"run.experiment={name if full == 'artifact store' else 'latentgate'}"]
+    listing = tmp_path / "listing.txt"
+    script = (f"mount -t tmpfs -o size=400k none {disk} && {{ {shlex.join(cmd)}; rc=$?; "
+              f"find {disk} > {listing}; exit $rc; }}")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, env=cli_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert_fails(proc, 2, f"cannot write {disk}/", "no space left on the device")
+    assert_store_consistent(reg)
+    runs = runs_by_phase(parent_of_error(before, out))
+    assert runs["smoke"].info.status == "FAILED" and "stage_b" not in runs
+    assert runs["stage_a"].info.status == "FAILED"
+    files = listing.read_text().splitlines()
+    assert not [f for f in files if ".tmp-" in f], files
+    folders = {f.rsplit("/", 1)[0] for f in files if "/checkpoints/stage_a/" in f}
+    assert all(f"{d}/manifest.json" in files for d in folders), files  # a checkpoint is whole or absent
+
+
+# class 5: recovery the docs promise works (a smoke's stage resumes); class 9: nothing copied into $TMPDIR;
+# class 10: the resumed run, FINISHED, no longer carries the interruption's error
+
+def test_resume_a_smoke_stage_after_sighup(sighup_run, tmp_path):
+    runs = runs_by_phase(parent_of_error(sighup_run["before"], sighup_run["out"]))
+    stage_a = runs["stage_a"].info.run_id
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    proc = run_cli("resume", stage_a, env={"TMPDIR": str(tmp)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = client().get_run(stage_a)
+    assert run.info.status == "FINISHED"
+    assert "latentgate.error_type" not in run.data.tags and "latentgate.error" not in run.data.tags
+    steps = [m.step for m in client().get_metric_history(stage_a, "stage_a/loss")]
+    assert sorted(steps) == list(range(1, 301))  # continued, no step logged twice
+    copies = [str(p) for p in tmp.rglob("*") if p.suffix == ".safetensors" or p.name == "manifest.json"]
+    assert not copies, f"full copies of the base LM / checkpoints left in $TMPDIR: {copies}"
+    assert_store_consistent(sighup_run["registry"])
+
+
+# class 6: no MLflow log lines before our one line; reading commands never create a store
+# class 9: several commands creating one new store at once
+
+def test_new_store_created_once_and_quietly(tmp_path):
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"}
+    procs = [popen_cli("stage-a", *MICRO, env=env) for _ in range(2)]
+    for proc in procs:
+        assert_fails(_finish(proc), 2, "no base LM registered")  # not "duplicate column name", no INFO lines
+
+
+def test_reading_commands_never_create_a_store(tmp_path):
+    for args in (["monitor", "0123456789abcdef0123456789abcdef"], ["resume", "0123456789abcdef0123456789abcdef"],
+                 ["checkpoint", "verify", "runs:/0123456789abcdef0123456789abcdef/checkpoints/stage_a"]):
+        proc = run_cli(*args, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": ""}, timeout=120)
+        assert_fails(proc, 2, "no tracking store at")
+    assert not list(tmp_path.iterdir())
+
+
+def test_read_only_store_is_one_line(store, tmp_path):
+    """MLflow logs every failed SQLite write at ERROR, with a traceback; our CLI silences MLflow's logger."""
+    import sqlite3
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    src = sqlite3.connect(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))
+    dst = sqlite3.connect(folder / "mlflow.db")
+    src.backup(dst)
+    src.close()
+    dst.close()
+    if not _immutable(folder / "mlflow.db", True) or not _immutable(folder, True):
+        pytest.skip("cannot make the store unwritable here")
+    try:
+        proc = run_cli("smoke", *MICRO, "--set", f"run.output_dir={tmp_path / 'runs'}",
+                       env={"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}, timeout=120)
+    finally:
+        _immutable(folder, False)
+        _immutable(folder / "mlflow.db", False)
+    assert_fails(proc, 2, "the tracking store refused a write")
+
+
+# class 7: bad input is exit 2 with a fix, checked in the config schema before anything is tracked
+
+CONFIG_CASES_2 = {
+    "device garbage": (["--set", "run.device=garbage"], "run.device='garbage' is not auto, cpu, cuda or cuda:N"),
+    "registry name with a slash": (["--set", "run.registry_base=bad/name"], "not a valid registered model name"),
+    "no eval paths": (["--set", "eval.paths=[]"], "eval.paths is empty"),
+    "M beyond the LM's positions": (["--set", "model.num_latents=100000"], "model.num_latents=100000 is out of range"),
+    "threads beyond the machine": (["--set", "run.threads=100000"], "run.threads=100000 exceeds"),
+    "n_train beyond the memory": (["--set", "data.n_train=100000000000000000000"], "would not fit this machine"),
+    "output_dir is a file": (["--set", f"run.output_dir={ROOT / 'README.md'}"], "is a file, not a folder"),
+    "empty --set value": (["--set", "stage_a.lr="], "override 'stage_a.lr=' has an empty value"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES_2))
+def test_config_bounds_from_the_machine_and_model(case, store):
+    args, needle = CONFIG_CASES_2[case]
+    runs_before = len(all_runs())
+    proc = run_cli("config", *MICRO, *args, timeout=60)
+    assert_fails(proc, 2, needle)
+    assert proc.stdout == "" and len(all_runs()) == runs_before
+
+
+def _bad_inputs(tmp: Path) -> dict:
+    """name -> (argv, needle); files made in `tmp` (class 7 and the FIFO of class 8)."""
+    (tmp / "latin1.yaml").write_bytes(b"stage_a:\n  lr: 0.001 # caf\xe9\n")
+    (tmp / "folder.yaml").mkdir()
+    os.mkfifo(tmp / "data.jsonl")
+    (tmp / "ok.jsonl").write_text(OK + "\n")
+    return {
+        "preset not UTF-8": (["config", "--preset", str(tmp / "latin1.yaml")], "not valid UTF-8 (byte 0xe9"),
+        "preset is a directory": (["config", "--preset", str(tmp / "folder.yaml")], "is a directory"),
+        "study not UTF-8": (["sweep", "--study", str(tmp / "latin1.yaml"), "--check"], "not valid UTF-8"),
+        "study is a directory": (["sweep", "--study", str(tmp / "folder.yaml"), "--check"], "is a directory"),
+        "data check --write-jsonl to a directory": (["data", "check", str(tmp / "ok.jsonl"), "--write-jsonl",
+                                                     str(tmp)], "is a directory"),
+        "data check on a FIFO (would hang)": (["data", "check", str(tmp / "data.jsonl")], "not a regular file"),
+        "sweep --check --n-trials 0": (["sweep", "--study", "micro", "--n-trials", "0", "--check"],
+                                       "--n-trials=0 must be >= 1"),
+    }
+
+
+BAD_INPUT_NAMES = ["preset not UTF-8", "preset is a directory", "study not UTF-8", "study is a directory",
+                   "data check --write-jsonl to a directory", "data check on a FIFO (would hang)",
+                   "sweep --check --n-trials 0"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUT_NAMES)
+def test_bad_input_files_and_options(case, tmp_path):
+    args, needle = _bad_inputs(tmp_path)[case]
+    before = digest([tmp_path])
+    proc = run_cli(*args, cwd=tmp_path, timeout=30)  # a hang is a TimeoutExpired
+    assert_fails(proc, 2, needle)
+    assert proc.stdout == "" and digest([tmp_path]) == before
+
+
+def test_missing_cuda_device_is_refused_before_any_run(store, tmp_path):
+    import torch
+
+    device = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"  # one past the last
+    before = {r.info.run_id for r in all_runs()}
+    proc = run_cli("smoke", *MICRO, "--set", f"run.device={device}", "--set", f"run.output_dir={tmp_path}",
+                   timeout=120)
+    assert_fails(proc, 2, f"run.device={device} but this machine has")
+    assert not _new_runs(before, tmp_path) and not list(tmp_path.iterdir())
+
+
+# class 8: no hangs; one bounded timeout for an unreachable server
+
+@pytest.mark.parametrize("args", [["resume", "0123456789abcdef0123456789abcdef"],
+                                  ["checkpoint", "verify", "runs:/0123456789abcdef0123456789abcdef/checkpoints/a"]])
+def test_unreachable_server_fails_in_seconds_for_every_command(args):
+    from test_server import _free_port
+
+    t0 = time.time()
+    proc = run_cli(*args, env={"MLFLOW_TRACKING_URI": f"http://lg:{SECRET}@127.0.0.1:{_free_port()}"}, timeout=60)
+    assert_fails(proc, 2, "unreachable")
+    assert time.time() - t0 < 30 and SECRET not in proc.stderr
+
+
+# class 10: small things
+
+def test_fix_hints_name_real_commands():
+    """Every `latentgate <command> [<subcommand>]` quoted (in backticks or parentheses) in our sources exists."""
+    import re
+
+    import click
+
+    import latentgate
+    from latentgate.cli import main
+
+    named = set()
+    for path in Path(latentgate.__file__).parent.rglob("*.py"):
+        named |= set(re.findall(r"[`(]latentgate ((?:--?\w[\w-]* )*[a-z][a-z0-9-]*)(?: ([a-z][a-z0-9-]*))?",
+                                path.read_text()))
+    assert named
+    for command, sub in named:
+        command = command.split()[-1]
+        assert command in main.commands, f"`latentgate {command}` does not exist"
+        group = main.commands[command]
+        if isinstance(group, click.Group) and sub:
+            assert sub in group.commands, f"`latentgate {command} {sub}` does not exist"
+
+
+def test_set_values_with_spaces_and_empty_mlproject_parameters(store):
+    proc = run_cli("config", *MICRO, "--set", "run.experiment=my runs", "--overrides", "stage_a.lr=0.002", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads(proc.stdout)
+    assert cfg["run"]["experiment"] == "my runs" and cfg["stage_a"]["lr"] == 0.002
+    # what `mlflow run` builds from the MLproject: a parameter left at its empty default keeps the preset's value
+    proc = run_cli("config", *MICRO, "--set", "stage_a.lr=", env={"MLFLOW_RUN_ID": "0" * 32}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_signal_before_any_run_does_not_claim_a_killed_run(store, tmp_path):
+    before = {r.info.run_id for r in all_runs()}
+    proc = popen_cli("smoke", *MICRO, "--set", f"run.output_dir={tmp_path}")
+    _wait_caught(proc, signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    line = assert_fails(_finish(proc, 60), 143, "interrupted by SIGTERM outside a training step")
+    assert not _new_runs(before, tmp_path)
+    assert "KILLED" not in line
+
+
+# class 4 (registry): a refused promote moves or removes no alias; class 7: demote of a version that does not exist
+
+@pytest.mark.slow  # ~20 s; test_registry checks the same rule in-process
+def test_refused_promote_keeps_the_alias_and_demote_needs_a_real_version(micro_smoke, micro_cfg, tmp_path):
+    from test_registry import LENIENT, eval_digest, write_checklist
+
+    name = f"lg-keep-{os.getpid()}"
+    lenient = write_checklist(tmp_path / "lenient.yaml", dict([eval_digest(micro_cfg)]), LENIENT)
+    ok = run_cli("promote", micro_smoke["children"]["eval"], "--checklist", str(lenient), "--name", name)
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    version = ok.stdout.split("PROMOTED: alias hero -> version ")[1].split()[0]
+    reg = registry_state()
+    assert {k: str(v) for k, v in reg[name][0].items()} == {"hero": version}
+    # the same version under the default checklist (micro numbers fail it): refused, and the alias stays put
+    refused = run_cli("promote", version, "--name", name)
+    assert_fails(refused, 4, "refused")
+    assert_store_consistent(reg)
+    assert_fails(run_cli("demote", "999", "--reason", "gone", "--name", name), 2, f"{name} has no version '999'")
     assert_store_consistent(reg)

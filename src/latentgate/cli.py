@@ -10,9 +10,15 @@ from latentgate.cli_common import OneLineErrorsGroup, config_options, echo_main,
 
 @click.group(cls=OneLineErrorsGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--debug", is_flag=True, help="show Python tracebacks on errors")
+@click.option("--quiet", "-q", is_flag=True,
+              help="no progress output (default: live bars on a terminal; plain lines on stderr without one or in CI)")
 @click.version_option(package_name="latentgate")
-def main(debug: bool) -> None:
+def main(debug: bool, quiet: bool) -> None:
     """Staged latent-prefix LLM experiments, tracked in MLflow, searched with Optuna, gated in the registry."""
+    if quiet:
+        from latentgate.tracking.progress import set_quiet
+
+        set_quiet()
 
 
 @main.command()

@@ -3,8 +3,8 @@ Top-level imports: click only, so `latentgate --help` stays fast.
 
 The guard's promise (tests/test_reliability.py holds it to it): whatever goes wrong, stderr gets exactly one line
 `latentgate: error: <problem> (fix: <what to do>)`, the exit code is non-zero (2 for errors the user can act on,
-3 for a training fault, 4 for a refused gate, 143 / 130 for SIGTERM / SIGINT, 1 for anything unexpected), and no
-Python traceback is shown unless `latentgate --debug ...` is given.
+3 for a training fault, 4 for a refused gate, 143 / 130 / 129 for SIGTERM / SIGINT / SIGHUP, 1 for anything
+unexpected), and no Python traceback is shown unless `latentgate --debug ...` is given.
 """
 
 from __future__ import annotations
@@ -18,11 +18,20 @@ import warnings
 
 import click
 
-from latentgate.errors import Interrupted, LatentgateError, StoreError, os_error_in_chain
+from latentgate.errors import STOP_SIGNALS, Interrupted, LatentgateError, StoreError, os_error_in_chain
 
 # Messages of the SQLite / SQLAlchemy layer that mean "the disk refused the write", not a bug.
 _STORE_WRITE_FAILURES = ("database or disk is full", "disk i/o error", "attempt to write a readonly database",
                          "unable to open database file")
+# ... and of writers that raise no OSError on a full disk (torch's zip writer, safetensors, Rust / C++ libraries).
+_DISK_FULL = ("no space left on device", "storagefull", "file write failed", "file too large")
+_STORE_LOCKED = "database is locked"
+
+# Set for every command unless the user set them: MLflow's HTTP client otherwise retries an unreachable server
+# for ~4 minutes (7 retries, backoff factor 2, 120 s timeout), and prints "View run ... at: <tracking URI>" (with
+# the password of a http://user:pw@host URI) to stdout for every run it ends.
+MLFLOW_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                       "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def _rank() -> int:
@@ -39,7 +48,10 @@ def echo_main(text: str) -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"latentgate: error: {f'[rank {_rank()}] ' if _rank() else ''}{message}", err=True)
+    try:
+        click.echo(f"latentgate: error: {f'[rank {_rank()}] ' if _rank() else ''}{message}", err=True)
+    except OSError:  # stderr is gone (SIGHUP: the terminal closed); the exit code and the run's tags remain
+        pass
     sys.exit(code)
 
 
@@ -55,25 +67,37 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def prepare_runtime(debug: bool) -> None:
     """What every guarded command needs before it does anything:
 
-    * SIGTERM becomes an exception (like SIGINT's KeyboardInterrupt), so runs end KILLED and never stay RUNNING;
-      the trainer installs its own handler during training (checkpoint at the next step boundary).
+    * SIGTERM and SIGHUP (a closed terminal or ssh session) become an exception (like SIGINT's KeyboardInterrupt),
+      so runs end KILLED and never stay RUNNING; the trainer installs its own handler during training (checkpoint
+      at the next step boundary).
     * SIGXFSZ (file-size limit hit) is ignored, so the write raises OSError(EFBIG) and is reported in one line
       instead of the process dying with a core dump.
     * Under torchrun / accelerate launch (WORLD_SIZE > 1) the process joins the process group.
-    * Progress bars of HF / MLflow are off and warnings are printed as one line each (`--debug` keeps them as is).
+    * MLflow's HTTP client gets one bounded timeout and retry budget, and never prints run URLs (MLFLOW_ENV_DEFAULTS).
+    * Progress bars of HF / MLflow are off, MLflow's own log lines are silenced (the one error line says what went
+      wrong), and warnings are printed as one line each (`--debug` keeps all of them as they are).
     """
     if threading_main():
-        signal.signal(signal.SIGTERM, _raise_interrupted)
+        for signum in STOP_SIGNALS:
+            if signum != signal.SIGINT:  # SIGINT already raises KeyboardInterrupt
+                signal.signal(signum, _raise_interrupted)
         if hasattr(signal, "SIGXFSZ"):
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     from latentgate.distributed import init_from_env
 
     init_from_env()  # under torchrun / accelerate launch (WORLD_SIZE > 1) only; torch is not imported otherwise
+    for key, value in MLFLOW_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     if debug:
         return
     for key, value in {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-                       "TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}.items():
+                       "TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+                       "MLFLOW_LOGGING_LEVEL": "CRITICAL"}.items():
         os.environ.setdefault(key, value)
+    if "mlflow" in sys.modules:  # already configured at import (in-process callers): quiet it the same way
+        import logging
+
+        logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
     warnings.showwarning = _one_line_warning
     for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
@@ -92,6 +116,16 @@ def as_user_error(err: BaseException) -> LatentgateError | None:
     if mapped is not None:
         return mapped
     text = str(err).lower()
+    if _STORE_LOCKED in text:
+        from latentgate.tracking.runs import store_wait_seconds
+
+        return StoreError(f"the tracking store stayed locked by another process for {store_wait_seconds():g} s "
+                          f"({_STORE_LOCKED})", "stop the process holding the lock (a sqlite3 shell, a stuck "
+                          "writer), then resume; LATENTGATE_STORE_WAIT_S sets how long to wait")
+    for needle in _DISK_FULL:
+        if needle in text:
+            return StoreError(f"a write failed ({needle})", "free disk space (or raise `ulimit -f`) where "
+                              "run.output_dir and the artifact store are, then resume")
     for needle in _STORE_WRITE_FAILURES:
         if needle in text:
             return StoreError(f"the tracking store refused a write ({needle})",
@@ -108,8 +142,8 @@ def guarded(fn):
         debug = click.get_current_context().find_root().params.get("debug", False)
         from latentgate.tracking.secrets import mask_secrets
 
-        prepare_runtime(debug)
         try:
+            prepare_runtime(debug)  # inside: a signal may arrive as soon as its handler is installed
             return fn(*args, **kwargs)
         except LatentgateError as err:
             if debug:
@@ -117,10 +151,11 @@ def guarded(fn):
             if getattr(err, "quiet", False):  # another process (rank 0) already printed the line
                 sys.exit(err.exit_code)
             _fail(mask_secrets(str(err)), err.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             if debug:
                 traceback.print_exc()
             err = Interrupted(signal.SIGINT)
+            err.runs_killed = getattr(interrupt, "runs_killed", False)
             _fail(str(err), err.exit_code)
         except Exception as err:  # noqa: BLE001 - last resort: still one line, unless --debug
             if debug:
@@ -142,7 +177,7 @@ class OneLineErrorsGroup(click.Group):
         extra.pop("standalone_mode", None)
         try:
             code = super().main(args, prog_name, standalone_mode=False, **extra)
-        except click.exceptions.NoArgsIsHelpError as err:  # a bare `latentgate` / `latentgate registry`: the help
+        except click.exceptions.NoArgsIsHelpError as err:  # a bare `latentgate` / `latentgate data`: the help
             click.echo(err.format_message(), err=True)
             sys.exit(err.exit_code)
         except click.UsageError as err:
@@ -167,5 +202,4 @@ def config_options(fn):
 def resolve_config(preset: str | None, sets, overrides: str, default_preset: str):
     from latentgate import config
 
-    pairs = config.parse_set_args(list(sets) + ([overrides] if overrides.strip() else []))
-    return config.resolve(preset or default_preset, pairs)
+    return config.resolve(preset or default_preset, config.cli_overrides(sets, overrides))

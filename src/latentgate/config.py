@@ -13,6 +13,8 @@ import difflib
 import hashlib
 import json
 import math
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +80,7 @@ class ModelConfig:
     encoder_lora_r: int = opt(16, "lm_self: rank of the encoder-only LoRA", ge=1)
     encoder_lora_alpha: int = opt(32, "lm_self: alpha of the encoder-only LoRA", ge=1)
     encoder_layers: int = opt(2, "scratch encoder: layers", ge=1)
-    num_latents: int = opt(8, "M: soft tokens in the prefix", ge=1)
+    num_latents: int = opt(8, "M: soft tokens in the prefix", ge=1, le=4096)
     d_z: int = opt(128, "latent width", ge=1)
     anchor: str = opt("answer :", "anchor text between latent slots and the answer (part of the prefix contract)")
     prompt_format: str = opt("plain", "plain ('context : ... question : ... answer :') or chat (the tokenizer's chat "
@@ -130,7 +132,7 @@ class EvalConfig:
 class RunConfig:
     experiment: str = opt("latentgate", "MLflow experiment name")
     threads: int = opt(2, "torch intra-op threads (0: torch default)", ge=0)
-    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N (cuda must be present where the run trains)")
     output_dir: str = opt("runs", "local folder for run outputs (checkpoints, jsonl)")
     registry_base: str = opt("latentgate-base", "registered model name of the base LM")
     registry_model: str = opt("latentgate", "registered model name of the latent model")
@@ -178,10 +180,65 @@ class Config:
         unknown = set(self.eval.paths) - set(EVAL_PATHS)
         if unknown:
             raise ConfigError(f"unknown eval path(s) {sorted(unknown)}", f"choose from {list(EVAL_PATHS)}")
+        if not self.eval.paths:
+            raise ConfigError("eval.paths is empty: eval would score nothing", "list at least 'latent' in eval.paths")
+        if "latent" not in self.eval.paths:
+            raise ConfigError(f"eval.paths={self.eval.paths} lacks 'latent', the path every eval scores",
+                              f"list 'latent' in eval.paths (choose from {list(EVAL_PATHS)})")
+        _check_machine_bounds(self)
         return self
 
 
 EVAL_PATHS = ("latent", "text", "token_budget", "zero_latent", "shuffled_latent")
+BUILTIN_MAX_POSITIONS = 1024  # model/base_lm.py: the builtin Llama's max_position_embeddings
+BYTES_PER_EXAMPLE = 4096  # generous: a synthetic example, its tokens and batches, as Python objects
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# MLflow refuses '/' and ':' in registered model names; '@' separates the alias in models:/<name>@<alias>
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
+
+
+def _ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - platforms without sysconf
+        return 1 << 40
+
+
+def _check_machine_bounds(cfg: "Config") -> None:
+    """Bounds that follow from this machine and the model, checked before anything is tracked or trained (a value
+    past them would exhaust memory, threads or the LM's positions, or fail late in the registry)."""
+    cores = os.cpu_count() or 1
+    if cfg.run.threads > 4 * cores:
+        raise ConfigError(f"run.threads={cfg.run.threads} exceeds 4 x the {cores} CPU cores of this machine",
+                          f"set run.threads <= {4 * cores} (0: torch's default)")
+    if not _DEVICE.fullmatch(cfg.run.device):
+        raise ConfigError(f"run.device={cfg.run.device!r} is not auto, cpu, cuda or cuda:N", "set run.device=auto")
+    n = cfg.data.n_train + cfg.data.n_eval + cfg.data.n_probe
+    most = _ram_bytes() // BYTES_PER_EXAMPLE
+    if n > most:
+        room = max(1, most - cfg.data.n_eval - cfg.data.n_probe)
+        raise ConfigError(f"data.n_train + n_eval + n_probe = {n} examples would not fit this machine's memory "
+                          f"(at most {most})", f"lower data.n_train (<= {room})")
+    if cfg.base.name == "builtin":
+        need = cfg.model.num_latents + len(cfg.model.anchor.split()) + cfg.eval.max_new_tokens + 2
+        if need > BUILTIN_MAX_POSITIONS:
+            raise ConfigError(f"model.num_latents={cfg.model.num_latents} soft tokens plus the anchor and "
+                              f"eval.max_new_tokens={cfg.eval.max_new_tokens} need {need} positions; the builtin "
+                              f"LM has {BUILTIN_MAX_POSITIONS}", "lower model.num_latents")
+    for key in ("registry_base", "registry_model"):
+        name = getattr(cfg.run, key)
+        if not _MODEL_NAME.fullmatch(name):
+            raise ConfigError(f"run.{key}={name!r} is not a valid registered model name",
+                              "use letters, digits, '_', '-' and '.' only (no '/', ':', '@' or spaces)")
+    if not cfg.run.experiment.strip():
+        raise ConfigError("run.experiment is empty", "set run.experiment to an MLflow experiment name")
+    out = Path(cfg.run.output_dir).expanduser()
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"run.output_dir={cfg.run.output_dir!r}: {folder} is a file, not a folder",
+                                  "point run.output_dir at a folder (it is created if missing)")
+            break
 
 
 def _check_range(key: str, value, meta) -> None:
@@ -283,20 +340,40 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     return cfg
 
 
-def parse_set_args(items: typing.Iterable[str]) -> dict[str, str]:
-    """`key=value` strings (from --set or the MLproject `overrides` parameter) -> dict."""
+def parse_set_args(items: typing.Iterable[str], *, keep_empty: bool = True, split: bool = True) -> dict[str, str]:
+    """`key=value` strings -> dict (a later pair wins).
+
+    split: an item holding several space-separated pairs (the MLproject `overrides` parameter, "a.b=1 c.d=2") is
+    split into them; without it every item is one pair whose value may contain spaces (`--set 'k=a b'`).
+    keep_empty: an empty value keeps the preset's value (an MLproject parameter left at its empty default);
+    without it an empty value is an error, never silently ignored."""
     out = {}
     for item in items:
-        for part in item.split() if " " in item.strip() and "=" in item else [item]:
+        parts = item.split() if split and " " in item.strip() and "=" in item else [item.strip()]
+        for part in parts:
             if not part:
                 continue
             if "=" not in part:
                 raise ConfigError(f"override {part!r} is not key=value", "write overrides as section.key=value")
             k, v = part.split("=", 1)
-            if v.strip() == "":  # an MLproject parameter left at its empty default: keep the preset's value
-                continue
+            if v.strip() == "":
+                if keep_empty:
+                    continue
+                raise ConfigError(f"override {part!r} has an empty value",
+                                  f"give {k.strip()} a value, or leave it out to keep the preset's value")
             out[k.strip()] = v.strip()
     return out
+
+
+def cli_overrides(sets: typing.Iterable[str], overrides: str = "", *, from_mlproject: bool | None = None) -> dict:
+    """The overrides of one command line: each `--set` is one pair (its value may contain spaces), `--overrides`
+    holds space-separated pairs. Empty values are refused, except in a command `mlflow run` built from the
+    MLproject (MLFLOW_RUN_ID set), where a parameter left at its empty default keeps the preset's value."""
+    import os
+
+    keep = bool(os.environ.get("MLFLOW_RUN_ID")) if from_mlproject is None else from_mlproject
+    return {**parse_set_args(list(sets), keep_empty=keep, split=False),
+            **parse_set_args([overrides] if overrides.strip() else [], keep_empty=keep)}
 
 
 def preset_names() -> list[str]:
@@ -307,8 +384,17 @@ def load_yaml_mapping(path: Path) -> dict:
     """A YAML file whose top level is a mapping (presets, sweep studies), or a one-line ConfigError."""
     import yaml
 
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory, not a YAML file", "pass the path of a .yaml file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte 0x{err.object[err.start]:02x} at byte offset {err.start})",
+                          "re-save the file as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror or err}", "check the path and its permissions") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})", "fix the file's syntax") from None
     if not isinstance(data, dict):

@@ -42,27 +42,39 @@ class GateRefused(LatentgateError):
     exit_code = 4
 
 
-SIGNAL_NAMES = {2: "SIGINT", 15: "SIGTERM"}
+SIGNAL_NAMES = {1: "SIGHUP", 2: "SIGINT", 15: "SIGTERM"}
+# The signals every command turns into `Interrupted` (SIGHUP: what a closed terminal or ssh session sends).
+STOP_SIGNALS = tuple(SIGNAL_NAMES)
 
 
 class Interrupted(LatentgateError):
-    """SIGTERM/SIGINT: the run is marked KILLED and the exit code is 128 + the signal number (143 / 130).
+    """SIGTERM/SIGINT/SIGHUP: open runs are marked KILLED and the exit code is 128 + the signal number (143 / 130 /
+    129).
 
     Raised by the trainer at an optimizer-step boundary after it wrote a final checkpoint (`checkpoint` names it),
-    or by the CLI's signal handler outside training (`checkpoint` is None: nothing was checkpointed)."""
+    or by the CLI's signal handler outside training (`checkpoint` is None: nothing was checkpointed). `tracked_run`
+    sets `runs_killed` when it marked a run KILLED, so the message only says so when it is true."""
 
     def __init__(self, signum: int, step: int | None = None, checkpoint: str | None = None):
         self.signum = signum
         self.step = step
         self.checkpoint = checkpoint
         self.exit_code = 128 + signum
-        name = SIGNAL_NAMES.get(signum, f"signal {signum}")
+        self.runs_killed = False
+        self.name = SIGNAL_NAMES.get(signum, f"signal {signum}")
         if checkpoint:
-            super().__init__(f"interrupted by {name} at optimizer step {step}; final checkpoint saved to {checkpoint}",
-                             "resume from that checkpoint (it is complete and verified by its manifest)")
+            super().__init__(f"interrupted by {self.name} at optimizer step {step}; final checkpoint saved to "
+                             f"{checkpoint}", "resume from that checkpoint (it is complete and verified by its "
+                             "manifest)")
         else:
-            super().__init__(f"interrupted by {name} outside a training step; the run is marked KILLED",
-                             "rerun the command (finished stages are reused or resumable from their checkpoints)")
+            super().__init__(f"interrupted by {self.name} outside a training step", "rerun the command (finished "
+                             "stages are reused or resumable from their checkpoints)")
+
+    def __str__(self) -> str:
+        if self.checkpoint or not self.runs_killed:
+            return super().__str__()
+        return (f"interrupted by {self.name} outside a training step; the run is marked KILLED (fix: rerun the "
+                "command (finished stages are reused or resumable from their checkpoints))")
 
 
 def os_error_in_chain(err: BaseException) -> LatentgateError | None:
@@ -97,6 +109,9 @@ def describe_os_error(err: OSError, doing: str = "write") -> LatentgateError | N
                        "location elsewhere"),
         errno.EPERM: ("operation not permitted", "make the folder writable, or point run.output_dir / the artifact "
                       "location elsewhere"),
+        errno.EISDIR: ("it is a directory, not a file", "pass a file path, not a folder"),
+        errno.ENOTDIR: ("a part of the path is a file, not a folder", "point run.output_dir (or the path given) "
+                        "at a folder"),
     }
     if err.errno not in fixes:
         return None

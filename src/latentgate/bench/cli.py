@@ -44,7 +44,7 @@ def bench(only, smoke, smoke_preset, sweep, preset, sets, threads, clock, quick,
         raise ConfigError(f"unknown comparison(s) {unknown}", f"choose from {', '.join(CHOICES)}")
     opts = BenchOptions(only=keys, smoke=smoke, smoke_preset=smoke_preset, sweep=sweep, preset=preset,
                         threads=threads, clock=clock, quick=quick, reps=reps, out_dir=Path(out_dir),
-                        overrides=config.parse_set_args(list(sets)))
+                        overrides=config.cli_overrides(sets))
     rows = run_bench(opts, echo=lambda m: click.echo(m, err=True))
     ok = finish(rows, opts, echo=click.echo)
     sys.exit(0 if ok else 1)

@@ -99,6 +99,9 @@ def load_examples(source: str | os.PathLike, *, max_context_words: int = 512, sp
         )
     if path.is_dir():
         return _load_folder(path, name, split, max_context_words)
+    if not path.is_file():  # a FIFO, socket or device: reading it may wait forever
+        raise DataError(f"{name} is not a regular file (a pipe, socket or device)",
+                        fix="save the data to a file first, then pass that file")
     try:
         raw = path.read_bytes()
     except OSError as err:
@@ -180,6 +183,9 @@ def validate_examples(examples: Iterable[Example], source: str) -> list[Example]
 def write_jsonl(examples: Iterable[Example], path: str | os.PathLike) -> None:
     """Write examples as JSONL (one `Example.to_dict()` per line, UTF-8), atomically; `load_examples` reads it back."""
     path = Path(path)
+    if path.is_dir() or (path.exists() and not path.is_file()):
+        raise DataError(f"cannot write {_one_line(str(path))}: it is a directory or not a regular file",
+                        fix="pass the path of a .jsonl file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     umask = os.umask(0)

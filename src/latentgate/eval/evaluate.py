@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from latentgate.eval import scoring
+from latentgate.eval import controls, scoring
 from latentgate.eval.generate import decode, greedy_generate
 from latentgate.eval.probe import EvalMode
 from latentgate.model.contract import build_latent_batch, build_text_batch, encode_answers, text_prompt
+from latentgate.tracking import progress
 from latentgate.train.losses import answer_logits
 
 LATENT_PATHS = ("latent", "zero_latent", "shuffled_latent")
@@ -42,14 +43,18 @@ def _prefix_for(ws, path: str, chunk, latents: torch.Tensor | None):
 
 
 @torch.no_grad()
-def evaluate(ws, examples, out_dir: Path, paths=None, batch_size: int | None = None) -> dict:
+def evaluate(ws, examples, out_dir: Path, paths=None, batch_size: int | None = None,
+             progress_name: str | None = "eval") -> dict:
+    """`progress_name`: what the progress display calls this eval (None: nothing shown)."""
     paths = list(paths or ws.cfg.eval.paths)
     batch_size = batch_size or ws.cfg.eval.batch_size
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     extra: dict[str, dict] = {p: {"hits": 0, "hits5": 0, "nll": 0.0, "tokens": 0.0, "prompt_tokens": 0,
-                                  "prompt_bytes": 0} for p in paths}
-    with EvalMode(ws.encoder, ws.adapter, ws.lm):
+                                  "prompt_bytes": 0, "gold_first": []} for p in paths}
+    f1_sums = dict.fromkeys(paths, 0.0)  # progress only: the running F1 of each path
+    with EvalMode(ws.encoder, ws.adapter, ws.lm), \
+            progress.task(progress_name, total=len(examples) * len(paths), unit="answers") as bar:
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             latents = ws.latents(chunk) if any(p in LATENT_PATHS for p in paths) else None
@@ -72,6 +77,7 @@ def evaluate(ws, examples, out_dir: Path, paths=None, batch_size: int | None = N
                 first_ok = (gen.first_logits.argmax(-1) == gold0).tolist()
                 e["hits"] += sum(first_ok)
                 e["hits5"] += int((top5 == gold0[:, None]).any(-1).sum())
+                e["gold_first"] += gold0.tolist()  # scoring only: the constant-guess control
                 if prompts is not None:
                     e["prompt_tokens"] += int(prefix.attention_mask.sum())
                     e["prompt_bytes"] += sum(len(p.encode()) for p in prompts)
@@ -82,6 +88,9 @@ def evaluate(ws, examples, out_dir: Path, paths=None, batch_size: int | None = N
                                  "prediction": pred, "first_token": ids[0] if ids else None,
                                  "em": scoring.exact_match(pred, refs), "f1": scoring.f1(pred, refs),
                                  "first_token_correct": bool(ok), "error_mode": scoring.error_mode(pred, refs)})
+                f1_sums[path] += sum(r["f1"] for r in rows[-len(chunk):])
+                bar.update(advance=len(chunk), **{f"{p} F1": f1_sums[p] / min(start + len(chunk), len(examples))
+                                                  for p in paths[: paths.index(path) + 1]})
     with (out_dir / "eval_detailed.jsonl").open("w") as fh:
         for r in rows:
             fh.write(json.dumps(r) + "\n")
@@ -103,18 +112,17 @@ def aggregate(rows: list[dict], extra: dict, ws, n_examples: int) -> dict:
             references=[{"id": r["id"], "answers": {"text": r["references"], "answer_start": []}} for r in prs])
         f1s = [r["f1"] for r in prs]
         modes = Counter(r["error_mode"] for r in prs)
-        preds = Counter(r["prediction"] for r in prs)
-        firsts = Counter(r["first_token"] for r in prs)
         n = len(prs)
         out["paths"][path] = {
             "em": official["exact_match"] / 100, "f1": official["f1"] / 100, "n": n,
             "first_top1": e["hits"] / n, "first_top5": e["hits5"] / n,
+            "first_top1_const": controls.constant_guess_accuracy(e["gold_first"]),
             "nll_per_token": e["nll"] / max(e["tokens"], 1.0),
             "f1_distribution": scoring.f1_buckets(f1s), "first_f1_nonzero_idx": scoring.first_nonzero_index(f1s),
             "error_modes": {m: modes.get(m, 0) for m in scoring.ERROR_MODES},
             "repetition_rate": modes.get("repetition", 0) / n, "empty_rate": modes.get("empty", 0) / n,
-            "top_prediction_share": preds.most_common(1)[0][1] / n if n else 0.0,
-            "distinct_first_tokens": len(firsts),
+            "top_prediction_share": controls.top_share(r["prediction"] for r in prs),
+            "distinct_first_tokens": len({r["first_token"] for r in prs}),
         }
         if e["prompt_tokens"]:
             out["paths"][path]["prompt_tokens_per_example"] = e["prompt_tokens"] / n

@@ -71,6 +71,8 @@ def load_lm(path_or_name: str, cfg: Config, device: torch.device):
     if not local.exists() and ("/" in path_or_name and path_or_name.startswith((".", "/"))):
         raise CheckpointError(f"base LM folder {path_or_name} does not exist", "train it with `latentgate base`")
     revision = cfg.base.revision or None
+    if not local.exists():
+        hub_download(path_or_name, revision, cfg.base.trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(path_or_name, trust_remote_code=cfg.base.trust_remote_code,
                                             revision=revision)
@@ -84,6 +86,34 @@ def load_lm(path_or_name: str, cfg: Config, device: torch.device):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return lm, tok
+
+
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]  # what from_pretrained reads
+
+
+def hub_download(name: str, revision: str | None, remote_code: bool = False) -> None:
+    """Fetch a hub LM's files into the HF cache before transformers loads them, so the download shows progress:
+    tqdm's bars on a terminal (the CLI switches HF's own bars off, so plain tqdm draws them), a line at the start and
+    the end without one, nothing with --quiet. Offline, or when the download fails, nothing happens here: loading
+    then reports the problem (or fetches what is missing, without bars)."""
+    from huggingface_hub import constants, snapshot_download
+
+    from latentgate.tracking import progress
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    show = progress.mode()
+    patterns = HUB_FILES + (["*.py"] if remote_code else [])
+    bars = {}
+    if show == "rich":
+        from tqdm.auto import tqdm
+
+        bars = {"tqdm_class": tqdm}
+    try:
+        with progress.task(f"download {name}" if show == "plain" else None, unit="files"):
+            snapshot_download(name, revision=revision, allow_patterns=patterns, **bars)
+    except Exception:  # noqa: BLE001 - from_pretrained names the problem (gated, unknown id, network) in one line
+        pass
 
 
 FULL_HASH_LIMIT = 2 << 30  # larger weight files are fingerprinted by size + sampled chunks, not read whole

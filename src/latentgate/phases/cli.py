@@ -101,7 +101,7 @@ def pipeline(launch_hero, checklist, budget_minutes, env_manager, runner, hero_p
     from latentgate import config as cfgmod
     from latentgate.phases.pipeline import PipelineOptions, format_decisions, run_pipeline
 
-    pairs = cfgmod.parse_set_args(list(sets) + ([overrides] if overrides.strip() else []))
+    pairs = cfgmod.cli_overrides(sets, overrides)
     opts = PipelineOptions(preset=preset or "smoke", overrides=pairs, launch_hero=launch_hero,
                            checklist=checklist or None, budget_minutes=budget_minutes, env_manager=env_manager,
                            runner=runner, hero_preset=hero_preset, sweep_study=sweep_study,

@@ -46,7 +46,9 @@ def _open(cfg: Config) -> str | None:
     """Point MLflow at the store and experiment; return the run `mlflow run` created for this process, if any
     (removed from the environment, so runs nested under it are real children)."""
     from latentgate.tracking.runs import adopt_project_run, setup_experiment
+    from latentgate.train.workspace import resolve_device
 
+    resolve_device(cfg.run.device)  # a device this machine lacks fails here, before any run starts
     setup_experiment(cfg.run.experiment)  # inside `mlflow run`: the project run's experiment
     return adopt_project_run()
 
@@ -112,7 +114,8 @@ def run_id_of(uri: str) -> str | None:
             return client.get_model_version(name, version).run_id
         except (MlflowException, ValueError) as err:
             raise CheckpointError(f"cannot resolve {uri}: {str(err).splitlines()[0][:200]}",
-                                  "check the model name and alias (latentgate registry list)") from None
+                                  "check the model name and alias (the Models tab of `mlflow ui`; "
+                                  "`latentgate verify` names the version holding hero)") from None
     return None
 
 
@@ -279,7 +282,7 @@ def resume(run_id: str) -> dict:
     from latentgate.tracking.runs import tracking_uri
     from latentgate.train.workspace import load_splits
 
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(tracking_uri())  # an existing, reachable store (never creates one)
     client = MlflowClient()
     try:
         run = client.get_run(run_id)
@@ -288,10 +291,12 @@ def resume(run_id: str) -> dict:
                           "check the run id and MLFLOW_TRACKING_URI") from None
     mlflow.set_experiment(experiment_id=run.info.experiment_id)
     tags = run.data.tags
-    entry_point = tags.get("latentgate.entry_point", "")
+    # a stage run of the smoke (or the hero) has no entry point of its own: its phase names the stage
+    entry_point = tags.get("latentgate.entry_point") or tags.get("latentgate.phase", "")
     if entry_point not in TRAINING:
         raise ConfigError(f"run {run_id} is not a training phase (entry point {entry_point or 'unknown'!r})",
-                          f"resume a run of {list(TRAINING)}")
+                          f"resume a run of {list(TRAINING)}; for a smoke, resume its stage_a or stage_b child "
+                          "run (their ids are in `mlflow ui` under the smoke's run)")
     if run.info.status == "FINISHED":
         raise ConfigError(f"run {run_id} ({entry_point}) is FINISHED; a finished phase is never overwritten",
                           "start a new run of the phase instead")
@@ -306,7 +311,8 @@ def resume(run_id: str) -> dict:
         raise CheckpointError(f"run {run_id} left no checkpoint in {ckpt_dir} (it stopped before its first one)",
                               f"start the phase again (set {stage}.checkpoint_every to checkpoint more often)")
     base_info = base_from_run(run_id)
-    keep = {k: v for k, v in tags.items() if k.startswith("latentgate.") and k != "latentgate.error"}
+    keep = {k: v for k, v in tags.items() if k.startswith("latentgate.")
+            and k not in ("latentgate.error", "latentgate.error_type")}
     if "latentgate.error" in tags and owns_store():
         client.delete_tag(run_id, "latentgate.error")
     splits = load_splits(cfg)

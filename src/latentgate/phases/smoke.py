@@ -8,8 +8,10 @@ from pathlib import Path
 
 from latentgate.config import Config, flatten
 from latentgate.phases.stages import run_base, run_eval, run_stage
+from latentgate.tracking import labels, progress
 from latentgate.tracking.runs import adopt_project_run, setup_experiment, tracked_run, tracking_uri
 from latentgate.tracking.secrets import mask_secrets
+from latentgate.tracking.tracker import enable_system_metrics
 
 
 def run_output_dir(cfg: Config, name: str) -> Path:
@@ -25,21 +27,41 @@ def run_output_dir(cfg: Config, name: str) -> Path:
     return main_only(make)
 
 
-def run_smoke(cfg: Config, preset: str = "smoke", name: str = "smoke", tags: dict | None = None) -> dict:
-    """The whole chain as one parent run `name` (the smoke; the hero uses it with its own name and tags)."""
-    from latentgate.train.workspace import load_splits
+PHASES = ("base LM", "stage_a", "stage_b", "eval")
 
+
+def run_smoke(cfg: Config, preset: str = "smoke", name: str = "smoke", tags: dict | None = None) -> dict:
+    """The whole chain as one parent run `name` (the smoke; the hero uses it with its own name and tags). Its
+    progress (one line per phase) starts before anything slow: MLflow's import and store, the data."""
+    with progress.task(name, total=len(PHASES), unit="phases", every=float("inf"), eta=False,
+                       detail=f"preset {preset}: {' -> '.join(PHASES)}") as bar:
+        return _run_smoke(cfg, preset, name, tags, bar)
+
+
+def _run_smoke(cfg: Config, preset: str, name: str, tags: dict | None, bar) -> dict:
+    from latentgate.train.workspace import load_splits, resolve_device
+
+    resolve_device(cfg.run.device)  # a device this machine lacks fails here, before any run starts
+    bar.update(0, force=True, at="opening the tracking store")
     setup_experiment(cfg.run.experiment)
+    enable_system_metrics()  # every run of the chain records system/* metrics
     t0 = time.perf_counter()
     out = run_output_dir(cfg, name)
     splits = load_splits(cfg)
     with tracked_run(name, nested=False, run_id=adopt_project_run(),
                      tags={"latentgate.preset": preset, **(tags or {})}) as parent:
+        shown = name if preset == name else f"{name} {preset}"  # `smoke micro (...)`, `hero (...)`
+        parent.set_name(f"{shown} ({labels.short_params(labels.stage_params(cfg, 'stage_b'))})")
         parent.log_params(flatten(cfg))
+        bar.update(0, force=True, at=PHASES[0])
         base = run_base(cfg, out, splits)
+        bar.update(1, force=True, at=PHASES[1])
         a = run_stage(cfg, "stage_a", base, out, splits)
+        bar.update(2, force=True, at=PHASES[2])
         b = run_stage(cfg, "stage_b", base, out, splits, init_from=Path(a["checkpoint"]))
+        bar.update(3, force=True, at=PHASES[3])
         ev = run_eval(cfg, base, Path(b["checkpoint"]), out, splits, source_uri=b["checkpoint_uri"])
+        bar.update(4)
         paths = ev["metrics"]["paths"]
         summary = {
             "run_id": parent.run_id,
@@ -57,6 +79,7 @@ def run_smoke(cfg: Config, preset: str = "smoke", name: str = "smoke", tags: dic
                             "latent_em": summary["latent_em"], "wall_seconds": summary["wall_seconds"]}, step=0)
         parent.log_dict(summary, "summary.json")
         parent.set_tags({"latentgate.children": ",".join(summary["children"].values())})
+        parent.set_description(labels.smoke_note(name, preset, summary))
     return summary
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 
 from latentgate.config import Config, config_hash, flatten
 from latentgate.errors import CheckpointError
-from latentgate.tracking.runs import tracked_run
+from latentgate.tracking import labels, progress
+from latentgate.tracking.runs import local_artifacts, tracked_run
+from latentgate.tracking.tracker import dataset_source, enable_system_metrics
 
 BASE_HASH_TAG = "latentgate.base_config_hash"
 
@@ -23,7 +25,6 @@ def base_hash(cfg: Config) -> str:
 
 def find_registered_base(cfg: Config) -> tuple[str, str] | None:
     """A FINISHED base run with the same config, registered under run.registry_base -> (run_id, local dir)."""
-    import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -42,8 +43,10 @@ def find_registered_base(cfg: Config) -> tuple[str, str] | None:
             continue
         if run.info.status != "FINISHED":
             continue
-        local = mlflow.artifacts.download_artifacts(run_id=v.run_id, artifact_path="base_lm")
-        return v.run_id, local
+        try:
+            return v.run_id, str(local_artifacts(f"runs:/{v.run_id}/base_lm"))
+        except (MlflowException, OSError):  # its artifacts are gone (a deleted or lost artifact store): skip it
+            continue
     return None
 
 
@@ -78,6 +81,7 @@ def _run_base(cfg: Config, out_dir: Path, splits, run_id: str | None, tags: dict
     from latentgate.train.base import gate_record, sanity_gate, text_eval, train_builtin_base
     from latentgate.train.workspace import build_workspace
 
+    enable_system_metrics()
     with tracked_run("base", run_id=run_id, tags=tags) as tr:
         tr.log_params({k: v for k, v in flatten(cfg).items() if k.startswith(("base.", "data."))})
         t0 = time.perf_counter()
@@ -89,16 +93,18 @@ def _run_base(cfg: Config, out_dir: Path, splits, run_id: str | None, tags: dict
                 source_run, base_dir = found
                 source = f"reused:{source_run}"
             else:
-                tr.log_input(splits["train"], "train", "training")
+                tr.log_input(splits["train"], "train", "training", dataset_source(cfg.data, "train"))
                 base_dir, info = train_builtin_base(cfg, tr, out_dir / "base", splits)
-                tr.log_artifacts(base_dir, "base_lm")
+                progress.upload_dir(tr, base_dir, "base_lm", "base LM")
                 source = f"trained:{tr.run_id}"
+        tr.set_name(labels.base_run_name(cfg, source))
         ws = build_workspace(cfg, base_dir, splits, with_latent=False)
         text = text_eval(ws, splits["eval"], out_dir / "base_eval")
         tr.log_metrics({"text_f1": text["f1"], "text_em": text["em"], "text_nll_per_token": text["nll_per_token"],
                         "seconds": time.perf_counter() - t0}, step=0)
         tr.set_tags({"latentgate.base_source": source, BASE_HASH_TAG: base_hash(cfg)})
         tr.log_dict(gate_record(cfg, text), "sanity_gate.json")  # the evidence, whether the gate passes or not
+        tr.set_description(labels.base_note(cfg, source, text, gate_record(cfg, text)))
         sanity_gate(cfg, text)
         if source.startswith("trained:"):
             tr.set_tags({"latentgate.base_version": register_base(cfg, tr.run_id)})
@@ -112,11 +118,15 @@ def resolve_checkpoint(uri: str) -> Path:
         import mlflow
         from mlflow.exceptions import MlflowException
 
+        from latentgate.tracking.runs import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri())  # an existing, reachable store, or one line saying why not
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+            local = local_artifacts(uri)
         except (MlflowException, OSError) as err:
             raise CheckpointError(f"cannot resolve checkpoint {uri}: {str(err).splitlines()[0][:200]}",
-                                  "check the run id / model name / alias (latentgate runs list)") from None
+                                  "check the run id (`mlflow runs list --experiment-id <id>`), or the model name "
+                                  "and alias (the Models tab of `mlflow ui`)") from None
         if (local / "checkpoint" / "manifest.json").exists():  # a logged latentgate model
             local = local / "checkpoint"
         elif (local / "artifacts" / "checkpoint" / "manifest.json").exists():  # the registered pyfunc model
@@ -132,7 +142,6 @@ def resolve_checkpoint(uri: str) -> Path:
 def base_from_run(run_id: str) -> dict:
     """The base LM a recorded run used (a base run itself, or any run tagged `latentgate.base_run`):
     {"run_id", "base_dir", "source"}. A base run that reused a registered base points at the run that trained it."""
-    import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -156,7 +165,7 @@ def base_from_run(run_id: str) -> dict:
         raise CheckpointError(f"base run {base_id} has no usable latentgate.base_source tag ({source!r})",
                               "it did not finish; rerun `latentgate base` and the stages after it")
     try:
-        local = mlflow.artifacts.download_artifacts(run_id=trained_by, artifact_path="base_lm")
+        local = str(local_artifacts(f"runs:/{trained_by}/base_lm"))
     except (MlflowException, OSError) as err:
         raise CheckpointError(f"the base LM of run {base_id} (artifact base_lm of run {trained_by}) cannot be read: "
                               f"{str(err).splitlines()[0][:200]}", "rerun `latentgate base`") from None
@@ -211,7 +220,7 @@ def _log_stage_common(tr, cfg: Config, splits, ws, stage: str) -> None:
     tr.log_params(flatten(cfg))
     tr.log_params({"stage": stage, "config_hash": config_hash(cfg)})
     for name, ctx in (("train", "training"), ("probe", "probe"), ("eval", "evaluation")):
-        tr.log_input(splits[name], name, ctx)
+        tr.log_input(splits[name], name, ctx, dataset_source(cfg.data, name))
     tr.log_dict(ws.contract.to_dict(), "contract.json")
 
 
@@ -225,8 +234,15 @@ def run_stage(cfg: Config, stage: str, base: dict, out_dir: Path, splits, init_f
     from latentgate.train.workspace import build_workspace
 
     check_memory(cfg, stage, base["base_dir"], splits)  # a run that cannot fit is refused before anything loads
+    enable_system_metrics()
+    phase = (tags or {}).get("latentgate.phase", stage)  # extend / fix name their Stage B run
+    # step_key and output_dir let `latentgate resume <run>` continue any stage run, the smoke's included
     with tracked_run(stage, run_id=run_id, tags={"latentgate.base_run": base["run_id"],
-                                                 "latentgate.init_from": str(init_from or ""), **(tags or {})}) as tr:
+                                                 "latentgate.init_from": str(init_from or ""),
+                                                 "latentgate.step_key": config_hash(cfg),
+                                                 "latentgate.output_dir": str(Path(out_dir).resolve()),
+                                                 **(tags or {})}) as tr:
+        tr.set_name(labels.stage_run_name(phase, stage, cfg))
         ws = build_workspace(cfg, base["base_dir"], splits)
         if init_from is not None:  # Stage B starts from Stage A's encoder + adapter
             ckpt.load_checkpoint(init_from, modules=checkpoint_modules(ws), expect_config=flatten(cfg),
@@ -246,10 +262,13 @@ def run_stage(cfg: Config, stage: str, base: dict, out_dir: Path, splits, init_f
         tr.log_artifact(stage_dir / "diagnostics.jsonl")
         tr.log_artifact(stage_dir / "diagnostics_epoch.jsonl")
         _log_plots(tr, "stage", stage_dir / "diagnostics.jsonl", stage_dir / "plots")
-        tr.log_artifacts(result["checkpoint"], f"checkpoints/{stage}")
+        progress.upload_dir(tr, result["checkpoint"], f"checkpoints/{stage}", f"checkpoint {stage}")
         tr.log_metrics({f"{stage}/final_probe_{k}": v for k, v in (result["final_probe"] or {}).items()},
                        step=result["steps"])
         tr.log_dict({k: v for k, v in result.items() if k != "probes"}, "stage_summary.json")
+        init_uri = (tags or {}).get("latentgate.init_from") or str(init_from or "")
+        loss = _final_loss(stage_dir / "diagnostics.jsonl")
+        tr.set_description(labels.stage_note(phase, stage, result, init_uri, loss))
         return result
 
 
@@ -265,14 +284,17 @@ def _run_eval(cfg: Config, base: dict, checkpoint: Path, out_dir: Path, splits, 
               run_id: str | None, tags: dict | None) -> dict:
     from latentgate.eval.evaluate import evaluate
 
+    enable_system_metrics()
     with tracked_run("eval", run_id=run_id, tags={"latentgate.checkpoint": source_uri or str(checkpoint),
                                                   "latentgate.base_run": base["run_id"], **(tags or {})}) as tr:
         ws = load_trained(cfg, base["base_dir"], checkpoint, splits)
         tr.log_params(flatten(cfg))
-        tr.log_input(splits["eval"], "eval", "evaluation")
+        tr.set_name(labels.eval_run_name(source_uri))
+        tr.log_input(splits["eval"], "eval", "evaluation", dataset_source(cfg.data, "eval"))
         eval_dir = out_dir / "eval"
         metrics = evaluate(ws, splits["eval"], eval_dir)
         record_eval(tr, ws, metrics, eval_dir)
+        tr.set_description(labels.eval_note(metrics, source_uri or str(checkpoint)))
         return {"run_id": tr.run_id, "metrics": metrics}
 
 
@@ -286,9 +308,30 @@ def record_eval(tr, ws, metrics: dict, eval_dir: Path) -> None:
             flat[f"eval/{path}/{k}"] = m[k]
     tr.log_metrics(flat, step=0)
     tr.log_artifact(eval_dir / "eval_detailed.jsonl")
+    tr.log_table(eval_table(eval_dir / "eval_detailed.jsonl"), EVAL_TABLE)
     tr.log_artifact(eval_dir / "metrics.json")
     _log_plots(tr, "eval", eval_dir, eval_dir / "plots")
     tr.log_dict(ws.contract.to_dict(), "contract.json")
+
+
+EVAL_TABLE = "eval_table.json"
+TABLE_COLUMNS = ("id", "path", "question", "prediction", "references", "f1", "em", "error_mode", "first_token_correct")
+
+
+def eval_table(detailed: Path) -> list[dict]:
+    """One row per question and path, for `mlflow.log_table` (references joined with ' | ')."""
+    import json
+
+    rows = [json.loads(line) for line in detailed.read_text().splitlines() if line.strip()]
+    return [{k: (" | ".join(r[k]) if k == "references" else r[k]) for k in TABLE_COLUMNS} for r in rows]
+
+
+def _final_loss(diagnostics: Path) -> float | None:
+    """The loss of the last optimizer step in a stage's diagnostics.jsonl (None if there is none)."""
+    import json
+
+    lines = [ln for ln in diagnostics.read_text().splitlines() if ln.strip()] if diagnostics.exists() else []
+    return json.loads(lines[-1]).get("loss") if lines else None
 
 
 def _log_plots(tr, kind: str, source: Path, out_dir: Path) -> None:

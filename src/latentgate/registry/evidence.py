@@ -156,12 +156,13 @@ class Evidence:
 
     def artifact(self, name: str) -> Path:
         if name not in self._artifacts:
-            import mlflow
             from mlflow.exceptions import MlflowException
+
+            from latentgate.tracking.runs import local_artifacts
 
             run = self.run("eval")
             try:
-                local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=name)
+                local = local_artifacts(f"runs:/{run.info.run_id}/{name}")  # no copy left in $TMPDIR
             except (MlflowException, OSError):
                 raise Missing(f"eval run {_short(run.info.run_id)}: no artifact {name}") from None
             self._artifacts[name] = Path(local)

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from latentgate.errors import GateRefused, StoreError
+from latentgate.errors import ConfigError, GateRefused, StoreError
 from latentgate.registry.checklist import Checklist, load_checklist
 from latentgate.registry.model import TAG_EVAL_RUN, client
 
@@ -53,7 +53,7 @@ class Report:
     lineage: dict = field(default_factory=dict)
     checklist: str = ""
     checklist_sha256: str = ""
-    decision: str = "evaluated"  # evaluated | dry-run | promoted | refused | verified
+    decision: str = "evaluated"  # evaluated | dry-run | promoted | refused | refused-holder | verified
     time: str = ""
     commit: str = ""
 
@@ -293,9 +293,14 @@ def promote(version: str, dry_run: bool = False, checklist=None, name: str | Non
     with registry_lock(name):
         holder = alias_holder(c, name, cl.alias)
         mv = c.get_model_version(name, v)
-        if not report.passed and holder == v:  # never leave the alias on a version whose tags say fail
-            c.delete_registered_model_alias(name, cl.alias)
-            _event(c, name, v, f"alias {cl.alias} removed: re-promotion failed ({', '.join(report.failing())})")
+        if not report.passed and holder == v:
+            # A refusal never moves or removes an alias: the holder keeps the alias AND the tags of the promotion
+            # that gave it (so they still agree); the refusal is a report and an event. `latentgate verify` shows
+            # evidence that no longer passes; `latentgate demote` takes the alias off, on purpose.
+            report.decision = "refused-holder"
+            report_uri = _write_report_artifact(c, mv, report)
+            _event(c, name, v, f"re-promotion refused, {cl.alias} kept: {', '.join(report.failing())} ({report_uri})")
+            return report
         for key in [k for k in mv.tags if k.startswith(TAG_CHECK)]:
             if key[len(TAG_CHECK):] not in cl.names():
                 c.delete_model_version_tag(name, v, key)  # a criterion the current checklist no longer has
@@ -329,10 +334,16 @@ def demote(version: str, reason: str, to: str | None = None, checklist=None, nam
     name = name or cl.model_name
     if not reason or not reason.strip():
         raise GateRefused("a demotion needs a reason", "pass --reason '<why>'")
+    from mlflow.exceptions import MlflowException
+
     c = client()
     v = _version_of(str(version), name) or str(version)
     with registry_lock(name):
-        mv = c.get_model_version(name, v)
+        try:
+            mv = c.get_model_version(name, v)
+        except MlflowException:
+            raise ConfigError(f"{name} has no version {v!r}", "pass an existing version (`latentgate verify` names "
+                              "the one holding hero; the Models tab of `mlflow ui` lists them)") from None
         held = alias_holder(c, name, cl.alias) == v
         if held:
             c.delete_registered_model_alias(name, cl.alias)
@@ -447,6 +458,8 @@ def format_table(report: Report, explain: bool = False) -> str:
     verdict = {"dry-run": "would PROMOTE" if report.passed else "would REFUSE",
                "promoted": f"PROMOTED: alias hero -> version {report.version}",
                "refused": f"REFUSED: version {report.version} keeps no alias",
+               "refused-holder": f"REFUSED: version {report.version} keeps the alias hero it held (a refusal moves "
+                                 f"no alias; `latentgate demote {report.version} --reason ...` takes it off)",
                "verified": "VERIFIED" if report.passed else "VERIFY FAILED"}.get(report.decision,
                                                                                  "PASS" if report.passed else "FAIL")
     failing = report.failing()

@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from latentgate.errors import CheckpointError, DataError, StoreError
+from latentgate.train.checkpoint import write_manifest
 
 MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
 REQUIREMENTS = ("torch", "transformers", "peft", "tokenizers", "safetensors", "mlflow", "pandas", "pyyaml")
@@ -53,14 +54,15 @@ def _pip_requirements() -> list[str]:
 
 def _base_lm_dir(c, base_run_id: str) -> str:
     """The base LM folder: the base run's `base_lm/` artifact, or that of the run it reused."""
-    import mlflow
     from mlflow.exceptions import MlflowException
+
+    from latentgate.tracking.runs import local_artifacts
 
     base = c.get_run(base_run_id)
     source = base.data.tags.get("latentgate.base_source", "")
     holder = source.split(":", 1)[1] if source.startswith(("reused:", "trained:")) else base_run_id
     try:
-        return mlflow.artifacts.download_artifacts(run_id=holder, artifact_path="base_lm")
+        return str(local_artifacts(f"runs:/{holder}/base_lm"))  # read in place from a local store: no copy
     except (MlflowException, OSError):
         raise CheckpointError(f"base LM artifact runs:/{holder}/base_lm is missing (base run {base_run_id})",
                               "re-run `latentgate base` for this config") from None
@@ -166,7 +168,7 @@ def weights_only_copy(src: Path, dst: Path) -> Path:
         (manifest.get("sizes") or {}).pop(rel, None)
         (dst / rel).unlink(missing_ok=True)
     manifest["exported"] = {"weights_only": True, "dropped": dropped}
-    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    write_manifest(dst, manifest)  # sealed with its new hash: `checkpoint verify` checks the manifest too
     leftovers = [p.name for p in dst.rglob("*") if p.suffix in PICKLE_SUFFIXES]
     if leftovers:
         raise CheckpointError(f"checkpoint {src} holds pickled files the manifest does not list: {leftovers}",

@@ -24,6 +24,7 @@ F1_GAP = 0.02
 
 
 def _variant(spec, name: str, **changes):
+    changes.setdefault("stop", {"rule": "none"})  # a comparison spends the same budget on both sides
     return spec.with_changes(f"bench variant {name}", study_name=name, **changes)
 
 

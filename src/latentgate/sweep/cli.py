@@ -28,22 +28,20 @@ def sweep(study_name, name, resume_from, n_trials, workers, storage, threads, ch
     """Phase 2: an Optuna search over Stage B (objective: latent F1), one MLflow parent run per study.
     --preset replaces the study file's preset; --set / --overrides add to its overrides."""
     import json
+    import os
 
     from latentgate import config
     from latentgate.errors import ConfigError
     from latentgate.sweep.study import load_study
 
     spec = load_study(study_name)
-    extra = config.parse_set_args(list(sets) + ([overrides] if overrides.strip() else []))
+    extra = config.cli_overrides(sets, overrides)
     changes = {k: v for k, v in (("study_name", name), ("resume_from", resume_from), ("preset", preset)) if v}
     if extra:
         changes["overrides"] = {**spec.overrides, **extra}
     if changes:
         spec = spec.with_changes(f"study {spec.name} with {sorted(changes)} from the command line", **changes)
-    if check:
-        click.echo(json.dumps(spec.to_dict(), indent=2, sort_keys=True, default=str))
-        return
-    ints = {}
+    ints = {}  # checked before --check prints anything: --check validates the whole command line
     for name, raw, low in (("--n-trials", n_trials, 1), ("--workers", workers, 1), ("--threads", threads, 1)):
         if str(raw).strip() == "":
             ints[name] = None
@@ -54,6 +52,14 @@ def sweep(study_name, name, resume_from, n_trials, workers, storage, threads, ch
             raise ConfigError(f"{name}={raw!r} is not an integer", f"pass {name} <n>") from None
         if ints[name] < low:
             raise ConfigError(f"{name}={raw} must be >= {low}", f"pass {name} >= {low}")
+    most = 4 * (os.cpu_count() or 1)  # each worker is a process with >= 1 torch thread
+    for name in ("--workers", "--threads"):
+        if (ints[name] or 0) > most:
+            raise ConfigError(f"{name}={ints[name]} exceeds 4 x the {os.cpu_count()} CPU cores of this machine",
+                              f"pass {name} <= {most} (more workers on other machines: `latentgate sweep-worker`)")
+    if check:
+        click.echo(json.dumps(spec.to_dict(), indent=2, sort_keys=True, default=str))
+        return
     from latentgate.sweep.runner import format_summary, run_sweep
 
     summary = run_sweep(spec, ints["--n-trials"], ints["--workers"] or 1, storage, ints["--threads"],

@@ -22,11 +22,11 @@ SAMPLE_ROWS = 20
 def base_for_checkpoint(uri: str, cfg) -> dict:
     """The base LM a Stage A checkpoint was trained on: followed through the stage run's `latentgate.base_run`
     tag (and a reused base to the run that trained it); else the registered base with the same config."""
-    import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from latentgate.phases.stages import find_registered_base
+    from latentgate.tracking.runs import local_artifacts
 
     if cfg.base.name != "builtin":
         return {"run_id": "", "base_dir": cfg.base.name}
@@ -40,8 +40,8 @@ def base_for_checkpoint(uri: str, cfg) -> dict:
         owner = source.split(":", 1)[1] if source.startswith(("trained:", "reused:")) else ""
         if owner:
             try:
-                local = mlflow.artifacts.download_artifacts(run_id=owner, artifact_path="base_lm")
-                return {"run_id": base_run, "base_dir": local}
+                local = local_artifacts(f"runs:/{owner}/base_lm")  # read in place from a local store
+                return {"run_id": base_run, "base_dir": str(local)}
             except (MlflowException, OSError):
                 pass
     found = find_registered_base(cfg)

@@ -27,6 +27,7 @@ from pathlib import Path
 from latentgate.errors import ConfigError, StoreError
 from latentgate.sweep import tracking as st
 from latentgate.sweep.objective import N_TRIALS_ATTR, PARENT_ATTR, RESUME_ATTR, SPEC_ATTR, TrialContext, run_trial
+from latentgate.sweep.stopping import STOPPED_ATTR, stop_reason
 from latentgate.sweep.storage import AskLock, dashboard_command, open_storage, resolve_storage
 from latentgate.sweep.study import StudySpec, build_pruner, build_sampler, spec_from_dict
 from latentgate.tracking.secrets import mask_secrets
@@ -106,12 +107,16 @@ def run_worker(study_name: str, storage_url: str, worker_index: int = 0, threads
     ctx = TrialContext(spec, study.user_attrs[RESUME_ATTR], parent, threads, artifact_store(spec))
     lock = AskLock(storage_url, study_name)
     ran = 0
+    bar = _trials_bar(study, study_name, n_trials)
     while True:
         lock.acquire()
         try:
             _fail_stale(study)
             p = progress(study)
             if p.done >= n_trials:
+                break
+            if reason := stop_reason(spec.stop, study):  # the study file's stop rule (sweep/stopping.py)
+                echo(f"[worker {worker_index}] {reason}")
                 break
             if p.waiting == 0 and p.done + p.running >= n_trials:  # the last trials run elsewhere: watch them
                 lock.release()
@@ -122,9 +127,27 @@ def run_worker(study_name: str, storage_url: str, worker_index: int = 0, threads
                            gc_after_trial=False)
             ran += 1
             echo(f"[worker {worker_index}] {_describe_last(study)}")
+            _show_trials(bar, study)
         finally:
             lock.release()
+    bar.close()
     return ran
+
+
+def _trials_bar(study, name: str, n_trials: int):
+    """Progress of a study (started; closed by the caller): trials with an outcome of the budget."""
+    from latentgate.tracking.progress import task
+
+    return task(f"sweep {name}", total=n_trials, unit="trials", start=progress(study).done).__enter__()
+
+
+def _show_trials(bar, study, force: bool = True) -> None:
+    """Trials complete / pruned / failed and the best value so far (a plain line now with `force`)."""
+    from optuna.trial import TrialState
+
+    p = progress(study)
+    best = max((t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))), default=None)
+    bar.update(p.done, force=force, complete=p.complete, pruned=p.pruned, failed=p.failed, best=best)
 
 
 def _describe_last(study) -> str:
@@ -214,11 +237,13 @@ def create_study(spec: StudySpec, url: str, n_trials: int):
     study = optuna.create_study(study_name=spec.name, storage=open_storage(url), direction="maximize",
                                 sampler=build_sampler(spec), pruner=build_pruner(spec), load_if_exists=True)
     stored = study.user_attrs.get(SPEC_ATTR)
-    if stored is not None and json.dumps(stored, sort_keys=True) != json.dumps(spec.to_dict(), sort_keys=True):
+    trial_spec = lambda d: json.dumps({k: v for k, v in d.items() if k != "stop"}, sort_keys=True)  # noqa: E731
+    if stored is not None and trial_spec(stored) != trial_spec(spec.to_dict()):  # a stop rule may change
         raise ConfigError(f"study {spec.name!r} in {mask_secrets(url)} was created from a different study file",
                           "continue it with the same file, or use another study_name or storage")
     study.set_user_attr(SPEC_ATTR, spec.to_dict())
     study.set_user_attr(N_TRIALS_ATTR, int(n_trials))
+    study.set_user_attr(STOPPED_ATTR, "")  # a continued study checks its stop rule afresh
     return study
 
 
@@ -267,7 +292,26 @@ def run_sweep(spec: StudySpec, n_trials: int | None = None, workers: int = 1, st
         tr.log_metrics({"sweep/worker_seconds": worker_seconds,
                         "sweep/trials_per_hour": summary["finished"] * 3600 / max(worker_seconds, 1e-9)}, step=0)
         tr.log_dict(summary, "sweep_summary.json")
+        tr.set_description(sweep_note(summary))
     return summary
+
+
+def sweep_note(s: dict) -> str:
+    """The sweep run's description in the UI: the budget's outcome, the best trial, its registry check."""
+    lines = [f"**Study {s['study']}**: {s['finished']}/{s['n_trials']} trials ({s['complete']} complete, "
+             f"{s['pruned']} pruned, {s['failed']} failed), {s['optimizer_steps']} optimizer steps, "
+             f"{s['worker_seconds']:.0f} s with {s['workers']} worker(s)."]
+    if s.get("stopped"):
+        lines.append(f"Stopped early: {s['stopped']}")
+    b = s.get("best")
+    if b:
+        lines.append(f"Best trial #{b['number']}: value {b['value']:.4f}, latent F1 {b['latent_f1'] or 0:.4f}; "
+                     f"params `{b['params']}`.")
+    reg = s.get("registry") or {}
+    if reg.get("version"):
+        lines.append(f"Model version {reg['version']}: readiness checklist "
+                     f"{'PASSED' if reg.get('gate_passed') else 'not passed'} (tags `hero.check.*` on the version).")
+    return "\n\n".join(lines)
 
 
 def _existing_run(run_id: str | None) -> str | None:
@@ -300,6 +344,7 @@ def _log_parent(tr, spec: StudySpec, url: str, n_trials: int, workers: int) -> N
                  "latentgate.storage": mask_secrets(url), "latentgate.sampler": spec.sampler["name"],
                  "latentgate.pruner": spec.pruner["name"], "latentgate.seed": spec.sampler.get("seed")})
     tr.log_dict(spec.to_dict(), "study.json")
+    tr.set_name(f"sweep {spec.name} ({spec.sampler['name']}, {spec.pruner['name']} pruner, {n_trials} trials)")
 
 
 def _run_worker_processes(spec: StudySpec, url: str, workers: int, threads: int | None, n_trials: int,
@@ -314,7 +359,6 @@ def _run_worker_processes(spec: StudySpec, url: str, workers: int, threads: int 
     log_dir = Path(spec.artifact_dir).parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     procs: dict[int, subprocess.Popen] = {}
-    restarts = 0
 
     def start(i: int) -> None:
         log = open(log_dir / f"{spec.name}.worker{i}.log", "a")  # noqa: SIM115 - owned by the process
@@ -322,11 +366,27 @@ def _run_worker_processes(spec: StudySpec, url: str, workers: int, threads: int 
                                     stderr=subprocess.STDOUT)
         echo(f"worker {i} started (pid {procs[i].pid}, log {log.name})")
 
-    for i in range(workers):
-        start(i)
-    study = optuna.load_study(study_name=spec.name, storage=open_storage(url))
+    try:
+        for i in range(min(workers, n_trials)):  # a worker past the trial budget would have nothing to do
+            start(i)
+        study = optuna.load_study(study_name=spec.name, storage=open_storage(url))
+        _supervise(procs, start, study, workers, n_trials, echo)
+    finally:  # the coordinator is stopping (SIGTERM, Ctrl-C, an error): its workers stop with it
+        _stop_workers(procs)
+    if progress(study).done < n_trials and not study.user_attrs.get(STOPPED_ATTR):
+        raise StoreError(f"study {spec.name}: workers stopped with {progress(study).done}/{n_trials} trials done",
+                         f"see the worker logs in {log_dir}; rerun the same command to continue the study")
+
+
+def _supervise(procs: dict, start, study, workers: int, n_trials: int, echo=print) -> None:
+    """Wait for the workers (a progress line when a trial ends); restart one that died while trials remain."""
+    restarts = 0
+    bar, shown = _trials_bar(study, study.study_name, n_trials), progress(study).done
     while procs:
         time.sleep(POLL_S)
+        done = progress(study).done
+        _show_trials(bar, study, force=done != shown)  # a line when a trial ends (each worker logs its own)
+        shown = done
         for i, p in list(procs.items()):
             rc = p.poll()
             if rc is None:
@@ -334,15 +394,33 @@ def _run_worker_processes(spec: StudySpec, url: str, workers: int, threads: int 
             del procs[i]
             if rc != 0:
                 echo(f"worker {i} (pid {p.pid}) exited with {rc}")
-                if progress(study).done < n_trials and restarts < 2 * workers:
+                if _unfinished(study, n_trials) and restarts < 2 * workers:
                     restarts += 1
                     start(workers + restarts - 1)
-        if not procs and progress(study).done < n_trials and restarts < 2 * workers:
+        if not procs and _unfinished(study, n_trials) and restarts < 2 * workers:
             restarts += 1
             start(workers + restarts - 1)
-    if progress(study).done < n_trials:
-        raise StoreError(f"study {spec.name}: workers stopped with {progress(study).done}/{n_trials} trials done",
-                         f"see the worker logs in {log_dir}; rerun the same command to continue the study")
+    bar.close()
+
+
+def _unfinished(study, n_trials: int) -> bool:
+    """Trials remain: the budget is not spent and the stop rule has not stopped the study."""
+    return progress(study).done < n_trials and not study.user_attrs.get(STOPPED_ATTR)
+
+
+def _stop_workers(procs: dict, grace_s: float = 60) -> None:
+    """SIGTERM every live worker (each checkpoints its trial at the next optimizer step and marks its runs
+    KILLED), wait up to `grace_s` for all of them, then SIGKILL what is left."""
+    live = [p for p in procs.values() if p.poll() is None]
+    for p in live:
+        p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in live:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 # ---- the end of a sweep ----------------------------------------------------------------------------------------
@@ -354,7 +432,11 @@ def finalize(study, spec: StudySpec, tr, echo=print, register: bool = True) -> d
     trials = study.get_trials(deepcopy=False)
     steps = sum(int(t.user_attrs.get("latentgate.optimizer_steps", 0)) for t in trials)
     summary = {"study": spec.name, "complete": p.complete, "pruned": p.pruned, "failed": p.failed,
-               "finished": p.done, "trials": p.total, "optimizer_steps": steps, "best": None}
+               "finished": p.done, "trials": p.total, "optimizer_steps": steps, "best": None,
+               "stopped": study.user_attrs.get(STOPPED_ATTR) or ""}
+    if summary["stopped"]:  # the stop rule ended the study before its budget: say so, and why
+        tr.set_tags({"latentgate.stopped": summary["stopped"]})
+        echo(f"study {spec.name} {summary['stopped']}")
     tr.log_metrics({"sweep/complete": p.complete, "sweep/pruned": p.pruned, "sweep/failed": p.failed,
                     "sweep/optimizer_steps": steps}, step=0)
     complete = [t for t in trials if t.state == S.COMPLETE]
@@ -401,12 +483,37 @@ def register_best(eval_run_id: str | None, tr, echo=print) -> dict:
     report = evaluate(version)
     rows = getattr(report, "rows", [])
     out = {"version": str(getattr(version, "version", version)), "gate_passed": bool(report.passed),
-           "missing": list(getattr(report, "missing", []) or [])}
+           "missing": list(getattr(report, "missing", []) or []),
+           "evidence": record_checks(report, f"sweep run {tr.run_id}")}
     tr.set_tags({"latentgate.best_model_version": out["version"], "latentgate.best_gate_passed": out["gate_passed"]})
     tr.log_dict({**out, "rows": [r if isinstance(r, dict) else getattr(r, "__dict__", str(r)) for r in rows]},
                 "best_gate_report.json")
-    echo(f"best model version {out['version']}: readiness checklist {'PASSED' if out['gate_passed'] else 'not passed'}")
+    echo(f"best model version {out['version']}: readiness checklist {'PASSED' if out['gate_passed'] else 'not passed'}"
+         f" ({out['evidence']})")
     return out
+
+
+def record_checks(report, checked_by: str) -> str:
+    """The checked version's evidence, as `latentgate promote` records it: one `hero.check.<criterion>` tag per
+    criterion (the value from `registry.gate.check_tag_value`, the function promote writes them with; tags of
+    criteria the checklist no longer has are removed), under the registry lock, and `latentgate.checked_by`. The
+    alias never moves here, and a version holding it keeps its tags (`latentgate promote <version>` re-checks it,
+    and takes the alias off if it now fails). Returns what was done."""
+    from latentgate.registry.checklist import load_checklist
+    from latentgate.registry.gate import TAG_CHECK, alias_holder, check_tag_value, registry_lock
+    from latentgate.registry.model import client
+
+    cl, name, v, c = load_checklist(report.checklist or None), report.model_name, str(report.version), client()
+    with registry_lock(name):
+        if alias_holder(c, name, cl.alias) == v:
+            return f"version {v} holds the alias {cl.alias}: tags left to `latentgate promote {v}`"
+        mv = c.get_model_version(name, v)
+        for key in [k for k in mv.tags if k.startswith(TAG_CHECK) and k[len(TAG_CHECK):] not in cl.names()]:
+            c.delete_model_version_tag(name, v, key)
+        for row in report.rows:
+            c.set_model_version_tag(name, v, f"{TAG_CHECK}{row['name']}", check_tag_value(row))
+        c.set_model_version_tag(name, v, "latentgate.checked_by", checked_by)
+    return f"{len(report.rows)} {TAG_CHECK}* tags on version {v}"
 
 
 def _log_plots(study, tr, echo=print) -> None:
@@ -446,6 +553,8 @@ def format_summary(s: dict) -> str:
              f"{s['pruned']} pruned, {s['failed']} failed)",
              f"optimizer steps   {s['optimizer_steps']}",
              f"worker time       {s['worker_seconds']:.0f} s with {s['workers']} worker(s)"]
+    if s.get("stopped"):
+        lines.append(f"stopped early     {s['stopped']}")
     if s.get("best"):
         b = s["best"]
         lines += [f"best trial        #{b['number']}  value {b['value']:.4f}  latent F1 {b['latent_f1']:.4f}",

@@ -24,7 +24,8 @@ SWEEP_DIR = ROOT / "sweeps"
 DEFAULTS = "defaults"
 
 TOP_KEYS = ("study_name", "preset", "overrides", "resume_from", "objective", "n_trials", "sampler", "pruner",
-            "heartbeat", "artifact_dir", "search_space")
+            "heartbeat", "artifact_dir", "search_space", "stop")
+OPTIONAL_KEYS = ("stop",)  # absent: no stopping rule (so studies stored before it existed load unchanged)
 OBJECTIVE_KEYS = ("metric", "tie_break", "tie_weight")
 OBJECTIVE_METRICS = {"latent_f1": ("latent", "f1"), "latent_em": ("latent", "em"),
                      "latent_first_top1": ("latent", "first_top1"), "latent_first_top5": ("latent", "first_top5")}
@@ -38,7 +39,12 @@ SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "gp": "GPSampler", "
             "cmaes": "CmaEsSampler"}
 PRUNERS = {"median": "MedianPruner", "percentile": "PercentilePruner", "wilcoxon": "WilcoxonPruner",
            "hyperband": "HyperbandPruner", "successive_halving": "SuccessiveHalvingPruner",
-           "threshold": "ThresholdPruner", "none": "NopPruner"}
+           "threshold": "ThresholdPruner", "patient": "PatientPruner", "none": "NopPruner"}
+# WilcoxonPruner tests, per instance, whether a trial's scores are worse than the best trial's on the same instances
+# (steps = instance ids). A trial here is a training run: its probe re-scores the same examples as the model
+# changes, and reports one average per optimizer step, not per-example scores keyed by example id.
+WILCOXON_REFUSED = ("pruner wilcoxon needs per-example scores keyed by example id, but a trial reports one probe "
+                    "average per optimizer step (the probe gives no per-example first-token correctness)")
 
 
 @dataclass
@@ -68,6 +74,7 @@ class StudySpec:
     artifact_dir: str
     search_space: dict[str, Param]
     raw: dict = field(repr=False, default_factory=dict)
+    stop: dict = field(default_factory=lambda: {"rule": "none"})  # sweep/stopping.py
 
     def to_dict(self) -> dict:
         """The resolved study (defaults merged): stored in the Optuna study so hand-started workers need only
@@ -152,7 +159,7 @@ def spec_from_dict(raw: dict, where: str = "<study>") -> StudySpec:
         close = difflib.get_close_matches(unknown[0], TOP_KEYS, n=1)
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}",
                           f"did you mean {close[0]}?" if close else f"use keys from {list(TOP_KEYS)}")
-    missing = [k for k in TOP_KEYS if k not in raw]
+    missing = [k for k in TOP_KEYS if k not in raw and k not in OPTIONAL_KEYS]
     if missing:
         raise ConfigError(f"{where}: missing key(s) {missing}", "add them (sweeps/defaults.yaml sets every one)")
     name = str(raw["study_name"])
@@ -178,12 +185,15 @@ def spec_from_dict(raw: dict, where: str = "<study>") -> StudySpec:
     sampler = _check_factory(raw["sampler"], SAMPLERS, "samplers", where, "sampler")
     pruner = _check_factory(raw["pruner"], PRUNERS, "pruners", where, "pruner")
     space = _check_space(raw["search_space"], table, where, raw["preset"], overrides)
+    from latentgate.sweep.stopping import check_stop
+
+    stop = check_stop(raw.get("stop"), where)
     resume = str(raw["resume_from"] or "")
     if not resume:
         raise ConfigError(f"{where}: resume_from is empty", "name a Stage A checkpoint URI, or write `auto`")
     spec = StudySpec(name=name, path=where, preset=str(raw["preset"]), overrides=overrides, resume_from=resume,
                      objective=objective, n_trials=n_trials, sampler=sampler, pruner=pruner, heartbeat=heartbeat,
-                     artifact_dir=str(raw["artifact_dir"]), search_space=space, raw=copy.deepcopy(raw))
+                     artifact_dir=str(raw["artifact_dir"]), search_space=space, raw=copy.deepcopy(raw), stop=stop)
     del base_cfg
     return spec
 
@@ -244,8 +254,15 @@ def _check_factory(spec, table: dict, module: str, where: str, what: str) -> dic
         close = difflib.get_close_matches(str(name), table, n=1)
         raise ConfigError(f"{where}: unknown {what} {name!r}",
                           f"did you mean {close[0]}?" if close else f"choose from {list(table)}")
+    if module == "pruners" and name == "wilcoxon":
+        raise ConfigError(f"{where}: {WILCOXON_REFUSED}", "use pruner median, percentile, successive_halving or "
+                                                          "patient (and a stop rule to end a study early)")
+    if module == "pruners" and name == "patient" and spec.get("wrapped") is not None:
+        _check_factory(spec["wrapped"], table, module, where, f"{what}.wrapped")
     cls = getattr(getattr(optuna, module), table[name])
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    if name == "patient":  # the wrapped pruner is a mapping of its own (no wrapped: prune on patience alone)
+        accepted = accepted - {"wrapped_pruner"} | {"wrapped"}
     kwargs = {k: v for k, v in spec.items() if k != "name"}
     bad = [k for k in kwargs if k not in accepted]
     if bad:
@@ -265,6 +282,9 @@ def build(spec: dict, table: dict, module: str, seed_offset: int = 0):
 
     cls = getattr(getattr(optuna, module), table[spec["name"]])
     kwargs = {k: v for k, v in spec.items() if k != "name"}
+    if spec["name"] == "patient" and module == "pruners":  # PatientPruner(wrapped_pruner, patience, min_delta)
+        wrapped = kwargs.pop("wrapped", None)
+        kwargs["wrapped_pruner"] = build(wrapped, table, module) if wrapped is not None else None
     if "seed" in kwargs and kwargs["seed"] is not None:
         kwargs["seed"] = int(kwargs["seed"]) + seed_offset
     with warnings.catch_warnings():

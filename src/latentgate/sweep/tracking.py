@@ -30,16 +30,18 @@ def start_trial_run(parent_run_id: str | None, study: str, number: int, params: 
     """Start the trial's run (fluent, so the stage runs nest under it)."""
     import mlflow
 
+    from latentgate.tracking.labels import trial_run_name
     from latentgate.tracking.runs import provenance_tags
 
     tags = {"latentgate.phase": "trial", STUDY_TAG: study, TRIAL_TAG: str(number), STATE_TAG: "RUNNING",
             **provenance_tags()}
+    name = trial_run_name(number, params)  # what this trial tries: `trial-7 fte=6 lr=1e-4 cosine 350 steps`
     if mlflow.active_run() is not None:  # in-process worker: nests under the active sweep run
-        run = mlflow.start_run(run_name=f"trial-{number}", nested=True, tags=tags)
+        run = mlflow.start_run(run_name=name, nested=True, tags=tags)
     else:
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        run = mlflow.start_run(run_name=f"trial-{number}", tags=tags)
+        run = mlflow.start_run(run_name=name, tags=tags)
     c = client()
     from mlflow.entities import Param
 
@@ -71,13 +73,26 @@ def end_trial_run(run_id: str, state: str, metrics: dict | None = None, tags: di
     if metrics:
         now = int(time.time() * 1000)
         c.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()], synchronous=True)
-    for k, v in {STATE_TAG: state, **(tags or {})}.items():
+    for k, v in {STATE_TAG: state, **(tags or {}), "mlflow.note.content": trial_note(state, metrics, tags)}.items():
         c.set_tag(run_id, k, str(v)[:5000])
     active = mlflow.active_run()
     if active is not None and active.info.run_id == run_id:
         mlflow.end_run(status=STATUS_OF[state])
     else:
         c.set_terminated(run_id, STATUS_OF[state])
+
+
+def trial_note(state: str, metrics: dict | None, tags: dict | None) -> str:
+    """The trial run's description in the UI: its outcome in one or two lines."""
+    m, t = metrics or {}, tags or {}
+    steps = int(m.get("optimizer_steps", 0))
+    if state == "COMPLETE":
+        return (f"**COMPLETE**: objective {m.get('objective', 0):.4f}; latent F1 {m.get('latent_f1', 0):.3f} / EM "
+                f"{m.get('latent_em', 0):.3f}, first-token top-1 {m.get('latent_first_top1', 0):.1%}; {steps} "
+                f"optimizer steps. Eval run `{t.get('latentgate.eval_run', '')}`.")
+    if state == "PRUNED":
+        return f"**PRUNED** after {steps} optimizer steps: {t.get('latentgate.pruned', '')}."
+    return f"**FAILED** after {steps} optimizer steps: {t.get('latentgate.error', '')}"
 
 
 def mark_run(run_id: str, state: str, note: str = "") -> None:

@@ -21,11 +21,77 @@ DEFAULT_ARTIFACTS = "mlartifacts"
 PACKAGES = ("torch", "transformers", "peft", "mlflow", "optuna", "accelerate", "datasets", "evaluate")
 
 
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, or the embedded default: a SQLite file in the working directory."""
+def tracking_uri(create: bool = False) -> str:
+    """MLFLOW_TRACKING_URI, or the embedded default: a SQLite file in the working directory.
+
+    Refused in one line: an in-memory SQLite store (nothing would persist), an unreachable server or database,
+    and, unless `create` (the commands that start runs), a SQLite file that does not exist: reading commands
+    (monitor, resume, verify, ...) never leave an empty mlflow.db behind. A locked SQLite store is waited for
+    (`store_wait_seconds`), then fails cleanly."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    if uri.startswith("sqlite:"):
+        db = sqlite_path(uri)
+        if db is None:
+            raise StoreError(f"tracking store {mask_secrets(uri)} is an in-memory SQLite database: nothing would "
+                             "persist after this command", "use a file: MLFLOW_TRACKING_URI=sqlite:///mlflow.db")
+        if not create and not db.exists():
+            raise StoreError(f"no tracking store at {db} (MLFLOW_TRACKING_URI={mask_secrets(uri)})",
+                             "run the command where the store is, or set MLFLOW_TRACKING_URI to it")
+        wait_on_locked_sqlite()
+    else:
+        _check_reachable_once(uri)
     return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (relative, or absolute with four slashes; query string dropped);
+    None for an in-memory database (`sqlite://`, `sqlite:///:memory:`)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    rest = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return None if rest in ("", ":memory:") else Path(rest)
+
+
+def store_wait_seconds() -> float:
+    """How long a command waits for a SQLite store that another process holds locked (LATENTGATE_STORE_WAIT_S)."""
+    try:
+        return max(0.0, float(os.environ.get("LATENTGATE_STORE_WAIT_S", "60")))
+    except ValueError:
+        return 60.0
+
+
+@functools.lru_cache(maxsize=1)
+def wait_on_locked_sqlite() -> None:
+    """Every SQLite connection of this process (MLflow's store, Optuna's storage) waits up to
+    `store_wait_seconds` for a lock held by another process; past that the write fails with 'database is
+    locked', which the CLI reports in one line (exit 2). SQLite's default is 5 s, and MLflow sets 20 s on every
+    session (`PRAGMA busy_timeout = 20000`): both are replaced by this one bound."""
+    import sqlite3
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.pool import Pool
+
+    def pragma() -> str:
+        return f"PRAGMA busy_timeout = {int(store_wait_seconds() * 1000)}"
+
+    def on_connect(dbapi_conn, _record):
+        if isinstance(dbapi_conn, sqlite3.Connection):
+            dbapi_conn.execute(pragma())
+
+    def before_execute(_conn, _cursor, statement, parameters, _context, _many):
+        if statement.lstrip().upper().startswith("PRAGMA BUSY_TIMEOUT"):
+            statement = pragma()
+        return statement, parameters
+
+    event.listen(Pool, "connect", on_connect)
+    event.listen(Engine, "before_cursor_execute", before_execute, retval=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _check_reachable_once(uri: str) -> None:
+    check_reachable(uri)
 
 
 DB_DEFAULT_PORTS = {"postgresql": 5432, "postgres": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433}
@@ -85,7 +151,7 @@ def setup_experiment(name: str) -> str:
     from latentgate import distributed as dist
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    uri = tracking_uri()
+    uri = tracking_uri(create=True)
     mlflow.set_tracking_uri(uri)
     return dist.main_only(lambda: _setup_experiment(uri, name))
 
@@ -93,17 +159,17 @@ def setup_experiment(name: str) -> str:
 def _setup_experiment(uri: str, name: str) -> str:
     import mlflow
 
-    check_reachable(uri)
     try:
         if os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run`: children go where the project's run is
             mlflow.set_experiment(experiment_id=mlflow.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id)
             return uri
-        exp = mlflow.get_experiment_by_name(name)
-        if exp is None:
-            location = None
-            if uri.startswith("sqlite:"):
-                location = (Path(uri.removeprefix("sqlite:///")).parent / DEFAULT_ARTIFACTS).resolve().as_uri()
-            mlflow.create_experiment(name, artifact_location=location)
+        with _creation_lock(uri):
+            exp = mlflow.get_experiment_by_name(name)
+            if exp is None:
+                location = None
+                if uri.startswith("sqlite:"):
+                    location = (sqlite_path(uri).parent / DEFAULT_ARTIFACTS).resolve().as_uri()
+                mlflow.create_experiment(name, artifact_location=location)
         mlflow.set_experiment(name)
     except LatentgateError:
         raise
@@ -112,6 +178,27 @@ def _setup_experiment(uri: str, name: str) -> str:
         raise StoreError(f"tracking store {mask_secrets(uri)} is unusable: {mask_secrets(first)}",
                          "check MLFLOW_TRACKING_URI (and that the folder is writable)") from None
     return uri
+
+
+@contextmanager
+def _creation_lock(uri: str):
+    """Two processes creating the same fresh SQLite store at once crash MLflow's schema migration ('duplicate
+    column name'), and two creating one experiment collide: the first creates both while the others wait on a
+    lock of the store's folder (flock: released when the process ends, whatever the way; no lock file left)."""
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    import fcntl
+
+    folder = db.absolute().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 @functools.lru_cache(maxsize=1)  # the code a process runs is the code it started with
@@ -141,14 +228,22 @@ def provenance_tags() -> dict[str, str]:
 
 
 def _end(tracker, status: str, tags: dict) -> None:
-    """Best effort: the original error is what the user must see, even when the store also fails now."""
+    """Best effort: the original error is what the user must see, even when the store also fails now. A store
+    that is still locked (the usual cause of the error) is waited for once more, so that the run does not stay
+    RUNNING once the lock is gone (each attempt itself waits up to `store_wait_seconds`)."""
+    import time
+
     import mlflow
 
+    deadline = time.monotonic() + 2 * store_wait_seconds()
     for action in (tracker.flush, lambda: tracker.set_tags(tags), lambda: mlflow.end_run(status=status)):
-        try:
-            action()
-        except Exception:  # noqa: BLE001
-            pass
+        while True:
+            try:
+                action()
+                break
+            except Exception as err:  # noqa: BLE001
+                if "database is locked" not in str(err).lower() or time.monotonic() > deadline:
+                    break
 
 
 def adopt_project_run() -> str | None:
@@ -179,6 +274,7 @@ def tracked_run(name: str, *, nested: bool = True, tags: dict | None = None, run
         tracker.set_tags({"latentgate.phase": name, **named, **provenance_tags(), **(tags or {})})
         yield tracker
     except (Interrupted, KeyboardInterrupt) as err:
+        err.runs_killed = True  # the message may now say so
         message = str(err) or "interrupted by SIGINT"
         tags = {"latentgate.error": mask_secrets(message)[:500], "latentgate.error_type": type(err).__name__}
         checkpoint = getattr(err, "checkpoint", None)
@@ -198,4 +294,51 @@ def tracked_run(name: str, *, nested: bool = True, tags: dict | None = None, run
         raise
     else:
         tracker.flush()
+        stale = [k for k in ("latentgate.error", "latentgate.error_type") if k in run.data.tags]
+        for key in stale:  # a resumed run that now finished no longer carries the error of its interruption
+            tracker.client.delete_tag(tracker.run_id, key)
         mlflow.end_run(status="FINISHED")
+
+
+# ---- artifacts read back -----------------------------------------------------------------------------------------
+
+def local_artifacts(uri: str) -> Path:
+    """A local path holding the artifacts at `uri` (runs:/<id>/<path>, models:/<name>@<alias>, or a store URI).
+
+    A local artifact store is read in place: no copy, where mlflow.artifacts.download_artifacts would copy a base
+    LM (gigabytes for a real one) into $TMPDIR on every command and leave it there. A remote store is downloaded
+    into a folder of this process, removed when it exits. Errors: MlflowException or OSError, as MLflow's."""
+    import errno
+    import tempfile
+
+    import mlflow
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    underlying = uri
+    for _ in range(4):  # models:/<name>@<alias> -> models:/m-<id> (a logged model) -> runs:/ -> the store's URI
+        if underlying.startswith("runs:/"):
+            underlying = RunsArtifactRepository.get_underlying_uri(underlying)
+        elif underlying.startswith("models:/"):
+            model, path = ModelsArtifactRepository.split_models_uri(underlying)
+            underlying = ModelsArtifactRepository.get_underlying_uri(model).rstrip("/") + (f"/{path}" if path else "")
+        else:
+            break
+    if underlying.startswith("file:") or (underlying.startswith("/") and "://" not in underlying):
+        local = Path(local_file_uri_to_path(underlying))
+        if not local.exists():
+            raise OSError(errno.ENOENT, f"no artifact {uri}", str(local))
+        return local
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(dir=_download_root())))
+
+
+@functools.lru_cache(maxsize=1)
+def _download_root() -> str:
+    import atexit
+    import shutil
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="latentgate-artifacts-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root

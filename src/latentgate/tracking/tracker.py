@@ -53,7 +53,10 @@ class NullTracker:
     def log_artifacts(self, path, artifact_path: str | None = None) -> None: ...
     def log_dict(self, obj: Any, name: str) -> None: ...
     def log_text(self, text: str, name: str) -> None: ...
-    def log_input(self, examples, name: str, context: str) -> None: ...
+    def log_input(self, examples, name: str, context: str, source=None) -> None: ...
+    def log_table(self, rows: list[dict], name: str) -> None: ...
+    def set_description(self, text: str) -> None: ...
+    def set_name(self, name: str) -> None: ...
     def max_logged_step(self, key: str) -> int:
         return -1
 
@@ -93,9 +96,10 @@ class MlflowTracker(NullTracker):
             self.flush()
 
     def flush(self) -> None:
-        while self._buffer:
-            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
+        while self._buffer:  # a chunk leaves the buffer only once it is stored (a locked store may refuse it)
+            chunk = self._buffer[:1000]
             self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+            del self._buffer[: len(chunk)]
 
     def skip_logged_steps(self, keys) -> None:
         """After a resume: steps already in the store are not logged again."""
@@ -114,7 +118,21 @@ class MlflowTracker(NullTracker):
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_artifacts(self, path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        """A folder of artifacts. Into a local artifact store it is copied whole or not at all (a full disk leaves
+        no half-copied checkpoint behind, and the error names the file that could not be written)."""
+        local = self._local_artifact_root()
+        if local is None or not artifact_path:
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            return
+        copy_tree_atomic(Path(path), local / artifact_path)
+
+    def _local_artifact_root(self) -> Path | None:
+        if not hasattr(self, "_artifact_root"):
+            from mlflow.utils.file_utils import local_file_uri_to_path
+
+            uri = self.client.get_run(self.run_id).info.artifact_uri
+            self._artifact_root = Path(local_file_uri_to_path(uri)) if uri.startswith("file:") else None
+        return self._artifact_root
 
     def log_dict(self, obj: Any, name: str) -> None:
         self.log_text(json.dumps(obj, indent=2, sort_keys=True, default=str), name)
@@ -126,17 +144,106 @@ class MlflowTracker(NullTracker):
             parent = str(Path(name).parent)
             self.log_artifact(path, None if parent == "." else parent)
 
-    def log_input(self, examples, name: str, context: str) -> None:
-        """Record a split as an MLflow dataset input, so its digest (`dataset_digest`: all rows) is tracked with
-        the run, and as the tag `dataset.<name>.digest` the readiness gate compares with its pin."""
+    def log_input(self, examples, name: str, context: str, source=None) -> None:
+        """Record a split as an MLflow dataset input (the public `mlflow.log_input` when this tracker's run is the
+        active run, as in every phase; `MlflowClient.log_inputs` otherwise), so its digest (`dataset_digest`: all
+        rows) and its source (`dataset_source`) are tracked with the run, and as the tag `dataset.<name>.digest`
+        the readiness gate compares with its pin."""
         import mlflow
         import pandas as pd
-        from mlflow.entities import DatasetInput, InputTag
-        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
         rows = dataset_rows(examples)
-        ds = mlflow.data.from_pandas(pd.DataFrame(rows), name=name, digest=_rows_digest(rows))
-        entry = DatasetInput(ds._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
-        self.client.log_inputs(self.run_id, datasets=[entry])
+        ds = mlflow.data.from_pandas(pd.DataFrame(rows), source=source, name=name, digest=_rows_digest(rows))
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == self.run_id:
+            mlflow.log_input(ds, context=context)
+        else:  # a run that is not the active one: the client, with the dataset entity built from its public dict
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            d = ds.to_dict()
+            entity = Dataset(name=d["name"], digest=d["digest"], source_type=d["source_type"], source=d["source"],
+                             schema=d.get("schema"), profile=d.get("profile"))
+            self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, [InputTag("mlflow.data.context",
+                                                                                         context)])])
         self.set_tags({f"dataset.{name}.digest": ds.digest})
 
+    def log_table(self, rows: list[dict], name: str) -> None:
+        """A table artifact (`mlflow.log_table`: the UI shows it as a table, and compares it across runs)."""
+        import pandas as pd
+
+        self.client.log_table(self.run_id, data=pd.DataFrame(rows), artifact_file=name)
+
+    def set_description(self, text: str) -> None:
+        """The run's Description in the UI (markdown)."""
+        self.set_tags({"mlflow.note.content": text})
+
+    def set_name(self, name: str) -> None:
+        """Rename the run (what the UI lists)."""
+        self.set_tags({"mlflow.runName": name})
+
+
+def dataset_source(data, split: str):
+    """Where a split comes from (the rules of `workspace.load_splits`), as an MLflow dataset source: the generator
+    and its settings (synthetic), a local file or folder, or a hub dataset and its split. Secrets masked."""
+    from pathlib import Path
+
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+    if data.source == "synthetic":
+        return CodeDatasetSource({"generator": "latentgate.data.synthetic", "split": split, "seed": str(data.seed),
+                                  **{k: str(getattr(data, k)) for k in ("facts_per_context", "num_entities",
+                                                                        "values_per_attribute", "answer_length")}})
+    held = split != "train"
+    source = data.eval_source if held and data.eval_source else data.source
+    if Path(source).exists():
+        return str(Path(source).resolve())  # MLflow resolves a path to its local dataset source
+    return HuggingFaceDatasetSource(path=mask_secrets(source), split=data.eval_split if held else "train")
+
+
+def enable_system_metrics() -> None:
+    """CPU, memory, disk, network (and, with pynvml and CUDA, GPU) figures as `system/*` metrics of every run
+    started from now on in this process and its children; `MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false` opts out."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("psutil") is not None:
+        os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
+
+
+def copy_tree_atomic(src: Path, dest: Path) -> None:
+    """Copy folder `src` to `dest` (replacing it) through a sibling temp folder renamed into place when complete:
+    `dest` is the old folder or the new one, never a part. On an error the temp folder is removed and the OSError
+    names the destination file that could not be written (shutil names the source)."""
+    import os
+    import secrets
+    import shutil
+
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = dest.with_name(f"{dest.name}.tmp-{tag}")
+    try:
+        tmp.mkdir(parents=True)
+        for item in sorted(src.rglob("*")):
+            target = tmp / item.relative_to(src)
+            if item.is_dir():
+                target.mkdir(exist_ok=True)
+                continue
+            try:
+                shutil.copy2(item, target)
+            except OSError as err:
+                shown = dest / item.relative_to(src)
+                raise OSError(err.errno, err.strerror or str(err), str(shown)) from err
+        if dest.exists():
+            old = dest.with_name(f"{dest.name}.old-{tag}")
+            os.rename(dest, old)
+            try:
+                os.rename(tmp, dest)
+            except BaseException:
+                os.rename(old, dest)  # put the previous folder back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

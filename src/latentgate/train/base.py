@@ -12,15 +12,16 @@ import torch
 from latentgate.config import Config
 from latentgate.errors import GateRefused
 from latentgate.model.contract import PrefixContract, build_text_batch, encode_answers, text_prompt
+from latentgate.tracking import progress
 from latentgate.train.losses import answer_logits
 from latentgate.train.trainer import batch_indices
 from latentgate.train.workspace import Workspace, load_splits, resolve_device, set_threads, synthetic_spec
 
 
-def text_eval(ws: Workspace, examples, out_dir: Path) -> dict:
+def text_eval(ws: Workspace, examples, out_dir: Path, progress_name: str | None = "eval (text teacher)") -> dict:
     from latentgate.eval.evaluate import evaluate
 
-    return evaluate(ws, examples, out_dir, paths=["text"])["paths"]["text"]
+    return evaluate(ws, examples, out_dir, paths=["text"], progress_name=progress_name)["paths"]["text"]
 
 
 def gate_record(cfg: Config, text_metrics: dict) -> dict:
@@ -71,25 +72,28 @@ def train_builtin_base(cfg: Config, tracker, out_dir: Path, splits=None) -> tupl
     torch.manual_seed(b.seed)
     t0 = time.perf_counter()
     lm.train()
-    for step in range(1, b.steps + 1):
-        idx = batch_indices(len(train), b.batch_size, step - 1, b.seed)
-        tb = build_text_batch(contract, tok, ws.embed, [prompts[i] for i in idx], [answers[i] for i in idx])
-        logits = answer_logits(lm, tb).float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tb.answer_targets, reduction="none")
-        loss = (nll * tb.answer_mask).sum() / tb.answer_mask.sum()
-        loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0))
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        metrics = {"base/loss": float(loss.detach()), "base/lr": sched.get_last_lr()[0], "base/grad_norm": grad_norm,
-                   "base/first_acc": float((logits[:, 0].argmax(-1) == tb.answer_targets[:, 0]).float().mean()),
-                   "base/elapsed": time.perf_counter() - t0}
-        if b.eval_every and step % b.eval_every == 0 and step < b.steps:
-            probe = text_eval(ws, splits["probe"], out_dir / "base_probe")
-            metrics.update({"base/probe_text_f1": probe["f1"], "base/probe_text_nll": probe["nll_per_token"]})
-            lm.train()
-        tracker.log_metrics(metrics, step=step)
+    with progress.task("base LM", total=b.steps) as bar:
+        for step in range(1, b.steps + 1):
+            idx = batch_indices(len(train), b.batch_size, step - 1, b.seed)
+            tb = build_text_batch(contract, tok, ws.embed, [prompts[i] for i in idx], [answers[i] for i in idx])
+            logits = answer_logits(lm, tb).float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tb.answer_targets, reduction="none")
+            loss = (nll * tb.answer_mask).sum() / tb.answer_mask.sum()
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            metrics = {"base/loss": float(loss.detach()), "base/lr": sched.get_last_lr()[0],
+                       "base/grad_norm": grad_norm,
+                       "base/first_acc": float((logits[:, 0].argmax(-1) == tb.answer_targets[:, 0]).float().mean()),
+                       "base/elapsed": time.perf_counter() - t0}
+            if b.eval_every and step % b.eval_every == 0 and step < b.steps:
+                probe = text_eval(ws, splits["probe"], out_dir / "base_probe", progress_name=None)
+                metrics.update({"base/probe_text_f1": probe["f1"], "base/probe_text_nll": probe["nll_per_token"]})
+                lm.train()
+            tracker.log_metrics(metrics, step=step)
+            bar.update(step, loss=metrics["base/loss"], **{"probe text F1": metrics.get("base/probe_text_f1")})
     lm.eval()
     model_dir = out_dir / "base_lm"
     lm.save_pretrained(model_dir, safe_serialization=True)

@@ -8,7 +8,8 @@ A checkpoint is one directory::
     <dir>/scheduler.pt         torch.save(scheduler.state_dict())   (read back with weights_only=True)
     <dir>/rng.json             python / numpy / torch (+cuda) RNG state at save time
     <dir>/manifest.json        every file above with its sha256, every module with its parameter count,
-                               the trainer state, the resolved config and the data contract
+                               the trainer state, the resolved config and the data contract, and the sha256 of
+                               the manifest itself (`manifest_sha256`: an edited manifest fails verification)
 
 Writes go to a sibling temp directory that is renamed into place only when complete, so `<dir>` is either the
 old checkpoint or the new one, never a mixture. Loads verify every hash first, then require that the modules the
@@ -19,6 +20,7 @@ never a fresh random init), load strictly, and check LoRA weights really landed 
 from __future__ import annotations
 
 import base64
+import errno
 import glob
 import hashlib
 import json
@@ -27,6 +29,7 @@ import random
 import re
 import secrets
 import shutil
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.json"
 
+MANIFEST_DIGEST = "manifest_sha256"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _CHUNK = 1 << 20
 
@@ -66,6 +70,7 @@ __all__ = [
     "restore_rng_state",
     "save_checkpoint",
     "verify_checkpoint",
+    "write_manifest",
 ]
 
 
@@ -88,6 +93,18 @@ def _check_relpath(rel: Any, directory: Path) -> str:
     """A path read from a manifest must stay inside the checkpoint directory (no '..', not absolute)."""
     return check_relative(rel, f"the manifest of checkpoint {directory} lists the unsafe file path",
                           fix="re-save the checkpoint; never edit a manifest by hand")
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON, without its own `manifest_sha256` entry."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=_json_default).encode("utf-8")).hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
+    """Rewrite a checkpoint's manifest (an export that drops files), sealed with its new hash."""
+    manifest = {k: v for k, v in _to_json(manifest, "manifest").items() if k != MANIFEST_DIGEST}
+    _write_json(Path(directory) / MANIFEST, {**manifest, MANIFEST_DIGEST: manifest_digest(manifest)})
 
 
 def _sha256(path: Path) -> str:
@@ -143,8 +160,35 @@ def _to_json(obj: Any, what: str) -> Any:
         ) from None
 
 
+@contextmanager
+def _disk_errors(path: Path):
+    """A failed write raises OSError naming `path`. torch's zip writer and safetensors raise RuntimeError /
+    SafetensorError on a full disk (the OSError, if any, is only their context) and never name the file."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+    except Exception as err:
+        cause, seen = err.__cause__ or err.__context__, 0
+        while cause is not None and not isinstance(cause, OSError) and seen < 8:
+            cause, seen = cause.__cause__ or cause.__context__, seen + 1
+        if isinstance(cause, OSError) and cause.errno:
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from err
+        text = str(err).lower()
+        for needle, code in (("no space left", errno.ENOSPC), ("os error 28", errno.ENOSPC),
+                             ("file too large", errno.EFBIG), ("os error 27", errno.EFBIG)):
+            if needle in text:
+                raise OSError(code, os.strerror(code), str(path)) from err
+        raise
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    with _disk_errors(path), open(path, "wb") as f:  # a file object: a full disk surfaces as OSError(ENOSPC)
+        torch.save(obj, f)
+
+
 def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    with _disk_errors(path), open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
         f.write("\n")
         f.flush()
@@ -331,9 +375,15 @@ def save_checkpoint(
         manifest = _write_contents(tmp, modules, lora_model, optimizer, scheduler, rng)
         manifest.update(meta)
         manifest["created"] = datetime.now(UTC).isoformat(timespec="seconds")
+        manifest = _to_json(manifest, "manifest")
+        manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
         _write_json(tmp / MANIFEST, manifest)
         _fsync_dir(tmp)
         _swap_into_place(tmp, target, tag)
+    except OSError as err:  # name the checkpoint's file, not the temp folder that is removed now
+        shutil.rmtree(tmp, ignore_errors=True)
+        shown = str(err.filename).replace(str(tmp), str(target)) if err.filename else None
+        raise OSError(err.errno, err.strerror or str(err), shown) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -353,17 +403,18 @@ def _write_contents(tmp: Path, modules, lora_model, optimizer, scheduler, rng) -
 
     for name, module in modules.items():
         rel = f"{name}.safetensors"
-        save_file(_state_dict_for_save(module), str(tmp / rel), metadata={"format": "pt", "module": name})
+        with _disk_errors(tmp / rel):
+            save_file(_state_dict_for_save(module), str(tmp / rel), metadata={"format": "pt", "module": name})
         manifest["modules"][name] = {"file": rel, "params": _param_count(module), "sha256": record(rel)}
 
     if lora_model is not None:
         manifest["lora"] = _save_lora(tmp, lora_model, modules, record)
 
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        _torch_save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         manifest["files"][OPTIMIZER_FILE] = record(OPTIMIZER_FILE)
     if scheduler is not None:
-        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        _torch_save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         manifest["files"][SCHEDULER_FILE] = record(SCHEDULER_FILE)
     _write_json(tmp / RNG_FILE, rng)
     manifest["files"][RNG_FILE] = record(RNG_FILE)
@@ -393,7 +444,8 @@ def _save_lora(tmp: Path, lora_model, modules: dict[str, torch.nn.Module], recor
             "add the extra trainable modules to LoraConfig(modules_to_save=...) or pass them in modules=",
         )
     lora_dir = tmp / LORA_DIR
-    lora_model.save_pretrained(str(lora_dir), safe_serialization=True)
+    with _disk_errors(lora_dir):
+        lora_model.save_pretrained(str(lora_dir), safe_serialization=True)
     files: dict[str, str] = {}
     for path in sorted(p for p in lora_dir.rglob("*") if p.is_file()):
         rel = path.relative_to(tmp).as_posix()
@@ -499,9 +551,13 @@ def _all_files(manifest: dict) -> dict[str, str]:
 
 
 def verify_checkpoint(directory: str | os.PathLike) -> dict:
-    """Re-hash every file the manifest lists; CheckpointError naming the first missing or altered file."""
+    """Re-hash the manifest and every file it lists; CheckpointError naming the first missing or altered one."""
     d = Path(directory)
     manifest = read_manifest(d)
+    if manifest.get(MANIFEST_DIGEST) != manifest_digest(manifest):
+        why = "has no manifest hash" if MANIFEST_DIGEST not in manifest else "does not match its own hash (edited?)"
+        raise CheckpointError(f"{d / MANIFEST} {why}: its config, trainer state and file hashes cannot be trusted",
+                              "re-save the checkpoint or use an earlier one; never edit a manifest by hand")
     sizes = manifest.get("sizes") or {}
     for rel, digest in _all_files(manifest).items():
         path = d / rel

@@ -3,7 +3,7 @@
 Budgets, warm-up and schedules count OPTIMIZER steps; micro-steps are counted and logged separately (the
 predecessor's "160 steps" were micro-batches: 12-16 real updates). Every trainable parameter is clipped together
 and the grad norm is logged per parameter group. A NaN/inf loss or gradient stops the run with the step and the
-terms that went bad. SIGTERM/SIGINT write a final checkpoint before the run is marked KILLED.
+terms that went bad. SIGTERM/SIGINT/SIGHUP write a final checkpoint before the run is marked KILLED.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import torch
 
 from latentgate import distributed as dist
 from latentgate.config import StageConfig, flatten
-from latentgate.errors import ConfigError, Interrupted, TrainingFault
+from latentgate.errors import STOP_SIGNALS, ConfigError, Interrupted, TrainingFault
 from latentgate.model.contract import build_latent_batch, build_text_batch, encode_answers, text_prompt
+from latentgate.tracking import progress
 from latentgate.tracking.tracker import NullTracker
 from latentgate.train import checkpoint as ckpt
 from latentgate.train.losses import TERMS, answer_logits, compute_losses, p_gold_at, scheduled_inputs
@@ -62,13 +63,13 @@ def epoch_of(n: int, batch_size: int, micro_step: int) -> int:
 
 
 class _SignalFlag:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits cleanly."""
+    """SIGTERM/SIGINT/SIGHUP set a flag; the loop checkpoints at the next step boundary and exits cleanly."""
 
     def __init__(self):
         self.signum = 0
 
     def __enter__(self):
-        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.old = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
     def _handle(self, signum, frame):
@@ -179,7 +180,8 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
                              **epoch_samples(ws, ws.splits["probe"])}) + "\n")
         epoch_terms.clear()
 
-    with _SignalFlag() as flag, diag_path.open("a") as diag, epoch_path.open("a") as diag_epoch:
+    with _SignalFlag() as flag, diag_path.open("a") as diag, epoch_path.open("a") as diag_epoch, \
+            progress.task(stage, total=st.steps, start=state["global_step"]) as bar:
         while state["global_step"] < st.steps:
             step = state["global_step"]
             sums = {f"{k}_{w}": 0.0 for k in TERMS for w in ("raw", "weighted")}
@@ -236,6 +238,7 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
             diag.write(json.dumps(record) + "\n")
             tracker.log_metrics({f"{stage}/{k}": v for k, v in record.items() if isinstance(v, (int, float))
                                  and k not in ("global_step",)}, step=step)
+            bar.update(step, loss=record["loss"], first_acc=(last_probe or {}).get("first_acc"))
             if (st.checkpoint_every and step % st.checkpoint_every == 0) or flag.signum:
                 diag.flush()
                 tracker.flush()

@@ -10,13 +10,22 @@ import torch
 
 from latentgate.config import Config
 from latentgate.data.records import Example
+from latentgate.errors import ConfigError
 from latentgate.model.contract import PrefixContract
 
 
 def resolve_device(name: str) -> torch.device:
+    """run.device as a torch device; a CUDA device this machine does not have is a ConfigError (exit 2)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            have = f"{count} CUDA device(s)" if count else "no CUDA device"
+            raise ConfigError(f"run.device={name} but this machine has {have}",
+                              "set run.device=auto (CUDA when present, else CPU) or cpu")
+    return device
 
 
 def set_threads(n: int) -> None:

@@ -1,0 +1,127 @@
+"""When a study stops before its trial budget: the study file's `stop` rule, checked before every new trial.
+
+    stop: {rule: patience, trials: 8, min_delta: 0.002}
+        stop once `trials` finished trials in a row (complete, pruned or failed) have not raised the best value by
+        at least `min_delta` (a smaller gain does not count, and does not move the reference best)
+    stop: {rule: terminator, min_n_trials: 8, threshold: 0.002}
+        Optuna's `optuna.terminator.Terminator`: stop once the upper bound of the regret that more trials could
+        still remove (`RegretBoundEvaluator`, a Gaussian process over the complete trials) is below `threshold`
+        (`StaticErrorEvaluator`), after at least `min_n_trials` complete trials. Deprecated by Optuna 5 (removal
+        in 6.0), so prefer `patience`.
+    stop: {rule: none}   (the default, also when the key is absent)
+
+The reason is stored in the study (user attribute `latentgate.stopped`, so every worker stops, and a continued
+study says why it stopped), printed, and recorded on the sweep's MLflow run. A stop rule may be added to or
+changed on a continued study: it decides when to stop asking, not what a trial means.
+"""
+
+from __future__ import annotations
+
+from latentgate.errors import ConfigError
+
+STOPPED_ATTR = "latentgate.stopped"
+RULES = {"none": {}, "patience": {"trials": int, "min_delta": float},
+         "terminator": {"min_n_trials": int, "threshold": float}}
+REQUIRED = {"patience": ("trials",), "terminator": ("threshold",)}
+NONE = {"rule": "none"}
+
+
+def check_stop(raw, where: str) -> dict:
+    """The validated `stop` mapping of a study file (absent: no rule)."""
+    if raw is None:
+        return dict(NONE)
+    if not isinstance(raw, dict) or raw.get("rule") not in RULES:
+        raise ConfigError(f"{where}: stop must be a mapping with rule: {' | '.join(RULES)}",
+                          "write stop: {rule: patience, trials: 8, min_delta: 0.002}")
+    rule = raw["rule"]
+    bad = [k for k in raw if k != "rule" and k not in RULES[rule]]
+    if bad:
+        raise ConfigError(f"{where}: stop rule {rule} takes no key {bad[0]!r}",
+                          f"use {sorted(RULES[rule]) or 'no other key'}")
+    missing = [k for k in REQUIRED.get(rule, ()) if k not in raw]
+    if missing:
+        raise ConfigError(f"{where}: stop rule {rule} needs {missing[0]}", f"add {missing[0]} to stop")
+    out = {"rule": rule}
+    for key, typ in RULES[rule].items():
+        if key not in raw:
+            continue
+        value = raw[key]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (typ is float or
+                                                                               isinstance(value, int))
+        if not ok or value < (1 if typ is int else 0):
+            kind = "a positive integer" if typ is int else "a non-negative number"
+            raise ConfigError(f"{where}: stop.{key}={value!r} must be {kind}", f"fix stop.{key}")
+        out[key] = typ(value)
+    if rule == "patience":
+        out.setdefault("min_delta", 0.0)
+    if rule == "terminator":
+        out.setdefault("min_n_trials", 8)
+    return out
+
+
+def finished_trials(study) -> list:
+    """Trials with an outcome, in the order they ended; a failed trial replaced by its retry is left out."""
+    from optuna.trial import TrialState as S
+
+    trials = study.get_trials(deepcopy=False)
+    superseded = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    done = [t for t in trials if t.state in (S.COMPLETE, S.PRUNED, S.FAIL) and t.number not in superseded]
+    return sorted(done, key=lambda t: (t.datetime_complete or t.datetime_start, t.number))
+
+
+def patience_reason(trials: list, patience: int, min_delta: float, maximize: bool = True) -> str | None:
+    """Why to stop under the patience rule (None: go on)."""
+    from optuna.trial import TrialState as S
+
+    best, best_trial, since = None, None, 0
+    for t in trials:
+        value = t.value if t.state == S.COMPLETE else None
+        gain = None if value is None or best is None else (value - best if maximize else best - value)
+        if value is not None and (best is None or gain >= min_delta):
+            best, best_trial, since = value, t.number, 0
+        else:
+            since += 1
+    if since < patience:
+        return None
+    if best is None:
+        return f"none of the last {since} finished trials completed (patience {patience})"
+    return (f"the last {since} finished trials did not raise the best value {best:.4f} (trial {best_trial}) by "
+            f">= {min_delta:g} (patience {patience})")
+
+
+def terminator_reason(study, min_n_trials: int, threshold: float) -> str | None:
+    import warnings
+
+    from optuna.terminator import RegretBoundEvaluator, StaticErrorEvaluator, Terminator
+    from optuna.trial import TrialState
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FutureWarning: the terminator module is deprecated (removal in 6.0)
+        terminator = Terminator(improvement_evaluator=RegretBoundEvaluator(),
+                                error_evaluator=StaticErrorEvaluator(constant=threshold), min_n_trials=min_n_trials)
+        if not terminator.should_terminate(study):
+            return None
+    n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    return (f"Optuna's Terminator: after {n} complete trials, the regret bound of the best value is below "
+            f"{threshold:g} (more trials are not expected to gain that much)")
+
+
+def stop_reason(stop: dict, study) -> str | None:
+    """Why the study should not start another trial (None: go on). A reason found earlier (by any worker) holds."""
+    if study.user_attrs.get(STOPPED_ATTR):
+        return study.user_attrs[STOPPED_ATTR]
+    rule = stop.get("rule", "none")
+    if rule == "none":
+        return None
+    from optuna.study import StudyDirection
+
+    if rule == "patience":
+        reason = patience_reason(finished_trials(study), stop["trials"], stop["min_delta"],
+                                 study.direction == StudyDirection.MAXIMIZE)
+    else:
+        reason = terminator_reason(study, stop["min_n_trials"], stop["threshold"])
+    if reason:
+        done = len(finished_trials(study))
+        reason = f"stopped after {done} finished trials: {reason}"
+        study.set_user_attr(STOPPED_ATTR, reason)
+    return reason
