@@ -245,7 +245,8 @@ def test_sanity_gate_is_per_lm_and_records_its_evidence(mlflow_store, bpe_lm_dir
     from conftest import run_cli
 
     proc = run_cli("base", "--preset", "micro", "--set", f"base.name={bpe_lm_dir}", "--set", "base.gate_min_f1=0.9",
-                   "--set", f"run.output_dir={tmp_path}", env={"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]})
+                   "--set", f"run.output_dir={tmp_path}",
+                   env={"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]})
     assert proc.returncode == 4, proc.stderr
     line = [x for x in proc.stderr.splitlines() if x.startswith("latentgate: error:")]
     assert len(line) == 1 and f"sanity gate failed for {bpe_lm_dir}: F1 " in line[0]

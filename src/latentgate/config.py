@@ -155,7 +155,8 @@ class Config:
         if self.model.answer_end == "auto":
             self.model.answer_end = "eos" if builtin or self.model.prompt_format == "chat" else "none"
         if builtin and self.model.prompt_format == "chat":
-            raise ConfigError("model.prompt_format=chat needs a tokenizer with a chat template; the builtin LM has none",
+            raise ConfigError("model.prompt_format=chat needs a tokenizer with a chat template; the builtin LM has "
+                              "none",
                               "use model.prompt_format=plain, or set base.name to a chat model")
         for section in dataclasses.fields(self):
             obj = getattr(self, section.name)

@@ -4,9 +4,9 @@ Latent (student) path:  [head] [latent x M] [anchor] -> answer
 Text (teacher) path:    [head] "context : ... question : ..." [anchor] -> answer
 
 `plain` format: head = [BOS] where the tokenizer itself starts text with it (Llama-3) or the LM was trained so
-(the builtin LM), else nothing (SmolLM2's BOS is `<|im_start|>`, a chat-turn opener); anchor = " answer :". `chat` format: head and anchor are
-the tokenizer's chat template split around the user message (system prompt, user header | end of turn, assistant
-header). Both paths use the same head and anchor ids, by construction.
+(the builtin LM), else nothing (SmolLM2's BOS is `<|im_start|>`, a chat-turn opener); anchor = " answer :".
+`chat` format: head and anchor are the tokenizer's chat template split around the user message (system prompt,
+user header | end of turn, assistant header). Both paths use the same head and anchor ids, by construction.
 
 Answers are the ids the LM sees AFTER the anchor (`" Paris"` after a plain prompt, not `"Paris"` on its own), plus
 the end token only when `answer_end=eos`: an LM is never scored on an end token it would not emit. Generation stops
