@@ -229,7 +229,7 @@ GENERATION = ("eval generation: batched KV-cached greedy decoding from inputs_em
 def per_example_generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                          stop_ids, pad_id: int) -> list[list[int]]:
     """The reference: `model.generate` one example at a time, cut at (and excluding) the first stop id."""
-    rows, stops = [], set(stop_ids)
+    rows, stops = [], {stop_ids} if isinstance(stop_ids, int) else set(stop_ids)
     for i in range(inputs_embeds.shape[0]):
         out = lm.generate(inputs_embeds=inputs_embeds[i : i + 1], attention_mask=attention_mask[i : i + 1],
                           max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(stops),
