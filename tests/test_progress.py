@@ -132,6 +132,7 @@ def test_smoke_without_a_tty_prints_plain_progress_lines(mlflow_store, tmp_path)
     assert rest.startswith(SUMMARY_HEAD)  # stdout: the summary alone
 
 
+@pytest.mark.slow  # ~11 s: a second CLI smoke (the no-TTY one above stays in the default run)
 def test_quiet_smoke_prints_the_summary_only(mlflow_store, tmp_path):
     proc = run_cli("--quiet", "smoke", "--preset", "micro", "--set", f"run.output_dir={tmp_path}",
                    env={progress.EVERY_ENV: "0", "CI": ""})
