@@ -219,6 +219,8 @@ def copy_tree_atomic(src: Path, dest: Path) -> None:
     import secrets
     import shutil
 
+    from latentgate.train.checkpoint import swap_into_place
+
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     tmp = dest.with_name(f"{dest.name}.tmp-{tag}")
     try:
@@ -233,17 +235,7 @@ def copy_tree_atomic(src: Path, dest: Path) -> None:
             except OSError as err:
                 shown = dest / item.relative_to(src)
                 raise OSError(err.errno, err.strerror or str(err), str(shown)) from err
-        if dest.exists():
-            old = dest.with_name(f"{dest.name}.old-{tag}")
-            os.rename(dest, old)
-            try:
-                os.rename(tmp, dest)
-            except BaseException:
-                os.rename(old, dest)  # put the previous folder back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dest)
+        swap_into_place(tmp, dest, tag)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -379,7 +379,7 @@ def save_checkpoint(
         manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
         _write_json(tmp / MANIFEST, manifest)
         _fsync_dir(tmp)
-        _swap_into_place(tmp, target, tag)
+        swap_into_place(tmp, target, tag)
     except OSError as err:  # name the checkpoint's file, not the temp folder that is removed now
         shutil.rmtree(tmp, ignore_errors=True)
         shown = str(err.filename).replace(str(tmp), str(target)) if err.filename else None
@@ -463,7 +463,9 @@ def _save_lora(tmp: Path, lora_model, modules: dict[str, torch.nn.Module], recor
     return {"files": files, "params": saved_params, "adapters": adapter_info}
 
 
-def _swap_into_place(tmp: Path, target: Path, tag: str) -> None:
+def swap_into_place(tmp: Path, target: Path, tag: str) -> None:
+    """Rename the complete folder `tmp` to `target`; an existing `target` is replaced only once `tmp` is in place
+    (checkpoints here, copied artifact folders in tracking)."""
     if not target.exists():
         os.rename(tmp, target)
         _fsync_dir(target.parent)
@@ -473,7 +475,7 @@ def _swap_into_place(tmp: Path, target: Path, tag: str) -> None:
     try:
         os.rename(tmp, target)
     except BaseException:
-        os.rename(old, target)  # put the previous checkpoint back
+        os.rename(old, target)  # put the previous folder back
         raise
     _fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
