@@ -31,8 +31,9 @@ def test_answers_have_no_bos_and_end_with_eos(tiny_ws):
     assert all(tok.bos_token_id not in a for a in ids) and all(a[-1] == tok.eos_token_id for a in ids)
 
 
-def test_tf_loss_equals_hf_labels_loss_latent_and_text(tiny_ws):
-    ws = tiny_ws
+@pytest.mark.parametrize("ws_fixture", ["tiny_ws", "bpe_ws"])  # word-level builtin, and a byte-level BPE LM
+def test_tf_loss_equals_hf_labels_loss_latent_and_text(ws_fixture, request):
+    ws = request.getfixturevalue(ws_fixture)
     ex = _mixed(ws)
     answers = encode_answers(ws.contract, ws.tokenizer, [e.answer for e in ex])
     with torch.no_grad():
