@@ -400,6 +400,77 @@ def test_pyfunc_round_trip_equals_the_eval_predictions(candidate, lenient, micro
                                                  attention_mask=prefix.attention_mask).logits)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_hero_loads_and_serves_where_latentgate_is_not_installed(candidate, lenient, micro_cfg, tmp_path):
+    """models:/latentgate@hero carries its code and requirements: in a fresh venv holding only the model's
+    requirements.txt (no latentgate, no test tooling), `load_model` answers as here, and `mlflow models serve`
+    answers an HTTP request on 127.0.0.1 with the same answers."""
+    import os
+    import subprocess
+    import time
+    import urllib.request
+
+    import mlflow
+    import pandas as pd
+
+    from bare_env import make_bare_venv
+    from latentgate.registry.gate import promote
+    from latentgate.train.workspace import load_splits
+
+    assert promote(candidate, checklist=lenient).passed
+    uri = "models:/latentgate@hero"
+    reqs = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text().split()
+    assert any(r.startswith("torch==") for r in reqs) and not any("latentgate" in r for r in reqs)
+    python = make_bare_venv(tmp_path / "venv", reqs)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_EXPERIMENT_ID")}
+    env["PATH"] = f"{python.parent}{os.pathsep}{env.get('PATH', '')}"  # as if the venv were activated
+    missing = subprocess.run([str(python), "-c", "import latentgate"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True)
+    assert missing.returncode != 0 and "No module named 'latentgate'" in missing.stderr
+
+    examples = load_splits(micro_cfg)["eval"][:6]
+    frame = pd.DataFrame({"context": [e.context for e in examples], "question": [e.question for e in examples]})
+    expected = list(mlflow.pyfunc.load_model(uri).predict(frame)["answer"])
+    script = ("import json, sys, mlflow, pandas as pd; f = pd.DataFrame(json.loads(sys.argv[2])); "
+              "print(json.dumps(list(mlflow.pyfunc.load_model(sys.argv[1]).predict(f)['answer'])))")
+    out = subprocess.run([str(python), "-c", script, uri, frame.to_json(orient="columns")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
+
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([str(python), "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
+                time.sleep(1)
+        body = json.dumps({"dataframe_split": frame.to_dict(orient="split")}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        reply = json.loads(urllib.request.urlopen(req, timeout=120).read())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+    assert [row["answer"] for row in reply["predictions"]] == expected
+
+
 def _base_dir(micro_smoke) -> str:
     import mlflow
     from mlflow import MlflowClient

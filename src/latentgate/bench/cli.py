@@ -8,12 +8,12 @@ import click
 
 from latentgate.cli_common import guarded
 
-CHOICES = ("startup", "tracking", "generation", "step", "gpu")
+CHOICES = ("startup", "tracking", "generation", "step", "compile", "gpu")
 
 
 @click.command("bench")
 @click.option("--only", default=",".join(CHOICES), show_default=True,
-              help="comma-separated comparisons to run (startup, tracking, generation, step, gpu)")
+              help="comma-separated comparisons to run (startup, tracking, generation, step, compile, gpu)")
 @click.option("--smoke", is_flag=True, help="also time a full `latentgate smoke` in a subprocess (wall, peak RSS, F1)")
 @click.option("--smoke-preset", default="smoke", show_default=True, help="preset for --smoke")
 @click.option("--sweep", is_flag=True, help="also run the sweep comparisons: 2 workers vs 1 and pruning vs none "
@@ -30,8 +30,9 @@ CHOICES = ("startup", "tracking", "generation", "step", "gpu")
               help="folder for bench.json and bench.md")
 @guarded
 def bench(only, smoke, smoke_preset, sweep, preset, sets, threads, clock, quick, reps, out_dir):
-    """Side-by-side performance ratios with PASS/FAIL per target: tracking overhead, batched generation, trainer
-    step vs a bare loop, CLI start-up, GPU rows (when CUDA is there); --smoke and --sweep on request."""
+    """Side-by-side performance ratios with PASS/FAIL per target: tracking overhead, batched generation (vs HF
+    batched and per-example `generate`), trainer step vs a bare loop, eager vs torch.compile, CLI start-up, GPU rows
+    (when CUDA is there); --smoke and --sweep on request."""
     from pathlib import Path
 
     from latentgate import config

@@ -3,8 +3,10 @@ in subprocesses it starts), interleaved, and returns a `Row` with the ratio and 
 
 key         what                                                   compared with                    target
 tracking    Stage A loop with MLflow tracking (SQLite store)       the same loop with NullTracker   >= 0.97x
-generation  batched KV-cached greedy decoding (greedy_generate)    per-example model.generate       >= 10x, identical
+generation  batched KV-cached greedy decoding (greedy_generate)    HF batched model.generate        >= 1.0x, identical
+                                                                   per-example model.generate       >= 10x, identical
 step        trainer step tokens/s (smoke config)                   bare forward+backward loop       >= 0.9x
+compile     bare step tokens/s, eager                              the same step, torch.compile     info: which wins
 startup     `latentgate --help`, `latentgate config` start-up      `python -c pass`                 <= 0.5 s
 smoke       `latentgate smoke`: wall time, latent F1, peak RSS     -                                5 min, F1>0, 2 GiB
 gpu         Stage B step tokens/s + MFU, generation (1B Llama)     -                                MFU >= 40%
@@ -222,8 +224,28 @@ def _losses(path: Path) -> list[float]:
 
 # ---- 2. generation --------------------------------------------------------------------------------------------
 
-GENERATION = ("eval generation: batched KV-cached greedy decoding from inputs_embeds (200 per batch)",
-              "per-example model.generate loop over the same inputs", ">= 10x, identical outputs")
+GENERATION = ("eval generation: batched KV-cached greedy decoding from inputs_embeds",
+              "HF batched model.generate(inputs_embeds, attention_mask), same batches", ">= 1.0x, identical outputs")
+GENERATION_LOOP = ("eval generation: batched KV-cached greedy decoding from inputs_embeds",
+                   "per-example model.generate loop over the same inputs", ">= 10x, identical outputs")
+
+
+def _cut(row: list[int], stops: set[int]) -> list[int]:
+    return row[: next((i for i, t in enumerate(row) if t in stops), len(row))]
+
+
+def hf_batched_generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                        stop_ids, pad_id: int, batch_size: int) -> list[list[int]]:
+    """The peer a user would pick: HF `generate` on whole batches from `inputs_embeds` (rows left-padded, as
+    latent prefixes and the eval's text prompts are), greedy, every stop id as an end token."""
+    stops = {stop_ids} if isinstance(stop_ids, int) else set(stop_ids)
+    rows: list[list[int]] = []
+    for s in range(0, inputs_embeds.shape[0], batch_size):
+        out = lm.generate(inputs_embeds=inputs_embeds[s : s + batch_size],
+                          attention_mask=attention_mask[s : s + batch_size], max_new_tokens=max_new_tokens,
+                          do_sample=False, eos_token_id=sorted(stops), pad_token_id=pad_id)
+        rows += [_cut(r, stops) for r in out.tolist()]
+    return rows
 
 
 def per_example_generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
@@ -234,8 +256,7 @@ def per_example_generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.
         out = lm.generate(inputs_embeds=inputs_embeds[i : i + 1], attention_mask=attention_mask[i : i + 1],
                           max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(stops),
                           pad_token_id=pad_id)
-        row = out[0].tolist()
-        rows.append(row[: next((i for i, t in enumerate(row) if t in stops), len(row))])
+        rows.append(_cut(out[0].tolist(), stops))
     return rows
 
 
@@ -260,7 +281,10 @@ def latent_prefixes(ws, examples) -> tuple[torch.Tensor, torch.Tensor]:
     return prefix.inputs_embeds, prefix.attention_mask
 
 
-def bench_generation(cfg: Config, work: Path, reps: int = 3, n: int = 200, ws=None, loop_reps: int = 1) -> Row:
+def bench_generation(cfg: Config, work: Path, reps: int = 3, n: int = 200, ws=None,
+                     loop_reps: int = 1) -> list[Row]:
+    """Two rows from one interleaved run: ours vs HF batched `generate` (same batches), and vs the per-example
+    loop. Both peers must produce exactly our token ids."""
     from latentgate.bench.fixtures import smoke_workspace
     from latentgate.eval.probe import EvalMode
 
@@ -277,24 +301,30 @@ def bench_generation(cfg: Config, work: Path, reps: int = 3, n: int = 200, ws=No
         return go
 
     bs = cfg.eval.batch_size
-    batched = side("batched", lambda: batched_generate(ws.lm, emb, mask, t, eos, bs))
-    looped = side("per_example", lambda: per_example_generate(ws.lm, emb, mask, t, eos, pad))
-    times = interleave({"batched": batched, "per_example": looped},
+    times = interleave({"ours": side("ours", lambda: batched_generate(ws.lm, emb, mask, t, eos, bs)),
+                        "hf_batched": side("hf_batched", lambda: hf_batched_generate(ws.lm, emb, mask, t, eos,
+                                                                                      pad, bs)),
+                        "per_example": side("per_example", lambda: per_example_generate(ws.lm, emb, mask, t, eos,
+                                                                                         pad))},
                        reps, counts={"per_example": loop_reps})
-    b, p = median(times["batched"]), median(times["per_example"])
-    ratio = p / b
-    mismatches = sum(x != y for x, y in zip(outputs["batched"], outputs["per_example"], strict=True))
-    lengths = [len(r) for r in outputs["batched"]]
-    details = {"n": n, "max_new_tokens": t, "batch_size": cfg.eval.batch_size, "batched_s": times["batched"],
-               "per_example_s": times["per_example"], "batched_answers_per_s": n / b,
-               "per_example_answers_per_s": n / p, "mismatches": mismatches,
-               "mean_generated_tokens": sum(lengths) / max(1, len(lengths))}
-    measured = (f"{ratio:.1f}x ({n / b:.0f} vs {n / p:.1f} answers/s, n={n}); outputs "
-                + ("identical" if mismatches == 0 else f"DIFFER in {mismatches} of {n}"))
-    row = ratio_row("generation", GENERATION[0], GENERATION[1], ratio, ">=", 10, measured, details=details)
-    if mismatches:
-        row.status = FAIL
-    return row
+    ours = median(times["ours"])
+    lengths = [len(r) for r in outputs["ours"]]
+    common = {"n": n, "max_new_tokens": t, "batch_size": bs, "ours_s": times["ours"],
+              "ours_answers_per_s": n / ours, "mean_generated_tokens": sum(lengths) / max(1, len(lengths))}
+    rows = []
+    for key, peer, (what, compared, _), target in (("generation", "hf_batched", GENERATION, 1.0),
+                                                  ("generation_loop", "per_example", GENERATION_LOOP, 10)):
+        p = median(times[peer])
+        mismatches = sum(x != y for x, y in zip(outputs["ours"], outputs[peer], strict=True))
+        measured = (f"{p / ours:.2f}x ({n / ours:.0f} vs {n / p:.1f} answers/s, n={n}, batch {bs}); outputs "
+                    + ("identical" if mismatches == 0 else f"DIFFER in {mismatches} of {n}"))
+        row = ratio_row(key, what, compared, p / ours, ">=", target, measured,
+                        details={**common, f"{peer}_s": times[peer], f"{peer}_answers_per_s": n / p,
+                                 "mismatches": mismatches})
+        if mismatches:
+            row.status = FAIL
+        rows.append(row)
+    return rows
 
 
 # ---- 3. trainer step vs bare loop -----------------------------------------------------------------------------
@@ -325,14 +355,16 @@ def prepare_bare_batch(ws, examples) -> dict:
             "tokens": tokens}
 
 
-def bare_step(ws, batch: dict, opt, kd: bool) -> None:
-    """Plain forward + backward + optimizer step of the same model on prepared tensors."""
-    lat = ws.adapter(ws.encoder(batch["ids"], batch["mask"]))
+def bare_step(ws, batch: dict, opt, kd: bool, lm=None, encoder=None) -> None:
+    """Plain forward + backward + optimizer step of the same model on prepared tensors (`lm`/`encoder`: the same
+    modules compiled, for the torch.compile row)."""
+    lm, encoder = lm or ws.lm, encoder or ws.encoder
+    lat = ws.adapter(encoder(batch["ids"], batch["mask"]))
     if kd:
         with torch.no_grad(), ws.teacher():
-            ws.lm(inputs_embeds=batch["t_emb"], attention_mask=batch["t_attn"], use_cache=False)
+            lm(inputs_embeds=batch["t_emb"], attention_mask=batch["t_attn"], use_cache=False)
     emb = torch.cat([batch["pre"], lat.to(batch["pre"].dtype), batch["post"]], dim=1)
-    loss = ws.lm(inputs_embeds=emb, attention_mask=batch["attn"], labels=batch["labels"], use_cache=False).loss
+    loss = lm(inputs_embeds=emb, attention_mask=batch["attn"], labels=batch["labels"], use_cache=False).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -397,6 +429,62 @@ def bench_step(cfg: Config, work: Path, reps: int = 3, steps: int = 14, warm: in
                 f" vs {best['bare'][c] / n * 1000:.0f} ms/step, batch {st.batch_size}); wall: best "
                 f"{details['ratio_best_wall']:.3f}x, median of {reps} pairs {side:.3f}x")
     return ratio_row("step", STEP[0], STEP[1], ratio, ">=", 0.9, measured, details=details)
+
+
+COMPILE = ("training step tokens/s, eager PyTorch (the bare step above)", "the same step with the LM and encoder "
+           "under torch.compile (compile time reported apart)", "info: which wins")
+
+
+def bench_compile(cfg: Config, work: Path, reps: int = 3, steps: int = 8, warm: int = 2, stage: str = "stage_a",
+                  ws=None) -> Row:
+    """Eager vs `torch.compile` of the same bare step over the same batches, from the same weights. The first
+    compiled pass (all shapes compiled) is timed apart as the compile cost; the row says which side wins."""
+    from latentgate.bench.fixtures import Snapshot, smoke_workspace
+    from latentgate.train.trainer import batch_indices, build_optimizer
+
+    cfg = resolve(None, {**flatten(cfg), **_stage_overrides(stage, steps, steps, 0)})
+    ws = ws or smoke_workspace(cfg, work / "base", stage)
+    st = getattr(cfg, stage)
+    train = ws.splits["train"]
+    batches = [prepare_bare_batch(ws, [train[i] for i in batch_indices(len(train), st.batch_size, k, st.seed)])
+               for k in range(steps)]
+    snap = Snapshot(ws)
+    compiled = {"lm": torch.compile(ws.lm), "encoder": torch.compile(ws.encoder)}
+
+    def loop(**modules):
+        def go():
+            snap.restore()
+            ws.encoder.train()
+            ws.adapter.train()
+            t0 = clock()
+            opt, _, _ = build_optimizer(ws, st)
+            marks = []
+            for batch in batches:
+                bare_step(ws, batch, opt, st.kd_weight > 0, **modules)
+                marks.append(clock())
+            return segments(t0, marks)
+        return go
+
+    eager, comp = loop(), loop(**compiled)
+    t0 = time.perf_counter()
+    comp()  # compiles every batch shape once
+    compile_s = time.perf_counter() - t0
+    raw = interleave({"eager": eager, "compiled": comp}, reps, timer=lambda name, result, wall: result)
+    steady = slice(warm, steps)
+    best = {k: best_of(v, steady) for k, v in raw.items()}
+    c = CLOCKS.index(JUDGE_CLOCK["clock"])
+    ratio = best["eager"][c] / best["compiled"][c]  # > 1: compiled is faster
+    n = steps - warm
+    tokens = sum(b["tokens"] for b in batches[steady])
+    winner = "torch.compile" if ratio > 1.02 else "eager" if ratio < 0.98 else "neither (within 2%)"
+    measured = (f"compiled {ratio:.2f}x eager by {CLOCKS[c]} time ({tokens / best['compiled'][c]:.0f} vs "
+                f"{tokens / best['eager'][c]:.0f} tokens/s, {best['compiled'][c] / n * 1000:.0f} vs "
+                f"{best['eager'][c] / n * 1000:.0f} ms/step); first compiled pass {compile_s:.0f} s; wins: {winner}")
+    details = {"steps": steps, "warm": warm, "reps": reps, "clock": CLOCKS[c], "best_s": best,
+               "first_compiled_pass_s": compile_s, "winner": winner,
+               "steps_to_repay_compile": (compile_s / max(1e-9, (best["eager"][c] - best["compiled"][c]) / n)
+                                          if ratio > 1 else None)}
+    return Row("compile", COMPILE[0], COMPILE[1], measured, COMPILE[2], INFO, ratio, None, None, details)
 
 
 # ---- 4. CLI start-up ------------------------------------------------------------------------------------------
@@ -704,6 +792,7 @@ def bench_gpu(overrides: dict | None = None, steps: int = 8) -> list[Row]:
     return [step, genrow]
 
 
-__all__ = ["bench_config", "bench_tracking", "bench_generation", "bench_step", "bench_startup", "bench_smoke",
-           "bench_gpu", "gpu_stage_b", "per_example_generate", "batched_generate", "parse_smoke_summary",
+__all__ = ["bench_config", "bench_tracking", "bench_generation", "bench_step", "bench_compile", "bench_startup",
+           "bench_smoke", "bench_gpu", "gpu_stage_b", "per_example_generate", "hf_batched_generate",
+           "batched_generate", "parse_smoke_summary",
            "measure_subprocess"]

@@ -10,7 +10,7 @@ from pathlib import Path
 from latentgate.bench import report
 from latentgate.bench.report import ERROR, NOT_MEASURED, Row
 
-KEYS = ("startup", "tracking", "generation", "step", "gpu")  # the default set; `smoke` and `sweep` on request
+KEYS = ("startup", "tracking", "generation", "step", "compile", "gpu")  # the default set; `smoke`, `sweep` on request
 
 
 @dataclass
@@ -34,7 +34,8 @@ class BenchOptions:
         return {"startup": {"reps": self.reps or (3 if q else 7)},
                 "tracking": {"reps": self.reps or (2 if q else 3), "steps": 10 if q else 50},
                 "generation": {"reps": self.reps or (2 if q else 3), "n": 200},
-                "step": {"reps": self.reps or (2 if q else 3), "steps": 6 if q else 16}}
+                "step": {"reps": self.reps or (2 if q else 3), "steps": 6 if q else 16},
+                "compile": {"reps": self.reps or (1 if q else 3), "steps": 4 if q else 10, "warm": 1 if q else 2}}
 
 
 def _sweep_rows(opts: BenchOptions) -> list[Row]:
@@ -60,6 +61,7 @@ def run_bench(opts: BenchOptions, echo=print) -> list[Row]:
             "tracking": (C.TRACKING, lambda: C.bench_tracking(cfg, work / "tracking", **plan["tracking"])),
             "generation": (C.GENERATION, lambda: C.bench_generation(cfg, work / "generation", **plan["generation"])),
             "step": (C.STEP, lambda: C.bench_step(cfg, work / "step", **plan["step"])),
+            "compile": (C.COMPILE, lambda: C.bench_compile(cfg, work / "compile", **plan["compile"])),
         }
         for key in opts.only:
             if key == "gpu":
@@ -74,10 +76,13 @@ def run_bench(opts: BenchOptions, echo=print) -> list[Row]:
             what, fn = jobs[key]
             echo(f"bench: {key} ...")
             try:
-                rows.append(fn())
+                got = fn()
+                new_rows = got if isinstance(got, list) else [got]
             except Exception as err:  # noqa: BLE001
-                rows.append(report.error_row(key, *what, err))
-            echo(f"  {rows[-1].status}: {rows[-1].measured}")
+                new_rows = [report.error_row(key, *what, err)]
+            rows += new_rows
+            for row in new_rows:
+                echo(f"  {row.key} {row.status}: {row.measured}")
         if opts.smoke:
             echo(f"bench: smoke (latentgate smoke --preset {opts.smoke_preset}) ...")
             try:

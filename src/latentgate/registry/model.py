@@ -42,6 +42,19 @@ def client():
     return MlflowClient()
 
 
+def _package_code(tmp: Path) -> str:
+    """A copy of the latentgate package (sources and package data, no bytecode) for the model's `code_paths`: MLflow
+    puts it on sys.path at load, so the model loads where latentgate is not installed (a serving image, a
+    colleague's venv). Its own imports are covered by the pip requirements below."""
+    import shutil
+
+    import latentgate
+
+    dst = tmp / "code" / "latentgate"
+    shutil.copytree(Path(latentgate.__file__).parent, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return str(dst)
+
+
 def _pip_requirements() -> list[str]:
     out = []
     for pkg in REQUIREMENTS:
@@ -137,7 +150,7 @@ def register_candidate(eval_run_id: str, name: str = "latentgate") -> str:
         with tracked_run("register", tags={**version_tags, "latentgate.base_reference": cfg.base.name}) as tr:
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(MODEL_FILE), artifacts=artifacts, signature=_signature(),
-                input_example=example, pip_requirements=_pip_requirements(),
+                input_example=example, pip_requirements=_pip_requirements(), code_paths=[_package_code(Path(tmp))],
                 metadata={"latentgate.eval_run": eval_run_id, "latentgate.checkpoint": ckpt_uri,
                           "latentgate.base": cfg.base.name})
             register_run = tr.run_id
