@@ -156,6 +156,7 @@ COMMAND_MODULES = (
     "latentgate.analysis.cli",
     "latentgate.sweep.cli",
     "latentgate.bench.cli",
+    "latentgate.calibrate.cli",
 )
 
 

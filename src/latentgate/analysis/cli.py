@@ -64,6 +64,10 @@ def analyze(target, out_dir, no_log, last_n, checklist, no_plots, as_json):
             click.echo(json.dumps(rep, indent=2, sort_keys=True, default=str))
             return
         print_rich(rep, _console())
+        if rep.get("eval"):
+            from latentgate.calibrate.promotion import calibration_note
+
+            click.echo(calibration_note(rep["eval"]["run_id"], rep["readiness"]["passed"]))
         if rep["run"]["run_id"] and not no_log:
             click.echo(f"logged: runs:/{rep['run']['run_id']}/analysis/ (report.md, report.json"
                        f"{', plots/' if any(f.suffix == '.png' for f in files) else ''})")

@@ -358,7 +358,8 @@ def prepare_bare_batch(ws, examples) -> dict:
 def bare_step(ws, batch: dict, opt, kd: bool, lm=None, encoder=None) -> None:
     """Plain forward + backward + optimizer step of the same model on prepared tensors (`lm`/`encoder`: the same
     modules compiled, for the torch.compile row)."""
-    lm, encoder = lm or ws.lm, encoder or ws.encoder
+    lm = ws.lm if lm is None else lm  # (a compiled module's truth value is not defined)
+    encoder = ws.encoder if encoder is None else encoder
     lat = ws.adapter(encoder(batch["ids"], batch["mask"]))
     if kd:
         with torch.no_grad(), ws.teacher():

@@ -101,6 +101,7 @@ class Checklist:
     alias: str
     criteria: tuple[Criterion, ...]
     eval_dataset_digest: Any  # "any", one digest string, or {data config hash: digest}
+    calibration: dict = field(default_factory=dict)  # {hero_f1_target}: a successful hero for `latentgate calibrate`
 
     def names(self) -> list[str]:
         return [c.name for c in self.criteria]
@@ -122,6 +123,14 @@ class Checklist:
             raise ConfigError(f"checklist {self.path}: {COLLAPSE} is of kind {c.kind}, the decision tree, the report "
                               "and the monitor need eval_collapse", "see registry/hero.yaml")
         return CollapseRule(float(c.params["max_top_prediction_share"]), c)
+
+    def hero_f1_target(self) -> float:
+        """calibration.hero_f1_target: the hero latent F1 that `latentgate calibrate` counts as a successful hero."""
+        target = self.calibration.get("hero_f1_target")
+        if target is None:
+            raise ConfigError(f"checklist {self.path} has no calibration.hero_f1_target",
+                              "add `calibration: {hero_f1_target: 0.10}` to the checklist file")
+        return float(target)
 
     def pinned_digest(self, data_hash: str) -> str | None:
         """The eval dataset digest pinned for a data config hash: a digest, "any", or None (not pinned)."""
@@ -203,10 +212,10 @@ def load_checklist(path: str | Path | None = None) -> Checklist:
         raise _fail(path, f"invalid YAML ({str(err).splitlines()[0]})", "fix the file's syntax") from None
     if not isinstance(data, dict):
         raise _fail(path, "expected a mapping at the top level", "see registry/hero.yaml")
-    unknown = set(data) - {"version", "model_name", "alias", "eval_dataset_digest", "criteria"}
+    unknown = set(data) - {"version", "model_name", "alias", "eval_dataset_digest", "criteria", "calibration"}
     if unknown:
         raise _fail(path, f"unknown top-level key(s) {sorted(unknown)}",
-                    "use version, model_name, alias, eval_dataset_digest, criteria")
+                    "use version, model_name, alias, eval_dataset_digest, criteria, calibration")
     if data.get("version") != 1:
         raise _fail(path, f"unsupported version {data.get('version')!r}", "write version: 1")
     raw = data.get("criteria")
@@ -230,4 +239,19 @@ def load_checklist(path: str | Path | None = None) -> Checklist:
         raise _fail(path, f"invalid alias {alias!r}", "write alias: hero")
     return Checklist(path=path.resolve(), sha256=hashlib.sha256(text).hexdigest(), version=1,
                      model_name=str(data.get("model_name", "latentgate")), alias=alias, criteria=criteria,
-                     eval_dataset_digest=pin)
+                     eval_dataset_digest=pin, calibration=_calibration(path, data.get("calibration")))
+
+
+def _calibration(path: Path, raw: Any) -> dict:
+    """The optional `calibration:` mapping: {hero_f1_target: a number in [0, 1]}."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or set(raw) - {"hero_f1_target"}:
+        raise _fail(path, f"calibration must be a mapping with hero_f1_target only, got {raw!r}",
+                    "write calibration: {hero_f1_target: 0.10}")
+    target = raw.get("hero_f1_target")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
+                               or not 0 <= target <= 1):
+        raise _fail(path, f"calibration.hero_f1_target must be a number in [0, 1], got {target!r}",
+                    "write calibration: {hero_f1_target: 0.10}")
+    return {} if target is None else {"hero_f1_target": float(target)}

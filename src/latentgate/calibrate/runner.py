@@ -1,0 +1,298 @@
+"""Run a calibration set: for each configuration, the smoke-scale chain and its checklist verdict (read-only: no
+alias moves), then the hero-scale chain and its outcome; then one parent run `calibrate <set>` with a child run per
+configuration, the statistics, calibration.json and calibration.png.
+
+A chain is `phases.smoke.run_smoke` (base -> stage_a -> stage_b -> eval under one parent run), tagged with its role
+(gate | hero) and its resolved config hash. A FINISHED chain with the same role and hash is reused, never retrained;
+so is one that FAILED on a deterministic fault (non-finite loss or gradient, the base LM's sanity gate), which is
+itself an outcome (the gate refuses it; a hero that fails is a failed hero).
+
+Compute is counted from what ran: each stage's micro-steps (its `<stage>/micro_step` metric) times the model FLOPs of
+one micro-step (`bench.comparisons.step_flops` on a batch of the stage's size). The base LM is shared by both scales
+and is not counted; nor is eval, the same at both scales. Wall time is each chain's run duration less its base run's
+(training the shared base LM, or reusing it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tempfile
+from pathlib import Path
+
+from latentgate.calibrate.spec import CalibrationSet, Configuration
+from latentgate.config import Config, config_hash, flatten
+from latentgate.errors import GateRefused, TrainingFault
+
+PHASE = "calibrate"
+ROLE_TAG = "latentgate.calibrate.role"  # gate | hero, on each chain's parent run
+HASH_TAG = "latentgate.calibrate.config_hash"
+SET_TAG = "latentgate.calibrate.set"
+SUMMARY_TAG = "latentgate.calibrate.summary"  # what `promote` and `analyze` read (promotion.py)
+CHAIN_NAME = {"gate": "smoke", "hero": "hero-scale"}
+DETERMINISTIC_FAILURES = (TrainingFault, GateRefused)
+STAGES = ("stage_a", "stage_b")
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def _experiment_id(cfg: Config) -> str | None:
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(cfg.run.experiment)
+    return exp.experiment_id if exp else None
+
+
+def find_chain(role: str, cfg: Config) -> str | None:
+    """The newest reusable chain run for this role and resolved config: FINISHED, or FAILED on a deterministic
+    fault. Interrupted (KILLED) and other failed chains are run again."""
+    exp = _experiment_id(cfg)
+    if exp is None:
+        return None
+    runs = _client().search_runs([exp], order_by=["attributes.start_time DESC"], max_results=20,
+                                 filter_string=f"tags.`{ROLE_TAG}` = '{role}' and "
+                                               f"tags.`{HASH_TAG}` = '{config_hash(cfg)}'")
+    reusable = {e.__name__ for e in DETERMINISTIC_FAILURES}
+    for run in runs:
+        status, error_type = run.info.status, run.data.tags.get("latentgate.error_type")
+        if status == "FINISHED" or (status == "FAILED" and error_type in reusable):
+            return run.info.run_id
+    return None
+
+
+def chain_record(run_id: str, reused: bool) -> dict:
+    """What the calibration reads from a chain run: status, child runs by phase, latent F1, the optimizer and
+    micro-steps each stage ran, and the run's wall time."""
+    c = _client()
+    run = c.get_run(run_id)
+    kids = c.search_runs([run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
+                         order_by=["attributes.start_time ASC"])
+    children = {k.data.tags.get("latentgate.phase", ""): k for k in kids}
+    steps = {}
+    for stage in STAGES:
+        hist = c.get_metric_history(children[stage].info.run_id, f"{stage}/micro_step") if stage in children else []
+        last = max(hist, key=lambda m: m.step) if hist else None
+        steps[stage] = {"optimizer": last.step if last else 0, "micro": int(last.value) if last else 0}
+    ev = children.get("eval")
+    f1 = ev.data.metrics.get("eval/latent/f1") if ev is not None and ev.info.status == "FINISHED" else None
+    total = _seconds(run)
+    return {"run_id": run_id, "status": run.info.status, "reused": reused,
+            "error": run.data.tags.get("latentgate.error", ""),
+            "children": {p: k.info.run_id for p, k in children.items()}, "latent_f1": f1, "steps": steps,
+            "wall_seconds": total - (_seconds(children["base"]) if "base" in children else 0.0),
+            "wall_seconds_with_base": total}
+
+
+def _seconds(run) -> float:
+    return ((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000
+
+
+def run_chain(role: str, conf: Configuration, cfg: Config, echo) -> dict:
+    """Reuse the chain for (role, cfg), or run it now."""
+    from latentgate.phases.smoke import run_smoke
+
+    found = find_chain(role, cfg)
+    if found:
+        echo(f"  {role}: reusing run {found}")
+        return chain_record(found, reused=True)
+    echo(f"  {role}: running {CHAIN_NAME[role]} (stage_a {cfg.stage_a.steps} + stage_b {cfg.stage_b.steps} "
+         "optimizer steps)")
+    tags = {ROLE_TAG: role, HASH_TAG: config_hash(cfg), "latentgate.calibrate.configuration": conf.name}
+    try:
+        run_id = run_smoke(cfg, conf.preset, name=CHAIN_NAME[role], tags=tags)["run_id"]
+    except DETERMINISTIC_FAILURES as err:
+        echo(f"  {role}: failed ({type(err).__name__}: {str(err)[:160]}); recorded as an outcome")
+        run_id = find_chain(role, cfg)
+        if run_id is None:  # the chain's run did not record the fault: nothing to judge, so stop here
+            raise
+    return chain_record(run_id, reused=False)
+
+
+def micro_step_flops(cfg: Config, base_run: str) -> dict[str, float]:
+    """Model FLOPs of one micro-step of each stage, counted by `bench.comparisons.step_flops` on the first batch
+    of the training split (its KD term follows the stage's own kd_weight)."""
+    from latentgate.bench.comparisons import step_flops
+    from latentgate.phases.stages import base_from_run
+    from latentgate.train.workspace import build_workspace, load_splits
+
+    ws = build_workspace(cfg, base_from_run(base_run)["base_dir"], load_splits(cfg))
+    out = {}
+    for stage in STAGES:
+        st = getattr(cfg, stage)
+        ws.cfg = dataclasses.replace(cfg, stage_b=st)  # step_flops reads the KD weight of stage_b
+        out[stage] = step_flops(ws, ws.splits["train"][: st.batch_size])[0]
+    return out
+
+
+def _flops(chain: dict, per_micro: dict[str, float]) -> float:
+    return sum(per_micro[s] * chain["steps"][s]["micro"] for s in STAGES)
+
+
+def _clean(v):
+    """JSON-safe: non-finite floats become None (what the statistics read as 'no number')."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def judge(gate: dict, checklist) -> tuple[bool, list[dict] | None, list[str]]:
+    """The checklist's verdict on the gate chain's eval run, read-only (registry.gate.evaluate moves no alias):
+    (passed, report rows, failing criteria and missing evidence). A chain that failed is refused."""
+    from latentgate.registry.gate import evaluate
+
+    eval_run = gate["children"].get("eval")
+    if gate["status"] != "FINISHED" or not eval_run:
+        return False, None, [f"gate chain {gate['status']}: {gate['error'] or 'no eval run'}"]
+    report = evaluate(eval_run, checklist)
+    rows = [_clean({k: r[k] for k in ("name", "passed", "observed", "op", "threshold", "missing")})
+            for r in report.rows]
+    return bool(report.passed), rows, report.failing() + list(report.missing)
+
+
+def run_configuration(conf: Configuration, checklist, target: float, echo) -> dict:
+    gate = run_chain("gate", conf, conf.gate, echo)
+    verdict, rows, failing = judge(gate, checklist)
+    hero = run_chain("hero", conf, conf.hero, echo)
+    outcome = hero["status"] == "FINISHED" and hero["latent_f1"] is not None and hero["latent_f1"] >= target
+    ran = any(chain["steps"][s]["micro"] for chain in (gate, hero) for s in STAGES)
+    base_run = gate["children"].get("base") or hero["children"].get("base")
+    per_micro = micro_step_flops(conf.gate, base_run) if ran else {s: 0.0 for s in STAGES}
+    rec = {"name": conf.name, "expect": conf.expect, "preset": conf.preset, "overrides": conf.overrides,
+           "split": conf.split, "verdict": verdict, "failing": failing, "rows": rows, "outcome": outcome,
+           "smoke_f1": gate["latent_f1"], "hero_f1": hero["latent_f1"], "agree": verdict == outcome,
+           "flops": {"gate": _flops(gate, per_micro), "hero": _flops(hero, per_micro)},
+           "micro_step_flops": per_micro,
+           "wall_seconds": {"gate": gate["wall_seconds"], "hero": hero["wall_seconds"]},
+           "config_hash": {"gate": config_hash(conf.gate), "hero": config_hash(conf.hero)},
+           "gate": gate, "hero": hero}
+    f1 = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    echo(f"  verdict {'PROMOTE' if verdict else 'REFUSE'} (smoke F1 {f1(gate['latent_f1'])}); hero F1 "
+         f"{f1(hero['latent_f1'])} -> {'success' if outcome else 'failure'}; "
+         f"{'agree' if rec['agree'] else 'DISAGREE'}")
+    return rec
+
+
+def _child(rec: dict, cfg: Config) -> str:
+    from latentgate.tracking.runs import tracked_run
+
+    tags = {"latentgate.phase": "calibrate.configuration", "latentgate.calibrate.configuration": rec["name"],
+            "latentgate.calibrate.split": rec["split"], "latentgate.calibrate.expect": rec["expect"],
+            "latentgate.calibrate.verdict": "promote" if rec["verdict"] else "refuse",
+            "latentgate.calibrate.outcome": "success" if rec["outcome"] else "failure",
+            "latentgate.calibrate.gate_run": rec["gate"]["run_id"],
+            "latentgate.calibrate.hero_run": rec["hero"]["run_id"],
+            "latentgate.calibrate.reused": ",".join(r for r in ("gate", "hero") if rec[r]["reused"]) or "none"}
+    with tracked_run(rec["name"], nested=True, tags=tags) as tr:
+        tr.log_params(flatten(cfg))
+        metrics = {"smoke_latent_f1": rec["smoke_f1"], "hero_latent_f1": rec["hero_f1"],
+                   "gate_flops": rec["flops"]["gate"], "hero_flops": rec["flops"]["hero"],
+                   "gate_wall_seconds": rec["wall_seconds"]["gate"], "hero_wall_seconds": rec["wall_seconds"]["hero"],
+                   "verdict_promote": float(rec["verdict"]), "outcome_success": float(rec["outcome"])}
+        tr.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=0)
+        tr.log_dict(rec, "configuration.json")
+        tr.set_description(f"{rec['name']} ({rec['expect']}): verdict {tags['latentgate.calibrate.verdict']}, "
+                           f"hero {tags['latentgate.calibrate.outcome']}; gate run {rec['gate']['run_id']}, "
+                           f"hero run {rec['hero']['run_id']}")
+        return tr.run_id
+
+
+def promotion_summary(cs_name: str, run_id: str, summary: dict) -> dict:
+    """The small part of a calibration that `promote` and `analyze` need (a run tag: no artifact download)."""
+    keep = ("hero_f1_target", "confusion", "agreement", "precision_promote", "precision_refuse", "n")
+    return {"set": cs_name, "run_id": run_id, **{k: summary[k] for k in keep},
+            "fit": None if summary["fit"] is None else {k: summary["fit"][k] for k in
+                                                        ("slope", "intercept", "s", "n", "x_mean", "sxx", "t")}}
+
+
+def run_calibration(cs: CalibrationSet, checklist_path=None, echo=print) -> dict:
+    from latentgate.calibrate.plot import scatter
+    from latentgate.calibrate.stats import summarize
+    from latentgate.registry.checklist import load_checklist
+    from latentgate.tracking.runs import adopt_project_run, setup_experiment, tracked_run
+
+    cl = load_checklist(checklist_path)
+    target = cl.hero_f1_target()
+    setup_experiment(cs.configurations[0].gate.run.experiment)
+    project_run = adopt_project_run()  # the chains are runs of their own; `mlflow run`'s run becomes the parent
+    records = []
+    for i, conf in enumerate(cs.configurations, 1):
+        echo(f"[{i}/{len(cs.configurations)}] {conf.name} ({conf.expect}, {conf.split})")
+        records.append(run_configuration(conf, cl, target, echo))
+    summary = summarize(records, target)
+    setup_experiment(cs.configurations[0].gate.run.experiment)
+    with tracked_run(f"calibrate {cs.name}", nested=False, run_id=project_run,
+                     tags={"latentgate.phase": PHASE, SET_TAG: cs.name}) as parent:
+        for rec, conf in zip(records, cs.configurations, strict=True):
+            rec["child_run"] = _child(rec, conf.gate)
+        parent.log_params({"calibrate.set": cs.name, "calibrate.set_sha256": cs.sha256,
+                           "calibrate.hero_scale": cs.hero_scale, "calibrate.hero_f1_target": target,
+                           "calibrate.checklist": str(cl.path), "calibrate.checklist_sha256": cl.sha256})
+        c, fit, cost = summary["confusion"], summary["fit"] or {}, summary["cost"]
+        metrics = {**{f"confusion_{k}": v for k, v in c.items()}, "n": summary["n"],
+                   "agreement": summary["agreement"], "precision_promote": summary["precision_promote"],
+                   "precision_refuse": summary["precision_refuse"], "cost_ratio_flops": cost["flops"]["ratio"],
+                   "cost_ratio_wall": cost["wall_seconds"]["ratio"], "fit_slope": fit.get("slope"),
+                   "fit_intercept": fit.get("intercept"), "fit_residual_sd": fit.get("s")}
+        parent.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=0)
+        result = _clean({"run_id": parent.run_id, "set": cs.to_dict(),
+                         "checklist": {"path": str(cl.path), "sha256": cl.sha256}, **summary,
+                         "configurations": records})
+        parent.log_dict(result, "calibration.json")
+        with tempfile.TemporaryDirectory(prefix="latentgate-calibrate-") as tmp:
+            png = scatter(records, summary, Path(tmp) / "calibration.png", title=f"calibrate {cs.name}")
+            parent.log_artifact(png)
+        parent.set_tags({SUMMARY_TAG: json.dumps(_clean(promotion_summary(cs.name, parent.run_id, summary)),
+                                                 sort_keys=True)})
+        parent.set_description(format_summary(result))
+    return result
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{v:.0%}"
+
+
+def format_summary(r: dict) -> str:
+    c, cost, fit, prop = r["confusion"], r["cost"], r["fit"], r["proposal"]
+    ratio = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
+    lines = [f"── latentgate calibrate {r['set']['name']}: {r['n']} configurations, hero target F1 >= "
+             f"{r['hero_f1_target']:g}, hero scale x{r['set']['hero_scale']} ──",
+             f"{'configuration':20s} {'split':8s} {'verdict':8s} {'smoke F1':>8s} {'hero F1':>8s}  outcome   reused",
+             *[f"{x['name']:20s} {x['split']:8s} {'PROMOTE' if x['verdict'] else 'REFUSE':8s} "
+               f"{_f(x['smoke_f1']):>8s} {_f(x['hero_f1']):>8s}  {'success' if x['outcome'] else 'failure':9s} "
+               f"{','.join(k for k in ('gate', 'hero') if x[k]['reused']) or '-'}" for x in r["configurations"]],
+             f"confusion (verdict vs hero): promote+success {c['tp']}, promote+failure {c['fp']}, "
+             f"refuse+success {c['fn']}, refuse+failure {c['tn']}",
+             f"agreement {_pct(r['agreement'])}; precision of promote {_pct(r['precision_promote'])} "
+             f"(of {r['n_promote']}), of refuse {_pct(r['precision_refuse'])} (of {r['n_refuse']})",
+             f"cost of the gate over the hero: {ratio(cost['flops']['ratio'])} of the FLOPs, "
+             f"{ratio(cost['wall_seconds']['ratio'])} of the wall time"]
+    if fit:
+        lines.append(f"hero F1 = {fit['intercept']:.3f} + {fit['slope']:.3f} x smoke F1 (n {fit['n']}, residual sd "
+                     f"{fit['s']:.3f}, 95% prediction interval +-{fit['t']:.2f} x sd x sqrt(1 + 1/n + ...))")
+    else:
+        lines.append(f"no line fitted: {r['fit_points']} configuration(s) with both F1s, and a line needs 3 with "
+                     "different smoke F1s")
+    if prop["changes"]:
+        changes = ", ".join(f"{n} {c['from']:g} -> {c['to']:g}" for n, c in prop["changes"].items())
+        lines.append(f"proposed thresholds (fitted on {prop['fit']['n']}): {changes}; agreement on the "
+                     f"{prop['holdout']['n']} held out: {_pct(prop['holdout']['before'])} -> "
+                     f"{_pct(prop['holdout']['after'])} (fit split {_pct(prop['fit']['before'])} -> "
+                     f"{_pct(prop['fit']['after'])})")
+    else:
+        lines.append(f"no threshold change proposed: the current ones agree best on the {prop['fit']['n']} fitted "
+                     f"configurations ({_pct(prop['fit']['before'])}; held out {_pct(prop['holdout']['before'])})")
+    lines.append(f"run id {r['run_id']} (calibration.json, calibration.png)")
+    return "\n".join(lines)
+
+
+def _f(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"

@@ -1,0 +1,169 @@
+"""The statistics of a calibration, pure (no MLflow, no torch, no scipy): verdict-vs-outcome confusion matrix,
+agreement and precisions, a least-squares line with its prediction interval, and a threshold proposal.
+
+A verdict is True for "promote" (every checklist criterion passed), False for "refuse". An outcome is True when the
+hero-scale run reached the target F1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from latentgate.registry.checklist import OPS
+
+# Two-sided 95% Student t quantiles (t_{0.975, df}); beyond df 30, linear in 1/df towards the normal's 1.960.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086,
+        21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045,
+        30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+Z975 = 1.960
+
+
+def t975(df: int) -> float:
+    """t_{0.975, df}: the half-width factor of a two-sided 95% interval."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df in T975:
+        return T975[df]
+    knots = sorted(T975) + [math.inf]
+    for lo, hi in zip(knots, knots[1:]):
+        if lo < df < hi:
+            t_lo, t_hi = T975[lo], T975.get(hi, Z975)
+            w = (1 / lo - 1 / df) / (1 / lo - (0 if hi == math.inf else 1 / hi))
+            return t_lo + w * (t_hi - t_lo)
+    return Z975
+
+
+def confusion(pairs: Iterable[tuple[bool, bool]]) -> dict[str, int]:
+    """(verdict, outcome) pairs -> {tp: promote & success, fp: promote & failure, fn: refuse & success,
+    tn: refuse & failure}."""
+    out = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
+    for verdict, outcome in pairs:
+        out[("t" if verdict == outcome else "f") + ("p" if verdict else "n")] += 1
+    return out
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def rates(c: dict[str, int]) -> dict:
+    """Agreement (verdict == outcome), precision of promote (a PASS led to a successful hero) and of refuse (a
+    REFUSE was followed by a failed hero); None where nothing was judged."""
+    n = sum(c.values())
+    return {"n": n, "agreement": _ratio(c["tp"] + c["tn"], n),
+            "precision_promote": _ratio(c["tp"], c["tp"] + c["fp"]),
+            "precision_refuse": _ratio(c["tn"], c["tn"] + c["fn"]),
+            "n_promote": c["tp"] + c["fp"], "n_refuse": c["tn"] + c["fn"]}
+
+
+def fit_line(xs: list[float], ys: list[float]) -> dict | None:
+    """Ordinary least squares y = intercept + slope x with what a 95% prediction interval needs; None with fewer
+    than 3 points or when every x is the same (no line, or no residual degrees of freedom)."""
+    n = len(xs)
+    if n != len(ys) or n < 3:
+        return None
+    x_mean, y_mean = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - x_mean) ** 2 for x in xs)
+    if sxx <= 1e-12:  # every x the same (up to rounding): F1s live in [0, 1]
+        return None
+    slope = sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys)) / sxx
+    intercept = y_mean - slope * x_mean
+    sse = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys))
+    s = math.sqrt(sse / (n - 2))
+    ss_tot = sum((y - y_mean) ** 2 for y in ys)
+    return {"slope": slope, "intercept": intercept, "s": s, "n": n, "x_mean": x_mean, "sxx": sxx,
+            "t": t975(n - 2), "level": 0.95, "r2": (1 - sse / ss_tot) if ss_tot > 0 else None}
+
+
+def predict(fit: dict, x: float) -> tuple[float, float, float]:
+    """(prediction, low, high): the 95% prediction interval of one new y at x."""
+    y = fit["intercept"] + fit["slope"] * x
+    half = fit["t"] * fit["s"] * math.sqrt(1 + 1 / fit["n"] + (x - fit["x_mean"]) ** 2 / fit["sxx"])
+    return y, y - half, y + half
+
+
+# ---- re-judging with other thresholds, and the proposal -----------------------------------------------------------
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def row_passes(row: dict, threshold) -> bool:
+    """Would this checklist row (a gate report row) pass at `threshold`? Missing evidence never passes, and a row
+    that failed for a reason besides its threshold (e.g. one prediction covering the eval set) keeps failing."""
+    if row.get("missing"):
+        return False
+    obs, op = row.get("observed"), row.get("op")
+    if not (_number(obs) and _number(threshold) and _number(row.get("threshold")) and op in OPS):
+        return bool(row.get("passed"))
+    failed_otherwise = not row["passed"] and OPS[op](obs, row["threshold"])
+    return not failed_otherwise and bool(OPS[op](obs, threshold))
+
+
+def verdict_with(rows: list[dict] | None, thresholds: dict[str, float]) -> bool:
+    """The checklist's verdict with some thresholds replaced; rows None (the gate's chain failed) refuses."""
+    if not rows:
+        return False
+    return all(row_passes(r, thresholds.get(r["name"], r["threshold"])) for r in rows)
+
+
+def _agreement(records: list[dict], thresholds: dict[str, float]) -> float | None:
+    pairs = [(verdict_with(r["rows"], thresholds), r["outcome"]) for r in records]
+    return rates(confusion(pairs))["agreement"]
+
+
+def tunable(records: list[dict]) -> list[str]:
+    """Criteria with an inequality and a numeric threshold (pins such as lineage == 0 are not tuned)."""
+    names: list[str] = []
+    for rec in records:
+        for r in rec["rows"] or []:
+            if r["op"] != "==" and _number(r.get("threshold")) and r["name"] not in names:
+                names.append(r["name"])
+    return names
+
+
+def propose_thresholds(records: list[dict], passes: int = 2) -> dict:
+    """New thresholds fitted on the records of split "fit" (coordinate ascent on agreement; among equally good
+    values the current one, else the nearest to it), judged before and after on split "holdout".
+
+    Each record: {"split": "fit" | "holdout", "rows": gate report rows or None, "outcome": bool}."""
+    fit = [r for r in records if r["split"] == "fit"]
+    held = [r for r in records if r["split"] == "holdout"]
+    current = {}
+    for rec in records:
+        for r in rec["rows"] or []:
+            current.setdefault(r["name"], r["threshold"])
+    chosen: dict[str, float] = {}
+    names = tunable(fit)
+    for _ in range(passes):
+        for name in names:
+            observed = sorted({r["observed"] for rec in fit for r in rec["rows"] or []
+                               if r["name"] == name and _number(r["observed"])})
+            now = chosen.get(name, current[name])
+            candidates = {now, *observed, *((a + b) / 2 for a, b in zip(observed, observed[1:]))}
+            scored = [(_agreement(fit, {**chosen, name: c}) or 0.0, -abs(c - current[name]), c == now, c)
+                      for c in candidates]
+            best = max(scored, key=lambda s: (s[0], s[2], s[1]))[3]
+            chosen[name] = best
+    changes = {n: {"from": current[n], "to": v} for n, v in chosen.items() if v != current[n]}
+    after = {n: c["to"] for n, c in changes.items()}
+    return {"changes": changes,
+            "fit": {"n": len(fit), "before": _agreement(fit, {}), "after": _agreement(fit, after)},
+            "holdout": {"n": len(held), "before": _agreement(held, {}), "after": _agreement(held, after)}}
+
+
+def summarize(records: list[dict], target: float) -> dict:
+    """Everything the calibration run reports, from its per-configuration records: {verdict, outcome, rows, split,
+    smoke_f1, hero_f1, flops: {gate, hero}, wall_seconds: {gate, hero}}."""
+    c = confusion((r["verdict"], r["outcome"]) for r in records)
+    scatter = [r for r in records if r["smoke_f1"] is not None and r["hero_f1"] is not None]
+    line = fit_line([r["smoke_f1"] for r in scatter], [r["hero_f1"] for r in scatter])
+    cost = {}
+    for unit in ("flops", "wall_seconds"):
+        gate = sum(r[unit]["gate"] or 0 for r in records)
+        hero = sum(r[unit]["hero"] or 0 for r in records)
+        cost[unit] = {"gate": gate, "hero": hero, "ratio": gate / hero if hero else None}
+    return {"hero_f1_target": target, "confusion": c, **rates(c), "cost": cost, "fit": line,
+            "fit_points": len(scatter), "proposal": propose_thresholds(records)}
