@@ -4,14 +4,16 @@ an optional user command. It reads metric histories only; it never parses logs.
 
 Alerts (kind: severity):
   new_peak         info      a new peak of the held-out probe first-token accuracy
-  probe_f1         info      the probe's greedy F1 went above 0 during training (latent path)
-  f1_breakthrough  info      the first F1 > 0 at eval, on the LATENT path only (never the text teacher or a control)
-  regression       warning   probe first_acc fell more than --regression-threshold (relative) below its peak
+  probe_f1         info      the probe's greedy F1 passed the checklist's f1_breakthrough during training (latent path)
+  f1_breakthrough  info      the first eval whose latent F1 passes f1_breakthrough, on the LATENT path only (never the
+                             text teacher or a control); the mean F1 is judged, so an alert means some example passes
+  regression       warning   probe first_acc fell below its peak by more than first_token_stability allows (relative
+                             drop; --regression-threshold overrides the checklist's threshold)
   collapse         warning   eval: the latent path collapsed as the checklist's no_mode_collapse defines it (one
                              prediction for more than its max_top_prediction_share of the inputs, or a repetition
                              share failing its threshold); training: a probe where every step since the previous
                              probe predicted one token
-  grad_spike       warning   grad_norm > --spike-factor x the median of the previous steps, or > the checklist limit
+  grad_spike       warning   grad_norm > --spike-factor x the median of the previous steps, or failing gradient_health
   nan              critical  a NaN/inf metric, or a run that failed on a non-finite loss or gradient
   failed           critical  a watched run ended FAILED or KILLED
   stall            stall     no new metrics for --stall-minutes while the run is RUNNING
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 
 from latentgate.analysis import history
 from latentgate.eval.controls import LIFT
-from latentgate.registry.checklist import GRADIENTS, STABILITY, CollapseRule, load_checklist
+from latentgate.registry.checklist import BREAKTHROUGH, GRADIENTS, STABILITY, CollapseRule, Criterion, load_checklist
 
 SEVERITY = {"new_peak": "info", "probe_f1": "info", "f1_breakthrough": "info", "regression": "warning",
             "collapse": "warning", "grad_spike": "warning", "nan": "critical", "failed": "critical",
@@ -60,13 +62,23 @@ class Alert:
 
 @dataclass
 class Limits:
-    """What alerts; `default_limits` reads the checklist's values (the report and the pipeline read the same)."""
+    """What alerts: the checklist's criteria, compared as the gate, the report and the pipeline compare them
+    (`default_limits` reads them from the checklist file), and the monitor's own options."""
 
-    regression: float                # relative drop from the peak (checklist: first_token_stability)
-    grad_limit: float                # checklist: gradient_health
-    collapse: CollapseRule           # checklist: no_mode_collapse
+    stability: Criterion             # first_token_stability: a relative drop from the peak that fails it alerts
+    gradients: Criterion             # gradient_health: a grad norm that fails it alerts
+    breakthrough: Criterion          # f1_breakthrough: a latent F1 that passes it alerts (info)
+    collapse: CollapseRule           # no_mode_collapse
     stall_minutes: float = 30.0
     spike_factor: float = 10.0
+
+    @property
+    def regression(self) -> float:
+        return self.stability.threshold
+
+    @property
+    def grad_limit(self) -> float:
+        return self.gradients.threshold
 
 
 def _fmt_pct(v) -> str:
@@ -156,11 +168,12 @@ class StageWatch:
             window = self.grads[-SPIKE_WINDOW:]
             med = statistics.median(window) if len(window) >= SPIKE_MIN_HISTORY else None
             relative = med is not None and med > 0 and g > self.limits.spike_factor * med
-            if (relative or g >= self.limits.grad_limit) and step - self.last_spike > SPIKE_COOLDOWN:
+            unhealthy = not self.limits.gradients.compare(g)
+            if (relative or unhealthy) and step - self.last_spike > SPIKE_COOLDOWN:
                 self.last_spike = step
-                why = f"{self.limits.spike_factor:g}x the median {med:.3g}" if relative \
-                    else f"the limit {self.limits.grad_limit:g}"
-                self._alert(alerts, "grad_spike", f"grad_norm {g:.3g} > {why}", step, g)
+                why = f"> {self.limits.spike_factor:g}x the median {med:.3g}" if relative \
+                    else f"is not {self.limits.gradients.as_text()} ({self.limits.gradients.name})"
+                self._alert(alerts, "grad_spike", f"grad_norm {g:.3g} {why}", step, g)
             self.grads.append(g)
         div = rec.get("token_diversity")
         if div is not None and self.batch_size:
@@ -178,15 +191,16 @@ class StageWatch:
             self._alert(alerts, "new_peak", f"new peak probe first_acc {acc:.1%}{prev}", step, acc)
         elif self.peak is None:
             self.peak, self.peak_step = acc, step
-        if self.peak and not self.regression_raised and acc < (1 - self.limits.regression) * self.peak:
+        drop = (self.peak - acc) / self.peak if self.peak else None
+        if drop is not None and not self.regression_raised and not self.limits.stability.compare(drop):
             self.regression_raised = True
-            drop = (self.peak - acc) / self.peak
             self._alert(alerts, "regression", f"probe first_acc {acc:.1%} is {drop:.0%} below its peak "
                         f"{self.peak:.1%} (step {self.peak_step}; threshold {self.limits.regression:.0%})", step, acc)
-        f1 = rec.get("probe_f1")
-        if f1 is not None and f1 > 0 and not self.probe_f1_raised:
+        f1, rule = rec.get("probe_f1"), self.limits.breakthrough
+        if f1 is not None and rule.compare(f1) and not self.probe_f1_raised:
             self.probe_f1_raised = True
-            self._alert(alerts, "probe_f1", f"probe greedy F1 {f1:.3f} > 0 (latent path, during training)", step, f1)
+            self._alert(alerts, "probe_f1", f"probe greedy F1 {f1:.3f} {rule.as_text()} (latent path, during "
+                        "training)", step, f1)
         if (self.probes_seen > 1 and self.diversity_seen and self.single_token_since_probe
                 and not self.collapse_raised):
             self.collapse_raised = True
@@ -213,10 +227,13 @@ class EvalWatch:
         if bad and "nan" not in self.raised:
             self.raised.add("nan")
             alerts.append(Alert("nan", f"{tag}: non-finite latent metrics {bad}", self.run_id))
-        f1 = latent.get("f1")
-        if f1 is not None and f1 > 0 and "f1_breakthrough" not in self.raised:
+        # The mean latent F1 (a metric) stands for the criterion's best example F1: a mean that passes means an
+        # example that passes (at a threshold of 0 the two verdicts are the same).
+        f1, rule = latent.get("f1"), self.limits.breakthrough
+        if f1 is not None and rule.compare(f1) and "f1_breakthrough" not in self.raised:
             self.raised.add("f1_breakthrough")
-            alerts.append(Alert("f1_breakthrough", f"{tag}: BREAKTHROUGH latent F1 {f1:.4f} > 0", self.run_id, 0, f1))
+            alerts.append(Alert("f1_breakthrough", f"{tag}: BREAKTHROUGH latent F1 {f1:.4f} {rule.as_text()}",
+                                self.run_id, 0, f1))
         share = latent.get("top_prediction_share")
         why = self.limits.collapse.why(share, latent.get("repetition_rate"))
         if "collapse" not in self.raised and why:
@@ -383,8 +400,9 @@ def _last_per_kind(alerts: list[Alert]) -> list[Alert]:
 
 def default_limits(regression: float | None = None, stall_minutes: float = 30.0, spike_factor: float = 10.0,
                    checklist_path=None) -> Limits:
-    """Limits whose defaults come from the readiness checklist (stability, gradient health, mode collapse)."""
+    """Limits from the readiness checklist (stability, gradient health, F1 breakthrough, mode collapse);
+    `regression` overrides first_token_stability's threshold."""
     cl = load_checklist(checklist_path)
-    return Limits(regression=cl.threshold(STABILITY) if regression is None else regression,
-                  grad_limit=cl.threshold(GRADIENTS), collapse=cl.collapse_rule(), stall_minutes=stall_minutes,
+    return Limits(stability=cl.criterion(STABILITY).with_threshold(regression), gradients=cl.criterion(GRADIENTS),
+                  breakthrough=cl.criterion(BREAKTHROUGH), collapse=cl.collapse_rule(), stall_minutes=stall_minutes,
                   spike_factor=spike_factor)

@@ -25,6 +25,7 @@ from latentgate.registry.checklist import (
     COLLAPSE,
     GRADIENTS,
     LEARNING,
+    PROVENANCE,
     QUALITY,
     STABILITY,
     Checklist,
@@ -37,8 +38,6 @@ VERDICT_OF = {pipeline.PROMOTE: "hero-ready", pipeline.HERO: "hero-ready", pipel
               pipeline.SWEEP: "phase2", pipeline.STOP: "phase2"}
 GRAD_GROUPS = ("grad_norm", "grad_norm_encoder", "grad_norm_adapter", "grad_norm_lora")
 CONTROLS = ("token_budget", "zero_latent", "shuffled_latent")
-# Gate criteria about provenance rather than learning: failing them is not a reason to tune.
-EVIDENCE_CRITERIA = ("lineage", "eval_dataset_digest")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -50,9 +49,10 @@ def recommend(evidence: pipeline.Evidence, checklist: Checklist) -> tuple[str, p
     """The plan's verdict on a Phase 1 result: the pipeline's decision tree (`decide`) on the same evidence, read
     against the same checklist, so the report never recommends what the pipeline would not do:
 
-    * "hero-ready": F1 > 0 and every checklist criterion passes -> Phase 4 (hero run);
-    * "phase3": F1 = 0, the peak first-token LIFT over the controls reaches first_token_learning, no collapse ->
-      exposure bias, scheduled sampling;
+    * "hero-ready": the best example F1 passes f1_breakthrough and every checklist criterion passes -> Phase 4
+      (hero run);
+    * "phase3": F1 fails f1_breakthrough, the peak first-token LIFT over the controls passes first_token_learning,
+      no collapse (no_mode_collapse) -> exposure bias, scheduled sampling;
     * "phase2": anything else, including mode collapse (rule `collapsed`: one answer for many inputs) -> tune.
     """
     decision = pipeline.decide(evidence, checklist)
@@ -231,7 +231,8 @@ def eval_figures(ev) -> dict[str, Any]:
 
 def local_readiness(stage: dict | None, ev: dict | None, grads: dict, cl: Checklist) -> dict:
     """The plan's six criteria from this report's own figures (when the registry gate is unavailable), judged by the
-    checklist's criteria: the same observed quantities as the gate, the same comparisons and thresholds."""
+    checklist file's criteria (`Criterion.compare`): the same observed quantities as the gate, the same comparisons
+    and thresholds, no list of its own."""
     stage, ev = stage or {}, ev or {}
     bt = ev.get("breakthrough") or {}
     col = ev.get("collapse") or {}
@@ -300,7 +301,7 @@ def build_report(bundle: RunBundle, last_n: int = 3, checklist_path=None, use_ga
         verdict, decision = recommend(_evidence(ev_stage, ev, readiness, failed, bundle), cl)
         next_step = NEXT_STEP_OF_RULE.get(decision.rule, NEXT_STEP[verdict])
         broke_through = cl.criterion(BREAKTHROUGH).compare(decision.evidence.f1_max)
-        if verdict == "phase2" and broke_through and failed and set(failed) <= set(EVIDENCE_CRITERIA):
+        if verdict == "phase2" and broke_through and failed and set(failed) <= set(PROVENANCE):
             next_step = (f"the learning criteria pass but the evidence does not ({', '.join(failed)}): re-run the "
                          "smoke so its runs form a clean lineage at one commit on the pinned eval set, then promote")
         rec = {"verdict": verdict, "rule": decision.rule, "next_step": next_step, "peak_first_acc": peak,

@@ -3,14 +3,17 @@
 Every criterion names a kind of query over recorded evidence (see `KINDS`), its parameters, a comparison and a
 threshold. Code that needs a threshold (the gate, the pipeline's decision tree, the analysis report, the monitor)
 reads it from the file through this module, never from a constant: `Checklist.threshold(name)`,
-`Checklist.criterion(name).compare(value)` and `Checklist.collapse_rule()` (what counts as mode collapse).
+`Checklist.criterion(name).compare(value)`, `Criterion.with_threshold(t)` (the same comparison at a threshold a user
+overrides, e.g. the monitor's --regression-threshold) and `Checklist.collapse_rule()` (what counts as mode collapse).
+Where no registry version exists (the analysis report on local data), the same criteria are judged by
+`Criterion.compare` on locally computed observations: there is no second list of thresholds anywhere.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,8 @@ BREAKTHROUGH = "f1_breakthrough"
 QUALITY = "generation_quality"
 GRADIENTS = "gradient_health"
 COLLAPSE = "no_mode_collapse"
+# Criteria about where the evidence comes from rather than about learning: failing them is no reason to tune.
+PROVENANCE = ("lineage", "eval_dataset_digest")
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,14 @@ class Criterion:
             return False
         return bool(OPS[self.op](observed, threshold))
 
+    def with_threshold(self, threshold: float | None) -> Criterion:
+        """The same criterion at another threshold (None: unchanged), e.g. a command-line override."""
+        return self if threshold is None else replace(self, threshold=float(threshold))
+
+    def as_text(self) -> str:
+        """The comparison as text, e.g. "> 0" for f1_breakthrough as shipped."""
+        return f"{self.op} {self.threshold:g}" if self.threshold is not None else f"{self.op} <pinned>"
+
 
 @dataclass(frozen=True)
 class CollapseRule:
@@ -87,8 +100,7 @@ class CollapseRule:
             reasons.append(f"one answer{said} for {top_share:.0%} of the inputs (top prediction share {top_share:.4g} "
                            f"> {self.max_top_share:g})")
         if repetition_rate is not None and not self.repetition.compare(repetition_rate):
-            reasons.append(f"{repetition_rate:.0%} repetitive predictions (not {self.repetition.op} "
-                           f"{self.repetition.threshold:g})")
+            reasons.append(f"{repetition_rate:.0%} repetitive predictions (not {self.repetition.as_text()})")
         return "mode collapse: " + "; ".join(reasons) if reasons else None
 
 
@@ -113,7 +125,7 @@ class Checklist:
         raise ConfigError(f"checklist {self.path} has no criterion {name!r}", f"choose one of {self.names()}")
 
     def threshold(self, name: str):
-        """A criterion's threshold, e.g. threshold("first_token_learning") == 0.12."""
+        """A criterion's threshold as the file states it, e.g. threshold("first_token_learning")."""
         return self.criterion(name).threshold
 
     def collapse_rule(self) -> CollapseRule:
