@@ -81,7 +81,8 @@ def test_eval_table_has_one_row_per_question_and_path(micro_smoke, micro_cfg):
 
 def test_eval_run_records_system_metrics(micro_smoke, micro_cfg, monkeypatch, tmp_path):
     """An eval of the smoke's Stage B checkpoint, in this process, sampling system metrics every 0.2 s."""
-    from latentgate.phases.stages import base_from_run, resolve_checkpoint, run_eval
+    from latentgate.phases.stages import run_eval
+    from latentgate.tracking.lineage import base_from_run, resolve_checkpoint
     from latentgate.train.workspace import load_splits
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")

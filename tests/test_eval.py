@@ -45,8 +45,8 @@ def test_checkpoint_save_load_identical_logits_and_missing_module(tiny_ws, tmp_p
     from latentgate.config import flatten
     from latentgate.model.contract import build_latent_batch
     from latentgate.model.lora import attach_lora
-    from latentgate.phases.stages import load_trained
     from latentgate.train import checkpoint as ckpt
+    from latentgate.train.load import load_trained
     from latentgate.train.losses import answer_logits
     from latentgate.train.trainer import checkpoint_modules
 

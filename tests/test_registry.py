@@ -363,8 +363,9 @@ def test_pyfunc_round_trip_equals_the_eval_predictions(candidate, lenient, micro
 
     from latentgate.eval.probe import EvalMode
     from latentgate.model.contract import build_latent_batch
-    from latentgate.phases.stages import load_trained, resolve_checkpoint
     from latentgate.registry.gate import hero_model_uri, promote
+    from latentgate.tracking.lineage import resolve_checkpoint
+    from latentgate.train.load import load_trained
     from latentgate.train.workspace import load_splits
 
     assert promote(candidate, checklist=lenient).passed

@@ -376,16 +376,17 @@ def test_training_fault_sigterm_writes_final_checkpoint_and_resume_continues(sig
 
     # a later resume continues from the checkpoint, in the same run, without logging a step twice
     from latentgate import config
-    from latentgate.phases.stages import find_registered_base, resolve_checkpoint, run_stage
+    from latentgate.phases.stages import run_stage
+    from latentgate.tracking.lineage import find_registered_base, resolve_checkpoint
     from latentgate.train.workspace import load_splits
 
     cfg = config.resolve("micro", {"data.eval_source": f"postgresql://reader:{SECRET}@db.example/squad",
                                    "stage_a.steps": str(step + 2), "stage_a.probe_every": "200"})
     splits = load_splits(cfg)
-    base_run, base_dir = find_registered_base(cfg)
+    base = find_registered_base(cfg)
     resume_from = resolve_checkpoint(runs["stage_a"].data.tags["latentgate.final_checkpoint"])
     out = ckpt.parents[2]
-    result = run_stage(cfg, "stage_a", {"run_id": base_run, "base_dir": base_dir}, out, splits,
+    result = run_stage(cfg, "stage_a", base, out, splits,
                        resume=resume_from, run_id=runs["stage_a"].info.run_id)
     assert result["steps"] == step + 2
     run = client().get_run(runs["stage_a"].info.run_id)

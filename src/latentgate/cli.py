@@ -108,7 +108,7 @@ def checkpoint() -> None:
 def checkpoint_verify(uri, preset, sets, overrides):
     """Re-hash every file of a checkpoint against its manifest; with --preset/--set, also check that it fits
     that config (the keys a resume or an eval must share)."""
-    from latentgate.phases.stages import resolve_checkpoint
+    from latentgate.tracking.lineage import resolve_checkpoint
     from latentgate.train import checkpoint as ckpt
 
     path = resolve_checkpoint(uri)

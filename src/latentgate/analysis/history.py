@@ -16,8 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlflow
+from mlflow.exceptions import MlflowException
+
 from latentgate.errors import DataError, StoreError
 from latentgate.eval.controls import CONTROL_KEYS
+from latentgate.tracking.lineage import client, run_in_uri  # client: also what monitor and report open the store with
+from latentgate.tracking.secrets import mask_secrets
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 NOT_STAGES = ("eval", "base")
@@ -99,9 +104,7 @@ class EvalResult:
     @property
     def stage_run_id(self) -> str | None:
         """The stage run whose checkpoint was evaluated (`latentgate.checkpoint` = runs:/<id>/...)."""
-        if self.checkpoint.startswith("runs:/"):
-            return self.checkpoint.removeprefix("runs:/").split("/", 1)[0] or None
-        return None
+        return run_in_uri(self.checkpoint)
 
     def path_rows(self, path: str) -> list[dict]:
         return [r for r in (self.rows or []) if r.get("path") == path]
@@ -150,24 +153,7 @@ class RunBundle:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def client():
-    """An MlflowClient on MLFLOW_TRACKING_URI (or the embedded default). Never creates an experiment."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from latentgate.tracking.runs import check_reachable, tracking_uri
-
-    uri = tracking_uri()
-    check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
-
-
 def get_run(cl, run_id: str):
-    from mlflow.exceptions import MlflowException
-
-    from latentgate.tracking.secrets import mask_secrets
-
     try:
         return cl.get_run(run_id)
     except MlflowException as err:
@@ -178,8 +164,6 @@ def get_run(cl, run_id: str):
 
 def child_runs(cl, run) -> list:
     """Direct children: the `latentgate.children` tag plus every run tagged mlflow.parentRunId = run."""
-    from mlflow.exceptions import MlflowException
-
     ids = [c for c in run.data.tags.get("latentgate.children", "").split(",") if c.strip()]
     found = {}
     try:
@@ -270,9 +254,6 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def download(run_id: str, artifact_path: str, dst: Path) -> Path | None:
     """A run artifact as a local file, or None if the run has no such artifact."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     try:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
                                                         dst_path=str(dst)))
@@ -315,8 +296,6 @@ def load_bundle(run_id: str, cl=None, with_artifacts: bool = True) -> RunBundle:
     for ev in bundle.evals:
         sid = ev.stage_run_id
         if sid and sid not in loaded:
-            from mlflow.exceptions import MlflowException
-
             try:
                 r = cl.get_run(sid)
             except MlflowException:

@@ -38,6 +38,7 @@ from latentgate.bench.report import (
     ratio_row,
 )
 from latentgate.config import Config, flatten, resolve
+from latentgate.tracking import lineage
 
 # ---- configs --------------------------------------------------------------------------------------------------
 
@@ -190,10 +191,8 @@ def bench_tracking(cfg: Config, work: Path, reps: int = 3, steps: int = 40, stag
 
         raw = interleave({"null": lambda: run("null"), "tracked": lambda: run("tracked")}, reps,
                          timer=lambda name, result, wall: result)
-        from mlflow import MlflowClient
-
         run_id = results["tracked"][-1]["run_id"]
-        logged = len(MlflowClient().get_metric_history(run_id, f"{stage}/loss"))
+        logged = len(lineage.client().get_metric_history(run_id, f"{stage}/loss"))
     best = {k: best_of(v) for k, v in raw.items()}
     totals = {k: _split([total_of(r) for r in v]) for k, v in raw.items()}
     c = CLOCKS.index(JUDGE_CLOCK["clock"])

@@ -13,6 +13,7 @@ import json
 
 from latentgate.calibrate.runner import PHASE, SUMMARY_TAG
 from latentgate.calibrate.stats import predict
+from latentgate.tracking.lineage import client
 
 TAG = "hero.calibration"
 
@@ -69,9 +70,7 @@ def calibration_note(eval_run: str | None, passed: bool | None, version: str | N
     """One line for `promote` / `analyze` about the candidate behind `eval_run`; with `version` (a promotion that
     was not a dry run), also the model-version tag hero.calibration."""
     try:
-        from latentgate.registry.model import client as registry_client
-
-        c = registry_client()
+        c = client()
         summary = latest_summary(c)
         if summary is None:
             return "calibration: none recorded yet (`latentgate calibrate` measures whether the gate predicts the hero)"

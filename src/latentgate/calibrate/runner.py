@@ -24,6 +24,7 @@ from pathlib import Path
 from latentgate.calibrate.spec import CalibrationSet, Configuration
 from latentgate.config import Config, config_hash, flatten
 from latentgate.errors import GateRefused, TrainingFault
+from latentgate.tracking.lineage import base_from_run, client
 
 PHASE = "calibrate"
 ROLE_TAG = "latentgate.calibrate.role"  # gate | hero, on each chain's parent run
@@ -33,12 +34,6 @@ SUMMARY_TAG = "latentgate.calibrate.summary"  # what `promote` and `analyze` rea
 CHAIN_NAME = {"gate": "smoke", "hero": "hero-scale"}
 DETERMINISTIC_FAILURES = (TrainingFault, GateRefused)
 STAGES = ("stage_a", "stage_b")
-
-
-def _client():
-    from mlflow import MlflowClient
-
-    return MlflowClient()
 
 
 def _experiment_id(cfg: Config) -> str | None:
@@ -54,7 +49,7 @@ def find_chain(role: str, cfg: Config) -> str | None:
     exp = _experiment_id(cfg)
     if exp is None:
         return None
-    runs = _client().search_runs([exp], order_by=["attributes.start_time DESC"], max_results=20,
+    runs = client().search_runs([exp], order_by=["attributes.start_time DESC"], max_results=20,
                                  filter_string=f"tags.`{ROLE_TAG}` = '{role}' and "
                                                f"tags.`{HASH_TAG}` = '{config_hash(cfg)}'")
     reusable = {e.__name__ for e in DETERMINISTIC_FAILURES}
@@ -68,7 +63,7 @@ def find_chain(role: str, cfg: Config) -> str | None:
 def chain_record(run_id: str, reused: bool) -> dict:
     """What the calibration reads from a chain run: status, child runs by phase, latent F1, the optimizer and
     micro-steps each stage ran, and the run's wall time."""
-    c = _client()
+    c = client()
     run = c.get_run(run_id)
     kids = c.search_runs([run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
                          order_by=["attributes.start_time ASC"])
@@ -117,10 +112,9 @@ def micro_step_flops(cfg: Config, base_run: str) -> dict[str, float]:
     """Model FLOPs of one micro-step of each stage, counted by `bench.comparisons.step_flops` on the first batch
     of the training split (its KD term follows the stage's own kd_weight)."""
     from latentgate.bench.comparisons import step_flops
-    from latentgate.phases.stages import base_from_run
     from latentgate.train.workspace import build_workspace, load_splits
 
-    ws = build_workspace(cfg, base_from_run(base_run)["base_dir"], load_splits(cfg))
+    ws = build_workspace(cfg, base_from_run(base_run).dir, load_splits(cfg))
     out = {}
     for stage in STAGES:
         st = getattr(cfg, stage)

@@ -21,8 +21,19 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+import mlflow
+from mlflow.exceptions import MlflowException
+
 from latentgate.config import Config, config_hash, flatten, from_flat
+from latentgate.distributed import owns_store
 from latentgate.errors import CheckpointError, ConfigError, GateRefused, LatentgateError
+from latentgate.phases.smoke import run_output_dir, run_smoke
+from latentgate.phases.stages import run_base, run_eval, run_stage
+from latentgate.tracking import lineage
+from latentgate.tracking.lineage import run_id_of  # noqa: F401 (phases/pipeline.py imports it from here)
+from latentgate.tracking.runs import adopt_project_run, setup_experiment
+from latentgate.train.load import check_compatible
+from latentgate.train.workspace import load_splits, resolve_device
 
 TRAINING = ("stage_a", "stage_b", "extend", "fix")
 STAGE_OF = {"stage_a": "stage_a", "stage_b": "stage_b", "extend": "stage_b", "fix": "stage_b"}
@@ -31,9 +42,7 @@ HERO_ALIAS = "hero"
 
 def step_key(entry_point: str, cfg: Config) -> str:
     """What a phase's result depends on: the base LM only on base/data; every other phase on the whole config."""
-    from latentgate.phases.stages import base_hash
-
-    return base_hash(cfg) if entry_point == "base" else config_hash(cfg)
+    return lineage.base_hash(cfg) if entry_point == "base" else config_hash(cfg)
 
 
 def phase_tags(entry_point: str, cfg: Config, preset: str, input_uri: str = "", output_dir: Path | None = None) -> dict:
@@ -45,9 +54,6 @@ def phase_tags(entry_point: str, cfg: Config, preset: str, input_uri: str = "", 
 def _open(cfg: Config) -> str | None:
     """Point MLflow at the store and experiment; return the run `mlflow run` created for this process, if any
     (removed from the environment, so runs nested under it are real children)."""
-    from latentgate.tracking.runs import adopt_project_run, setup_experiment
-    from latentgate.train.workspace import resolve_device
-
     resolve_device(cfg.run.device)  # a device this machine lacks fails here, before any run starts
     setup_experiment(cfg.run.experiment)  # inside `mlflow run`: the project run's experiment
     return adopt_project_run()
@@ -60,12 +66,8 @@ def _preflight(run_id: str | None):
     try:
         yield
     except LatentgateError as err:
-        from latentgate.distributed import owns_store
-
         if run_id and owns_store():
-            from mlflow import MlflowClient
-
-            client = MlflowClient()
+            client = lineage.client()
             if client.get_run(run_id).info.status != "FINISHED":  # a finished run is never touched
                 client.set_tag(run_id, "latentgate.error", f"{type(err).__name__}: {str(err)[:500]}")
                 client.set_terminated(run_id, status="FAILED")
@@ -77,9 +79,7 @@ def _refuse_finished(run_id: str | None):
     run. A FINISHED phase is never overwritten."""
     if not run_id:
         return None
-    from mlflow import MlflowClient
-
-    run = MlflowClient().get_run(run_id)
+    run = lineage.client().get_run(run_id)
     if run.info.status == "FINISHED" and run.data.tags.get("latentgate.entry_point"):
         raise ConfigError(f"run {run_id} already holds a FINISHED {run.data.tags['latentgate.entry_point']} phase; "
                           "a finished phase is never overwritten", "start a new run (omit --run-id)")
@@ -88,76 +88,30 @@ def _refuse_finished(run_id: str | None):
 
 def _begin(cfg: Config, name: str):
     """Output folder and data splits of a phase."""
-    from latentgate.phases.smoke import run_output_dir
-    from latentgate.train.workspace import load_splits
-
     return run_output_dir(cfg, name), load_splits(cfg)
 
 
 # ---- inputs: checkpoints and the base LM behind them ------------------------------------------------------------
 
-def run_id_of(uri: str) -> str | None:
-    """The MLflow run behind a runs:/ or models:/ URI (None for a local path)."""
-    if uri.startswith("runs:/"):
-        return uri.removeprefix("runs:/").split("/", 1)[0]
-    if uri.startswith("models:/"):
-        from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
-
-        ref = uri.removeprefix("models:/")
-        client = MlflowClient()
-        try:
-            if "@" in ref:
-                name, alias = ref.split("@", 1)
-                return client.get_model_version_by_alias(name, alias.strip("/")).run_id
-            name, version = ref.rstrip("/").split("/", 1)
-            return client.get_model_version(name, version).run_id
-        except (MlflowException, ValueError) as err:
-            raise CheckpointError(f"cannot resolve {uri}: {str(err).splitlines()[0][:200]}",
-                                  "check the model name and alias (the Models tab of `mlflow ui`; "
-                                  "`latentgate verify` names the version holding hero)") from None
-    return None
-
-
-def base_for_checkpoint(cfg: Config, uri: str, manifest: dict) -> dict:
-    """The base LM a checkpoint was trained against: the base run recorded by the checkpoint's run, or, for a
-    plain folder, the registered base LM whose config matches the one in the checkpoint's manifest."""
-    from latentgate.phases.stages import base_from_run, find_registered_base
-
-    run_id = run_id_of(uri)
-    if run_id:
-        return base_from_run(run_id)
-    trained_with = from_flat(manifest.get("config") or flatten(cfg))
-    found = find_registered_base(trained_with)
-    if not found:
-        raise CheckpointError(f"no registered base LM ({cfg.run.registry_base}) matches the config of checkpoint {uri}",
-                              "pass the checkpoint as runs:/<run_id>/checkpoints/<stage>, or run `latentgate base` "
-                              "with the preset it was trained with")
-    return {"run_id": found[0], "base_dir": found[1], "source": f"reused:{found[0]}"}
-
-
-def prepare_checkpoint(cfg: Config, uri: str, want: str | None = None) -> tuple[Path, dict, dict]:
+def prepare_checkpoint(cfg: Config, uri: str, want: str | None = None) -> tuple[Path, dict, lineage.BaseLM]:
     """Resolve `uri`, check it against cfg (one line naming a mismatch), find its base LM: (dir, manifest, base)."""
-    from latentgate.phases.stages import check_compatible, resolve_checkpoint
-
     if not uri:
         raise ConfigError("no checkpoint given", "pass runs:/<run_id>/checkpoints/<stage>, models:/<name>@<alias> "
                                                  "or a checkpoint folder")
-    local = resolve_checkpoint(uri)
+    local = lineage.resolve_checkpoint(uri)
     manifest = check_compatible(cfg, local)
     stage = "stage_b" if manifest.get("lora") else "stage_a"
     if want and stage != want:
         raise CheckpointError(f"{uri} is a {stage} checkpoint; this phase starts from a {want} checkpoint",
                               f"pass runs:/<{want}_run_id>/checkpoints/{want}")
-    return local, manifest, base_for_checkpoint(cfg, uri, manifest)
+    trained_with = from_flat(manifest.get("config") or flatten(cfg))
+    return local, manifest, lineage.base_for_checkpoint(uri, trained_with)
 
 
 # ---- the entry points ---------------------------------------------------------------------------------------------
 
 def base(cfg: Config, preset: str = "") -> dict:
     """`base`: train the builtin base LM (or reuse the registered one with the same config), then the sanity gate."""
-    from latentgate.phases.stages import run_base
-
     attached = _open(cfg)
     with _preflight(attached):
         _refuse_finished(attached)
@@ -167,26 +121,21 @@ def base(cfg: Config, preset: str = "") -> dict:
 
 def stage_a(cfg: Config, preset: str = "") -> dict:
     """`stage_a`: encoder + adapter against the frozen base LM registered for this config."""
-    from latentgate.phases.stages import find_registered_base, run_stage
-
     attached = _open(cfg)
     with _preflight(attached):
         if (existing := _refuse_finished(attached)) is not None:
             return resume(existing.info.run_id)
-        found = find_registered_base(cfg)
+        found = lineage.find_registered_base(cfg)
         if not found:
             raise CheckpointError(f"no base LM registered under {cfg.run.registry_base} for this config",
                                   "run `latentgate base` (or mlflow run . -e base) with the same preset first")
     out, splits = _begin(cfg, "stage_a")
-    base_info = {"run_id": found[0], "base_dir": found[1], "source": f"reused:{found[0]}"}
-    return run_stage(cfg, "stage_a", base_info, out, splits, run_id=attached,
+    return run_stage(cfg, "stage_a", found, out, splits, run_id=attached,
                      tags=phase_tags("stage_a", cfg, preset, "", out))
 
 
 def stage_b(cfg: Config, resume_from: str, preset: str = "", entry_point: str = "stage_b") -> dict:
     """`stage_b` (and Phase 1 `extend`, Phase 3 `fix`): Stage B with LoRA, starting from a Stage A checkpoint."""
-    from latentgate.phases.stages import run_stage
-
     attached = _open(cfg)
     with _preflight(attached):
         if (existing := _refuse_finished(attached)) is not None:
@@ -213,8 +162,6 @@ def fix(cfg: Config, resume_from: str, preset: str = "") -> dict:
 
 def evaluate(cfg: Config, checkpoint: str, preset: str = "") -> dict:
     """`eval`: every eval path (latent and its controls) on a Stage A or Stage B checkpoint."""
-    from latentgate.phases.stages import run_eval
-
     attached = _open(cfg)
     with _preflight(attached):
         _refuse_finished(attached)
@@ -228,8 +175,6 @@ def hero(cfg: Config, model: str = "", preset: str = "") -> dict:
     """Phase 4: the hero preset, end to end. Starts only from the model version holding the registry alias
     `hero` (the readiness checklist passed); without one it exits with the gate's reasons and starts nothing.
     The hero config must keep the approved model's architecture (M, d_z, encoder, base LM)."""
-    from latentgate.tracking.runs import setup_experiment
-
     setup_experiment(cfg.run.experiment)
     attached = os.environ.get("MLFLOW_RUN_ID")  # run_smoke adopts it
     name = cfg.run.registry_model
@@ -246,11 +191,7 @@ def hero(cfg: Config, model: str = "", preset: str = "") -> dict:
                               "install the registry part of latentgate") from None
         approved = hero_model_uri(name=name)  # GateRefused with the reasons when no valid alias
         prepare_checkpoint(cfg, approved)
-        from mlflow import MlflowClient
-
-        version = MlflowClient().get_model_version_by_alias(name, HERO_ALIAS).version
-    from latentgate.phases.smoke import run_smoke
-
+        version = lineage.client().get_model_version_by_alias(name, HERO_ALIAS).version
     tags = {**phase_tags("hero", cfg, preset, f"models:/{name}/{version}"), "latentgate.hero_from": approved,
             "latentgate.hero_version": str(version)}
     return run_smoke(cfg, preset or "hero", name="hero", tags=tags)
@@ -273,17 +214,7 @@ def run_entry(entry_point: str, cfg: Config, preset: str = "", input_uri: str = 
 def resume(run_id: str) -> dict:
     """Continue a killed, failed or interrupted training phase in the SAME run, from its last checkpoint. The
     config is rebuilt from the run's logged params; already-logged metric steps are not logged again."""
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from latentgate.distributed import owns_store
-    from latentgate.phases.stages import base_from_run, run_stage
-    from latentgate.tracking.runs import tracking_uri
-    from latentgate.train.workspace import load_splits
-
-    mlflow.set_tracking_uri(tracking_uri())  # an existing, reachable store (never creates one)
-    client = MlflowClient()
+    client = lineage.client()  # an existing, reachable store (never creates one)
     try:
         run = client.get_run(run_id)
     except MlflowException as err:
@@ -310,7 +241,7 @@ def resume(run_id: str) -> dict:
     if not (ckpt_dir / "manifest.json").exists():
         raise CheckpointError(f"run {run_id} left no checkpoint in {ckpt_dir} (it stopped before its first one)",
                               f"start the phase again (set {stage}.checkpoint_every to checkpoint more often)")
-    base_info = base_from_run(run_id)
+    base_info = lineage.base_from_run(run_id)
     keep = {k: v for k, v in tags.items() if k.startswith("latentgate.")
             and k not in ("latentgate.error", "latentgate.error_type")}
     if "latentgate.error" in tags and owns_store():

@@ -54,7 +54,8 @@ def _run_smoke(cfg: Config, preset: str, name: str, tags: dict | None, bar) -> d
         parent.set_name(f"{shown} ({labels.short_params(labels.stage_params(cfg, 'stage_b'))})")
         parent.log_params(flatten(cfg))
         bar.update(0, force=True, at=PHASES[0])
-        base = run_base(cfg, out, splits)
+        base_run = run_base(cfg, out, splits)
+        base = base_run["base"]
         bar.update(1, force=True, at=PHASES[1])
         a = run_stage(cfg, "stage_a", base, out, splits)
         bar.update(2, force=True, at=PHASES[2])
@@ -65,14 +66,15 @@ def _run_smoke(cfg: Config, preset: str, name: str, tags: dict | None, bar) -> d
         paths = ev["metrics"]["paths"]
         summary = {
             "run_id": parent.run_id,
-            "text_f1": paths["text"]["f1"] if "text" in paths else base["text"]["f1"],
+            "text_f1": paths["text"]["f1"] if "text" in paths else base_run["text"]["f1"],
             "latent_f1": paths["latent"]["f1"], "latent_em": paths["latent"]["em"],
             "stage_a_probe_first_acc": (a["final_probe"] or {}).get("first_acc"),
             "stage_b_probe_first_acc": (b["final_probe"] or {}).get("first_acc"),
             "controls_f1": {p: paths[p]["f1"] for p in ("zero_latent", "shuffled_latent", "token_budget")
                             if p in paths},
-            "wall_seconds": time.perf_counter() - t0, "base_source": base["source"],
-            "children": {"base": base["run_id"], "stage_a": a["run_id"], "stage_b": b["run_id"], "eval": ev["run_id"]},
+            "wall_seconds": time.perf_counter() - t0, "base_source": base.source,
+            "children": {"base": base_run["run_id"], "stage_a": a["run_id"], "stage_b": b["run_id"],
+                         "eval": ev["run_id"]},
             "output_dir": str(out), "tracking_uri": mask_secrets(tracking_uri()),
         }
         parent.log_metrics({"text_f1": summary["text_f1"], "latent_f1": summary["latent_f1"],

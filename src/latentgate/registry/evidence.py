@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlflow.exceptions import MlflowException
+
+from latentgate.config import config_hash, from_flat
+from latentgate.errors import ConfigError
 from latentgate.eval.controls import collapse_stats
 from latentgate.registry.checklist import ANY, Checklist, Criterion
+from latentgate.tracking import lineage
+from latentgate.tracking.lineage import RunUri, run_in_uri
+from latentgate.tracking.runs import local_artifacts
 
-_RUN_URI = re.compile(r"^runs:/([0-9a-f]{32})(?:/|$)")
 MAX_HOPS = 8
 
 
@@ -36,11 +41,6 @@ class Observation:
     failure: str = ""  # a reason the criterion fails whatever `observed` is (eval_collapse: one answer for many)
 
 
-def run_id_of(uri: str) -> str | None:
-    m = _RUN_URI.match(uri or "")
-    return m.group(1) if m else None
-
-
 def _short(run_id: str) -> str:
     return run_id[:8]
 
@@ -49,9 +49,7 @@ class Evidence:
     """Cached access to the candidate's runs, metric histories and eval artifacts."""
 
     def __init__(self, eval_run_id: str, client=None):
-        from mlflow import MlflowClient
-
-        self.client = client or MlflowClient()
+        self.client = client or lineage.client()
         self.eval_run_id = eval_run_id
         self._runs: dict[str, Any] = {}
         self._why: dict[str, str] = {}  # phase -> why it is missing
@@ -62,8 +60,6 @@ class Evidence:
 
     # ---- lineage ---------------------------------------------------------------------------------------------
     def _get(self, run_id: str):
-        from mlflow.exceptions import MlflowException
-
         try:
             return self.client.get_run(run_id)
         except MlflowException:
@@ -81,7 +77,7 @@ class Evidence:
         base_id = tags.get("latentgate.base_run")
         self._link("base", base_id, "eval tag latentgate.base_run", "the eval run has no latentgate.base_run tag")
         ckpt = tags.get("latentgate.checkpoint", "")
-        sb_id = run_id_of(ckpt)
+        sb_id = run_in_uri(ckpt, strict=True)
         self._link("stage_b", sb_id, f"eval tag latentgate.checkpoint={ckpt}",
                    f"the eval run's latentgate.checkpoint ({ckpt or 'absent'}) is not a runs:/<stage_b>/... URI")
         if "stage_b" not in self._runs:
@@ -91,7 +87,7 @@ class Evidence:
         for _ in range(MAX_HOPS):  # follow init_from through extend/fix stages until a stage_a run
             seen.add(run.info.run_id)
             init = run.data.tags.get("latentgate.init_from", "") or run.data.tags.get("latentgate.resume_from", "")
-            nxt_id = run_id_of(init)
+            nxt_id = run_in_uri(init, strict=True)
             how = f"{run.data.tags.get('latentgate.phase')} {_short(run.info.run_id)} tag latentgate.init_from={init}"
             if nxt_id is None and init:  # a local path: the parent smoke run's children name the Stage A run
                 nxt_id, how = self._sibling(run, "stage_a"), "the stage_a run in the parent run's latentgate.children"
@@ -156,13 +152,9 @@ class Evidence:
 
     def artifact(self, name: str) -> Path:
         if name not in self._artifacts:
-            from mlflow.exceptions import MlflowException
-
-            from latentgate.tracking.runs import local_artifacts
-
             run = self.run("eval")
             try:
-                local = local_artifacts(f"runs:/{run.info.run_id}/{name}")  # no copy left in $TMPDIR
+                local = local_artifacts(str(RunUri(run.info.run_id, name)))  # no copy left in $TMPDIR
             except (MlflowException, OSError):
                 raise Missing(f"eval run {_short(run.info.run_id)}: no artifact {name}") from None
             self._artifacts[name] = Path(local)
@@ -369,9 +361,6 @@ def check_lineage(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
 
 
 def check_dataset_digest(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
-    from latentgate.config import config_hash, from_flat
-    from latentgate.errors import ConfigError
-
     run = ev.run("eval")
     tag = f"dataset.{c.params['dataset']}.digest"
     digest = run.data.tags.get(tag)

@@ -15,10 +15,11 @@ passes is reported. `hero_model_uri` is what the hero run starts from.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import math
 import os
-import re
 import tempfile
 import time
 from contextlib import contextmanager
@@ -26,9 +27,15 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import mlflow
+from mlflow.exceptions import MlflowException
+
 from latentgate.errors import ConfigError, GateRefused, StoreError
 from latentgate.registry.checklist import Checklist, load_checklist
-from latentgate.registry.model import TAG_EVAL_RUN, client
+from latentgate.registry.evidence import CHECKS, Evidence, Missing, Observation
+from latentgate.registry.model import TAG_EVAL_RUN, register_candidate
+from latentgate.tracking.lineage import RUN_ID, ModelUri, RunUri, client, parse_uri
+from latentgate.tracking.runs import git_commit
 
 TAG_CHECK = "hero.check."
 TAG_AUDIT = "hero.audit"
@@ -37,7 +44,6 @@ TAG_PASSED = "hero.passed"
 TAG_EVENT = "hero.event."
 TAG_SUPERSEDED = "hero.superseded_by"
 FAULT_ENV = "LATENTGATE_FAULT"  # fault injection for tests: "promote.before_alias"
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 TAG_MAX = 4900
 
 
@@ -83,8 +89,6 @@ def _stamp() -> str:
 
 
 def _commit() -> str:
-    from latentgate.tracking.runs import git_commit
-
     sha, dirty = git_commit()
     return sha + ("-dirty" if dirty else "")
 
@@ -96,17 +100,17 @@ def _checklist(checklist) -> Checklist:
 # ---- candidates ---------------------------------------------------------------------------------------------------
 
 def _version_of(ref: str, name: str) -> str | None:
-    for prefix in (f"models:/{name}/", f"{name}/"):
-        if ref.startswith(prefix) and ref[len(prefix):].isdigit():
-            return ref[len(prefix):]
-    return ref if ref.isdigit() else None
+    """`<n>`, `<name>/<n>` or `models:/<name>/<n>` -> "<n>"; None for anything else."""
+    parsed = parse_uri(ref)
+    if isinstance(parsed, ModelUri):
+        return parsed.version if parsed.name == name and parsed.version.isdigit() else None
+    version = ref.removeprefix(f"{name}/")
+    return version if version.isdigit() else None
 
 
 def resolve_candidate(c, ref: str, name: str) -> tuple[str | None, str | None, list[str]]:
     """A version number (or models:/<name>/<n>), an eval run, a smoke run or a register run ->
     (version or None, eval run id or None, what is missing)."""
-    from mlflow.exceptions import MlflowException
-
     ref = str(ref).strip()
     version = _version_of(ref, name)
     if version is not None:
@@ -123,8 +127,9 @@ def resolve_candidate(c, ref: str, name: str) -> tuple[str | None, str | None, l
                 eval_run = None
         missing = [] if eval_run else [f"version {version}: no {TAG_EVAL_RUN} tag (no eval run links it to evidence)"]
         return version, eval_run, missing
-    run_id = ref.removeprefix("runs:/").split("/")[0]
-    if not _RUN_ID.match(run_id):
+    parsed = parse_uri(ref)
+    run_id = parsed.run_id if isinstance(parsed, RunUri) else ref
+    if not RUN_ID.match(run_id):
         raise GateRefused(f"{ref!r} is neither a model version nor a run id", "pass a version number or a run id")
     try:
         run = c.get_run(run_id)
@@ -164,8 +169,6 @@ def _row(crit, obs) -> dict:
 def evaluate(version_or_eval_run: str, checklist=None, name: str | None = None, *, checklist_path=None) -> Report:
     """Evaluate every criterion against recorded evidence. Read-only. `checklist` (or `checklist_path`): a path or
     a loaded Checklist; default registry/hero.yaml."""
-    from latentgate.registry.evidence import CHECKS, Evidence, Missing, Observation
-
     cl = _checklist(checklist if checklist is not None else checklist_path)
     name = name or cl.model_name
     c = client()
@@ -191,10 +194,6 @@ def evaluate(version_or_eval_run: str, checklist=None, name: str | None = None, 
 # ---- registry writes ---------------------------------------------------------------------------------------------
 
 def _lock_path(name: str) -> Path:
-    import hashlib
-
-    import mlflow
-
     uri = mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
@@ -206,8 +205,6 @@ def _lock_path(name: str) -> Path:
 @contextmanager
 def registry_lock(name: str, timeout: float = 300.0):
     """Serialise registry writes for one registered model (threads and processes alike)."""
-    import fcntl
-
     path = _lock_path(name)
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     deadline = time.monotonic() + timeout
@@ -232,8 +229,6 @@ def _fault(point: str) -> None:
 
 
 def alias_holder(c, name: str, alias: str = "hero") -> str | None:
-    from mlflow.exceptions import MlflowException
-
     try:
         return str(c.get_model_version_by_alias(name, alias).version)
     except MlflowException:
@@ -275,8 +270,6 @@ def promote(version: str, dry_run: bool = False, checklist=None, name: str | Non
             checklist_path=None) -> Report:
     """Evaluate; unless dry_run, record the result on the version and move the alias only if all passed.
     A run id (eval/smoke) is registered first (`register_candidate`) unless dry_run."""
-    from latentgate.registry.model import register_candidate
-
     cl = _checklist(checklist if checklist is not None else checklist_path)
     name = name or cl.model_name
     report = evaluate(version, cl, name)
@@ -334,7 +327,6 @@ def demote(version: str, reason: str, to: str | None = None, checklist=None, nam
     name = name or cl.model_name
     if not reason or not reason.strip():
         raise GateRefused("a demotion needs a reason", "pass --reason '<why>'")
-    from mlflow.exceptions import MlflowException
 
     c = client()
     v = _version_of(str(version), name) or str(version)

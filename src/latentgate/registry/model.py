@@ -14,7 +14,13 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from latentgate.config import flatten, from_flat
 from latentgate.errors import CheckpointError, DataError, StoreError
+from latentgate.tracking.lineage import base_from_run, client, resolve_checkpoint, run_in_uri
+from latentgate.tracking.runs import tracked_run
 from latentgate.train.checkpoint import write_manifest
 
 MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -26,20 +32,6 @@ TAG_BASE_RUN = "latentgate.base_run"
 TAG_CHECKPOINT = "latentgate.checkpoint"
 TAG_REGISTER_RUN = "latentgate.register_run"
 TAG_COMMIT = "latentgate.git_commit"
-
-
-def client():
-    """An MlflowClient on the configured store (MLFLOW_TRACKING_URI, or ./mlflow.db)."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from latentgate.tracking.runs import check_reachable, tracking_uri
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    uri = tracking_uri()
-    check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient()
 
 
 def _package_code(tmp: Path) -> str:
@@ -65,22 +57,6 @@ def _pip_requirements() -> list[str]:
     return out
 
 
-def _base_lm_dir(c, base_run_id: str) -> str:
-    """The base LM folder: the base run's `base_lm/` artifact, or that of the run it reused."""
-    from mlflow.exceptions import MlflowException
-
-    from latentgate.tracking.runs import local_artifacts
-
-    base = c.get_run(base_run_id)
-    source = base.data.tags.get("latentgate.base_source", "")
-    holder = source.split(":", 1)[1] if source.startswith(("reused:", "trained:")) else base_run_id
-    try:
-        return str(local_artifacts(f"runs:/{holder}/base_lm"))  # read in place from a local store: no copy
-    except (MlflowException, OSError):
-        raise CheckpointError(f"base LM artifact runs:/{holder}/base_lm is missing (base run {base_run_id})",
-                              "re-run `latentgate base` for this config") from None
-
-
 def _signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
@@ -91,8 +67,6 @@ def _signature():
 
 def version_for_eval_run(eval_run_id: str, name: str = "latentgate") -> str | None:
     """The newest version of `name` already registered from this eval run, if any."""
-    from mlflow.exceptions import MlflowException
-
     try:
         versions = client().search_model_versions(f"name='{name}'")
     except MlflowException:
@@ -103,14 +77,9 @@ def version_for_eval_run(eval_run_id: str, name: str = "latentgate") -> str | No
 
 def register_candidate(eval_run_id: str, name: str = "latentgate") -> str:
     """Log the pyfunc model of a FINISHED eval run's checkpoint and register it under `name`; returns the version."""
-    import mlflow
     import pandas as pd
-    from mlflow.exceptions import MlflowException
 
-    from latentgate.config import flatten, from_flat
-    from latentgate.phases.stages import resolve_checkpoint
-    from latentgate.tracking.runs import tracked_run
-    from latentgate.train.workspace import load_splits
+    from latentgate.train.workspace import load_splits  # torch: only where a model is registered or loaded
 
     c = client()
     try:
@@ -128,7 +97,7 @@ def register_candidate(eval_run_id: str, name: str = "latentgate") -> str:
                               "evaluate through `latentgate eval` so the lineage is recorded")
     cfg = from_flat(ev.data.params)
     ckpt_dir = resolve_checkpoint(ckpt_uri)
-    stage_b = ckpt_uri.split("/")[1] if ckpt_uri.startswith("runs:/") else ""
+    stage_b = run_in_uri(ckpt_uri) or ""
     examples = load_splits(cfg)["eval"][:2]
     example = pd.DataFrame({"context": [e.context for e in examples], "question": [e.question for e in examples]})
     version_tags = {TAG_EVAL_RUN: eval_run_id, TAG_STAGE_B_RUN: stage_b, TAG_BASE_RUN: base_run,
@@ -144,7 +113,7 @@ def register_candidate(eval_run_id: str, name: str = "latentgate") -> str:
         except (MlflowException, OSError):
             raise CheckpointError(f"eval run {eval_run_id} has no contract.json", "re-run the eval") from None
         if cfg.base.name == "builtin":  # bundle the base LM; an external one is referenced by cfg.base.name
-            artifacts["base_lm"] = _base_lm_dir(c, base_run)
+            artifacts["base_lm"] = base_from_run(base_run).dir
         if mlflow.active_run() is None and not os.environ.get("MLFLOW_RUN_ID"):
             mlflow.set_experiment(experiment_id=ev.info.experiment_id)
         with tracked_run("register", tags={**version_tags, "latentgate.base_reference": cfg.base.name}) as tr:
@@ -191,8 +160,6 @@ def weights_only_copy(src: Path, dst: Path) -> Path:
 
 def load_workspace(model_uri: str = "models:/latentgate@hero"):
     """The Workspace (cfg, LM with LoRA, encoder, adapter, tokenizer, contract) inside a registered model."""
-    import mlflow
-
     return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().ws
 
 
@@ -200,8 +167,7 @@ def load_workspace(model_uri: str = "models:/latentgate@hero"):
 
 def load_bundle(artifacts: dict):
     """The workspace of a logged model: config, base LM (bundled or referenced), checkpoint; contract checked."""
-    from latentgate.config import from_flat
-    from latentgate.phases.stages import load_trained
+    from latentgate.train.load import load_trained  # torch: only where a model is loaded
 
     cfg = from_flat(json.loads(Path(artifacts["config"]).read_text()))
     base = artifacts.get("base_lm") or cfg.base.name

@@ -8,9 +8,16 @@ import json
 import os
 from pathlib import Path
 
-from latentgate.errors import CheckpointError
+import mlflow
+import optuna
+from optuna.artifacts import upload_artifact
+
+from latentgate.phases.stages import run_eval, run_stage
 from latentgate.sweep import tracking as st
 from latentgate.sweep.study import StudySpec, suggest
+from latentgate.tracking import lineage
+from latentgate.tracking.lineage import BaseLM
+from latentgate.train.workspace import load_splits
 
 RESUME_ATTR = "latentgate.resume_from"
 PARENT_ATTR = "latentgate.mlflow_parent_run"
@@ -19,36 +26,12 @@ N_TRIALS_ATTR = "latentgate.n_trials"
 SAMPLE_ROWS = 20
 
 
-def base_for_checkpoint(uri: str, cfg) -> dict:
-    """The base LM a Stage A checkpoint was trained on: followed through the stage run's `latentgate.base_run`
-    tag (and a reused base to the run that trained it); else the registered base with the same config."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from latentgate.phases.stages import find_registered_base
-    from latentgate.tracking.runs import local_artifacts
-
+def trial_base(uri: str, cfg) -> BaseLM:
+    """The base LM of the study's Stage A checkpoint: an external one is named by the config; a builtin one is
+    followed through the stage run's lineage, else the registered base LM of the same config."""
     if cfg.base.name != "builtin":
-        return {"run_id": "", "base_dir": cfg.base.name}
-    if uri.startswith("runs:/"):
-        c = MlflowClient()
-        try:
-            base_run = c.get_run(uri.split("/")[1]).data.tags.get("latentgate.base_run", "")
-            source = c.get_run(base_run).data.tags.get("latentgate.base_source", "") if base_run else ""
-        except MlflowException:
-            base_run, source = "", ""
-        owner = source.split(":", 1)[1] if source.startswith(("trained:", "reused:")) else ""
-        if owner:
-            try:
-                local = local_artifacts(f"runs:/{owner}/base_lm")  # read in place from a local store
-                return {"run_id": base_run, "base_dir": str(local)}
-            except (MlflowException, OSError):
-                pass
-    found = find_registered_base(cfg)
-    if found:
-        return {"run_id": found[0], "base_dir": found[1]}
-    raise CheckpointError(f"no base LM found for the Stage A checkpoint {uri}",
-                          "resume from a runs:/<stage_a run>/checkpoints/stage_a URI, or use resume_from: auto")
+        return BaseLM(cfg.base.name, "", "external")
+    return lineage.base_for_checkpoint(uri, cfg, strict=False)
 
 
 class TrialContext:
@@ -56,15 +39,12 @@ class TrialContext:
 
     def __init__(self, spec: StudySpec, resume_from: str, parent_run_id: str | None, threads: int | None = None,
                  artifact_store=None):
-        from latentgate.phases.stages import resolve_checkpoint
-        from latentgate.train.workspace import load_splits
-
         self.spec = spec
         self.extra = {"run.threads": threads} if threads else {}
         self.cfg0 = spec.trial_config({}, self.extra)
         self.resume_from = resume_from
-        self.stage_a_dir = resolve_checkpoint(resume_from)
-        self.base = base_for_checkpoint(resume_from, self.cfg0)
+        self.stage_a_dir = lineage.resolve_checkpoint(resume_from)
+        self.base = trial_base(resume_from, self.cfg0)
         self.splits = load_splits(self.cfg0)
         self.parent_run_id = parent_run_id
         self.artifact_store = artifact_store
@@ -78,11 +58,6 @@ def _retry_of(trial) -> int | None:
 
 def run_trial(ctx: TrialContext, trial) -> float:
     """The Optuna objective (a closure over ctx is passed to study.optimize)."""
-    import mlflow
-    import optuna
-
-    from latentgate.phases.stages import run_eval, run_stage
-
     if ctx.lock is not None:
         ctx.lock.release()
     spec = ctx.spec
@@ -111,7 +86,7 @@ def run_trial(ctx: TrialContext, trial) -> float:
                 "latentgate.init_from": ctx.resume_from}  # the URI (registry lineage), not the local download
         stage_b = run_stage(cfg, "stage_b", ctx.base, out, ctx.splits, init_from=ctx.stage_a_dir,
                             on_probe=on_probe, tags=tags)
-        st.client().set_tag(stage_b["run_id"], st.STATE_TAG, "COMPLETE")
+        lineage.client().set_tag(stage_b["run_id"], st.STATE_TAG, "COMPLETE")
         trial.set_user_attr("latentgate.stage_b_run_id", stage_b["run_id"])
         trial.set_user_attr("latentgate.checkpoint_uri", stage_b["checkpoint_uri"])
         trial.set_user_attr("latentgate.optimizer_steps", int(stage_b["steps"]))
@@ -146,8 +121,6 @@ def run_trial(ctx: TrialContext, trial) -> float:
 def _upload_artifacts(ctx: TrialContext, trial, run_id: str, eval_dir: Path, metrics: dict) -> None:
     """Sample predictions and the F1 breakdown: to the Optuna artifact store (the dashboard shows them) and to
     the trial's MLflow run."""
-    from latentgate.sweep.tracking import client
-
     rows = [json.loads(line) for line in (eval_dir / "eval_detailed.jsonl").read_text().splitlines() if line]
     latent = [r for r in rows if r["path"] == "latent"][:SAMPLE_ROWS]
     samples = eval_dir / "sample_predictions.jsonl"
@@ -162,12 +135,10 @@ def _upload_artifacts(ctx: TrialContext, trial, run_id: str, eval_dir: Path, met
                  "n_examples": metrics["n_examples"]}
     bd = eval_dir / "f1_breakdown.json"
     bd.write_text(json.dumps(breakdown, indent=2, sort_keys=True))
-    c = client()
+    c = lineage.client()
     c.log_artifact(run_id, str(samples))
     c.log_artifact(run_id, str(bd))
     if ctx.artifact_store is not None:
-        from optuna.artifacts import upload_artifact
-
         for path, mime in ((samples, "application/jsonl"), (bd, "application/json")):
             aid = upload_artifact(artifact_store=ctx.artifact_store, file_path=str(path), study_or_trial=trial,
                                   mimetype=mime)

@@ -30,6 +30,7 @@ from latentgate.sweep.objective import N_TRIALS_ATTR, PARENT_ATTR, RESUME_ATTR, 
 from latentgate.sweep.stopping import STOPPED_ATTR, stop_reason
 from latentgate.sweep.storage import AskLock, dashboard_command, open_storage, resolve_storage
 from latentgate.sweep.study import StudySpec, build_pruner, build_sampler, spec_from_dict
+from latentgate.tracking import lineage
 from latentgate.tracking.secrets import mask_secrets
 
 POLL_S = 1.0
@@ -190,7 +191,7 @@ def ensure_stage_a(spec: StudySpec, cfg, echo=print) -> str:
     echo("resume_from: auto -> training the base LM (or reusing a registered one) and Stage A once")
     out = run_output_dir(cfg, f"sweep-{spec.name}-stage_a")
     splits = load_splits(cfg)
-    base = run_base(cfg, out, splits)
+    base = run_base(cfg, out, splits)["base"]
     a = run_stage(cfg, "stage_a", base, out, splits, tags={STAGE_A_KEY_TAG: key, st.STUDY_TAG: spec.name})
     return a["checkpoint_uri"]
 
@@ -207,11 +208,10 @@ def _model_key(cfg) -> str:
 def _check_resume(spec: StudySpec, cfg, uri: str) -> None:
     """Fail before any trial if the Stage A checkpoint does not fit the study's config."""
     from latentgate.config import flatten
-    from latentgate.phases.stages import resolve_checkpoint
     from latentgate.train import checkpoint as ckpt
     from latentgate.train.trainer import COMPAT_KEYS
 
-    manifest = ckpt.read_manifest(resolve_checkpoint(uri))
+    manifest = ckpt.read_manifest(lineage.resolve_checkpoint(uri))
     saved = manifest.get("config") or {}
     saved = {f"{s}.{k}": v for s, sec in saved.items() for k, v in sec.items()} if all(
         isinstance(v, dict) for v in saved.values()) else saved
@@ -320,7 +320,7 @@ def _existing_run(run_id: str | None) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        st.client().get_run(run_id)
+        lineage.client().get_run(run_id)
         return run_id
     except MlflowException:
         return None
@@ -501,9 +501,7 @@ def record_checks(report, checked_by: str) -> str:
     and takes the alias off if it now fails). Returns what was done."""
     from latentgate.registry.checklist import load_checklist
     from latentgate.registry.gate import TAG_CHECK, alias_holder, check_tag_value, registry_lock
-    from latentgate.registry.model import client
-
-    cl, name, v, c = load_checklist(report.checklist or None), report.model_name, str(report.version), client()
+    cl, name, v, c = load_checklist(report.checklist or None), report.model_name, str(report.version), lineage.client()
     with registry_lock(name):
         if alias_holder(c, name, cl.alias) == v:
             return f"version {v} holds the alias {cl.alias}: tags left to `latentgate promote {v}`"

@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import time
 
+from latentgate.tracking.lineage import client
+
 STATE_TAG = "latentgate.trial_state"
 STUDY_TAG = "latentgate.study"
 TRIAL_TAG = "latentgate.trial_number"
 STATUS_OF = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-
-
-def client():
-    from mlflow import MlflowClient
-
-    return MlflowClient()
 
 
 def start_trial_run(parent_run_id: str | None, study: str, number: int, params: dict, retry_of: int | None):

@@ -9,6 +9,9 @@ KD, K, LoRA rank, scheduled sampling, seed). Pure Python; secrets masked.
 
 from __future__ import annotations
 
+from mlflow.exceptions import MlflowException
+
+from latentgate.tracking.lineage import base_source, client, run_in_uri
 from latentgate.tracking.secrets import mask_secrets
 
 NOTE_TAG = "mlflow.note.content"
@@ -85,19 +88,17 @@ def base_run_name(cfg, source: str) -> str:
         return mask_secrets(f"base {cfg.base.name}" + (f"@{cfg.base.revision}" if cfg.base.revision else ""))
     b = cfg.base
     what = f"base builtin {b.layers}x{b.hidden}"
-    if source.startswith("reused:"):
-        return f"{what} (reused from {source.split(':', 1)[1][:8]})"
+    kind, holder = base_source(source)
+    if kind == "reused":
+        return f"{what} (reused from {holder[:8]})"
     return f"{what} {b.steps} steps"
 
 
 def eval_run_name(source_uri: str) -> str:
     """`eval of <name of the run whose checkpoint is evaluated>` (runs:/ URIs), else `eval of <the URI>`."""
-    if source_uri.startswith("runs:/"):
-        from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
-
+    if run_id := run_in_uri(source_uri):
         try:
-            name = MlflowClient().get_run(source_uri.split("/")[1]).info.run_name
+            name = client().get_run(run_id).info.run_name
             if name:
                 return f"eval of {name}"
         except MlflowException:
