@@ -8,6 +8,7 @@ from typing import Any
 
 from latentgate.analysis import history
 from latentgate.analysis.report import eval_figures, gradient_figures, stage_figures
+from latentgate.tracking import lineage
 
 # Params that differ between any two runs and say nothing about the experiment.
 NOISE_PARAMS = ("run.output_dir",)
@@ -61,7 +62,7 @@ def differing_params(params: list[dict[str, str]]) -> dict[str, list[str | None]
 
 def compare_runs(run_ids: list[str], plot: Path | None = None) -> dict[str, Any]:
     """Summaries, differing params and (if `plot`) an overlay PNG for the given runs, in the given order."""
-    cl = history.client()
+    cl = lineage.client()
     bundles = [history.load_bundle(r, cl, with_artifacts=False) for r in run_ids]
     out = {"runs": [run_summary(b) for b in bundles],
            "differing_params": differing_params([b.all_params() for b in bundles]),

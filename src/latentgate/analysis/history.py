@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 
 from latentgate.errors import DataError, StoreError
 from latentgate.eval.controls import CONTROL_KEYS
-from latentgate.tracking.lineage import client, run_in_uri  # client: also what monitor and report open the store with
+from latentgate.tracking.lineage import client, run_in_uri
 from latentgate.tracking.secrets import mask_secrets
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from latentgate.analysis import history
 from latentgate.eval.controls import LIFT
 from latentgate.registry.checklist import BREAKTHROUGH, GRADIENTS, STABILITY, CollapseRule, Criterion, load_checklist
+from latentgate.tracking import lineage
 
 SEVERITY = {"new_peak": "info", "probe_f1": "info", "f1_breakthrough": "info", "regression": "warning",
             "collapse": "warning", "grad_spike": "warning", "nan": "critical", "failed": "critical",
@@ -255,7 +256,7 @@ class Monitor:
     client: object = None
 
     def __post_init__(self):
-        self.client = self.client or history.client()
+        self.client = self.client or lineage.client()
         self.root = history.get_run(self.client, self.run_id)  # fails early (exit 2) on an unknown id
         self.stage_watch: dict[tuple[str, str], StageWatch] = {}
         self.eval_watch: dict[str, EvalWatch] = {}

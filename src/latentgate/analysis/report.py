@@ -31,6 +31,7 @@ from latentgate.registry.checklist import (
     Checklist,
     load_checklist,
 )
+from latentgate.tracking import lineage
 
 VERDICTS = ("hero-ready", "phase3", "phase2")
 # The decision tree's next phase, as the plan's verdict (the report judges a Phase 1 result).
@@ -534,7 +535,7 @@ def analyze(target: str, out_dir: Path, log: bool = True, last_n: int = 3, check
         pngs = bundle_plots(bundle, out_dir / "plots", threshold=cl.threshold(LEARNING),
                             grad_limit=cl.threshold(GRADIENTS))
     if log and bundle.run_id:
-        cl = history.client()
+        cl = lineage.client()
         for f in files:
             cl.log_artifact(bundle.run_id, str(f), "analysis")
         for p in pngs:

@@ -30,7 +30,6 @@ from latentgate.errors import CheckpointError, ConfigError, GateRefused, Latentg
 from latentgate.phases.smoke import run_output_dir, run_smoke
 from latentgate.phases.stages import run_base, run_eval, run_stage
 from latentgate.tracking import lineage
-from latentgate.tracking.lineage import run_id_of  # noqa: F401 (phases/pipeline.py imports it from here)
 from latentgate.tracking.runs import adopt_project_run, setup_experiment
 from latentgate.train.load import check_compatible
 from latentgate.train.workspace import load_splits, resolve_device

@@ -33,6 +33,7 @@ from latentgate.config import Config, flatten, resolve
 from latentgate.errors import ConfigError, LatentgateError
 from latentgate.eval import controls
 from latentgate.registry.checklist import BREAKTHROUGH, LEARNING
+from latentgate.tracking import lineage
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -198,10 +199,9 @@ class InProcessRunner:
 
 def _wait(entry_point: str, submitted) -> str:
     """Wait for an inner `mlflow run`; a run its process left RUNNING (killed) is ended here."""
-    from mlflow import MlflowClient
 
     ok = submitted.wait()
-    client = MlflowClient()
+    client = lineage.client()
     if client.get_run(submitted.run_id).info.status == "RUNNING":
         client.set_terminated(submitted.run_id, status="FINISHED" if ok else "FAILED")
     if not ok:
@@ -211,21 +211,19 @@ def _wait(entry_point: str, submitted) -> str:
 
 class StepFailed(LatentgateError):
     def __init__(self, entry_point: str, run_id: str):
-        from mlflow import MlflowClient
 
-        error = MlflowClient().get_run(run_id).data.tags.get("latentgate.error", "see the run's log")
+        error = lineage.client().get_run(run_id).data.tags.get("latentgate.error", "see the run's log")
         super().__init__(f"step {entry_point} failed (run {run_id}): {error}",
                          f"fix the cause; `latentgate resume {run_id}` continues a training step from its checkpoint")
 
 
 def already_ran(entry_point: str, cfg: Config, input_uri: str, commit: str, experiment_id: str) -> str | None:
     """A FINISHED run of `entry_point` with the same step key (resolved config), input URI and git commit."""
-    from mlflow import MlflowClient
 
     from latentgate.phases.entry import step_key
 
     key = step_key(entry_point, cfg)
-    runs = MlflowClient().search_runs(
+    runs = lineage.client().search_runs(
         [experiment_id], order_by=["attributes.start_time DESC"], max_results=50,
         filter_string=(f"tags.`latentgate.entry_point` = '{entry_point}' and tags.`latentgate.step_key` = '{key}' "
                        "and attributes.status = 'FINISHED'"))
@@ -295,12 +293,11 @@ def gather_evidence(phase: str, stage_run: str, eval_run: str, opts: PipelineOpt
     """Read a phase's numbers back from MLflow (never from logs) and ask the registry's gate (dry run). The lift
     metric is the one the checklist's first_token_learning reads; the controls are read at its peak step."""
     import mlflow
-    from mlflow import MlflowClient
 
     from latentgate.registry.checklist import load_checklist
 
     checklist = checklist or load_checklist(opts.checklist)
-    client = MlflowClient()
+    client = lineage.client()
 
     def history(key: str) -> dict[int, float]:
         return {m.step: m.value for m in client.get_metric_history(stage_run, key)}
@@ -340,15 +337,13 @@ def run_sweep(pl: Pipeline, stage_a_uri: str) -> tuple[str, str, dict]:
     probe histories and their controls are in its Stage B child), its eval run, and its tuned keys (relative to the
     pipeline's config)."""
     import mlflow
-    from mlflow import MlflowClient
     from mlflow.projects import _project_spec
 
-    from latentgate.phases.entry import run_id_of
     from latentgate.sweep.study import load_study
 
     declared = _project_spec.load_project(str(ROOT)).get_entry_point("sweep").parameters
     # one study per (study file, Stage A run): a rerun of the pipeline continues it, another Stage A never does
-    name = f"{load_study(pl.opts.sweep_study).name}-{run_id_of(stage_a_uri)[:8]}"
+    name = f"{load_study(pl.opts.sweep_study).name}-{lineage.run_id_of(stage_a_uri)[:8]}"
     wanted = {"study": pl.opts.sweep_study, "n_trials": pl.opts.sweep_trials or None, "resume_from": stage_a_uri,
               "name": name, "preset": pl.opts.preset, "overrides": _overrides_string(pl.opts.overrides)}
     params = {k: v for k, v in wanted.items() if k in declared and v is not None}
@@ -357,14 +352,14 @@ def run_sweep(pl: Pipeline, stage_a_uri: str) -> tuple[str, str, dict]:
                                     env_manager=pl.opts.env_manager, experiment_id=pl.experiment_id,
                                     synchronous=False)
     _wait("sweep", submitted)
-    client = MlflowClient()
+    client = lineage.client()
     tags = client.get_run(submitted.run_id).data.tags
     best, best_eval = tags.get("latentgate.best_trial_run"), tags.get("latentgate.best_eval_run")
     if not best or best == "None" or not best_eval or best_eval == "None":
         raise LatentgateError(f"the sweep run {submitted.run_id} names no best trial with an eval run "
                               f"(latentgate.best_trial={tags.get('latentgate.best_trial')})",
                               "check the sweep's trials (latentgate sweep ...); at least one must complete")
-    stage_b = run_id_of(client.get_run(best_eval).data.tags.get("latentgate.checkpoint", "")) or best
+    stage_b = lineage.run_id_of(client.get_run(best_eval).data.tags.get("latentgate.checkpoint", "")) or best
     trial = client.get_run(best).data.params
     base_cfg = flatten(resolve(pl.opts.preset, pl.opts.overrides))
     tuned = {k: v for k, v in trial.items() if k.startswith(("stage_b.", "model.lora_")) and k in base_cfg
@@ -379,14 +374,13 @@ def run_sweep(pl: Pipeline, stage_a_uri: str) -> tuple[str, str, dict]:
 def promote_version(eval_run: str, checklist_path: str | None, name: str) -> str:
     """Move the alias `hero` to the eval run's model version (registered once: a rerun finds the version it
     registered before). The gate re-checks every criterion itself."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from latentgate.registry.gate import promote
     from latentgate.registry.model import TAG_EVAL_RUN
 
     try:
-        versions = MlflowClient().search_model_versions(f"name='{name}'")
+        versions = lineage.client().search_model_versions(f"name='{name}'")
     except MlflowException:
         versions = []
     mine = [int(v.version) for v in versions if v.tags.get(TAG_EVAL_RUN) == eval_run]
