@@ -99,7 +99,9 @@ def test_report_figures_equal_values_recomputed_from_metric_history(micro_smoke,
     names = [r["name"] for r in rep["readiness"]["rows"]]
     assert {"first_token_learning", "first_token_stability", "f1_breakthrough", "generation_quality",
             "gradient_health", "no_mode_collapse"} <= set(names)
-    assert rep["recommendation"]["verdict"] in ("hero-ready", "phase3", "phase2")
+    # The micro smoke's latent path gives every input the same answer: Phase 2 (tuning), for collapse, never Phase 3.
+    assert rep["recommendation"]["verdict"] == "phase2"
+    assert "collapse" in rep["recommendation"]["reason"]
     if rep["readiness"]["source"] == "latentgate.registry.gate":  # two implementations, one set of figures
         gate = {r["name"]: r["observed"] for r in rep["readiness"]["rows"]}
         sb_fig = next(s for s in rep["stages"] if s["run_id"] == kids["stage_b"])

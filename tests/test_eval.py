@@ -29,7 +29,7 @@ def test_no_gold_leakage(tiny_ws, tmp_path):
     assert real_m["prompt_tokens_per_example"] > 0
 
 
-def _train_a_little(ws, tmp_path, steps=2):
+def _perturb_trainables(ws, tmp_path, steps=2):
     """Perturb every trainable module so that a fresh init could never match."""
     with torch.no_grad():
         for m in (ws.encoder, ws.adapter):
@@ -55,7 +55,7 @@ def test_checkpoint_save_load_identical_logits_and_missing_module(tiny_ws, tmp_p
     ws.lm.save_pretrained(base_dir)
     ws.tokenizer.save_pretrained(base_dir)
     ws.lm, _ = attach_lora(ws.lm, ws.cfg)
-    _train_a_little(ws, tmp_path)
+    _perturb_trainables(ws, tmp_path)
     path = ckpt.save_checkpoint(tmp_path / "ck", modules=checkpoint_modules(ws), lora_model=ws.lm,
                                 config=flatten(ws.cfg), contract=ws.contract.to_dict())
     ex = ws.splits["probe"][:5]

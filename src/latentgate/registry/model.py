@@ -158,11 +158,6 @@ def weights_only_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def load_workspace(model_uri: str = "models:/latentgate@hero"):
-    """The Workspace (cfg, LM with LoRA, encoder, adapter, tokenizer, contract) inside a registered model."""
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().ws
-
-
 # ---- loading and prediction (used by pyfunc_model.py) ------------------------------------------------------------
 
 def load_bundle(artifacts: dict):

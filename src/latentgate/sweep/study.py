@@ -89,9 +89,6 @@ class StudySpec:
         checkpoint, or the preset and overrides a pipeline runs the sweep with."""
         return spec_from_dict({**self.to_dict(), **changes}, where)
 
-    def base_overrides(self) -> dict:
-        return dict(self.overrides)
-
     def trial_config(self, params: dict, extra: dict | None = None):
         from latentgate import config
 
