@@ -26,8 +26,7 @@ from pathlib import Path
 from latentgate import config
 from latentgate.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[3]
-CALIBRATION_DIR = ROOT / "calibrations"
+CALIBRATION_DIR = Path(__file__).with_name("sets")  # package data; calibrations/ in a checkout links here
 TOP_KEYS = ("name", "preset", "hero_scale", "overrides", "configurations")
 ENTRY_KEYS = ("name", "expect", "preset", "overrides", "holdout")
 EXPECT = ("good", "marginal", "broken")

@@ -19,7 +19,7 @@ from typing import Any
 
 from latentgate.errors import ConfigError
 
-DEFAULT_PATH = Path(__file__).resolve().parents[3] / "registry" / "hero.yaml"
+DEFAULT_PATH = Path(__file__).with_name("hero.yaml")  # package data; registry/hero.yaml in a checkout links here
 
 OPS = {
     ">=": lambda a, b: a >= b,

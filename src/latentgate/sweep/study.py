@@ -19,8 +19,7 @@ from typing import Any
 from latentgate.config import load_yaml_mapping
 from latentgate.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[3]
-SWEEP_DIR = ROOT / "sweeps"
+SWEEP_DIR = Path(__file__).with_name("studies")  # package data; sweeps/ in a checkout links here
 DEFAULTS = "defaults"
 
 TOP_KEYS = ("study_name", "preset", "overrides", "resume_from", "objective", "n_trials", "sampler", "pruner",
