@@ -96,7 +96,8 @@ def test_full_smoke_on_smollm2(smollm2_dir, mlflow_store, tmp_path, source):
     only what trains: its weights are at most 5% of the LM's weight bytes."""
     sets = ["--set", f"base.name={smollm2_dir}", "--set", f"run.output_dir={tmp_path}",
             "--set", "stage_a.steps=12", "--set", "stage_b.steps=8", "--set", "stage_a.probe_every=6",
-            "--set", "stage_b.probe_every=4", "--set", "data.n_eval=24", "--set", "data.n_probe=16"]
+            "--set", "stage_b.probe_every=4", "--set", "stage_a.warmup_steps=2", "--set", "stage_b.warmup_steps=2",
+            "--set", "data.n_eval=24", "--set", "data.n_probe=16"]
     if source == "squad_file":
         sets += ["--set", f"data.source={_squad_file(tmp_path / 'squad.json', 600)}", "--set", "data.n_train=400"]
     proc = run_cli("smoke", "--preset", "smollm2", *sets, timeout=1800,
