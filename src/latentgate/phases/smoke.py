@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 from latentgate.config import Config, flatten
-from latentgate.phases.stages import run_base, run_eval, run_stage
 from latentgate.tracking import labels, progress
 from latentgate.tracking.runs import adopt_project_run, setup_experiment, tracked_run, tracking_uri
 from latentgate.tracking.secrets import mask_secrets
@@ -39,6 +38,8 @@ def run_smoke(cfg: Config, preset: str = "smoke", name: str = "smoke", tags: dic
 
 
 def _run_smoke(cfg: Config, preset: str, name: str, tags: dict | None, bar) -> dict:
+    # here, not at the top: the stages import torch and MLflow (seconds), and the first progress line comes before
+    from latentgate.phases.stages import run_base, run_eval, run_stage
     from latentgate.train.workspace import load_splits, resolve_device
 
     resolve_device(cfg.run.device)  # a device this machine lacks fails here, before any run starts
