@@ -370,12 +370,31 @@ def bare_step(ws, batch: dict, opt, kd: bool, lm=None, encoder=None) -> None:
     opt.zero_grad(set_to_none=True)
 
 
+def bare_loop(ws, st, batches: list[dict], snap, **modules):
+    """One timed pass of `bare_step` over the batches from the snapshot's weights (a fresh optimizer each pass);
+    returns the per-step clock segments. `modules`: compiled stand-ins for the LM and encoder."""
+    from latentgate.train.trainer import build_optimizer
+
+    def go():
+        snap.restore()
+        ws.encoder.train()
+        ws.adapter.train()
+        t0 = clock()
+        opt, _, _ = build_optimizer(ws, st)
+        marks = []
+        for batch in batches:
+            bare_step(ws, batch, opt, st.kd_weight > 0, **modules)
+            marks.append(clock())
+        return segments(t0, marks)
+    return go
+
+
 def bench_step(cfg: Config, work: Path, reps: int = 3, steps: int = 14, warm: int = 2, stage: str = "stage_a",
                ws=None) -> Row:
     """`train_stage` (NullTracker, clocked per step by `StepClock`) vs `bare_step` over the same micro-batches, both
     from the same starting weights; best-of-repetitions per step, summed over the steady steps."""
     from latentgate.bench.fixtures import Snapshot, smoke_workspace
-    from latentgate.train.trainer import batch_indices, build_optimizer, train_stage
+    from latentgate.train.trainer import batch_indices, train_stage
 
     cfg = resolve(None, {**flatten(cfg), **_stage_overrides(stage, steps, steps, 0)})
     ws = ws or smoke_workspace(cfg, work / "base", stage)
@@ -397,17 +416,7 @@ def bench_step(cfg: Config, work: Path, reps: int = 3, steps: int = 14, warm: in
         train_stage(ws, stage, timed, out)
         return segments(t0, timed.marks)
 
-    def bare():
-        snap.restore()
-        ws.encoder.train()
-        ws.adapter.train()
-        t0 = clock()
-        opt, _, _ = build_optimizer(ws, st)
-        marks = []
-        for batch in batches:
-            bare_step(ws, batch, opt, st.kd_weight > 0)
-            marks.append(clock())
-        return segments(t0, marks)
+    bare = bare_loop(ws, st, batches, snap)
 
     # steps warm+1 .. N-1: after warm-up, and before the last step (which carries the trainer's final probe)
     steady = slice(warm, steps - 1)
@@ -440,7 +449,7 @@ def bench_compile(cfg: Config, work: Path, reps: int = 3, steps: int = 8, warm: 
     """Eager vs `torch.compile` of the same bare step over the same batches, from the same weights. The first
     compiled pass (all shapes compiled) is timed apart as the compile cost; the row says which side wins."""
     from latentgate.bench.fixtures import Snapshot, smoke_workspace
-    from latentgate.train.trainer import batch_indices, build_optimizer
+    from latentgate.train.trainer import batch_indices
 
     cfg = resolve(None, {**flatten(cfg), **_stage_overrides(stage, steps, steps, 0)})
     ws = ws or smoke_workspace(cfg, work / "base", stage)
@@ -451,21 +460,7 @@ def bench_compile(cfg: Config, work: Path, reps: int = 3, steps: int = 8, warm: 
     snap = Snapshot(ws)
     compiled = {"lm": torch.compile(ws.lm), "encoder": torch.compile(ws.encoder)}
 
-    def loop(**modules):
-        def go():
-            snap.restore()
-            ws.encoder.train()
-            ws.adapter.train()
-            t0 = clock()
-            opt, _, _ = build_optimizer(ws, st)
-            marks = []
-            for batch in batches:
-                bare_step(ws, batch, opt, st.kd_weight > 0, **modules)
-                marks.append(clock())
-            return segments(t0, marks)
-        return go
-
-    eager, comp = loop(), loop(**compiled)
+    eager, comp = bare_loop(ws, st, batches, snap), bare_loop(ws, st, batches, snap, **compiled)
     t0 = time.perf_counter()
     comp()  # compiles every batch shape once
     compile_s = time.perf_counter() - t0
