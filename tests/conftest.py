@@ -76,13 +76,12 @@ def tiny_ws(micro_cfg):
     """A Workspace around a tiny, randomly initialised builtin Llama + encoder + adapter (no training)."""
     import torch
 
-    from latentgate.data.synthetic import vocabulary
-    from latentgate.model.base_lm import build_builtin_lm, build_builtin_tokenizer
-    from latentgate.train.workspace import load_splits, synthetic_spec, workspace_from_lm
+    from latentgate.model.base_lm import build_builtin_lm, builtin_tokenizer
+    from latentgate.train.workspace import load_splits, workspace_from_lm
 
     cfg = copy.deepcopy(micro_cfg)  # tests may change the config; the session's stays untouched
     torch.manual_seed(0)
-    tok = build_builtin_tokenizer(vocabulary(synthetic_spec(cfg)))
+    tok = builtin_tokenizer(cfg)
     lm = build_builtin_lm(cfg, len(tok), tok)
     return workspace_from_lm(cfg, lm, tok, load_splits(cfg))
 

@@ -15,11 +15,10 @@ import torch
 
 from latentgate import config
 from latentgate import distributed as dist
-from latentgate.data.synthetic import vocabulary
-from latentgate.model.base_lm import build_builtin_lm, build_builtin_tokenizer
+from latentgate.model.base_lm import build_builtin_lm, builtin_tokenizer
 from latentgate.tracking.tracker import MlflowTracker, NullTracker
 from latentgate.train.trainer import train_stage
-from latentgate.train.workspace import load_splits, synthetic_spec, workspace_from_lm
+from latentgate.train.workspace import load_splits, workspace_from_lm
 
 
 def main() -> None:
@@ -31,7 +30,7 @@ def main() -> None:
     cfg = config.resolve("micro", {"stage_a.steps": steps, "stage_a.batch_size": 8, "stage_a.schedule": "constant",
                                    "stage_a.warmup_steps": 0, "stage_a.probe_every": 2, "stage_a.kd_weight": 0.5})
     torch.manual_seed(0)
-    tok = build_builtin_tokenizer(vocabulary(synthetic_spec(cfg)))
+    tok = builtin_tokenizer(cfg)
     ws = workspace_from_lm(cfg, build_builtin_lm(cfg, len(tok), tok), tok, load_splits(cfg))
     init = torch.cat([p.detach().flatten().clone() for m in (ws.encoder, ws.adapter) for p in m.parameters()])
     tracker = MlflowTracker(os.environ["LG_RUN_ID"]) if os.environ.get("LG_RUN_ID") else NullTracker()

@@ -23,15 +23,13 @@ def threads() -> int:
 def main() -> None:
     from latentgate import config
     from latentgate import distributed as dist
-    from latentgate.data.synthetic import vocabulary
-    from latentgate.model.base_lm import build_builtin_tokenizer
-    from latentgate.train.workspace import synthetic_spec
+    from latentgate.model.base_lm import builtin_tokenizer
 
     before = threads()
     dist.init_from_env()
     joined = threads()
     folder = Path(sys.argv[1]) / f"tok-{os.environ['RANK']}"
-    build_builtin_tokenizer(vocabulary(synthetic_spec(config.resolve("micro")))).save_pretrained(folder)
+    builtin_tokenizer(config.resolve("micro")).save_pretrained(folder)
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(folder)

@@ -46,19 +46,19 @@ def collapsed(mlflow_store, micro_cfg, tmp_path_factory) -> dict:
     word, once, to everyone (no repetition). The probe set has the same skew. The eval set holds none of that
     word's answers, so the constant answer scores F1 0 everywhere, as in the issue (whose constant first token,
     "the", SQuAD normalisation drops)."""
-    from latentgate.data.synthetic import make_splits, vocabulary
+    from latentgate.data.synthetic import SyntheticSpec, make_splits, vocabulary
     from latentgate.eval.evaluate import evaluate
     from latentgate.model.base_lm import build_builtin_lm, build_builtin_tokenizer
     from latentgate.model.lora import attach_lora
     from latentgate.phases.stages import record_eval
     from latentgate.tracking.runs import tracked_run
     from latentgate.train.trainer import train_stage
-    from latentgate.train.workspace import synthetic_spec, workspace_from_lm
+    from latentgate.train.workspace import workspace_from_lm
 
     cfg = copy.deepcopy(micro_cfg)
     cfg.data = dataclasses.replace(cfg.data, answer_length=1)
     cfg.stage_b = dataclasses.replace(cfg.stage_b, steps=60, lr=1e-2, probe_every=20)
-    spec = synthetic_spec(cfg)
+    spec = SyntheticSpec.of(cfg.data)
     pool = make_splits(spec, cfg.data.seed, 3000, 300, 1000)
     word = Counter(_first_word(e) for e in pool["train"]).most_common(1)[0][0]
     splits = {"train": _skewed(pool["train"], word, 256, MAJORITY, 1),

@@ -71,11 +71,9 @@ def _resolve(*sets: str, preset: str = "smoke") -> config.Config:
 # ---- the architecture on the meta device ------------------------------------------------------------------------
 
 def test_builtin_arch_on_meta_matches_the_real_build(micro_cfg):
-    from latentgate.data.synthetic import vocabulary
-    from latentgate.model.base_lm import build_builtin_lm, build_builtin_tokenizer
-    from latentgate.train.workspace import synthetic_spec
+    from latentgate.model.base_lm import build_builtin_lm, builtin_tokenizer
 
-    tok = build_builtin_tokenizer(vocabulary(synthetic_spec(micro_cfg)))
+    tok = builtin_tokenizer(micro_cfg)
     real = build_builtin_lm(micro_cfg, len(tok), tok)
     arch = lm_arch(copy.deepcopy(micro_cfg))
     assert arch.vocab == len(tok)
@@ -198,16 +196,15 @@ STEP_CASES = [("lm_copy", "stage_a", False), ("scratch", "stage_a", False), ("lm
 def test_plan_matches_measured_peak_of_a_real_step(encoder, stage, ckpt, capsys):
     """A 4-layer, hidden-256 builtin Llama (fp32), batch 8 x ~128 tokens, KD on: one real `stage_step` + backward +
     clip + AdamW step, measured in steady state (the AdamW states exist: a first step runs before measuring)."""
-    from latentgate.data.synthetic import vocabulary
-    from latentgate.model.base_lm import build_builtin_lm, build_builtin_tokenizer
+    from latentgate.model.base_lm import build_builtin_lm, builtin_tokenizer
     from latentgate.train.trainer import build_optimizer, stage_step
-    from latentgate.train.workspace import load_splits, synthetic_spec, workspace_from_lm
+    from latentgate.train.workspace import load_splits, workspace_from_lm
 
     cfg = _resolve("base.layers=4", "base.hidden=256", "base.heads=4", "base.intermediate=768", "model.d_z=64",
                    f"{stage}.batch_size=8", f"model.encoder={encoder}", "run.device=cpu",
                    f"base.gradient_checkpointing={ckpt}", preset="micro")
     torch.manual_seed(0)
-    tok = build_builtin_tokenizer(vocabulary(synthetic_spec(cfg)))
+    tok = builtin_tokenizer(cfg)
     splits = load_splits(cfg)
     ws = workspace_from_lm(cfg, build_builtin_lm(cfg, len(tok), tok), tok, splits)
     if stage == "stage_b":

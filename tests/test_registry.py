@@ -302,26 +302,41 @@ def test_verify_catches_a_hand_set_alias(candidate, lenient, strict):
 
 
 def test_crash_between_tags_and_alias_never_leaves_hero_on_a_failing_version(candidate, lenient, strict, monkeypatch):
-    from latentgate.registry.gate import FAULT_ENV, promote, verify
+    from mlflow import MlflowClient
+
+    from latentgate.registry.gate import promote, verify
 
     name = "lg-crash"
     v1, v2, v3 = clone(candidate, name), clone(candidate, name), clone(candidate, name)
     assert promote(v1, checklist=lenient, name=name).passed and holder(name) == v1
-    monkeypatch.setenv(FAULT_ENV, "promote.before_alias")
-    # a passing candidate crashing before the alias: hero stays on v1, which still verifies
-    with pytest.raises(RuntimeError, match="injected fault"):
-        promote(v2, checklist=lenient, name=name)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("store went away")
+
+    set_tag = MlflowClient.set_model_version_tag
+
+    def crash_on_event(self, name, version, key, value):
+        if key.startswith("hero.event."):
+            crash()
+        return set_tag(self, name, version, key, value)
+
+    # a passing candidate crashing after its tags, before the alias: hero stays on v1, which still verifies
+    with monkeypatch.context() as m:
+        m.setattr(MlflowClient, "set_registered_model_alias", crash)
+        with pytest.raises(RuntimeError, match="store went away"):
+            promote(v2, checklist=lenient, name=name)
     assert holder(name) == v1 and tags_of(name, v2)["hero.passed"] == "true"
     # a failing candidate crashing after its tags: no alias on it
-    with pytest.raises(RuntimeError, match="injected fault"):
-        promote(v3, checklist=strict, name=name)
-    assert holder(name) == v1
+    with monkeypatch.context() as m:
+        m.setattr(MlflowClient, "set_model_version_tag", crash_on_event)
+        with pytest.raises(RuntimeError, match="store went away"):
+            promote(v3, checklist=strict, name=name)
+    assert holder(name) == v1 and tags_of(name, v3)["hero.passed"] == "false"
     # the holder itself re-promoted and now failing: a refusal never removes the alias, nor rewrites the record of
-    # the promotion that gave it (an event says so; `demote` takes the alias off on purpose)
+    # the promotion that gave it (an event says so; `latentgate demote` takes the alias off on purpose)
     assert promote(v1, checklist=strict, name=name).decision == "refused-holder"
     assert holder(name) == v1 and tags_of(name, v1)["hero.check.generation_quality"].startswith("pass")
     assert any("re-promotion refused" in t for k, t in tags_of(name, v1).items() if k.startswith("hero.event."))
-    monkeypatch.delenv(FAULT_ENV)
     assert promote(v2, checklist=lenient, name=name).passed and holder(name) == v2
     assert verify(checklist=lenient, name=name).passed
 

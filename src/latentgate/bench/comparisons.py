@@ -629,15 +629,14 @@ def peak_flops(device: torch.device) -> float | None:
 def direct_workspace(cfg: Config, device: torch.device, vocab_size: int | None = None, stage: str = "stage_b"):
     """A Workspace built in memory on `device` (a 1B model is not worth a round trip through disk): the builtin
     tokenizer, a Llama from config in base.dtype, the encoder/adapter, and LoRA for Stage B."""
-    from latentgate.data.synthetic import vocabulary
-    from latentgate.model.base_lm import build_builtin_lm, build_builtin_tokenizer, embedding_rms, freeze, resolve_dtype
+    from latentgate.model.base_lm import build_builtin_lm, builtin_tokenizer, embedding_rms, freeze, resolve_dtype
     from latentgate.model.contract import PrefixContract
     from latentgate.model.latent import build_latent_modules
     from latentgate.model.lora import attach_lora
-    from latentgate.train.workspace import Workspace, load_splits, set_threads, synthetic_spec
+    from latentgate.train.workspace import Workspace, load_splits, set_threads
 
     set_threads(cfg.run.threads)
-    tok = build_builtin_tokenizer(vocabulary(synthetic_spec(cfg)))
+    tok = builtin_tokenizer(cfg)
     with torch.device(device):
         lm = build_builtin_lm(cfg, vocab_size or len(tok), tok)
     lm = freeze(lm.to(resolve_dtype(cfg.base.dtype, device)))

@@ -14,11 +14,9 @@ from latentgate.config import Config
 
 def save_random_base(cfg: Config, out_dir: Path) -> Path:
     """A random-init builtin base LM + its tokenizer, saved like the `base` stage saves a trained one."""
-    from latentgate.data.synthetic import vocabulary
-    from latentgate.model.base_lm import build_builtin_lm, build_builtin_tokenizer
-    from latentgate.train.workspace import synthetic_spec
+    from latentgate.model.base_lm import build_builtin_lm, builtin_tokenizer
 
-    tok = build_builtin_tokenizer(vocabulary(synthetic_spec(cfg)))
+    tok = builtin_tokenizer(cfg)
     lm = build_builtin_lm(cfg, len(tok), tok)
     model_dir = Path(out_dir) / "base_lm"
     lm.save_pretrained(model_dir, safe_serialization=True)

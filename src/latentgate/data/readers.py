@@ -18,9 +18,9 @@ Accepted inputs (`load_examples(source)`):
 
 Hub names and dataset folders have splits (`has_splits`); a file is one split.
 
-Loading goes through Hugging Face ``datasets`` (``load_dataset("json")`` for JSONL, ``Dataset.from_list`` for the
-parsed SQuAD JSON), but the raw file is first checked here so every error is one line naming the file, the line
-(JSONL) or the paragraph/question (SQuAD JSON), and the field: undecodable UTF-8 (with the byte offset), invalid
+Local files are parsed here, so every error is one line naming the file, the line (JSONL) or the
+paragraph/question (SQuAD JSON), and the field; hub names and dataset folders go through Hugging Face
+``datasets``. The errors: undecodable UTF-8 (with the byte offset), invalid
 JSON, missing or non-string ``context``/``question``, missing or empty ``answers``, an empty answer, an answer
 longer than the context or not occurring in it, duplicate ids (both places named) and an empty split.
 
@@ -112,18 +112,9 @@ def load_examples(source: str | os.PathLike, *, max_context_words: int = 512, sp
     text = _decode(raw, name)
     kind, payload = _detect(path, text, name)
     counters = _Counters()
-    if kind == "jsonl":
-        raws: list[tuple[_Where, dict]] = payload
-        for where, obj in raws:  # pre-validate with line numbers before datasets sees the file
-            _normalize(obj, where, counters)
-        _check_unique_ids(raws, name)
-        rows = _rows_via_load_dataset(path, text, raws, name)
-        records = [_normalize(row, where, _Counters()) for row, (where, _) in zip(rows, raws, strict=True)]
-    else:  # squad or a JSON array of records: parsed here, handed to datasets as a list of flat records
-        raws = payload
-        flat = [_normalize(obj, where, counters) for where, obj in raws]
-        _check_unique_ids(raws, name, flat)
-        records = _rows_via_from_list(flat)
+    raws: list[tuple[_Where, dict]] = payload  # parsed here, not by datasets: errors name the line or question
+    records = [_normalize(obj, where, counters) for where, obj in raws]
+    _check_unique_ids(raws, name, records)
     if counters.reanchored:
         warnings.warn(
             f"{name}: {counters.reanchored} answer_start offset(s) did not point at their answer text and were "
@@ -448,12 +439,12 @@ def _nearest(context: str, text: str, hint: int | None) -> int:
     return best
 
 
-def _check_unique_ids(raws: Sequence[tuple[_Where, dict]], name: str, flat: Sequence[dict] | None = None) -> None:
+def _check_unique_ids(raws: Sequence[tuple[_Where, dict]], name: str, records: Sequence[dict]) -> None:
     if not raws:
         raise DataError(f"{name}: no records found (empty split)", fix="add at least one example or pick another file")
     seen: dict[str, _Where] = {}
-    for i, (where, obj) in enumerate(raws):
-        rid = flat[i]["id"] if flat is not None else _normalize_id(obj, where)
+    for (where, _), record in zip(raws, records, strict=True):
+        rid = record["id"]
         if rid in seen:
             raise DataError(
                 f"{where.prefix}: duplicate id {_show(rid)} (first used at {seen[rid].short}, again at {where.short})",
@@ -462,60 +453,8 @@ def _check_unique_ids(raws: Sequence[tuple[_Where, dict]], name: str, flat: Sequ
         seen[rid] = where
 
 
-def _normalize_id(obj: dict, where: _Where) -> str:
-    rid = obj.get("id")
-    return where.auto_id if rid is None else str(rid)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Through Hugging Face datasets
-
-
-def _rows_via_load_dataset(path: Path, text: str, raws, name: str) -> list[dict]:
-    """Load a pre-validated JSONL file with `load_dataset("json")` and return its rows as dicts."""
-    from datasets import load_dataset
-
-    lines = text.split("\n")
-    # a single trailing newline is fine; any other blank or whitespace-only line is not
-    has_blank = any(not ln.strip() for ln in lines[:-1]) or (lines[-1] != "" and not lines[-1].strip())
-    with tempfile.TemporaryDirectory(prefix="latentgate-data-") as tmp:
-        data_file = str(path)
-        if has_blank:  # datasets' JSON loader trips over blank lines in some layouts: hand it the compacted lines
-            data_file = os.path.join(tmp, "records.jsonl")
-            with open(data_file, "w", encoding="utf-8") as fh:
-                fh.write("\n".join(ln for ln in lines if ln.strip()) + "\n")
-        with _quiet_datasets():
-            try:
-                ds = load_dataset(
-                    "json",
-                    data_files=data_file,
-                    split="train",
-                    cache_dir=os.path.join(tmp, "cache"),
-                    keep_in_memory=True,
-                )
-            except Exception as err:  # noqa: BLE001 - anything datasets raises becomes one actionable line
-                disk = os_error_in_chain(err)  # a full disk / read-only temp dir is not a problem of the data
-                if disk is not None:
-                    raise disk from None
-                raise DataError(
-                    f"{name}: datasets could not load the file: {_one_line(str(err))[:200]}",
-                    fix="use the same field types on every line",
-                ) from None
-        rows = ds.to_list()
-    if len(rows) != len(raws):
-        raise DataError(
-            f"{name}: datasets read {len(rows)} records but the file has {len(raws)} non-blank lines",
-            fix="put exactly one JSON object on each line",
-        )
-    return rows
-
-
-def _rows_via_from_list(flat: list[dict]) -> list[dict]:
-    from datasets import Dataset
-
-    with _quiet_datasets():
-        ds = Dataset.from_list(flat)
-    return ds.to_list()
 
 
 class _quiet_datasets:

@@ -161,6 +161,12 @@ class SyntheticSpec:
     values_per_attribute: int = 24  # size of each attribute's value list
     answer_length: int = 2  # max words in an answer value: 1 = one-word answers only, 2 = mix of 1 and 2
 
+    @classmethod
+    def of(cls, data) -> SyntheticSpec:
+        """The knobs of the config's `data` section."""
+        return cls(facts_per_context=data.facts_per_context, num_entities=data.num_entities,
+                   values_per_attribute=data.values_per_attribute, answer_length=data.answer_length)
+
     def __post_init__(self) -> None:
         limits = {
             "facts_per_context": (1, len(ATTRIBUTES) * max(1, _int_or_zero(self.num_entities))),

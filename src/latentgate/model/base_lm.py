@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from latentgate.config import Config
+from latentgate.data.synthetic import SyntheticSpec, vocabulary
 from latentgate.errors import CheckpointError, ConfigError
 
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
@@ -31,6 +32,11 @@ def build_builtin_tokenizer(vocab_words: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
                                    bos_token="<bos>", eos_token="<eos>",
                                    clean_up_tokenization_spaces=False)
+
+
+def builtin_tokenizer(cfg: Config):
+    """The builtin LM's tokenizer: one token per word the synthetic task of `cfg.data` can emit."""
+    return build_builtin_tokenizer(vocabulary(SyntheticSpec.of(cfg.data)))
 
 
 def build_builtin_lm(cfg: Config, vocab_size: int, tokenizer):

@@ -101,11 +101,10 @@ def builtin_llama_config(cfg: Config):
 
 def builtin_vocab_size(cfg: Config) -> int:
     """len(build_builtin_tokenizer(vocabulary(spec))), without building the tokenizer."""
-    from latentgate.data.synthetic import vocabulary
+    from latentgate.data.synthetic import SyntheticSpec, vocabulary
     from latentgate.model.base_lm import PROMPT_WORDS, SPECIALS
-    from latentgate.train.workspace import synthetic_spec
 
-    words = SPECIALS + sorted(set(vocabulary(synthetic_spec(cfg))) | set(PROMPT_WORDS))
+    words = SPECIALS + sorted(set(vocabulary(SyntheticSpec.of(cfg.data))) | set(PROMPT_WORDS))
     return len(dict.fromkeys(words))
 
 

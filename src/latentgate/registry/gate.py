@@ -15,19 +15,17 @@ passes is reported. `hero_model_uri` is what the hero run starts from.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
-import os
 import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
+from filelock import FileLock, Timeout
 from mlflow.exceptions import MlflowException
 
 from latentgate.errors import ConfigError, GateRefused, StoreError
@@ -43,7 +41,6 @@ TAG_REPORT = "hero.report"
 TAG_PASSED = "hero.passed"
 TAG_EVENT = "hero.event."
 TAG_SUPERSEDED = "hero.superseded_by"
-FAULT_ENV = "LATENTGATE_FAULT"  # fault injection for tests: "promote.before_alias"
 TAG_MAX = 4900
 
 
@@ -205,27 +202,16 @@ def _lock_path(name: str) -> Path:
 @contextmanager
 def registry_lock(name: str, timeout: float = 300.0):
     """Serialise registry writes for one registered model (threads and processes alike)."""
-    path = _lock_path(name)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-    deadline = time.monotonic() + timeout
+    lock = FileLock(_lock_path(name))
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise StoreError(f"registry lock {path} is held for over {timeout:.0f} s",
-                                     "another promote/demote is running; retry when it ends") from None
-                time.sleep(0.05)
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        raise StoreError(f"registry lock {lock.lock_file} is held for over {timeout:.0f} s",
+                         "another promote/demote is running; retry when it ends") from None
+    try:
         yield
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
-def _fault(point: str) -> None:
-    if os.environ.get(FAULT_ENV) == point:
-        raise RuntimeError(f"injected fault at {point} ({FAULT_ENV})")
+        lock.release()
 
 
 def alias_holder(c, name: str, alias: str = "hero") -> str | None:
@@ -308,7 +294,6 @@ def promote(version: str, dry_run: bool = False, checklist=None, name: str | Non
         c.set_model_version_tag(name, v, TAG_REPORT, report_uri)
         c.set_model_version_tag(name, v, TAG_PASSED, str(report.passed).lower())
         c.set_model_version_tag(name, v, TAG_AUDIT, json.dumps(audit, sort_keys=True)[:TAG_MAX])
-        _fault("promote.before_alias")
         if report.passed:
             c.set_registered_model_alias(name, cl.alias, v)  # LAST: only after every tag landed
             _event(c, name, v, f"promoted to {cl.alias} (previous holder: {holder or 'none'})")

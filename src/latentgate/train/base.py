@@ -15,7 +15,7 @@ from latentgate.model.contract import PrefixContract, build_text_batch, encode_a
 from latentgate.tracking import progress
 from latentgate.train.losses import answer_logits
 from latentgate.train.trainer import batch_indices
-from latentgate.train.workspace import Workspace, load_splits, resolve_device, set_threads, synthetic_spec
+from latentgate.train.workspace import Workspace, load_splits, resolve_device, set_threads
 
 
 def text_eval(ws: Workspace, examples, out_dir: Path, progress_name: str | None = "eval (text teacher)") -> dict:
@@ -52,13 +52,12 @@ def train_builtin_base(cfg: Config, tracker, out_dir: Path, splits=None) -> tupl
     """Train the builtin LM on the text task; saves it (safetensors + tokenizer) under out_dir/base_lm."""
     from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-    from latentgate.data.synthetic import vocabulary
-    from latentgate.model.base_lm import build_builtin_lm, build_builtin_tokenizer
+    from latentgate.model.base_lm import build_builtin_lm, builtin_tokenizer
 
     set_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
     splits = splits or load_splits(cfg)
-    tok = build_builtin_tokenizer(vocabulary(synthetic_spec(cfg)))
+    tok = builtin_tokenizer(cfg)
     lm = build_builtin_lm(cfg, len(tok), tok).to(device)
     contract = PrefixContract.for_config(cfg, tok)
     ws = Workspace(cfg, device, lm, tok, contract, splits)

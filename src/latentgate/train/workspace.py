@@ -10,6 +10,7 @@ import torch
 
 from latentgate.config import Config
 from latentgate.data.records import Example
+from latentgate.data.synthetic import SyntheticSpec, make_splits
 from latentgate.errors import ConfigError
 from latentgate.model.contract import PrefixContract
 
@@ -38,9 +39,8 @@ def load_splits(cfg: Config) -> dict[str, list[Example]]:
     """train / eval / probe. Train comes from the source (split `train` of a hub name or dataset folder); eval and
     probe from data.eval_source, else from data.eval_split of a hub name or dataset folder, else from the tail."""
     if cfg.data.source == "synthetic":
-        from latentgate.data.synthetic import make_splits
-
-        return make_splits(synthetic_spec(cfg), cfg.data.seed, cfg.data.n_train, cfg.data.n_eval, cfg.data.n_probe)
+        d = cfg.data
+        return make_splits(SyntheticSpec.of(d), d.seed, d.n_train, d.n_eval, d.n_probe)
     from latentgate.data.readers import has_splits, load_examples
 
     data = cfg.data
@@ -58,13 +58,6 @@ def load_splits(cfg: Config) -> dict[str, list[Example]]:
         examples, held = examples[:-n_hold] if len(examples) > n_hold else examples, examples[-n_hold:]
     return {"train": examples[: data.n_train], "eval": held[: data.n_eval],
             "probe": held[data.n_eval : data.n_eval + data.n_probe] or held[: data.n_probe]}
-
-
-def synthetic_spec(cfg: Config):
-    from latentgate.data.synthetic import SyntheticSpec
-
-    return SyntheticSpec(facts_per_context=cfg.data.facts_per_context, num_entities=cfg.data.num_entities,
-                         values_per_attribute=cfg.data.values_per_attribute, answer_length=cfg.data.answer_length)
 
 
 @dataclass
