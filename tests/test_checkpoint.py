@@ -418,3 +418,16 @@ def test_compat_keys_compare_flat_dotted_configs(tmp_path):
             expect_config={**flat, "base.name": "other"},
             compat_keys=("base.name",),
         )
+
+
+def test_cli_verify_does_not_import_torch(saved):
+    """`latentgate checkpoint verify` reads and re-hashes with train/manifest.py alone: no torch start-up cost."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom latentgate.cli import main\n"
+            f"try:\n    main(['checkpoint', 'verify', {str(saved[0])!r}], standalone_mode=False)\n"
+            "finally:\n    print(sorted(m for m in ('torch', 'safetensors', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "every hash verified" in out.stdout and out.stdout.strip().endswith("[]"), out.stdout
