@@ -18,16 +18,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from latentgate.errors import CheckpointError
-from latentgate.train import checkpoint as ck
-from latentgate.train.checkpoint import (
-    MANIFEST,
-    capture_rng_state,
-    load_checkpoint,
-    read_manifest,
-    restore_rng_state,
-    save_checkpoint,
-    verify_checkpoint,
-)
+from latentgate.train import manifest as mf
+from latentgate.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from latentgate.train.manifest import MANIFEST, read_manifest, verify_checkpoint
 
 # transformers' own deprecation inside peft's calls; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -40,7 +33,7 @@ LLAMA = {
     "num_attention_heads": 4,
     "num_key_value_heads": 4,
 }
-CONFIG = {"model": {"num_latents": 8, "d_z": 16}, "base": {"name": "tiny-llama"}, "train": {"lr": 1e-3}}
+CONFIG = {"model.num_latents": 8, "model.d_z": 16, "base.name": "tiny-llama", "train.lr": 1e-3}  # as config.flatten
 
 
 def make_encoder(seed: int) -> torch.nn.Module:
@@ -313,7 +306,7 @@ def test_missing_file_dir_and_manifest(saved, tmp_path):
 
 def test_incompatible_config_names_the_key(saved):
     path, _, _, _ = saved
-    other = {**CONFIG, "model": {"num_latents": 16, "d_z": 16}}
+    other = {**CONFIG, "model.num_latents": 16}
     with pytest.raises(CheckpointError, match=f"incompatible checkpoint: model.num_latents is 8 in {path}, 16 in this"):
         load_checkpoint(
             path,
@@ -327,7 +320,7 @@ def test_incompatible_config_names_the_key(saved):
         path,
         modules={"encoder": make_encoder(3)},
         lora_model=make_lora(3),
-        expect_config={**CONFIG, "train": {"lr": 1.0}},
+        expect_config={**CONFIG, "train.lr": 1.0},
         compat_keys=("model.num_latents",),
     )
 
@@ -362,7 +355,7 @@ def test_failed_final_rename_restores_old_checkpoint(tmp_path, monkeypatch):
             raise OSError("injected rename failure")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(ck.os, "rename", rename)
+    monkeypatch.setattr(mf.os, "rename", rename)
     with pytest.raises(OSError, match="injected"):
         save_checkpoint(target, modules={"encoder": torch.nn.Linear(3, 3)}, trainer_state={"step": 2})
     monkeypatch.undo()
@@ -405,16 +398,19 @@ def test_untrained_but_trainable_params_outside_adapter_refused(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_compat_keys_work_with_flat_dotted_configs(tmp_path):
-    flat = {"model.num_latents": 8, "base.name": "tiny-llama"}
+def test_compat_keys_compare_flat_dotted_configs(tmp_path):
+    flat = {"model.num_latents": 8, "base.name": "tiny-llama", "model.tied": True}
     save_checkpoint(tmp_path / "ck", modules={"m": torch.nn.Linear(2, 2)}, config=flat)
+    load_checkpoint(tmp_path / "ck", modules={"m": torch.nn.Linear(2, 2)}, expect_config=dict(flat),
+                    compat_keys=("model.num_latents", "base.name"))
+    # a nested config has none of the dotted keys: refused, never compared as "absent == absent"
     nested = {"model": {"num_latents": 8}, "base": {"name": "tiny-llama"}}
-    load_checkpoint(
-        tmp_path / "ck",
-        modules={"m": torch.nn.Linear(2, 2)},
-        expect_config=nested,
-        compat_keys=("model.num_latents", "base.name"),
-    )
+    with pytest.raises(CheckpointError, match=r"model.num_latents is not in the config .*config.flatten"):
+        load_checkpoint(tmp_path / "ck", modules={"m": torch.nn.Linear(2, 2)}, expect_config=nested,
+                        compat_keys=("model.num_latents",))
+    with pytest.raises(CheckpointError, match=r"model.tied is true in .*, 1 in this config"):  # True == 1 in Python
+        load_checkpoint(tmp_path / "ck", modules={"m": torch.nn.Linear(2, 2)}, expect_config={**flat, "model.tied": 1},
+                        compat_keys=("model.tied",))
     with pytest.raises(CheckpointError, match=r'base.name is "tiny-llama" in .*, "other" in this config'):
         load_checkpoint(
             tmp_path / "ck",
@@ -422,3 +418,16 @@ def test_compat_keys_work_with_flat_dotted_configs(tmp_path):
             expect_config={**flat, "base.name": "other"},
             compat_keys=("base.name",),
         )
+
+
+def test_cli_verify_does_not_import_torch(saved):
+    """`latentgate checkpoint verify` reads and re-hashes with train/manifest.py alone: no torch start-up cost."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom latentgate.cli import main\n"
+            f"try:\n    main(['checkpoint', 'verify', {str(saved[0])!r}], standalone_mode=False)\n"
+            "finally:\n    print(sorted(m for m in ('torch', 'safetensors', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "every hash verified" in out.stdout and out.stdout.strip().endswith("[]"), out.stdout

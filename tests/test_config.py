@@ -117,3 +117,41 @@ def test_auto_choices_resolve_by_base_lm_and_chat_needs_a_template():
     assert chat.model.answer_end == "eos"
     with pytest.raises(ConfigError, match="chat template"):
         config.resolve("smoke", {"model.prompt_format": "chat"})
+
+
+def test_base_lm_optimizer_settings_are_config_fields_the_builtin_training_uses(micro_cfg, tmp_path):
+    """AdamW weight decay and betas, the cosine schedule's final LR and gradient clipping of the builtin LM are
+    base.* fields (logged with the base run's params); their defaults are the values once hard-coded."""
+    import copy
+    import dataclasses
+
+    from latentgate.train.base import train_builtin_base
+
+    flat = config.flatten(micro_cfg)
+    assert {k: flat[k] for k in ("base.weight_decay", "base.beta1", "base.beta2", "base.min_lr_ratio",
+                                 "base.clip_norm")} == {"base.weight_decay": 0.01, "base.beta1": 0.9,
+                                                        "base.beta2": 0.98, "base.min_lr_ratio": 0.05,
+                                                        "base.clip_norm": 1.0}
+
+    class Recorder:
+        def __init__(self):
+            self.metrics = []
+
+        def log_metrics(self, metrics, step):
+            self.metrics.append(metrics)
+
+        def flush(self):
+            pass
+
+    def train(**base) -> list[dict]:
+        cfg = copy.deepcopy(micro_cfg)
+        cfg.base = dataclasses.replace(cfg.base, steps=4, **base)
+        rec = Recorder()
+        train_builtin_base(cfg, rec, tmp_path / f"run{len(list(tmp_path.iterdir()))}")
+        return rec.metrics
+
+    ref, decayed, high_floor = train(), train(weight_decay=0.5), train(min_lr_ratio=0.5)
+    losses = [[m["base/loss"] for m in run] for run in (ref, decayed)]
+    assert losses[0][0] == losses[1][0] and losses[0] != losses[1]  # same init, then the decay shows
+    lr = micro_cfg.base.lr
+    assert ref[-1]["base/lr"] == pytest.approx(lr * 0.05) and high_floor[-1]["base/lr"] == pytest.approx(lr * 0.5)

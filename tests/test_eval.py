@@ -71,7 +71,7 @@ def test_checkpoint_save_load_identical_logits_and_missing_module(tiny_ws, tmp_p
     # a missing module is an error, never a silent fresh init
     manifest = json.loads((path / "manifest.json").read_text())
     del manifest["modules"]["adapter"]
-    from latentgate.train.checkpoint import MANIFEST_DIGEST, manifest_digest
+    from latentgate.train.manifest import MANIFEST_DIGEST, manifest_digest
 
     manifest[MANIFEST_DIGEST] = manifest_digest(manifest)  # a consistent manifest that lacks the module
     (path / "manifest.json").write_text(json.dumps(manifest))

@@ -109,16 +109,16 @@ def checkpoint_verify(uri, preset, sets, overrides):
     """Re-hash every file of a checkpoint against its manifest; with --preset/--set, also check that it fits
     that config (the keys a resume or an eval must share)."""
     from latentgate.tracking.lineage import resolve_checkpoint
-    from latentgate.train import checkpoint as ckpt
+    from latentgate.train.manifest import check_compat, verify_checkpoint
 
     path = resolve_checkpoint(uri)
-    manifest = ckpt.verify_checkpoint(path)
+    manifest = verify_checkpoint(path)
     if preset or sets or overrides.strip():
         from latentgate.config import flatten
         from latentgate.train.trainer import COMPAT_KEYS
 
         cfg = resolve_config(preset, sets, overrides, "smoke")
-        ckpt.check_compat(path, manifest, flatten(cfg), COMPAT_KEYS)
+        check_compat(path, manifest, flatten(cfg), COMPAT_KEYS)
     step = (manifest.get("trainer_state") or {}).get("global_step")
     click.echo(f"ok: {uri}: {len(manifest['modules'])} modules, lora={'yes' if manifest.get('lora') else 'no'}, "
                f"step {step}, every hash verified")

@@ -21,7 +21,7 @@ from latentgate.config import flatten, from_flat
 from latentgate.errors import CheckpointError, DataError, StoreError
 from latentgate.tracking.lineage import base_from_run, client, resolve_checkpoint, run_in_uri
 from latentgate.tracking.runs import tracked_run
-from latentgate.train.checkpoint import write_manifest
+from latentgate.train.manifest import write_manifest
 
 MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
 REQUIREMENTS = ("torch", "transformers", "peft", "tokenizers", "safetensors", "mlflow", "pandas", "pyyaml")

@@ -208,10 +208,10 @@ def _model_key(cfg) -> str:
 def _check_resume(spec: StudySpec, cfg, uri: str) -> None:
     """Fail before any trial if the Stage A checkpoint does not fit the study's config."""
     from latentgate.config import flatten
-    from latentgate.train import checkpoint as ckpt
+    from latentgate.train.manifest import read_manifest
     from latentgate.train.trainer import COMPAT_KEYS
 
-    manifest = ckpt.read_manifest(lineage.resolve_checkpoint(uri))
+    manifest = read_manifest(lineage.resolve_checkpoint(uri))
     saved = manifest.get("config") or {}
     saved = {f"{s}.{k}": v for s, sec in saved.items() for k, v in sec.items()} if all(
         isinstance(v, dict) for v in saved.values()) else saved

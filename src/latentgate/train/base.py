@@ -62,9 +62,10 @@ def train_builtin_base(cfg: Config, tracker, out_dir: Path, splits=None) -> tupl
     contract = PrefixContract.for_config(cfg, tok)
     ws = Workspace(cfg, device, lm, tok, contract, splits)
     b = cfg.base
-    opt = torch.optim.AdamW(lm.parameters(), lr=b.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(lm.parameters(), lr=b.lr, weight_decay=b.weight_decay, betas=(b.beta1, b.beta2))
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, min(b.warmup_steps, b.steps - 1), b.steps,
-                                                        min_lr=b.lr * 0.05)
+                                                        min_lr=b.lr * b.min_lr_ratio)
+    max_norm = b.clip_norm if b.clip_norm > 0 else float("inf")
     train = splits["train"]
     prompts = [text_prompt(e.context, e.question) for e in train]
     answers = encode_answers(contract, tok, [e.answer for e in train])
@@ -79,7 +80,7 @@ def train_builtin_base(cfg: Config, tracker, out_dir: Path, splits=None) -> tupl
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tb.answer_targets, reduction="none")
             loss = (nll * tb.answer_mask).sum() / tb.answer_mask.sum()
             loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(lm.parameters(), max_norm))
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 from latentgate.config import Config, flatten
 from latentgate.model.lora import attach_lora
 from latentgate.train import checkpoint as ckpt
+from latentgate.train.manifest import check_compat, read_manifest
 from latentgate.train.trainer import COMPAT_KEYS, checkpoint_modules
 from latentgate.train.workspace import build_workspace
 
@@ -15,15 +16,15 @@ from latentgate.train.workspace import build_workspace
 def check_compatible(cfg: Config, checkpoint: Path, manifest: dict | None = None) -> dict:
     """Fail in one line, before anything is built or trained, if `checkpoint` was trained with a different
     M, d_z, encoder or base LM than `cfg` (trainer.COMPAT_KEYS). Returns the manifest."""
-    manifest = manifest or ckpt.read_manifest(checkpoint)
-    ckpt.check_compat(Path(checkpoint), manifest, flatten(cfg), COMPAT_KEYS)
+    manifest = manifest or read_manifest(checkpoint)
+    check_compat(Path(checkpoint), manifest, flatten(cfg), COMPAT_KEYS)
     return manifest
 
 
 def load_trained(cfg: Config, base_dir: str, checkpoint: Path, splits=None):
     """A workspace on the base LM at `base_dir` whose encoder, adapter and (if the checkpoint has one) LoRA come
     from `checkpoint`. A module missing from the checkpoint is an error, never a silent fresh init."""
-    manifest = ckpt.read_manifest(checkpoint)
+    manifest = read_manifest(checkpoint)
     ws = build_workspace(cfg, base_dir, splits)
     if manifest.get("lora"):
         ws.lm, ws.lora_counts = attach_lora(ws.lm, cfg)

@@ -150,9 +150,9 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
         manifest = ckpt.load_checkpoint(resume, modules=checkpoint_modules(ws),
                                         lora_model=ws.lm if ws.is_peft else None,
                                         optimizer=opt, scheduler=sched, expect_config=flatten(ws.cfg),
-                                        compat_keys=COMPAT_KEYS, expect_base=ws.base_ref)
+                                        compat_keys=COMPAT_KEYS, expect_base=ws.base_ref, restore_rng=True)
         state.update(manifest["trainer_state"])
-        ckpt.restore_rng_state(state.pop("rng"))
+        state.pop("rng", None)  # older checkpoints also kept a copy of rng.json here
         gen.set_state(torch.tensor(state.pop("gen_state"), dtype=torch.uint8))
         tracker.skip_logged_steps(_logged_keys(tracker, stage))
     diag_path = out_dir / "diagnostics.jsonl" if rank == 0 else Path(os.devnull)
@@ -163,8 +163,7 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
     def save(step_state: dict) -> Path:
         if rank != 0:
             return ckpt_dir
-        trainer_state = {**step_state, "elapsed": time.perf_counter() - t0, "rng": ckpt.capture_rng_state(),
-                         "gen_state": gen.get_state().tolist()}
+        trainer_state = {**step_state, "elapsed": time.perf_counter() - t0, "gen_state": gen.get_state().tolist()}
         return ckpt.save_checkpoint(ckpt_dir, modules=checkpoint_modules(ws), lora_model=ws.lm if ws.is_peft else None,
                                     optimizer=opt, scheduler=sched, trainer_state=trainer_state,
                                     config=flatten(ws.cfg), contract=ws.contract.to_dict(), base_lm=ws.base_ref)

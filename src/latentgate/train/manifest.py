@@ -1,0 +1,210 @@
+"""The torch-free half of a checkpoint: its manifest, the checks that read it, and the atomic swap.
+
+The manifest lists every file with its sha256 and is sealed by the hash of its own canonical JSON
+(`manifest_sha256`), so an edited manifest fails verification like an edited file. `latentgate checkpoint verify`
+needs only this module, so it starts without importing torch.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from latentgate.errors import CheckpointError
+from latentgate.safety import check_relative, ensure_inside
+
+MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest_sha256"
+FORMAT = 1
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_RESAVE = "re-save the checkpoint or use an earlier one"
+_ABSENT = object()
+
+
+def check_name(name: Any, what: str = "module name") -> str:
+    """A name that becomes a file name must be a plain identifier-like string, never a path."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise CheckpointError(f"invalid {what} {name!r}: it becomes a file name in the checkpoint",
+                              "use letters, digits, '_', '-' or '.' only (no '/', no '..', not absolute)")
+    return name
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if callable(getattr(obj, "item", None)):  # one-element tensors, numpy scalars
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def to_json(obj: Any, what: str) -> Any:
+    """Plain JSON values (tuples -> lists, Path -> str), so the digest of what is written equals the digest of what
+    is read back; CheckpointError naming `what` otherwise."""
+    try:
+        return json.loads(json.dumps(obj, default=_json_default))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"cannot store {what} in the checkpoint manifest: {exc}",
+                              f"pass {what} as plain JSON values (str, int, float, bool, list, dict)") from None
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def write_file(path: Path, data: bytes) -> str:
+    """Write and fsync `data`; return its sha256. A failed write raises OSError naming `path` (a bare write error
+    names no file)."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON, without its own `manifest_sha256` entry."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
+    """(Re)write a checkpoint's manifest sealed with its hash (also used by an export that drops files)."""
+    body = {k: v for k, v in to_json(manifest, "manifest").items() if k != MANIFEST_DIGEST}
+    write_file(Path(directory) / MANIFEST, json_bytes({**body, MANIFEST_DIGEST: manifest_digest(body)}))
+
+
+def swap_into_place(tmp: Path, target: Path, tag: str) -> None:
+    """Rename the complete folder `tmp` to `target`; an existing `target` is replaced only once `tmp` is in place
+    (checkpoints here, copied artifact folders in tracking)."""
+    if not target.exists():
+        os.rename(tmp, target)
+        fsync_dir(target.parent)
+        return
+    old = target.with_name(f"{target.name}.old-{tag}")
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)  # put the previous folder back
+        raise
+    fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """Parse and sanity-check `<directory>/manifest.json` (no hashing; see `verify_checkpoint`)."""
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise CheckpointError(f"checkpoint path {d} is not a directory", "pass the checkpoint directory")
+    if not d.exists():
+        left = sorted(d.parent.glob(f"{glob.escape(d.name)}.old-*")) if d.parent.is_dir() else []
+        hint = (f"a save was interrupted mid-swap; the previous checkpoint is in {left[-1].name} beside it" if left
+                else "check the path, or train first so that a checkpoint is written there")
+        raise CheckpointError(f"checkpoint directory {d} does not exist", hint)
+    mpath = d / MANIFEST
+    if not mpath.is_file():
+        raise CheckpointError(f"checkpoint {d} has no {MANIFEST}",
+                              "it is incomplete or not a latentgate checkpoint; re-save it with save_checkpoint")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{mpath} is not valid JSON ({exc})", "the checkpoint is corrupted; re-save it") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CheckpointError(f"{mpath} has format {fmt!r}, expected {FORMAT}",
+                              "re-save the checkpoint with this version of latentgate")
+    mods, files, lora = manifest.get("modules"), manifest.get("files"), manifest.get("lora")
+    if not (isinstance(mods, dict) and isinstance(files, dict) and (lora is None or isinstance(lora, dict))
+            and all(isinstance(i, dict) and {"file", "params", "sha256"} <= set(i) for i in mods.values())
+            and (lora is None or isinstance(lora.get("files"), dict) and "params" in lora)):
+        raise CheckpointError(f"{mpath} is malformed (modules/files/lora)", "re-save the checkpoint")
+    for name in mods:
+        check_name(name)
+    for rel in _all_files(manifest):  # checked before the manifest's hash, so the message names the path
+        check_relative(rel, f"the manifest of checkpoint {d} lists the unsafe file path",
+                       fix="re-save the checkpoint; never edit a manifest by hand")
+    return manifest
+
+
+def _all_files(manifest: dict) -> dict[str, str]:
+    files = {info["file"]: info["sha256"] for info in manifest["modules"].values()}
+    files.update((manifest.get("lora") or {}).get("files", {}))
+    files.update(manifest["files"])
+    return files
+
+
+def verify_checkpoint(directory: str | os.PathLike) -> dict:
+    """Re-hash the manifest and every file it lists; CheckpointError naming the first missing or altered one."""
+    d = Path(directory)
+    manifest = read_manifest(d)
+    if manifest.get(MANIFEST_DIGEST) != manifest_digest(manifest):
+        why = "has no manifest hash" if MANIFEST_DIGEST not in manifest else "does not match its own hash (edited?)"
+        raise CheckpointError(f"{d / MANIFEST} {why}: its config, trainer state and file hashes cannot be trusted",
+                              "re-save the checkpoint or use an earlier one; never edit a manifest by hand")
+    sizes = manifest.get("sizes") or {}
+    for rel, digest in _all_files(manifest).items():
+        path = d / rel
+        if path.is_symlink() or path.exists():  # a symlink (or linked folder) pointing outside is never followed
+            ensure_inside(d, path, f"checkpoint file {rel}")
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {d} is missing {rel} (listed in {MANIFEST})",
+                                  f"the checkpoint is incomplete; {_RESAVE}")
+        if sha256_file(path) != digest:
+            size = path.stat().st_size
+            detail = f"; it is {size} bytes, {sizes[rel]} expected (truncated?)" if sizes.get(rel, size) != size else ""
+            raise CheckpointError(f"hash mismatch for {path}: the file is corrupted{detail}", _RESAVE)
+    return manifest
+
+
+def check_compat(d: Path, manifest: dict, expect_config: dict | None, compat_keys: tuple[str, ...]) -> None:
+    """Refuse a checkpoint whose saved config differs from `expect_config` at any of `compat_keys`. Both are flat
+    dicts of dotted keys (`config.flatten`)."""
+    saved, expected = manifest.get("config") or {}, to_json(expect_config or {}, "expect_config")
+    for key in compat_keys:
+        if key not in expected:  # also catches a nested config, which would otherwise compare absent == absent
+            raise CheckpointError(f"{key} is not in the config the checkpoint {d} is checked against",
+                                  "pass the resolved config as config.flatten(cfg) (flat dotted keys)")
+        a, b = saved.get(key, _ABSENT), expected[key]
+        if a != b or isinstance(a, bool) != isinstance(b, bool):  # true == 1 in Python, not here
+            sa, sb = "absent" if a is _ABSENT else json.dumps(a), json.dumps(b)
+            raise CheckpointError(f"incompatible checkpoint: {key} is {sa} in {d}, {sb} in this config",
+                                  f"use a checkpoint trained with {key}={sb}, or set {key}={sa}")
+
+
+def check_base(d: Path, manifest: dict, expect_base: dict | None) -> None:
+    """A checkpoint holds only what trains, so it is meaningless on another base LM: refuse a fingerprint that
+    differs from the one it was trained on (both must be known to compare)."""
+    saved = (manifest.get("base_lm") or {}).get("fingerprint")
+    want = (expect_base or {}).get("fingerprint")
+    if saved and want and saved != want:
+        raise CheckpointError(
+            f"checkpoint {d} was trained on base LM {manifest['base_lm'].get('name')!r} (fingerprint {saved[:12]}), "
+            f"this run loads {expect_base.get('name')!r} (fingerprint {want[:12]})",
+            "load the base LM the checkpoint was trained on (base.name / base.revision)")
