@@ -8,8 +8,15 @@ import dataclasses
 import pytest
 import torch
 
-from latentgate.model.contract import IGNORE, build_latent_batch, build_text_batch, encode_answers, text_prompt
-from latentgate.train.losses import answer_logits, compute_losses
+from latentgate.model.contract import (
+    IGNORE,
+    answer_logits,
+    build_latent_batch,
+    build_text_batch,
+    encode_answers,
+    text_prompt,
+)
+from latentgate.train.losses import compute_losses
 
 
 def _mixed(ws, n=6):

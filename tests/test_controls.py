@@ -122,8 +122,7 @@ def test_the_shuffled_control_feeds_each_example_the_previous_ones_latents_acros
     the model says from the PREVIOUS example's latents, so the shuffled control must score 100% and the model
     itself what it says twice in a row."""
     from latentgate.eval.probe import run_probe
-    from latentgate.model.contract import build_latent_batch, encode_answers
-    from latentgate.train.losses import answer_logits
+    from latentgate.model.contract import answer_logits, build_latent_batch, encode_answers
 
     ws = tiny_ws
     with torch.no_grad():

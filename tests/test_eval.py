@@ -43,11 +43,10 @@ def _perturb_trainables(ws, tmp_path, steps=2):
 
 def test_checkpoint_save_load_identical_logits_and_missing_module(tiny_ws, tmp_path):
     from latentgate.config import flatten
-    from latentgate.model.contract import build_latent_batch
+    from latentgate.model.contract import answer_logits, build_latent_batch
     from latentgate.model.lora import attach_lora
     from latentgate.train import checkpoint as ckpt
     from latentgate.train.load import load_trained
-    from latentgate.train.losses import answer_logits
     from latentgate.train.trainer import checkpoint_modules
 
     ws = tiny_ws

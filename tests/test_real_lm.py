@@ -13,12 +13,12 @@ import torch
 from latentgate.errors import CheckpointError
 from latentgate.model.contract import (
     PrefixContract,
+    answer_logits,
     build_latent_batch,
     build_text_batch,
     encode_answers,
     text_prompt,
 )
-from latentgate.train.losses import answer_logits
 from latentgate.train.trainer import stage_step
 
 

@@ -1,4 +1,4 @@
-"""Paths taken from configs, manifests or URIs never leave their directory.
+"""Paths taken from configs, manifests or URIs never leave their directory; folders are swapped in whole.
 
 `safe_join(root, rel)` is the one way to turn an untrusted relative path (a file listed in a checkpoint manifest,
 an artifact path inside a `runs:/` URI, a name that becomes a folder) into a path under `root`. It rejects
@@ -13,6 +13,7 @@ Failures raise the `error` class given (default `CheckpointError`) with one line
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path, PurePosixPath
 
 from latentgate.errors import CheckpointError, LatentgateError
@@ -51,3 +52,29 @@ def ensure_inside(root: str | os.PathLike, path: str | os.PathLike, what: str = 
         raise error(f"{what} {os.fspath(path)} resolves to {real}, outside {real_root} (a symlink or '..' escapes)",
                     "replace the link with the real file inside the directory, or re-save it")
     return real
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def swap_into_place(tmp: Path, target: Path, tag: str) -> None:
+    """Rename the complete folder `tmp` to `target`; an existing `target` is replaced only once `tmp` is in place
+    (checkpoints here, copied artifact folders in tracking)."""
+    if not target.exists():
+        os.rename(tmp, target)
+        fsync_dir(target.parent)
+        return
+    old = target.with_name(f"{target.name}.old-{tag}")
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)  # put the previous folder back
+        raise
+    fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)

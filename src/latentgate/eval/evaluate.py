@@ -18,9 +18,8 @@ import torch
 from latentgate.eval import controls, scoring
 from latentgate.eval.generate import decode, greedy_generate
 from latentgate.eval.probe import EvalMode
-from latentgate.model.contract import build_latent_batch, build_text_batch, encode_answers, text_prompt
+from latentgate.model.contract import answer_logits, build_latent_batch, build_text_batch, encode_answers, text_prompt
 from latentgate.tracking import progress
-from latentgate.train.losses import answer_logits
 
 LATENT_PATHS = ("latent", "zero_latent", "shuffled_latent")
 

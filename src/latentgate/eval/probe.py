@@ -16,8 +16,7 @@ from latentgate.eval import controls
 from latentgate.eval.generate import decode, greedy_generate
 from latentgate.eval.scoring import f1 as f1_score
 from latentgate.eval.scoring import wilson_interval
-from latentgate.model.contract import build_latent_batch, encode_answers
-from latentgate.train.losses import answer_logits
+from latentgate.model.contract import answer_logits, build_latent_batch, encode_answers
 
 
 class EvalMode:

@@ -219,7 +219,7 @@ def copy_tree_atomic(src: Path, dest: Path) -> None:
     import secrets
     import shutil
 
-    from latentgate.train.manifest import swap_into_place
+    from latentgate.safety import swap_into_place
 
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     tmp = dest.with_name(f"{dest.name}.tmp-{tag}")

@@ -11,9 +11,8 @@ import torch
 
 from latentgate.config import Config
 from latentgate.errors import GateRefused
-from latentgate.model.contract import PrefixContract, build_text_batch, encode_answers, text_prompt
+from latentgate.model.contract import PrefixContract, answer_logits, build_text_batch, encode_answers, text_prompt
 from latentgate.tracking import progress
-from latentgate.train.losses import answer_logits
 from latentgate.train.trainer import batch_indices
 from latentgate.train.workspace import Workspace, load_splits, resolve_device, set_threads
 

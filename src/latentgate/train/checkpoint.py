@@ -35,16 +35,15 @@ import safetensors.torch
 import torch
 
 from latentgate.errors import CheckpointError
+from latentgate.safety import fsync_dir, swap_into_place
 from latentgate.train.manifest import (
     FORMAT,
     check_base,
     check_compat,
     check_name,
-    fsync_dir,
     json_bytes,
     read_manifest,
     sha256_file,
-    swap_into_place,
     to_json,
     verify_checkpoint,
     write_file,

@@ -13,20 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from latentgate.config import StageConfig
-from latentgate.model.contract import PrefixBatch
 
 TERMS = ("tf", "first", "kce", "kd")
-
-
-def answer_logits(lm, batch: PrefixBatch) -> torch.Tensor:
-    """Logits at the answer positions only: [B, T, V]. Only the tail of the sequence goes through the LM head."""
-    seq_len = batch.inputs_embeds.shape[1]
-    start = int(batch.answer_pos.min())
-    out = lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, use_cache=False,
-             logits_to_keep=seq_len - start)
-    logits = out.logits
-    idx = (batch.answer_pos - start).unsqueeze(-1).expand(-1, -1, logits.shape[-1])
-    return logits.gather(1, idx)
 
 
 @dataclass

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -80,14 +79,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def manifest_digest(manifest: dict) -> str:
     """sha256 of the manifest's canonical JSON, without its own `manifest_sha256` entry."""
     body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
@@ -98,24 +89,6 @@ def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
     """(Re)write a checkpoint's manifest sealed with its hash (also used by an export that drops files)."""
     body = {k: v for k, v in to_json(manifest, "manifest").items() if k != MANIFEST_DIGEST}
     write_file(Path(directory) / MANIFEST, json_bytes({**body, MANIFEST_DIGEST: manifest_digest(body)}))
-
-
-def swap_into_place(tmp: Path, target: Path, tag: str) -> None:
-    """Rename the complete folder `tmp` to `target`; an existing `target` is replaced only once `tmp` is in place
-    (checkpoints here, copied artifact folders in tracking)."""
-    if not target.exists():
-        os.rename(tmp, target)
-        fsync_dir(target.parent)
-        return
-    old = target.with_name(f"{target.name}.old-{tag}")
-    os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(old, target)  # put the previous folder back
-        raise
-    fsync_dir(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:

@@ -20,11 +20,11 @@ import torch
 from latentgate import distributed as dist
 from latentgate.config import StageConfig, flatten
 from latentgate.errors import STOP_SIGNALS, ConfigError, Interrupted, TrainingFault
-from latentgate.model.contract import build_latent_batch, build_text_batch, encode_answers, text_prompt
+from latentgate.model.contract import answer_logits, build_latent_batch, build_text_batch, encode_answers, text_prompt
 from latentgate.tracking import progress
 from latentgate.tracking.tracker import NullTracker
 from latentgate.train import checkpoint as ckpt
-from latentgate.train.losses import TERMS, answer_logits, compute_losses, p_gold_at, scheduled_inputs
+from latentgate.train.losses import TERMS, compute_losses, p_gold_at, scheduled_inputs
 from latentgate.train.workspace import Workspace, autocast
 
 COMPAT_KEYS = ("model.num_latents", "model.d_z", "model.encoder", "model.encoder_lora_r", "model.prompt_format",
