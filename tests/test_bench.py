@@ -12,8 +12,8 @@ from collections import Counter
 import pytest
 import torch
 
-from latentgate.bench import comparisons as C
-from latentgate.bench import report
+from latentgate.bench import generation, gpu, processes, report, step, timing, tracking_cost
+from latentgate.config import flatten, resolve
 from latentgate.eval.generate import greedy_generate
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -50,7 +50,7 @@ def test_batched_greedy_equals_per_example_generate_on_latent_prefixes():
     assert all(len(r) == t for r in first)
     eos = pick_eos(first)
     batched = greedy_generate(lm, emb, mask, t, eos)
-    reference = C.per_example_generate(lm, emb, mask, t, eos, pad_id=0)
+    reference = generation.per_example_generate(lm, emb, mask, t, eos, pad_id=0)
     assert batched.token_ids == reference
     lengths = {len(r) for r in batched.token_ids}
     assert min(lengths) < t and max(lengths) == t  # some rows stopped at EOS, some ran to the cap
@@ -74,7 +74,7 @@ def test_batched_greedy_equals_generate_on_left_padded_prompts():
     emb = lm.get_input_embeddings()(ids).detach()
     eos = pick_eos(greedy_generate(lm, emb, mask, t, stop_ids=-1).token_ids)
     batched = greedy_generate(lm, emb, mask, t, eos).token_ids
-    alone = [C.per_example_generate(lm, emb[i : i + 1, s - n :], mask[i : i + 1, s - n :], t, eos, 0)[0]
+    alone = [generation.per_example_generate(lm, emb[i : i + 1, s - n :], mask[i : i + 1, s - n :], t, eos, 0)[0]
              for i, n in enumerate(lengths)]
     assert batched == alone
 
@@ -103,8 +103,8 @@ def test_interleave_alternates_and_limits_reps():
     assert len(times["a"]) == 4 and len(times["b"]) == 2
     assert report.paired_ratio([1.0, 2.0, 3.0], [2.0, 2.0, 3.0]) == 1.0
     reps = [[(1.0, 0.5), (3.0, 1.0)], [(2.0, 0.4), (2.0, 2.0)]]
-    assert C.best_of(reps) == (3.0, 1.4)  # per segment the fastest repetition, summed
-    assert C.best_of(reps, slice(1, None)) == (2.0, 1.0)
+    assert timing.best_of(reps) == (3.0, 1.4)  # per segment the fastest repetition, summed
+    assert timing.best_of(reps, slice(1, None)) == (2.0, 1.0)
 
 
 def test_table_markdown_and_json(tmp_path):
@@ -131,11 +131,12 @@ def test_table_markdown_and_json(tmp_path):
 
 @pytest.fixture(scope="module")
 def micro_bench_cfg():
-    return C.bench_config("micro", threads=1)
+    return timing.bench_config("micro", threads=1)
 
 
 def test_tracking_comparison_logs_every_step_to_a_real_store(micro_bench_cfg, mlflow_store, tmp_path):
-    row = C.bench_tracking(micro_bench_cfg, tmp_path, reps=1, steps=4, store_uri=os.environ["MLFLOW_TRACKING_URI"])
+    row = tracking_cost.bench_tracking(micro_bench_cfg, tmp_path, reps=1, steps=4,
+                                       store_uri=os.environ["MLFLOW_TRACKING_URI"])
     d = row.details
     assert d["metrics_logged_for_loss"] == 4  # read back from the SQLite store
     assert d["identical_losses"]  # tracking does not change what is trained
@@ -144,14 +145,14 @@ def test_tracking_comparison_logs_every_step_to_a_real_store(micro_bench_cfg, ml
 
 
 def test_step_comparison_on_micro(micro_bench_cfg, tmp_path):
-    row = C.bench_step(micro_bench_cfg, tmp_path, reps=1, steps=5, warm=1)
+    row = step.bench_step(micro_bench_cfg, tmp_path, reps=1, steps=5, warm=1)
     d = row.details
     assert d["tokens_per_step"] > 0 and d["trainer_tokens_per_s"] > 0 and d["bare_tokens_per_s"] > 0
     assert row.status == report.judge(row.value, ">=", 0.9)
 
 
 def test_generation_comparison_on_micro(micro_bench_cfg, tmp_path):
-    peer, loop = C.bench_generation(micro_bench_cfg, tmp_path, reps=1, n=24)
+    peer, loop = generation.bench_generation(micro_bench_cfg, tmp_path, reps=1, n=24)
     assert (peer.key, loop.key) == ("generation", "generation_loop")
     for row in (peer, loop):  # both peers produce exactly our token ids
         assert row.details["mismatches"] == 0 and "identical" in row.measured
@@ -173,29 +174,29 @@ def test_hf_batched_generate_equals_ours_on_left_padded_rows_with_several_stop_i
         free = greedy_generate(lm, emb, mask, 10, []).token_ids
         stops = {pick_eos(free), pick_eos([r[::-1] for r in free[::-1]])}
         ours = greedy_generate(lm, emb, mask, 10, stops).token_ids
-        peer = C.hf_batched_generate(lm, emb, mask, 10, stops, pad_id=0, batch_size=4)
+        peer = generation.hf_batched_generate(lm, emb, mask, 10, stops, pad_id=0, batch_size=4)
     assert peer == ours
     assert any(len(r) < 10 for r in ours) and any(len(r) == 10 for r in free)  # stops really cut rows
 
 
 @pytest.mark.slow
 def test_compile_row_on_micro(micro_bench_cfg, tmp_path):
-    row = C.bench_compile(micro_bench_cfg, tmp_path, reps=1, steps=3, warm=1)
+    row = step.bench_compile(micro_bench_cfg, tmp_path, reps=1, steps=3, warm=1)
     d = row.details
     assert row.key == "compile" and row.status == report.INFO and row.value > 0
     assert d["first_compiled_pass_s"] > 0 and d["winner"] in row.measured
 
 
 def test_startup_has_no_heavy_imports():
-    assert C.heavy_imports_at_startup() == []
-    row = C.bench_startup(reps=1)
+    assert processes.heavy_imports_at_startup() == []
+    row = processes.bench_startup(reps=1)
     assert set(row.details["median_s"]) == {"python -c pass", "latentgate --help", "latentgate config"}
     assert row.status == report.judge(row.value, "<=", 0.5)
 
 
 def test_measure_subprocess_reports_the_child_peak_rss(tmp_path):
     code = "b = bytearray(150 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096]); print('done')"
-    res = C.measure_subprocess([sys.executable, "-c", code], log=tmp_path / "child.log")
+    res = processes.measure_subprocess([sys.executable, "-c", code], log=tmp_path / "child.log")
     assert res["rc"] == 0 and res["output"].strip() == "done"
     assert 150 * 1024**2 <= res["max_rss_bytes"] < 1024**3
     assert (tmp_path / "child.log").read_text().strip() == "done"
@@ -208,7 +209,7 @@ def test_smoke_summary_is_parsed_from_the_real_format():
                "stage_a_probe_first_acc": 0.2, "stage_b_probe_first_acc": None, "controls_f1": {"zero_latent": 0.0},
                "wall_seconds": 123.4, "base_source": "reused:x", "children": {}, "output_dir": "runs/x",
                "tracking_uri": "sqlite:////tmp/x/mlflow.db"}
-    parsed = C.parse_smoke_summary("noise\n" + format_summary(summary) + "\n")
+    parsed = processes.parse_smoke_summary("noise\n" + format_summary(summary) + "\n")
     assert parsed == {"run_id": summary["run_id"], "latent_f1": 0.125, "latent_em": 0.05, "wall_seconds": 123.0,
                       "tracking_uri": "sqlite:////tmp/x/mlflow.db"}
 
@@ -216,7 +217,7 @@ def test_smoke_summary_is_parsed_from_the_real_format():
 @pytest.mark.slow
 def test_smoke_row_on_micro(tmp_path, hf_home):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "HF_HOME": str(hf_home)}
-    row = C.bench_smoke("micro", ["--set", f"run.output_dir={tmp_path / 'runs'}"], tmp_path / "out", env=env)
+    row = processes.bench_smoke("micro", ["--set", f"run.output_dir={tmp_path / 'runs'}"], tmp_path / "out", env=env)
     d = row.details
     assert d["rc"] == 0, d["output_tail"]
     assert d["latent_f1_source"] == "mlflow" and d["latent_f1"] is not None
@@ -227,9 +228,9 @@ def test_smoke_row_on_micro(tmp_path, hf_home):
 # ---- GPU rows: the code path runs on CPU with a tiny config --------------------------------------------------
 
 def test_gpu_path_places_everything_on_device_and_dtype(micro_bench_cfg):
-    cfg = C.resolve(None, {**C.flatten(micro_bench_cfg), "base.dtype": "bfloat16", "data.n_train": 64,
+    cfg = resolve(None, {**flatten(micro_bench_cfg), "base.dtype": "bfloat16", "data.n_train": 64,
                            "stage_b.batch_size": 4})
-    r = C.gpu_stage_b(cfg, torch.device("cpu"), steps=3, warm=1, vocab_size=512, gen_n=8)
+    r = gpu.gpu_stage_b(cfg, torch.device("cpu"), steps=3, warm=1, vocab_size=512, gen_n=8)
     assert r["tokens_per_s"] > 0 and r["model_tflops_per_s"] > 0 and r["gen_answers_per_s"] > 0
     assert r["mfu"] is None  # no peak is known for a CPU
     assert r["placement"].get("lm:base:bfloat16", 0) > 0  # the frozen LM really is in bf16
@@ -237,18 +238,18 @@ def test_gpu_path_places_everything_on_device_and_dtype(micro_bench_cfg):
 
 
 def test_placement_check_catches_a_stray_dtype(micro_bench_cfg):
-    cfg = C.resolve(None, {**C.flatten(micro_bench_cfg), "base.dtype": "bfloat16", "data.n_train": 16})
-    ws = C.direct_workspace(cfg, torch.device("cpu"), stage="stage_a")
-    C.check_placement(ws)
+    cfg = resolve(None, {**flatten(micro_bench_cfg), "base.dtype": "bfloat16", "data.n_train": 16})
+    ws = gpu.direct_workspace(cfg, torch.device("cpu"), stage="stage_a")
+    gpu.check_placement(ws)
     layer = ws.lm.model.layers[0].mlp.down_proj
     layer.weight.data = layer.weight.data.float()
     with pytest.raises(AssertionError, match="down_proj.weight is torch.float32"):
-        C.check_placement(ws)
+        gpu.check_placement(ws)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this host has CUDA")
 def test_gpu_rows_say_not_measured_without_cuda():
-    rows = C.bench_gpu()
+    rows = gpu.bench_gpu()
     assert [r.status for r in rows] == [report.NOT_MEASURED] * 2
     assert all("no GPU" in r.measured for r in rows)
 
@@ -256,7 +257,7 @@ def test_gpu_rows_say_not_measured_without_cuda():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_rows_on_cuda():
-    rows = C.bench_gpu({"base.layers": 2, "stage_b.batch_size": 8}, steps=4)
+    rows = gpu.bench_gpu({"base.layers": 2, "stage_b.batch_size": 8}, steps=4)
     assert rows[0].details["placement"] and rows[0].value is not None
     assert rows[1].value > 0
 

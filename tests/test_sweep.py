@@ -133,7 +133,7 @@ def test_objective_and_intermediate_formula():
 
 def test_bench_trials_are_fixed_in_space_and_longest_first():
     """The worker benchmark runs the same trials with 1 and 2 workers: drawn once, reproducibly, from the space."""
-    from latentgate.sweep.bench import draw_trials
+    from latentgate.bench.sweeps import draw_trials
     from latentgate.sweep.study import load_study
 
     spec = load_study("phase2")
@@ -344,7 +344,7 @@ def test_cli_help_does_not_import_heavy_modules():
 @pytest.mark.slow
 def test_sweep_bench_quick_measures_both_comparisons(tmp_path, mlflow_store):
     """`latentgate bench --sweep --quick`: both rows are measured (micro numbers mean nothing, so no verdict)."""
-    from latentgate.sweep.bench import bench_sweep
+    from latentgate.bench.sweeps import bench_sweep
 
     rows = bench_sweep(out_dir=tmp_path, quick=True, echo=lambda *_: None)
     assert [r.key for r in rows] == ["sweep_workers", "sweep_pruning"]

@@ -39,7 +39,7 @@ class BenchOptions:
 
 
 def _sweep_rows(opts: BenchOptions) -> list[Row]:
-    from latentgate.sweep.bench import bench_sweep
+    from latentgate.bench.sweeps import bench_sweep
 
     return bench_sweep(out_dir=opts.out_dir, quick=opts.quick, threads=opts.threads)
 
@@ -47,29 +47,31 @@ def _sweep_rows(opts: BenchOptions) -> list[Row]:
 def run_bench(opts: BenchOptions, echo=print) -> list[Row]:
     import torch
 
-    from latentgate.bench import comparisons as C
+    from latentgate.bench import generation, gpu, processes, step, timing, tracking_cost
 
     torch.set_num_threads(max(1, opts.threads))
-    C.JUDGE_CLOCK["clock"] = opts.clock
-    cfg = C.bench_config(opts.preset, opts.overrides, threads=opts.threads)
+    timing.JUDGE_CLOCK["clock"] = opts.clock
+    cfg = timing.bench_config(opts.preset, opts.overrides, threads=opts.threads)
     plan = opts.plan()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="latentgate-bench-") as tmp:
         work = Path(tmp)
         jobs = {
-            "startup": (C.STARTUP, lambda: C.bench_startup(**plan["startup"])),
-            "tracking": (C.TRACKING, lambda: C.bench_tracking(cfg, work / "tracking", **plan["tracking"])),
-            "generation": (C.GENERATION, lambda: C.bench_generation(cfg, work / "generation", **plan["generation"])),
-            "step": (C.STEP, lambda: C.bench_step(cfg, work / "step", **plan["step"])),
-            "compile": (C.COMPILE, lambda: C.bench_compile(cfg, work / "compile", **plan["compile"])),
+            "startup": (processes.STARTUP, lambda: processes.bench_startup(**plan["startup"])),
+            "tracking": (tracking_cost.TRACKING,
+                         lambda: tracking_cost.bench_tracking(cfg, work / "tracking", **plan["tracking"])),
+            "generation": (generation.GENERATION,
+                           lambda: generation.bench_generation(cfg, work / "generation", **plan["generation"])),
+            "step": (step.STEP, lambda: step.bench_step(cfg, work / "step", **plan["step"])),
+            "compile": (step.COMPILE, lambda: step.bench_compile(cfg, work / "compile", **plan["compile"])),
         }
         for key in opts.only:
             if key == "gpu":
                 echo("bench: gpu ...")
                 try:
-                    rows += C.bench_gpu()
+                    rows += gpu.bench_gpu()
                 except Exception as err:  # noqa: BLE001 - one failed comparison must not lose the table
-                    rows.append(report.error_row("gpu_step", *C.GPU_STEP, err))
+                    rows.append(report.error_row("gpu_step", *gpu.GPU_STEP, err))
                 continue
             if key not in jobs:
                 continue
@@ -86,11 +88,11 @@ def run_bench(opts: BenchOptions, echo=print) -> list[Row]:
         if opts.smoke:
             echo(f"bench: smoke (latentgate smoke --preset {opts.smoke_preset}) ...")
             try:
-                rows.append(C.bench_smoke(opts.smoke_preset, list(opts.smoke_args), opts.out_dir))
+                rows.append(processes.bench_smoke(opts.smoke_preset, list(opts.smoke_args), opts.out_dir))
             except Exception as err:  # noqa: BLE001
-                rows.append(report.error_row("smoke", *C.SMOKE, err))
+                rows.append(report.error_row("smoke", *processes.SMOKE, err))
         else:
-            rows.append(report.not_measured("smoke", *C.SMOKE, "run `latentgate bench --smoke`"))
+            rows.append(report.not_measured("smoke", *processes.SMOKE, "run `latentgate bench --smoke`"))
         if opts.sweep:
             echo("bench: sweep ...")
             try:

@@ -8,7 +8,7 @@ so is one that FAILED on a deterministic fault (non-finite loss or gradient, the
 itself an outcome (the gate refuses it; a hero that fails is a failed hero).
 
 Compute is counted from what ran: each stage's micro-steps (its `<stage>/micro_step` metric) times the model FLOPs of
-one micro-step (`bench.comparisons.step_flops` on a batch of the stage's size). The base LM is shared by both scales
+one micro-step (`train.flops.step_flops` on a batch of the stage's size). The base LM is shared by both scales
 and is not counted; nor is eval, the same at both scales. Wall time is each chain's run duration less its base run's
 (training the shared base LM, or reusing it).
 """
@@ -109,9 +109,9 @@ def run_chain(role: str, conf: Configuration, cfg: Config, echo) -> dict:
 
 
 def micro_step_flops(cfg: Config, base_run: str) -> dict[str, float]:
-    """Model FLOPs of one micro-step of each stage, counted by `bench.comparisons.step_flops` on the first batch
+    """Model FLOPs of one micro-step of each stage, counted by `train.flops.step_flops` on the first batch
     of the training split (its KD term follows the stage's own kd_weight)."""
-    from latentgate.bench.comparisons import step_flops
+    from latentgate.train.flops import step_flops
     from latentgate.train.workspace import build_workspace, load_splits
 
     ws = build_workspace(cfg, base_from_run(base_run).dir, load_splits(cfg))
