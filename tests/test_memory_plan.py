@@ -14,6 +14,8 @@ from torch.utils._pytree import tree_flatten
 
 from latentgate import config
 from latentgate.errors import ConfigError
+from latentgate.model import memory_fit as fit
+from latentgate.model import memory_layers as layers
 from latentgate.model import memory_plan as mp
 from latentgate.model.memory_arch import arch_from_hf_config, lm_arch
 
@@ -122,7 +124,7 @@ def test_layer_formula_equals_measured_saved_activations(mode, dtype, attn, kv_h
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    batch, s, lora = 4, 64, mp.Lora(4, ("q_proj", "k_proj", "v_proj", "o_proj"), ())
+    batch, s, lora = 4, 64, layers.Lora(4, ("q_proj", "k_proj", "v_proj", "o_proj"), ())
     hcfg = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=384, num_hidden_layers=3,
                        num_attention_heads=4, num_key_value_heads=kv_heads, attn_implementation=attn)
     lm = LlamaForCausalLM(hcfg).to(dtype)
@@ -154,17 +156,18 @@ def test_layer_formula_equals_measured_saved_activations(mode, dtype, attn, kv_h
     act = 2 if autocast else 4 if mode == "train" else torch.finfo(dtype).bits // 8
     common = dict(act=act, ckpt=ckpt, trainable=mode == "train", attn=attn, embeds_in=False, autocast=autocast,
                   loras=(lora,) if mode == "lora" else ())
-    planned = mp.body_activations(arch, batch, s, **common)
+    planned = layers.body_activations(arch, batch, s, **common)
     if autocast and mode == "train":  # autocast's half copies of the trainable Linear weights, kept for backward
         planned += 2 * arch.layers * sum(i * o for _, i, o in arch.layer_linears)
     recompute = 0
     if ckpt:  # the layer recomputed in backward is not there yet after the forward
-        recompute = batch * s * (mp.layer_bytes_per_token(arch, s, act, attn=attn)
-                                 + mp.lora_bytes_per_token(arch, [lora] if mode == "lora" else [], act, False, attn))
+        loras = [lora] if mode == "lora" else []
+        recompute = batch * s * (layers.layer_bytes_per_token(arch, s, act, attn=attn)
+                                 + layers.lora_bytes_per_token(arch, loras, act, False, attn))
     # checkpointing also keeps each layer's rotary cos/sin (a few bytes per token, not modelled)
     assert kept == pytest.approx(planned - recompute, rel=0.05 if ckpt else 0.01)
     grads = 4 * sum(p.numel() for p in lm.parameters() if p.requires_grad)
-    expected_peak = max(planned, grads) + batch * s * mp.backward_temp_per_token(arch, act)
+    expected_peak = max(planned, grads) + batch * s * layers.backward_temp_per_token(arch, act)
     assert tracker.peak - start == pytest.approx(expected_peak, rel=0.15)
 
 
@@ -295,7 +298,7 @@ def test_llama_3_8b_lm_self_bf16_checkpointed_fits_in_40_gb(llama3_arch):
         assert sp.parts["frozen"] == 8_030_261_248 * 2
         assert sp.peak <= 40e9, (stage, sp.peak / 1e9)
         assert sp.peak_alt > sp.peak  # without checkpointing it needs more
-    mp.check_fits(cfg, "cuda", memory_bytes=int(80e9), arch=llama3_arch)  # no error
+    fit.check_fits(cfg, "cuda", memory_bytes=int(80e9), arch=llama3_arch)  # no error
 
 
 def test_llama_3_8b_lm_copy_fp32_is_refused_on_an_80_gb_device(llama3_arch):
@@ -307,7 +310,7 @@ def test_llama_3_8b_lm_copy_fp32_is_refused_on_an_80_gb_device(llama3_arch):
     for stage in ("stage_a", "stage_b"):
         assert plan.stage(stage).peak > 80e9
     with pytest.raises(ConfigError) as err:
-        mp.check_fits(cfg, "cuda", memory_bytes=int(80e9), arch=llama3_arch)
+        fit.check_fits(cfg, "cuda", memory_bytes=int(80e9), arch=llama3_arch)
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith("Stage A needs ") and "the device has 74.5 GiB" in message
@@ -315,7 +318,7 @@ def test_llama_3_8b_lm_copy_fp32_is_refused_on_an_80_gb_device(llama3_arch):
 
 
 def test_device_memory_on_cpu_is_available_ram():
-    available = mp.device_memory_bytes("cpu")
+    available = fit.device_memory_bytes("cpu")
     assert 0 < available <= 1 << 50
 
 

@@ -62,12 +62,13 @@ def plan(seq_len, answer_tokens, dtype, device_memory_gib, preset, sets, overrid
     """Peak memory of Stage A, Stage B and eval from the config alone (the LM is built on the meta device; base.name
     may also be shape:llama-3-8b). Exits 2 with the fix when a stage will not fit the device."""
     cfg = resolve_config(preset, sets, overrides, "smoke")
+    from latentgate.model import memory_fit as fit
     from latentgate.model import memory_plan as mp
 
     result = mp.plan_memory(cfg, seq_len, dtype=dtype, answer_tokens=answer_tokens)
-    capacity = mp.plan_capacity(result, device_memory_gib)
-    echo_main(mp.format_plan(result, capacity))
-    mp.refuse_if_over(result, capacity)
+    capacity = fit.plan_capacity(result, device_memory_gib)
+    echo_main(fit.format_plan(result, capacity))
+    fit.refuse_if_over(result, capacity)
 
 
 @main.group()

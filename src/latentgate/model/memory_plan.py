@@ -1,5 +1,5 @@
 """Memory plan: the peak memory of Stage A, Stage B and eval, from the config alone, and a refusal of runs that will
-not fit (`check_fits`).
+not fit (`memory_fit.check_fits`). Per-layer bytes: `memory_layers`.
 
 The base LM's architecture comes from `memory_arch` (built on the meta device). What is counted, per stage:
 
@@ -37,15 +37,18 @@ allocator's fragmentation, which is why `check_fits` keeps CUDA_HEADROOM of a CU
 
 from __future__ import annotations
 
-import copy
-import os
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from latentgate.config import Config
-from latentgate.errors import ConfigError
 from latentgate.model.memory_arch import Arch, lm_arch, scratch_encoder_arch
+from latentgate.model.memory_layers import (
+    Lora,
+    backward_temp_per_token,
+    body_activations,
+    nograd_bytes_per_token,
+)
 
 GiB = 2**30
 DEFAULT_SEQ_LEN = 512
@@ -55,108 +58,7 @@ LOGIT_BYTES = {False: 12, True: 32}  # per answer logit, at the loss (kd off / o
 CUDA_HEADROOM = 0.10  # planned bytes are live tensors; the caching allocator's fragmentation and the CUDA context
 # take more, so a CUDA stage fits only within 90% of the device
 MINILM = dict(hidden=384, layers=6, heads=12, intermediate=1536, params=22_713_216)  # all-MiniLM-L6-v2, fp32
-QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 STAGE_LABELS = {"stage_a": "Stage A", "stage_b": "Stage B", "eval": "eval"}
-
-
-# ---- per-layer activations --------------------------------------------------------------------------------------
-
-def layer_bytes_per_token(a: Arch, s: int, act: int, trainable: bool = False, autocast: bool = False,
-                          attn: str = "sdpa") -> int:
-    """Bytes one Llama decoder layer keeps for backward, per token (the input needs grad; `s` keys per query).
-
-    With h = hidden, q = heads x head_dim, kv = the key/value width that reaches attention (q when GQA heads are
-    repeated, which sdpa does whenever a padding mask is passed), I = intermediate, n = heads, b = `act` (bytes of
-    the layer's matmul outputs: the frozen dtype, or 4 / 2 for a trainable fp32 body without / with autocast):
-
-        both RMSNorms keep their input in fp32 (+ its rsqrt):       2 x (4h + 4)
-        MLP: SiLU input, SiLU output, up projection:                3I x b
-        sdpa / flash: q, k, v, output, logsumexp:                   (2q + 2kv) x b + 4n
-          sdpa with a padding mask: the mask as a float bias:       + s x b
-        eager: q, k, v, softmax output (fp32) and its cast:         (q + 2kv) x b + 4ns (+ ns x b when b != 4)
-      trainable weights (lm_copy / scratch bodies) add what the weight gradients need:
-        each norm's normalised input (fp32):                        2 x 4h
-        fp32: the norm outputs feeding q/k/v and gate/up, down's input:        8h + 4I
-        autocast: a half copy of the input per Linear (q, k, v, gate, up), down's input:  10h + 2I
-        eager: o_proj's input:                                      q x b
-
-    Measured on CPU (tests/test_memory_plan.py): exact for eager / sdpa, fp32 / bf16, frozen / trainable.
-    Gradient checkpointing keeps only each layer's input (h x residual bytes) and recomputes one layer at a time in
-    backward (`body_activations`).
-    """
-    h, i, q, n = a.hidden, a.intermediate, a.q_dim, a.heads
-    kv = q if a.kv_heads < a.heads and attn != "flash_attention_2" else a.kv_dim
-    total = 2 * (4 * h + 4) + 3 * i * act
-    if attn == "eager":
-        total += (q + 2 * kv) * act + 4 * n * s + (n * s * act if act != 4 else 0)
-    else:
-        total += (2 * q + 2 * kv) * act + 4 * n + (s * act if attn == "sdpa" else 0)
-    if trainable:
-        total += 2 * 4 * h + (10 * h + 2 * i if autocast else 8 * h + 4 * i) + (q * act if attn == "eager" else 0)
-    return total
-
-
-@dataclass(frozen=True)
-class Lora:
-    r: int
-    targets: tuple
-    layers: tuple  # empty: every layer
-    dropout: float = 0.0
-
-
-def lora_bytes_per_token(a: Arch, loras, act: int, autocast: bool, attn: str) -> int:
-    """What LoRAs on one frozen layer add per token: the input of each targeted Linear (for lora_A's weight grad)
-    and lora_A's output. In fp32 the targeted Linears share their inputs, across LoRAs too (q/k/v the first norm's
-    output, gate/up the second's, o_proj the attention output sdpa keeps anyway); with a half-precision LM each
-    LoRA casts the input to its fp32 weights per module (a 4-byte copy each: peft, and the lm_self encoder's hooks),
-    and under autocast each module keeps a half cast (2 bytes each)."""
-    low = 2 if autocast else 4
-    shared, total = {}, 0
-    for lo in loras:
-        for name, width in a.lora_inputs(lo.targets):
-            if act == 4 and not autocast:
-                key = "qkv" if name in QKV else "gate_up" if name in GATE_UP else name
-                shared[key] = 0 if (name == "o_proj" and attn != "eager") else 4 * width
-            else:
-                total += low * width
-            total += lo.r * low + (width * (low + 1) if lo.dropout > 0 else 0)  # lora_A's output; dropout's + mask
-    return total + sum(shared.values())
-
-
-def body_activations(a: Arch, batch: int, s: int, *, act: int, ckpt: bool, trainable: bool = False,
-                     autocast: bool = False, attn: str = "sdpa", loras: tuple[Lora, ...] = (),
-                     embeds_in: bool = True) -> int:
-    """Bytes a decoder body keeps for backward over batch x s tokens (input needs grad), plus its non-layer parts:
-    the final norm (fp32 input, output; a trainable norm also its normalised input), the boolean 4-D mask, and the
-    input embeddings when the caller builds them (`embeds_in`). With checkpointing: each layer's input, plus one
-    layer recomputed in backward."""
-    resid = 4 if trainable else act
-    per_layer = layer_bytes_per_token(a, s, act, trainable, autocast, attn)
-    per_layer_lora = [lora_bytes_per_token(a, [lo for lo in loras if not lo.layers or i in lo.layers], act,
-                                           autocast, attn) for i in range(a.layers)]
-    lora_total, lora_one = sum(per_layer_lora), max(per_layer_lora, default=0)
-    if ckpt:
-        layers = a.layers * a.hidden * resid + per_layer + lora_one
-    else:
-        layers = a.layers * per_layer + lora_total
-    h = a.hidden
-    nonlayer = 4 * h + 4 + h * resid + s + (4 * h if trainable else 0)
-    if not trainable:  # the input embeddings are layer 0's input: kept by it in fp32 or as its checkpoint
-        in_layers = ckpt or act == 4
-        nonlayer += (h * act if embeds_in and not in_layers else 0) - (h * act if in_layers and not embeds_in else 0)
-    return batch * s * (layers + nonlayer)
-
-
-def nograd_bytes_per_token(a: Arch, s: int, act: int, attn: str = "sdpa") -> int:
-    """Working set of a no-grad forward, per token: one layer's MLP (gate, up, SiLU output) and a few hidden-size
-    tensors, plus the attention mask (float bias and boolean). Measured ~(3I + 2.6h) x b on CPU."""
-    extra = 4 * a.heads * s if attn == "eager" else 0
-    return (3 * a.intermediate + 3 * a.hidden) * act + s * (act + 1) + extra
-
-
-def backward_temp_per_token(a: Arch, act: int) -> int:
-    """Gradients in flight while one layer runs backward (measured ~(3I + h) x b)."""
-    return (3 * a.intermediate + a.hidden) * act
 
 
 # ---- shapes, target, stages -------------------------------------------------------------------------------------
@@ -396,135 +298,3 @@ def _eval_plan(cfg: Config, a: Arch, t: Target, shapes: Shapes) -> StagePlan:
     return plan
 
 
-# ---- device capacity, the check, the table ----------------------------------------------------------------------
-
-def device_memory_bytes(device: str | torch.device) -> int:
-    """Total memory of a CUDA device; on CPU the RAM available now (MemAvailable)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return torch.cuda.get_device_properties(index).total_memory
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _fixes(plan: MemoryPlan, stage: str, capacity: int) -> str:
-    """The settings that lower this stage's peak (each re-planned alone; kept when it saves 5% or more), as one
-    clause; plus what the stage would still need with all of them, when that is still too much."""
-    cfg, t = plan.cfg, plan.target
-    if stage == "eval":
-        return "lower eval.batch_size"
-    batch = getattr(cfg, stage).batch_size
-    candidates = []
-    if not t.ckpt:
-        candidates.append(("base.gradient_checkpointing=true", {"base.gradient_checkpointing": True}))
-    if t.act == 4 and t.device_type == "cuda":
-        candidates.append(("base.dtype=bfloat16", {"base.dtype": "bfloat16"}))
-    if cfg.model.encoder in ("lm_copy", "scratch"):
-        candidates.append(("model.encoder=lm_self", {"model.encoder": "lm_self"}))
-    if batch > 1:
-        candidates.append((f"lower {stage}.batch_size (and raise {stage}.grad_accum)",
-                           {f"{stage}.batch_size": batch // 2}))
-    before = plan.stage(stage).peak
-    useful = [(text, change) for text, change in candidates if _replan(plan, stage, change) < 0.95 * before]
-    if not useful:
-        return f"use a device with more than {before / GiB:.1f} GiB"
-    sets = [text for text, _ in useful if "=" in text and not text.startswith("lower")]
-    lower = [text for text, _ in useful if text.startswith("lower")]
-    clause = (f"set {', '.join(sets)}" if sets else "") + (" or " if sets and lower else "") + "".join(lower)
-    combined = _replan(plan, stage, {k: v for _, change in useful for k, v in change.items()})
-    if combined > capacity:
-        clause += f"; with all of them it still needs {combined / GiB:.1f} GiB"
-    return clause
-
-
-def _replan(plan: MemoryPlan, stage: str, change: dict) -> int:
-    from latentgate.config import apply_overrides
-
-    cfg = apply_overrides(copy.deepcopy(plan.cfg), change)
-    dtype = None if "base.dtype" in change else str(plan.target.dtype).removeprefix("torch.")
-    new = plan_memory(cfg, plan.shapes.seq_len, device=plan.target.device_type, dtype=dtype,
-                      answer_tokens=plan.shapes.answer_tokens, prefix_tokens=plan.shapes.prefix_tokens,
-                      arch=plan.arch, stages=(stage,))
-    return new.stage(stage).peak
-
-
-def check_fits(cfg: Config, device: str | torch.device, seq_len: int = DEFAULT_SEQ_LEN,
-               memory_bytes: int | None = None, stages=("stage_a", "stage_b", "eval"), **kwargs) -> MemoryPlan:
-    """Refuse a run that will not fit: ConfigError naming the first stage over the device's memory (on CUDA, 90% of
-    it: CUDA_HEADROOM), both figures, and the settings that lower it. Returns the plan when every stage fits.
-    For the training entry, before anything is loaded; `kwargs` go to `plan_memory` (dtype, answer_tokens,
-    prefix_tokens, arch)."""
-    plan = plan_memory(cfg, seq_len, device=device, stages=stages, **kwargs)
-    refuse_if_over(plan, memory_bytes if memory_bytes is not None else device_memory_bytes(device))
-    return plan
-
-
-def usable_bytes(plan: MemoryPlan, capacity: int) -> int:
-    """What a stage may plan for on a device of `capacity` bytes (CUDA keeps CUDA_HEADROOM free)."""
-    return int(capacity * (1 - CUDA_HEADROOM)) if plan.target.device_type == "cuda" else capacity
-
-
-def refuse_if_over(plan: MemoryPlan, capacity: int | None) -> None:
-    if not capacity:
-        return
-    usable = usable_bytes(plan, capacity)
-    for sp in plan.stages:
-        if sp.peak > usable:
-            kept = f" ({usable / GiB:.1f} GiB usable: {CUDA_HEADROOM:.0%} stays free for the allocator)" \
-                if usable < capacity else ""
-            raise ConfigError(f"{sp.label} needs {sp.peak / GiB:.1f} GiB, the device has {capacity / GiB:.1f} GiB"
-                              f"{kept}", _fixes(plan, sp.stage, usable))
-
-
-def plan_capacity(plan: MemoryPlan, memory_gib: float | None = None) -> int | None:
-    """The memory to check a plan against: `memory_gib` if given, else the planned device's when it is this
-    machine's (a CUDA plan made on a CPU-only host has none: nothing to check)."""
-    if memory_gib is not None:
-        return int(memory_gib * GiB)
-    if plan.target.device_type == "cuda" and not torch.cuda.is_available():
-        return None
-    device = plan.cfg.run.device if plan.cfg.run.device != "auto" else plan.target.device_type
-    return device_memory_bytes(device)
-
-
-def _gib(n: int) -> str:
-    return f"{n / GiB:.2f}"
-
-
-def format_plan(plan: MemoryPlan, capacity: int | None = None) -> str:
-    """One header line and one table (GiB): the parts of each stage's peak, activations and peak with checkpointing
-    off and on (the configured one marked *), where the peak happens, and whether it fits."""
-    a, t, sh, cfg = plan.arch, plan.target, plan.shapes, plan.cfg
-    head = (f"{a.name}: {a.total_params / 1e9:.3f}B params, {a.layers} layers, hidden {a.hidden}; frozen "
-            f"{str(t.dtype).removeprefix('torch.')} on {t.device_type}; encoder {cfg.model.encoder}; "
-            f"{sh.seq_len} text tokens, M={cfg.model.num_latents}, prefix {sh.prefix_tokens}, answer "
-            f"{sh.answer_tokens}; gradient checkpointing {'on' if t.ckpt else 'off'}"
-            + (f"; device {capacity / GiB:.1f} GiB" if capacity else ""))
-    cols = ["stage", "batch", "frozen LM", "trainable", "grads", "AdamW", "logits", "acts ckpt off", "acts ckpt on",
-            "peak ckpt off", "peak ckpt on", "at", "fits"]
-    rows = []
-    for sp in plan.stages:
-        p = sp.parts
-        on = (sp.activations_alt, p["activations"]) if t.ckpt else (p["activations"], sp.activations_alt)
-        peaks = (sp.peak_alt, sp.peak) if t.ckpt else (sp.peak, sp.peak_alt)
-        mark = (" ", "*") if t.ckpt else ("*", " ")
-        batch = cfg.eval.batch_size if sp.stage == "eval" else getattr(cfg, sp.stage).batch_size
-        fits = "-" if not capacity else ("yes" if sp.peak <= usable_bytes(plan, capacity) else "NO")
-        rows.append([sp.label, str(batch), _gib(p["frozen"]), _gib(p["trainable"]), _gib(p["grads"]),
-                     _gib(p["adam"]), _gib(p["logits"]), _gib(on[0]), _gib(on[1]),
-                     _gib(peaks[0]) + mark[0], _gib(peaks[1]) + mark[1], sp.at, fits])
-    widths = [max(len(r[i]) for r in [cols] + rows) for i in range(len(cols))]
-    lines = ["  ".join(c.ljust(w) if i in (0, 11, 12) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in [cols] + rows]
-    foot = "GiB; * = the configured setting (base.gradient_checkpointing)"
-    if capacity:
-        foot += f"; fits: the peak is within {usable_bytes(plan, capacity) / GiB:.1f} GiB"
-        foot += f" ({1 - CUDA_HEADROOM:.0%} of the device)" if plan.target.device_type == "cuda" else ""
-    return "\n".join([head, "", *lines, "", foot])

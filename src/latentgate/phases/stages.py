@@ -17,7 +17,7 @@ from latentgate.config import Config, config_hash, flatten
 from latentgate.eval.evaluate import evaluate
 from latentgate.model.latent import encoder_text
 from latentgate.model.lora import attach_lora
-from latentgate.model.memory_plan import check_fits
+from latentgate.model.memory_fit import check_fits
 from latentgate.tracking import labels, lineage, progress
 from latentgate.tracking.lineage import BASE_RUN_TAG, BaseLM
 from latentgate.tracking.runs import tracked_run
