@@ -40,33 +40,28 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 
 from latentgate.data.records import Example
+from latentgate.data.validation import (
+    MISSING,
+    Counters,
+    Where,
+    apply_context_limit,
+    check_unique_ids,
+    kind_of,
+    normalize_record,
+    one_line,
+    show,
+    validate_examples,
+)
 from latentgate.errors import ConfigError, DataError, os_error_in_chain
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (".json",)
 _BOM = b"\xef\xbb\xbf"
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-_WORD = re.compile(r"\S+")
-_MISSING = object()
-
-
-@dataclass(frozen=True)
-class _Where:
-    """Where a record came from: `prefix` starts error messages, `short` names it inside another message."""
-
-    prefix: str
-    short: str
-    auto_id: str
-
-
-class _Counters:
-    def __init__(self) -> None:
-        self.reanchored = 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -90,7 +85,7 @@ def load_examples(source: str | os.PathLike, *, max_context_words: int = 512, sp
     if _is_hub_name(source):
         return _load_hub(str(source), split, max_context_words)
 
-    name = _one_line(os.fspath(source))
+    name = one_line(os.fspath(source))
     path = Path(source)
     if not path.exists():
         raise DataError(
@@ -106,15 +101,15 @@ def load_examples(source: str | os.PathLike, *, max_context_words: int = 512, sp
         raw = path.read_bytes()
     except OSError as err:
         raise DataError(
-            f"cannot read {name}: {_one_line(err.strerror or str(err))}", fix="check the file's permissions"
+            f"cannot read {name}: {one_line(err.strerror or str(err))}", fix="check the file's permissions"
         ) from None
 
     text = _decode(raw, name)
     kind, payload = _detect(path, text, name)
-    counters = _Counters()
-    raws: list[tuple[_Where, dict]] = payload  # parsed here, not by datasets: errors name the line or question
-    records = [_normalize(obj, where, counters) for where, obj in raws]
-    _check_unique_ids(raws, name, records)
+    counters = Counters()
+    raws: list[tuple[Where, dict]] = payload  # parsed here, not by datasets: errors name the line or question
+    records = [normalize_record(obj, where, counters) for where, obj in raws]
+    check_unique_ids(raws, name, records)
     if counters.reanchored:
         warnings.warn(
             f"{name}: {counters.reanchored} answer_start offset(s) did not point at their answer text and were "
@@ -122,7 +117,7 @@ def load_examples(source: str | os.PathLike, *, max_context_words: int = 512, sp
             stacklevel=2,
         )
     wheres = [where for where, _ in raws]
-    examples = _apply_context_limit(records, wheres, name, max_context_words)
+    examples = apply_context_limit(records, wheres, name, max_context_words)
     return validate_examples(examples, name)
 
 
@@ -131,51 +126,11 @@ def has_splits(source: str | os.PathLike) -> bool:
     return _is_hub_name(source) or Path(source).is_dir()
 
 
-def validate_examples(examples: Iterable[Example], source: str) -> list[Example]:
-    """Split-level checks: the split is not empty, ids are unique, every example has answers whose offsets
-    (when given) point at their text. Returns the examples as a list; raises a one-line `DataError`."""
-    name = _one_line(str(source))
-    examples = list(examples)
-    if not examples:
-        raise DataError(f"{name}: no examples (empty split)", fix="add at least one example or pick another file")
-    first_index: dict[str, int] = {}
-    for i, ex in enumerate(examples):
-        if not isinstance(ex, Example):
-            raise DataError(f"{name}: item {i} is a {type(ex).__name__}, not an Example", fix="build Example records")
-        label = f"{name}: example {i} (id {_show(ex.id)})"
-        if ex.id in first_index:
-            raise DataError(
-                f"{name}: duplicate id {_show(ex.id)} (examples {first_index[ex.id]} and {i})",
-                fix="give every example a unique id",
-            )
-        first_index[ex.id] = i
-        if not ex.answers:
-            raise DataError(f"{label}: field 'answers' is empty", fix="give every example at least one answer")
-        if ex.answer_starts and len(ex.answer_starts) != len(ex.answers):
-            raise DataError(
-                f"{label}: {len(ex.answer_starts)} answer_starts for {len(ex.answers)} answers",
-                fix="give one answer_start per answer, or none",
-            )
-        for j, answer in enumerate(ex.answers):
-            if not answer.strip():
-                raise DataError(f"{label}: field 'answers' has an empty answer (answers[{j}])", fix="remove it")
-            if ex.answer_starts:
-                s = ex.answer_starts[j]
-                if ex.context[s : s + len(answer)] != answer:
-                    raise DataError(
-                        f"{label}: answer_starts[{j}]={s} does not point at answer {_show(answer)}",
-                        fix="fix the offset or drop answer_starts",
-                    )
-            elif answer not in ex.context:
-                raise DataError(f"{label}: answer {_show(answer)} does not occur in the context", fix="fix the answer")
-    return examples
-
-
 def write_jsonl(examples: Iterable[Example], path: str | os.PathLike) -> None:
     """Write examples as JSONL (one `Example.to_dict()` per line, UTF-8), atomically; `load_examples` reads it back."""
     path = Path(path)
     if path.is_dir() or (path.exists() and not path.is_file()):
-        raise DataError(f"cannot write {_one_line(str(path))}: it is a directory or not a regular file",
+        raise DataError(f"cannot write {one_line(str(path))}: it is a directory or not a regular file",
                         fix="pass the path of a .jsonl file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
@@ -243,10 +198,10 @@ def _detect(path: Path, text: str, name: str):
                 return "records", _squad_records(doc, name, stem)
             if isinstance(doc, list):
                 return "records", [
-                    (_Where(f"{name}: item {i}", f"item {i}", f"{stem}-{i}"), obj) for i, obj in enumerate(doc)
+                    (Where(f"{name}: item {i}", f"item {i}", f"{stem}-{i}"), obj) for i, obj in enumerate(doc)
                 ]
             if isinstance(doc, dict) and "context" in doc:  # a single (possibly pretty-printed) record
-                return "records", [(_Where(f"{name}: record 0", "record 0", f"{stem}-0"), doc)]
+                return "records", [(Where(f"{name}: record 0", "record 0", f"{stem}-0"), doc)]
             if suffix in JSON_SUFFIXES:
                 raise DataError(
                     f"{name}: expected SQuAD v1.1 layout: a JSON object with a 'data' list of articles",
@@ -255,7 +210,7 @@ def _detect(path: Path, text: str, name: str):
     return "jsonl", _jsonl_records(text, name, stem)
 
 
-def _jsonl_records(text: str, name: str, stem: str) -> list[tuple[_Where, dict]]:
+def _jsonl_records(text: str, name: str, stem: str) -> list[tuple[Where, dict]]:
     out = []
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
@@ -267,190 +222,39 @@ def _jsonl_records(text: str, name: str, stem: str) -> list[tuple[_Where, dict]]
                 f"{name}:{lineno}: invalid JSON: {err.msg} (column {err.colno})",
                 fix="put exactly one JSON object on each line",
             ) from None
-        out.append((_Where(f"{name}:{lineno}", f"line {lineno}", f"{stem}-{lineno}"), obj))
+        out.append((Where(f"{name}:{lineno}", f"line {lineno}", f"{stem}-{lineno}"), obj))
     return out
 
 
-def _squad_records(doc: dict, name: str, stem: str) -> list[tuple[_Where, dict]]:
+def _squad_records(doc: dict, name: str, stem: str) -> list[tuple[Where, dict]]:
     fix = "follow the SQuAD v1.1 layout {data: [{paragraphs: [{context, qas: [{id, question, answers}]}]}]}"
     data = doc["data"]
     if not isinstance(data, list):
-        raise DataError(f"{name}: field 'data' must be a list of articles, got {_kind(data)}", fix=fix)
+        raise DataError(f"{name}: field 'data' must be a list of articles, got {kind_of(data)}", fix=fix)
     out = []
     for ai, article in enumerate(data):
         if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
-            got = _kind(article.get("paragraphs", _MISSING)) if isinstance(article, dict) else _kind(article)
+            got = kind_of(article.get("paragraphs", MISSING)) if isinstance(article, dict) else kind_of(article)
             raise DataError(f"{name}: data[{ai}]: field 'paragraphs' must be a list, got {got}", fix=fix)
         for pi, para in enumerate(article["paragraphs"]):
             ploc = f"data[{ai}].paragraphs[{pi}]"
             if not isinstance(para, dict):
-                raise DataError(f"{name}: {ploc}: paragraph must be an object, got {_kind(para)}", fix=fix)
-            qas = para.get("qas", _MISSING)
+                raise DataError(f"{name}: {ploc}: paragraph must be an object, got {kind_of(para)}", fix=fix)
+            qas = para.get("qas", MISSING)
             if not isinstance(qas, list):
                 raise DataError(
-                    f"{name}: {ploc} (paragraph {pi}): field 'qas' must be a list, got {_kind(qas)}", fix=fix
+                    f"{name}: {ploc} (paragraph {pi}): field 'qas' must be a list, got {kind_of(qas)}", fix=fix
                 )
             for qi, qa in enumerate(qas):
                 qloc = f"{ploc}.qas[{qi}]"
                 if not isinstance(qa, dict):
-                    raise DataError(f"{name}: {qloc}: question must be an object, got {_kind(qa)}", fix=fix)
-                ident = f" (id {_show(qa['id'])})" if "id" in qa else ""
+                    raise DataError(f"{name}: {qloc}: question must be an object, got {kind_of(qa)}", fix=fix)
+                ident = f" (id {show(qa['id'])})" if "id" in qa else ""
                 obj = {k: qa[k] for k in ("id", "question", "answers") if k in qa}
                 if "context" in para:
                     obj["context"] = para["context"]
-                out.append((_Where(f"{name}: {qloc}{ident}", f"{qloc}{ident}", f"{stem}-{ai}-{pi}-{qi}"), obj))
+                out.append((Where(f"{name}: {qloc}{ident}", f"{qloc}{ident}", f"{stem}-{ai}-{pi}-{qi}"), obj))
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Record checks
-
-
-def _normalize(obj: object, where: _Where, counters: _Counters) -> dict:
-    """Validate one raw record (or a datasets row) and return {id, context, question, answers, answer_starts}."""
-    if not isinstance(obj, dict):
-        raise DataError(
-            f"{where.prefix}: record must be a JSON object, got {_kind(obj)}", fix="write one object per record"
-        )
-    context = _text_field(obj, "context", where)
-    question = _text_field(obj, "question", where)
-    rid = obj.get("id")
-    if rid is None:
-        rid = where.auto_id
-    elif isinstance(rid, int) and not isinstance(rid, bool):
-        rid = str(rid)
-    elif not isinstance(rid, str) or not rid.strip():
-        raise DataError(
-            f"{where.prefix}: field 'id' must be a non-empty string, got {_kind(rid)}", fix="use string ids"
-        )
-
-    texts, starts = _answer_parts(obj, where)
-    fix_answer = "every answer must be a non-empty span copied exactly from the context"
-    out_starts = []
-    for j, text in enumerate(texts):
-        label = f"answers[{j}]"
-        if not isinstance(text, str):
-            raise DataError(
-                f"{where.prefix}: field 'answers': {label} must be a string, got {_kind(text)}", fix=fix_answer
-            )
-        if not text.strip():
-            raise DataError(f"{where.prefix}: field 'answers' has an empty answer ({label})", fix=fix_answer)
-        if len(text) > len(context):
-            raise DataError(
-                f"{where.prefix}: field 'answers': {label} ({len(text)} characters) is longer than the context "
-                f"({len(context)} characters)",
-                fix=fix_answer,
-            )
-        start = starts[j] if starts is not None else None
-        if start is not None and (not isinstance(start, int) or isinstance(start, bool) or start < 0):
-            raise DataError(
-                f"{where.prefix}: field 'answers': answer_start of {label} must be a non-negative integer, "
-                f"got {_show(start)}",
-                fix="give character offsets as integers, or leave them out",
-            )
-        if start is not None and context[start : start + len(text)] == text:
-            out_starts.append(start)
-            continue
-        found = _nearest(context, text, start)
-        if found < 0:
-            raise DataError(
-                f"{where.prefix}: field 'answers': {label} {_show(text)} does not occur in the context", fix=fix_answer
-            )
-        if start is not None:
-            counters.reanchored += 1
-        out_starts.append(found)
-    return {"id": rid, "context": context, "question": question, "answers": list(texts), "answer_starts": out_starts}
-
-
-def _text_field(obj: dict, field: str, where: _Where) -> str:
-    value = obj.get(field, _MISSING)
-    if value is _MISSING or value is None:
-        raise DataError(f"{where.prefix}: missing field '{field}'", fix=f"give every record a string '{field}'")
-    if not isinstance(value, str):
-        raise DataError(
-            f"{where.prefix}: field '{field}' must be a string, got {_kind(value)}", fix=f"make '{field}' a string"
-        )
-    if not value.strip():
-        raise DataError(f"{where.prefix}: field '{field}' is empty", fix=f"give every record a non-empty '{field}'")
-    return value
-
-
-def _answer_parts(obj: dict, where: _Where) -> tuple[list, list | None]:
-    """(texts, starts or None) from any accepted `answers` layout."""
-    fix = 'use "answers": ["text", ...] or [{"text", "answer_start"}, ...] or {"text": [...], "answer_start": [...]}'
-    answers = obj.get("answers", _MISSING)
-    if answers is _MISSING or answers is None:
-        raise DataError(f"{where.prefix}: missing field 'answers'", fix=fix)
-    if isinstance(answers, dict):
-        texts = answers.get("text", _MISSING)
-        starts = answers.get("answer_start")
-        if isinstance(texts, str):
-            texts, starts = [texts], None if starts is None else [starts]
-        if not isinstance(texts, list) or (starts is not None and not isinstance(starts, list)):
-            raise DataError(
-                f"{where.prefix}: field 'answers' must hold a 'text' list and an 'answer_start' list", fix=fix
-            )
-        if starts is not None and len(starts) != len(texts):
-            raise DataError(
-                f"{where.prefix}: field 'answers' has {len(texts)} texts but {len(starts)} answer_start values", fix=fix
-            )
-    elif isinstance(answers, list):
-        if answers and all(isinstance(a, dict) for a in answers):
-            texts, starts = [], []
-            for j, a in enumerate(answers):
-                if "text" not in a:
-                    raise DataError(f"{where.prefix}: field 'answers': answers[{j}] has no 'text'", fix=fix)
-                texts.append(a["text"])
-                starts.append(a.get("answer_start"))
-        else:
-            texts = answers
-            starts = obj.get("answer_starts")
-            if starts is not None and not isinstance(starts, list):
-                raise DataError(f"{where.prefix}: field 'answer_starts' must be a list, got {_kind(starts)}", fix=fix)
-            if starts == []:
-                starts = None
-            if starts is not None and len(starts) != len(texts):
-                raise DataError(
-                    f"{where.prefix}: field 'answer_starts' has {len(starts)} values for {len(texts)} answers",
-                    fix="give one answer_start per answer, or none",
-                )
-    else:
-        raise DataError(f"{where.prefix}: field 'answers' must be a list, got {_kind(answers)}", fix=fix)
-    if not texts:
-        raise DataError(
-            f"{where.prefix}: field 'answers' is empty",
-            fix="give every question at least one answer (unanswerable SQuAD v2 questions are not supported)",
-        )
-    return texts, starts
-
-
-def _nearest(context: str, text: str, hint: int | None) -> int:
-    """Offset of the occurrence of `text` nearest to `hint` (first occurrence without a hint), -1 if none."""
-    first = context.find(text)
-    if first < 0 or hint is None:
-        return first
-    best, pos = first, first
-    while pos >= 0:
-        if abs(pos - hint) < abs(best - hint):
-            best = pos
-        if pos > hint:
-            break
-        pos = context.find(text, pos + 1)
-    return best
-
-
-def _check_unique_ids(raws: Sequence[tuple[_Where, dict]], name: str, records: Sequence[dict]) -> None:
-    if not raws:
-        raise DataError(f"{name}: no records found (empty split)", fix="add at least one example or pick another file")
-    seen: dict[str, _Where] = {}
-    for (where, _), record in zip(raws, records, strict=True):
-        rid = record["id"]
-        if rid in seen:
-            raise DataError(
-                f"{where.prefix}: duplicate id {_show(rid)} (first used at {seen[rid].short}, again at {where.short})",
-                fix="give every record a unique id",
-            )
-        seen[rid] = where
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -483,7 +287,7 @@ def _load_hub(source: str, split: str, max_context_words: int) -> list[Example]:
             rows = load_dataset(source, split=split).to_list()
         except Exception as err:  # noqa: BLE001 - offline, unknown name, missing split...
             raise DataError(
-                f"cannot load dataset {_show(source)} from the hub: {_one_line(str(err))[:200]}",
+                f"cannot load dataset {show(source)} from the hub: {one_line(str(err))[:200]}",
                 fix=_split_fix(err, "pass a local SQuAD JSON or JSONL file, or go online"),
             ) from None
     return _split_examples(rows, source, source, split, max_context_words)
@@ -501,8 +305,8 @@ def _load_folder(path: Path, name: str, split: str, max_context_words: int) -> l
             if disk is not None:
                 raise disk from None
             raise DataError(
-                f"{name} is a directory, but datasets cannot load split {_show(split)} from it: "
-                f"{_one_line(str(err))[:200]}",
+                f"{name} is a directory, but datasets cannot load split {show(split)} from it: "
+                f"{one_line(str(err))[:200]}",
                 fix=_split_fix(err, "pass a .json/.jsonl file, or a dataset folder with data files named by split "
                                     "(train.jsonl, validation.jsonl) or written by save_to_disk"),
             ) from None
@@ -518,63 +322,11 @@ def _split_fix(err: Exception, default: str) -> str:
 def _split_examples(rows: list, name: str, stem: str, split: str, max_context_words: int) -> list[Example]:
     """Validate the rows of one split of a hub dataset or dataset folder."""
     label = f"{name}[{split}]"
-    raws = [(_Where(f"{label} row {i}", f"row {i}", f"{stem}-{split}-{i}"), row) for i, row in enumerate(rows)]
-    counters = _Counters()
-    flat = [_normalize(row, where, counters) for where, row in raws]
-    _check_unique_ids(raws, label, flat)
+    raws = [(Where(f"{label} row {i}", f"row {i}", f"{stem}-{split}-{i}"), row) for i, row in enumerate(rows)]
+    counters = Counters()
+    flat = [normalize_record(row, where, counters) for where, row in raws]
+    check_unique_ids(raws, label, flat)
     wheres = [where for where, _ in raws]
-    return validate_examples(_apply_context_limit(flat, wheres, label, max_context_words), label)
+    return validate_examples(apply_context_limit(flat, wheres, label, max_context_words), label)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Context limit and helpers
-
-
-def _apply_context_limit(records: list[dict], wheres: list[_Where], name: str, max_words: int) -> list[Example]:
-    examples = []
-    cut_count = 0
-    for rec, where in zip(records, wheres, strict=True):
-        context = rec["context"]
-        answers, starts = tuple(rec["answers"]), tuple(rec["answer_starts"])
-        if len(context.split()) > max_words:
-            n_words = len(context.split())
-            end = 0
-            for k, m in enumerate(_WORD.finditer(context), start=1):
-                if k == max_words:
-                    end = m.end()
-                    break
-            outside = [a for a, s in zip(answers, starts, strict=True) if s + len(a) > end]
-            if outside:
-                raise DataError(
-                    f"{where.prefix}: field 'context' has {n_words} words, more than max_context_words={max_words}, "
-                    f"and answer {_show(outside[0])} lies beyond word {max_words}, so the context cannot be cut",
-                    fix=f"raise max_context_words above {max_words} or shorten the context so its answers stay inside",
-                )
-            context = context[:end]
-            cut_count += 1
-        examples.append(Example(str(rec["id"]), context, rec["question"], answers, starts))
-    if cut_count:
-        warnings.warn(
-            f"{name}: truncated {cut_count} context(s) longer than {max_words} words to their first {max_words} words",
-            stacklevel=3,
-        )
-    return examples
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.splitlines()) if ("\n" in text or "\r" in text) else text
-
-
-def _show(value: object, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 4] + "...'"
-
-
-def _kind(value: object) -> str:
-    if value is _MISSING:
-        return "nothing"
-    if value is None:
-        return "null"
-    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "integer", float: "number"}.get(
-        type(value), type(value).__name__
-    )
