@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,24 +79,34 @@ def parse_smoke_summary(text: str) -> dict:
     return out
 
 
+# Forks from this (possibly large) process: its exec'd child's ru_maxrss would start from our RSS, so a small
+# launcher process forks the command and reports that child's own wait4 rusage.
+_LAUNCHER = ("import json, os, sys\n"
+             "pid = os.fork()\n"
+             "if pid == 0:\n    os.execvp(sys.argv[2], sys.argv[2:])\n"
+             "_, status, ru = os.wait4(pid, 0)\n"
+             "open(sys.argv[1], 'w').write(json.dumps([ru.ru_maxrss, ru.ru_utime, ru.ru_stime]))\n"
+             "sys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
 def measure_subprocess(cmd: list[str], env: dict | None = None, cwd: Path | None = None,
                        log: Path | None = None) -> dict:
     """Run cmd; its wall time, exit code, peak RSS (bytes, from wait4's rusage of that very child) and output."""
-    import tempfile
-
-    with tempfile.TemporaryFile("w+") as fh:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        fh.seek(0)
-        text = fh.read()
+    with tempfile.TemporaryDirectory(prefix="latentgate-measure-") as tmp:
+        usage_file = Path(tmp) / "rusage.json"
+        out_file = Path(tmp) / "output.txt"
+        with out_file.open("w") as fh:
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-c", _LAUNCHER, str(usage_file), *cmd], stdout=fh,
+                                  stderr=subprocess.STDOUT, env=env, cwd=cwd)
+            wall = time.perf_counter() - t0
+        text = out_file.read_text()
+        max_rss_kib, user_s, sys_s = json.loads(usage_file.read_text())
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(text)
-    return {"wall_s": wall, "rc": proc.returncode, "max_rss_bytes": usage.ru_maxrss * 1024, "output": text,
-            "user_s": usage.ru_utime, "sys_s": usage.ru_stime}
+    return {"wall_s": wall, "rc": proc.returncode, "max_rss_bytes": max_rss_kib * 1024, "output": text,
+            "user_s": user_s, "sys_s": sys_s}
 
 
 def smoke_f1_from_store(run_id: str, env: dict, printed_uri: str | None = None) -> float | None:
