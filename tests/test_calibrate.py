@@ -169,7 +169,7 @@ def test_micro_calibration_matrix_artifacts_and_reuse(mlflow_store, tmp_path, op
     from latentgate.calibrate.promotion import calibration_note
     from latentgate.calibrate.runner import ROLE_TAG, run_calibration
     from latentgate.calibrate.spec import load_set
-    from latentgate.registry.gate import evaluate
+    from latentgate.registry.gate import check_candidate
     from latentgate.tracking.runs import local_artifacts
 
     cs = load_set("micro", extra={"run.output_dir": str(tmp_path / "runs")})
@@ -188,7 +188,7 @@ def test_micro_calibration_matrix_artifacts_and_reuse(mlflow_store, tmp_path, op
         tags = kid.data.tags
         gate_run, hero_run = tags["latentgate.calibrate.gate_run"], tags["latentgate.calibrate.hero_run"]
         gate_eval = _runs(c, f"tags.`mlflow.parentRunId` = '{gate_run}' and tags.`latentgate.phase` = 'eval'")
-        verdict = bool(gate_eval) and evaluate(gate_eval[0].info.run_id, open_checklist).passed
+        verdict = bool(gate_eval) and check_candidate(gate_eval[0].info.run_id, open_checklist).passed
         hero_eval = _runs(c, f"tags.`mlflow.parentRunId` = '{hero_run}' and tags.`latentgate.phase` = 'eval'")
         outcome = bool(hero_eval) and hero_eval[0].data.metrics["eval/latent/f1"] >= 0.0
         assert tags["latentgate.calibrate.verdict"] == ("promote" if verdict else "refuse")

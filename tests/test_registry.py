@@ -150,7 +150,7 @@ def test_passing_candidate_gets_hero_with_tags_report_and_audit(candidate, lenie
     import mlflow
 
     from latentgate.registry.checklist import load_checklist
-    from latentgate.registry.gate import evaluate, hero_model_uri, promote, verify
+    from latentgate.registry.gate import check_candidate, hero_model_uri, promote, verify
 
     name = "lg-pass"
     v = clone(candidate, name)
@@ -175,8 +175,8 @@ def test_passing_candidate_gets_hero_with_tags_report_and_audit(candidate, lenie
     assert 0 < grad["observed"] < 500 and "stage_b/grad_norm" in grad["source"]
     assert hero_model_uri(name) == f"models:/{name}@hero"
     assert verify(checklist=lenient, name=name).passed
-    # evaluate is read-only and also takes the eval run or the smoke run directly
-    assert evaluate(micro_smoke["run_id"], lenient, name).eval_run == micro_smoke["children"]["eval"]
+    # check_candidate is read-only and also takes the eval run or the smoke run directly
+    assert check_candidate(micro_smoke["run_id"], lenient, name).eval_run == micro_smoke["children"]["eval"]
 
 
 def test_strict_checklist_refuses_and_names_failing_criteria(candidate, strict, tmp_path, pin):
@@ -208,7 +208,7 @@ def test_collapsed_predictions_are_refused(micro_smoke, lenient, tmp_path):
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
-    from latentgate.registry.gate import evaluate
+    from latentgate.registry.gate import check_candidate
 
     c = MlflowClient()
     src = c.get_run(micro_smoke["children"]["eval"])
@@ -227,7 +227,7 @@ def test_collapsed_predictions_are_refused(micro_smoke, lenient, tmp_path):
     c.log_artifact(run.info.run_id, mlflow.artifacts.download_artifacts(run_id=src.info.run_id,
                                                                         artifact_path="metrics.json"))
     c.set_terminated(run.info.run_id, "FINISHED")
-    report = evaluate(run.info.run_id, lenient)
+    report = check_candidate(run.info.run_id, lenient)
     assert report.failing() == ["no_mode_collapse"]
     row = next(r for r in report.rows if r["name"] == "no_mode_collapse")
     assert row["observed"] == 1.0 and "eval_detailed.jsonl" in row["source"]
@@ -237,7 +237,7 @@ def test_collapsed_predictions_are_refused(micro_smoke, lenient, tmp_path):
 def test_missing_evidence_fails_with_the_list(micro_smoke, lenient, candidate, tmp_path):
     from mlflow import MlflowClient
 
-    from latentgate.registry.gate import evaluate, promote
+    from latentgate.registry.gate import check_candidate, promote
 
     c = MlflowClient()
     exp = c.get_run(micro_smoke["run_id"]).info.experiment_id
@@ -247,7 +247,7 @@ def test_missing_evidence_fails_with_the_list(micro_smoke, lenient, candidate, t
                                  "latentgate.checkpoint": f"runs:/{stage_b}/checkpoints/stage_b"}).info.run_id
     for rid in (stage_b, ev):
         c.set_terminated(rid, "FINISHED")
-    report = evaluate(ev, lenient)
+    report = check_candidate(ev, lenient)
     assert not report.passed
     text = "\n".join(report.missing)
     for needle in ("no metric history stage_b/probe_first_acc", "no artifact metrics.json",

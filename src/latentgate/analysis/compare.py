@@ -63,7 +63,7 @@ def differing_params(params: list[dict[str, str]]) -> dict[str, list[str | None]
 def compare_runs(run_ids: list[str], plot: Path | None = None) -> dict[str, Any]:
     """Summaries, differing params and (if `plot`) an overlay PNG for the given runs, in the given order."""
     cl = lineage.client()
-    bundles = [history.load_bundle(r, cl, with_artifacts=False) for r in run_ids]
+    bundles = [history.load_run_bundle(r, cl, with_artifacts=False) for r in run_ids]
     out = {"runs": [run_summary(b) for b in bundles],
            "differing_params": differing_params([b.all_params() for b in bundles]),
            "plot": None}

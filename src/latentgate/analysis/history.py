@@ -277,7 +277,7 @@ def load_eval(cl, run, with_artifacts: bool = True) -> EvalResult:
     return ev
 
 
-def load_bundle(run_id: str, cl=None, with_artifacts: bool = True) -> RunBundle:
+def load_run_bundle(run_id: str, cl=None, with_artifacts: bool = True) -> RunBundle:
     """The run and everything under it, read from the tracking store."""
     cl = cl or client()
     run = get_run(cl, run_id)

@@ -46,7 +46,7 @@ CONTROLS = ("token_budget", "zero_latent", "shuffled_latent")
 # ------------------------------------------------------------------------------------------------------------
 
 
-def recommend(evidence: pipeline.Evidence, checklist: Checklist) -> tuple[str, pipeline.Decision]:
+def recommend(evidence: pipeline.PhaseEvidence, checklist: Checklist) -> tuple[str, pipeline.Decision]:
     """The plan's verdict on a Phase 1 result: the pipeline's decision tree (`decide`) on the same evidence, read
     against the same checklist, so the report never recommends what the pipeline would not do:
 
@@ -87,10 +87,10 @@ def gate_readiness(eval_run_id: str | None, checklist_path=None) -> dict | None:
     if not eval_run_id:
         return None
     try:
-        from latentgate.registry.gate import evaluate as gate_evaluate
+        from latentgate.registry.gate import check_candidate
     except ImportError:
         return None
-    rep = gate_evaluate(eval_run_id, checklist_path=checklist_path)
+    rep = check_candidate(eval_run_id, checklist_path=checklist_path)
     rows = []
     for r in rep.rows:
         r = r if isinstance(r, dict) else vars(r)
@@ -324,11 +324,11 @@ def build_report(bundle: RunBundle, last_n: int = 3, checklist_path=None, use_ga
     }
 
 
-def _evidence(stage: dict, ev: dict, readiness: dict, failed: list[str], bundle: RunBundle) -> pipeline.Evidence:
+def _evidence(stage: dict, ev: dict, readiness: dict, failed: list[str], bundle: RunBundle) -> pipeline.PhaseEvidence:
     """The decision tree's evidence from this report's figures (a Phase 1 result)."""
     bt, col = ev.get("breakthrough") or {}, ev.get("collapse") or {}
     latent = (ev.get("paths") or {}).get("latent") or {}
-    return pipeline.Evidence(
+    return pipeline.PhaseEvidence(
         phase="extend", f1_max=bt.get("max_f1", latent.get("f1")), peak_first_acc=stage.get("peak_first_acc"),
         checklist_passed=bool(readiness["passed"]), f1_mean=latent.get("f1"),
         peak_first_acc_lift=stage.get("peak_first_acc_lift"), first_acc_const=stage.get("first_acc_const"),
@@ -518,7 +518,7 @@ def analyze(target: str, out_dir: Path, log: bool = True, last_n: int = 3, check
         bundle = history.bundle_from_diagnostics(Path(target))
         log = False
     else:
-        bundle = history.load_bundle(target)
+        bundle = history.load_run_bundle(target)
     rep = build_report(bundle, last_n=last_n, checklist_path=checklist_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []

@@ -139,14 +139,14 @@ def _clean(v):
 
 
 def judge(gate: dict, checklist) -> tuple[bool, list[dict] | None, list[str]]:
-    """The checklist's verdict on the gate chain's eval run, read-only (registry.gate.evaluate moves no alias):
+    """The checklist's verdict on the gate chain's eval run, read-only (registry.gate.check_candidate moves no alias):
     (passed, report rows, failing criteria and missing evidence). A chain that failed is refused."""
-    from latentgate.registry.gate import evaluate
+    from latentgate.registry.gate import check_candidate
 
     eval_run = gate["children"].get("eval")
     if gate["status"] != "FINISHED" or not eval_run:
         return False, None, [f"gate chain {gate['status']}: {gate['error'] or 'no eval run'}"]
-    report = evaluate(eval_run, checklist)
+    report = check_candidate(eval_run, checklist)
     rows = [_clean({k: r[k] for k in ("name", "passed", "observed", "op", "threshold", "missing")})
             for r in report.rows]
     return bool(report.passed), rows, report.failing() + list(report.missing)

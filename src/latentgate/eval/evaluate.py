@@ -45,7 +45,8 @@ def _prefix_for(ws, path: str, chunk, latents: torch.Tensor | None):
 @torch.no_grad()
 def evaluate(ws, examples, out_dir: Path, paths=None, batch_size: int | None = None,
              progress_name: str | None = "eval") -> dict:
-    """`progress_name`: what the progress display calls this eval (None: nothing shown)."""
+    """Score every path on `examples`; writes eval_detailed.jsonl and metrics.json into out_dir and returns the
+    metrics. `progress_name`: what the progress display calls this eval (None: nothing shown)."""
     paths = list(paths or ws.cfg.eval.paths)
     batch_size = batch_size or ws.cfg.eval.batch_size
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -159,7 +159,7 @@ def fix(cfg: Config, resume_from: str, preset: str = "") -> dict:
     return stage_b(cfg, resume_from, preset, entry_point="fix")
 
 
-def evaluate(cfg: Config, checkpoint: str, preset: str = "") -> dict:
+def eval_checkpoint(cfg: Config, checkpoint: str, preset: str = "") -> dict:
     """`eval`: every eval path (latent and its controls) on a Stage A or Stage B checkpoint."""
     attached = _open(cfg)
     with _preflight(attached):
@@ -197,7 +197,7 @@ def hero(cfg: Config, model: str = "", preset: str = "") -> dict:
 
 
 ENTRY_POINTS = {"base": base, "stage_a": stage_a, "stage_b": stage_b, "extend": extend, "fix": fix,
-                "eval": evaluate, "hero": hero}
+                "eval": eval_checkpoint, "hero": hero}
 INPUT_PARAM = {"stage_b": "resume_from", "extend": "resume_from", "fix": "resume_from", "eval": "checkpoint",
                "hero": "model"}
 

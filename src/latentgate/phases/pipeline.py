@@ -44,7 +44,7 @@ PROMOTE, HERO, FIX, SWEEP, STOP = "promote", "hero", "fix", "sweep", "stop"
 # ---- the decision tree (pure) ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Evidence:
+class PhaseEvidence:
     """What one phase produced, as the decision tree reads it."""
 
     phase: str  # the phase just finished: extend | sweep | fix
@@ -67,11 +67,11 @@ class Evidence:
 class Decision:
     rule: str
     next_phase: str
-    evidence: Evidence
+    evidence: PhaseEvidence
     reason: str = ""
 
 
-def decide(evidence: Evidence, checklist) -> Decision:
+def decide(evidence: PhaseEvidence, checklist) -> Decision:
     """The plan's decision tree. `checklist` is the registry's Checklist: its criteria f1_breakthrough,
     first_token_learning and no_mode_collapse supply every threshold and comparison (registry/hero.yaml); the only
     other number is the budget (spent when none is left)."""
@@ -289,7 +289,7 @@ class Pipeline:
 # ---- evidence, registry, sweep ------------------------------------------------------------------------------------
 
 def gather_evidence(phase: str, stage_run: str, eval_run: str, opts: PipelineOptions, budget_left_s,
-                    extra_runs: dict | None = None, checklist=None) -> Evidence:
+                    extra_runs: dict | None = None, checklist=None) -> PhaseEvidence:
     """Read a phase's numbers back from MLflow (never from logs) and ask the registry's gate (dry run). The lift
     metric is the one the checklist's first_token_learning reads; the controls are read at its peak step."""
     import mlflow
@@ -312,26 +312,26 @@ def gather_evidence(phase: str, stage_run: str, eval_run: str, opts: PipelineOpt
     f1s = [r["f1"] for r in latent]
     collapse = controls.collapse_stats(latent) if latent else {}
     passed, failed = checklist_verdict(eval_run, opts.checklist)
-    return Evidence(phase=phase, f1_max=max(f1s) if f1s else None,
-                    peak_first_acc=max(raw.values()) if raw else None, checklist_passed=passed,
-                    f1_mean=client.get_run(eval_run).data.metrics.get("eval/latent/f1"),
-                    peak_first_acc_lift=lift.get(peak_step), first_acc_const=const.get(peak_step),
-                    first_acc_shuffled=shuffled.get(peak_step),
-                    top_prediction_share=collapse.get("top_prediction_share"),
-                    repetition_rate=collapse.get("repetition_rate"),
-                    checklist_failed=tuple(failed), budget_left_s=budget_left_s, launch_hero=opts.launch_hero,
-                    run_ids={"stage_b": stage_run, "eval": eval_run, **(extra_runs or {})})
+    return PhaseEvidence(phase=phase, f1_max=max(f1s) if f1s else None,
+                         peak_first_acc=max(raw.values()) if raw else None, checklist_passed=passed,
+                         f1_mean=client.get_run(eval_run).data.metrics.get("eval/latent/f1"),
+                         peak_first_acc_lift=lift.get(peak_step), first_acc_const=const.get(peak_step),
+                         first_acc_shuffled=shuffled.get(peak_step),
+                         top_prediction_share=collapse.get("top_prediction_share"),
+                         repetition_rate=collapse.get("repetition_rate"),
+                         checklist_failed=tuple(failed), budget_left_s=budget_left_s, launch_hero=opts.launch_hero,
+                         run_ids={"stage_b": stage_run, "eval": eval_run, **(extra_runs or {})})
 
 
 def checklist_verdict(eval_run: str, checklist_path: str | None) -> tuple[bool, list[str]]:
     """(passed, names of the failing criteria and missing evidence) from the registry's gate; read-only."""
-    from latentgate.registry.gate import evaluate
+    from latentgate.registry.gate import check_candidate
 
-    report = evaluate(eval_run, checklist_path)
+    report = check_candidate(eval_run, checklist_path)
     return bool(report.passed), sorted(set(report.failing())) + list(report.missing)
 
 
-def run_sweep(pl: Pipeline, stage_a_uri: str) -> tuple[str, str, dict]:
+def run_sweep_phase(pl: Pipeline, stage_a_uri: str) -> tuple[str, str, dict]:
     """Phase 2 through the `sweep` entry point (always an inner `mlflow run`, env_manager passed on). Returns the
     best trial's Stage B run (the one its eval run evaluated: the trial's own run holds only trial/* metrics, the
     probe histories and their controls are in its Stage B child), its eval run, and its tuned keys (relative to the
@@ -435,7 +435,7 @@ def run_pipeline(opts: PipelineOptions) -> dict:
             if decision.next_phase == STOP:
                 break
             if decision.next_phase == SWEEP:
-                stage_run, eval_run, tuned = run_sweep(pl, stage_a_uri)
+                stage_run, eval_run, tuned = run_sweep_phase(pl, stage_a_uri)
                 phase, extra = "sweep", {"sweep": pl.steps[-1]["run_id"]}
                 continue
             phase, extra = "fix", {}

@@ -45,7 +45,7 @@ def _short(run_id: str) -> str:
     return run_id[:8]
 
 
-class Evidence:
+class CandidateEvidence:
     """Cached access to the candidate's runs, metric histories and eval artifacts."""
 
     def __init__(self, eval_run_id: str, client=None):
@@ -195,7 +195,7 @@ def _finite(values) -> list[float]:
     return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
 
 
-def check_metric_peak(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+def check_metric_peak(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     hist = ev.history(c.params["run"], c.params["metric"])
     vals = _finite(m.value for m in hist)
     if not vals:
@@ -213,7 +213,7 @@ def check_metric_peak(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
                        f"peak at step {step}" + (f": {', '.join(shown)}" if shown else ""))
 
 
-def check_metric_final_drop(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+def check_metric_final_drop(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     hist = ev.history(c.params["run"], c.params["metric"])
     vals = _finite(m.value for m in hist)
     if not vals:
@@ -224,7 +224,7 @@ def check_metric_final_drop(ev: Evidence, c: Criterion, cl: Checklist) -> Observ
                        f"peak {peak:.4g}, final {final:.4g} at step {hist[-1].step}")
 
 
-def check_metric_max(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+def check_metric_max(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     values, sources, missing = [], [], []
     for phase in c.params["runs"]:
         key = c.params["metric"].format(run=phase)
@@ -243,7 +243,7 @@ def check_metric_max(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
                        f"{len(bad)} non-finite values" if bad else f"{len(values)} points")
 
 
-def check_nonfinite_steps(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+def check_nonfinite_steps(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     count, problems, sources, missing = 0, [], [], []
     for phase in c.params["runs"]:
         try:
@@ -273,7 +273,7 @@ def check_nonfinite_steps(ev: Evidence, c: Criterion, cl: Checklist) -> Observat
                        "; ".join(problems) or "every optimizer step logged, all finite", missing=missing)
 
 
-def check_eval_example_max(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+def check_eval_example_max(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     rows = ev.detailed_rows(c.params["path"])
     vals = [float(r.get(c.params["field"], float("nan"))) for r in rows]
     best = max(vals)
@@ -282,7 +282,7 @@ def check_eval_example_max(ev: Evidence, c: Criterion, cl: Checklist) -> Observa
                        f"{nonzero} of {len(rows)} examples with {c.params['field']} > 0")
 
 
-def check_eval_metric(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+def check_eval_metric(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     m = ev.eval_path_metrics(c.params["path"])
     if c.params["key"] not in m:
         raise Missing(f"eval run {_short(ev.eval_run_id)}: metrics.json paths.{c.params['path']} "
@@ -292,14 +292,14 @@ def check_eval_metric(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
                        f"n={m.get('n')}")
 
 
-def check_eval_share(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+def check_eval_share(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     rows = ev.detailed_rows(c.params["path"])
     hits = sum(r.get(c.params["field"]) == c.params["equals"] for r in rows)
     return Observation(hits / len(rows), f"eval_detailed.jsonl ({ev.src('eval')}, {len(rows)} {c.params['path']} rows)",
                        f"{hits} of {len(rows)} with {c.params['field']}={c.params['equals']}")
 
 
-def check_eval_collapse(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+def check_eval_collapse(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     st = collapse_stats(ev.detailed_rows(c.params["path"]))
     n, repetition = st["n"], st["repetition_rate"]
     why = cl.collapse_rule().why(st["top_prediction_share"], repetition, st["top_prediction"])
@@ -310,7 +310,7 @@ def check_eval_collapse(ev: Evidence, c: Criterion, cl: Checklist) -> Observatio
                        f"{why}; {counts}" if why else counts, failure=why or "")
 
 
-def check_latent_margin(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+def check_latent_margin(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     key = c.params["key"]
     main = float(ev.eval_path_metrics(c.params["path"])[key])
     controls, missing = {}, []
@@ -326,7 +326,7 @@ def check_latent_margin(ev: Evidence, c: Criterion, cl: Checklist) -> Observatio
                        f"{c.params['path']} {main:.4g} vs " + ", ".join(f"{p} {v:.4g}" for p, v in controls.items()))
 
 
-def check_lineage(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+def check_lineage(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     problems, missing, found = [], [], {}
     for phase in c.params["runs"]:
         try:
@@ -360,7 +360,7 @@ def check_lineage(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
                        "; ".join(problems) or f"all FINISHED at commit {commit[:10]}", missing=missing)
 
 
-def check_dataset_digest(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+def check_dataset_digest(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     run = ev.run("eval")
     tag = f"dataset.{c.params['dataset']}.digest"
     digest = run.data.tags.get(tag)

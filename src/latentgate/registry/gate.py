@@ -1,6 +1,6 @@
 """The promotion gate: the alias `hero` moves only on evidence.
 
-`evaluate` is read-only. `promote` evaluates every criterion of the checklist, then, holding a registry lock:
+`check_candidate` is read-only. `promote` checks every criterion of the checklist, then, holding a registry lock:
 removes `hero` first if this very version holds it and now fails; writes one tag per criterion
 (`hero.check.<name>`), a JSON report artifact (`hero.report`) and the audit tag (`hero.audit`: rule file hash,
 commit, time, decision); and moves the alias LAST, only when everything passed. A crash anywhere in between leaves
@@ -32,7 +32,7 @@ from mlflow.exceptions import MlflowException
 
 from latentgate.errors import ConfigError, GateRefused, StoreError
 from latentgate.registry.checklist import Checklist, load_checklist
-from latentgate.registry.evidence import CHECKS, Evidence, Missing, Observation
+from latentgate.registry.evidence import CHECKS, CandidateEvidence, Missing, Observation
 from latentgate.registry.model import TAG_EVAL_RUN, register_candidate
 from latentgate.tracking.lineage import RUN_ID, ModelUri, RunUri, client, parse_uri
 from latentgate.tracking.runs import git_commit
@@ -166,14 +166,15 @@ def _row(crit, obs) -> dict:
             "description": crit.description, "params": crit.params}
 
 
-def evaluate(version_or_eval_run: str, checklist=None, name: str | None = None, *, checklist_path=None) -> Report:
-    """Evaluate every criterion against recorded evidence. Read-only. `checklist` (or `checklist_path`): a path or
-    a loaded Checklist; default registry/hero.yaml."""
+def check_candidate(version_or_eval_run: str, checklist=None, name: str | None = None, *,
+                    checklist_path=None) -> Report:
+    """Check every criterion of the checklist against the candidate's recorded evidence. Read-only. `checklist`
+    (or `checklist_path`): a path or a loaded Checklist; default registry/hero.yaml."""
     cl = _checklist(checklist if checklist is not None else checklist_path)
     name = name or cl.model_name
     c = client()
     version, eval_run, missing = resolve_candidate(c, version_or_eval_run, name)
-    ev = Evidence(eval_run, c) if eval_run else None
+    ev = CandidateEvidence(eval_run, c) if eval_run else None
     rows = []
     for crit in cl.criteria:
         if ev is None:
@@ -268,11 +269,11 @@ def _write_report_artifact(c, mv, report: Report) -> str:
 
 def promote(version: str, dry_run: bool = False, checklist=None, name: str | None = None, *,
             checklist_path=None) -> Report:
-    """Evaluate; unless dry_run, record the result on the version and move the alias only if all passed.
+    """Check the candidate; unless dry_run, record the result on the version and move the alias only if all passed.
     A run id (eval/smoke) is registered first (`register_candidate`) unless dry_run."""
     cl = _checklist(checklist if checklist is not None else checklist_path)
     name = name or cl.model_name
-    report = evaluate(version, cl, name)
+    report = check_candidate(version, cl, name)
     if dry_run:
         report.decision = "dry-run"
         return report
@@ -392,7 +393,7 @@ def verify(checklist=None, name: str | None = None, *, checklist_path=None) -> R
                       checklist_sha256=cl.sha256, decision="verified", time=_now(), commit=_commit())
     mv = c.get_model_version(name, holder)
     problems = audit_problems(mv, cl.alias)
-    report = evaluate(holder, cl, name)
+    report = check_candidate(holder, cl, name)
     audit_row = {"name": "audit", "passed": not problems, "observed": "; ".join(problems) or "promoted by the gate",
                  "op": "==", "threshold": "audited promotion", "source": f"version {holder} tags {TAG_AUDIT}, "
                  f"{TAG_CHECK}*", "detail": mv.tags.get(TAG_AUDIT, "")[:300], "missing": [], "kind": "audit",

@@ -160,7 +160,7 @@ def weights_only_copy(src: Path, dst: Path) -> Path:
 
 # ---- loading and prediction (used by pyfunc_model.py) ------------------------------------------------------------
 
-def load_bundle(artifacts: dict):
+def load_model_workspace(artifacts: dict):
     """The workspace of a logged model: config, base LM (bundled or referenced), checkpoint; contract checked."""
     from latentgate.train.load import load_trained  # torch: only where a model is loaded
 

@@ -471,7 +471,7 @@ def register_best(eval_run_id: str | None, tr, echo=print) -> dict:
     if not eval_run_id:
         return {"note": "best trial has no eval run"}
     try:
-        from latentgate.registry.gate import evaluate
+        from latentgate.registry.gate import check_candidate
         from latentgate.registry.model import register_candidate, version_for_eval_run
     except ImportError as err:
         note = f"registry API unavailable ({err}); best model not registered"
@@ -480,7 +480,7 @@ def register_best(eval_run_id: str | None, tr, echo=print) -> dict:
         return {"note": note}
     # a continued study whose best trial did not change keeps its version instead of registering a copy
     version = version_for_eval_run(eval_run_id) or register_candidate(eval_run_id)
-    report = evaluate(version)
+    report = check_candidate(version)
     rows = getattr(report, "rows", [])
     out = {"version": str(getattr(version, "version", version)), "gate_passed": bool(report.passed),
            "missing": list(getattr(report, "missing", []) or []),
