@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 from latentgate.tracking import labels
+from latentgate.tracking.schema import MlflowTag
 
-NOTE = labels.NOTE_TAG
+NOTE = MlflowTag.NOTE
 
 
 def _client():
