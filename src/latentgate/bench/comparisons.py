@@ -39,6 +39,7 @@ from latentgate.bench.report import (
 )
 from latentgate.config import Config, flatten, resolve
 from latentgate.tracking import lineage
+from latentgate.tracking.schema import Artifact, Stage, Summary
 
 # ---- configs --------------------------------------------------------------------------------------------------
 
@@ -182,17 +183,17 @@ def bench_tracking(cfg: Config, work: Path, reps: int = 3, steps: int = 40, stag
                 timed = StepClock(tr)
                 t0 = clock()
                 res = train_stage(ws, stage, timed, out)
-                tr.log_artifact(out / "diagnostics.jsonl")
-                tr.log_artifacts(res["checkpoint"], f"checkpoints/{stage}")
+                tr.log_artifact(out / Artifact.DIAGNOSTICS)
+                tr.log_artifacts(res["checkpoint"], Artifact.checkpoint(stage))
                 t1 = clock()
-            results[name].append({"run_id": tr.run_id, "losses": _losses(out / "diagnostics.jsonl"),
+            results[name].append({"run_id": tr.run_id, "losses": _losses(out / Artifact.DIAGNOSTICS),
                                   "setup": _since(t_run)[0] - (t1[0] - t0[0])})
             return segments(t0, timed.marks, t1)
 
         raw = interleave({"null": lambda: run("null"), "tracked": lambda: run("tracked")}, reps,
                          timer=lambda name, result, wall: result)
         run_id = results["tracked"][-1]["run_id"]
-        logged = len(lineage.client().get_metric_history(run_id, f"{stage}/loss"))
+        logged = len(lineage.client().get_metric_history(run_id, Stage.metric(stage, Stage.LOSS)))
     best = {k: best_of(v) for k, v in raw.items()}
     totals = {k: _split([total_of(r) for r in v]) for k, v in raw.items()}
     c = CLOCKS.index(JUDGE_CLOCK["clock"])
@@ -218,7 +219,7 @@ def bench_tracking(cfg: Config, work: Path, reps: int = 3, steps: int = 40, stag
 
 
 def _losses(path: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line)[Stage.LOSS] for line in path.read_text().splitlines() if line.strip()]
 
 
 # ---- 2. generation --------------------------------------------------------------------------------------------
@@ -540,7 +541,7 @@ def parse_smoke_summary(text: str) -> dict:
     if m := _RUN_ID.search(text):
         out["run_id"] = m.group(1)
     if m := _LATENT.search(text):
-        out["latent_f1"], out["latent_em"] = float(m.group(1)), float(m.group(2))
+        out[Summary.LATENT_F1], out[Summary.LATENT_EM] = float(m.group(1)), float(m.group(2))
     if m := _WALL.search(text):
         out["wall_seconds"] = float(m.group(1))
     if m := _URI.search(text):
@@ -574,7 +575,7 @@ def smoke_f1_from_store(run_id: str, env: dict, printed_uri: str | None = None) 
         from mlflow import MlflowClient
 
         uri = env.get("MLFLOW_TRACKING_URI") or printed_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-        return MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics.get("latent_f1")
+        return MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics.get(Summary.LATENT_F1)
     except Exception:  # noqa: BLE001 - the printed summary is the fallback
         return None
 
@@ -591,9 +592,9 @@ def bench_smoke(preset: str = "smoke", extra_args: list[str] | None = None, out_
     f1_store = None
     if "run_id" in parsed:
         f1_store = smoke_f1_from_store(parsed["run_id"], run_env, parsed.get("tracking_uri"))
-    f1 = f1_store if f1_store is not None else parsed.get("latent_f1")
+    f1 = f1_store if f1_store is not None else parsed.get(Summary.LATENT_F1)
     wall, rss = res["wall_s"], res["max_rss_bytes"]
-    details = {"command": cmd, "rc": res["rc"], "wall_s": wall, "max_rss_bytes": rss, "latent_f1": f1,
+    details = {"command": cmd, "rc": res["rc"], "wall_s": wall, "max_rss_bytes": rss, Summary.LATENT_F1: f1,
                "latent_f1_source": "mlflow" if f1_store is not None else "printed summary", **parsed,
                "user_s": res["user_s"], "sys_s": res["sys_s"],
                "output_tail": res["output"][-2000:] if res["rc"] else ""}
