@@ -327,7 +327,8 @@ def test_crash_between_tags_and_alias_never_leaves_hero_on_a_failing_version(can
 
 
 def test_concurrent_promotes_leave_a_consistent_registry(candidate, lenient, strict):
-    from latentgate.registry.gate import TAG_SUPERSEDED, promote, verify
+    from latentgate.registry.gate import promote, verify
+    from latentgate.tracking.schema import VersionTag
 
     name = "lg-race"
     va, vb, vf = clone(candidate, name), clone(candidate, name), clone(candidate, name)
@@ -348,7 +349,7 @@ def test_concurrent_promotes_leave_a_consistent_registry(candidate, lenient, str
     winner = holder(name)
     assert winner in (va, vb)
     loser = vb if winner == va else va
-    assert tags_of(name, loser)[TAG_SUPERSEDED] == winner  # promotions applied one after the other
+    assert tags_of(name, loser)[VersionTag.SUPERSEDED_BY] == winner  # promotions applied one after the other
     assert json.loads(tags_of(name, winner)["hero.audit"])["previous_holder"] in (None, loser)
     assert verify(checklist=lenient, name=name).passed
 
@@ -500,13 +501,13 @@ def test_cli_promote_dry_run_prints_the_table_and_exits_4_when_refused(candidate
 def test_a_continued_sweep_does_not_register_its_unchanged_best_again(candidate, micro_smoke):
     from mlflow import MlflowClient
 
-    from latentgate.registry.model import TAG_EVAL_RUN
     from latentgate.sweep.runner import register_best
+    from latentgate.tracking.schema import Tag
     from latentgate.tracking.tracker import NullTracker
 
     eval_run = micro_smoke["children"]["eval"]
     mine = lambda: {str(v.version) for v in MlflowClient().search_model_versions("name='latentgate'")  # noqa: E731
-                    if v.tags.get(TAG_EVAL_RUN) == eval_run}
+                    if v.tags.get(Tag.EVAL_RUN) == eval_run}
     before = mine()
     assert candidate in before
     out = register_best(eval_run, NullTracker(), echo=lambda *_: None)

@@ -23,6 +23,7 @@ from latentgate.registry.checklist import ANY, Checklist, Criterion
 from latentgate.tracking import lineage
 from latentgate.tracking.lineage import RunUri, run_in_uri
 from latentgate.tracking.runs import local_artifacts
+from latentgate.tracking.schema import Artifact, EvalKey, MlflowTag, Tag
 
 MAX_HOPS = 8
 
@@ -74,46 +75,46 @@ class CandidateEvidence:
             return
         self._set("eval", ev, "the candidate's eval run")
         tags = ev.data.tags
-        base_id = tags.get("latentgate.base_run")
-        self._link("base", base_id, "eval tag latentgate.base_run", "the eval run has no latentgate.base_run tag")
-        ckpt = tags.get("latentgate.checkpoint", "")
+        base_id = tags.get(Tag.BASE_RUN)
+        self._link("base", base_id, f"eval tag {Tag.BASE_RUN}", f"the eval run has no {Tag.BASE_RUN} tag")
+        ckpt = tags.get(Tag.CHECKPOINT, "")
         sb_id = run_in_uri(ckpt, strict=True)
-        self._link("stage_b", sb_id, f"eval tag latentgate.checkpoint={ckpt}",
-                   f"the eval run's latentgate.checkpoint ({ckpt or 'absent'}) is not a runs:/<stage_b>/... URI")
+        self._link("stage_b", sb_id, f"eval tag {Tag.CHECKPOINT}={ckpt}",
+                   f"the eval run's {Tag.CHECKPOINT} ({ckpt or 'absent'}) is not a runs:/<stage_b>/... URI")
         if "stage_b" not in self._runs:
-            self._why.setdefault("stage_a", "no Stage B run to follow latentgate.init_from from")
+            self._why.setdefault("stage_a", f"no Stage B run to follow {Tag.INIT_FROM} from")
             return
         run, seen = self._runs["stage_b"], set()
         for _ in range(MAX_HOPS):  # follow init_from through extend/fix stages until a stage_a run
             seen.add(run.info.run_id)
-            init = run.data.tags.get("latentgate.init_from", "") or run.data.tags.get("latentgate.resume_from", "")
+            init = run.data.tags.get(Tag.INIT_FROM, "") or run.data.tags.get(Tag.RESUME_FROM, "")
             nxt_id = run_in_uri(init, strict=True)
-            how = f"{run.data.tags.get('latentgate.phase')} {_short(run.info.run_id)} tag latentgate.init_from={init}"
+            how = f"{run.data.tags.get(Tag.PHASE)} {_short(run.info.run_id)} tag {Tag.INIT_FROM}={init}"
             if nxt_id is None and init:  # a local path: the parent smoke run's children name the Stage A run
-                nxt_id, how = self._sibling(run, "stage_a"), "the stage_a run in the parent run's latentgate.children"
+                nxt_id, how = self._sibling(run, "stage_a"), f"the stage_a run in the parent run's {Tag.CHILDREN}"
             if nxt_id is None or nxt_id in seen:
                 self._why["stage_a"] = (f"Stage B run {_short(self._runs['stage_b'].info.run_id)} does not lead to a "
-                                        f"Stage A run (latentgate.init_from={init or 'absent'})")
+                                        f"Stage A run ({Tag.INIT_FROM}={init or 'absent'})")
                 return
             nxt = self._get(nxt_id)
             if nxt is None:
                 self._why["stage_a"] = f"run {nxt_id} ({how}) does not exist"
                 return
-            if nxt.data.tags.get("latentgate.phase") == "stage_a":
+            if nxt.data.tags.get(Tag.PHASE) == "stage_a":
                 self._set("stage_a", nxt, how)
                 return
             run = nxt
-        self._why["stage_a"] = f"no Stage A run within {MAX_HOPS} latentgate.init_from hops of Stage B"
+        self._why["stage_a"] = f"no Stage A run within {MAX_HOPS} {Tag.INIT_FROM} hops of Stage B"
 
     def _sibling(self, run, phase: str) -> str | None:
-        parent_id = run.data.tags.get("mlflow.parentRunId")
+        parent_id = run.data.tags.get(MlflowTag.PARENT_RUN)
         parent = self._get(parent_id) if parent_id else None
         if parent is None:
             return None
         found = []
-        for cid in filter(None, parent.data.tags.get("latentgate.children", "").split(",")):
+        for cid in filter(None, parent.data.tags.get(Tag.CHILDREN, "").split(",")):
             child = self._get(cid.strip())
-            if child is not None and child.data.tags.get("latentgate.phase") == phase:
+            if child is not None and child.data.tags.get(Tag.PHASE) == phase:
                 found.append(child.info.run_id)
         return found[0] if len(found) == 1 else None
 
@@ -161,20 +162,21 @@ class CandidateEvidence:
         return self._artifacts[name]
 
     def metrics_json(self) -> dict:
-        path = self.artifact("metrics.json")
+        path = self.artifact(Artifact.EVAL_METRICS)
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError) as err:
-            raise Missing(f"eval run {_short(self.eval_run_id)}: metrics.json is unreadable ({err})") from None
+            raise Missing(f"eval run {_short(self.eval_run_id)}: {Artifact.EVAL_METRICS} is unreadable "
+                          f"({err})") from None
 
     def eval_path_metrics(self, path: str) -> dict:
         m = self.metrics_json().get("paths", {}).get(path)
         if not isinstance(m, dict):
-            raise Missing(f"eval run {_short(self.eval_run_id)}: metrics.json has no path {path!r}")
+            raise Missing(f"eval run {_short(self.eval_run_id)}: {Artifact.EVAL_METRICS} has no path {path!r}")
         return m
 
     def detailed_rows(self, path: str) -> list[dict]:
-        file = self.artifact("eval_detailed.jsonl")
+        file = self.artifact(Artifact.EVAL_DETAILED)
         rows = []
         for line in file.read_text().splitlines():
             if line.strip():
@@ -182,7 +184,7 @@ class CandidateEvidence:
                 if row.get("path") == path:
                     rows.append(row)
         if not rows:
-            raise Missing(f"eval run {_short(self.eval_run_id)}: eval_detailed.jsonl has no {path!r} rows")
+            raise Missing(f"eval run {_short(self.eval_run_id)}: {Artifact.EVAL_DETAILED} has no {path!r} rows")
         return rows
 
     def src(self, phase: str) -> str:
@@ -278,35 +280,36 @@ def check_eval_example_max(ev: CandidateEvidence, c: Criterion, cl: Checklist) -
     vals = [float(r.get(c.params["field"], float("nan"))) for r in rows]
     best = max(vals)
     nonzero = sum(v > 0 for v in vals)
-    return Observation(best, f"eval_detailed.jsonl ({ev.src('eval')}, {len(rows)} {c.params['path']} rows)",
+    return Observation(best, f"{Artifact.EVAL_DETAILED} ({ev.src('eval')}, {len(rows)} {c.params['path']} rows)",
                        f"{nonzero} of {len(rows)} examples with {c.params['field']} > 0")
 
 
 def check_eval_metric(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     m = ev.eval_path_metrics(c.params["path"])
     if c.params["key"] not in m:
-        raise Missing(f"eval run {_short(ev.eval_run_id)}: metrics.json paths.{c.params['path']} "
+        raise Missing(f"eval run {_short(ev.eval_run_id)}: {Artifact.EVAL_METRICS} paths.{c.params['path']} "
                       f"has no {c.params['key']}")
     return Observation(float(m[c.params["key"]]),
-                       f"metrics.json paths.{c.params['path']}.{c.params['key']} ({ev.src('eval')})",
+                       f"{Artifact.EVAL_METRICS} paths.{c.params['path']}.{c.params['key']} ({ev.src('eval')})",
                        f"n={m.get('n')}")
 
 
 def check_eval_share(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     rows = ev.detailed_rows(c.params["path"])
     hits = sum(r.get(c.params["field"]) == c.params["equals"] for r in rows)
-    return Observation(hits / len(rows), f"eval_detailed.jsonl ({ev.src('eval')}, {len(rows)} {c.params['path']} rows)",
+    return Observation(hits / len(rows),
+                       f"{Artifact.EVAL_DETAILED} ({ev.src('eval')}, {len(rows)} {c.params['path']} rows)",
                        f"{hits} of {len(rows)} with {c.params['field']}={c.params['equals']}")
 
 
 def check_eval_collapse(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     st = collapse_stats(ev.detailed_rows(c.params["path"]))
-    n, repetition = st["n"], st["repetition_rate"]
-    why = cl.collapse_rule().why(st["top_prediction_share"], repetition, st["top_prediction"])
+    n, repetition, share = st["n"], st[EvalKey.REPETITION_RATE], st[EvalKey.TOP_PREDICTION_SHARE]
+    why = cl.collapse_rule().why(share, repetition, st["top_prediction"])
     counts = (f"top prediction {st['top_prediction']!r} for {st['top_prediction_count']} of {n} (share "
-              f"{st['top_prediction_share']:.4g}, limit {c.params['max_top_prediction_share']:g}), "
+              f"{share:.4g}, limit {c.params['max_top_prediction_share']:g}), "
               f"{round(repetition * n)} repetitive")
-    return Observation(repetition, f"eval_detailed.jsonl ({ev.src('eval')}, {n} {c.params['path']} rows)",
+    return Observation(repetition, f"{Artifact.EVAL_DETAILED} ({ev.src('eval')}, {n} {c.params['path']} rows)",
                        f"{why}; {counts}" if why else counts, failure=why or "")
 
 
@@ -320,9 +323,9 @@ def check_latent_margin(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> O
         except Missing as err:
             missing.append(str(err))
     if missing:
-        return Observation(None, f"metrics.json ({ev.src('eval')})", missing=missing)
+        return Observation(None, f"{Artifact.EVAL_METRICS} ({ev.src('eval')})", missing=missing)
     best = max(controls, key=controls.get)
-    return Observation(main - controls[best], f"metrics.json paths.*.{key} ({ev.src('eval')})",
+    return Observation(main - controls[best], f"{Artifact.EVAL_METRICS} paths.*.{key} ({ev.src('eval')})",
                        f"{c.params['path']} {main:.4g} vs " + ", ".join(f"{p} {v:.4g}" for p, v in controls.items()))
 
 
@@ -337,20 +340,20 @@ def check_lineage(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observa
     for phase, run in found.items():
         if run.info.status != "FINISHED":
             problems.append(f"{phase} run {_short(run.info.run_id)} is {run.info.status}")
-        tag_phase = run.data.tags.get("latentgate.phase")
+        tag_phase = run.data.tags.get(Tag.PHASE)
         allowed = (phase, "extend", "fix") if phase == "stage_b" else (phase,)  # extend/fix continue Stage B
         if tag_phase not in allowed:
-            problems.append(f"{phase} run {_short(run.info.run_id)} is tagged latentgate.phase={tag_phase}")
-        if c.params.get("require_clean_tree") and run.data.tags.get("latentgate.git_dirty") != "false":
+            problems.append(f"{phase} run {_short(run.info.run_id)} is tagged {Tag.PHASE}={tag_phase}")
+        if c.params.get("require_clean_tree") and run.data.tags.get(Tag.GIT_DIRTY) != "false":
             problems.append(f"{phase} run {_short(run.info.run_id)} ran from a dirty working tree")
-    commits = {p: r.data.tags.get("latentgate.git_commit", "unknown") for p, r in found.items()}
+    commits = {p: r.data.tags.get(Tag.GIT_COMMIT, "unknown") for p, r in found.items()}
     if any(v in ("", "unknown") for v in commits.values()):
         unknown = ", ".join(p for p, v in commits.items() if v in ("", "unknown"))
         problems.append(f"runs without a git commit: {unknown}")
     if len(set(commits.values())) > 1:
         problems.append("different git commits: " + ", ".join(f"{p}={v[:10]}" for p, v in commits.items()))
     if "stage_b" in found and "base" in found:
-        sb_base = found["stage_b"].data.tags.get("latentgate.base_run")
+        sb_base = found["stage_b"].data.tags.get(Tag.BASE_RUN)
         if sb_base and sb_base != found["base"].info.run_id:
             problems.append(f"Stage B was trained on base run {_short(sb_base)}, the eval used "
                             f"{_short(found['base'].info.run_id)}")
@@ -362,7 +365,7 @@ def check_lineage(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observa
 
 def check_dataset_digest(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     run = ev.run("eval")
-    tag = f"dataset.{c.params['dataset']}.digest"
+    tag = Tag.dataset_digest(c.params["dataset"])
     digest = run.data.tags.get(tag)
     if not digest:
         raise Missing(f"eval run {_short(run.info.run_id)}: no tag {tag}")
