@@ -1,8 +1,8 @@
 """What a run records, named once: tag names, metric keys, eval paths, artifact file names, loss terms and gradient
 groups. Training and eval write runs under these names; the registry, the pipeline, sweeps, calibration and analysis
-read them back. A name written in one module and read in another is spelled here and nowhere else in src/ (tests
-spell them out: they check the recorded contract). Data files name some of them too (registry/hero.yaml, the
-config's eval.paths, sweeps/*.yaml objectives): the same strings.
+read them back. A name written in one module and read in another belongs here, and code refers to it by name, never
+by a copy of the string (tests spell them out: they check the recorded contract). Data files name some of them too
+(registry/hero.yaml, the config's eval.paths, sweeps/*.yaml objectives): the same strings.
 
 Pure Python without imports, so it loads in milliseconds (no torch, MLflow or numpy behind it).
 
