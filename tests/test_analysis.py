@@ -124,11 +124,11 @@ def test_report_figures_equal_values_recomputed_from_metric_history(micro_smoke,
 
 
 def test_analyze_accepts_a_stage_run_an_eval_run_and_the_cli(micro_smoke, tmp_path):
-    from latentgate.analysis.history import load_bundle
+    from latentgate.analysis.history import load_run_bundle
 
-    stage = load_bundle(micro_smoke["children"]["stage_b"])
+    stage = load_run_bundle(micro_smoke["children"]["stage_b"])
     assert [s.stage for s in stage.stages] == ["stage_b"] and not stage.evals
-    ev = load_bundle(micro_smoke["children"]["eval"])  # the stage it scored comes along (checkpoint tag)
+    ev = load_run_bundle(micro_smoke["children"]["eval"])  # the stage it scored comes along (checkpoint tag)
     assert [s.run_id for s in ev.stages] == [micro_smoke["children"]["stage_b"]]
     assert len(ev.evals) == 1 and ev.evals[0].rows
 
@@ -221,16 +221,16 @@ def test_recommendation_branches_on_three_synthetic_histories(mlflow_store, tmp_
     import yaml
     from mlflow import MlflowClient
 
-    from latentgate.analysis.history import load_bundle
+    from latentgate.analysis.history import load_run_bundle
     from latentgate.analysis.report import build_report, recommend
-    from latentgate.phases.pipeline import Evidence
+    from latentgate.phases.pipeline import PhaseEvidence
     from latentgate.registry.checklist import load_checklist
 
     client = MlflowClient()
     exp_id = mlflow.get_experiment_by_name("latentgate").experiment_id
     bundles = {}
     for verdict, (probes, f1s) in HISTORIES.items():
-        bundles[verdict] = load_bundle(_synthetic_run(client, exp_id, tmp_path, probes, f1s))
+        bundles[verdict] = load_run_bundle(_synthetic_run(client, exp_id, tmp_path, probes, f1s))
         # the local evaluation of the checklist (the registry gate also demands lineage and a pinned dataset,
         # which synthetic runs do not have)
         rep = build_report(bundles[verdict], use_gate=False)
@@ -244,10 +244,10 @@ def test_recommendation_branches_on_three_synthetic_histories(mlflow_store, tmp_
     # The pure function (the pipeline's decision tree), at the edges: the peak LIFT over the controls decides.
     cl = load_checklist()
 
-    def evidence(lift, f1, passed, raw=None, const=0.05, share=0.1) -> Evidence:
-        return Evidence(phase="extend", f1_max=f1, peak_first_acc=raw or const + lift, checklist_passed=passed,
-                        peak_first_acc_lift=lift, first_acc_const=const, first_acc_shuffled=0.0,
-                        top_prediction_share=share, repetition_rate=0.0)
+    def evidence(lift, f1, passed, raw=None, const=0.05, share=0.1) -> PhaseEvidence:
+        return PhaseEvidence(phase="extend", f1_max=f1, peak_first_acc=raw or const + lift, checklist_passed=passed,
+                             peak_first_acc_lift=lift, first_acc_const=const, first_acc_shuffled=0.0,
+                             top_prediction_share=share, repetition_rate=0.0)
 
     assert recommend(evidence(0.30, 0.05, True), cl)[0] == "hero-ready"
     assert recommend(evidence(0.30, 0.05, False), cl)[0] == "phase2"   # F1 > 0 but the checklist fails: tune

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from latentgate.schema import MlflowTag
 from latentgate.tracking import labels
 
-NOTE = labels.NOTE_TAG
+NOTE = MlflowTag.NOTE
 
 
 def _client():

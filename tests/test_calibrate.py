@@ -167,9 +167,10 @@ def test_micro_calibration_matrix_artifacts_and_reuse(mlflow_store, tmp_path, op
     from mlflow import MlflowClient
 
     from latentgate.calibrate.promotion import calibration_note
-    from latentgate.calibrate.runner import ROLE_TAG, run_calibration
+    from latentgate.calibrate.runner import run_calibration
     from latentgate.calibrate.spec import load_set
-    from latentgate.registry.gate import evaluate
+    from latentgate.registry.gate import check_candidate
+    from latentgate.schema import CalibrateTag
     from latentgate.tracking.runs import local_artifacts
 
     cs = load_set("micro", extra={"run.output_dir": str(tmp_path / "runs")})
@@ -188,7 +189,7 @@ def test_micro_calibration_matrix_artifacts_and_reuse(mlflow_store, tmp_path, op
         tags = kid.data.tags
         gate_run, hero_run = tags["latentgate.calibrate.gate_run"], tags["latentgate.calibrate.hero_run"]
         gate_eval = _runs(c, f"tags.`mlflow.parentRunId` = '{gate_run}' and tags.`latentgate.phase` = 'eval'")
-        verdict = bool(gate_eval) and evaluate(gate_eval[0].info.run_id, open_checklist).passed
+        verdict = bool(gate_eval) and check_candidate(gate_eval[0].info.run_id, open_checklist).passed
         hero_eval = _runs(c, f"tags.`mlflow.parentRunId` = '{hero_run}' and tags.`latentgate.phase` = 'eval'")
         outcome = bool(hero_eval) and hero_eval[0].data.metrics["eval/latent/f1"] >= 0.0
         assert tags["latentgate.calibrate.verdict"] == ("promote" if verdict else "refuse")
@@ -216,14 +217,14 @@ def test_micro_calibration_matrix_artifacts_and_reuse(mlflow_store, tmp_path, op
     assert (folder / "calibration.png").read_bytes()[:4] == b"\x89PNG"
 
     # the repeated command trains nothing: every chain is reused, the matrix is the same
-    chains = {r.info.run_id for r in _runs(c, f"tags.`{ROLE_TAG}` != ''")}
+    chains = {r.info.run_id for r in _runs(c, f"tags.`{CalibrateTag.ROLE}` != ''")}
     stages = len(_runs(c, "tags.`latentgate.phase` = 'stage_b'"))
     again = run_calibration(cs, open_checklist, echo=lines.append)
     assert again["run_id"] != result["run_id"] and again["confusion"] == expected
     assert all(r["gate"]["reused"] and r["hero"]["reused"] for r in again["configurations"])
     assert [(r["gate"]["run_id"], r["hero"]["run_id"]) for r in again["configurations"]] == \
         [(r["gate"]["run_id"], r["hero"]["run_id"]) for r in result["configurations"]]
-    assert {r.info.run_id for r in _runs(c, f"tags.`{ROLE_TAG}` != ''")} == chains
+    assert {r.info.run_id for r in _runs(c, f"tags.`{CalibrateTag.ROLE}` != ''")} == chains
     assert len(_runs(c, "tags.`latentgate.phase` = 'stage_b'")) == stages
 
     # what promote / analyze print about a candidate: the latest calibration

@@ -173,7 +173,7 @@ def test_eval_reports_the_constant_guess_per_path(collapsed):
 
 def test_the_collapsed_run_is_not_exposure_bias_and_fails_the_checklist_naming_collapse(collapsed):
     from latentgate.phases.pipeline import SWEEP, PipelineOptions, decide, gather_evidence
-    from latentgate.registry.gate import evaluate, format_table
+    from latentgate.registry.gate import check_candidate, format_table
 
     cl = load_checklist()
     evidence = gather_evidence("extend", collapsed["stage_b"], collapsed["eval"], PipelineOptions(), None,
@@ -186,7 +186,7 @@ def test_the_collapsed_run_is_not_exposure_bias_and_fails_the_checklist_naming_c
     assert (d.rule, d.next_phase) == ("collapsed", SWEEP), d.reason
     assert d.reason.startswith("mode collapse") and "not exposure bias" in d.reason
 
-    report = evaluate(collapsed["eval"])
+    report = check_candidate(collapsed["eval"])
     rows = {r["name"]: r for r in report.rows}
     learning, collapse = rows["first_token_learning"], rows["no_mode_collapse"]
     assert not learning["passed"] and learning["observed"] == pytest.approx(0.0)
@@ -210,24 +210,24 @@ CASES = {  # edits of hero.yaml -> (gate: no_mode_collapse passes, first_token_l
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_one_checklist_file_moves_the_gate_the_report_the_monitor_and_the_pipeline_alike(collapsed, case, tmp_path):
-    from latentgate.analysis.history import load_bundle
+    from latentgate.analysis.history import load_run_bundle
     from latentgate.analysis.monitor import Monitor, default_limits
     from latentgate.analysis.report import build_report
     from latentgate.phases.pipeline import PipelineOptions, decide, gather_evidence
-    from latentgate.registry.gate import evaluate
+    from latentgate.registry.gate import check_candidate
 
     edits, (collapse_ok, learning_ok), rule, verdict, alert = CASES[case]
     path = _edited(tmp_path, "checklist", edits)
     cl = load_checklist(path)
 
-    rows = {r["name"]: r["passed"] for r in evaluate(collapsed["eval"], path).rows}
+    rows = {r["name"]: r["passed"] for r in check_candidate(collapsed["eval"], path).rows}
     assert (rows["no_mode_collapse"], rows["first_token_learning"]) == (collapse_ok, learning_ok)
 
     evidence = gather_evidence("extend", collapsed["stage_b"], collapsed["eval"], PipelineOptions(checklist=str(path)),
                                None, checklist=cl)
     assert decide(evidence, cl).rule == rule
 
-    rec = build_report(load_bundle(collapsed["parent"]), checklist_path=path)["recommendation"]
+    rec = build_report(load_run_bundle(collapsed["parent"]), checklist_path=path)["recommendation"]
     assert (rec["rule"], rec["verdict"]) == (rule, verdict), rec["reason"]
 
     mon = Monitor(collapsed["parent"], limits=default_limits(checklist_path=path), set_tags=False,

@@ -27,7 +27,7 @@ from latentgate.phases.pipeline import (
     PROMOTE,
     STOP,
     SWEEP,
-    Evidence,
+    PhaseEvidence,
     PipelineOptions,
     decide,
     format_decisions,
@@ -102,14 +102,14 @@ def steer_to_fix(tmp_path_factory) -> Path:
 # ---- the decision tree, branch by branch (synthetic evidence, real checklist) ------------------------------------
 
 def ev(phase="extend", f1_max=0.0, lift=0.05, passed=False, budget=None, hero=False, raw=None, const=0.03,
-       share=0.05, repetition=0.0) -> Evidence:
-    """Evidence with the probe's controls: `lift` over the better of the constant guess (`const`) and the shuffled
+       share=0.05, repetition=0.0) -> PhaseEvidence:
+    """PhaseEvidence with the probe's controls: `lift` over the better of the constant guess (`const`) and the shuffled
     latent; raw accuracy defaults to const + lift. `share`/`repetition`: the latent path's eval predictions."""
-    return Evidence(phase=phase, f1_max=f1_max, peak_first_acc=None if lift is None else (raw or const + lift),
-                    checklist_passed=passed, peak_first_acc_lift=lift, first_acc_const=const, first_acc_shuffled=const,
-                    top_prediction_share=share, repetition_rate=repetition,
-                    checklist_failed=() if passed else ("f1_breakthrough",), budget_left_s=budget, launch_hero=hero,
-                    run_ids={"stage_b": "s" * 32, "eval": "e" * 32})
+    return PhaseEvidence(phase=phase, f1_max=f1_max, peak_first_acc=None if lift is None else (raw or const + lift),
+                         checklist_passed=passed, peak_first_acc_lift=lift, first_acc_const=const,
+                         first_acc_shuffled=const, top_prediction_share=share, repetition_rate=repetition,
+                         checklist_failed=() if passed else ("f1_breakthrough",), budget_left_s=budget,
+                         launch_hero=hero, run_ids={"stage_b": "s" * 32, "eval": "e" * 32})
 
 
 # The issue's run: latent F1 0, probe first-token accuracy 17.2% (raw, above the plan's 12%), but the same answer
@@ -310,7 +310,7 @@ def test_missing_or_wrong_kind_of_checkpoint_fails_before_any_run(micro_smoke, t
     with pytest.raises(CheckpointError, match="does not exist"):
         entry.stage_b(cfg, str(tmp_path / "nope"))
     with pytest.raises(CheckpointError, match="does not exist|cannot resolve"):
-        entry.evaluate(cfg, "runs:/0123456789abcdef0123456789abcdef/checkpoints/stage_b")
+        entry.eval_checkpoint(cfg, "runs:/0123456789abcdef0123456789abcdef/checkpoints/stage_b")
     stage_b = f"runs:/{micro_smoke['children']['stage_b']}/checkpoints/stage_b"
     with pytest.raises(CheckpointError, match="is a stage_b checkpoint; this phase starts from a stage_a"):
         entry.fix(resolve("micro", {"run.output_dir": str(tmp_path), "stage_b.scheduled_sampling": "true"}), stage_b)

@@ -150,7 +150,7 @@ def test_passing_candidate_gets_hero_with_tags_report_and_audit(candidate, lenie
     import mlflow
 
     from latentgate.registry.checklist import load_checklist
-    from latentgate.registry.gate import evaluate, hero_model_uri, promote, verify
+    from latentgate.registry.gate import check_candidate, hero_model_uri, promote, verify
 
     name = "lg-pass"
     v = clone(candidate, name)
@@ -175,8 +175,8 @@ def test_passing_candidate_gets_hero_with_tags_report_and_audit(candidate, lenie
     assert 0 < grad["observed"] < 500 and "stage_b/grad_norm" in grad["source"]
     assert hero_model_uri(name) == f"models:/{name}@hero"
     assert verify(checklist=lenient, name=name).passed
-    # evaluate is read-only and also takes the eval run or the smoke run directly
-    assert evaluate(micro_smoke["run_id"], lenient, name).eval_run == micro_smoke["children"]["eval"]
+    # check_candidate is read-only and also takes the eval run or the smoke run directly
+    assert check_candidate(micro_smoke["run_id"], lenient, name).eval_run == micro_smoke["children"]["eval"]
 
 
 def test_strict_checklist_refuses_and_names_failing_criteria(candidate, strict, tmp_path, pin):
@@ -208,7 +208,7 @@ def test_collapsed_predictions_are_refused(micro_smoke, lenient, tmp_path):
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
-    from latentgate.registry.gate import evaluate
+    from latentgate.registry.gate import check_candidate
 
     c = MlflowClient()
     src = c.get_run(micro_smoke["children"]["eval"])
@@ -227,7 +227,7 @@ def test_collapsed_predictions_are_refused(micro_smoke, lenient, tmp_path):
     c.log_artifact(run.info.run_id, mlflow.artifacts.download_artifacts(run_id=src.info.run_id,
                                                                         artifact_path="metrics.json"))
     c.set_terminated(run.info.run_id, "FINISHED")
-    report = evaluate(run.info.run_id, lenient)
+    report = check_candidate(run.info.run_id, lenient)
     assert report.failing() == ["no_mode_collapse"]
     row = next(r for r in report.rows if r["name"] == "no_mode_collapse")
     assert row["observed"] == 1.0 and "eval_detailed.jsonl" in row["source"]
@@ -237,7 +237,7 @@ def test_collapsed_predictions_are_refused(micro_smoke, lenient, tmp_path):
 def test_missing_evidence_fails_with_the_list(micro_smoke, lenient, candidate, tmp_path):
     from mlflow import MlflowClient
 
-    from latentgate.registry.gate import evaluate, promote
+    from latentgate.registry.gate import check_candidate, promote
 
     c = MlflowClient()
     exp = c.get_run(micro_smoke["run_id"]).info.experiment_id
@@ -247,7 +247,7 @@ def test_missing_evidence_fails_with_the_list(micro_smoke, lenient, candidate, t
                                  "latentgate.checkpoint": f"runs:/{stage_b}/checkpoints/stage_b"}).info.run_id
     for rid in (stage_b, ev):
         c.set_terminated(rid, "FINISHED")
-    report = evaluate(ev, lenient)
+    report = check_candidate(ev, lenient)
     assert not report.passed
     text = "\n".join(report.missing)
     for needle in ("no metric history stage_b/probe_first_acc", "no artifact metrics.json",
@@ -342,7 +342,8 @@ def test_crash_between_tags_and_alias_never_leaves_hero_on_a_failing_version(can
 
 
 def test_concurrent_promotes_leave_a_consistent_registry(candidate, lenient, strict):
-    from latentgate.registry.gate import TAG_SUPERSEDED, promote, verify
+    from latentgate.registry.gate import promote, verify
+    from latentgate.schema import VersionTag
 
     name = "lg-race"
     va, vb, vf = clone(candidate, name), clone(candidate, name), clone(candidate, name)
@@ -363,7 +364,7 @@ def test_concurrent_promotes_leave_a_consistent_registry(candidate, lenient, str
     winner = holder(name)
     assert winner in (va, vb)
     loser = vb if winner == va else va
-    assert tags_of(name, loser)[TAG_SUPERSEDED] == winner  # promotions applied one after the other
+    assert tags_of(name, loser)[VersionTag.SUPERSEDED_BY] == winner  # promotions applied one after the other
     assert json.loads(tags_of(name, winner)["hero.audit"])["previous_holder"] in (None, loser)
     assert verify(checklist=lenient, name=name).passed
 
@@ -515,13 +516,13 @@ def test_cli_promote_dry_run_prints_the_table_and_exits_4_when_refused(candidate
 def test_a_continued_sweep_does_not_register_its_unchanged_best_again(candidate, micro_smoke):
     from mlflow import MlflowClient
 
-    from latentgate.registry.model import TAG_EVAL_RUN
+    from latentgate.schema import Tag
     from latentgate.sweep.runner import register_best
     from latentgate.tracking.tracker import NullTracker
 
     eval_run = micro_smoke["children"]["eval"]
     mine = lambda: {str(v.version) for v in MlflowClient().search_model_versions("name='latentgate'")  # noqa: E731
-                    if v.tags.get(TAG_EVAL_RUN) == eval_run}
+                    if v.tags.get(Tag.EVAL_RUN) == eval_run}
     before = mine()
     assert candidate in before
     out = register_best(eval_run, NullTracker(), echo=lambda *_: None)

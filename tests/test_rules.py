@@ -126,18 +126,18 @@ CASES = {  # name: (edit of one criterion, gate's failing criteria, decision rul
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_one_threshold_moves_the_gate_the_report_the_monitor_and_the_pipeline(candidate, case, tmp_path):
-    from latentgate.analysis.history import load_bundle
+    from latentgate.analysis.history import load_run_bundle
     from latentgate.analysis.monitor import Monitor, default_limits
     from latentgate.analysis.report import build_report
     from latentgate.phases.pipeline import PipelineOptions, decide, gather_evidence
-    from latentgate.registry.gate import evaluate
+    from latentgate.registry.gate import check_candidate
 
     edit, failing, rule, verdict, alerts = CASES[case]
     path = _edited(tmp_path, "checklist", edit)
     cl = load_checklist(path)
 
     # 1. the checklist, evaluated by the registry's gate on the recorded evidence
-    report = evaluate(candidate["eval"], path)
+    report = check_candidate(candidate["eval"], path)
     assert sorted(report.failing()) == failing and not report.missing, [r for r in report.rows if not r["passed"]]
     assert report.passed is (not failing)
 
@@ -149,7 +149,7 @@ def test_one_threshold_moves_the_gate_the_report_the_monitor_and_the_pipeline(ca
     assert decide(evidence, cl).rule == rule
 
     # 3. the analysis report: its recommendation (the gate's table), and its local table judged by the same file
-    bundle = load_bundle(candidate["parent"])
+    bundle = load_run_bundle(candidate["parent"])
     rep = build_report(bundle, checklist_path=path)
     assert rep["readiness"]["source"] == "latentgate.registry.gate"
     assert (rep["recommendation"]["rule"], rep["recommendation"]["verdict"]) == (rule, verdict)

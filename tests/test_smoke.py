@@ -114,10 +114,11 @@ def test_second_smoke_reuses_base(micro_smoke, micro_cfg, tmp_path):
     cfg.run = dataclasses.replace(micro_cfg.run, output_dir=str(tmp_path))
     again = run_smoke(cfg, "micro")
     assert again["base_source"] == f"reused:{base_source(micro_smoke['base_source'])[1]}"
-    from latentgate.tracking.lineage import BASE_HASH_TAG, base_hash
+    from latentgate.schema import Tag
+    from latentgate.tracking.lineage import base_hash
 
     versions = c.search_model_versions(f"name='{micro_cfg.run.registry_base}'")
-    assert [v.tags.get(BASE_HASH_TAG) for v in versions].count(base_hash(cfg)) == 1  # not trained twice
+    assert [v.tags.get(Tag.BASE_CONFIG_HASH) for v in versions].count(base_hash(cfg)) == 1  # not trained twice
 
 
 def test_mlflow_run_entry_point_makes_real_children(tmp_path):

@@ -102,7 +102,7 @@ def test_continued_study_stops_with_its_reason_and_the_version_carries_the_evide
                                                                                      mlflow_store, capfd):
     from mlflow import MlflowClient
 
-    from latentgate.registry.gate import check_tag_value, evaluate
+    from latentgate.registry.gate import check_candidate, check_tag_value
     from latentgate.sweep.runner import format_summary, run_sweep
     from latentgate.sweep.study import load_study
 
@@ -136,7 +136,7 @@ def test_continued_study_stops_with_its_reason_and_the_version_carries_the_evide
     # the best trial's version carries the evidence promote would write, value for value
     version = s2["registry"]["version"]
     tags = client.get_model_version("latentgate", version).tags
-    rows = evaluate(version).rows
+    rows = check_candidate(version).rows
     assert rows and {f"hero.check.{r['name']}": check_tag_value(r) for r in rows}.items() <= tags.items()
     assert tags["latentgate.checked_by"] == f"sweep run {s2['parent_run_id']}"
     assert "hero.audit" not in tags  # evidence only: the sweep never promotes (no audit, no alias move)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from latentgate.errors import ConfigError
+from latentgate.schema import EvalPath
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -130,7 +131,7 @@ class StageConfig:
 class EvalConfig:
     max_new_tokens: int = opt(8, "generation cap (never taken from the gold answer)", ge=1)
     batch_size: int = opt(200, "generation batch size", ge=1)
-    paths: list = opt(["latent", "text", "token_budget", "zero_latent", "shuffled_latent"], "paths to score")
+    paths: list = opt(list(EvalPath.ALL), "paths to score")
 
 
 @dataclass
@@ -188,14 +189,14 @@ class Config:
             raise ConfigError(f"unknown eval path(s) {sorted(unknown)}", f"choose from {list(EVAL_PATHS)}")
         if not self.eval.paths:
             raise ConfigError("eval.paths is empty: eval would score nothing", "list at least 'latent' in eval.paths")
-        if "latent" not in self.eval.paths:
+        if EvalPath.LATENT not in self.eval.paths:
             raise ConfigError(f"eval.paths={self.eval.paths} lacks 'latent', the path every eval scores",
                               f"list 'latent' in eval.paths (choose from {list(EVAL_PATHS)})")
         _check_machine_bounds(self)
         return self
 
 
-EVAL_PATHS = ("latent", "text", "token_budget", "zero_latent", "shuffled_latent")
+EVAL_PATHS = EvalPath.ALL
 BUILTIN_MAX_POSITIONS = 1024  # model/base_lm.py: the builtin Llama's max_position_embeddings
 BYTES_PER_EXAMPLE = 4096  # generous: a synthetic example, its tokens and batches, as Python objects
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")

@@ -3,14 +3,14 @@
 Public API:
 - `make_stage_plots(diagnostics_jsonl, out_dir)`, `make_eval_plots(eval_dir, out_dir)` -> list of PNG paths
 - `recommend(evidence, checklist)` -> ("hero-ready" | "phase3" | "phase2", the pipeline's Decision)
-- `build_report(bundle)`, `analyze(run_id, out_dir)`, `load_bundle(run_id)`
+- `build_report(bundle)`, `analyze(run_id, out_dir)`, `load_run_bundle(run_id)`
 - `Monitor(run_id, ...)` (live follow with alerts), `compare_runs(run_ids)`
 Imports are lazy: importing this package loads neither matplotlib nor mlflow.
 """
 
 from __future__ import annotations
 
-__all__ = ["Monitor", "analyze", "build_report", "compare_runs", "load_bundle", "make_eval_plots",
+__all__ = ["Monitor", "analyze", "build_report", "compare_runs", "load_run_bundle", "make_eval_plots",
            "make_stage_plots", "recommend"]
 
 
@@ -23,10 +23,10 @@ def __getattr__(name: str):
         from latentgate.analysis import report
 
         return getattr(report, name)
-    if name == "load_bundle":
-        from latentgate.analysis.history import load_bundle
+    if name == "load_run_bundle":
+        from latentgate.analysis.history import load_run_bundle
 
-        return load_bundle
+        return load_run_bundle
     if name == "Monitor":
         from latentgate.analysis.monitor import Monitor
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from latentgate.analysis import history
 from latentgate.analysis.report import eval_figures, gradient_figures, stage_figures
+from latentgate.schema import EvalKey, EvalPath, Probe, Summary, Tag
 from latentgate.tracking import lineage
 
 # Params that differ between any two runs and say nothing about the experiment.
@@ -19,16 +20,18 @@ def run_summary(bundle: history.RunBundle) -> dict[str, Any]:
     fig = stage_figures(st) if st is not None else {}
     ev = eval_figures(bundle.evals[-1]) if bundle.evals else {}
     paths = ev.get("paths", {}) if ev else {}
+    latent = paths.get(EvalPath.LATENT, {})
     return {
         "run_id": bundle.run_id, "name": bundle.run_name, "phase": bundle.phase, "status": bundle.status,
-        "preset": bundle.tags.get("latentgate.preset", ""), "stage": fig.get("stage"),
+        "preset": bundle.tags.get(Tag.PRESET, ""), "stage": fig.get("stage"),
         "steps": fig.get("steps"), "peak_first_acc": fig.get("peak_first_acc"), "peak_step": fig.get("peak_step"),
         "final_first_acc": fig.get("final_first_acc"), "regression_pct": fig.get("regression_pct"),
         "top5_final": fig.get("top5_final"), "peak_first_acc_lift": fig.get("peak_first_acc_lift"),
-        "latent_f1": paths.get("latent", {}).get("f1"), "latent_em": paths.get("latent", {}).get("em"),
-        "text_f1": paths.get("text", {}).get("f1"), "token_budget_f1": paths.get("token_budget", {}).get("f1"),
-        "repetition_rate": paths.get("latent", {}).get("repetition_rate"),
-        "top_prediction_share": paths.get("latent", {}).get("top_prediction_share"),
+        Summary.LATENT_F1: latent.get(EvalKey.F1), Summary.LATENT_EM: latent.get(EvalKey.EM),
+        Summary.TEXT_F1: paths.get(EvalPath.TEXT, {}).get(EvalKey.F1),
+        "token_budget_f1": paths.get(EvalPath.TOKEN_BUDGET, {}).get(EvalKey.F1),
+        EvalKey.REPETITION_RATE: latent.get(EvalKey.REPETITION_RATE),
+        EvalKey.TOP_PREDICTION_SHARE: latent.get(EvalKey.TOP_PREDICTION_SHARE),
         "max_grad_norm": gradient_figures(bundle.stages)["max_grad_norm"],
         "wall_seconds": bundle.wall_seconds(),
     }
@@ -43,7 +46,7 @@ def curve(bundle: history.RunBundle) -> list[tuple[int, float]]:
             continue
         steps = st.steps()
         offset = end if steps and min(steps) <= end else 0
-        pts += [(offset + p["step"], p["first_acc"]) for p in probes]
+        pts += [(offset + p["step"], p[Probe.FIRST_ACC]) for p in probes]
         end = max(end, offset + st.max_step())
     return pts
 
@@ -63,7 +66,7 @@ def differing_params(params: list[dict[str, str]]) -> dict[str, list[str | None]
 def compare_runs(run_ids: list[str], plot: Path | None = None) -> dict[str, Any]:
     """Summaries, differing params and (if `plot`) an overlay PNG for the given runs, in the given order."""
     cl = lineage.client()
-    bundles = [history.load_bundle(r, cl, with_artifacts=False) for r in run_ids]
+    bundles = [history.load_run_bundle(r, cl, with_artifacts=False) for r in run_ids]
     out = {"runs": [run_summary(b) for b in bundles],
            "differing_params": differing_params([b.all_params() for b in bundles]),
            "plot": None}
@@ -96,9 +99,10 @@ ROWS = (("phase", "phase", "str"), ("preset", "preset", "str"), ("status", "stat
         ("peak probe first_acc", "peak_first_acc", "pct"), ("  at step", "peak_step", "int"),
         ("final probe first_acc", "final_first_acc", "pct"), ("regression from peak %", "regression_pct", "g"),
         ("final top-5", "top5_final", "pct"), ("peak lift over controls", "peak_first_acc_lift", "pct"),
-        ("latent F1", "latent_f1", "num"), ("latent EM", "latent_em", "num"),
-        ("text F1 (teacher)", "text_f1", "num"), ("token-budget F1", "token_budget_f1", "num"),
-        ("latent repetition", "repetition_rate", "pct"), ("top prediction share", "top_prediction_share", "pct"),
+        ("latent F1", Summary.LATENT_F1, "num"), ("latent EM", Summary.LATENT_EM, "num"),
+        ("text F1 (teacher)", Summary.TEXT_F1, "num"), ("token-budget F1", "token_budget_f1", "num"),
+        ("latent repetition", EvalKey.REPETITION_RATE, "pct"),
+        ("top prediction share", EvalKey.TOP_PREDICTION_SHARE, "pct"),
         ("max grad norm", "max_grad_norm", "g"), ("wall seconds", "wall_seconds", "g"))
 
 

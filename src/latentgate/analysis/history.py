@@ -20,16 +20,14 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from latentgate.errors import DataError, StoreError
-from latentgate.eval.controls import CONTROL_KEYS
+from latentgate.schema import Artifact, EvalKey, MlflowTag, Probe, Stage, Tag
 from latentgate.tracking.lineage import client, run_in_uri
 from latentgate.tracking.secrets import mask_secrets
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 NOT_STAGES = ("eval", "base")
-PROBE_KEYS = ("probe_first_acc", "probe_first_acc_lo", "probe_first_acc_hi", "probe_first_acc_top5", "probe_f1",
-              "probe_nll", *(f"probe_{k}" for k in CONTROL_KEYS))
-LOSS_TERMS = ("tf_raw", "first_raw", "kce_raw", "kd_raw")
-EVAL_PATHS = ("latent", "text", "token_budget", "zero_latent", "shuffled_latent")
+PROBE_KEYS = tuple(map(Probe.key, Probe.KEYS))  # as a stage records them: probe_first_acc, ...
+STAGE_MARKERS = (Stage.FIRST_ACC, Probe.key(Probe.FIRST_ACC), Stage.LOSS)  # what makes <prefix>/ a training stage
 CHILD_DEPTH = 3
 
 
@@ -67,19 +65,20 @@ class StageHistory:
         return max(self.steps(), default=0)
 
     def probes(self) -> list[dict[str, float]]:
-        """One dict per probe step: step, first_acc, first_acc_lo/hi, first_acc_top5, f1, nll (where logged)."""
+        """One dict per probe step: step and the probe keys logged (first_acc, its interval, top-5, f1, nll, the
+        controls), by their Probe names."""
         rows: dict[int, dict[str, float]] = {}
-        for key in PROBE_KEYS:
-            for step, value in self.values(key):
-                rows.setdefault(step, {"step": step})[key.removeprefix("probe_")] = value
-        return [rows[s] for s in sorted(rows) if "first_acc" in rows[s]]
+        for key in Probe.KEYS:
+            for step, value in self.values(Probe.key(key)):
+                rows.setdefault(step, {"step": step})[key] = value
+        return [rows[s] for s in sorted(rows) if Probe.FIRST_ACC in rows[s]]
 
     def records(self) -> list[dict[str, Any]]:
         """Step records in the shape of diagnostics.jsonl (`global_step`, `stage`, metric keys)."""
         rows: dict[int, dict[str, Any]] = {}
         for key in self.series:
             for step, value in self.values(key):
-                rows.setdefault(step, {"global_step": step, "stage": self.stage})[key] = value
+                rows.setdefault(step, {Stage.GLOBAL_STEP: step, Stage.STAGE: self.stage})[key] = value
         return [rows[s] for s in sorted(rows)]
 
     def last_timestamp_ms(self) -> int:
@@ -164,11 +163,11 @@ def get_run(cl, run_id: str):
 
 def child_runs(cl, run) -> list:
     """Direct children: the `latentgate.children` tag plus every run tagged mlflow.parentRunId = run."""
-    ids = [c for c in run.data.tags.get("latentgate.children", "").split(",") if c.strip()]
+    ids = [c for c in run.data.tags.get(Tag.CHILDREN, "").split(",") if c.strip()]
     found = {}
     try:
         for r in cl.search_runs([run.info.experiment_id],
-                                filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'",
+                                filter_string=f"tags.`{MlflowTag.PARENT_RUN}` = '{run.info.run_id}'",
                                 max_results=1000):
             found[r.info.run_id] = r
     except MlflowException:
@@ -206,13 +205,13 @@ def stage_prefixes(metric_keys) -> list[str]:
         if "/" not in key:
             continue
         prefix, name = key.split("/", 1)
-        if prefix not in NOT_STAGES and name in ("first_acc", "probe_first_acc", "loss") and prefix not in out:
+        if prefix not in NOT_STAGES and name in STAGE_MARKERS and prefix not in out:
             out.append(prefix)
     return out
 
 
 def is_eval_run(metric_keys) -> bool:
-    return any(k.startswith("eval/") and k.count("/") == 2 for k in metric_keys)
+    return any(k.startswith(EvalKey.PREFIX) and k.count("/") == 2 for k in metric_keys)
 
 
 def load_stage(cl, run, prefix: str, keys=None) -> StageHistory:
@@ -222,7 +221,7 @@ def load_stage(cl, run, prefix: str, keys=None) -> StageHistory:
         names = [k for k in names if k in keys]
     series = {}
     for name in names:
-        hist = cl.get_metric_history(run.info.run_id, f"{prefix}/{name}")
+        hist = cl.get_metric_history(run.info.run_id, Stage.metric(prefix, name))
         series[name] = [(int(m.step), float(m.value), int(m.timestamp)) for m in hist]
     return StageHistory(stage=prefix, run_id=run.info.run_id, run_name=run.info.run_name or "",
                         status=run.info.status, start_time=run.info.start_time or 0, end_time=run.info.end_time,
@@ -233,7 +232,7 @@ def eval_metrics(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         parts = key.split("/")
-        if len(parts) == 3 and parts[0] == "eval":
+        if len(parts) == 3 and key.startswith(EvalKey.PREFIX):
             out.setdefault(parts[1], {})[parts[2]] = float(value)
     return out
 
@@ -264,25 +263,25 @@ def download(run_id: str, artifact_path: str, dst: Path) -> Path | None:
 def load_eval(cl, run, with_artifacts: bool = True) -> EvalResult:
     ev = EvalResult(run_id=run.info.run_id, run_name=run.info.run_name or "", status=run.info.status,
                     start_time=run.info.start_time or 0, metrics=eval_metrics(run.data.metrics),
-                    checkpoint=run.data.tags.get("latentgate.checkpoint", ""), params=dict(run.data.params),
+                    checkpoint=run.data.tags.get(Tag.CHECKPOINT, ""), params=dict(run.data.params),
                     tags=dict(run.data.tags))
     if with_artifacts:
         with tempfile.TemporaryDirectory(prefix="latentgate-eval-") as tmp:
-            detailed = download(run.info.run_id, "eval_detailed.jsonl", Path(tmp))
+            detailed = download(run.info.run_id, Artifact.EVAL_DETAILED, Path(tmp))
             if detailed is not None:
                 ev.rows = read_jsonl(detailed)
-            agg = download(run.info.run_id, "metrics.json", Path(tmp))
+            agg = download(run.info.run_id, Artifact.EVAL_METRICS, Path(tmp))
             if agg is not None:
                 ev.aggregates = json.loads(agg.read_text())
     return ev
 
 
-def load_bundle(run_id: str, cl=None, with_artifacts: bool = True) -> RunBundle:
+def load_run_bundle(run_id: str, cl=None, with_artifacts: bool = True) -> RunBundle:
     """The run and everything under it, read from the tracking store."""
     cl = cl or client()
     run = get_run(cl, run_id)
     bundle = RunBundle(run_id=run.info.run_id, run_name=run.info.run_name or "",
-                       phase=run.data.tags.get("latentgate.phase", ""), status=run.info.status,
+                       phase=run.data.tags.get(Tag.PHASE, ""), status=run.info.status,
                        start_time=run.info.start_time or 0, end_time=run.info.end_time,
                        params=dict(run.data.params), tags=dict(run.data.tags))
     for r in [run, *descendants(cl, run)]:
@@ -316,9 +315,9 @@ def bundle_from_diagnostics(path: Path) -> RunBundle:
     for stage, records in split_stages(read_jsonl(path)):
         series: dict[str, list[tuple[int, float, int]]] = {}
         for i, rec in enumerate(records):
-            step = int(rec.get("global_step", i + 1))
+            step = int(rec.get(Stage.GLOBAL_STEP, i + 1))
             for k, v in rec.items():
-                if k in ("global_step", "stage") or not isinstance(v, (int, float)) or isinstance(v, bool):
+                if k in (Stage.GLOBAL_STEP, Stage.STAGE) or not isinstance(v, (int, float)) or isinstance(v, bool):
                     continue
                 series.setdefault(k, []).append((step, float(v), i))
         bundle.stages.append(StageHistory(stage=stage, series=series))
@@ -329,7 +328,7 @@ def split_stages(records: list[dict]) -> list[tuple[str, list[dict]]]:
     """Consecutive records grouped by their `stage` field, in file order."""
     groups: list[tuple[str, list[dict]]] = []
     for rec in records:
-        stage = str(rec.get("stage", "stage"))
+        stage = str(rec.get(Stage.STAGE, "stage"))
         if not groups or groups[-1][0] != stage:
             groups.append((stage, []))
         groups[-1][1].append(rec)

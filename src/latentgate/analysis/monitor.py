@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass, field
 
 from latentgate.analysis import history
-from latentgate.eval.controls import LIFT
 from latentgate.registry.checklist import BREAKTHROUGH, GRADIENTS, STABILITY, CollapseRule, Criterion, load_checklist
+from latentgate.schema import EvalKey, EvalPath, GradGroup, Loss, Probe, Stage, Tag
 from latentgate.tracking import lineage
 
 SEVERITY = {"new_peak": "info", "probe_f1": "info", "f1_breakthrough": "info", "regression": "warning",
@@ -40,9 +40,10 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_WARNING, EXIT_STALLED, EXIT_CRITICAL = 0, 
 EXIT_FOR_SEVERITY = {"info": EXIT_OK, "warning": EXIT_WARNING, "stall": EXIT_STALLED, "critical": EXIT_CRITICAL}
 # Exit codes: documented in latentgate.analysis.cli (monitor --help) and analysis/README.md.
 COLOUR = {"info": "green", "warning": "yellow", "stall": "magenta", "critical": "red"}
-STAGE_KEYS = ("first_acc", "loss", *history.LOSS_TERMS, "lr", "grad_norm", "grad_norm_encoder", "grad_norm_adapter",
-              "grad_norm_lora", "token_diversity", *history.PROBE_KEYS)
-NAN_KEYS = ("loss", "grad_norm", *history.LOSS_TERMS, "probe_first_acc", "probe_nll")
+STAGE_KEYS = (Stage.FIRST_ACC, Stage.LOSS, *Loss.RAW_KEYS, Stage.LR, *GradGroup.NORM_KEYS, Stage.TOKEN_DIVERSITY,
+              *history.PROBE_KEYS)
+NAN_KEYS = (Stage.LOSS, Stage.GRAD_NORM, *Loss.RAW_KEYS, Probe.key(Probe.FIRST_ACC), Probe.key(Probe.NLL))
+PROBE_ACC, PROBE_F1 = Probe.key(Probe.FIRST_ACC), Probe.key(Probe.F1)  # the probe's record keys the monitor reads
 SPIKE_MIN_HISTORY = 5
 SPIKE_WINDOW = 50
 SPIKE_COOLDOWN = 20
@@ -87,31 +88,32 @@ def _fmt_pct(v) -> str:
 
 
 def probe_line(stage: str, step: int, rec: dict) -> str:
-    lo, hi = rec.get("probe_first_acc_lo"), rec.get("probe_first_acc_hi")
+    lo, hi = rec.get(Probe.key(Probe.FIRST_ACC_LO)), rec.get(Probe.key(Probe.FIRST_ACC_HI))
     interval = f" [{lo:.1%}, {hi:.1%}]" if lo is not None and hi is not None else ""
-    parts = [f"{stage:8s} step {step:5d}", f"first_acc {_fmt_pct(rec.get('probe_first_acc'))}{interval}"]
-    if rec.get(f"probe_{LIFT}") is not None:
-        parts.append(f"lift {rec[f'probe_{LIFT}']:+.1%}")
-    if rec.get("probe_first_acc_top5") is not None:
-        parts.append(f"top5 {rec['probe_first_acc_top5']:.1%}")
-    if rec.get("probe_f1") is not None:
-        parts.append(f"probe_f1 {rec['probe_f1']:.3f}")
-    if rec.get("lr") is not None:
-        parts.append(f"lr {rec['lr']:.2e}")
-    if rec.get("loss") is not None:
-        terms = " ".join(f"{k.removesuffix('_raw')} {rec[k]:.3g}" for k in history.LOSS_TERMS if k in rec)
-        parts.append(f"loss {rec['loss']:.4g}" + (f" ({terms})" if terms else ""))
-    if rec.get("grad_norm") is not None:
-        parts.append(f"grad {rec['grad_norm']:.3g}")
+    parts = [f"{stage:8s} step {step:5d}", f"first_acc {_fmt_pct(rec.get(PROBE_ACC))}{interval}"]
+    if (lift := rec.get(Probe.key(Probe.LIFT))) is not None:
+        parts.append(f"lift {lift:+.1%}")
+    if (top5 := rec.get(Probe.key(Probe.FIRST_ACC_TOP5))) is not None:
+        parts.append(f"top5 {top5:.1%}")
+    if rec.get(PROBE_F1) is not None:
+        parts.append(f"probe_f1 {rec[PROBE_F1]:.3f}")
+    if rec.get(Stage.LR) is not None:
+        parts.append(f"lr {rec[Stage.LR]:.2e}")
+    if rec.get(Stage.LOSS) is not None:
+        terms = " ".join(f"{t} {rec[Loss.key(t)]:.3g}" for t in Loss.TERMS if Loss.key(t) in rec)
+        parts.append(f"loss {rec[Stage.LOSS]:.4g}" + (f" ({terms})" if terms else ""))
+    if rec.get(Stage.GRAD_NORM) is not None:
+        parts.append(f"grad {rec[Stage.GRAD_NORM]:.3g}")
     return "  ".join(parts)
 
 
 def eval_line(run_id: str, metrics: dict[str, dict[str, float]]) -> str:
-    latent = metrics.get("latent", {})
+    latent = metrics.get(EvalPath.LATENT, {})
+    top1 = latent.get(EvalKey.FIRST_TOP1)
     head = (f"eval     {run_id[:8]}   latent F1 {latent['f1']:.3f} EM {latent.get('em', 0):.3f}"
-            + (f" first@1 {latent['first_top1']:.1%}" if "first_top1" in latent else "")
+            + (f" first@1 {top1:.1%}" if top1 is not None else "")
             if "f1" in latent else f"eval     {run_id[:8]}   latent F1 pending")
-    others = [f"{p} {m['f1']:.3f}" for p, m in metrics.items() if p != "latent" and "f1" in m]
+    others = [f"{p} {m['f1']:.3f}" for p, m in metrics.items() if p != EvalPath.LATENT and "f1" in m]
     return head + (f"  | not latent (no alert): {', '.join(others)}" if others else "")
 
 
@@ -149,7 +151,7 @@ class StageWatch:
         for step in steps:
             rec = by_step[step]
             self._check_step(step, rec, alerts)
-            if "probe_first_acc" in rec:
+            if PROBE_ACC in rec:
                 lines.append(probe_line(self.stage, step, rec))
                 self._check_probe(step, rec, alerts)
             self.done_step = step
@@ -164,7 +166,7 @@ class StageWatch:
             if v is not None and not math.isfinite(v) and key not in self.nan_keys:
                 self.nan_keys.add(key)
                 self._alert(alerts, "nan", f"{self.stage}/{key} is {v}", step, v)
-        g = rec.get("grad_norm")
+        g = rec.get(Stage.GRAD_NORM)
         if g is not None and math.isfinite(g):
             window = self.grads[-SPIKE_WINDOW:]
             med = statistics.median(window) if len(window) >= SPIKE_MIN_HISTORY else None
@@ -176,13 +178,13 @@ class StageWatch:
                     else f"is not {self.limits.gradients.as_text()} ({self.limits.gradients.name})"
                 self._alert(alerts, "grad_spike", f"grad_norm {g:.3g} {why}", step, g)
             self.grads.append(g)
-        div = rec.get("token_diversity")
+        div = rec.get(Stage.TOKEN_DIVERSITY)
         if div is not None and self.batch_size:
             self.diversity_seen = True
             self.single_token_since_probe &= div <= 1.0 / self.batch_size + 1e-9
 
     def _check_probe(self, step: int, rec: dict, alerts: list) -> None:
-        acc = rec["probe_first_acc"]
+        acc = rec[PROBE_ACC]
         self.probes_seen += 1
         if not math.isfinite(acc):
             return
@@ -197,7 +199,7 @@ class StageWatch:
             self.regression_raised = True
             self._alert(alerts, "regression", f"probe first_acc {acc:.1%} is {drop:.0%} below its peak "
                         f"{self.peak:.1%} (step {self.peak_step}; threshold {self.limits.regression:.0%})", step, acc)
-        f1, rule = rec.get("probe_f1"), self.limits.breakthrough
+        f1, rule = rec.get(PROBE_F1), self.limits.breakthrough
         if f1 is not None and rule.compare(f1) and not self.probe_f1_raised:
             self.probe_f1_raised = True
             self._alert(alerts, "probe_f1", f"probe greedy F1 {f1:.3f} {rule.as_text()} (latent path, during "
@@ -206,7 +208,7 @@ class StageWatch:
                 and not self.collapse_raised):
             self.collapse_raised = True
             self._alert(alerts, "collapse", "every batch since the previous probe predicted a single first token "
-                        "(token_diversity at its floor)", step, rec.get("token_diversity"))
+                        "(token_diversity at its floor)", step, rec.get(Stage.TOKEN_DIVERSITY))
         self.single_token_since_probe, self.diversity_seen = True, False
 
 
@@ -222,7 +224,7 @@ class EvalWatch:
             return lines, alerts
         self.seen = metrics
         lines.append(eval_line(self.run_id, metrics))
-        latent = metrics.get("latent", {})  # the latent path only: a text-teacher or control F1 never alerts
+        latent = metrics.get(EvalPath.LATENT, {})  # the latent path only: a text-teacher or control F1 never alerts
         tag = f"eval {self.run_id[:8]}"
         bad = {k: v for k, v in latent.items() if not math.isfinite(v)}
         if bad and "nan" not in self.raised:
@@ -235,8 +237,8 @@ class EvalWatch:
             self.raised.add("f1_breakthrough")
             alerts.append(Alert("f1_breakthrough", f"{tag}: BREAKTHROUGH latent F1 {f1:.4f} {rule.as_text()}",
                                 self.run_id, 0, f1))
-        share = latent.get("top_prediction_share")
-        why = self.limits.collapse.why(share, latent.get("repetition_rate"))
+        share = latent.get(EvalKey.TOP_PREDICTION_SHARE)
+        why = self.limits.collapse.why(share, latent.get(EvalKey.REPETITION_RATE))
         if "collapse" not in self.raised and why:
             self.raised.add("collapse")
             alerts.append(Alert("collapse", f"{tag}: latent path {why}", self.run_id, 0, share))
@@ -284,7 +286,7 @@ class Monitor:
         if self.set_tags:
             for rid in dict.fromkeys([alert.run_id, self.run_id]):
                 try:
-                    self.client.set_tag(rid, f"latentgate.alert.{alert.kind}", alert.message[:5000])
+                    self.client.set_tag(rid, Tag.ALERT_PREFIX + alert.kind, alert.message[:5000])
                 except Exception as err:  # noqa: BLE001 - a read-only store must not stop the monitor
                     if not self._tag_warned:
                         self._tag_warned = True
@@ -352,9 +354,9 @@ class Monitor:
                                 0)
             if status in ("FAILED", "KILLED") and rid not in self.failed_seen:
                 self.failed_seen.add(rid)
-                err = run.data.tags.get("latentgate.error", "")
+                err = run.data.tags.get(Tag.ERROR, "")
                 kind = "nan" if "non-finite" in err or "nan" in err.lower().split() else "failed"
-                phase = run.data.tags.get("latentgate.phase", "run")
+                phase = run.data.tags.get(Tag.PHASE, "run")
                 alerts.append(Alert(kind, f"{phase} {rid[:8]} ended {status}" + (f": {err[:300]}" if err else ""), rid))
         if first:
             self.last_activity = max(newest_ms / 1000, (root.info.start_time or 0) / 1000) if newest_ms else now
@@ -368,7 +370,7 @@ class Monitor:
         if not self.finished and not self.stalled and idle_s > self.limits.stall_minutes * 60:
             self.stalled = True
             idle = (now - self.last_activity) / 60
-            stall = Alert("stall", f"{root.data.tags.get('latentgate.phase', 'run')} {self.run_id[:8]}: no new metrics "
+            stall = Alert("stall", f"{root.data.tags.get(Tag.PHASE, 'run')} {self.run_id[:8]}: no new metrics "
                           f"for {idle:.1f} min (limit {self.limits.stall_minutes:g} min) while RUNNING", self.run_id)
             self._emit(stall)
             alerts.append(stall)

@@ -14,15 +14,15 @@ import math
 import warnings
 from pathlib import Path
 
-from latentgate.analysis.history import LOSS_TERMS, read_jsonl, split_stages
+from latentgate.analysis.history import read_jsonl, split_stages
 from latentgate.errors import LatentgateError
-from latentgate.eval.controls import CONST, SHUFFLED
 from latentgate.registry.checklist import GRADIENTS, LEARNING, load_checklist
+from latentgate.schema import Artifact, EvalKey, EvalPath, GradGroup, Loss, Probe, Stage
 
 DPI = 100
-PATH_COLOURS = {"latent": "#d62728", "text": "#1f77b4", "token_budget": "#2ca02c", "zero_latent": "#7f7f7f",
-                "shuffled_latent": "#bcbd22"}
-GROUP_KEYS = ("grad_norm", "grad_norm_encoder", "grad_norm_adapter", "grad_norm_lora")
+PATH_COLOURS = {EvalPath.LATENT: "#d62728", EvalPath.TEXT: "#1f77b4", EvalPath.TOKEN_BUDGET: "#2ca02c",
+                EvalPath.ZERO_LATENT: "#7f7f7f", EvalPath.SHUFFLED_LATENT: "#bcbd22"}
+PROBE_ACC, CONST, SHUFFLED = Probe.key(Probe.FIRST_ACC), Probe.key(Probe.CONST), Probe.key(Probe.SHUFFLED)
 
 
 def _figure(width: float = 7.0, height: float = 3.6):
@@ -50,7 +50,7 @@ def _layout(stages: list[tuple[str, list[dict]]]):
     restart at 1 is placed after the previous one; a resumed stage continuing its step count is not shifted."""
     placed, end = [], 0
     for name, records in stages:
-        steps = [int(r.get("global_step", i + 1)) for i, r in enumerate(records)]
+        steps = [int(r.get(Stage.GLOBAL_STEP, i + 1)) for i, r in enumerate(records)]
         if not steps:
             continue
         offset = end if min(steps) <= end else 0
@@ -80,29 +80,29 @@ def _series(placed, key: str):
 def _plot_first_acc(placed, out: Path, threshold: float | None) -> Path | None:
     from matplotlib.ticker import PercentFormatter
 
-    bx, by = _series(placed, "first_acc")
-    px, py = _series(placed, "probe_first_acc")
+    bx, by = _series(placed, Stage.FIRST_ACC)
+    px, py = _series(placed, PROBE_ACC)
     if not bx and not px:
         return None
     fig, ax = _figure()
     if bx:
         ax.plot(bx, by, color="#999999", linewidth=0.8, alpha=0.7, label="batch first_acc")
     for i, one in enumerate(placed):  # each stage its own line: a new stage starts a new curve
-        sx, sy = _series([one], "probe_first_acc")
+        sx, sy = _series([one], PROBE_ACC)
         if not sx:
             continue
-        rows = [r for _, r in one[1] if _finite(r.get("probe_first_acc"))]
-        lo, hi = [r.get("probe_first_acc_lo") for r in rows], [r.get("probe_first_acc_hi") for r in rows]
+        rows = [r for _, r in one[1] if _finite(r.get(PROBE_ACC))]
+        lo, hi = [[r.get(Probe.key(k)) for r in rows] for k in (Probe.FIRST_ACC_LO, Probe.FIRST_ACC_HI)]
         if all(_finite(v) for v in lo + hi):
             ax.fill_between(sx, lo, hi, color="#d62728", alpha=0.15, label="probe 95% CI" if i == 0 else None)
         ax.plot(sx, sy, color="#d62728", marker="o", markersize=3, linewidth=1.5,
                 label="probe first_acc" if i == 0 else None)
-        tx, ty = _series([one], "probe_first_acc_top5")
+        tx, ty = _series([one], Probe.key(Probe.FIRST_ACC_TOP5))
         if tx:
             ax.plot(tx, ty, color="#ff7f0e", linestyle=":", marker=".", linewidth=1,
                     label="probe top-5" if i == 0 else None)
-        floor = [(x, max(r[f"probe_{CONST}"], r[f"probe_{SHUFFLED}"])) for x, r in one[1]
-                 if _finite(r.get(f"probe_{CONST}")) and _finite(r.get(f"probe_{SHUFFLED}"))]
+        floor = [(x, max(r[CONST], r[SHUFFLED])) for x, r in one[1]
+                 if _finite(r.get(CONST)) and _finite(r.get(SHUFFLED))]
         if floor:  # what the probe scores with no information about the input; the checklist reads the lift above it
             ax.plot([x for x, _ in floor], [v for _, v in floor], color="#555555", linestyle="--", linewidth=1,
                     label="controls (best of constant guess, shuffled latent)" if i == 0 else None)
@@ -119,7 +119,7 @@ def _plot_first_acc(placed, out: Path, threshold: float | None) -> Path | None:
 
 
 def _plot_losses(placed, out: Path) -> Path | None:
-    keys = [k for k in ("loss", *LOSS_TERMS) if _series(placed, k)[0]]
+    keys = [k for k in (Stage.LOSS, *Loss.RAW_KEYS) if _series(placed, k)[0]]
     if not keys:
         return None
     fig, ax = _figure()
@@ -127,7 +127,7 @@ def _plot_losses(placed, out: Path) -> Path | None:
     for k in keys:
         xs, ys = _series(placed, k)
         positive = positive and min(ys) > 0
-        ax.plot(xs, ys, linewidth=1.5 if k == "loss" else 1, label="total (weighted)" if k == "loss" else k)
+        ax.plot(xs, ys, linewidth=1.5 if k == Stage.LOSS else 1, label="total (weighted)" if k == Stage.LOSS else k)
     if positive:
         ax.set_yscale("log")
     _boundaries(ax, placed)
@@ -138,7 +138,7 @@ def _plot_losses(placed, out: Path) -> Path | None:
 
 
 def _plot_grad(placed, out: Path, grad_limit: float | None) -> Path | None:
-    keys = [k for k in GROUP_KEYS if _series(placed, k)[0]]
+    keys = [k for k in GradGroup.NORM_KEYS if _series(placed, k)[0]]
     if not keys:
         return None
     fig, ax = _figure()
@@ -146,8 +146,8 @@ def _plot_grad(placed, out: Path, grad_limit: float | None) -> Path | None:
     for k in keys:
         xs, ys = _series(placed, k)
         top = max(top, max(ys))
-        ax.plot(xs, ys, linewidth=1.5 if k == "grad_norm" else 1,
-                label="total" if k == "grad_norm" else k.removeprefix("grad_norm_"))
+        ax.plot(xs, ys, linewidth=1.5 if k == Stage.GRAD_NORM else 1,
+                label="total" if k == Stage.GRAD_NORM else k.removeprefix(GradGroup.norm_key("")))
     if grad_limit is not None and top > grad_limit / 10:
         ax.axhline(grad_limit, color="red", linestyle=":", linewidth=1, label=f"limit {grad_limit:g}")
     if top > 0:
@@ -213,8 +213,8 @@ def _grouped_bars(ax, categories: list[str], per_path: dict[str, dict[str, int]]
     for i, path in enumerate(paths):
         xs = [j + (i - (len(paths) - 1) / 2) * width for j in range(len(categories))]
         ax.bar(xs, [per_path[path].get(c, 0) for c in categories], width=width, label=path,
-               color=PATH_COLOURS.get(path), edgecolor="black" if path == "latent" else None,
-               linewidth=1.2 if path == "latent" else 0)
+               color=PATH_COLOURS.get(path), edgecolor="black" if path == EvalPath.LATENT else None,
+               linewidth=1.2 if path == EvalPath.LATENT else 0)
     ax.set_xticks(range(len(categories)))
     ax.set_xticklabels(categories, fontsize=8)
     ax.set_ylabel("examples")
@@ -235,10 +235,10 @@ def eval_plots(rows: list[dict], out_dir: Path, aggregates: dict | None = None) 
     buckets = {p: f1_buckets(v) for p, v in f1s.items()}
     if not rows and aggregates:
         for p, a in (aggregates.get("paths") or {}).items():
-            if a.get("f1_distribution"):
-                buckets[p] = a["f1_distribution"]
-            if a.get("error_modes"):
-                modes[p] = a["error_modes"]
+            if a.get(EvalKey.F1_DISTRIBUTION):
+                buckets[p] = a[EvalKey.F1_DISTRIBUTION]
+            if a.get(EvalKey.ERROR_MODES):
+                modes[p] = a[EvalKey.ERROR_MODES]
 
     def hist():
         if not buckets:
@@ -268,10 +268,10 @@ def make_eval_plots(eval_dir: Path, out_dir: Path) -> list[Path]:
     eval_dir = Path(eval_dir)
     rows, agg = [], None
     try:
-        if (eval_dir / "eval_detailed.jsonl").is_file():
-            rows = read_jsonl(eval_dir / "eval_detailed.jsonl")
-        if (eval_dir / "metrics.json").is_file():
-            agg = json.loads((eval_dir / "metrics.json").read_text())
+        if (eval_dir / Artifact.EVAL_DETAILED).is_file():
+            rows = read_jsonl(eval_dir / Artifact.EVAL_DETAILED)
+        if (eval_dir / Artifact.EVAL_METRICS).is_file():
+            agg = json.loads((eval_dir / Artifact.EVAL_METRICS).read_text())
     except Exception as err:  # noqa: BLE001
         warnings.warn(f"latentgate: cannot read {eval_dir} for plots: {err}", stacklevel=2)
         return []

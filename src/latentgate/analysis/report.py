@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from latentgate.analysis.history import EVAL_PATHS, RunBundle, StageHistory
+from latentgate.analysis.history import RunBundle, StageHistory
 from latentgate.errors import ConfigError
 from latentgate.eval import controls
 from latentgate.phases import pipeline
@@ -31,14 +31,13 @@ from latentgate.registry.checklist import (
     Checklist,
     load_checklist,
 )
+from latentgate.schema import Artifact, EvalKey, EvalPath, GradGroup, Probe, Stage, Summary, Tag
 from latentgate.tracking import lineage
 
 VERDICTS = ("hero-ready", "phase3", "phase2")
 # The decision tree's next phase, as the plan's verdict (the report judges a Phase 1 result).
 VERDICT_OF = {pipeline.PROMOTE: "hero-ready", pipeline.HERO: "hero-ready", pipeline.FIX: "phase3",
               pipeline.SWEEP: "phase2", pipeline.STOP: "phase2"}
-GRAD_GROUPS = ("grad_norm", "grad_norm_encoder", "grad_norm_adapter", "grad_norm_lora")
-CONTROLS = ("token_budget", "zero_latent", "shuffled_latent")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -46,7 +45,7 @@ CONTROLS = ("token_budget", "zero_latent", "shuffled_latent")
 # ------------------------------------------------------------------------------------------------------------
 
 
-def recommend(evidence: pipeline.Evidence, checklist: Checklist) -> tuple[str, pipeline.Decision]:
+def recommend(evidence: pipeline.PhaseEvidence, checklist: Checklist) -> tuple[str, pipeline.Decision]:
     """The plan's verdict on a Phase 1 result: the pipeline's decision tree (`decide`) on the same evidence, read
     against the same checklist, so the report never recommends what the pipeline would not do:
 
@@ -87,10 +86,10 @@ def gate_readiness(eval_run_id: str | None, checklist_path=None) -> dict | None:
     if not eval_run_id:
         return None
     try:
-        from latentgate.registry.gate import evaluate as gate_evaluate
+        from latentgate.registry.gate import check_candidate
     except ImportError:
         return None
-    rep = gate_evaluate(eval_run_id, checklist_path=checklist_path)
+    rep = check_candidate(eval_run_id, checklist_path=checklist_path)
     rows = []
     for r in rep.rows:
         r = r if isinstance(r, dict) else vars(r)
@@ -118,42 +117,39 @@ def stage_figures(st: StageHistory, last_n: int = 3) -> dict[str, Any]:
     probes = st.probes()
     out: dict[str, Any] = {"stage": st.stage, "run_id": st.run_id, "status": st.status, "steps": st.max_step(),
                            "probes": len(probes)}
-    batch = [v for _, v in st.values("first_acc")]
+    batch = [v for _, v in st.values(Stage.FIRST_ACC)]
     if batch:
         out["batch_first_acc_max"] = max(batch)
-    lrs = st.values("lr")
+    lrs = st.values(Stage.LR)
     if lrs:
         out["lr_final"] = lrs[-1][1]
     if not probes:
         return out
-    peak = max(probes, key=lambda p: (p["first_acc"], -p["step"]))  # earliest step among equal maxima
+    acc, lo, hi, top5 = Probe.FIRST_ACC, Probe.FIRST_ACC_LO, Probe.FIRST_ACC_HI, Probe.FIRST_ACC_TOP5
+    peak = max(probes, key=lambda p: (p[acc], -p["step"]))  # earliest step among equal maxima
     final = probes[-1]
-    tail = [p["first_acc"] for p in probes[-last_n:]]
+    tail = [p[acc] for p in probes[-last_n:]]
     out.update({
-        "peak_first_acc": peak["first_acc"], "peak_step": peak["step"],
-        "peak_interval": [peak.get("first_acc_lo"), peak.get("first_acc_hi")],
-        "final_first_acc": final["first_acc"], "final_step": final["step"],
-        "final_interval": [final.get("first_acc_lo"), final.get("first_acc_hi")],
-        "regression_pct": (peak["first_acc"] - final["first_acc"]) / peak["first_acc"] * 100
-        if peak["first_acc"] > 0 else 0.0,
+        "peak_first_acc": peak[acc], "peak_step": peak["step"], "peak_interval": [peak.get(lo), peak.get(hi)],
+        "final_first_acc": final[acc], "final_step": final["step"], "final_interval": [final.get(lo), final.get(hi)],
+        "regression_pct": (peak[acc] - final[acc]) / peak[acc] * 100 if peak[acc] > 0 else 0.0,
         "last_n": {"n": len(tail), "mean": statistics.fmean(tail), "min": min(tail), "max": max(tail),
                    "std": statistics.pstdev(tail)},
     })
-    top5 = [p["first_acc_top5"] for p in probes if "first_acc_top5" in p]
-    if top5:
-        out.update(top5_at_peak=peak.get("first_acc_top5"), top5_final=final.get("first_acc_top5"),
-                   top5_max=max(top5))
-    f1s = [p["f1"] for p in probes if "f1" in p]
+    top5s = [p[top5] for p in probes if top5 in p]
+    if top5s:
+        out.update(top5_at_peak=peak.get(top5), top5_final=final.get(top5), top5_max=max(top5s))
+    f1s = [p[Probe.F1] for p in probes if Probe.F1 in p]
     if f1s:
-        out.update(probe_f1_max=max(f1s), probe_f1_final=final.get("f1"))
-    lifted = [p for p in probes if controls.LIFT in p]
+        out.update(probe_f1_max=max(f1s), probe_f1_final=final.get(Probe.F1))
+    lifted = [p for p in probes if Probe.LIFT in p]
     if lifted:  # the controls: what the probe scores with no information about the input
-        best = max(lifted, key=lambda p: (p[controls.LIFT], -p["step"]))
-        out.update(peak_first_acc_lift=best[controls.LIFT], peak_lift_step=best["step"],
-                   peak_lift_first_acc=best["first_acc"], first_acc_const=best.get(controls.CONST),
-                   first_acc_shuffled=best.get(controls.SHUFFLED), final_first_acc_lift=final.get(controls.LIFT),
-                   final_top_first_token_share=final.get(controls.TOP_SHARE),
-                   final_distinct_first_tokens=final.get(controls.DISTINCT))
+        best = max(lifted, key=lambda p: (p[Probe.LIFT], -p["step"]))
+        out.update({Probe.CONST: best.get(Probe.CONST), Probe.SHUFFLED: best.get(Probe.SHUFFLED)},  # at the peak lift
+                   peak_first_acc_lift=best[Probe.LIFT], peak_lift_step=best["step"], peak_lift_first_acc=best[acc],
+                   final_first_acc_lift=final.get(Probe.LIFT),
+                   final_top_first_token_share=final.get(Probe.TOP_SHARE),
+                   final_distinct_first_tokens=final.get(Probe.DISTINCT))
     return out
 
 
@@ -163,18 +159,18 @@ def gradient_figures(stages: list[StageHistory]) -> dict[str, Any]:
     for st in stages:
         label = _stage_label(st, stages)
         groups = {}
-        for key in GRAD_GROUPS:
+        for key in GradGroup.NORM_KEYS:
             pts = [(s, v) for s, v in st.values(key) if not math.isnan(v)]
             if not pts:
                 continue
             vals = [v for _, v in pts]
             step_max = max(pts, key=lambda p: p[1])[0]
-            groups[key.removeprefix("grad_norm_") if key != "grad_norm" else "total"] = {
+            groups[key.removeprefix(GradGroup.norm_key("")) if key != Stage.GRAD_NORM else "total"] = {
                 "max": max(vals), "max_step": step_max, "p50": percentile(vals, 50), "p90": percentile(vals, 90),
                 "p99": percentile(vals, 99), "n": len(vals)}
-            if key == "grad_norm":
+            if key == Stage.GRAD_NORM:
                 overall = max(vals) if overall is None else max(overall, max(vals))
-        nan_steps = [s for s, v in st.values("grad_norm") if math.isnan(v)]
+        nan_steps = [s for s, v in st.values(Stage.GRAD_NORM) if math.isnan(v)]
         if groups or nan_steps:
             per_stage[label] = {"groups": groups, "nan_steps": nan_steps}
     return {"stages": per_stage, "max_grad_norm": overall}
@@ -191,10 +187,10 @@ def eval_figures(ev) -> dict[str, Any]:
     from latentgate.eval import scoring
 
     out: dict[str, Any] = {"run_id": ev.run_id, "status": ev.status, "checkpoint": ev.checkpoint,
-                           "paths": {p: dict(ev.metrics[p]) for p in EVAL_PATHS if p in ev.metrics}}
-    latent_rows = ev.path_rows("latent")
-    agg = ((ev.aggregates or {}).get("paths") or {}).get("latent") or {}
-    latent = ev.metrics.get("latent", {})
+                           "paths": {p: dict(ev.metrics[p]) for p in EvalPath.ALL if p in ev.metrics}}
+    latent_rows = ev.path_rows(EvalPath.LATENT)
+    agg = ((ev.aggregates or {}).get("paths") or {}).get(EvalPath.LATENT) or {}
+    latent = ev.metrics.get(EvalPath.LATENT, {})
     if latent_rows:
         f1s = [float(r["f1"]) for r in latent_rows]
         idx = scoring.first_nonzero_index(f1s)
@@ -212,20 +208,20 @@ def eval_figures(ev) -> dict[str, Any]:
         out["f1_distribution"] = scoring.f1_buckets(f1s)
         out["collapse"] = {
             **alike, "repetition_count": modes.get("repetition", 0), "empty_count": modes.get("empty", 0),
-            "empty_rate": modes.get("empty", 0) / n,
-            "distinct_first_tokens": len({r.get("first_token") for r in latent_rows}), "error_modes": modes,
+            EvalKey.EMPTY_RATE: modes.get("empty", 0) / n,
+            EvalKey.DISTINCT_FIRST_TOKENS: len({r.get("first_token") for r in latent_rows}), "error_modes": modes,
         }
     elif latent:  # metrics only (artifacts missing)
         out["breakthrough"] = {"any_f1_nonzero": latent.get("f1", 0) > 0, "first_f1_nonzero_idx":
-                               agg.get("first_f1_nonzero_idx"), "n": agg.get("n"), "example": None}
-        if agg.get("f1_distribution"):
-            out["f1_distribution"] = agg["f1_distribution"]
-        out["collapse"] = {k: latent.get(k) for k in ("top_prediction_share", "repetition_rate", "empty_rate",
-                                                       "distinct_first_tokens")}
-        if agg.get("error_modes"):
-            out["collapse"]["error_modes"] = agg["error_modes"]
+                               agg.get(EvalKey.FIRST_F1_NONZERO_IDX), "n": agg.get("n"), "example": None}
+        if agg.get(EvalKey.F1_DISTRIBUTION):
+            out["f1_distribution"] = agg[EvalKey.F1_DISTRIBUTION]
+        out["collapse"] = {k: latent.get(k) for k in (EvalKey.TOP_PREDICTION_SHARE, EvalKey.REPETITION_RATE,
+                                                       EvalKey.EMPTY_RATE, EvalKey.DISTINCT_FIRST_TOKENS)}
+        if agg.get(EvalKey.ERROR_MODES):
+            out["collapse"]["error_modes"] = agg[EvalKey.ERROR_MODES]
     if latent and "f1" in latent:
-        out["latent_beats_controls"] = {c: latent["f1"] > ev.metrics[c]["f1"] for c in CONTROLS
+        out["latent_beats_controls"] = {c: latent["f1"] > ev.metrics[c]["f1"] for c in EvalPath.CONTROLS
                                         if "f1" in ev.metrics.get(c, {})}
     return out
 
@@ -237,23 +233,25 @@ def local_readiness(stage: dict | None, ev: dict | None, grads: dict, cl: Checkl
     stage, ev = stage or {}, ev or {}
     bt = ev.get("breakthrough") or {}
     col = ev.get("collapse") or {}
-    latent = (ev.get("paths") or {}).get("latent") or {}
-    src_stage = f"{stage.get('stage', 'stage')}/probe_"
+    latent = (ev.get("paths") or {}).get(EvalPath.LATENT) or {}
+    src_stage = Stage.metric(stage.get("stage", "stage"), Probe.PREFIX)
     peak = stage.get("peak_first_acc")
     lift_detail = ("" if stage.get("peak_first_acc_lift") is None else
                    f"peak lift at step {stage['peak_lift_step']}: first_acc {stage['peak_lift_first_acc']:.4g}, "
-                   f"constant guess {_num(stage.get('first_acc_const'), '.4g')}, shuffled latent "
-                   f"{_num(stage.get('first_acc_shuffled'), '.4g')}")
+                   f"constant guess {_num(stage.get(Probe.CONST), '.4g')}, shuffled latent "
+                   f"{_num(stage.get(Probe.SHUFFLED), '.4g')}")
     rule = cl.collapse_rule()
-    collapse = rule.why(col.get("top_prediction_share"), col.get("repetition_rate"), col.get("top_prediction"))
+    collapse = rule.why(col.get(EvalKey.TOP_PREDICTION_SHARE), col.get(EvalKey.REPETITION_RATE),
+                        col.get("top_prediction"))
     observed = {  # name -> (observed, source, detail, failure)
-        LEARNING: (stage.get("peak_first_acc_lift"), src_stage + controls.LIFT, lift_detail, ""),
-        STABILITY: (None if peak is None else stage.get("regression_pct", 0.0) / 100, src_stage + controls.FIRST_ACC,
+        LEARNING: (stage.get("peak_first_acc_lift"), src_stage + Probe.LIFT, lift_detail, ""),
+        STABILITY: (None if peak is None else stage.get("regression_pct", 0.0) / 100, src_stage + Probe.FIRST_ACC,
                     "", ""),
-        BREAKTHROUGH: (bt.get("max_f1"), "eval_detailed.jsonl (latent)", "", ""),
-        QUALITY: (latent.get("f1"), "eval/latent/f1", "", ""),
-        GRADIENTS: (grads.get("max_grad_norm"), "grad_norm (all stages)", "", ""),
-        COLLAPSE: (col.get("repetition_rate"), "eval_detailed.jsonl (latent)", collapse or "", collapse or ""),
+        BREAKTHROUGH: (bt.get("max_f1"), f"{Artifact.EVAL_DETAILED} (latent)", "", ""),
+        QUALITY: (latent.get("f1"), EvalKey.metric(EvalPath.LATENT, EvalKey.F1), "", ""),
+        GRADIENTS: (grads.get("max_grad_norm"), f"{Stage.GRAD_NORM} (all stages)", "", ""),
+        COLLAPSE: (col.get(EvalKey.REPETITION_RATE), f"{Artifact.EVAL_DETAILED} (latent)", collapse or "",
+                   collapse or ""),
     }
     rows = []
     for name, (value, source, detail, failure) in observed.items():
@@ -296,7 +294,7 @@ def build_report(bundle: RunBundle, last_n: int = 3, checklist_path=None, use_ga
     readiness["thresholds_source"] = th_source
     rec = None
     peak = (ev_stage or {}).get("peak_first_acc")
-    f1 = (((ev or {}).get("paths") or {}).get("latent") or {}).get("f1")
+    f1 = (((ev or {}).get("paths") or {}).get(EvalPath.LATENT) or {}).get("f1")
     if peak is not None and f1 is not None:
         failed = [r["name"] for r in readiness["rows"] if not r["passed"]]
         verdict, decision = recommend(_evidence(ev_stage, ev, readiness, failed, bundle), cl)
@@ -306,13 +304,13 @@ def build_report(bundle: RunBundle, last_n: int = 3, checklist_path=None, use_ga
             next_step = (f"the learning criteria pass but the evidence does not ({', '.join(failed)}): re-run the "
                          "smoke so its runs form a clean lineage at one commit on the pinned eval set, then promote")
         rec = {"verdict": verdict, "rule": decision.rule, "next_step": next_step, "peak_first_acc": peak,
-               "peak_first_acc_lift": decision.evidence.peak_first_acc_lift, "latent_f1": f1,
+               "peak_first_acc_lift": decision.evidence.peak_first_acc_lift, Summary.LATENT_F1: f1,
                "checklist_passed": readiness["passed"], "threshold": cl.threshold(LEARNING),
                "reason": decision.reason}
     return {
         "run": {"run_id": bundle.run_id, "name": bundle.run_name, "phase": bundle.phase, "status": bundle.status,
-                "preset": bundle.tags.get("latentgate.preset", ""),
-                "git_commit": bundle.tags.get("latentgate.git_commit", ""), "source": bundle.source,
+                "preset": bundle.tags.get(Tag.PRESET, ""), "git_commit": bundle.tags.get(Tag.GIT_COMMIT, ""),
+                "source": bundle.source,
                 "wall_seconds": bundle.wall_seconds()},
         "last_n": last_n,
         "stages": stages,
@@ -324,16 +322,16 @@ def build_report(bundle: RunBundle, last_n: int = 3, checklist_path=None, use_ga
     }
 
 
-def _evidence(stage: dict, ev: dict, readiness: dict, failed: list[str], bundle: RunBundle) -> pipeline.Evidence:
+def _evidence(stage: dict, ev: dict, readiness: dict, failed: list[str], bundle: RunBundle) -> pipeline.PhaseEvidence:
     """The decision tree's evidence from this report's figures (a Phase 1 result)."""
     bt, col = ev.get("breakthrough") or {}, ev.get("collapse") or {}
-    latent = (ev.get("paths") or {}).get("latent") or {}
-    return pipeline.Evidence(
+    latent = (ev.get("paths") or {}).get(EvalPath.LATENT) or {}
+    return pipeline.PhaseEvidence(
         phase="extend", f1_max=bt.get("max_f1", latent.get("f1")), peak_first_acc=stage.get("peak_first_acc"),
         checklist_passed=bool(readiness["passed"]), f1_mean=latent.get("f1"),
-        peak_first_acc_lift=stage.get("peak_first_acc_lift"), first_acc_const=stage.get("first_acc_const"),
-        first_acc_shuffled=stage.get("first_acc_shuffled"), top_prediction_share=col.get("top_prediction_share"),
-        repetition_rate=col.get("repetition_rate"), checklist_failed=tuple(failed),
+        peak_first_acc_lift=stage.get("peak_first_acc_lift"), first_acc_const=stage.get(Probe.CONST),
+        first_acc_shuffled=stage.get(Probe.SHUFFLED), top_prediction_share=col.get(EvalKey.TOP_PREDICTION_SHARE),
+        repetition_rate=col.get(EvalKey.REPETITION_RATE), checklist_failed=tuple(failed),
         run_ids={"stage_b": stage.get("run_id"), "eval": ev.get("run_id")})
 
 
@@ -378,7 +376,7 @@ def sections(rep: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                         _num(s.get("probe_f1_max")),
                         "—" if s.get("peak_first_acc_lift") is None else
                         f"{_pct(s['peak_first_acc_lift'])} @ {s['peak_lift_step']} (constant guess "
-                        f"{_pct(s.get('first_acc_const'))}, shuffled {_pct(s.get('first_acc_shuffled'))})"])
+                        f"{_pct(s.get(Probe.CONST))}, shuffled {_pct(s.get(Probe.SHUFFLED))})"])
     out.append(("First-token learning (held-out probe)",
                 ["stage", "steps", "probes", "peak (95% CI)", "final", "regression", f"last {rep['last_n']} probes",
                  "top-5 peak/final", "probe F1 max", "peak lift over controls"], st_rows))
@@ -386,12 +384,12 @@ def sections(rep: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     if ev:
         rows = []
         for path, m in ev["paths"].items():
-            rows.append([path + ("" if path == "latent" else " (control)" if path in CONTROLS
-                                 else " (teacher)" if path == "text" else ""),
-                         _num(m.get("f1")), _num(m.get("em")), _pct(m.get("first_top1")),
-                         _pct(m.get("first_top1_const")), _pct(m.get("first_top5")),
-                         _num(m.get("nll_per_token"), ".2f"), _pct(m.get("top_prediction_share")),
-                         _pct(m.get("repetition_rate")), _pct(m.get("empty_rate"))])
+            rows.append([path + ("" if path == EvalPath.LATENT else " (control)" if path in EvalPath.CONTROLS
+                                 else " (teacher)" if path == EvalPath.TEXT else ""),
+                         _num(m.get(EvalKey.F1)), _num(m.get(EvalKey.EM)), _pct(m.get(EvalKey.FIRST_TOP1)),
+                         _pct(m.get(EvalKey.FIRST_TOP1_CONST)), _pct(m.get(EvalKey.FIRST_TOP5)),
+                         _num(m.get(EvalKey.NLL_PER_TOKEN), ".2f"), _pct(m.get(EvalKey.TOP_PREDICTION_SHARE)),
+                         _pct(m.get(EvalKey.REPETITION_RATE)), _pct(m.get(EvalKey.EMPTY_RATE))])
         out.append(("Eval (per path)", ["path", "F1", "EM", "first@1", "first@1 constant guess", "first@5",
                                         "NLL/tok", "top share", "repetition", "empty"], rows))
         bt = ev.get("breakthrough") or {}
@@ -410,11 +408,11 @@ def sections(rep: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         col = ev.get("collapse") or {}
         if col:
             top = f" ({col['top_prediction']!r} x{col['top_prediction_count']})" if "top_prediction" in col else ""
-            reps = f"{col.get('repetition_count', '—')} ({_pct(col.get('repetition_rate'))})"
-            crow = [["top prediction share", f"{_pct(col.get('top_prediction_share'))}{top}"],
+            reps = f"{col.get('repetition_count', '—')} ({_pct(col.get(EvalKey.REPETITION_RATE))})"
+            crow = [["top prediction share", f"{_pct(col.get(EvalKey.TOP_PREDICTION_SHARE))}{top}"],
                     ["repetitive (\"thethethe\")", reps],
-                    ["empty", f"{col.get('empty_count', '—')} ({_pct(col.get('empty_rate'))})"],
-                    ["distinct first tokens", _num(col.get("distinct_first_tokens"), "d")]]
+                    ["empty", f"{col.get('empty_count', '—')} ({_pct(col.get(EvalKey.EMPTY_RATE))})"],
+                    ["distinct first tokens", _num(col.get(EvalKey.DISTINCT_FIRST_TOKENS), "d")]]
             if col.get("error_modes"):
                 crow.append(["error modes", ", ".join(f"{k}: {v}" for k, v in col["error_modes"].items())])
             out.append(("Mode collapse (latent path)", ["", ""], crow))
@@ -518,7 +516,7 @@ def analyze(target: str, out_dir: Path, log: bool = True, last_n: int = 3, check
         bundle = history.bundle_from_diagnostics(Path(target))
         log = False
     else:
-        bundle = history.load_bundle(target)
+        bundle = history.load_run_bundle(target)
     rep = build_report(bundle, last_n=last_n, checklist_path=checklist_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []

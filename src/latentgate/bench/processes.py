@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from latentgate.bench.report import FAIL, PASS, Row, interleave, judge, median, ratio_row
+from latentgate.schema import Summary
 
 # ---- 4. CLI start-up ------------------------------------------------------------------------------------------
 
@@ -71,7 +72,7 @@ def parse_smoke_summary(text: str) -> dict:
     if m := _RUN_ID.search(text):
         out["run_id"] = m.group(1)
     if m := _LATENT.search(text):
-        out["latent_f1"], out["latent_em"] = float(m.group(1)), float(m.group(2))
+        out[Summary.LATENT_F1], out[Summary.LATENT_EM] = float(m.group(1)), float(m.group(2))
     if m := _WALL.search(text):
         out["wall_seconds"] = float(m.group(1))
     if m := _URI.search(text):
@@ -115,7 +116,7 @@ def smoke_f1_from_store(run_id: str, env: dict, printed_uri: str | None = None) 
         from mlflow import MlflowClient
 
         uri = env.get("MLFLOW_TRACKING_URI") or printed_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-        return MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics.get("latent_f1")
+        return MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics.get(Summary.LATENT_F1)
     except Exception:  # noqa: BLE001 - the printed summary is the fallback
         return None
 
@@ -132,9 +133,9 @@ def bench_smoke(preset: str = "smoke", extra_args: list[str] | None = None, out_
     f1_store = None
     if "run_id" in parsed:
         f1_store = smoke_f1_from_store(parsed["run_id"], run_env, parsed.get("tracking_uri"))
-    f1 = f1_store if f1_store is not None else parsed.get("latent_f1")
+    f1 = f1_store if f1_store is not None else parsed.get(Summary.LATENT_F1)
     wall, rss = res["wall_s"], res["max_rss_bytes"]
-    details = {"command": cmd, "rc": res["rc"], "wall_s": wall, "max_rss_bytes": rss, "latent_f1": f1,
+    details = {"command": cmd, "rc": res["rc"], "wall_s": wall, "max_rss_bytes": rss, Summary.LATENT_F1: f1,
                "latent_f1_source": "mlflow" if f1_store is not None else "printed summary", **parsed,
                "user_s": res["user_s"], "sys_s": res["sys_s"],
                "output_tail": res["output"][-2000:] if res["rc"] else ""}

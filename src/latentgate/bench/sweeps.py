@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from latentgate.bench.report import Row, judge, ratio_row
+from latentgate.schema import Summary
 
 PARALLEL = ("sweep: 2 journal workers vs 1, same trials", "1 worker")
 PRUNING = ("sweep: pruning vs none, same sampler seed and budget", "no pruning")
@@ -46,7 +47,7 @@ def draw_trials(spec, n: int, seed: int = 0) -> list[dict]:
 
 def bench_parallel(spec, n_trials: int, workers: int, out: Path, tag: str, threads: int, echo=print) -> tuple:
     """Returns (row, the Stage A checkpoint URI the runs resumed from)."""
-    from latentgate.sweep.objective import RESUME_ATTR
+    from latentgate.schema import StudyAttr
     from latentgate.sweep.runner import create_study, run_sweep
 
     draws = draw_trials(spec, n_trials, seed=int(spec.sampler.get("seed") or 0))
@@ -58,7 +59,7 @@ def bench_parallel(spec, n_trials: int, workers: int, out: Path, tag: str, threa
         for params in draws:
             study.enqueue_trial(params)
         s = run_sweep(v, n_trials, w, url, threads=threads, echo=lambda *_: None, register=False, processes=True)
-        resume = study.user_attrs[RESUME_ATTR]  # later variants resume from the same Stage A checkpoint
+        resume = study.user_attrs[StudyAttr.RESUME_FROM]  # later variants resume from the same Stage A checkpoint
         runs[str(w)] = {"trials": s["finished"], "seconds": s["worker_seconds"],
                         "optimizer_steps": s["optimizer_steps"],
                         "trials_per_hour": s["finished"] * 3600 / s["worker_seconds"]}
@@ -100,7 +101,7 @@ def bench_pruning(spec, n_trials: int, out: Path, tag: str, threads: int, resume
             raise RuntimeError(f"the {label} study exited with {proc.exitcode}")
         s = json.loads(result.read_text())
         res[label] = {"optimizer_steps": s["optimizer_steps"], "pruned_trials": s["pruned"],
-                      "best_latent_f1": (s["best"] or {}).get("latent_f1") or 0.0, "seconds": s["worker_seconds"]}
+                      "best_latent_f1": (s["best"] or {}).get(Summary.LATENT_F1) or 0.0, "seconds": s["worker_seconds"]}
         echo(f"  {label}: {s['optimizer_steps']} optimizer steps, {s['pruned']}/{s['finished']} pruned, "
              f"best latent F1 {res[label]['best_latent_f1']:.4f}")
     steps = res["pruned"]["optimizer_steps"] / max(1, res["unpruned"]["optimizer_steps"])

@@ -22,6 +22,7 @@ from latentgate.bench.timing import (
     total_of,
 )
 from latentgate.config import Config, flatten, resolve
+from latentgate.schema import Artifact, Stage
 from latentgate.tracking import lineage
 
 # ---- 1. tracking overhead -------------------------------------------------------------------------------------
@@ -63,17 +64,17 @@ def bench_tracking(cfg: Config, work: Path, reps: int = 3, steps: int = 40, stag
                 timed = StepClock(tr)
                 t0 = clock()
                 res = train_stage(ws, stage, timed, out)
-                tr.log_artifact(out / "diagnostics.jsonl")
-                tr.log_artifacts(res["checkpoint"], f"checkpoints/{stage}")
+                tr.log_artifact(out / Artifact.DIAGNOSTICS)
+                tr.log_artifacts(res["checkpoint"], Artifact.checkpoint(stage))
                 t1 = clock()
-            results[name].append({"run_id": tr.run_id, "losses": _losses(out / "diagnostics.jsonl"),
+            results[name].append({"run_id": tr.run_id, "losses": _losses(out / Artifact.DIAGNOSTICS),
                                   "setup": since(t_run)[0] - (t1[0] - t0[0])})
             return segments(t0, timed.marks, t1)
 
         raw = interleave({"null": lambda: run("null"), "tracked": lambda: run("tracked")}, reps,
                          timer=lambda name, result, wall: result)
         run_id = results["tracked"][-1]["run_id"]
-        logged = len(lineage.client().get_metric_history(run_id, f"{stage}/loss"))
+        logged = len(lineage.client().get_metric_history(run_id, Stage.metric(stage, Stage.LOSS)))
     best = {k: best_of(v) for k, v in raw.items()}
     totals = {k: split_clocks([total_of(r) for r in v]) for k, v in raw.items()}
     c = CLOCKS.index(JUDGE_CLOCK["clock"])
@@ -99,4 +100,4 @@ def bench_tracking(cfg: Config, work: Path, reps: int = 3, steps: int = 40, stag
 
 
 def _losses(path: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line)[Stage.LOSS] for line in path.read_text().splitlines() if line.strip()]

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 
-from latentgate.calibrate.runner import PHASE, SUMMARY_TAG
+from latentgate.calibrate.runner import PHASE
 from latentgate.calibrate.stats import predict
+from latentgate.schema import CalibrateTag, Calibration, EvalKey, EvalPath, Tag, VersionTag
 from latentgate.tracking.lineage import client
-
-TAG = "hero.calibration"
 
 
 def assess(summary: dict, smoke_f1: float | None, passed: bool | None) -> dict:
@@ -23,7 +22,8 @@ def assess(summary: dict, smoke_f1: float | None, passed: bool | None) -> dict:
     the candidate's verdict was right in the calibration."""
     c, fit = summary["confusion"], summary.get("fit")
     out = {"calibration_run": summary["run_id"], "set": summary["set"], "n": summary["n"],
-           "hero_f1_target": summary["hero_f1_target"], "smoke_f1": smoke_f1, "passed": passed,
+           Calibration.HERO_F1_TARGET: summary[Calibration.HERO_F1_TARGET], Calibration.SMOKE_F1: smoke_f1,
+           "passed": passed,
            "promote_success": [c["tp"], c["tp"] + c["fp"]], "refuse_failure": [c["tn"], c["tn"] + c["fn"]]}
     if fit and smoke_f1 is not None:
         y, lo, hi = predict(fit, smoke_f1)
@@ -38,13 +38,13 @@ def _share(pair: list[int]) -> str:
 
 def format_assessment(a: dict) -> str:
     head = (f"calibration (run {a['calibration_run'][:8]}, set {a['set']}, {a['n']} configurations, hero target F1 "
-            f"{a['hero_f1_target']:g}):")
+            f"{a[Calibration.HERO_F1_TARGET]:g}):")
     parts = []
     if "predicted_hero_f1" in a:
         lo, hi = a["interval"]
-        parts.append(f"smoke-scale latent F1 {a['smoke_f1']:.3f} predicts hero F1 {a['predicted_hero_f1']:.3f} "
-                     f"[{lo:.3f}, {hi:.3f}] (95% prediction interval)")
-    elif a["smoke_f1"] is None:
+        parts.append(f"smoke-scale latent F1 {a[Calibration.SMOKE_F1]:.3f} predicts hero F1 "
+                     f"{a['predicted_hero_f1']:.3f} [{lo:.3f}, {hi:.3f}] (95% prediction interval)")
+    elif a[Calibration.SMOKE_F1] is None:
         parts.append("no latent F1 for this candidate, so no predicted hero F1")
     else:
         parts.append("no fitted line in that calibration, so no predicted hero F1")
@@ -59,10 +59,10 @@ def latest_summary(client) -> dict | None:
     if not exps:
         return None
     runs = client.search_runs(exps, max_results=1, order_by=["attributes.start_time DESC"],
-                              filter_string=f"tags.`latentgate.phase` = '{PHASE}' and attributes.status = 'FINISHED'")
-    if not runs or SUMMARY_TAG not in runs[0].data.tags:
+                              filter_string=f"tags.`{Tag.PHASE}` = '{PHASE}' and attributes.status = 'FINISHED'")
+    if not runs or CalibrateTag.SUMMARY not in runs[0].data.tags:
         return None
-    return json.loads(runs[0].data.tags[SUMMARY_TAG])
+    return json.loads(runs[0].data.tags[CalibrateTag.SUMMARY])
 
 
 def calibration_note(eval_run: str | None, passed: bool | None, version: str | None = None,
@@ -74,10 +74,10 @@ def calibration_note(eval_run: str | None, passed: bool | None, version: str | N
         summary = latest_summary(c)
         if summary is None:
             return "calibration: none recorded yet (`latentgate calibrate` measures whether the gate predicts the hero)"
-        f1 = c.get_run(eval_run).data.metrics.get("eval/latent/f1") if eval_run else None
+        f1 = c.get_run(eval_run).data.metrics.get(EvalKey.metric(EvalPath.LATENT, EvalKey.F1)) if eval_run else None
         a = assess(summary, f1, passed)
         if version and name:
-            c.set_model_version_tag(name, version, TAG, json.dumps(a, sort_keys=True))
+            c.set_model_version_tag(name, version, VersionTag.CALIBRATION, json.dumps(a, sort_keys=True))
         return format_assessment(a)
     except Exception as err:  # noqa: BLE001 - the calibration informs a promotion, it never fails one
         first = (str(err).splitlines() or [""])[0][:160]

@@ -24,13 +24,10 @@ from pathlib import Path
 from latentgate.calibrate.spec import CalibrationSet, Configuration
 from latentgate.config import Config, config_hash, flatten
 from latentgate.errors import GateRefused, TrainingFault
+from latentgate.schema import CalibrateTag, Calibration, EvalKey, EvalPath, MlflowTag, Stage, Summary, Tag
 from latentgate.tracking.lineage import base_from_run, client
 
 PHASE = "calibrate"
-ROLE_TAG = "latentgate.calibrate.role"  # gate | hero, on each chain's parent run
-HASH_TAG = "latentgate.calibrate.config_hash"
-SET_TAG = "latentgate.calibrate.set"
-SUMMARY_TAG = "latentgate.calibrate.summary"  # what `promote` and `analyze` read (promotion.py)
 CHAIN_NAME = {"gate": "smoke", "hero": "hero-scale"}
 DETERMINISTIC_FAILURES = (TrainingFault, GateRefused)
 STAGES = ("stage_a", "stage_b")
@@ -50,11 +47,11 @@ def find_chain(role: str, cfg: Config) -> str | None:
     if exp is None:
         return None
     runs = client().search_runs([exp], order_by=["attributes.start_time DESC"], max_results=20,
-                                 filter_string=f"tags.`{ROLE_TAG}` = '{role}' and "
-                                               f"tags.`{HASH_TAG}` = '{config_hash(cfg)}'")
+                                 filter_string=f"tags.`{CalibrateTag.ROLE}` = '{role}' and "
+                                               f"tags.`{CalibrateTag.CONFIG_HASH}` = '{config_hash(cfg)}'")
     reusable = {e.__name__ for e in DETERMINISTIC_FAILURES}
     for run in runs:
-        status, error_type = run.info.status, run.data.tags.get("latentgate.error_type")
+        status, error_type = run.info.status, run.data.tags.get(Tag.ERROR_TYPE)
         if status == "FINISHED" or (status == "FAILED" and error_type in reusable):
             return run.info.run_id
     return None
@@ -65,20 +62,22 @@ def chain_record(run_id: str, reused: bool) -> dict:
     micro-steps each stage ran, and the run's wall time."""
     c = client()
     run = c.get_run(run_id)
-    kids = c.search_runs([run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
+    kids = c.search_runs([run.info.experiment_id], filter_string=f"tags.`{MlflowTag.PARENT_RUN}` = '{run_id}'",
                          order_by=["attributes.start_time ASC"])
-    children = {k.data.tags.get("latentgate.phase", ""): k for k in kids}
+    children = {k.data.tags.get(Tag.PHASE, ""): k for k in kids}
     steps = {}
     for stage in STAGES:
-        hist = c.get_metric_history(children[stage].info.run_id, f"{stage}/micro_step") if stage in children else []
+        key = Stage.metric(stage, Stage.MICRO_STEP)
+        hist = c.get_metric_history(children[stage].info.run_id, key) if stage in children else []
         last = max(hist, key=lambda m: m.step) if hist else None
         steps[stage] = {"optimizer": last.step if last else 0, "micro": int(last.value) if last else 0}
     ev = children.get("eval")
-    f1 = ev.data.metrics.get("eval/latent/f1") if ev is not None and ev.info.status == "FINISHED" else None
+    finished = ev is not None and ev.info.status == "FINISHED"
+    f1 = ev.data.metrics.get(EvalKey.metric(EvalPath.LATENT, EvalKey.F1)) if finished else None
     total = _seconds(run)
     return {"run_id": run_id, "status": run.info.status, "reused": reused,
-            "error": run.data.tags.get("latentgate.error", ""),
-            "children": {p: k.info.run_id for p, k in children.items()}, "latent_f1": f1, "steps": steps,
+            "error": run.data.tags.get(Tag.ERROR, ""),
+            "children": {p: k.info.run_id for p, k in children.items()}, Summary.LATENT_F1: f1, "steps": steps,
             "wall_seconds": total - (_seconds(children["base"]) if "base" in children else 0.0),
             "wall_seconds_with_base": total}
 
@@ -97,7 +96,7 @@ def run_chain(role: str, conf: Configuration, cfg: Config, echo) -> dict:
         return chain_record(found, reused=True)
     echo(f"  {role}: running {CHAIN_NAME[role]} (stage_a {cfg.stage_a.steps} + stage_b {cfg.stage_b.steps} "
          "optimizer steps)")
-    tags = {ROLE_TAG: role, HASH_TAG: config_hash(cfg), "latentgate.calibrate.configuration": conf.name}
+    tags = {CalibrateTag.ROLE: role, CalibrateTag.CONFIG_HASH: config_hash(cfg), CalibrateTag.CONFIGURATION: conf.name}
     try:
         run_id = run_smoke(cfg, conf.preset, name=CHAIN_NAME[role], tags=tags)["run_id"]
     except DETERMINISTIC_FAILURES as err:
@@ -139,14 +138,14 @@ def _clean(v):
 
 
 def judge(gate: dict, checklist) -> tuple[bool, list[dict] | None, list[str]]:
-    """The checklist's verdict on the gate chain's eval run, read-only (registry.gate.evaluate moves no alias):
+    """The checklist's verdict on the gate chain's eval run, read-only (registry.gate.check_candidate moves no alias):
     (passed, report rows, failing criteria and missing evidence). A chain that failed is refused."""
-    from latentgate.registry.gate import evaluate
+    from latentgate.registry.gate import check_candidate
 
     eval_run = gate["children"].get("eval")
     if gate["status"] != "FINISHED" or not eval_run:
         return False, None, [f"gate chain {gate['status']}: {gate['error'] or 'no eval run'}"]
-    report = evaluate(eval_run, checklist)
+    report = check_candidate(eval_run, checklist)
     rows = [_clean({k: r[k] for k in ("name", "passed", "observed", "op", "threshold", "missing")})
             for r in report.rows]
     return bool(report.passed), rows, report.failing() + list(report.missing)
@@ -156,21 +155,22 @@ def run_configuration(conf: Configuration, checklist, target: float, echo) -> di
     gate = run_chain("gate", conf, conf.gate, echo)
     verdict, rows, failing = judge(gate, checklist)
     hero = run_chain("hero", conf, conf.hero, echo)
-    outcome = hero["status"] == "FINISHED" and hero["latent_f1"] is not None and hero["latent_f1"] >= target
+    hero_f1 = hero[Summary.LATENT_F1]
+    outcome = hero["status"] == "FINISHED" and hero_f1 is not None and hero_f1 >= target
     ran = any(chain["steps"][s]["micro"] for chain in (gate, hero) for s in STAGES)
     base_run = gate["children"].get("base") or hero["children"].get("base")
     per_micro = micro_step_flops(conf.gate, base_run) if ran else {s: 0.0 for s in STAGES}
     rec = {"name": conf.name, "expect": conf.expect, "preset": conf.preset, "overrides": conf.overrides,
            "split": conf.split, "verdict": verdict, "failing": failing, "rows": rows, "outcome": outcome,
-           "smoke_f1": gate["latent_f1"], "hero_f1": hero["latent_f1"], "agree": verdict == outcome,
+           Calibration.SMOKE_F1: gate[Summary.LATENT_F1], Calibration.HERO_F1: hero_f1, "agree": verdict == outcome,
            "flops": {"gate": _flops(gate, per_micro), "hero": _flops(hero, per_micro)},
            "micro_step_flops": per_micro,
            "wall_seconds": {"gate": gate["wall_seconds"], "hero": hero["wall_seconds"]},
            "config_hash": {"gate": config_hash(conf.gate), "hero": config_hash(conf.hero)},
            "gate": gate, "hero": hero}
     f1 = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    echo(f"  verdict {'PROMOTE' if verdict else 'REFUSE'} (smoke F1 {f1(gate['latent_f1'])}); hero F1 "
-         f"{f1(hero['latent_f1'])} -> {'success' if outcome else 'failure'}; "
+    echo(f"  verdict {'PROMOTE' if verdict else 'REFUSE'} (smoke F1 {f1(gate[Summary.LATENT_F1])}); hero F1 "
+         f"{f1(hero_f1)} -> {'success' if outcome else 'failure'}; "
          f"{'agree' if rec['agree'] else 'DISAGREE'}")
     return rec
 
@@ -178,30 +178,29 @@ def run_configuration(conf: Configuration, checklist, target: float, echo) -> di
 def _child(rec: dict, cfg: Config) -> str:
     from latentgate.tracking.runs import tracked_run
 
-    tags = {"latentgate.phase": "calibrate.configuration", "latentgate.calibrate.configuration": rec["name"],
-            "latentgate.calibrate.split": rec["split"], "latentgate.calibrate.expect": rec["expect"],
-            "latentgate.calibrate.verdict": "promote" if rec["verdict"] else "refuse",
-            "latentgate.calibrate.outcome": "success" if rec["outcome"] else "failure",
-            "latentgate.calibrate.gate_run": rec["gate"]["run_id"],
-            "latentgate.calibrate.hero_run": rec["hero"]["run_id"],
-            "latentgate.calibrate.reused": ",".join(r for r in ("gate", "hero") if rec[r]["reused"]) or "none"}
+    tags = {Tag.PHASE: "calibrate.configuration", CalibrateTag.CONFIGURATION: rec["name"],
+            CalibrateTag.SPLIT: rec["split"], CalibrateTag.EXPECT: rec["expect"],
+            CalibrateTag.VERDICT: "promote" if rec["verdict"] else "refuse",
+            CalibrateTag.OUTCOME: "success" if rec["outcome"] else "failure",
+            CalibrateTag.GATE_RUN: rec["gate"]["run_id"], CalibrateTag.HERO_RUN: rec["hero"]["run_id"],
+            CalibrateTag.REUSED: ",".join(r for r in ("gate", "hero") if rec[r]["reused"]) or "none"}
     with tracked_run(rec["name"], nested=True, tags=tags) as tr:
         tr.log_params(flatten(cfg))
-        metrics = {"smoke_latent_f1": rec["smoke_f1"], "hero_latent_f1": rec["hero_f1"],
+        metrics = {"smoke_latent_f1": rec[Calibration.SMOKE_F1], "hero_latent_f1": rec[Calibration.HERO_F1],
                    "gate_flops": rec["flops"]["gate"], "hero_flops": rec["flops"]["hero"],
                    "gate_wall_seconds": rec["wall_seconds"]["gate"], "hero_wall_seconds": rec["wall_seconds"]["hero"],
                    "verdict_promote": float(rec["verdict"]), "outcome_success": float(rec["outcome"])}
         tr.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=0)
         tr.log_dict(rec, "configuration.json")
-        tr.set_description(f"{rec['name']} ({rec['expect']}): verdict {tags['latentgate.calibrate.verdict']}, "
-                           f"hero {tags['latentgate.calibrate.outcome']}; gate run {rec['gate']['run_id']}, "
+        tr.set_description(f"{rec['name']} ({rec['expect']}): verdict {tags[CalibrateTag.VERDICT]}, "
+                           f"hero {tags[CalibrateTag.OUTCOME]}; gate run {rec['gate']['run_id']}, "
                            f"hero run {rec['hero']['run_id']}")
         return tr.run_id
 
 
 def promotion_summary(cs_name: str, run_id: str, summary: dict) -> dict:
     """The small part of a calibration that `promote` and `analyze` need (a run tag: no artifact download)."""
-    keep = ("hero_f1_target", "confusion", "agreement", "precision_promote", "precision_refuse", "n")
+    keep = (Calibration.HERO_F1_TARGET, "confusion", "agreement", "precision_promote", "precision_refuse", "n")
     return {"set": cs_name, "run_id": run_id, **{k: summary[k] for k in keep},
             "fit": None if summary["fit"] is None else {k: summary["fit"][k] for k in
                                                         ("slope", "intercept", "s", "n", "x_mean", "sxx", "t")}}
@@ -224,7 +223,7 @@ def run_calibration(cs: CalibrationSet, checklist_path=None, echo=print) -> dict
     summary = summarize(records, target)
     setup_experiment(cs.configurations[0].gate.run.experiment)
     with tracked_run(f"calibrate {cs.name}", nested=False, run_id=project_run,
-                     tags={"latentgate.phase": PHASE, SET_TAG: cs.name}) as parent:
+                     tags={Tag.PHASE: PHASE, CalibrateTag.SET: cs.name}) as parent:
         for rec, conf in zip(records, cs.configurations, strict=True):
             rec["child_run"] = _child(rec, conf.gate)
         parent.log_params({"calibrate.set": cs.name, "calibrate.set_sha256": cs.sha256,
@@ -244,7 +243,7 @@ def run_calibration(cs: CalibrationSet, checklist_path=None, echo=print) -> dict
         with tempfile.TemporaryDirectory(prefix="latentgate-calibrate-") as tmp:
             png = scatter(records, summary, Path(tmp) / "calibration.png", title=f"calibrate {cs.name}")
             parent.log_artifact(png)
-        parent.set_tags({SUMMARY_TAG: json.dumps(_clean(promotion_summary(cs.name, parent.run_id, summary)),
+        parent.set_tags({CalibrateTag.SUMMARY: json.dumps(_clean(promotion_summary(cs.name, parent.run_id, summary)),
                                                  sort_keys=True)})
         parent.set_description(format_summary(result))
     return result
@@ -258,10 +257,11 @@ def format_summary(r: dict) -> str:
     c, cost, fit, prop = r["confusion"], r["cost"], r["fit"], r["proposal"]
     ratio = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
     lines = [f"── latentgate calibrate {r['set']['name']}: {r['n']} configurations, hero target F1 >= "
-             f"{r['hero_f1_target']:g}, hero scale x{r['set']['hero_scale']} ──",
+             f"{r[Calibration.HERO_F1_TARGET]:g}, hero scale x{r['set']['hero_scale']} ──",
              f"{'configuration':20s} {'split':8s} {'verdict':8s} {'smoke F1':>8s} {'hero F1':>8s}  outcome   reused",
              *[f"{x['name']:20s} {x['split']:8s} {'PROMOTE' if x['verdict'] else 'REFUSE':8s} "
-               f"{_f(x['smoke_f1']):>8s} {_f(x['hero_f1']):>8s}  {'success' if x['outcome'] else 'failure':9s} "
+               f"{_f(x[Calibration.SMOKE_F1]):>8s} {_f(x[Calibration.HERO_F1]):>8s}  "
+               f"{'success' if x['outcome'] else 'failure':9s} "
                f"{','.join(k for k in ('gate', 'hero') if x[k]['reused']) or '-'}" for x in r["configurations"]],
              f"confusion (verdict vs hero): promote+success {c['tp']}, promote+failure {c['fp']}, "
              f"refuse+success {c['fn']}, refuse+failure {c['tn']}",

@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterable
 
 from latentgate.registry.checklist import OPS
+from latentgate.schema import Calibration
 
 # Two-sided 95% Student t quantiles (t_{0.975, df}); beyond df 30, linear in 1/df towards the normal's 1.960.
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -158,12 +159,13 @@ def summarize(records: list[dict], target: float) -> dict:
     """Everything the calibration run reports, from its per-configuration records: {verdict, outcome, rows, split,
     smoke_f1, hero_f1, flops: {gate, hero}, wall_seconds: {gate, hero}}."""
     c = confusion((r["verdict"], r["outcome"]) for r in records)
-    scatter = [r for r in records if r["smoke_f1"] is not None and r["hero_f1"] is not None]
-    line = fit_line([r["smoke_f1"] for r in scatter], [r["hero_f1"] for r in scatter])
+    smoke, hero = Calibration.SMOKE_F1, Calibration.HERO_F1
+    scatter = [r for r in records if r[smoke] is not None and r[hero] is not None]
+    line = fit_line([r[smoke] for r in scatter], [r[hero] for r in scatter])
     cost = {}
     for unit in ("flops", "wall_seconds"):
         gate = sum(r[unit]["gate"] or 0 for r in records)
         hero = sum(r[unit]["hero"] or 0 for r in records)
         cost[unit] = {"gate": gate, "hero": hero, "ratio": gate / hero if hero else None}
-    return {"hero_f1_target": target, "confusion": c, **rates(c), "cost": cost, "fit": line,
+    return {Calibration.HERO_F1_TARGET: target, "confusion": c, **rates(c), "cost": cost, "fit": line,
             "fit_points": len(scatter), "proposal": propose_thresholds(records)}

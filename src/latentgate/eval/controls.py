@@ -9,7 +9,8 @@ Two controls, both measured on the same examples as the accuracy they bound:
 
 `lift` = accuracy minus the better control: a model that says the same thing to everyone has a lift <= 0,
 whatever its raw accuracy. At eval, the same failure shows as one prediction for many inputs (`collapse_stats`).
-Pure Python (no torch): the gate, the pipeline and analysis read these definitions and key names from here.
+Pure Python (no torch): the gate, the pipeline and analysis read these definitions from here, and the keys they
+are recorded under from `latentgate.schema` (Probe: logged as <stage>/probe_<key>; EvalKey).
 """
 
 from __future__ import annotations
@@ -17,15 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-# Probe keys (logged as <stage>/probe_<key>): the raw accuracy, the two controls, the lift, and how concentrated
-# the predicted first tokens are.
-FIRST_ACC = "first_acc"
-CONST = "first_acc_const"
-SHUFFLED = "first_acc_shuffled"
-LIFT = "first_acc_lift"
-TOP_SHARE = "top_first_token_share"
-DISTINCT = "distinct_first_tokens"
-CONTROL_KEYS = (CONST, SHUFFLED, LIFT, TOP_SHARE, DISTINCT)
+from latentgate.schema import EvalKey, Probe
 
 
 def top_share(values: Iterable) -> float:
@@ -54,17 +47,17 @@ def control_stats(gold_first: list, predicted_first: list, shuffled_hits: int) -
     acc = sum(p == g for p, g in zip(predicted_first, gold_first, strict=True)) / n
     const = constant_guess_accuracy(gold_first)
     shuffled = shuffled_hits / n
-    return {CONST: const, SHUFFLED: shuffled, LIFT: lift(acc, const, shuffled),
-            TOP_SHARE: top_share(predicted_first), DISTINCT: len(set(predicted_first))}
+    return {Probe.CONST: const, Probe.SHUFFLED: shuffled, Probe.LIFT: lift(acc, const, shuffled),
+            Probe.TOP_SHARE: top_share(predicted_first), Probe.DISTINCT: len(set(predicted_first))}
 
 
 def collapse_stats(rows: list[dict]) -> dict:
-    """How alike one path's eval predictions are (eval_detailed.jsonl rows of that path): the most frequent
+    """How alike one path's eval predictions are (the eval_detailed.jsonl rows of that path): the most frequent
     prediction, its count and share, and the share of repetitive ("thethethe") predictions."""
     if not rows:
         raise ValueError("no eval rows to judge collapse on")
     preds = [r.get("prediction") for r in rows]
     top, count = Counter(preds).most_common(1)[0]
     return {"n": len(rows), "top_prediction": top, "top_prediction_count": count,
-            "top_prediction_share": top_share(preds),
-            "repetition_rate": sum(r.get("error_mode") == "repetition" for r in rows) / len(rows)}
+            EvalKey.TOP_PREDICTION_SHARE: top_share(preds),
+            EvalKey.REPETITION_RATE: sum(r.get("error_mode") == "repetition" for r in rows) / len(rows)}

@@ -19,23 +19,22 @@ from latentgate.eval import controls, scoring
 from latentgate.eval.generate import decode, greedy_generate
 from latentgate.eval.probe import EvalMode
 from latentgate.model.contract import answer_logits, build_latent_batch, build_text_batch, encode_answers, text_prompt
+from latentgate.schema import Artifact, EvalKey, EvalPath
 from latentgate.tracking import progress
-
-LATENT_PATHS = ("latent", "zero_latent", "shuffled_latent")
 
 
 def _prefix_for(ws, path: str, chunk, latents: torch.Tensor | None):
     """Model inputs for one path: (inputs_embeds, attention_mask, lm_context, scoring_batch_fn)."""
-    if path in LATENT_PATHS:
-        if path == "zero_latent":
+    if path in EvalPath.WITH_LATENTS:
+        if path == EvalPath.ZERO_LATENT:
             lat = torch.zeros_like(latents)
-        elif path == "shuffled_latent":  # a derangement: every row gets another example's latents
+        elif path == EvalPath.SHUFFLED_LATENT:  # a derangement: every row gets another example's latents
             lat = latents.roll(1, dims=0) if latents.shape[0] > 1 else torch.zeros_like(latents)
         else:
             lat = latents
         prefix = build_latent_batch(ws.contract, ws.embed, lat)
         return prefix, (lambda answers: build_latent_batch(ws.contract, ws.embed, lat, answer_targets=answers)), None
-    budget = ws.contract.num_latents if path == "token_budget" else None
+    budget = ws.contract.num_latents if path == EvalPath.TOKEN_BUDGET else None
     prompts = [text_prompt(e.context, e.question, budget, ws.tokenizer) for e in chunk]
     prefix = build_text_batch(ws.contract, ws.tokenizer, ws.embed, prompts, left_pad=True)
     return prefix, (lambda answers: build_text_batch(ws.contract, ws.tokenizer, ws.embed, prompts, answers)), prompts
@@ -44,7 +43,8 @@ def _prefix_for(ws, path: str, chunk, latents: torch.Tensor | None):
 @torch.no_grad()
 def evaluate(ws, examples, out_dir: Path, paths=None, batch_size: int | None = None,
              progress_name: str | None = "eval") -> dict:
-    """`progress_name`: what the progress display calls this eval (None: nothing shown)."""
+    """Score every path on `examples`; writes eval_detailed.jsonl and metrics.json into out_dir and returns the
+    metrics. `progress_name`: what the progress display calls this eval (None: nothing shown)."""
     paths = list(paths or ws.cfg.eval.paths)
     batch_size = batch_size or ws.cfg.eval.batch_size
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -56,10 +56,10 @@ def evaluate(ws, examples, out_dir: Path, paths=None, batch_size: int | None = N
             progress.task(progress_name, total=len(examples) * len(paths), unit="answers") as bar:
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            latents = ws.latents(chunk) if any(p in LATENT_PATHS for p in paths) else None
+            latents = ws.latents(chunk) if any(p in EvalPath.WITH_LATENTS for p in paths) else None
             gold_first = encode_answers(ws.contract, ws.tokenizer, [e.answer for e in chunk])  # scoring only
             for path in paths:
-                teacher = path in ("text", "token_budget")
+                teacher = path in EvalPath.TEACHER
                 with (ws.teacher() if teacher else nullcontext()):
                     prefix, scoring_batch, prompts = _prefix_for(ws, path, chunk, latents)
                     gen = greedy_generate(ws.lm, prefix.inputs_embeds, prefix.attention_mask,
@@ -90,11 +90,11 @@ def evaluate(ws, examples, out_dir: Path, paths=None, batch_size: int | None = N
                 f1_sums[path] += sum(r["f1"] for r in rows[-len(chunk):])
                 bar.update(advance=len(chunk), **{f"{p} F1": f1_sums[p] / min(start + len(chunk), len(examples))
                                                   for p in paths[: paths.index(path) + 1]})
-    with (out_dir / "eval_detailed.jsonl").open("w") as fh:
+    with (out_dir / Artifact.EVAL_DETAILED).open("w") as fh:
         for r in rows:
             fh.write(json.dumps(r) + "\n")
     metrics = aggregate(rows, extra, ws, len(examples))
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    (out_dir / Artifact.EVAL_METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
 
 
@@ -113,15 +113,15 @@ def aggregate(rows: list[dict], extra: dict, ws, n_examples: int) -> dict:
         modes = Counter(r["error_mode"] for r in prs)
         n = len(prs)
         out["paths"][path] = {
-            "em": official["exact_match"] / 100, "f1": official["f1"] / 100, "n": n,
-            "first_top1": e["hits"] / n, "first_top5": e["hits5"] / n,
-            "first_top1_const": controls.constant_guess_accuracy(e["gold_first"]),
-            "nll_per_token": e["nll"] / max(e["tokens"], 1.0),
-            "f1_distribution": scoring.f1_buckets(f1s), "first_f1_nonzero_idx": scoring.first_nonzero_index(f1s),
-            "error_modes": {m: modes.get(m, 0) for m in scoring.ERROR_MODES},
-            "repetition_rate": modes.get("repetition", 0) / n, "empty_rate": modes.get("empty", 0) / n,
-            "top_prediction_share": controls.top_share(r["prediction"] for r in prs),
-            "distinct_first_tokens": len({r["first_token"] for r in prs}),
+            EvalKey.EM: official["exact_match"] / 100, EvalKey.F1: official["f1"] / 100, "n": n,
+            EvalKey.FIRST_TOP1: e["hits"] / n, EvalKey.FIRST_TOP5: e["hits5"] / n,
+            EvalKey.FIRST_TOP1_CONST: controls.constant_guess_accuracy(e["gold_first"]),
+            EvalKey.NLL_PER_TOKEN: e["nll"] / max(e["tokens"], 1.0), EvalKey.F1_DISTRIBUTION: scoring.f1_buckets(f1s),
+            EvalKey.FIRST_F1_NONZERO_IDX: scoring.first_nonzero_index(f1s),
+            EvalKey.ERROR_MODES: {m: modes.get(m, 0) for m in scoring.ERROR_MODES},
+            EvalKey.REPETITION_RATE: modes.get("repetition", 0) / n, EvalKey.EMPTY_RATE: modes.get("empty", 0) / n,
+            EvalKey.TOP_PREDICTION_SHARE: controls.top_share(r["prediction"] for r in prs),
+            EvalKey.DISTINCT_FIRST_TOKENS: len({r["first_token"] for r in prs}),
         }
         if e["prompt_tokens"]:
             out["paths"][path]["prompt_tokens_per_example"] = e["prompt_tokens"] / n
@@ -130,8 +130,8 @@ def aggregate(rows: list[dict], extra: dict, ws, n_examples: int) -> dict:
     hidden = ws.embed.weight.shape[1]
     out["latent_tokens"] = ws.contract.num_latents
     out["latent_bytes_per_example"] = ws.contract.num_latents * hidden * elem
-    if "text" in out["paths"]:
-        out["prompt_bytes_per_example"] = out["paths"]["text"]["prompt_bytes_per_example"]
-        out["prompt_tokens_per_example"] = out["paths"]["text"]["prompt_tokens_per_example"]
+    if EvalPath.TEXT in out["paths"]:
+        out["prompt_bytes_per_example"] = out["paths"][EvalPath.TEXT]["prompt_bytes_per_example"]
+        out["prompt_tokens_per_example"] = out["paths"][EvalPath.TEXT]["prompt_tokens_per_example"]
     return out
 

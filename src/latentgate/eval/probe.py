@@ -17,6 +17,7 @@ from latentgate.eval.generate import decode, greedy_generate
 from latentgate.eval.scoring import f1 as f1_score
 from latentgate.eval.scoring import wilson_interval
 from latentgate.model.contract import answer_logits, build_latent_batch, encode_answers
+from latentgate.schema import Probe
 
 
 class EvalMode:
@@ -77,10 +78,10 @@ def run_probe(ws, examples, with_f1: bool = False, batch_size: int = 256) -> dic
                 f1s += [f1_score(p, list(e.answers)) for p, e in zip(preds, chunk)]
     n = len(examples)
     lo, hi = wilson_interval(hits, n)
-    out = {"first_acc": hits / n, "first_acc_lo": lo, "first_acc_hi": hi, "first_acc_top5": hits5 / n,
-           "nll": nll_sum / max(tok_count, 1.0), **controls.control_stats(gold_first, pred_first, shuffled_hits)}
+    out = {Probe.FIRST_ACC: hits / n, Probe.FIRST_ACC_LO: lo, Probe.FIRST_ACC_HI: hi, Probe.FIRST_ACC_TOP5: hits5 / n,
+           Probe.NLL: nll_sum / max(tok_count, 1.0), **controls.control_stats(gold_first, pred_first, shuffled_hits)}
     if with_f1:
-        out["f1"] = sum(f1s) / n
+        out[Probe.F1] = sum(f1s) / n
     return out
 
 

@@ -49,6 +49,7 @@ from latentgate.model.memory_layers import (
     body_activations,
     nograd_bytes_per_token,
 )
+from latentgate.schema import EvalPath
 
 GiB = 2**30
 DEFAULT_SEQ_LEN = 512
@@ -287,7 +288,7 @@ def _eval_plan(cfg: Config, a: Arch, t: Target, shapes: Shapes) -> StagePlan:
     lora_n = a.lora_params(cfg.model.lora_r, cfg.model.lora_targets, cfg.model.lora_layers)
     n_fp32 = enc.trainable + adapter_params(cfg.model.d_z, a.hidden) + lora_n
     phases = {"encoder": enc.eval_bytes}
-    if {"text", "token_budget"} & set(cfg.eval.paths):
+    if set(EvalPath.TEACHER) & set(cfg.eval.paths):
         s = shapes.prefix_tokens + shapes.seq_len + cfg.eval.max_new_tokens
         kv_cache = 2 * a.layers * a.kv_dim * t.act * b * s
         phases["generation"] = kv_cache + b * s * nograd_bytes_per_token(a, s, t.act, attn) + b * a.vocab * (t.act + 4)

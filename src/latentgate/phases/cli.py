@@ -7,6 +7,7 @@ from __future__ import annotations
 import click
 
 from latentgate.cli_common import config_options, echo_main, guarded, resolve_config
+from latentgate.schema import EvalKey, Probe
 
 CHECKPOINT_HELP = "runs:/<run_id>/<path>, models:/<name>@<alias> (or /<version>), or a local checkpoint folder"
 
@@ -38,14 +39,15 @@ def _summary(entry_point: str, result: dict) -> str:
         lines.append(f"checkpoint  {result['checkpoint_uri']}")
     if result.get("final_probe"):
         p = result["final_probe"]
-        lift = "" if p.get("first_acc_lift") is None else (
-            f" (lift {p['first_acc_lift']:+.1%} over the controls: constant guess {p['first_acc_const']:.1%}, "
-            f"shuffled latent {p['first_acc_shuffled']:.1%})")
-        lines.append(f"probe first-token accuracy {p.get('first_acc', 0):.1%}{lift} after {result.get('steps')} "
+        lift = "" if p.get(Probe.LIFT) is None else (
+            f" (lift {p[Probe.LIFT]:+.1%} over the controls: constant guess {p[Probe.CONST]:.1%}, "
+            f"shuffled latent {p[Probe.SHUFFLED]:.1%})")
+        lines.append(f"probe first-token accuracy {p.get(Probe.FIRST_ACC, 0):.1%}{lift} after {result.get('steps')} "
                      "optimizer steps")
     if result.get("metrics"):
         for path, m in result["metrics"]["paths"].items():
-            lines.append(f"{path:16s} EM {m['em']:.3f}  F1 {m['f1']:.3f}  first-token top-1 {m['first_top1']:.3f}")
+            lines.append(f"{path:16s} EM {m['em']:.3f}  F1 {m['f1']:.3f}  "
+                         f"first-token top-1 {m[EvalKey.FIRST_TOP1]:.3f}")
     if result.get("source"):
         lines.append(f"base LM     {result['source']}")
     return "\n".join(lines)

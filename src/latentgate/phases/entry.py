@@ -29,6 +29,7 @@ from latentgate.distributed import owns_store
 from latentgate.errors import CheckpointError, ConfigError, GateRefused, LatentgateError
 from latentgate.phases.smoke import run_output_dir, run_smoke
 from latentgate.phases.stages import run_base, run_eval, run_stage
+from latentgate.schema import Artifact, Tag
 from latentgate.tracking import lineage
 from latentgate.tracking.runs import adopt_project_run, setup_experiment
 from latentgate.train.load import check_compatible
@@ -45,9 +46,8 @@ def step_key(entry_point: str, cfg: Config) -> str:
 
 
 def phase_tags(entry_point: str, cfg: Config, preset: str, input_uri: str = "", output_dir: Path | None = None) -> dict:
-    return {"latentgate.entry_point": entry_point, "latentgate.step_key": step_key(entry_point, cfg),
-            "latentgate.input_uri": input_uri, "latentgate.preset": preset,
-            "latentgate.output_dir": str(Path(output_dir).resolve()) if output_dir else ""}
+    return {Tag.ENTRY_POINT: entry_point, Tag.STEP_KEY: step_key(entry_point, cfg), Tag.INPUT_URI: input_uri,
+            Tag.PRESET: preset, Tag.OUTPUT_DIR: str(Path(output_dir).resolve()) if output_dir else ""}
 
 
 def _open(cfg: Config) -> str | None:
@@ -68,7 +68,7 @@ def _preflight(run_id: str | None):
         if run_id and owns_store():
             client = lineage.client()
             if client.get_run(run_id).info.status != "FINISHED":  # a finished run is never touched
-                client.set_tag(run_id, "latentgate.error", f"{type(err).__name__}: {str(err)[:500]}")
+                client.set_tag(run_id, Tag.ERROR, f"{type(err).__name__}: {str(err)[:500]}")
                 client.set_terminated(run_id, status="FAILED")
         raise
 
@@ -79,10 +79,10 @@ def _refuse_finished(run_id: str | None):
     if not run_id:
         return None
     run = lineage.client().get_run(run_id)
-    if run.info.status == "FINISHED" and run.data.tags.get("latentgate.entry_point"):
-        raise ConfigError(f"run {run_id} already holds a FINISHED {run.data.tags['latentgate.entry_point']} phase; "
+    if run.info.status == "FINISHED" and run.data.tags.get(Tag.ENTRY_POINT):
+        raise ConfigError(f"run {run_id} already holds a FINISHED {run.data.tags[Tag.ENTRY_POINT]} phase; "
                           "a finished phase is never overwritten", "start a new run (omit --run-id)")
-    return run if run.data.tags.get("latentgate.entry_point") else None
+    return run if run.data.tags.get(Tag.ENTRY_POINT) else None
 
 
 def _begin(cfg: Config, name: str):
@@ -141,8 +141,8 @@ def stage_b(cfg: Config, resume_from: str, preset: str = "", entry_point: str = 
             return resume(existing.info.run_id)
         local, _, base_info = prepare_checkpoint(cfg, resume_from, want="stage_a")
     out, splits = _begin(cfg, entry_point)
-    tags = {**phase_tags(entry_point, cfg, preset, resume_from, out), "latentgate.phase": entry_point,
-            "latentgate.init_from": resume_from}  # the URI: the registry follows it to the Stage A run
+    tags = {**phase_tags(entry_point, cfg, preset, resume_from, out), Tag.PHASE: entry_point,
+            Tag.INIT_FROM: resume_from}  # the URI: the registry follows it to the Stage A run
     return run_stage(cfg, "stage_b", base_info, out, splits, init_from=local, run_id=attached, tags=tags)
 
 
@@ -159,7 +159,7 @@ def fix(cfg: Config, resume_from: str, preset: str = "") -> dict:
     return stage_b(cfg, resume_from, preset, entry_point="fix")
 
 
-def evaluate(cfg: Config, checkpoint: str, preset: str = "") -> dict:
+def eval_checkpoint(cfg: Config, checkpoint: str, preset: str = "") -> dict:
     """`eval`: every eval path (latent and its controls) on a Stage A or Stage B checkpoint."""
     attached = _open(cfg)
     with _preflight(attached):
@@ -191,13 +191,13 @@ def hero(cfg: Config, model: str = "", preset: str = "") -> dict:
         approved = hero_model_uri(name=name)  # GateRefused with the reasons when no valid alias
         prepare_checkpoint(cfg, approved)
         version = lineage.client().get_model_version_by_alias(name, HERO_ALIAS).version
-    tags = {**phase_tags("hero", cfg, preset, f"models:/{name}/{version}"), "latentgate.hero_from": approved,
-            "latentgate.hero_version": str(version)}
+    tags = {**phase_tags("hero", cfg, preset, f"models:/{name}/{version}"), Tag.HERO_FROM: approved,
+            Tag.HERO_VERSION: str(version)}
     return run_smoke(cfg, preset or "hero", name="hero", tags=tags)
 
 
 ENTRY_POINTS = {"base": base, "stage_a": stage_a, "stage_b": stage_b, "extend": extend, "fix": fix,
-                "eval": evaluate, "hero": hero}
+                "eval": eval_checkpoint, "hero": hero}
 INPUT_PARAM = {"stage_b": "resume_from", "extend": "resume_from", "fix": "resume_from", "eval": "checkpoint",
                "hero": "model"}
 
@@ -222,7 +222,7 @@ def resume(run_id: str) -> dict:
     mlflow.set_experiment(experiment_id=run.info.experiment_id)
     tags = run.data.tags
     # a stage run of the smoke (or the hero) has no entry point of its own: its phase names the stage
-    entry_point = tags.get("latentgate.entry_point") or tags.get("latentgate.phase", "")
+    entry_point = tags.get(Tag.ENTRY_POINT) or tags.get(Tag.PHASE, "")
     if entry_point not in TRAINING:
         raise ConfigError(f"run {run_id} is not a training phase (entry point {entry_point or 'unknown'!r})",
                           f"resume a run of {list(TRAINING)}; for a smoke, resume its stage_a or stage_b child "
@@ -231,20 +231,19 @@ def resume(run_id: str) -> dict:
         raise ConfigError(f"run {run_id} ({entry_point}) is FINISHED; a finished phase is never overwritten",
                           "start a new run of the phase instead")
     cfg = from_flat(run.data.params)
-    if config_hash(cfg) != tags.get("latentgate.step_key"):
+    if config_hash(cfg) != tags.get(Tag.STEP_KEY):
         raise ConfigError(f"run {run_id}: the config rebuilt from its params does not match its step key",
                           "the run's params are incomplete; start the phase again")
     stage = STAGE_OF[entry_point]
-    out = Path(tags.get("latentgate.output_dir", ""))
-    ckpt_dir = out / stage / "checkpoints" / stage
-    if not (ckpt_dir / "manifest.json").exists():
+    out = Path(tags.get(Tag.OUTPUT_DIR, ""))
+    ckpt_dir = out / stage / Artifact.CHECKPOINTS / stage
+    if not (ckpt_dir / Artifact.MANIFEST).exists():
         raise CheckpointError(f"run {run_id} left no checkpoint in {ckpt_dir} (it stopped before its first one)",
                               f"start the phase again (set {stage}.checkpoint_every to checkpoint more often)")
     base_info = lineage.base_from_run(run_id)
-    keep = {k: v for k, v in tags.items() if k.startswith("latentgate.")
-            and k not in ("latentgate.error", "latentgate.error_type")}
-    if "latentgate.error" in tags and owns_store():
-        client.delete_tag(run_id, "latentgate.error")
+    keep = {k: v for k, v in tags.items() if k.startswith("latentgate.") and k not in (Tag.ERROR, Tag.ERROR_TYPE)}
+    if Tag.ERROR in tags and owns_store():
+        client.delete_tag(run_id, Tag.ERROR)
     splits = load_splits(cfg)
     return run_stage(cfg, stage, base_info, out, splits, resume=ckpt_dir, run_id=run_id,
-                     tags={**keep, "latentgate.resumed": "true"})
+                     tags={**keep, Tag.RESUMED: "true"})

@@ -33,6 +33,7 @@ from latentgate.config import Config, flatten, resolve
 from latentgate.errors import ConfigError, LatentgateError
 from latentgate.eval import controls
 from latentgate.registry.checklist import BREAKTHROUGH, LEARNING
+from latentgate.schema import Artifact, EvalKey, EvalPath, Probe, Stage, SweepTag, Tag
 from latentgate.tracking import lineage
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -44,7 +45,7 @@ PROMOTE, HERO, FIX, SWEEP, STOP = "promote", "hero", "fix", "sweep", "stop"
 # ---- the decision tree (pure) ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Evidence:
+class PhaseEvidence:
     """What one phase produced, as the decision tree reads it."""
 
     phase: str  # the phase just finished: extend | sweep | fix
@@ -67,11 +68,11 @@ class Evidence:
 class Decision:
     rule: str
     next_phase: str
-    evidence: Evidence
+    evidence: PhaseEvidence
     reason: str = ""
 
 
-def decide(evidence: Evidence, checklist) -> Decision:
+def decide(evidence: PhaseEvidence, checklist) -> Decision:
     """The plan's decision tree. `checklist` is the registry's Checklist: its criteria f1_breakthrough,
     first_token_learning and no_mode_collapse supply every threshold and comparison (registry/hero.yaml); the only
     other number is the budget (spent when none is left)."""
@@ -212,7 +213,7 @@ def _wait(entry_point: str, submitted) -> str:
 class StepFailed(LatentgateError):
     def __init__(self, entry_point: str, run_id: str):
 
-        error = lineage.client().get_run(run_id).data.tags.get("latentgate.error", "see the run's log")
+        error = lineage.client().get_run(run_id).data.tags.get(Tag.ERROR, "see the run's log")
         super().__init__(f"step {entry_point} failed (run {run_id}): {error}",
                          f"fix the cause; `latentgate resume {run_id}` continues a training step from its checkpoint")
 
@@ -225,12 +226,12 @@ def already_ran(entry_point: str, cfg: Config, input_uri: str, commit: str, expe
     key = step_key(entry_point, cfg)
     runs = lineage.client().search_runs(
         [experiment_id], order_by=["attributes.start_time DESC"], max_results=50,
-        filter_string=(f"tags.`latentgate.entry_point` = '{entry_point}' and tags.`latentgate.step_key` = '{key}' "
+        filter_string=(f"tags.`{Tag.ENTRY_POINT}` = '{entry_point}' and tags.`{Tag.STEP_KEY}` = '{key}' "
                        "and attributes.status = 'FINISHED'"))
     flat = {k: str(v) for k, v in flatten(cfg).items()}
     for run in runs:
         tags, params = run.data.tags, run.data.params
-        if tags.get("latentgate.input_uri", "") != input_uri or tags.get("latentgate.git_commit") != commit:
+        if tags.get(Tag.INPUT_URI, "") != input_uri or tags.get(Tag.GIT_COMMIT) != commit:
             continue
         if any(params.get(k, flat[k]) != flat[k] for k in flat):  # the logged resolved config agrees
             continue
@@ -272,7 +273,7 @@ class Pipeline:
                            "overrides": {k: str(v) for k, v in merged.items()},
                            "seconds": round(time.monotonic() - t0, 1)})
         self.tr.log_dict(self.steps, "steps.json")
-        self.tr.set_tags({"latentgate.children": ",".join(s["run_id"] for s in self.steps if s.get("run_id"))})
+        self.tr.set_tags({Tag.CHILDREN: ",".join(s["run_id"] for s in self.steps if s.get("run_id"))})
         return run_id
 
     def record(self, decision: Decision) -> None:
@@ -289,7 +290,7 @@ class Pipeline:
 # ---- evidence, registry, sweep ------------------------------------------------------------------------------------
 
 def gather_evidence(phase: str, stage_run: str, eval_run: str, opts: PipelineOptions, budget_left_s,
-                    extra_runs: dict | None = None, checklist=None) -> Evidence:
+                    extra_runs: dict | None = None, checklist=None) -> PhaseEvidence:
     """Read a phase's numbers back from MLflow (never from logs) and ask the registry's gate (dry run). The lift
     metric is the one the checklist's first_token_learning reads; the controls are read at its peak step."""
     import mlflow
@@ -302,36 +303,36 @@ def gather_evidence(phase: str, stage_run: str, eval_run: str, opts: PipelineOpt
     def history(key: str) -> dict[int, float]:
         return {m.step: m.value for m in client.get_metric_history(stage_run, key)}
 
-    raw = history(f"stage_b/probe_{controls.FIRST_ACC}")
-    lift = history(checklist.criterion(LEARNING).params["metric"])
+    probe = lambda key: history(Stage.metric("stage_b", Probe.key(key)))
+    raw, lift = probe(Probe.FIRST_ACC), history(checklist.criterion(LEARNING).params["metric"])
     peak_step = max(lift, key=lambda s: (lift[s], -s)) if lift else None  # the earliest of equal peaks
-    const, shuffled = history(f"stage_b/probe_{controls.CONST}"), history(f"stage_b/probe_{controls.SHUFFLED}")
-    local = mlflow.artifacts.download_artifacts(run_id=eval_run, artifact_path="eval_detailed.jsonl")
+    const, shuffled = probe(Probe.CONST), probe(Probe.SHUFFLED)
+    local = mlflow.artifacts.download_artifacts(run_id=eval_run, artifact_path=Artifact.EVAL_DETAILED)
     rows = [json.loads(x) for x in Path(local).read_text().splitlines() if x.strip()]
-    latent = [r for r in rows if r.get("path") == "latent"]
+    latent = [r for r in rows if r.get("path") == EvalPath.LATENT]
     f1s = [r["f1"] for r in latent]
     collapse = controls.collapse_stats(latent) if latent else {}
     passed, failed = checklist_verdict(eval_run, opts.checklist)
-    return Evidence(phase=phase, f1_max=max(f1s) if f1s else None,
-                    peak_first_acc=max(raw.values()) if raw else None, checklist_passed=passed,
-                    f1_mean=client.get_run(eval_run).data.metrics.get("eval/latent/f1"),
-                    peak_first_acc_lift=lift.get(peak_step), first_acc_const=const.get(peak_step),
-                    first_acc_shuffled=shuffled.get(peak_step),
-                    top_prediction_share=collapse.get("top_prediction_share"),
-                    repetition_rate=collapse.get("repetition_rate"),
-                    checklist_failed=tuple(failed), budget_left_s=budget_left_s, launch_hero=opts.launch_hero,
-                    run_ids={"stage_b": stage_run, "eval": eval_run, **(extra_runs or {})})
+    f1_mean = client.get_run(eval_run).data.metrics.get(EvalKey.metric(EvalPath.LATENT, EvalKey.F1))
+    return PhaseEvidence(phase=phase, f1_max=max(f1s) if f1s else None,
+                         peak_first_acc=max(raw.values()) if raw else None, checklist_passed=passed, f1_mean=f1_mean,
+                         peak_first_acc_lift=lift.get(peak_step), first_acc_const=const.get(peak_step),
+                         first_acc_shuffled=shuffled.get(peak_step),
+                         top_prediction_share=collapse.get(EvalKey.TOP_PREDICTION_SHARE),
+                         repetition_rate=collapse.get(EvalKey.REPETITION_RATE),
+                         checklist_failed=tuple(failed), budget_left_s=budget_left_s, launch_hero=opts.launch_hero,
+                         run_ids={"stage_b": stage_run, "eval": eval_run, **(extra_runs or {})})
 
 
 def checklist_verdict(eval_run: str, checklist_path: str | None) -> tuple[bool, list[str]]:
     """(passed, names of the failing criteria and missing evidence) from the registry's gate; read-only."""
-    from latentgate.registry.gate import evaluate
+    from latentgate.registry.gate import check_candidate
 
-    report = evaluate(eval_run, checklist_path)
+    report = check_candidate(eval_run, checklist_path)
     return bool(report.passed), sorted(set(report.failing())) + list(report.missing)
 
 
-def run_sweep(pl: Pipeline, stage_a_uri: str) -> tuple[str, str, dict]:
+def run_sweep_phase(pl: Pipeline, stage_a_uri: str) -> tuple[str, str, dict]:
     """Phase 2 through the `sweep` entry point (always an inner `mlflow run`, env_manager passed on). Returns the
     best trial's Stage B run (the one its eval run evaluated: the trial's own run holds only trial/* metrics, the
     probe histories and their controls are in its Stage B child), its eval run, and its tuned keys (relative to the
@@ -354,12 +355,12 @@ def run_sweep(pl: Pipeline, stage_a_uri: str) -> tuple[str, str, dict]:
     _wait("sweep", submitted)
     client = lineage.client()
     tags = client.get_run(submitted.run_id).data.tags
-    best, best_eval = tags.get("latentgate.best_trial_run"), tags.get("latentgate.best_eval_run")
+    best, best_eval = tags.get(SweepTag.BEST_TRIAL_RUN), tags.get(SweepTag.BEST_EVAL_RUN)
     if not best or best == "None" or not best_eval or best_eval == "None":
         raise LatentgateError(f"the sweep run {submitted.run_id} names no best trial with an eval run "
-                              f"(latentgate.best_trial={tags.get('latentgate.best_trial')})",
+                              f"({SweepTag.BEST_TRIAL}={tags.get(SweepTag.BEST_TRIAL)})",
                               "check the sweep's trials (latentgate sweep ...); at least one must complete")
-    stage_b = lineage.run_id_of(client.get_run(best_eval).data.tags.get("latentgate.checkpoint", "")) or best
+    stage_b = lineage.run_id_of(client.get_run(best_eval).data.tags.get(Tag.CHECKPOINT, "")) or best
     trial = client.get_run(best).data.params
     base_cfg = flatten(resolve(pl.opts.preset, pl.opts.overrides))
     tuned = {k: v for k, v in trial.items() if k.startswith(("stage_b.", "model.lora_")) and k in base_cfg
@@ -377,13 +378,12 @@ def promote_version(eval_run: str, checklist_path: str | None, name: str) -> str
     from mlflow.exceptions import MlflowException
 
     from latentgate.registry.gate import promote
-    from latentgate.registry.model import TAG_EVAL_RUN
 
     try:
         versions = lineage.client().search_model_versions(f"name='{name}'")
     except MlflowException:
         versions = []
-    mine = [int(v.version) for v in versions if v.tags.get(TAG_EVAL_RUN) == eval_run]
+    mine = [int(v.version) for v in versions if v.tags.get(Tag.EVAL_RUN) == eval_run]
     report = promote(str(max(mine)) if mine else eval_run, dry_run=False, checklist=checklist_path, name=name)
     if not report.passed:
         raise LatentgateError(f"the gate refused {eval_run} although its evaluation passed: {report.failing()}",
@@ -405,7 +405,7 @@ def run_pipeline(opts: PipelineOptions) -> dict:
     setup_experiment(cfg.run.experiment)
     commit = git_commit()[0]
     with tracked_run("pipeline", nested=False, run_id=adopt_project_run(),
-                     tags={"latentgate.entry_point": "pipeline", "latentgate.preset": opts.preset}) as tr:
+                     tags={Tag.ENTRY_POINT: "pipeline", Tag.PRESET: opts.preset}) as tr:
         experiment_id = mlflow.get_run(tr.run_id).info.experiment_id
         tr.log_params({"pipeline.preset": opts.preset, "pipeline.launch_hero": opts.launch_hero,
                        "pipeline.budget_minutes": opts.budget_minutes, "pipeline.env_manager": opts.env_manager,
@@ -435,7 +435,7 @@ def run_pipeline(opts: PipelineOptions) -> dict:
             if decision.next_phase == STOP:
                 break
             if decision.next_phase == SWEEP:
-                stage_run, eval_run, tuned = run_sweep(pl, stage_a_uri)
+                stage_run, eval_run, tuned = run_sweep_phase(pl, stage_a_uri)
                 phase, extra = "sweep", {"sweep": pl.steps[-1]["run_id"]}
                 continue
             phase, extra = "fix", {}
@@ -443,7 +443,7 @@ def run_pipeline(opts: PipelineOptions) -> dict:
             stage_run = pl.step("fix", stage_over, stage_a_uri)
             eval_run = pl.step("eval", stage_over, f"runs:/{stage_run}/checkpoints/stage_b")
         summary = {"run_id": tr.run_id, **pl.summary()}
-        tr.set_tags({"latentgate.final_rule": decision.rule, "latentgate.final_next": decision.next_phase})
+        tr.set_tags({Tag.FINAL_RULE: decision.rule, Tag.FINAL_NEXT: decision.next_phase})
         tr.log_dict(summary, "decisions.json")
         tr.log_text(decisions_markdown(summary), "decisions.md")
     return summary

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from latentgate.config import Config, flatten
+from latentgate.schema import Artifact, EvalKey, EvalPath, Probe, Summary, Tag
 from latentgate.tracking import labels, progress
 from latentgate.tracking.runs import adopt_project_run, setup_experiment, tracked_run, tracking_uri
 from latentgate.tracking.secrets import mask_secrets
@@ -50,7 +51,7 @@ def _run_smoke(cfg: Config, preset: str, name: str, tags: dict | None, bar) -> d
     out = run_output_dir(cfg, name)
     splits = load_splits(cfg)
     with tracked_run(name, nested=False, run_id=adopt_project_run(),
-                     tags={"latentgate.preset": preset, **(tags or {})}) as parent:
+                     tags={Tag.PRESET: preset, **(tags or {})}) as parent:
         shown = name if preset == name else f"{name} {preset}"  # `smoke micro (...)`, `hero (...)`
         parent.set_name(f"{shown} ({labels.short_params(labels.stage_params(cfg, 'stage_b'))})")
         parent.log_params(flatten(cfg))
@@ -65,23 +66,24 @@ def _run_smoke(cfg: Config, preset: str, name: str, tags: dict | None, bar) -> d
         ev = run_eval(cfg, base, Path(b["checkpoint"]), out, splits, source_uri=b["checkpoint_uri"])
         bar.update(4)
         paths = ev["metrics"]["paths"]
+        latent = paths[EvalPath.LATENT]
         summary = {
             "run_id": parent.run_id,
-            "text_f1": paths["text"]["f1"] if "text" in paths else base_run["text"]["f1"],
-            "latent_f1": paths["latent"]["f1"], "latent_em": paths["latent"]["em"],
-            "stage_a_probe_first_acc": (a["final_probe"] or {}).get("first_acc"),
-            "stage_b_probe_first_acc": (b["final_probe"] or {}).get("first_acc"),
-            "controls_f1": {p: paths[p]["f1"] for p in ("zero_latent", "shuffled_latent", "token_budget")
-                            if p in paths},
+            Summary.TEXT_F1: (paths.get(EvalPath.TEXT) or base_run["text"])[EvalKey.F1],
+            Summary.LATENT_F1: latent[EvalKey.F1], Summary.LATENT_EM: latent[EvalKey.EM],
+            "stage_a_probe_first_acc": (a["final_probe"] or {}).get(Probe.FIRST_ACC),
+            "stage_b_probe_first_acc": (b["final_probe"] or {}).get(Probe.FIRST_ACC),
+            "controls_f1": {p: paths[p][EvalKey.F1] for p in (EvalPath.ZERO_LATENT, EvalPath.SHUFFLED_LATENT,
+                                                               EvalPath.TOKEN_BUDGET) if p in paths},
             "wall_seconds": time.perf_counter() - t0, "base_source": base.source,
             "children": {"base": base_run["run_id"], "stage_a": a["run_id"], "stage_b": b["run_id"],
                          "eval": ev["run_id"]},
             "output_dir": str(out), "tracking_uri": mask_secrets(tracking_uri()),
         }
-        parent.log_metrics({"text_f1": summary["text_f1"], "latent_f1": summary["latent_f1"],
-                            "latent_em": summary["latent_em"], "wall_seconds": summary["wall_seconds"]}, step=0)
-        parent.log_dict(summary, "summary.json")
-        parent.set_tags({"latentgate.children": ",".join(summary["children"].values())})
+        parent.log_metrics({k: summary[k] for k in (Summary.TEXT_F1, Summary.LATENT_F1, Summary.LATENT_EM,
+                                                    "wall_seconds")}, step=0)
+        parent.log_dict(summary, Artifact.SUMMARY)
+        parent.set_tags({Tag.CHILDREN: ",".join(summary["children"].values())})
         parent.set_description(labels.smoke_note(name, preset, summary))
     return summary
 
@@ -91,8 +93,8 @@ def format_summary(s: dict) -> str:
     fa = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
     return "\n".join([
         "── latentgate smoke ──",
-        f"text-teacher F1   {s['text_f1']:.3f}",
-        f"latent F1 / EM    {s['latent_f1']:.3f} / {s['latent_em']:.3f}",
+        f"text-teacher F1   {s[Summary.TEXT_F1]:.3f}",
+        f"latent F1 / EM    {s[Summary.LATENT_F1]:.3f} / {s[Summary.LATENT_EM]:.3f}",
         f"controls F1       {ctrl}",
         f"probe first-token Stage A {fa(s['stage_a_probe_first_acc'])}, Stage B {fa(s['stage_b_probe_first_acc'])}",
         f"base LM           {s['base_source']}",

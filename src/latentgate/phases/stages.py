@@ -18,8 +18,9 @@ from latentgate.eval.evaluate import evaluate
 from latentgate.model.latent import encoder_text
 from latentgate.model.lora import attach_lora
 from latentgate.model.memory_fit import check_fits
+from latentgate.schema import Artifact, EvalKey, Stage, Summary, Tag
 from latentgate.tracking import labels, lineage, progress
-from latentgate.tracking.lineage import BASE_RUN_TAG, BaseLM
+from latentgate.tracking.lineage import BaseLM
 from latentgate.tracking.runs import tracked_run
 from latentgate.tracking.tracker import dataset_source, enable_system_metrics
 from latentgate.train import checkpoint as ckpt
@@ -54,20 +55,21 @@ def _run_base(cfg: Config, out_dir: Path, splits, run_id: str | None, tags: dict
         else:
             tr.log_input(splits["train"], "train", "training", dataset_source(cfg.data, "train"))
             base_dir, _ = train_builtin_base(cfg, tr, out_dir / "base", splits)
-            progress.upload_dir(tr, base_dir, lineage.BASE_ARTIFACT, "base LM")
+            progress.upload_dir(tr, base_dir, Artifact.BASE_LM, "base LM")
             base = BaseLM(str(base_dir), tr.run_id, f"trained:{tr.run_id}")
         source = base.source
         tr.set_name(labels.base_run_name(cfg, source))
         ws = build_workspace(cfg, base.dir, splits, with_latent=False)
         text = text_eval(ws, splits["eval"], out_dir / "base_eval")
-        tr.log_metrics({"text_f1": text["f1"], "text_em": text["em"], "text_nll_per_token": text["nll_per_token"],
-                        "seconds": time.perf_counter() - t0}, step=0)
-        tr.set_tags({lineage.BASE_SOURCE_TAG: source, lineage.BASE_HASH_TAG: lineage.base_hash(cfg)})
-        tr.log_dict(gate_record(cfg, text), "sanity_gate.json")  # the evidence, whether the gate passes or not
+        tr.log_metrics({Summary.TEXT_F1: text[EvalKey.F1], Summary.TEXT_EM: text[EvalKey.EM],
+                        Summary.TEXT_NLL_PER_TOKEN: text[EvalKey.NLL_PER_TOKEN], "seconds": time.perf_counter() - t0},
+                       step=0)
+        tr.set_tags({Tag.BASE_SOURCE: source, Tag.BASE_CONFIG_HASH: lineage.base_hash(cfg)})
+        tr.log_dict(gate_record(cfg, text), Artifact.SANITY_GATE)  # the evidence, whether the gate passes or not
         tr.set_description(labels.base_note(cfg, source, text, gate_record(cfg, text)))
         sanity_gate(cfg, text)
         if base.kind == "trained":
-            tr.set_tags({"latentgate.base_version": lineage.register_base(cfg, tr.run_id)})
+            tr.set_tags({Tag.BASE_VERSION: lineage.register_base(cfg, tr.run_id)})
         return {"run_id": tr.run_id, "base": base, "source": source, "text": text,
                 "seconds": time.perf_counter() - t0}
 
@@ -88,7 +90,7 @@ def _log_stage_common(tr, cfg: Config, splits, ws, stage: str) -> None:
     tr.log_params({"stage": stage, "config_hash": config_hash(cfg)})
     for name, ctx in (("train", "training"), ("probe", "probe"), ("eval", "evaluation")):
         tr.log_input(splits[name], name, ctx, dataset_source(cfg.data, name))
-    tr.log_dict(ws.contract.to_dict(), "contract.json")
+    tr.log_dict(ws.contract.to_dict(), Artifact.CONTRACT)
 
 
 def run_stage(cfg: Config, stage: str, base: BaseLM, out_dir: Path, splits, init_from: Path | None = None,
@@ -97,12 +99,11 @@ def run_stage(cfg: Config, stage: str, base: BaseLM, out_dir: Path, splits, init
 
     check_memory(cfg, stage, base.dir, splits)  # a run that cannot fit is refused before anything loads
     enable_system_metrics()
-    phase = (tags or {}).get("latentgate.phase", stage)  # extend / fix name their Stage B run
+    phase = (tags or {}).get(Tag.PHASE, stage)  # extend / fix name their Stage B run
     # step_key and output_dir let `latentgate resume <run>` continue any stage run, the smoke's included
-    with tracked_run(stage, run_id=run_id, tags={BASE_RUN_TAG: base.run_id,
-                                                 "latentgate.init_from": str(init_from or ""),
-                                                 "latentgate.step_key": config_hash(cfg),
-                                                 "latentgate.output_dir": str(Path(out_dir).resolve()),
+    with tracked_run(stage, run_id=run_id, tags={Tag.BASE_RUN: base.run_id, Tag.INIT_FROM: str(init_from or ""),
+                                                 Tag.STEP_KEY: config_hash(cfg),
+                                                 Tag.OUTPUT_DIR: str(Path(out_dir).resolve()),
                                                  **(tags or {})}) as tr:
         tr.set_name(labels.stage_run_name(phase, stage, cfg))
         ws = build_workspace(cfg, base.dir, splits)
@@ -111,25 +112,25 @@ def run_stage(cfg: Config, stage: str, base: BaseLM, out_dir: Path, splits, init
                                  compat_keys=COMPAT_KEYS, expect_base=ws.base_ref)
         if stage == "stage_b":
             ws.lm, ws.lora_counts = attach_lora(ws.lm, cfg)
-            tr.log_dict(ws.lora_counts, "lora_params.json")
+            tr.log_dict(ws.lora_counts, Artifact.LORA_PARAMS)
             tr.log_params({"lora.trainable_params": ws.lora_counts["total"],
                            **{f"lora.layer_{k}": v for k, v in ws.lora_counts["per_layer"].items()}})
         if resume is None:
             _log_stage_common(tr, cfg, splits, ws, stage)
         stage_dir = out_dir / stage
         result = train_stage(ws, stage, tr, stage_dir, resume=resume, on_probe=on_probe)
-        result.update(run_id=tr.run_id, checkpoint_uri=f"runs:/{tr.run_id}/checkpoints/{stage}")
+        result.update(run_id=tr.run_id, checkpoint_uri=f"runs:/{tr.run_id}/{Artifact.checkpoint(stage)}")
         if not dist.owns_store():  # ranks > 0: rank 0 logs the artifacts and makes the plots
             return result
-        tr.log_artifact(stage_dir / "diagnostics.jsonl")
-        tr.log_artifact(stage_dir / "diagnostics_epoch.jsonl")
-        _log_plots(tr, "stage", stage_dir / "diagnostics.jsonl", stage_dir / "plots")
-        progress.upload_dir(tr, result["checkpoint"], f"checkpoints/{stage}", f"checkpoint {stage}")
-        tr.log_metrics({f"{stage}/final_probe_{k}": v for k, v in (result["final_probe"] or {}).items()},
-                       step=result["steps"])
-        tr.log_dict({k: v for k, v in result.items() if k != "probes"}, "stage_summary.json")
-        init_uri = (tags or {}).get("latentgate.init_from") or str(init_from or "")
-        loss = _final_loss(stage_dir / "diagnostics.jsonl")
+        tr.log_artifact(stage_dir / Artifact.DIAGNOSTICS)
+        tr.log_artifact(stage_dir / Artifact.DIAGNOSTICS_EPOCH)
+        _log_plots(tr, "stage", stage_dir / Artifact.DIAGNOSTICS, stage_dir / "plots")
+        progress.upload_dir(tr, result["checkpoint"], Artifact.checkpoint(stage), f"checkpoint {stage}")
+        tr.log_metrics({Stage.metric(stage, Stage.FINAL_PROBE_PREFIX + k): v
+                        for k, v in (result["final_probe"] or {}).items()}, step=result["steps"])
+        tr.log_dict({k: v for k, v in result.items() if k != "probes"}, Artifact.STAGE_SUMMARY)
+        init_uri = (tags or {}).get(Tag.INIT_FROM) or str(init_from or "")
+        loss = _final_loss(stage_dir / Artifact.DIAGNOSTICS)
         tr.set_description(labels.stage_note(phase, stage, result, init_uri, loss))
         return result
 
@@ -145,8 +146,8 @@ def _run_eval(cfg: Config, base: BaseLM, checkpoint: Path, out_dir: Path, splits
               run_id: str | None, tags: dict | None) -> dict:
 
     enable_system_metrics()
-    with tracked_run("eval", run_id=run_id, tags={"latentgate.checkpoint": source_uri or str(checkpoint),
-                                                  BASE_RUN_TAG: base.run_id, **(tags or {})}) as tr:
+    with tracked_run("eval", run_id=run_id, tags={Tag.CHECKPOINT: source_uri or str(checkpoint),
+                                                  Tag.BASE_RUN: base.run_id, **(tags or {})}) as tr:
         ws = load_trained(cfg, base.dir, checkpoint, splits)
         tr.log_params(flatten(cfg))
         tr.set_name(labels.eval_run_name(source_uri))
@@ -161,20 +162,15 @@ def _run_eval(cfg: Config, base: BaseLM, checkpoint: Path, out_dir: Path, splits
 def record_eval(tr, ws, metrics: dict, eval_dir: Path) -> None:
     """What an eval run records: per-path metrics (eval/<path>/<key>), eval_detailed.jsonl, metrics.json, the
     plots and the prefix contract."""
-    flat = {}
-    for path, m in metrics["paths"].items():
-        for k in ("em", "f1", "first_top1", "first_top5", "first_top1_const", "nll_per_token", "repetition_rate",
-                  "empty_rate", "top_prediction_share", "distinct_first_tokens"):
-            flat[f"eval/{path}/{k}"] = m[k]
+    flat = {EvalKey.metric(path, k): m[k] for path, m in metrics["paths"].items() for k in EvalKey.LOGGED}
     tr.log_metrics(flat, step=0)
-    tr.log_artifact(eval_dir / "eval_detailed.jsonl")
-    tr.log_table(eval_table(eval_dir / "eval_detailed.jsonl"), EVAL_TABLE)
-    tr.log_artifact(eval_dir / "metrics.json")
+    tr.log_artifact(eval_dir / Artifact.EVAL_DETAILED)
+    tr.log_table(eval_table(eval_dir / Artifact.EVAL_DETAILED), Artifact.EVAL_TABLE)
+    tr.log_artifact(eval_dir / Artifact.EVAL_METRICS)
     _log_plots(tr, "eval", eval_dir, eval_dir / "plots")
-    tr.log_dict(ws.contract.to_dict(), "contract.json")
+    tr.log_dict(ws.contract.to_dict(), Artifact.CONTRACT)
 
 
-EVAL_TABLE = "eval_table.json"
 TABLE_COLUMNS = ("id", "path", "question", "prediction", "references", "f1", "em", "error_mode", "first_token_correct")
 
 
@@ -187,7 +183,7 @@ def eval_table(detailed: Path) -> list[dict]:
 def _final_loss(diagnostics: Path) -> float | None:
     """The loss of the last optimizer step in a stage's diagnostics.jsonl (None if there is none)."""
     lines = [ln for ln in diagnostics.read_text().splitlines() if ln.strip()] if diagnostics.exists() else []
-    return json.loads(lines[-1]).get("loss") if lines else None
+    return json.loads(lines[-1]).get(Stage.LOSS) if lines else None
 
 
 def _log_plots(tr, kind: str, source: Path, out_dir: Path) -> None:

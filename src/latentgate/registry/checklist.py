@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from latentgate.errors import ConfigError
+from latentgate.schema import Calibration
 
 DEFAULT_PATH = Path(__file__).with_name("hero.yaml")  # package data; registry/hero.yaml in a checkout links here
 
@@ -138,7 +139,7 @@ class Checklist:
 
     def hero_f1_target(self) -> float:
         """calibration.hero_f1_target: the hero latent F1 that `latentgate calibrate` counts as a successful hero."""
-        target = self.calibration.get("hero_f1_target")
+        target = self.calibration.get(Calibration.HERO_F1_TARGET)
         if target is None:
             raise ConfigError(f"checklist {self.path} has no calibration.hero_f1_target",
                               "add `calibration: {hero_f1_target: 0.10}` to the checklist file")
@@ -258,12 +259,12 @@ def _calibration(path: Path, raw: Any) -> dict:
     """The optional `calibration:` mapping: {hero_f1_target: a number in [0, 1]}."""
     if raw is None:
         return {}
-    if not isinstance(raw, dict) or set(raw) - {"hero_f1_target"}:
+    if not isinstance(raw, dict) or set(raw) - {Calibration.HERO_F1_TARGET}:
         raise _fail(path, f"calibration must be a mapping with hero_f1_target only, got {raw!r}",
                     "write calibration: {hero_f1_target: 0.10}")
-    target = raw.get("hero_f1_target")
+    target = raw.get(Calibration.HERO_F1_TARGET)
     if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
                                or not 0 <= target <= 1):
         raise _fail(path, f"calibration.hero_f1_target must be a number in [0, 1], got {target!r}",
                     "write calibration: {hero_f1_target: 0.10}")
-    return {} if target is None else {"hero_f1_target": float(target)}
+    return {} if target is None else {Calibration.HERO_F1_TARGET: float(target)}

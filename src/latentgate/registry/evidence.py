@@ -20,6 +20,7 @@ from latentgate.config import config_hash, from_flat
 from latentgate.errors import ConfigError
 from latentgate.eval.controls import collapse_stats
 from latentgate.registry.checklist import ANY, Checklist, Criterion
+from latentgate.schema import Artifact, EvalKey, MlflowTag, Tag
 from latentgate.tracking import lineage
 from latentgate.tracking.lineage import RunUri, run_in_uri
 from latentgate.tracking.runs import local_artifacts
@@ -45,7 +46,7 @@ def _short(run_id: str) -> str:
     return run_id[:8]
 
 
-class Evidence:
+class CandidateEvidence:
     """Cached access to the candidate's runs, metric histories and eval artifacts."""
 
     def __init__(self, eval_run_id: str, client=None):
@@ -74,46 +75,46 @@ class Evidence:
             return
         self._set("eval", ev, "the candidate's eval run")
         tags = ev.data.tags
-        base_id = tags.get("latentgate.base_run")
-        self._link("base", base_id, "eval tag latentgate.base_run", "the eval run has no latentgate.base_run tag")
-        ckpt = tags.get("latentgate.checkpoint", "")
+        base_id = tags.get(Tag.BASE_RUN)
+        self._link("base", base_id, f"eval tag {Tag.BASE_RUN}", f"the eval run has no {Tag.BASE_RUN} tag")
+        ckpt = tags.get(Tag.CHECKPOINT, "")
         sb_id = run_in_uri(ckpt, strict=True)
-        self._link("stage_b", sb_id, f"eval tag latentgate.checkpoint={ckpt}",
-                   f"the eval run's latentgate.checkpoint ({ckpt or 'absent'}) is not a runs:/<stage_b>/... URI")
+        self._link("stage_b", sb_id, f"eval tag {Tag.CHECKPOINT}={ckpt}",
+                   f"the eval run's {Tag.CHECKPOINT} ({ckpt or 'absent'}) is not a runs:/<stage_b>/... URI")
         if "stage_b" not in self._runs:
-            self._why.setdefault("stage_a", "no Stage B run to follow latentgate.init_from from")
+            self._why.setdefault("stage_a", f"no Stage B run to follow {Tag.INIT_FROM} from")
             return
         run, seen = self._runs["stage_b"], set()
         for _ in range(MAX_HOPS):  # follow init_from through extend/fix stages until a stage_a run
             seen.add(run.info.run_id)
-            init = run.data.tags.get("latentgate.init_from", "") or run.data.tags.get("latentgate.resume_from", "")
+            init = run.data.tags.get(Tag.INIT_FROM, "") or run.data.tags.get(Tag.RESUME_FROM, "")
             nxt_id = run_in_uri(init, strict=True)
-            how = f"{run.data.tags.get('latentgate.phase')} {_short(run.info.run_id)} tag latentgate.init_from={init}"
+            how = f"{run.data.tags.get(Tag.PHASE)} {_short(run.info.run_id)} tag {Tag.INIT_FROM}={init}"
             if nxt_id is None and init:  # a local path: the parent smoke run's children name the Stage A run
-                nxt_id, how = self._sibling(run, "stage_a"), "the stage_a run in the parent run's latentgate.children"
+                nxt_id, how = self._sibling(run, "stage_a"), f"the stage_a run in the parent run's {Tag.CHILDREN}"
             if nxt_id is None or nxt_id in seen:
                 self._why["stage_a"] = (f"Stage B run {_short(self._runs['stage_b'].info.run_id)} does not lead to a "
-                                        f"Stage A run (latentgate.init_from={init or 'absent'})")
+                                        f"Stage A run ({Tag.INIT_FROM}={init or 'absent'})")
                 return
             nxt = self._get(nxt_id)
             if nxt is None:
                 self._why["stage_a"] = f"run {nxt_id} ({how}) does not exist"
                 return
-            if nxt.data.tags.get("latentgate.phase") == "stage_a":
+            if nxt.data.tags.get(Tag.PHASE) == "stage_a":
                 self._set("stage_a", nxt, how)
                 return
             run = nxt
-        self._why["stage_a"] = f"no Stage A run within {MAX_HOPS} latentgate.init_from hops of Stage B"
+        self._why["stage_a"] = f"no Stage A run within {MAX_HOPS} {Tag.INIT_FROM} hops of Stage B"
 
     def _sibling(self, run, phase: str) -> str | None:
-        parent_id = run.data.tags.get("mlflow.parentRunId")
+        parent_id = run.data.tags.get(MlflowTag.PARENT_RUN)
         parent = self._get(parent_id) if parent_id else None
         if parent is None:
             return None
         found = []
-        for cid in filter(None, parent.data.tags.get("latentgate.children", "").split(",")):
+        for cid in filter(None, parent.data.tags.get(Tag.CHILDREN, "").split(",")):
             child = self._get(cid.strip())
-            if child is not None and child.data.tags.get("latentgate.phase") == phase:
+            if child is not None and child.data.tags.get(Tag.PHASE) == phase:
                 found.append(child.info.run_id)
         return found[0] if len(found) == 1 else None
 
@@ -161,20 +162,21 @@ class Evidence:
         return self._artifacts[name]
 
     def metrics_json(self) -> dict:
-        path = self.artifact("metrics.json")
+        path = self.artifact(Artifact.EVAL_METRICS)
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError) as err:
-            raise Missing(f"eval run {_short(self.eval_run_id)}: metrics.json is unreadable ({err})") from None
+            raise Missing(f"eval run {_short(self.eval_run_id)}: {Artifact.EVAL_METRICS} is unreadable "
+                          f"({err})") from None
 
     def eval_path_metrics(self, path: str) -> dict:
         m = self.metrics_json().get("paths", {}).get(path)
         if not isinstance(m, dict):
-            raise Missing(f"eval run {_short(self.eval_run_id)}: metrics.json has no path {path!r}")
+            raise Missing(f"eval run {_short(self.eval_run_id)}: {Artifact.EVAL_METRICS} has no path {path!r}")
         return m
 
     def detailed_rows(self, path: str) -> list[dict]:
-        file = self.artifact("eval_detailed.jsonl")
+        file = self.artifact(Artifact.EVAL_DETAILED)
         rows = []
         for line in file.read_text().splitlines():
             if line.strip():
@@ -182,7 +184,7 @@ class Evidence:
                 if row.get("path") == path:
                     rows.append(row)
         if not rows:
-            raise Missing(f"eval run {_short(self.eval_run_id)}: eval_detailed.jsonl has no {path!r} rows")
+            raise Missing(f"eval run {_short(self.eval_run_id)}: {Artifact.EVAL_DETAILED} has no {path!r} rows")
         return rows
 
     def src(self, phase: str) -> str:
@@ -195,7 +197,7 @@ def _finite(values) -> list[float]:
     return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
 
 
-def check_metric_peak(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+def check_metric_peak(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     hist = ev.history(c.params["run"], c.params["metric"])
     vals = _finite(m.value for m in hist)
     if not vals:
@@ -213,7 +215,7 @@ def check_metric_peak(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
                        f"peak at step {step}" + (f": {', '.join(shown)}" if shown else ""))
 
 
-def check_metric_final_drop(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+def check_metric_final_drop(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     hist = ev.history(c.params["run"], c.params["metric"])
     vals = _finite(m.value for m in hist)
     if not vals:
@@ -224,7 +226,7 @@ def check_metric_final_drop(ev: Evidence, c: Criterion, cl: Checklist) -> Observ
                        f"peak {peak:.4g}, final {final:.4g} at step {hist[-1].step}")
 
 
-def check_metric_max(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+def check_metric_max(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     values, sources, missing = [], [], []
     for phase in c.params["runs"]:
         key = c.params["metric"].format(run=phase)
@@ -243,7 +245,7 @@ def check_metric_max(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
                        f"{len(bad)} non-finite values" if bad else f"{len(values)} points")
 
 
-def check_nonfinite_steps(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+def check_nonfinite_steps(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     count, problems, sources, missing = 0, [], [], []
     for phase in c.params["runs"]:
         try:
@@ -273,44 +275,45 @@ def check_nonfinite_steps(ev: Evidence, c: Criterion, cl: Checklist) -> Observat
                        "; ".join(problems) or "every optimizer step logged, all finite", missing=missing)
 
 
-def check_eval_example_max(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+def check_eval_example_max(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     rows = ev.detailed_rows(c.params["path"])
     vals = [float(r.get(c.params["field"], float("nan"))) for r in rows]
     best = max(vals)
     nonzero = sum(v > 0 for v in vals)
-    return Observation(best, f"eval_detailed.jsonl ({ev.src('eval')}, {len(rows)} {c.params['path']} rows)",
+    return Observation(best, f"{Artifact.EVAL_DETAILED} ({ev.src('eval')}, {len(rows)} {c.params['path']} rows)",
                        f"{nonzero} of {len(rows)} examples with {c.params['field']} > 0")
 
 
-def check_eval_metric(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+def check_eval_metric(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     m = ev.eval_path_metrics(c.params["path"])
     if c.params["key"] not in m:
-        raise Missing(f"eval run {_short(ev.eval_run_id)}: metrics.json paths.{c.params['path']} "
+        raise Missing(f"eval run {_short(ev.eval_run_id)}: {Artifact.EVAL_METRICS} paths.{c.params['path']} "
                       f"has no {c.params['key']}")
     return Observation(float(m[c.params["key"]]),
-                       f"metrics.json paths.{c.params['path']}.{c.params['key']} ({ev.src('eval')})",
+                       f"{Artifact.EVAL_METRICS} paths.{c.params['path']}.{c.params['key']} ({ev.src('eval')})",
                        f"n={m.get('n')}")
 
 
-def check_eval_share(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+def check_eval_share(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     rows = ev.detailed_rows(c.params["path"])
     hits = sum(r.get(c.params["field"]) == c.params["equals"] for r in rows)
-    return Observation(hits / len(rows), f"eval_detailed.jsonl ({ev.src('eval')}, {len(rows)} {c.params['path']} rows)",
+    return Observation(hits / len(rows),
+                       f"{Artifact.EVAL_DETAILED} ({ev.src('eval')}, {len(rows)} {c.params['path']} rows)",
                        f"{hits} of {len(rows)} with {c.params['field']}={c.params['equals']}")
 
 
-def check_eval_collapse(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+def check_eval_collapse(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     st = collapse_stats(ev.detailed_rows(c.params["path"]))
-    n, repetition = st["n"], st["repetition_rate"]
-    why = cl.collapse_rule().why(st["top_prediction_share"], repetition, st["top_prediction"])
+    n, repetition, share = st["n"], st[EvalKey.REPETITION_RATE], st[EvalKey.TOP_PREDICTION_SHARE]
+    why = cl.collapse_rule().why(share, repetition, st["top_prediction"])
     counts = (f"top prediction {st['top_prediction']!r} for {st['top_prediction_count']} of {n} (share "
-              f"{st['top_prediction_share']:.4g}, limit {c.params['max_top_prediction_share']:g}), "
+              f"{share:.4g}, limit {c.params['max_top_prediction_share']:g}), "
               f"{round(repetition * n)} repetitive")
-    return Observation(repetition, f"eval_detailed.jsonl ({ev.src('eval')}, {n} {c.params['path']} rows)",
+    return Observation(repetition, f"{Artifact.EVAL_DETAILED} ({ev.src('eval')}, {n} {c.params['path']} rows)",
                        f"{why}; {counts}" if why else counts, failure=why or "")
 
 
-def check_latent_margin(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+def check_latent_margin(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     key = c.params["key"]
     main = float(ev.eval_path_metrics(c.params["path"])[key])
     controls, missing = {}, []
@@ -320,13 +323,13 @@ def check_latent_margin(ev: Evidence, c: Criterion, cl: Checklist) -> Observatio
         except Missing as err:
             missing.append(str(err))
     if missing:
-        return Observation(None, f"metrics.json ({ev.src('eval')})", missing=missing)
+        return Observation(None, f"{Artifact.EVAL_METRICS} ({ev.src('eval')})", missing=missing)
     best = max(controls, key=controls.get)
-    return Observation(main - controls[best], f"metrics.json paths.*.{key} ({ev.src('eval')})",
+    return Observation(main - controls[best], f"{Artifact.EVAL_METRICS} paths.*.{key} ({ev.src('eval')})",
                        f"{c.params['path']} {main:.4g} vs " + ", ".join(f"{p} {v:.4g}" for p, v in controls.items()))
 
 
-def check_lineage(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+def check_lineage(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     problems, missing, found = [], [], {}
     for phase in c.params["runs"]:
         try:
@@ -337,20 +340,20 @@ def check_lineage(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
     for phase, run in found.items():
         if run.info.status != "FINISHED":
             problems.append(f"{phase} run {_short(run.info.run_id)} is {run.info.status}")
-        tag_phase = run.data.tags.get("latentgate.phase")
+        tag_phase = run.data.tags.get(Tag.PHASE)
         allowed = (phase, "extend", "fix") if phase == "stage_b" else (phase,)  # extend/fix continue Stage B
         if tag_phase not in allowed:
-            problems.append(f"{phase} run {_short(run.info.run_id)} is tagged latentgate.phase={tag_phase}")
-        if c.params.get("require_clean_tree") and run.data.tags.get("latentgate.git_dirty") != "false":
+            problems.append(f"{phase} run {_short(run.info.run_id)} is tagged {Tag.PHASE}={tag_phase}")
+        if c.params.get("require_clean_tree") and run.data.tags.get(Tag.GIT_DIRTY) != "false":
             problems.append(f"{phase} run {_short(run.info.run_id)} ran from a dirty working tree")
-    commits = {p: r.data.tags.get("latentgate.git_commit", "unknown") for p, r in found.items()}
+    commits = {p: r.data.tags.get(Tag.GIT_COMMIT, "unknown") for p, r in found.items()}
     if any(v in ("", "unknown") for v in commits.values()):
         unknown = ", ".join(p for p, v in commits.items() if v in ("", "unknown"))
         problems.append(f"runs without a git commit: {unknown}")
     if len(set(commits.values())) > 1:
         problems.append("different git commits: " + ", ".join(f"{p}={v[:10]}" for p, v in commits.items()))
     if "stage_b" in found and "base" in found:
-        sb_base = found["stage_b"].data.tags.get("latentgate.base_run")
+        sb_base = found["stage_b"].data.tags.get(Tag.BASE_RUN)
         if sb_base and sb_base != found["base"].info.run_id:
             problems.append(f"Stage B was trained on base run {_short(sb_base)}, the eval used "
                             f"{_short(found['base'].info.run_id)}")
@@ -360,9 +363,9 @@ def check_lineage(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
                        "; ".join(problems) or f"all FINISHED at commit {commit[:10]}", missing=missing)
 
 
-def check_dataset_digest(ev: Evidence, c: Criterion, cl: Checklist) -> Observation:
+def check_dataset_digest(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     run = ev.run("eval")
-    tag = f"dataset.{c.params['dataset']}.digest"
+    tag = Tag.dataset_digest(c.params["dataset"])
     digest = run.data.tags.get(tag)
     if not digest:
         raise Missing(f"eval run {_short(run.info.run_id)}: no tag {tag}")

@@ -1,6 +1,6 @@
 """The promotion gate: the alias `hero` moves only on evidence.
 
-`evaluate` is read-only. `promote` evaluates every criterion of the checklist, then, holding a registry lock:
+`check_candidate` is read-only. `promote` checks every criterion of the checklist, then, holding a registry lock:
 removes `hero` first if this very version holds it and now fails; writes one tag per criterion
 (`hero.check.<name>`), a JSON report artifact (`hero.report`) and the audit tag (`hero.audit`: rule file hash,
 commit, time, decision); and moves the alias LAST, only when everything passed. A crash anywhere in between leaves
@@ -30,17 +30,12 @@ from mlflow.exceptions import MlflowException
 
 from latentgate.errors import ConfigError, GateRefused, StoreError
 from latentgate.registry.checklist import Checklist, load_checklist
-from latentgate.registry.evidence import CHECKS, Evidence, Missing, Observation
-from latentgate.registry.model import TAG_EVAL_RUN, register_candidate
+from latentgate.registry.evidence import CHECKS, CandidateEvidence, Missing, Observation
+from latentgate.registry.model import register_candidate
+from latentgate.schema import Artifact, Tag, VersionTag
 from latentgate.tracking.lineage import RUN_ID, ModelUri, RunUri, client, parse_uri
 from latentgate.tracking.runs import git_commit
 
-TAG_CHECK = "hero.check."
-TAG_AUDIT = "hero.audit"
-TAG_REPORT = "hero.report"
-TAG_PASSED = "hero.passed"
-TAG_EVENT = "hero.event."
-TAG_SUPERSEDED = "hero.superseded_by"
 TAG_MAX = 4900
 
 
@@ -116,13 +111,13 @@ def resolve_candidate(c, ref: str, name: str) -> tuple[str | None, str | None, l
         except MlflowException:
             raise StoreError(f"model version {name}/{version} does not exist",
                              "register one: latentgate register <eval_run>") from None
-        eval_run = mv.tags.get(TAG_EVAL_RUN)
+        eval_run = mv.tags.get(Tag.EVAL_RUN)
         if not eval_run and mv.run_id:
             try:
-                eval_run = c.get_run(mv.run_id).data.tags.get(TAG_EVAL_RUN)
+                eval_run = c.get_run(mv.run_id).data.tags.get(Tag.EVAL_RUN)
             except MlflowException:
                 eval_run = None
-        missing = [] if eval_run else [f"version {version}: no {TAG_EVAL_RUN} tag (no eval run links it to evidence)"]
+        missing = [] if eval_run else [f"version {version}: no {Tag.EVAL_RUN} tag (no eval run links it to evidence)"]
         return version, eval_run, missing
     parsed = parse_uri(ref)
     run_id = parsed.run_id if isinstance(parsed, RunUri) else ref
@@ -133,23 +128,23 @@ def resolve_candidate(c, ref: str, name: str) -> tuple[str | None, str | None, l
     except MlflowException:
         raise StoreError(f"run {run_id} does not exist in the tracking store",
                          "check the run id and MLFLOW_TRACKING_URI") from None
-    phase = run.data.tags.get("latentgate.phase")
+    phase = run.data.tags.get(Tag.PHASE)
     if phase == "eval":
         return None, run_id, []
     if phase == "register":
-        return None, run.data.tags.get(TAG_EVAL_RUN), []
+        return None, run.data.tags.get(Tag.EVAL_RUN), []
     if phase in ("smoke", "pipeline"):
         evals = []
-        for cid in filter(None, run.data.tags.get("latentgate.children", "").split(",")):
+        for cid in filter(None, run.data.tags.get(Tag.CHILDREN, "").split(",")):
             try:
                 child = c.get_run(cid.strip())
             except MlflowException:
                 continue
-            if child.data.tags.get("latentgate.phase") == "eval":
+            if child.data.tags.get(Tag.PHASE) == "eval":
                 evals.append(child)
         if evals:
             return None, max(evals, key=lambda r: r.info.start_time).info.run_id, []
-        return None, None, [f"{phase} run {run_id}: no eval run among its latentgate.children"]
+        return None, None, [f"{phase} run {run_id}: no eval run among its {Tag.CHILDREN}"]
     raise GateRefused(f"run {run_id} is a {phase or 'non-latentgate'} run", "pass an eval or smoke run, or a version")
 
 
@@ -163,14 +158,15 @@ def _row(crit, obs) -> dict:
             "description": crit.description, "params": crit.params}
 
 
-def evaluate(version_or_eval_run: str, checklist=None, name: str | None = None, *, checklist_path=None) -> Report:
-    """Evaluate every criterion against recorded evidence. Read-only. `checklist` (or `checklist_path`): a path or
-    a loaded Checklist; default registry/hero.yaml."""
+def check_candidate(version_or_eval_run: str, checklist=None, name: str | None = None, *,
+                    checklist_path=None) -> Report:
+    """Check every criterion of the checklist against the candidate's recorded evidence. Read-only. `checklist`
+    (or `checklist_path`): a path or a loaded Checklist; default registry/hero.yaml."""
     cl = _checklist(checklist if checklist is not None else checklist_path)
     name = name or cl.model_name
     c = client()
     version, eval_run, missing = resolve_candidate(c, version_or_eval_run, name)
-    ev = Evidence(eval_run, c) if eval_run else None
+    ev = CandidateEvidence(eval_run, c) if eval_run else None
     rows = []
     for crit in cl.criteria:
         if ev is None:
@@ -238,7 +234,7 @@ def check_tag_value(row: dict) -> str:
 
 
 def _event(c, name: str, version: str, text: str) -> None:
-    c.set_model_version_tag(name, version, f"{TAG_EVENT}{_stamp()}", text[:TAG_MAX])
+    c.set_model_version_tag(name, version, f"{VersionTag.EVENT_PREFIX}{_stamp()}", text[:TAG_MAX])
 
 
 def _write_report_artifact(c, mv, report: Report) -> str:
@@ -248,17 +244,17 @@ def _write_report_artifact(c, mv, report: Report) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"v{mv.version}-{_stamp()}.json"
         path.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True, default=str))
-        c.log_artifact(mv.run_id, str(path), "hero_reports")
-    return f"runs:/{mv.run_id}/hero_reports/{path.name}"
+        c.log_artifact(mv.run_id, str(path), Artifact.HERO_REPORTS)
+    return f"runs:/{mv.run_id}/{Artifact.HERO_REPORTS}/{path.name}"
 
 
 def promote(version: str, dry_run: bool = False, checklist=None, name: str | None = None, *,
             checklist_path=None) -> Report:
-    """Evaluate; unless dry_run, record the result on the version and move the alias only if all passed.
+    """Check the candidate; unless dry_run, record the result on the version and move the alias only if all passed.
     A run id (eval/smoke) is registered first (`register_candidate`) unless dry_run."""
     cl = _checklist(checklist if checklist is not None else checklist_path)
     name = name or cl.model_name
-    report = evaluate(version, cl, name)
+    report = check_candidate(version, cl, name)
     if dry_run:
         report.decision = "dry-run"
         return report
@@ -280,25 +276,25 @@ def promote(version: str, dry_run: bool = False, checklist=None, name: str | Non
             report_uri = _write_report_artifact(c, mv, report)
             _event(c, name, v, f"re-promotion refused, {cl.alias} kept: {', '.join(report.failing())} ({report_uri})")
             return report
-        for key in [k for k in mv.tags if k.startswith(TAG_CHECK)]:
-            if key[len(TAG_CHECK):] not in cl.names():
+        for key in [k for k in mv.tags if k.startswith(VersionTag.CHECK_PREFIX)]:
+            if key[len(VersionTag.CHECK_PREFIX):] not in cl.names():
                 c.delete_model_version_tag(name, v, key)  # a criterion the current checklist no longer has
         for row in report.rows:
-            c.set_model_version_tag(name, v, f"{TAG_CHECK}{row['name']}", check_tag_value(row))
+            c.set_model_version_tag(name, v, f"{VersionTag.CHECK_PREFIX}{row['name']}", check_tag_value(row))
         report.decision = "promoted" if report.passed else "refused"
         report_uri = _write_report_artifact(c, mv, report)
         audit = {"decision": "promote" if report.passed else "refuse", "passed": report.passed, "version": v,
                  "eval_run": report.eval_run, "rules_file": report.checklist, "rules_sha256": report.checklist_sha256,
                  "commit": report.commit, "time": report.time, "failing": report.failing(), "report": report_uri,
                  "alias": cl.alias, "previous_holder": holder}
-        c.set_model_version_tag(name, v, TAG_REPORT, report_uri)
-        c.set_model_version_tag(name, v, TAG_PASSED, str(report.passed).lower())
-        c.set_model_version_tag(name, v, TAG_AUDIT, json.dumps(audit, sort_keys=True)[:TAG_MAX])
+        c.set_model_version_tag(name, v, VersionTag.REPORT, report_uri)
+        c.set_model_version_tag(name, v, VersionTag.PASSED, str(report.passed).lower())
+        c.set_model_version_tag(name, v, VersionTag.AUDIT, json.dumps(audit, sort_keys=True)[:TAG_MAX])
         if report.passed:
             c.set_registered_model_alias(name, cl.alias, v)  # LAST: only after every tag landed
             _event(c, name, v, f"promoted to {cl.alias} (previous holder: {holder or 'none'})")
             if holder and holder != v:
-                c.set_model_version_tag(name, holder, TAG_SUPERSEDED, v)
+                c.set_model_version_tag(name, holder, VersionTag.SUPERSEDED_BY, v)
                 _event(c, name, holder, f"alias {cl.alias} moved to version {v}")
         else:
             _event(c, name, v, f"refused: {', '.join(report.failing())}")
@@ -325,12 +321,12 @@ def demote(version: str, reason: str, to: str | None = None, checklist=None, nam
         if held:
             c.delete_registered_model_alias(name, cl.alias)
         try:
-            audit = json.loads(mv.tags.get(TAG_AUDIT, "{}"))
+            audit = json.loads(mv.tags.get(VersionTag.AUDIT, "{}"))
         except ValueError:
             audit = {}
         audit.update(decision="demote", passed=False, demoted_at=_now(), demote_reason=reason, version=v)
-        c.set_model_version_tag(name, v, TAG_AUDIT, json.dumps(audit, sort_keys=True)[:TAG_MAX])
-        c.set_model_version_tag(name, v, TAG_PASSED, "false")
+        c.set_model_version_tag(name, v, VersionTag.AUDIT, json.dumps(audit, sort_keys=True)[:TAG_MAX])
+        c.set_model_version_tag(name, v, VersionTag.PASSED, "false")
         _event(c, name, v, f"demoted{' (held ' + cl.alias + ')' if held else ''}: {reason}")
     out = {"version": v, "held_alias": held, "reason": reason, "promoted": None}
     if to:
@@ -343,23 +339,23 @@ def demote(version: str, reason: str, to: str | None = None, checklist=None, nam
 
 def audit_problems(mv, alias: str = "hero") -> list[str]:
     """Why the alias on this version is not backed by a complete, passing promotion ([] if it is)."""
-    raw = mv.tags.get(TAG_AUDIT)
+    raw = mv.tags.get(VersionTag.AUDIT)
     if not raw:
-        return [f"version {mv.version} has no {TAG_AUDIT} tag: alias {alias} was set by hand, "
+        return [f"version {mv.version} has no {VersionTag.AUDIT} tag: alias {alias} was set by hand, "
                 "not by `latentgate promote`"]
     try:
         audit = json.loads(raw)
     except ValueError:
-        return [f"version {mv.version}: {TAG_AUDIT} is not valid JSON"]
+        return [f"version {mv.version}: {VersionTag.AUDIT} is not valid JSON"]
     problems = []
     if audit.get("decision") != "promote" or audit.get("passed") is not True:
         problems.append(f"version {mv.version}: the audit says decision={audit.get('decision')} "
                         f"passed={audit.get('passed')}, so alias {alias} was set by hand")
     if str(audit.get("version")) != str(mv.version):
         problems.append(f"version {mv.version}: the audit names version {audit.get('version')}")
-    checks = {k: v for k, v in mv.tags.items() if k.startswith(TAG_CHECK)}
+    checks = {k: v for k, v in mv.tags.items() if k.startswith(VersionTag.CHECK_PREFIX)}
     if not checks:
-        problems.append(f"version {mv.version} has no {TAG_CHECK}* tags")
+        problems.append(f"version {mv.version} has no {VersionTag.CHECK_PREFIX}* tags")
     problems += [f"version {mv.version}: {k} = {v[:120]}" for k, v in sorted(checks.items())
                  if not v.startswith("pass")]
     return problems
@@ -377,10 +373,11 @@ def verify(checklist=None, name: str | None = None, *, checklist_path=None) -> R
                       checklist_sha256=cl.sha256, decision="verified", time=_now(), commit=_commit())
     mv = c.get_model_version(name, holder)
     problems = audit_problems(mv, cl.alias)
-    report = evaluate(holder, cl, name)
+    report = check_candidate(holder, cl, name)
     audit_row = {"name": "audit", "passed": not problems, "observed": "; ".join(problems) or "promoted by the gate",
-                 "op": "==", "threshold": "audited promotion", "source": f"version {holder} tags {TAG_AUDIT}, "
-                 f"{TAG_CHECK}*", "detail": mv.tags.get(TAG_AUDIT, "")[:300], "missing": [], "kind": "audit",
+                 "op": "==", "threshold": "audited promotion",
+                 "source": f"version {holder} tags {VersionTag.AUDIT}, {VersionTag.CHECK_PREFIX}*",
+                 "detail": mv.tags.get(VersionTag.AUDIT, "")[:300], "missing": [], "kind": "audit",
                  "description": "the alias was moved by `latentgate promote` after every criterion passed",
                  "params": {}}
     report.rows.insert(0, audit_row)

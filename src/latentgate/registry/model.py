@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 
 from latentgate.config import flatten, from_flat
 from latentgate.errors import CheckpointError, DataError, StoreError
+from latentgate.schema import Artifact, Tag
 from latentgate.tracking.lineage import base_from_run, client, resolve_checkpoint, run_in_uri
 from latentgate.tracking.runs import tracked_run
 from latentgate.train.manifest import write_manifest
@@ -26,12 +27,6 @@ from latentgate.train.manifest import write_manifest
 MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
 REQUIREMENTS = ("torch", "transformers", "peft", "tokenizers", "safetensors", "mlflow", "pandas", "pyyaml")
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin")
-TAG_EVAL_RUN = "latentgate.eval_run"
-TAG_STAGE_B_RUN = "latentgate.stage_b_run"
-TAG_BASE_RUN = "latentgate.base_run"
-TAG_CHECKPOINT = "latentgate.checkpoint"
-TAG_REGISTER_RUN = "latentgate.register_run"
-TAG_COMMIT = "latentgate.git_commit"
 
 
 def _package_code(tmp: Path) -> str:
@@ -71,7 +66,7 @@ def version_for_eval_run(eval_run_id: str, name: str = "latentgate") -> str | No
         versions = client().search_model_versions(f"name='{name}'")
     except MlflowException:
         return None
-    mine = [v for v in versions if v.tags.get(TAG_EVAL_RUN) == eval_run_id]
+    mine = [v for v in versions if v.tags.get(Tag.EVAL_RUN) == eval_run_id]
     return str(max(mine, key=lambda v: int(v.version)).version) if mine else None
 
 
@@ -88,43 +83,42 @@ def register_candidate(eval_run_id: str, name: str = "latentgate") -> str:
         raise StoreError(f"eval run {eval_run_id} does not exist in {mlflow.get_tracking_uri()}",
                          "pass the run id of a finished `latentgate eval` (or smoke's eval child)") from None
     tags = ev.data.tags
-    if tags.get("latentgate.phase") != "eval" or ev.info.status != "FINISHED":
-        raise CheckpointError(f"run {eval_run_id} is a {tags.get('latentgate.phase', 'non-latentgate')} run "
+    if tags.get(Tag.PHASE) != "eval" or ev.info.status != "FINISHED":
+        raise CheckpointError(f"run {eval_run_id} is a {tags.get(Tag.PHASE, 'non-latentgate')} run "
                               f"({ev.info.status}), not a FINISHED eval run", "pass a finished eval run id")
-    ckpt_uri, base_run = tags.get(TAG_CHECKPOINT, ""), tags.get(TAG_BASE_RUN, "")
+    ckpt_uri, base_run = tags.get(Tag.CHECKPOINT, ""), tags.get(Tag.BASE_RUN, "")
     if not ckpt_uri or not base_run:
-        raise CheckpointError(f"eval run {eval_run_id} lacks the {TAG_CHECKPOINT} / {TAG_BASE_RUN} tags",
+        raise CheckpointError(f"eval run {eval_run_id} lacks the {Tag.CHECKPOINT} / {Tag.BASE_RUN} tags",
                               "evaluate through `latentgate eval` so the lineage is recorded")
     cfg = from_flat(ev.data.params)
     ckpt_dir = resolve_checkpoint(ckpt_uri)
     stage_b = run_in_uri(ckpt_uri) or ""
     examples = load_splits(cfg)["eval"][:2]
     example = pd.DataFrame({"context": [e.context for e in examples], "question": [e.question for e in examples]})
-    version_tags = {TAG_EVAL_RUN: eval_run_id, TAG_STAGE_B_RUN: stage_b, TAG_BASE_RUN: base_run,
-                    TAG_CHECKPOINT: ckpt_uri, TAG_COMMIT: tags.get(TAG_COMMIT, "unknown")}
+    version_tags = {Tag.EVAL_RUN: eval_run_id, Tag.STAGE_B_RUN: stage_b, Tag.BASE_RUN: base_run,
+                    Tag.CHECKPOINT: ckpt_uri, Tag.GIT_COMMIT: tags.get(Tag.GIT_COMMIT, "unknown")}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_dir = weights_only_copy(ckpt_dir, Path(tmp) / "checkpoint")
         (Path(tmp) / "config.json").write_text(json.dumps(flatten(cfg), indent=2, sort_keys=True, default=str))
         artifacts = {"checkpoint": str(ckpt_dir), "config": str(Path(tmp) / "config.json")}
         try:
             artifacts["contract"] = mlflow.artifacts.download_artifacts(run_id=eval_run_id,
-                                                                        artifact_path="contract.json",
+                                                                        artifact_path=Artifact.CONTRACT,
                                                                         dst_path=tmp)
         except (MlflowException, OSError):
-            raise CheckpointError(f"eval run {eval_run_id} has no contract.json", "re-run the eval") from None
+            raise CheckpointError(f"eval run {eval_run_id} has no {Artifact.CONTRACT}", "re-run the eval") from None
         if cfg.base.name == "builtin":  # bundle the base LM; an external one is referenced by cfg.base.name
             artifacts["base_lm"] = base_from_run(base_run).dir
         if mlflow.active_run() is None and not os.environ.get("MLFLOW_RUN_ID"):
             mlflow.set_experiment(experiment_id=ev.info.experiment_id)
-        with tracked_run("register", tags={**version_tags, "latentgate.base_reference": cfg.base.name}) as tr:
+        with tracked_run("register", tags={**version_tags, Tag.BASE_REFERENCE: cfg.base.name}) as tr:
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(MODEL_FILE), artifacts=artifacts, signature=_signature(),
                 input_example=example, pip_requirements=_pip_requirements(), code_paths=[_package_code(Path(tmp))],
-                metadata={"latentgate.eval_run": eval_run_id, "latentgate.checkpoint": ckpt_uri,
-                          "latentgate.base": cfg.base.name})
+                metadata={Tag.EVAL_RUN: eval_run_id, Tag.CHECKPOINT: ckpt_uri, "latentgate.base": cfg.base.name})
             register_run = tr.run_id
-            tr.set_tags({"latentgate.model_uri": info.model_uri})
-    version_tags[TAG_REGISTER_RUN] = register_run
+            tr.set_tags({Tag.MODEL_URI: info.model_uri})
+    version_tags[Tag.REGISTER_RUN] = register_run
     try:
         c.get_registered_model(name)
     except MlflowException:
@@ -143,7 +137,7 @@ def weights_only_copy(src: Path, dst: Path) -> Path:
     import shutil
 
     shutil.copytree(src, dst)
-    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest = json.loads((dst / Artifact.MANIFEST).read_text())
     dropped = [rel for rel in list(manifest.get("files", {})) if rel.endswith(PICKLE_SUFFIXES)]
     for rel in dropped:
         manifest["files"].pop(rel)
@@ -160,7 +154,7 @@ def weights_only_copy(src: Path, dst: Path) -> Path:
 
 # ---- loading and prediction (used by pyfunc_model.py) ------------------------------------------------------------
 
-def load_bundle(artifacts: dict):
+def load_model_workspace(artifacts: dict):
     """The workspace of a logged model: config, base LM (bundled or referenced), checkpoint; contract checked."""
     from latentgate.train.load import load_trained  # torch: only where a model is loaded
 

@@ -12,9 +12,9 @@ from mlflow.pyfunc import PythonModel
 
 class LatentgateModel(PythonModel):
     def load_context(self, context):
-        from latentgate.registry.model import load_bundle
+        from latentgate.registry.model import load_model_workspace
 
-        self.ws = load_bundle(context.artifacts)
+        self.ws = load_model_workspace(context.artifacts)
 
     def predict(self, context, model_input, params=None):
         from latentgate.registry.model import predict_frame

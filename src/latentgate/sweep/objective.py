@@ -13,16 +13,13 @@ import optuna
 from optuna.artifacts import upload_artifact
 
 from latentgate.phases.stages import run_eval, run_stage
+from latentgate.schema import Artifact, EvalKey, EvalPath, Summary, SweepTag, Tag, TrialAttr
 from latentgate.sweep import tracking as st
 from latentgate.sweep.study import StudySpec, suggest
 from latentgate.tracking import lineage
 from latentgate.tracking.lineage import BaseLM
 from latentgate.train.workspace import load_splits
 
-RESUME_ATTR = "latentgate.resume_from"
-PARENT_ATTR = "latentgate.mlflow_parent_run"
-SPEC_ATTR = "latentgate.spec"
-N_TRIALS_ATTR = "latentgate.n_trials"
 SAMPLE_ROWS = 20
 
 
@@ -63,9 +60,9 @@ def run_trial(ctx: TrialContext, trial) -> float:
     spec = ctx.spec
     params = suggest(trial, spec.search_space)
     retry_of = _retry_of(trial)
-    trial.set_user_attr("latentgate.worker_pid", os.getpid())
+    trial.set_user_attr(TrialAttr.WORKER_PID, os.getpid())
     run_id = st.start_trial_run(ctx.parent_run_id, spec.name, trial.number, params, retry_of)
-    trial.set_user_attr("latentgate.mlflow_run_id", run_id)
+    trial.set_user_attr(TrialAttr.MLFLOW_RUN_ID, run_id)
     state = {"stage_run": None, "step": 0}
 
     def on_probe(step: int, probe: dict) -> None:
@@ -82,56 +79,58 @@ def run_trial(ctx: TrialContext, trial) -> float:
     try:
         cfg = spec.trial_config(params, {**ctx.extra, "run.output_dir": ctx.cfg0.run.output_dir})
         out = Path(cfg.run.output_dir) / f"sweep-{spec.name}" / f"trial-{trial.number:04d}-{os.getpid()}"
-        tags = {st.STUDY_TAG: spec.name, st.TRIAL_TAG: str(trial.number), "latentgate.resume_from": ctx.resume_from,
-                "latentgate.init_from": ctx.resume_from}  # the URI (registry lineage), not the local download
+        tags = {SweepTag.STUDY: spec.name, SweepTag.TRIAL_NUMBER: str(trial.number), Tag.RESUME_FROM: ctx.resume_from,
+                Tag.INIT_FROM: ctx.resume_from}  # the URI (registry lineage), not the local download
         stage_b = run_stage(cfg, "stage_b", ctx.base, out, ctx.splits, init_from=ctx.stage_a_dir,
                             on_probe=on_probe, tags=tags)
-        lineage.client().set_tag(stage_b["run_id"], st.STATE_TAG, "COMPLETE")
-        trial.set_user_attr("latentgate.stage_b_run_id", stage_b["run_id"])
-        trial.set_user_attr("latentgate.checkpoint_uri", stage_b["checkpoint_uri"])
-        trial.set_user_attr("latentgate.optimizer_steps", int(stage_b["steps"]))
+        lineage.client().set_tag(stage_b["run_id"], SweepTag.TRIAL_STATE, "COMPLETE")
+        trial.set_user_attr(TrialAttr.STAGE_B_RUN_ID, stage_b["run_id"])
+        trial.set_user_attr(TrialAttr.CHECKPOINT_URI, stage_b["checkpoint_uri"])
+        trial.set_user_attr(TrialAttr.OPTIMIZER_STEPS, int(stage_b["steps"]))
         ev = run_eval(cfg, ctx.base, Path(stage_b["checkpoint"]), out, ctx.splits,
                       source_uri=stage_b["checkpoint_uri"])
         paths = ev["metrics"]["paths"]
         value, main, tie = spec.score(paths)
-        trial.set_user_attr("latentgate.eval_run_id", ev["run_id"])
-        trial.set_user_attr("latentgate.latent_f1", paths["latent"]["f1"])
-        trial.set_user_attr("latentgate.latent_first_top1", paths["latent"]["first_top1"])
+        latent = paths[EvalPath.LATENT]
+        trial.set_user_attr(TrialAttr.EVAL_RUN_ID, ev["run_id"])
+        trial.set_user_attr(TrialAttr.LATENT_F1, latent[EvalKey.F1])
+        trial.set_user_attr(TrialAttr.LATENT_FIRST_TOP1, latent[EvalKey.FIRST_TOP1])
         _upload_artifacts(ctx, trial, run_id, out / "eval", ev["metrics"])
         st.end_trial_run(run_id, "COMPLETE", metrics={
-            "objective": value, "latent_f1": paths["latent"]["f1"], "latent_em": paths["latent"]["em"],
-            "latent_first_top1": paths["latent"]["first_top1"], "optimizer_steps": stage_b["steps"]},
-            tags={"latentgate.eval_run": ev["run_id"], "latentgate.stage_b_run": stage_b["run_id"]})
+            Summary.OBJECTIVE: value, Summary.LATENT_F1: latent[EvalKey.F1], Summary.LATENT_EM: latent[EvalKey.EM],
+            Summary.LATENT_FIRST_TOP1: latent[EvalKey.FIRST_TOP1], Summary.OPTIMIZER_STEPS: stage_b["steps"]},
+            tags={Tag.EVAL_RUN: ev["run_id"], Tag.STAGE_B_RUN: stage_b["run_id"]})
         return value
     except optuna.TrialPruned as err:
-        trial.set_user_attr("latentgate.optimizer_steps", int(state["step"]))
+        trial.set_user_attr(TrialAttr.OPTIMIZER_STEPS, int(state["step"]))
         if state["stage_run"]:
             st.mark_run(state["stage_run"], "PRUNED", str(err))
-        st.end_trial_run(run_id, "PRUNED", metrics={"optimizer_steps": state["step"]},
-                         tags={"latentgate.pruned": str(err)})
+        st.end_trial_run(run_id, "PRUNED", metrics={Summary.OPTIMIZER_STEPS: state["step"]},
+                         tags={SweepTag.PRUNED: str(err)})
         raise
     except BaseException as err:
         steps = int(stage_b["steps"]) if stage_b else int(state["step"])
-        trial.set_user_attr("latentgate.optimizer_steps", steps)
-        st.end_trial_run(run_id, "FAIL", metrics={"optimizer_steps": steps},
-                         tags={"latentgate.error": f"{type(err).__name__}: {str(err)[:500]}"})
+        trial.set_user_attr(TrialAttr.OPTIMIZER_STEPS, steps)
+        st.end_trial_run(run_id, "FAIL", metrics={Summary.OPTIMIZER_STEPS: steps},
+                         tags={Tag.ERROR: f"{type(err).__name__}: {str(err)[:500]}"})
         raise
 
 
 def _upload_artifacts(ctx: TrialContext, trial, run_id: str, eval_dir: Path, metrics: dict) -> None:
     """Sample predictions and the F1 breakdown: to the Optuna artifact store (the dashboard shows them) and to
     the trial's MLflow run."""
-    rows = [json.loads(line) for line in (eval_dir / "eval_detailed.jsonl").read_text().splitlines() if line]
-    latent = [r for r in rows if r["path"] == "latent"][:SAMPLE_ROWS]
+    rows = [json.loads(line) for line in (eval_dir / Artifact.EVAL_DETAILED).read_text().splitlines() if line]
+    latent = [r for r in rows if r["path"] == EvalPath.LATENT][:SAMPLE_ROWS]
     samples = eval_dir / "sample_predictions.jsonl"
     samples.write_text("".join(json.dumps({k: r[k] for k in ("id", "question", "references", "prediction", "f1",
                                                                  "em", "first_token_correct", "error_mode")}) + "\n"
                                for r in latent))
-    lp = metrics["paths"]["latent"]
-    breakdown = {"latent": {k: lp[k] for k in ("f1", "em", "first_top1", "first_top5", "f1_distribution",
-                                               "first_f1_nonzero_idx", "error_modes", "top_prediction_share",
-                                               "distinct_first_tokens")},
-                 "controls_f1": {p: m["f1"] for p, m in metrics["paths"].items() if p != "latent"},
+    lp = metrics["paths"][EvalPath.LATENT]
+    breakdown = {EvalPath.LATENT: {k: lp[k] for k in (
+                     EvalKey.F1, EvalKey.EM, EvalKey.FIRST_TOP1, EvalKey.FIRST_TOP5, EvalKey.F1_DISTRIBUTION,
+                     EvalKey.FIRST_F1_NONZERO_IDX, EvalKey.ERROR_MODES, EvalKey.TOP_PREDICTION_SHARE,
+                     EvalKey.DISTINCT_FIRST_TOKENS)},
+                 "controls_f1": {p: m[EvalKey.F1] for p, m in metrics["paths"].items() if p != EvalPath.LATENT},
                  "n_examples": metrics["n_examples"]}
     bd = eval_dir / "f1_breakdown.json"
     bd.write_text(json.dumps(breakdown, indent=2, sort_keys=True))
@@ -142,4 +141,4 @@ def _upload_artifacts(ctx: TrialContext, trial, run_id: str, eval_dir: Path, met
         for path, mime in ((samples, "application/jsonl"), (bd, "application/json")):
             aid = upload_artifact(artifact_store=ctx.artifact_store, file_path=str(path), study_or_trial=trial,
                                   mimetype=mime)
-            trial.set_user_attr(f"latentgate.artifact.{path.name}", aid)
+            trial.set_user_attr(TrialAttr.ARTIFACT_PREFIX + path.name, aid)

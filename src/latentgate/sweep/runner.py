@@ -25,16 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latentgate.errors import ConfigError, StoreError
+from latentgate.schema import Artifact, StudyAttr, Summary, SweepTag, Tag, TrialAttr, VersionTag
 from latentgate.sweep import tracking as st
-from latentgate.sweep.objective import N_TRIALS_ATTR, PARENT_ATTR, RESUME_ATTR, SPEC_ATTR, TrialContext, run_trial
-from latentgate.sweep.stopping import STOPPED_ATTR, stop_reason
+from latentgate.sweep.objective import TrialContext, run_trial
+from latentgate.sweep.stopping import stop_reason
 from latentgate.sweep.storage import AskLock, dashboard_command, open_storage, resolve_storage
 from latentgate.sweep.study import StudySpec, build_pruner, build_sampler, spec_from_dict
 from latentgate.tracking import lineage
 from latentgate.tracking.secrets import mask_secrets
 
 POLL_S = 1.0
-STAGE_A_KEY_TAG = "latentgate.sweep.stage_a_key"
 
 
 @dataclass
@@ -93,19 +93,19 @@ def run_worker(study_name: str, storage_url: str, worker_index: int = 0, threads
     except KeyError:
         raise StoreError(f"study {study_name!r} does not exist in {mask_secrets(storage_url)}",
                          "create it with `latentgate sweep --study <name> --storage <url>` first") from None
-    if SPEC_ATTR not in study0.user_attrs or RESUME_ATTR not in study0.user_attrs:
+    if StudyAttr.SPEC not in study0.user_attrs or StudyAttr.RESUME_FROM not in study0.user_attrs:
         raise StoreError(f"study {study_name!r} was not created by `latentgate sweep`",
                          "start the sweep with `latentgate sweep` before starting workers by hand")
-    spec = spec_from_dict(study0.user_attrs[SPEC_ATTR], f"study {study_name} (stored)")
-    n_trials = int(study0.user_attrs[N_TRIALS_ATTR])
-    parent = study0.user_attrs.get(PARENT_ATTR)
+    spec = spec_from_dict(study0.user_attrs[StudyAttr.SPEC], f"study {study_name} (stored)")
+    n_trials = int(study0.user_attrs[StudyAttr.N_TRIALS])
+    parent = study0.user_attrs.get(StudyAttr.PARENT_RUN)
     storage = open_storage(storage_url, spec.heartbeat, st.StaleTrialCallback(spec.heartbeat["max_retry"]))
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=build_sampler(spec, worker_index),
                               pruner=build_pruner(spec))
     mlflow.set_tracking_uri(tracking_uri())
     if mlflow.active_run() is None and parent:
         mlflow.set_experiment(experiment_id=mlflow.get_run(parent).info.experiment_id)
-    ctx = TrialContext(spec, study.user_attrs[RESUME_ATTR], parent, threads, artifact_store(spec))
+    ctx = TrialContext(spec, study.user_attrs[StudyAttr.RESUME_FROM], parent, threads, artifact_store(spec))
     lock = AskLock(storage_url, study_name)
     ran = 0
     bar = _trials_bar(study, study_name, n_trials)
@@ -154,13 +154,13 @@ def _show_trials(bar, study, force: bool = True) -> None:
 def _describe_last(study) -> str:
     import optuna
 
-    mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("latentgate.worker_pid") == os.getpid()
+    mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(TrialAttr.WORKER_PID) == os.getpid()
             and t.state != optuna.trial.TrialState.RUNNING]
     if not mine:
         return "no trial"
     t = mine[-1]
     value = f" value {t.value:.4f}" if t.value is not None else ""
-    return f"trial {t.number}: {t.state.name}{value} ({t.user_attrs.get('latentgate.optimizer_steps', 0)} steps)"
+    return f"trial {t.number}: {t.state.name}{value} ({t.user_attrs.get(TrialAttr.OPTIMIZER_STEPS, 0)} steps)"
 
 
 # ---- coordinator -----------------------------------------------------------------------------------------------
@@ -182,17 +182,17 @@ def ensure_stage_a(spec: StudySpec, cfg, echo=print) -> str:
     if active is not None:
         ids = sorted(set(ids) | {active.info.experiment_id})
     if ids:
-        runs = mlflow.search_runs(ids, filter_string=f"tags.`{STAGE_A_KEY_TAG}` = '{key}' and "
+        runs = mlflow.search_runs(ids, filter_string=f"tags.`{SweepTag.STAGE_A_KEY}` = '{key}' and "
                                                     "attributes.status = 'FINISHED'",
                                   order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
         if runs:
             echo(f"resume_from: reusing Stage A run {runs[0].info.run_id}")
-            return f"runs:/{runs[0].info.run_id}/checkpoints/stage_a"
+            return f"runs:/{runs[0].info.run_id}/{Artifact.checkpoint('stage_a')}"
     echo("resume_from: auto -> training the base LM (or reusing a registered one) and Stage A once")
     out = run_output_dir(cfg, f"sweep-{spec.name}-stage_a")
     splits = load_splits(cfg)
     base = run_base(cfg, out, splits)["base"]
-    a = run_stage(cfg, "stage_a", base, out, splits, tags={STAGE_A_KEY_TAG: key, st.STUDY_TAG: spec.name})
+    a = run_stage(cfg, "stage_a", base, out, splits, tags={SweepTag.STAGE_A_KEY: key, SweepTag.STUDY: spec.name})
     return a["checkpoint_uri"]
 
 
@@ -236,14 +236,14 @@ def create_study(spec: StudySpec, url: str, n_trials: int):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=spec.name, storage=open_storage(url), direction="maximize",
                                 sampler=build_sampler(spec), pruner=build_pruner(spec), load_if_exists=True)
-    stored = study.user_attrs.get(SPEC_ATTR)
+    stored = study.user_attrs.get(StudyAttr.SPEC)
     trial_spec = lambda d: json.dumps({k: v for k, v in d.items() if k != "stop"}, sort_keys=True)  # noqa: E731
     if stored is not None and trial_spec(stored) != trial_spec(spec.to_dict()):  # a stop rule may change
         raise ConfigError(f"study {spec.name!r} in {mask_secrets(url)} was created from a different study file",
                           "continue it with the same file, or use another study_name or storage")
-    study.set_user_attr(SPEC_ATTR, spec.to_dict())
-    study.set_user_attr(N_TRIALS_ATTR, int(n_trials))
-    study.set_user_attr(STOPPED_ATTR, "")  # a continued study checks its stop rule afresh
+    study.set_user_attr(StudyAttr.SPEC, spec.to_dict())
+    study.set_user_attr(StudyAttr.N_TRIALS, int(n_trials))
+    study.set_user_attr(StudyAttr.STOPPED, "")  # a continued study checks its stop rule afresh
     return study
 
 
@@ -266,17 +266,17 @@ def run_sweep(spec: StudySpec, n_trials: int | None = None, workers: int = 1, st
     if workers > 1 and threads is None:
         threads = max(1, (os.cpu_count() or 1) // workers)
     # inside `mlflow run` the project's run is the study's parent; nested trial runs must not re-attach to it
-    parent_id = adopt_project_run() or _existing_run(study.user_attrs.get(PARENT_ATTR))
+    parent_id = adopt_project_run() or _existing_run(study.user_attrs.get(StudyAttr.PARENT_RUN))
     t0 = time.perf_counter()
-    with tracked_run("sweep", nested=False, run_id=parent_id, tags={st.STUDY_TAG: spec.name}) as tr:
-        study.set_user_attr(PARENT_ATTR, tr.run_id)
+    with tracked_run("sweep", nested=False, run_id=parent_id, tags={SweepTag.STUDY: spec.name}) as tr:
+        study.set_user_attr(StudyAttr.PARENT_RUN, tr.run_id)
         _log_parent(tr, spec, url, n_trials, workers)
-        resume = study.user_attrs.get(RESUME_ATTR)
+        resume = study.user_attrs.get(StudyAttr.RESUME_FROM)
         if not resume:
             resume = ensure_stage_a(spec, cfg, echo) if spec.resume_from == "auto" else spec.resume_from
             _check_resume(spec, cfg, resume)
-            study.set_user_attr(RESUME_ATTR, resume)
-        tr.set_tags({"latentgate.resume_from": resume})
+            study.set_user_attr(StudyAttr.RESUME_FROM, resume)
+        tr.set_tags({Tag.RESUME_FROM: resume})
         echo(f"study {spec.name}: {n_trials} trials, {workers} worker(s), storage {mask_secrets(url)}")
         echo(f"dashboard: {dashboard_command(url, str(Path(spec.artifact_dir) / spec.name))}")
         t_workers = time.perf_counter()
@@ -305,7 +305,7 @@ def sweep_note(s: dict) -> str:
         lines.append(f"Stopped early: {s['stopped']}")
     b = s.get("best")
     if b:
-        lines.append(f"Best trial #{b['number']}: value {b['value']:.4f}, latent F1 {b['latent_f1'] or 0:.4f}; "
+        lines.append(f"Best trial #{b['number']}: value {b['value']:.4f}, latent F1 {b[Summary.LATENT_F1] or 0:.4f}; "
                      f"params `{b['params']}`.")
     reg = s.get("registry") or {}
     if reg.get("version"):
@@ -340,9 +340,9 @@ def _log_parent(tr, spec: StudySpec, url: str, n_trials: int, workers: int) -> N
         tr.log_params(params)
     except MlflowException:  # a resumed study's parent run: params are immutable, so these go to tags
         pass
-    tr.set_tags({"latentgate.n_trials": n_trials, "latentgate.workers": workers,
-                 "latentgate.storage": mask_secrets(url), "latentgate.sampler": spec.sampler["name"],
-                 "latentgate.pruner": spec.pruner["name"], "latentgate.seed": spec.sampler.get("seed")})
+    tr.set_tags({SweepTag.N_TRIALS: n_trials, SweepTag.WORKERS: workers, SweepTag.STORAGE: mask_secrets(url),
+                 SweepTag.SAMPLER: spec.sampler["name"], SweepTag.PRUNER: spec.pruner["name"],
+                 SweepTag.SEED: spec.sampler.get("seed")})
     tr.log_dict(spec.to_dict(), "study.json")
     tr.set_name(f"sweep {spec.name} ({spec.sampler['name']}, {spec.pruner['name']} pruner, {n_trials} trials)")
 
@@ -373,7 +373,7 @@ def _run_worker_processes(spec: StudySpec, url: str, workers: int, threads: int 
         _supervise(procs, start, study, workers, n_trials, echo)
     finally:  # the coordinator is stopping (SIGTERM, Ctrl-C, an error): its workers stop with it
         _stop_workers(procs)
-    if progress(study).done < n_trials and not study.user_attrs.get(STOPPED_ATTR):
+    if progress(study).done < n_trials and not study.user_attrs.get(StudyAttr.STOPPED):
         raise StoreError(f"study {spec.name}: workers stopped with {progress(study).done}/{n_trials} trials done",
                          f"see the worker logs in {log_dir}; rerun the same command to continue the study")
 
@@ -405,7 +405,7 @@ def _supervise(procs: dict, start, study, workers: int, n_trials: int, echo=prin
 
 def _unfinished(study, n_trials: int) -> bool:
     """Trials remain: the budget is not spent and the stop rule has not stopped the study."""
-    return progress(study).done < n_trials and not study.user_attrs.get(STOPPED_ATTR)
+    return progress(study).done < n_trials and not study.user_attrs.get(StudyAttr.STOPPED)
 
 
 def _stop_workers(procs: dict, grace_s: float = 60) -> None:
@@ -430,39 +430,38 @@ def finalize(study, spec: StudySpec, tr, echo=print, register: bool = True) -> d
 
     p = progress(study)
     trials = study.get_trials(deepcopy=False)
-    steps = sum(int(t.user_attrs.get("latentgate.optimizer_steps", 0)) for t in trials)
+    steps = sum(int(t.user_attrs.get(TrialAttr.OPTIMIZER_STEPS, 0)) for t in trials)
     summary = {"study": spec.name, "complete": p.complete, "pruned": p.pruned, "failed": p.failed,
                "finished": p.done, "trials": p.total, "optimizer_steps": steps, "best": None,
-               "stopped": study.user_attrs.get(STOPPED_ATTR) or ""}
+               "stopped": study.user_attrs.get(StudyAttr.STOPPED) or ""}
     if summary["stopped"]:  # the stop rule ended the study before its budget: say so, and why
-        tr.set_tags({"latentgate.stopped": summary["stopped"]})
+        tr.set_tags({SweepTag.STOPPED: summary["stopped"]})
         echo(f"study {spec.name} {summary['stopped']}")
     tr.log_metrics({"sweep/complete": p.complete, "sweep/pruned": p.pruned, "sweep/failed": p.failed,
                     "sweep/optimizer_steps": steps}, step=0)
     complete = [t for t in trials if t.state == S.COMPLETE]
     _log_plots(study, tr, echo)
     if not complete:
-        tr.set_tags({"latentgate.best_trial": "none"})
+        tr.set_tags({SweepTag.BEST_TRIAL: "none"})
         echo("no trial completed: no best trial")
         return summary
     best = study.best_trial
     ua = best.user_attrs
     summary["best"] = {"number": best.number, "value": best.value, "params": best.params,
-                       "latent_f1": ua.get("latentgate.latent_f1"),
-                       "latent_first_top1": ua.get("latentgate.latent_first_top1"),
-                       "trial_run_id": ua.get("latentgate.mlflow_run_id"),
-                       "eval_run_id": ua.get("latentgate.eval_run_id"),
-                       "checkpoint_uri": ua.get("latentgate.checkpoint_uri")}
-    tr.log_metrics({"best/value": best.value, "best/latent_f1": ua.get("latentgate.latent_f1") or 0.0,
-                    "best/latent_first_top1": ua.get("latentgate.latent_first_top1") or 0.0}, step=0)
-    tr.set_tags({"latentgate.best_trial": best.number, "latentgate.best_trial_run": ua.get("latentgate.mlflow_run_id"),
-                 "latentgate.best_eval_run": ua.get("latentgate.eval_run_id"),
-                 "latentgate.best_checkpoint": ua.get("latentgate.checkpoint_uri"),
+                       Summary.LATENT_F1: ua.get(TrialAttr.LATENT_F1),
+                       Summary.LATENT_FIRST_TOP1: ua.get(TrialAttr.LATENT_FIRST_TOP1),
+                       "trial_run_id": ua.get(TrialAttr.MLFLOW_RUN_ID), "eval_run_id": ua.get(TrialAttr.EVAL_RUN_ID),
+                       "checkpoint_uri": ua.get(TrialAttr.CHECKPOINT_URI)}
+    tr.log_metrics({"best/value": best.value, f"best/{Summary.LATENT_F1}": ua.get(TrialAttr.LATENT_F1) or 0.0,
+                    f"best/{Summary.LATENT_FIRST_TOP1}": ua.get(TrialAttr.LATENT_FIRST_TOP1) or 0.0}, step=0)
+    tr.set_tags({SweepTag.BEST_TRIAL: best.number, SweepTag.BEST_TRIAL_RUN: ua.get(TrialAttr.MLFLOW_RUN_ID),
+                 SweepTag.BEST_EVAL_RUN: ua.get(TrialAttr.EVAL_RUN_ID),
+                 SweepTag.BEST_CHECKPOINT: ua.get(TrialAttr.CHECKPOINT_URI),
                  **{f"best.{k}": v for k, v in best.params.items()}})
-    echo(f"best trial {best.number}: value {best.value:.4f} (latent F1 {ua.get('latentgate.latent_f1', 0):.4f}) "
+    echo(f"best trial {best.number}: value {best.value:.4f} (latent F1 {ua.get(TrialAttr.LATENT_F1, 0):.4f}) "
          f"params {best.params}")
     if register:
-        summary["registry"] = register_best(ua.get("latentgate.eval_run_id"), tr, echo)
+        summary["registry"] = register_best(ua.get(TrialAttr.EVAL_RUN_ID), tr, echo)
     return summary
 
 
@@ -471,21 +470,21 @@ def register_best(eval_run_id: str | None, tr, echo=print) -> dict:
     if not eval_run_id:
         return {"note": "best trial has no eval run"}
     try:
-        from latentgate.registry.gate import evaluate
+        from latentgate.registry.gate import check_candidate
         from latentgate.registry.model import register_candidate, version_for_eval_run
     except ImportError as err:
         note = f"registry API unavailable ({err}); best model not registered"
-        tr.set_tags({"latentgate.registry_note": note})
+        tr.set_tags({SweepTag.REGISTRY_NOTE: note})
         echo(note)
         return {"note": note}
     # a continued study whose best trial did not change keeps its version instead of registering a copy
     version = version_for_eval_run(eval_run_id) or register_candidate(eval_run_id)
-    report = evaluate(version)
+    report = check_candidate(version)
     rows = getattr(report, "rows", [])
     out = {"version": str(getattr(version, "version", version)), "gate_passed": bool(report.passed),
            "missing": list(getattr(report, "missing", []) or []),
            "evidence": record_checks(report, f"sweep run {tr.run_id}")}
-    tr.set_tags({"latentgate.best_model_version": out["version"], "latentgate.best_gate_passed": out["gate_passed"]})
+    tr.set_tags({SweepTag.BEST_MODEL_VERSION: out["version"], SweepTag.BEST_GATE_PASSED: out["gate_passed"]})
     tr.log_dict({**out, "rows": [r if isinstance(r, dict) else getattr(r, "__dict__", str(r)) for r in rows]},
                 "best_gate_report.json")
     echo(f"best model version {out['version']}: readiness checklist {'PASSED' if out['gate_passed'] else 'not passed'}"
@@ -500,18 +499,19 @@ def record_checks(report, checked_by: str) -> str:
     alias never moves here, and a version holding it keeps its tags (`latentgate promote <version>` re-checks it,
     and takes the alias off if it now fails). Returns what was done."""
     from latentgate.registry.checklist import load_checklist
-    from latentgate.registry.gate import TAG_CHECK, alias_holder, check_tag_value, registry_lock
+    from latentgate.registry.gate import alias_holder, check_tag_value, registry_lock
     cl, name, v, c = load_checklist(report.checklist or None), report.model_name, str(report.version), lineage.client()
     with registry_lock(name):
         if alias_holder(c, name, cl.alias) == v:
             return f"version {v} holds the alias {cl.alias}: tags left to `latentgate promote {v}`"
         mv = c.get_model_version(name, v)
-        for key in [k for k in mv.tags if k.startswith(TAG_CHECK) and k[len(TAG_CHECK):] not in cl.names()]:
+        check = VersionTag.CHECK_PREFIX
+        for key in [k for k in mv.tags if k.startswith(check) and k.removeprefix(check) not in cl.names()]:
             c.delete_model_version_tag(name, v, key)
         for row in report.rows:
-            c.set_model_version_tag(name, v, f"{TAG_CHECK}{row['name']}", check_tag_value(row))
-        c.set_model_version_tag(name, v, "latentgate.checked_by", checked_by)
-    return f"{len(report.rows)} {TAG_CHECK}* tags on version {v}"
+            c.set_model_version_tag(name, v, f"{VersionTag.CHECK_PREFIX}{row['name']}", check_tag_value(row))
+        c.set_model_version_tag(name, v, VersionTag.CHECKED_BY, checked_by)
+    return f"{len(report.rows)} {VersionTag.CHECK_PREFIX}* tags on version {v}"
 
 
 def _log_plots(study, tr, echo=print) -> None:
@@ -539,7 +539,7 @@ def _log_plots(study, tr, echo=print) -> None:
                 plt.close(fig)
                 made.append(name)
             except Exception as err:  # noqa: BLE001 - e.g. importances need 2+ complete trials
-                tr.set_tags({f"latentgate.plot_note.{name}": f"{type(err).__name__}: {str(err)[:200]}"})
+                tr.set_tags({SweepTag.PLOT_NOTE_PREFIX + name: f"{type(err).__name__}: {str(err)[:200]}"})
         if made:
             tr.log_artifacts(tmp, "optuna_plots")
     echo(f"plots: {', '.join(made) or 'none'} (parent run artifacts optuna_plots/)")
@@ -555,7 +555,7 @@ def format_summary(s: dict) -> str:
         lines.append(f"stopped early     {s['stopped']}")
     if s.get("best"):
         b = s["best"]
-        lines += [f"best trial        #{b['number']}  value {b['value']:.4f}  latent F1 {b['latent_f1']:.4f}",
+        lines += [f"best trial        #{b['number']}  value {b['value']:.4f}  latent F1 {b[Summary.LATENT_F1]:.4f}",
                   f"best params       {b['params']}",
                   f"best checkpoint   {b['checkpoint_uri']}"]
         if s.get("registry"):

@@ -18,8 +18,8 @@ changed on a continued study: it decides when to stop asking, not what a trial m
 from __future__ import annotations
 
 from latentgate.errors import ConfigError
+from latentgate.schema import StudyAttr
 
-STOPPED_ATTR = "latentgate.stopped"
 RULES = {"none": {}, "patience": {"trials": int, "min_delta": float},
          "terminator": {"min_n_trials": int, "threshold": float}}
 REQUIRED = {"patience": ("trials",), "terminator": ("threshold",)}
@@ -108,8 +108,8 @@ def terminator_reason(study, min_n_trials: int, threshold: float) -> str | None:
 
 def stop_reason(stop: dict, study) -> str | None:
     """Why the study should not start another trial (None: go on). A reason found earlier (by any worker) holds."""
-    if study.user_attrs.get(STOPPED_ATTR):
-        return study.user_attrs[STOPPED_ATTR]
+    if study.user_attrs.get(StudyAttr.STOPPED):
+        return study.user_attrs[StudyAttr.STOPPED]
     rule = stop.get("rule", "none")
     if rule == "none":
         return None
@@ -123,5 +123,5 @@ def stop_reason(stop: dict, study) -> str | None:
     if reason:
         done = len(finished_trials(study))
         reason = f"stopped after {done} finished trials: {reason}"
-        study.set_user_attr(STOPPED_ATTR, reason)
+        study.set_user_attr(StudyAttr.STOPPED, reason)
     return reason

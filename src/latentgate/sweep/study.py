@@ -18,6 +18,7 @@ from typing import Any
 
 from latentgate.config import load_yaml_mapping
 from latentgate.errors import ConfigError
+from latentgate.schema import EvalKey, EvalPath, Probe, Summary
 
 SWEEP_DIR = Path(__file__).with_name("studies")  # package data; sweeps/ in a checkout links here
 DEFAULTS = "defaults"
@@ -26,8 +27,9 @@ TOP_KEYS = ("study_name", "preset", "overrides", "resume_from", "objective", "n_
             "heartbeat", "artifact_dir", "search_space", "stop")
 OPTIONAL_KEYS = ("stop",)  # absent: no stopping rule (so studies stored before it existed load unchanged)
 OBJECTIVE_KEYS = ("metric", "tie_break", "tie_weight")
-OBJECTIVE_METRICS = {"latent_f1": ("latent", "f1"), "latent_em": ("latent", "em"),
-                     "latent_first_top1": ("latent", "first_top1"), "latent_first_top5": ("latent", "first_top5")}
+OBJECTIVE_METRICS = {Summary.LATENT_F1: (EvalPath.LATENT, EvalKey.F1), Summary.LATENT_EM: (EvalPath.LATENT, EvalKey.EM),
+                     Summary.LATENT_FIRST_TOP1: (EvalPath.LATENT, EvalKey.FIRST_TOP1),
+                     Summary.LATENT_FIRST_TOP5: (EvalPath.LATENT, EvalKey.FIRST_TOP5)}
 HEARTBEAT_KEYS = ("interval", "grace_period", "max_retry")
 # A trial resumes Stage A's encoder + adapter: only Stage B and its LoRA may vary.
 SEARCHABLE_PREFIXES = ("stage_b.", "model.lora_")
@@ -105,7 +107,8 @@ class StudySpec:
 
     def probe_value(self, probe: dict) -> float:
         """The intermediate value at a probe: probe f1 + tie_weight * probe first-token accuracy."""
-        return float(probe.get("f1") or 0.0) + float(self.objective.get("tie_weight", 0.0)) * float(probe["first_acc"])
+        tie = float(self.objective.get("tie_weight", 0.0))
+        return float(probe.get(Probe.F1) or 0.0) + tie * float(probe[Probe.FIRST_ACC])
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import time
 
+from latentgate.schema import MlflowTag, Probe, Summary, SweepTag, Tag, TrialAttr
 from latentgate.tracking.lineage import client
 
-STATE_TAG = "latentgate.trial_state"
-STUDY_TAG = "latentgate.study"
-TRIAL_TAG = "latentgate.trial_number"
 STATUS_OF = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 
@@ -29,14 +27,14 @@ def start_trial_run(parent_run_id: str | None, study: str, number: int, params: 
     from latentgate.tracking.labels import trial_run_name
     from latentgate.tracking.runs import provenance_tags
 
-    tags = {"latentgate.phase": "trial", STUDY_TAG: study, TRIAL_TAG: str(number), STATE_TAG: "RUNNING",
-            **provenance_tags()}
+    tags = {Tag.PHASE: "trial", SweepTag.STUDY: study, SweepTag.TRIAL_NUMBER: str(number),
+            SweepTag.TRIAL_STATE: "RUNNING", **provenance_tags()}
     name = trial_run_name(number, params)  # what this trial tries: `trial-7 fte=6 lr=1e-4 cosine 350 steps`
     if mlflow.active_run() is not None:  # in-process worker: nests under the active sweep run
         run = mlflow.start_run(run_name=name, nested=True, tags=tags)
     else:
         if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
+            tags[MlflowTag.PARENT_RUN] = parent_run_id
         run = mlflow.start_run(run_name=name, tags=tags)
     c = client()
     from mlflow.entities import Param
@@ -54,9 +52,9 @@ def log_intermediate(run_id: str, step: int, value: float, probe: dict) -> None:
 
     now = int(time.time() * 1000)
     metrics = [Metric("trial/intermediate", float(value), now, step),
-               Metric("trial/probe_first_acc", float(probe["first_acc"]), now, step)]
-    if probe.get("f1") is not None:
-        metrics.append(Metric("trial/probe_f1", float(probe["f1"]), now, step))
+               Metric(f"trial/{Probe.key(Probe.FIRST_ACC)}", float(probe[Probe.FIRST_ACC]), now, step)]
+    if probe.get(Probe.F1) is not None:
+        metrics.append(Metric(f"trial/{Probe.key(Probe.F1)}", float(probe[Probe.F1]), now, step))
     client().log_batch(run_id, metrics=metrics, synchronous=True)
 
 
@@ -69,7 +67,7 @@ def end_trial_run(run_id: str, state: str, metrics: dict | None = None, tags: di
     if metrics:
         now = int(time.time() * 1000)
         c.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()], synchronous=True)
-    for k, v in {STATE_TAG: state, **(tags or {}), "mlflow.note.content": trial_note(state, metrics, tags)}.items():
+    for k, v in {SweepTag.TRIAL_STATE: state, **(tags or {}), MlflowTag.NOTE: trial_note(state, metrics, tags)}.items():
         c.set_tag(run_id, k, str(v)[:5000])
     active = mlflow.active_run()
     if active is not None and active.info.run_id == run_id:
@@ -81,14 +79,15 @@ def end_trial_run(run_id: str, state: str, metrics: dict | None = None, tags: di
 def trial_note(state: str, metrics: dict | None, tags: dict | None) -> str:
     """The trial run's description in the UI: its outcome in one or two lines."""
     m, t = metrics or {}, tags or {}
-    steps = int(m.get("optimizer_steps", 0))
+    steps = int(m.get(Summary.OPTIMIZER_STEPS, 0))
     if state == "COMPLETE":
-        return (f"**COMPLETE**: objective {m.get('objective', 0):.4f}; latent F1 {m.get('latent_f1', 0):.3f} / EM "
-                f"{m.get('latent_em', 0):.3f}, first-token top-1 {m.get('latent_first_top1', 0):.1%}; {steps} "
-                f"optimizer steps. Eval run `{t.get('latentgate.eval_run', '')}`.")
+        return (f"**COMPLETE**: objective {m.get(Summary.OBJECTIVE, 0):.4f}; latent F1 "
+                f"{m.get(Summary.LATENT_F1, 0):.3f} / EM {m.get(Summary.LATENT_EM, 0):.3f}, first-token top-1 "
+                f"{m.get(Summary.LATENT_FIRST_TOP1, 0):.1%}; {steps} optimizer steps. Eval run "
+                f"`{t.get(Tag.EVAL_RUN, '')}`.")
     if state == "PRUNED":
-        return f"**PRUNED** after {steps} optimizer steps: {t.get('latentgate.pruned', '')}."
-    return f"**FAILED** after {steps} optimizer steps: {t.get('latentgate.error', '')}"
+        return f"**PRUNED** after {steps} optimizer steps: {t.get(SweepTag.PRUNED, '')}."
+    return f"**FAILED** after {steps} optimizer steps: {t.get(Tag.ERROR, '')}"
 
 
 def mark_run(run_id: str, state: str, note: str = "") -> None:
@@ -97,13 +96,13 @@ def mark_run(run_id: str, state: str, note: str = "") -> None:
 
     c = client()
     try:
-        c.set_tag(run_id, STATE_TAG, state)
+        c.set_tag(run_id, SweepTag.TRIAL_STATE, state)
         if state == "PRUNED":
             try:
-                c.delete_tag(run_id, "latentgate.error")  # pruning is a decision, not an error
+                c.delete_tag(run_id, Tag.ERROR)  # pruning is a decision, not an error
             except MlflowException:
                 pass
-            c.set_tag(run_id, "latentgate.pruned", note)
+            c.set_tag(run_id, SweepTag.PRUNED, note)
         c.set_terminated(run_id, STATUS_OF[state])
     except MlflowException:
         pass
@@ -118,15 +117,15 @@ def fail_dead_runs(run_id: str, note: str) -> None:
         run = c.get_run(run_id)
     except MlflowException:
         return
-    children = c.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+    children = c.search_runs([run.info.experiment_id], filter_string=f"tags.`{MlflowTag.PARENT_RUN}` = '{run_id}'")
     for child in children:
         if child.info.status == "RUNNING":
-            c.set_tag(child.info.run_id, STATE_TAG, "FAIL")
-            c.set_tag(child.info.run_id, "latentgate.error", note)
+            c.set_tag(child.info.run_id, SweepTag.TRIAL_STATE, "FAIL")
+            c.set_tag(child.info.run_id, Tag.ERROR, note)
             c.set_terminated(child.info.run_id, "FAILED")
-    c.set_tag(run_id, "latentgate.error", note)
+    c.set_tag(run_id, Tag.ERROR, note)
     if run.info.status == "RUNNING":
-        c.set_tag(run_id, STATE_TAG, "FAIL")
+        c.set_tag(run_id, SweepTag.TRIAL_STATE, "FAIL")
         c.set_terminated(run_id, "FAILED")
 
 
@@ -140,10 +139,10 @@ class StaleTrialCallback:
 
     def __call__(self, study, trial) -> None:
         self.retry(study, trial)
-        run_id = trial.user_attrs.get("latentgate.mlflow_run_id")
+        run_id = trial.user_attrs.get(TrialAttr.MLFLOW_RUN_ID)
         if run_id:
             try:
-                fail_dead_runs(run_id, f"worker died (pid {trial.user_attrs.get('latentgate.worker_pid')}): "
+                fail_dead_runs(run_id, f"worker died (pid {trial.user_attrs.get(TrialAttr.WORKER_PID)}): "
                                        f"no heartbeat; trial {trial.number} failed and retried")
             except Exception:  # noqa: BLE001 - tracking must not stop the retry
                 pass

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 from mlflow.exceptions import MlflowException
 
+from latentgate.schema import Artifact, EvalKey, EvalPath, Probe, Summary
 from latentgate.tracking.lineage import base_source, client, run_in_uri
 from latentgate.tracking.secrets import mask_secrets
-
-NOTE_TAG = "mlflow.note.content"
-RUN_NAME_TAG = "mlflow.runName"
 
 # config key (last part, or the full key for model.*) -> short name; "" shows the value alone
 SHORT = {"first_token_ce_weight": "fte", "lr": "lr", "schedule": "", "min_lr": "min_lr", "warmup_steps": "warmup",
@@ -113,19 +111,19 @@ def _pct(v) -> str:
 
 
 def stage_note(phase: str, stage: str, result: dict, init_from: str = "", final_loss: float | None = None) -> str:
-    probes = [p for p in result.get("probes") or [] if p.get("first_acc") is not None]
+    probes = [p for p in result.get("probes") or [] if p.get(Probe.FIRST_ACC) is not None]
     final = result.get("final_probe") or {}
     lines = [f"**{phase}** ({stage}): {result.get('steps')} optimizer steps in {result.get('elapsed', 0):.0f} s"
              + (f", starting from `{mask_secrets(init_from)}`" if init_from else "") + "."]
     if final_loss is not None:
         lines.append(f"Final loss {final_loss:.4f}.")
     if probes:
-        peak = max(probes, key=lambda p: p["first_acc"])
-        text = (f"Probe first-token accuracy {_pct(final.get('first_acc'))} at the end, peak {_pct(peak['first_acc'])}"
-                f" at step {peak['step']}")
-        if final.get("first_acc_lift") is not None:
-            text += (f"; lift {final['first_acc_lift']:+.1%} over the controls (constant guess "
-                     f"{_pct(final.get('first_acc_const'))}, shuffled latent {_pct(final.get('first_acc_shuffled'))})")
+        peak = max(probes, key=lambda p: p[Probe.FIRST_ACC])
+        text = (f"Probe first-token accuracy {_pct(final.get(Probe.FIRST_ACC))} at the end, peak "
+                f"{_pct(peak[Probe.FIRST_ACC])} at step {peak['step']}")
+        if final.get(Probe.LIFT) is not None:
+            text += (f"; lift {final[Probe.LIFT]:+.1%} over the controls (constant guess "
+                     f"{_pct(final.get(Probe.CONST))}, shuffled latent {_pct(final.get(Probe.SHUFFLED))})")
         lines.append(text + ".")
     if result.get("checkpoint_uri"):
         lines.append(f"Checkpoint: `{result['checkpoint_uri']}`.")
@@ -135,22 +133,23 @@ def stage_note(phase: str, stage: str, result: dict, init_from: str = "", final_
 def eval_note(metrics: dict, source_uri: str = "") -> str:
     paths = metrics.get("paths", {})
     lines = []
-    if "latent" in paths:
-        lat = paths["latent"]
+    if EvalPath.LATENT in paths:
+        lat = paths[EvalPath.LATENT]
         lines.append(f"**Latent F1 {lat['f1']:.3f} / EM {lat['em']:.3f}** on {lat['n']} questions "
-                     f"(first-token top-1 {_pct(lat.get('first_top1'))}).")
-        controls = {p: m["f1"] for p, m in paths.items() if p not in ("latent", "text")}
+                     f"(first-token top-1 {_pct(lat.get(EvalKey.FIRST_TOP1))}).")
+        controls = {p: m["f1"] for p, m in paths.items() if p not in (EvalPath.LATENT, EvalPath.TEXT)}
         if controls:
             best = max(controls.values())
             verdict = "beats every control" if lat["f1"] > best else "does NOT beat the best control"
             lines.append("Controls F1: " + ", ".join(f"{p} {v:.3f}" for p, v in controls.items())
                          + f"; the latent {verdict} (margin {lat['f1'] - best:+.3f}).")
-    if "text" in paths:
-        lines.append(f"Text teacher F1 {paths['text']['f1']:.3f}, NLL/token {paths['text']['nll_per_token']:.3f}.")
+    if EvalPath.TEXT in paths:
+        text = paths[EvalPath.TEXT]
+        lines.append(f"Text teacher F1 {text['f1']:.3f}, NLL/token {text[EvalKey.NLL_PER_TOKEN]:.3f}.")
     if source_uri:
         lines.append(f"Checkpoint: `{mask_secrets(source_uri)}`.")
     lines.append("One row per question and path (prediction, references, F1, error mode): artifact "
-                 "`eval_table.json` (Artifacts tab; Evaluation view).")
+                 f"`{Artifact.EVAL_TABLE}` (Artifacts tab; Evaluation view).")
     return "\n\n".join(lines)
 
 
@@ -161,14 +160,14 @@ def base_note(cfg, source: str, text: dict, gate: dict) -> str:
     verdict = "passed" if gate.get("passed") else (f"FAILED (needs F1 >= {gate.get('min_f1')} and NLL/token <= "
                                                    f"{gate.get('max_nll')})")
     return (f"**Base LM** {where}. Text-teacher F1 {text['f1']:.3f} / EM {text['em']:.3f}, NLL/token "
-            f"{text['nll_per_token']:.3f}: sanity gate {verdict}.")
+            f"{text[EvalKey.NLL_PER_TOKEN]:.3f}: sanity gate {verdict}.")
 
 
 def smoke_note(name: str, preset: str, s: dict) -> str:
     controls = ", ".join(f"{k} {v:.3f}" for k, v in s["controls_f1"].items())
     return "\n\n".join([
-        f"**{name}** (preset {preset}): latent F1 {s['latent_f1']:.3f} / EM {s['latent_em']:.3f}, text-teacher F1 "
-        f"{s['text_f1']:.3f}; controls F1 {controls or 'n/a'}.",
+        f"**{name}** (preset {preset}): latent F1 {s[Summary.LATENT_F1]:.3f} / EM {s[Summary.LATENT_EM]:.3f}, "
+        f"text-teacher F1 {s[Summary.TEXT_F1]:.3f}; controls F1 {controls or 'n/a'}.",
         f"Probe first-token accuracy: Stage A {_pct(s.get('stage_a_probe_first_acc'))}, Stage B "
         f"{_pct(s.get('stage_b_probe_first_acc'))}. Wall time {s['wall_seconds']:.0f} s; base LM {s['base_source']}.",
         "Child runs: " + ", ".join(f"{k} `{v}`" for k, v in s["children"].items()) + "."])

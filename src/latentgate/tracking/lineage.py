@@ -24,13 +24,10 @@ from mlflow.exceptions import MlflowException
 
 from latentgate.config import Config, config_hash
 from latentgate.errors import CheckpointError
+from latentgate.schema import Artifact, Tag
 from latentgate.tracking.runs import local_artifacts, tracking_uri
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-BASE_HASH_TAG = "latentgate.base_config_hash"
-BASE_SOURCE_TAG = "latentgate.base_source"
-BASE_RUN_TAG = "latentgate.base_run"
-BASE_ARTIFACT = "base_lm"
 
 
 def client() -> MlflowClient:
@@ -122,13 +119,13 @@ def resolve_checkpoint(uri: str) -> Path:
             raise CheckpointError(f"cannot resolve checkpoint {uri}: {str(err).splitlines()[0][:200]}",
                                   "check the run id (`mlflow runs list --experiment-id <id>`), or the model name "
                                   "and alias (the Models tab of `mlflow ui`)") from None
-        if (local / "checkpoint" / "manifest.json").exists():  # a logged latentgate model
+        if (local / "checkpoint" / Artifact.MANIFEST).exists():  # a logged latentgate model
             local = local / "checkpoint"
-        elif (local / "artifacts" / "checkpoint" / "manifest.json").exists():  # the registered pyfunc model
+        elif (local / "artifacts" / "checkpoint" / Artifact.MANIFEST).exists():  # the registered pyfunc model
             local = local / "artifacts" / "checkpoint"
         return local
     path = Path(uri)
-    if not (path / "manifest.json").exists():
+    if not (path / Artifact.MANIFEST).exists():
         raise CheckpointError(f"checkpoint {uri} does not exist or has no manifest.json",
                               "pass a checkpoint folder, runs:/<id>/checkpoints/<stage>, or models:/<name>@<alias>")
     return path
@@ -174,7 +171,7 @@ def find_registered_base(cfg: Config) -> BaseLM | None:
     except MlflowException:
         return None
     for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
-        if v.tags.get(BASE_HASH_TAG) != h or not v.run_id:
+        if v.tags.get(Tag.BASE_CONFIG_HASH) != h or not v.run_id:
             continue
         try:
             run = c.get_run(v.run_id)
@@ -183,7 +180,7 @@ def find_registered_base(cfg: Config) -> BaseLM | None:
         if run.info.status != "FINISHED":
             continue
         try:
-            return BaseLM(str(local_artifacts(str(RunUri(v.run_id, BASE_ARTIFACT)))), v.run_id, f"reused:{v.run_id}")
+            return BaseLM(str(local_artifacts(str(RunUri(v.run_id, Artifact.BASE_LM)))), v.run_id, f"reused:{v.run_id}")
         except (MlflowException, OSError):  # its artifacts are gone (a deleted or lost artifact store): skip it
             continue
     return None
@@ -196,9 +193,9 @@ def register_base(cfg: Config, run_id: str) -> str:
         c.get_registered_model(cfg.run.registry_base)
     except MlflowException:
         c.create_registered_model(cfg.run.registry_base, description="latentgate base LMs (frozen LLM + teacher)")
-    source = c.get_run(run_id).info.artifact_uri.rstrip("/") + f"/{BASE_ARTIFACT}"
+    source = c.get_run(run_id).info.artifact_uri.rstrip("/") + f"/{Artifact.BASE_LM}"
     v = c.create_model_version(cfg.run.registry_base, source=source, run_id=run_id,
-                               tags={BASE_HASH_TAG: base_hash(cfg)})
+                               tags={Tag.BASE_CONFIG_HASH: base_hash(cfg)})
     return v.version
 
 
@@ -208,25 +205,25 @@ def base_from_run(run_id: str) -> BaseLM:
     c = client()
     try:
         tags = c.get_run(run_id).data.tags
-        base_id = run_id if tags.get("latentgate.phase") == "base" else tags.get(BASE_RUN_TAG)
+        base_id = run_id if tags.get(Tag.PHASE) == "base" else tags.get(Tag.BASE_RUN)
         if not base_id:
-            raise CheckpointError(f"run {run_id} records no base LM (tag {BASE_RUN_TAG})",
+            raise CheckpointError(f"run {run_id} records no base LM (tag {Tag.BASE_RUN})",
                                   "pass a checkpoint of a latentgate Stage A / Stage B run")
         base_run = c.get_run(base_id)
     except MlflowException as err:
         raise CheckpointError(f"cannot read run {run_id} or its base run: {str(err).splitlines()[0][:200]}",
                               "check MLFLOW_TRACKING_URI and the run id") from None
-    source = base_run.data.tags.get(BASE_SOURCE_TAG, "")
+    source = base_run.data.tags.get(Tag.BASE_SOURCE, "")
     if source == "external":
         return BaseLM(base_run.data.params["base.name"], base_id, source)
     kind, trained_by = base_source(source)
     if kind not in ("trained", "reused") or not trained_by:
-        raise CheckpointError(f"base run {base_id} has no usable {BASE_SOURCE_TAG} tag ({source!r})",
+        raise CheckpointError(f"base run {base_id} has no usable {Tag.BASE_SOURCE} tag ({source!r})",
                               "it did not finish; rerun `latentgate base` and the stages after it")
     try:
-        local = str(local_artifacts(str(RunUri(trained_by, BASE_ARTIFACT))))
+        local = str(local_artifacts(str(RunUri(trained_by, Artifact.BASE_LM))))
     except (MlflowException, OSError) as err:
-        raise CheckpointError(f"the base LM of run {base_id} (artifact {BASE_ARTIFACT} of run {trained_by}) cannot "
+        raise CheckpointError(f"the base LM of run {base_id} (artifact {Artifact.BASE_LM} of run {trained_by}) cannot "
                               f"be read: {str(err).splitlines()[0][:200]}", "rerun `latentgate base`") from None
     return BaseLM(local, base_id, source)
 

@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 from latentgate.errors import Interrupted, LatentgateError, StoreError  # noqa: F401 (Interrupted: re-exported)
+from latentgate.schema import Artifact, MlflowTag, Tag
 from latentgate.tracking.secrets import mask_secrets
 from latentgate.tracking.tracker import MlflowTracker, NullTracker
 
@@ -215,13 +216,12 @@ def git_commit() -> tuple[str, bool]:
 
 def provenance_tags() -> dict[str, str]:
     commit, dirty = git_commit()
-    tags = {"latentgate.git_commit": commit, "latentgate.git_dirty": str(dirty).lower(),
-            "latentgate.python": platform.python_version()}
+    tags = {Tag.GIT_COMMIT: commit, Tag.GIT_DIRTY: str(dirty).lower(), Tag.PYTHON: platform.python_version()}
     if os.environ.get("MLFLOW_GIT_COMMIT") is None and commit != "unknown":
-        tags["mlflow.source.git.commit"] = commit
+        tags[MlflowTag.SOURCE_GIT_COMMIT] = commit
     for pkg in PACKAGES:
         try:
-            tags[f"latentgate.version.{pkg}"] = metadata.version(pkg)
+            tags[Tag.VERSION_PREFIX + pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
     return tags
@@ -270,31 +270,30 @@ def tracked_run(name: str, *, nested: bool = True, tags: dict | None = None, run
     tracker = MlflowTracker(run.info.run_id)
     try:
         # a run adopted from `mlflow run` gets the phase's name instead of a random one
-        named = {"mlflow.runName": name} if run_id and run.data.tags.get("mlflow.project.entryPoint") else {}
-        tracker.set_tags({"latentgate.phase": name, **named, **provenance_tags(), **(tags or {})})
+        named = {MlflowTag.RUN_NAME: name} if run_id and run.data.tags.get(MlflowTag.PROJECT_ENTRY_POINT) else {}
+        tracker.set_tags({Tag.PHASE: name, **named, **provenance_tags(), **(tags or {})})
         yield tracker
     except (Interrupted, KeyboardInterrupt) as err:
         err.runs_killed = True  # the message may now say so
         message = str(err) or "interrupted by SIGINT"
-        tags = {"latentgate.error": mask_secrets(message)[:500], "latentgate.error_type": type(err).__name__}
+        tags = {Tag.ERROR: mask_secrets(message)[:500], Tag.ERROR_TYPE: type(err).__name__}
         checkpoint = getattr(err, "checkpoint", None)
         if checkpoint and not getattr(err, "logged", False):  # the final checkpoint, resumable by runs:/ URI
             err.logged = True  # the innermost run (the stage that trained) owns it, not its parents
-            tags["latentgate.final_checkpoint"] = f"runs:/{tracker.run_id}/checkpoints/{name}"
+            tags[Tag.FINAL_CHECKPOINT] = f"runs:/{tracker.run_id}/{Artifact.checkpoint(name)}"
             try:
-                tracker.log_artifacts(checkpoint, f"checkpoints/{name}")
+                tracker.log_artifacts(checkpoint, Artifact.checkpoint(name))
             except Exception:  # noqa: BLE001 - the local checkpoint is still there, and named in the error
-                tags.pop("latentgate.final_checkpoint")
+                tags.pop(Tag.FINAL_CHECKPOINT)
         _end(tracker, "KILLED", tags)
         raise
     except BaseException as err:
         message = " ".join(f"{type(err).__name__}: {err}".split())
-        _end(tracker, "FAILED", {"latentgate.error": mask_secrets(message)[:500],
-                                 "latentgate.error_type": type(err).__name__})
+        _end(tracker, "FAILED", {Tag.ERROR: mask_secrets(message)[:500], Tag.ERROR_TYPE: type(err).__name__})
         raise
     else:
         tracker.flush()
-        stale = [k for k in ("latentgate.error", "latentgate.error_type") if k in run.data.tags]
+        stale = [k for k in (Tag.ERROR, Tag.ERROR_TYPE) if k in run.data.tags]
         for key in stale:  # a resumed run that now finished no longer carries the error of its interruption
             tracker.client.delete_tag(tracker.run_id, key)
         mlflow.end_run(status="FINISHED")

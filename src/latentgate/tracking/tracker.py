@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from latentgate.schema import MlflowTag, Tag
 from latentgate.tracking.secrets import mask_secrets
 
 PARAM_BATCH = 100
@@ -165,7 +166,7 @@ class MlflowTracker(NullTracker):
                              schema=d.get("schema"), profile=d.get("profile"))
             self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, [InputTag("mlflow.data.context",
                                                                                          context)])])
-        self.set_tags({f"dataset.{name}.digest": ds.digest})
+        self.set_tags({Tag.dataset_digest(name): ds.digest})
 
     def log_table(self, rows: list[dict], name: str) -> None:
         """A table artifact (`mlflow.log_table`: the UI shows it as a table, and compares it across runs)."""
@@ -175,11 +176,11 @@ class MlflowTracker(NullTracker):
 
     def set_description(self, text: str) -> None:
         """The run's Description in the UI (markdown)."""
-        self.set_tags({"mlflow.note.content": text})
+        self.set_tags({MlflowTag.NOTE: text})
 
     def set_name(self, name: str) -> None:
         """Rename the run (what the UI lists)."""
-        self.set_tags({"mlflow.runName": name})
+        self.set_tags({MlflowTag.RUN_NAME: name})
 
 
 def dataset_source(data, split: str):

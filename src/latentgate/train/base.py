@@ -12,6 +12,7 @@ import torch
 from latentgate.config import Config
 from latentgate.errors import GateRefused
 from latentgate.model.contract import PrefixContract, answer_logits, build_text_batch, encode_answers, text_prompt
+from latentgate.schema import Artifact, EvalPath, Summary
 from latentgate.tracking import progress
 from latentgate.train.trainer import batch_indices
 from latentgate.train.workspace import Workspace, load_splits, resolve_device, set_threads
@@ -20,14 +21,14 @@ from latentgate.train.workspace import Workspace, load_splits, resolve_device, s
 def text_eval(ws: Workspace, examples, out_dir: Path, progress_name: str | None = "eval (text teacher)") -> dict:
     from latentgate.eval.evaluate import evaluate
 
-    return evaluate(ws, examples, out_dir, paths=["text"], progress_name=progress_name)["paths"]["text"]
+    return evaluate(ws, examples, out_dir, paths=[EvalPath.TEXT], progress_name=progress_name)["paths"][EvalPath.TEXT]
 
 
 def gate_record(cfg: Config, text_metrics: dict) -> dict:
     """What the sanity gate saw and required: logged as `sanity_gate.json` whether it passed or not."""
     passed = text_metrics["f1"] >= cfg.base.gate_min_f1 and text_metrics["nll_per_token"] <= cfg.base.gate_max_nll
-    return {"base": cfg.base.name, "text_f1": text_metrics["f1"], "text_nll_per_token": text_metrics["nll_per_token"],
-            "min_f1": cfg.base.gate_min_f1, "max_nll": cfg.base.gate_max_nll, "passed": passed,
+    return {"base": cfg.base.name, Summary.TEXT_F1: text_metrics["f1"],
+            Summary.TEXT_NLL_PER_TOKEN: text_metrics["nll_per_token"], "min_f1": cfg.base.gate_min_f1, "max_nll": cfg.base.gate_max_nll, "passed": passed,
             "prompt_format": cfg.model.prompt_format, "answer_end": cfg.model.answer_end}
 
 
@@ -94,7 +95,7 @@ def train_builtin_base(cfg: Config, tracker, out_dir: Path, splits=None) -> tupl
             tracker.log_metrics(metrics, step=step)
             bar.update(step, loss=metrics["base/loss"], **{"probe text F1": metrics.get("base/probe_text_f1")})
     lm.eval()
-    model_dir = out_dir / "base_lm"
+    model_dir = out_dir / Artifact.BASE_LM
     lm.save_pretrained(model_dir, safe_serialization=True)
     tok.save_pretrained(model_dir)
     tracker.flush()

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from latentgate.config import StageConfig
-
-TERMS = ("tf", "first", "kce", "kd")
+from latentgate.schema import Loss, Stage
 
 
 @dataclass
@@ -41,17 +40,18 @@ def compute_losses(
     first = nll[:, 0].mean()  # every answer has at least one token (EOS is appended)
     kmask = maskf * (torch.arange(mask.shape[1], device=mask.device) < st.k).float().unsqueeze(0)
     kce = (nll * kmask).sum() / kmask.sum()
-    raw = {"tf": tf, "first": first, "kce": kce}
+    raw = {Loss.TF: tf, Loss.FIRST: first, Loss.KCE: kce}
     if teacher_logits is not None and st.kd_weight > 0:
         tau = st.kd_temperature
         t_logp = (teacher_logits.float() / tau).log_softmax(-1)
         s_logp = (logits / tau).log_softmax(-1)
         kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # [B, T]
-        raw["kd"] = (kl * maskf).sum() / maskf.sum() * tau**2
+        raw[Loss.KD] = (kl * maskf).sum() / maskf.sum() * tau**2
     else:
-        raw["kd"] = torch.zeros((), device=logits.device)
-    weights = {"tf": st.tf_weight, "first": st.first_token_ce_weight, "kce": st.kce_weight, "kd": st.kd_weight}
-    weighted = {k: raw[k] * weights[k] for k in TERMS}
+        raw[Loss.KD] = torch.zeros((), device=logits.device)
+    weights = {Loss.TF: st.tf_weight, Loss.FIRST: st.first_token_ce_weight, Loss.KCE: st.kce_weight,
+               Loss.KD: st.kd_weight}
+    weighted = {k: raw[k] * weights[k] for k in Loss.TERMS}
     total = sum(weighted.values())
     return LossOutput(total, raw, weighted, token_stats(logits.detach(), targets, mask, eos_id))
 
@@ -63,16 +63,16 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     first_pred = logits[:, 0].argmax(-1)
     top5 = logits[:, 0].topk(min(5, logits.shape[-1]), dim=-1).indices
     stats = {
-        "first_acc": (first_pred == targets[:, 0]).float().mean().item(),
-        "first_acc_top5": (top5 == targets[:, :1]).any(-1).float().mean().item(),
-        "token_diversity": first_pred.unique().numel() / first_pred.numel(),
+        Stage.FIRST_ACC: (first_pred == targets[:, 0]).float().mean().item(),
+        Stage.FIRST_ACC_TOP5: (top5 == targets[:, :1]).any(-1).float().mean().item(),
+        Stage.TOKEN_DIVERSITY: first_pred.unique().numel() / first_pred.numel(),
     }
     if eos_id is not None:
         preds = logits.argmax(-1)
         is_eos = preds == eos_id
         t = preds.shape[1]
         first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(preds[:, 0], t))
-        stats["answer_length_avg"] = first_eos.float().mean().item()
+        stats[Stage.ANSWER_LENGTH_AVG] = first_eos.float().mean().item()
     return stats
 
 

@@ -17,8 +17,9 @@ from typing import Any
 
 from latentgate.errors import CheckpointError
 from latentgate.safety import check_relative, ensure_inside
+from latentgate.schema import Artifact
 
-MANIFEST = "manifest.json"
+MANIFEST = Artifact.MANIFEST
 MANIFEST_DIGEST = "manifest_sha256"
 FORMAT = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")

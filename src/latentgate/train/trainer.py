@@ -21,10 +21,11 @@ from latentgate import distributed as dist
 from latentgate.config import StageConfig, flatten
 from latentgate.errors import STOP_SIGNALS, ConfigError, Interrupted, TrainingFault
 from latentgate.model.contract import answer_logits, build_latent_batch, build_text_batch, encode_answers, text_prompt
+from latentgate.schema import Artifact, GradGroup, Loss, Probe, Stage
 from latentgate.tracking import progress
 from latentgate.tracking.tracker import NullTracker
 from latentgate.train import checkpoint as ckpt
-from latentgate.train.losses import TERMS, compute_losses, p_gold_at, scheduled_inputs
+from latentgate.train.losses import compute_losses, p_gold_at, scheduled_inputs
 from latentgate.train.workspace import Workspace, autocast
 
 COMPAT_KEYS = ("model.num_latents", "model.d_z", "model.encoder", "model.encoder_lora_r", "model.prompt_format",
@@ -36,9 +37,9 @@ def build_optimizer(ws: Workspace, st: StageConfig):
     from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
     groups = {
-        "encoder": [p for p in ws.encoder.parameters() if p.requires_grad],
-        "adapter": [p for p in ws.adapter.parameters() if p.requires_grad],
-        "lora": [p for n, p in ws.lm.named_parameters() if p.requires_grad and "lora_" in n],
+        GradGroup.ENCODER: [p for p in ws.encoder.parameters() if p.requires_grad],
+        GradGroup.ADAPTER: [p for p in ws.adapter.parameters() if p.requires_grad],
+        GradGroup.LORA: [p for n, p in ws.lm.named_parameters() if p.requires_grad and "lora_" in n],
     }
     groups = {k: v for k, v in groups.items() if v}
     opt = torch.optim.AdamW([{"params": v, "name": k} for k, v in groups.items()], lr=st.lr,
@@ -135,7 +136,7 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
         if rank != 0:  # only rank 0 talks to the store and writes files
             tracker, on_probe = NullTracker(), None
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out_dir / "checkpoints" / stage
+    ckpt_dir = out_dir / Artifact.CHECKPOINTS / stage
     train = ws.splits["train"]
     ws.encoder.train()
     ws.adapter.train()
@@ -155,7 +156,7 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
         state.pop("rng", None)  # older checkpoints also kept a copy of rng.json here
         gen.set_state(torch.tensor(state.pop("gen_state"), dtype=torch.uint8))
         tracker.skip_logged_steps(_logged_keys(tracker, stage))
-    diag_path = out_dir / "diagnostics.jsonl" if rank == 0 else Path(os.devnull)
+    diag_path = out_dir / Artifact.DIAGNOSTICS if rank == 0 else Path(os.devnull)
     _truncate_jsonl(diag_path, stage, state["global_step"])
     t0 = time.perf_counter() - state["elapsed"]
     last_probe = state["probes"][-1] if state["probes"] else None
@@ -168,22 +169,22 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
                                     optimizer=opt, scheduler=sched, trainer_state=trainer_state,
                                     config=flatten(ws.cfg), contract=ws.contract.to_dict(), base_lm=ws.base_ref)
 
-    epoch_path = out_dir / "diagnostics_epoch.jsonl" if rank == 0 else Path(os.devnull)
+    epoch_path = out_dir / Artifact.DIAGNOSTICS_EPOCH if rank == 0 else Path(os.devnull)
     _truncate_jsonl(epoch_path, stage, state["global_step"])
     epoch_terms: dict[str, list[float]] = {}
 
     def end_epoch(epoch: int, step: int, fh) -> None:
         """diagnostics_epoch.jsonl: sample predictions, first-token histogram, loss breakdown of the epoch."""
         breakdown = {k: sum(v) / len(v) for k, v in epoch_terms.items() if v}
-        fh.write(json.dumps({"stage": stage, "epoch": epoch, "global_step": step, "loss_breakdown": breakdown,
-                             **epoch_samples(ws, ws.splits["probe"])}) + "\n")
+        fh.write(json.dumps({Stage.STAGE: stage, Stage.EPOCH: epoch, Stage.GLOBAL_STEP: step,
+                             "loss_breakdown": breakdown, **epoch_samples(ws, ws.splits["probe"])}) + "\n")
         epoch_terms.clear()
 
     with _SignalFlag() as flag, diag_path.open("a") as diag, epoch_path.open("a") as diag_epoch, \
             progress.task(stage, total=st.steps, start=state["global_step"]) as bar:
         while state["global_step"] < st.steps:
             step = state["global_step"]
-            sums = {f"{k}_{w}": 0.0 for k in TERMS for w in ("raw", "weighted")}
+            sums = {Loss.key(k, w): 0.0 for k in Loss.TERMS for w in ("raw", "weighted")}
             stats_sum: dict[str, float] = {}
             for _ in range(st.grad_accum):
                 idx = dist.shard(batch_indices(len(train), st.batch_size, state["micro_step"], st.seed), rank, size)
@@ -197,9 +198,9 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
                                         "then resume from the last checkpoint")
                 (out.total / st.grad_accum).backward()
                 state["micro_step"] += 1
-                for k in TERMS:
-                    sums[f"{k}_raw"] += raw[k] / st.grad_accum
-                    sums[f"{k}_weighted"] += float(out.weighted[k].detach()) / st.grad_accum
+                for k in Loss.TERMS:
+                    sums[Loss.key(k)] += raw[k] / st.grad_accum
+                    sums[Loss.key(k, "weighted")] += float(out.weighted[k].detach()) / st.grad_accum
                 for k, v in out.stats.items():
                     stats_sum[k] = stats_sum.get(k, 0.0) + v / st.grad_accum
             if size > 1:  # every rank takes the same step: average gradients and logged scalars first
@@ -217,32 +218,33 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
             sched.step()
             opt.zero_grad(set_to_none=True)
             state["global_step"] = step = step + 1
-            record = {"global_step": step, "micro_step": state["micro_step"], "stage": stage,
-                      "epoch": epoch_of(len(train), st.batch_size, state["micro_step"] - 1), "lr": lr,
-                      **{k: round(v, 6) for k, v in sums.items()}, "loss": sum(sums[f"{k}_weighted"] for k in TERMS),
-                      **{k: round(v, 6) for k, v in stats_sum.items()}, "grad_norm": total_norm,
-                      **{f"grad_norm_{g}": n for g, n in norms.items()},
-                      "elapsed": round(time.perf_counter() - t0, 3)}
+            record = {Stage.GLOBAL_STEP: step, Stage.MICRO_STEP: state["micro_step"], Stage.STAGE: stage,
+                      Stage.EPOCH: epoch_of(len(train), st.batch_size, state["micro_step"] - 1), Stage.LR: lr,
+                      **{k: round(v, 6) for k, v in sums.items()},
+                      Stage.LOSS: sum(sums[Loss.key(k, "weighted")] for k in Loss.TERMS),
+                      **{k: round(v, 6) for k, v in stats_sum.items()}, Stage.GRAD_NORM: total_norm,
+                      **{GradGroup.norm_key(g): n for g, n in norms.items()},
+                      Stage.ELAPSED: round(time.perf_counter() - t0, 3)}
             if st.scheduled_sampling:
-                record["p_gold"] = p_gold_at(step - 1, st.steps, st.p_gold_floor)
+                record[Stage.P_GOLD] = p_gold_at(step - 1, st.steps, st.p_gold_floor)
             if step % st.probe_every == 0 or step == st.steps:
                 last_probe = run_probe(ws, ws.splits["probe"], with_f1=True)
                 state["probes"].append({"step": step, **last_probe})
-                record.update({f"probe_{k}": v for k, v in last_probe.items()})
+                record.update({Probe.key(k): v for k, v in last_probe.items()})
             for k in sums:
                 epoch_terms.setdefault(k, []).append(sums[k])
             next_epoch = epoch_of(len(train), st.batch_size, state["micro_step"])
-            if rank == 0 and (next_epoch != record["epoch"] or step == st.steps):
-                end_epoch(record["epoch"], step, diag_epoch)
+            if rank == 0 and (next_epoch != record[Stage.EPOCH] or step == st.steps):
+                end_epoch(record[Stage.EPOCH], step, diag_epoch)
             diag.write(json.dumps(record) + "\n")
-            tracker.log_metrics({f"{stage}/{k}": v for k, v in record.items() if isinstance(v, (int, float))
-                                 and k not in ("global_step",)}, step=step)
-            bar.update(step, loss=record["loss"], first_acc=(last_probe or {}).get("first_acc"))
+            tracker.log_metrics({Stage.metric(stage, k): v for k, v in record.items() if isinstance(v, (int, float))
+                                 and k != Stage.GLOBAL_STEP}, step=step)
+            bar.update(step, loss=record[Stage.LOSS], first_acc=(last_probe or {}).get(Probe.FIRST_ACC))
             if (st.checkpoint_every and step % st.checkpoint_every == 0) or flag.signum:
                 diag.flush()
                 tracker.flush()
                 path = save(state)
-            if on_probe is not None and "probe_first_acc" in record:
+            if on_probe is not None and Probe.key(Probe.FIRST_ACC) in record:
                 tracker.flush()
                 on_probe(step, last_probe)
             if flag.signum:
@@ -263,7 +265,7 @@ def _logged_keys(tracker, stage: str) -> list[str]:
     client = getattr(tracker, "client", None)
     if client is None:
         return []
-    return [k for k in client.get_run(tracker.run_id).data.metrics if k.startswith(f"{stage}/")]
+    return [k for k in client.get_run(tracker.run_id).data.metrics if k.startswith(Stage.metric(stage, ""))]
 
 
 def _truncate_jsonl(path: Path, stage: str, upto_step: int) -> None:
@@ -271,5 +273,5 @@ def _truncate_jsonl(path: Path, stage: str, upto_step: int) -> None:
     if not path.exists():
         return
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    keep = [json.dumps(r) for r in records if not (r.get("stage") == stage and r["global_step"] > upto_step)]
+    keep = [json.dumps(r) for r in records if not (r.get(Stage.STAGE) == stage and r[Stage.GLOBAL_STEP] > upto_step)]
     path.write_text("".join(x + "\n" for x in keep))
