@@ -28,8 +28,9 @@ def gate_record(cfg: Config, text_metrics: dict) -> dict:
     """What the sanity gate saw and required: logged as `sanity_gate.json` whether it passed or not."""
     passed = text_metrics["f1"] >= cfg.base.gate_min_f1 and text_metrics["nll_per_token"] <= cfg.base.gate_max_nll
     return {"base": cfg.base.name, Summary.TEXT_F1: text_metrics["f1"],
-            Summary.TEXT_NLL_PER_TOKEN: text_metrics["nll_per_token"], "min_f1": cfg.base.gate_min_f1, "max_nll": cfg.base.gate_max_nll, "passed": passed,
-            "prompt_format": cfg.model.prompt_format, "answer_end": cfg.model.answer_end}
+            Summary.TEXT_NLL_PER_TOKEN: text_metrics["nll_per_token"], "min_f1": cfg.base.gate_min_f1,
+            "max_nll": cfg.base.gate_max_nll, "passed": passed, "prompt_format": cfg.model.prompt_format,
+            "answer_end": cfg.model.answer_end}
 
 
 def sanity_gate(cfg: Config, text_metrics: dict) -> dict:
