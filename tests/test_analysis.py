@@ -223,8 +223,8 @@ def test_recommendation_branches_on_three_synthetic_histories(mlflow_store, tmp_
 
     from latentgate.analysis.history import load_run_bundle
     from latentgate.analysis.report import build_report, recommend
-    from latentgate.phases.pipeline import PhaseEvidence
     from latentgate.registry.checklist import load_checklist
+    from latentgate.registry.decisions import PhaseEvidence
 
     client = MlflowClient()
     exp_id = mlflow.get_experiment_by_name("latentgate").experiment_id

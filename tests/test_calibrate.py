@@ -12,6 +12,7 @@ import pytest
 
 from latentgate.calibrate import stats
 from latentgate.errors import ConfigError
+from latentgate.registry.calibration import predict
 
 # ---- pure statistics ----------------------------------------------------------------------------------------------
 
@@ -42,12 +43,12 @@ def test_fit_line_and_prediction_interval():
     assert stats.fit_line([0.2, 0.2, 0.2], [0.1, 0.3, 0.5]) is None  # one x: no line
     exact = stats.fit_line([0, 1, 2, 3], [1, 3, 5, 7])
     assert (exact["slope"], exact["intercept"], exact["s"]) == pytest.approx((2, 1, 0))
-    assert stats.predict(exact, 10) == pytest.approx((21, 21, 21))
+    assert predict(exact, 10) == pytest.approx((21, 21, 21))
     xs, ys = [0.0, 1.0, 2.0], [0.0, 2.0, 1.0]  # slope 0.5, intercept 0.5, residuals -0.5, 1, -0.5
     fit = stats.fit_line(xs, ys)
     assert (fit["slope"], fit["intercept"]) == pytest.approx((0.5, 0.5))
     assert fit["s"] == pytest.approx(math.sqrt(1.5))  # SSE 1.5 over n - 2 = 1
-    y, lo, hi = stats.predict(fit, 1.0)
+    y, lo, hi = predict(fit, 1.0)
     half = 12.706 * math.sqrt(1.5) * math.sqrt(1 + 1 / 3)  # at the mean x
     assert (y, lo, hi) == pytest.approx((1.0, 1.0 - half, 1.0 + half), abs=1e-3)
 
@@ -166,9 +167,9 @@ def _runs(client, flt: str):
 def test_micro_calibration_matrix_artifacts_and_reuse(mlflow_store, tmp_path, open_checklist):
     from mlflow import MlflowClient
 
-    from latentgate.calibrate.promotion import calibration_note
     from latentgate.calibrate.runner import run_calibration
     from latentgate.calibrate.spec import load_set
+    from latentgate.registry.calibration import calibration_note
     from latentgate.registry.gate import check_candidate
     from latentgate.schema import CalibrateTag
     from latentgate.tracking.runs import local_artifacts

@@ -172,7 +172,8 @@ def test_eval_reports_the_constant_guess_per_path(collapsed):
 # ---- the recorded run, judged -------------------------------------------------------------------------------------
 
 def test_the_collapsed_run_is_not_exposure_bias_and_fails_the_checklist_naming_collapse(collapsed):
-    from latentgate.phases.pipeline import SWEEP, PipelineOptions, decide, gather_evidence
+    from latentgate.pipeline.run import PipelineOptions, gather_evidence
+    from latentgate.registry.decisions import SWEEP, decide
     from latentgate.registry.gate import check_candidate, format_table
 
     cl = load_checklist()
@@ -213,7 +214,8 @@ def test_one_checklist_file_moves_the_gate_the_report_the_monitor_and_the_pipeli
     from latentgate.analysis.history import load_run_bundle
     from latentgate.analysis.monitor import Monitor, default_limits
     from latentgate.analysis.report import build_report
-    from latentgate.phases.pipeline import PipelineOptions, decide, gather_evidence
+    from latentgate.pipeline.run import PipelineOptions, gather_evidence
+    from latentgate.registry.decisions import decide
     from latentgate.registry.gate import check_candidate
 
     edits, (collapse_ok, learning_ok), rule, verdict, alert = CASES[case]

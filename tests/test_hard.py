@@ -33,8 +33,8 @@ RECIPE = ("model.encoder", "model.num_latents", "model.d_z", "stage_a.lr")
 
 @pytest.fixture(scope="module")
 def hard(mlflow_store, tmp_path_factory) -> dict:
-    from latentgate.phases.pipeline import PipelineOptions, gather_evidence
     from latentgate.phases.smoke import run_smoke
+    from latentgate.pipeline.run import PipelineOptions, gather_evidence
 
     cfg = resolve("hard", {**MICRO, "run.output_dir": str(tmp_path_factory.mktemp("hard-micro"))})
     summary = run_smoke(cfg, "hard")
@@ -56,8 +56,8 @@ def test_micro_overrides_leave_the_hard_latent_recipe_alone():
 def test_the_hard_regime_signature(hard):
     from mlflow import MlflowClient
 
-    from latentgate.phases.pipeline import SWEEP, decide
     from latentgate.registry.checklist import LEARNING, load_checklist
+    from latentgate.registry.decisions import SWEEP, decide
 
     s, ev = hard["summary"], hard["evidence"]
     checklist = load_checklist()

@@ -21,20 +21,9 @@ import yaml
 from conftest import ROOT, cli_env, run_cli
 from latentgate.config import flatten, parse_set_args, resolve
 from latentgate.errors import CheckpointError, ConfigError
-from latentgate.phases.pipeline import (
-    FIX,
-    HERO,
-    PROMOTE,
-    STOP,
-    SWEEP,
-    PhaseEvidence,
-    PipelineOptions,
-    decide,
-    format_decisions,
-    phase_overrides,
-    run_pipeline,
-)
+from latentgate.pipeline.run import PipelineOptions, format_decisions, phase_overrides, run_pipeline
 from latentgate.registry.checklist import DEFAULT_PATH, load_checklist
+from latentgate.registry.decisions import FIX, HERO, PROMOTE, STOP, SWEEP, PhaseEvidence, decide
 
 TRAINING_ENTRY_POINTS = ("base", "stage_a", "stage_b", "extend", "fix", "eval", "hero")
 

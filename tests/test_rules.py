@@ -129,7 +129,8 @@ def test_one_threshold_moves_the_gate_the_report_the_monitor_and_the_pipeline(ca
     from latentgate.analysis.history import load_run_bundle
     from latentgate.analysis.monitor import Monitor, default_limits
     from latentgate.analysis.report import build_report
-    from latentgate.phases.pipeline import PipelineOptions, decide, gather_evidence
+    from latentgate.pipeline.run import PipelineOptions, gather_evidence
+    from latentgate.registry.decisions import decide
     from latentgate.registry.gate import check_candidate
 
     edit, failing, rule, verdict, alerts = CASES[case]

@@ -153,6 +153,7 @@ def import_gguf(paths, smollm2):
 # Each area owns its subcommands in its own module (top-level imports there: click only).
 COMMAND_MODULES = (
     "latentgate.phases.cli",
+    "latentgate.pipeline.cli",
     "latentgate.registry.cli",
     "latentgate.analysis.cli",
     "latentgate.sweep.cli",

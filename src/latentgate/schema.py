@@ -47,7 +47,7 @@ class Tag:
     RESUMED = "latentgate.resumed"  # a run continued by `latentgate resume`
     HERO_FROM = "latentgate.hero_from"  # hero run: the approved models:/<name>@hero URI
     HERO_VERSION = "latentgate.hero_version"  # hero run: the version that alias named
-    # pipeline (phases/pipeline.py)
+    # pipeline (pipeline/run.py)
     FINAL_RULE = "latentgate.final_rule"  # the decision tree's last rule
     FINAL_NEXT = "latentgate.final_next"  # and the phase it chose
     # registration (registry/model.py): the register run's and the model version's links to their evidence
@@ -91,7 +91,7 @@ class SweepTag:
 
 
 class CalibrateTag:
-    """Tags of `latentgate calibrate` (calibrate/runner.py); calibrate/promotion.py reads SUMMARY."""
+    """Tags of `latentgate calibrate` (calibrate/runner.py); registry/calibration.py reads SUMMARY."""
 
     ROLE = "latentgate.calibrate.role"  # each chain's parent run: gate | hero
     CONFIG_HASH = "latentgate.calibrate.config_hash"  # each chain: its resolved config (the reuse key)
@@ -128,7 +128,7 @@ class VersionTag:
     PASSED = "hero.passed"  # true | false
     EVENT_PREFIX = "hero.event."  # + time stamp: what happened to the version (promoted, refused, demoted)
     SUPERSEDED_BY = "hero.superseded_by"  # the version the alias moved to
-    CALIBRATION = "hero.calibration"  # what the latest calibration predicts for it (calibrate/promotion.py)
+    CALIBRATION = "hero.calibration"  # what the latest calibration predicts for it (registry/calibration.py)
     CHECKED_BY = "latentgate.checked_by"  # the sweep run that wrote its check tags (sweep/runner.py)
 
 

@@ -65,7 +65,7 @@ def analyze(target, out_dir, no_log, last_n, checklist, no_plots, as_json):
             return
         print_rich(rep, _console())
         if rep.get("eval"):
-            from latentgate.calibrate.promotion import calibration_note
+            from latentgate.registry.calibration import calibration_note
 
             click.echo(calibration_note(rep["eval"]["run_id"], rep["readiness"]["passed"]))
         if rep["run"]["run_id"] and not no_log:

@@ -25,7 +25,7 @@ PATH_COLOURS = {EvalPath.LATENT: "#d62728", EvalPath.TEXT: "#1f77b4", EvalPath.T
 PROBE_ACC, CONST, SHUFFLED = Probe.key(Probe.FIRST_ACC), Probe.key(Probe.CONST), Probe.key(Probe.SHUFFLED)
 
 
-def _figure(width: float = 7.0, height: float = 3.6):
+def new_figure(width: float = 7.0, height: float = 3.6):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -34,7 +34,7 @@ def _figure(width: float = 7.0, height: float = 3.6):
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def _save(fig, path: Path) -> Path:
+def save_png(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=DPI)
@@ -84,7 +84,7 @@ def _plot_first_acc(placed, out: Path, threshold: float | None) -> Path | None:
     px, py = _series(placed, PROBE_ACC)
     if not bx and not px:
         return None
-    fig, ax = _figure()
+    fig, ax = new_figure()
     if bx:
         ax.plot(bx, by, color="#999999", linewidth=0.8, alpha=0.7, label="batch first_acc")
     for i, one in enumerate(placed):  # each stage its own line: a new stage starts a new curve
@@ -115,14 +115,14 @@ def _plot_first_acc(placed, out: Path, threshold: float | None) -> Path | None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("first-token accuracy")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, 0.93))
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 def _plot_losses(placed, out: Path) -> Path | None:
     keys = [k for k in (Stage.LOSS, *Loss.RAW_KEYS) if _series(placed, k)[0]]
     if not keys:
         return None
-    fig, ax = _figure()
+    fig, ax = new_figure()
     positive = True
     for k in keys:
         xs, ys = _series(placed, k)
@@ -134,14 +134,14 @@ def _plot_losses(placed, out: Path) -> Path | None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.legend(fontsize=7, loc="upper right")
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 def _plot_grad(placed, out: Path, grad_limit: float | None) -> Path | None:
     keys = [k for k in GradGroup.NORM_KEYS if _series(placed, k)[0]]
     if not keys:
         return None
-    fig, ax = _figure()
+    fig, ax = new_figure()
     top = 0.0
     for k in keys:
         xs, ys = _series(placed, k)
@@ -156,7 +156,7 @@ def _plot_grad(placed, out: Path, grad_limit: float | None) -> Path | None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("grad norm (pre-clip)")
     ax.legend(fontsize=7, loc="upper right")
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 def _guard(fn, *args):
@@ -243,20 +243,20 @@ def eval_plots(rows: list[dict], out_dir: Path, aggregates: dict | None = None) 
     def hist():
         if not buckets:
             return None
-        fig, ax = _figure(7.0, 3.4)
+        fig, ax = new_figure(7.0, 3.4)
         _grouped_bars(ax, list(F1_BUCKETS), buckets)
         ax.set_xlabel("per-example F1")
         ax.set_title("F1 distribution per path (latent outlined)", fontsize=9)
-        return _save(fig, out_dir / "f1_histogram.png")
+        return save_png(fig, out_dir / "f1_histogram.png")
 
     def error_modes():
         if not modes:
             return None
-        fig, ax = _figure(7.0, 3.4)
+        fig, ax = new_figure(7.0, 3.4)
         cats = list(ERROR_MODES) + sorted({m for v in modes.values() for m in v} - set(ERROR_MODES))
         _grouped_bars(ax, cats, modes)
         ax.set_title("error modes per path", fontsize=9)
-        return _save(fig, out_dir / "error_modes.png")
+        return save_png(fig, out_dir / "error_modes.png")
 
     return [p for p in (_guard(hist), _guard(error_modes)) if p is not None]
 
@@ -299,7 +299,7 @@ def overlay_first_acc(curves: dict[str, list[tuple[int, float]]], out: Path) -> 
     curves = {k: v for k, v in curves.items() if v}
     if not curves:
         return None
-    fig, ax = _figure(7.5, 4.0)
+    fig, ax = new_figure(7.5, 4.0)
     for label, pts in curves.items():
         ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", markersize=3, linewidth=1.3, label=label)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
@@ -307,4 +307,4 @@ def overlay_first_acc(curves: dict[str, list[tuple[int, float]]], out: Path) -> 
     ax.set_xlabel("optimizer step (stages in sequence)")
     ax.set_ylabel("probe first-token accuracy")
     ax.legend(fontsize=7)
-    return _save(fig, Path(out))
+    return save_png(fig, Path(out))

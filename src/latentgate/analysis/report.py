@@ -4,7 +4,7 @@ histories and run artifacts, closed by the readiness checklist and the plan's re
 `build_report(bundle)` returns a JSON-able dict; `to_markdown` and `print_rich` render it; `analyze(run_id)` does
 all of it, makes the plots and logs report.md, report.json and the PNGs to the run (under `analysis/`).
 Thresholds come from the readiness checklist (`latentgate.registry.checklist`), and the recommendation is the
-pipeline's own decision tree (`latentgate.phases.pipeline.decide`): the report, the monitor and the pipeline judge
+pipeline's own decision tree (`latentgate.phases.decisions.decide`): the report, the monitor and the pipeline judge
 a run by the same file and the same rules.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 from latentgate.analysis.history import RunBundle, StageHistory
 from latentgate.errors import ConfigError
 from latentgate.eval import controls
-from latentgate.phases import pipeline
+from latentgate.registry import decisions
 from latentgate.registry.checklist import (
     BREAKTHROUGH,
     COLLAPSE,
@@ -36,8 +36,8 @@ from latentgate.tracking import lineage
 
 VERDICTS = ("hero-ready", "phase3", "phase2")
 # The decision tree's next phase, as the plan's verdict (the report judges a Phase 1 result).
-VERDICT_OF = {pipeline.PROMOTE: "hero-ready", pipeline.HERO: "hero-ready", pipeline.FIX: "phase3",
-              pipeline.SWEEP: "phase2", pipeline.STOP: "phase2"}
+VERDICT_OF = {decisions.PROMOTE: "hero-ready", decisions.HERO: "hero-ready", decisions.FIX: "phase3",
+              decisions.SWEEP: "phase2", decisions.STOP: "phase2"}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ VERDICT_OF = {pipeline.PROMOTE: "hero-ready", pipeline.HERO: "hero-ready", pipel
 # ------------------------------------------------------------------------------------------------------------
 
 
-def recommend(evidence: pipeline.PhaseEvidence, checklist: Checklist) -> tuple[str, pipeline.Decision]:
+def recommend(evidence: decisions.PhaseEvidence, checklist: Checklist) -> tuple[str, decisions.Decision]:
     """The plan's verdict on a Phase 1 result: the pipeline's decision tree (`decide`) on the same evidence, read
     against the same checklist, so the report never recommends what the pipeline would not do:
 
@@ -55,7 +55,7 @@ def recommend(evidence: pipeline.PhaseEvidence, checklist: Checklist) -> tuple[s
       no collapse (no_mode_collapse) -> exposure bias, scheduled sampling;
     * "phase2": anything else, including mode collapse (rule `collapsed`: one answer for many inputs) -> tune.
     """
-    decision = pipeline.decide(evidence, checklist)
+    decision = decisions.decide(evidence, checklist)
     return VERDICT_OF[decision.next_phase], decision
 
 
@@ -322,11 +322,11 @@ def build_report(bundle: RunBundle, last_n: int = 3, checklist_path=None, use_ga
     }
 
 
-def _evidence(stage: dict, ev: dict, readiness: dict, failed: list[str], bundle: RunBundle) -> pipeline.PhaseEvidence:
+def _evidence(stage: dict, ev: dict, readiness: dict, failed: list[str], bundle: RunBundle) -> decisions.PhaseEvidence:
     """The decision tree's evidence from this report's figures (a Phase 1 result)."""
     bt, col = ev.get("breakthrough") or {}, ev.get("collapse") or {}
     latent = (ev.get("paths") or {}).get(EvalPath.LATENT) or {}
-    return pipeline.PhaseEvidence(
+    return decisions.PhaseEvidence(
         phase="extend", f1_max=bt.get("max_f1", latent.get("f1")), peak_first_acc=stage.get("peak_first_acc"),
         checklist_passed=bool(readiness["passed"]), f1_mean=latent.get("f1"),
         peak_first_acc_lift=stage.get("peak_first_acc_lift"), first_acc_const=stage.get(Probe.CONST),

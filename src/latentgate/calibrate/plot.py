@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from latentgate.analysis.plots import _figure, _save
-from latentgate.calibrate.stats import predict
+from latentgate.analysis.plots import new_figure, save_png
+from latentgate.registry.calibration import predict
 from latentgate.schema import Calibration
 
 VERDICT_STYLE = {True: ("#2ca02c", "PASS (promote)"), False: ("#d62728", "REFUSE")}
@@ -14,7 +14,7 @@ SPLIT_MARKER = {"fit": "o", "holdout": "^"}
 
 
 def scatter(records: list[dict], summary: dict, path: Path, title: str = "") -> Path:
-    fig, ax = _figure(7.0, 5.0)
+    fig, ax = new_figure(7.0, 5.0)
     smoke, hero = Calibration.SMOKE_F1, Calibration.HERO_F1
     shown = [r for r in records if r[smoke] is not None and r[hero] is not None]
     for verdict, (colour, label) in VERDICT_STYLE.items():
@@ -43,4 +43,4 @@ def scatter(records: list[dict], summary: dict, path: Path, title: str = "") -> 
                  fontsize=9)
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -24,10 +24,10 @@ from pathlib import Path
 from latentgate.calibrate.spec import CalibrationSet, Configuration
 from latentgate.config import Config, config_hash, flatten
 from latentgate.errors import GateRefused, TrainingFault
+from latentgate.registry.calibration import PHASE
 from latentgate.schema import CalibrateTag, Calibration, EvalKey, EvalPath, MlflowTag, Stage, Summary, Tag
 from latentgate.tracking.lineage import base_from_run, client
 
-PHASE = "calibrate"
 CHAIN_NAME = {"gate": "smoke", "hero": "hero-scale"}
 DETERMINISTIC_FAILURES = (TrainingFault, GateRefused)
 STAGES = ("stage_a", "stage_b")

@@ -78,13 +78,6 @@ def fit_line(xs: list[float], ys: list[float]) -> dict | None:
             "t": t975(n - 2), "level": 0.95, "r2": (1 - sse / ss_tot) if ss_tot > 0 else None}
 
 
-def predict(fit: dict, x: float) -> tuple[float, float, float]:
-    """(prediction, low, high): the 95% prediction interval of one new y at x."""
-    y = fit["intercept"] + fit["slope"] * x
-    half = fit["t"] * fit["s"] * math.sqrt(1 + 1 / fit["n"] + (x - fit["x_mean"]) ** 2 / fit["sxx"])
-    return y, y - half, y + half
-
-
 # ---- re-judging with other thresholds, and the proposal -----------------------------------------------------------
 
 def _number(v) -> bool:

@@ -37,7 +37,7 @@ def promote(version_or_run, dry_run, explain, checklist, name):
 
     report = do_promote(version_or_run, dry_run=dry_run or explain, checklist=checklist, name=name)
     click.echo(format_table(report, explain=explain))
-    from latentgate.calibrate.promotion import calibration_note  # what the latest calibration says; recorded too
+    from latentgate.registry.calibration import calibration_note  # what the latest calibration says; recorded too
 
     recorded = None if dry_run or explain else report.version
     click.echo(calibration_note(report.eval_run, report.passed, version=recorded, name=report.model_name))

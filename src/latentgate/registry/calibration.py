@@ -10,11 +10,19 @@ gives a one-line hint, and an unreadable one a one-line note.
 from __future__ import annotations
 
 import json
+import math
 
-from latentgate.calibrate.runner import PHASE
-from latentgate.calibrate.stats import predict
 from latentgate.schema import CalibrateTag, Calibration, EvalKey, EvalPath, Tag, VersionTag
 from latentgate.tracking.lineage import client
+
+PHASE = "calibrate"  # the latentgate.phase tag of a calibration run (calibrate/runner.py writes it)
+
+
+def predict(fit: dict, x: float) -> tuple[float, float, float]:
+    """(prediction, low, high): the 95% prediction interval of one new y at x."""
+    y = fit["intercept"] + fit["slope"] * x
+    half = fit["t"] * fit["s"] * math.sqrt(1 + 1 / fit["n"] + (x - fit["x_mean"]) ** 2 / fit["sxx"])
+    return y, y - half, y + half
 
 
 def assess(summary: dict, smoke_f1: float | None, passed: bool | None) -> dict:

@@ -32,90 +32,12 @@ from pathlib import Path
 from latentgate.config import Config, flatten, resolve
 from latentgate.errors import ConfigError, LatentgateError
 from latentgate.eval import controls
-from latentgate.registry.checklist import BREAKTHROUGH, LEARNING
+from latentgate.registry.checklist import LEARNING
+from latentgate.registry.decisions import HERO, PROMOTE, STOP, SWEEP, Decision, PhaseEvidence, decide, fmt_value
 from latentgate.schema import Artifact, EvalKey, EvalPath, Probe, Stage, SweepTag, Tag
 from latentgate.tracking import lineage
 
 ROOT = Path(__file__).resolve().parents[3]
-
-# next_phase values
-PROMOTE, HERO, FIX, SWEEP, STOP = "promote", "hero", "fix", "sweep", "stop"
-
-
-# ---- the decision tree (pure) ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PhaseEvidence:
-    """What one phase produced, as the decision tree reads it."""
-
-    phase: str  # the phase just finished: extend | sweep | fix
-    f1_max: float | None  # best latent F1 over the eval examples
-    peak_first_acc: float | None  # peak raw probe first-token accuracy in Stage B (shown, never read as learning)
-    checklist_passed: bool  # every criterion of the readiness checklist (the registry's gate, dry run)
-    f1_mean: float | None = None
-    peak_first_acc_lift: float | None = None  # peak lift over the controls: what first_token_learning judges
-    first_acc_const: float | None = None  # the probe's constant-guess control
-    first_acc_shuffled: float | None = None  # the probe's shuffled-latent control, at the peak-lift step
-    top_prediction_share: float | None = None  # eval, latent path: share of its most frequent prediction
-    repetition_rate: float | None = None  # eval, latent path: share of repetitive predictions
-    checklist_failed: tuple[str, ...] = ()  # names of the criteria that failed or lacked evidence
-    budget_left_s: float | None = None  # None: no budget
-    launch_hero: bool = False
-    run_ids: dict = field(default_factory=dict)  # stage_b, eval (and sweep) runs the numbers come from
-
-
-@dataclass(frozen=True)
-class Decision:
-    rule: str
-    next_phase: str
-    evidence: PhaseEvidence
-    reason: str = ""
-
-
-def decide(evidence: PhaseEvidence, checklist) -> Decision:
-    """The plan's decision tree. `checklist` is the registry's Checklist: its criteria f1_breakthrough,
-    first_token_learning and no_mode_collapse supply every threshold and comparison (registry/hero.yaml); the only
-    other number is the budget (spent when none is left)."""
-    f1c, ftc = checklist.criterion(BREAKTHROUGH), checklist.criterion(LEARNING)
-    f1_ok = f1c.compare(evidence.f1_max)
-    ft_ok = ftc.compare(evidence.peak_first_acc_lift)
-    collapse = checklist.collapse_rule().why(evidence.top_prediction_share, evidence.repetition_rate)
-    f1_txt = f"best example F1 {_fmt(evidence.f1_max)} {'' if f1_ok else 'not '}{f1c.as_text()}"
-    ft_txt = (f"peak first-token lift {_fmt(evidence.peak_first_acc_lift)} {'' if ft_ok else 'not '}"
-              f"{ftc.as_text()} (raw peak {_fmt(evidence.peak_first_acc)}; controls: constant guess "
-              f"{_fmt(evidence.first_acc_const)}, shuffled latent {_fmt(evidence.first_acc_shuffled)})")
-    spent = evidence.budget_left_s is not None and evidence.budget_left_s <= 0
-    failed = ", ".join(evidence.checklist_failed) or "none"
-
-    def out(rule: str, nxt: str, reason: str) -> Decision:
-        return Decision(rule, nxt, evidence, reason)
-
-    if f1_ok and evidence.checklist_passed:
-        if evidence.launch_hero and not spent:
-            return out("ready_launch_hero", HERO, f"{f1_txt} and the checklist passes: promote, then the hero run")
-        why = "budget spent" if evidence.launch_hero else "--launch-hero not given"
-        return out("ready_stop_before_hero", PROMOTE, f"{f1_txt} and the checklist passes: promote; stop before "
-                                                      f"the hero ({why})")
-    if spent:
-        return out("budget_exhausted", STOP, f"after {evidence.phase}: not ready (failed: {failed}) and the budget "
-                                             "is spent")
-    if evidence.phase == "extend":
-        if collapse:
-            return out("collapsed", SWEEP, f"{collapse}; {f1_txt}, {ft_txt}: the latent path answers alike whatever "
-                                           f"the input, not exposure bias; checklist failed: {failed}: Phase 2 (sweep)")
-        if not f1_ok and ft_ok:
-            return out("exposure_bias", FIX, f"{f1_txt}, {ft_txt}: exposure bias, Phase 3 (scheduled sampling)")
-        return out("needs_tuning", SWEEP, f"{f1_txt}, {ft_txt}, checklist failed: {failed}: Phase 2 (sweep)")
-    if evidence.phase == "sweep":
-        also = f"; {collapse}" if collapse else ""
-        return out("still_short_after_sweep", FIX, f"best trial: {f1_txt}{also}, checklist failed: {failed}: Phase 3")
-    return out("plan_exhausted", STOP, f"after {evidence.phase}: {f1_txt}, checklist failed: {failed}; no phase "
-                                       "of the plan is left")
-
-
-def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.4g}"
-
 
 # ---- phase configs ----------------------------------------------------------------------------------------------
 
@@ -464,17 +386,17 @@ def decisions_markdown(summary: dict) -> str:
         ev = d["evidence"]
         lines += [f"### {i}. after {ev['phase']}: `{d['rule']}` -> **{d['next_phase']}**", "", d["reason"], "",
                   "| evidence | value |", "|---|---|",
-                  f"| best example latent F1 | {_fmt(ev['f1_max'])} |",
-                  f"| mean latent F1 | {_fmt(ev['f1_mean'])} |",
-                  f"| peak probe first-token accuracy (raw) | {_fmt(ev['peak_first_acc'])} |",
-                  f"| peak first-token lift over the controls | {_fmt(ev.get('peak_first_acc_lift'))} |",
-                  f"| controls at that step: constant guess, shuffled latent | {_fmt(ev.get('first_acc_const'))}, "
-                  f"{_fmt(ev.get('first_acc_shuffled'))} |",
-                  f"| latent top prediction share, repetition | {_fmt(ev.get('top_prediction_share'))}, "
-                  f"{_fmt(ev.get('repetition_rate'))} |",
+                  f"| best example latent F1 | {fmt_value(ev['f1_max'])} |",
+                  f"| mean latent F1 | {fmt_value(ev['f1_mean'])} |",
+                  f"| peak probe first-token accuracy (raw) | {fmt_value(ev['peak_first_acc'])} |",
+                  f"| peak first-token lift over the controls | {fmt_value(ev.get('peak_first_acc_lift'))} |",
+                  f"| controls at that step: constant guess, shuffled latent | {fmt_value(ev.get('first_acc_const'))}, "
+                  f"{fmt_value(ev.get('first_acc_shuffled'))} |",
+                  f"| latent top prediction share, repetition | {fmt_value(ev.get('top_prediction_share'))}, "
+                  f"{fmt_value(ev.get('repetition_rate'))} |",
                   f"| checklist passed | {ev['checklist_passed']} |",
                   f"| checklist failed | {', '.join(ev['checklist_failed']) or '-'} |",
-                  f"| budget left (s) | {_fmt(ev['budget_left_s'])} |"]
+                  f"| budget left (s) | {fmt_value(ev['budget_left_s'])} |"]
         lines += [f"| run {k} | {v} |" for k, v in ev["run_ids"].items()]
         lines.append("")
     return "\n".join(lines)
