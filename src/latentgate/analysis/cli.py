@@ -52,8 +52,8 @@ def analyze(target, out_dir, no_log, last_n, checklist, no_plots, as_json):
     import tempfile
     from pathlib import Path
 
+    from latentgate.analysis.render import print_rich
     from latentgate.analysis.report import analyze as run_analyze
-    from latentgate.analysis.report import print_rich
 
     _check(last_n >= 1, f"--last-n must be >= 1, got {last_n}", "pass --last-n 3 (the default)")
     with tempfile.TemporaryDirectory(prefix="latentgate-analyze-") as tmp:
