@@ -2,9 +2,10 @@
 histories and run artifacts, closed by the readiness checklist and the plan's recommendation.
 
 `build_report(bundle)` returns a JSON-able dict; `render.to_markdown` and `render.print_rich` show it;
-`analyze(run_id)` does all of it, makes the plots and logs report.md, report.json and the PNGs to the run (under `analysis/`).
+`analyze(run_id)` does all of it, makes the plots and logs report.md, report.json and the PNGs to the run (under
+`analysis/`).
 Thresholds come from the readiness checklist (`latentgate.registry.checklist`), and the recommendation is the
-pipeline's own decision tree (`latentgate.phases.decisions.decide`): the report, the monitor and the pipeline judge
+pipeline's own decision tree (`latentgate.registry.decisions.decide`): the report, the monitor and the pipeline judge
 a run by the same file and the same rules.
 """
 
