@@ -517,7 +517,7 @@ def test_a_continued_sweep_does_not_register_its_unchanged_best_again(candidate,
     from mlflow import MlflowClient
 
     from latentgate.schema import Tag
-    from latentgate.sweep.runner import register_best
+    from latentgate.sweep.finalize import register_best
     from latentgate.tracking.tracker import NullTracker
 
     eval_run = micro_smoke["children"]["eval"]

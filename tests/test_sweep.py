@@ -227,7 +227,7 @@ def killed_sweep(tmp_path_factory, stage_a_uri, mlflow_store):
 
 
 def test_killed_worker_trial_fails_and_is_retried(killed_sweep):
-    from latentgate.sweep.runner import progress
+    from latentgate.sweep.stopping import progress
 
     study = load(killed_sweep["journal"], "kill")
     k = killed_sweep["killed"]

@@ -103,7 +103,8 @@ def test_continued_study_stops_with_its_reason_and_the_version_carries_the_evide
     from mlflow import MlflowClient
 
     from latentgate.registry.gate import check_candidate, check_tag_value
-    from latentgate.sweep.runner import format_summary, run_sweep
+    from latentgate.sweep.finalize import format_summary
+    from latentgate.sweep.runner import run_sweep
     from latentgate.sweep.study import load_study
 
     pruner = {"name": "patient", "patience": 1, "wrapped": {"name": "median", "n_startup_trials": 1,

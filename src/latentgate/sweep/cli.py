@@ -60,7 +60,8 @@ def sweep(study_name, name, resume_from, n_trials, workers, storage, threads, ch
     if check:
         click.echo(json.dumps(spec.to_dict(), indent=2, sort_keys=True, default=str))
         return
-    from latentgate.sweep.runner import format_summary, run_sweep
+    from latentgate.sweep.finalize import format_summary
+    from latentgate.sweep.runner import run_sweep
 
     summary = run_sweep(spec, ints["--n-trials"], ints["--workers"] or 1, storage, ints["--threads"],
                         echo=click.echo, register=not no_register)

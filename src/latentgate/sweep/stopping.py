@@ -1,4 +1,5 @@
-"""When a study stops before its trial budget: the study file's `stop` rule, checked before every new trial.
+"""How far a study is (`progress`) and when it stops before its trial budget: the study file's `stop` rule, checked
+before every new trial.
 
     stop: {rule: patience, trials: 8, min_delta: 0.002}
         stop once `trials` finished trials in a row (complete, pruned or failed) have not raised the best value by
@@ -17,6 +18,8 @@ changed on a continued study: it decides when to stop asking, not what a trial m
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from latentgate.errors import ConfigError
 from latentgate.schema import StudyAttr
 
@@ -24,6 +27,29 @@ RULES = {"none": {}, "patience": {"trials": int, "min_delta": float},
          "terminator": {"min_n_trials": int, "threshold": float}}
 REQUIRED = {"patience": ("trials",), "terminator": ("threshold",)}
 NONE = {"rule": "none"}
+
+
+@dataclass
+class Progress:
+    done: int
+    running: int
+    waiting: int
+    complete: int
+    pruned: int
+    failed: int
+    total: int
+
+
+def progress(study) -> Progress:
+    from optuna.trial import TrialState as S
+
+    trials = study.get_trials(deepcopy=False)
+    superseded = {n for t in trials for n in t.system_attrs.get("retry_history", [])}  # replaced by a retry
+    fail_outcomes = [t for t in trials if t.state == S.FAIL and t.number not in superseded]
+    count = lambda s: sum(t.state == s for t in trials)  # noqa: E731
+    return Progress(done=count(S.COMPLETE) + count(S.PRUNED) + len(fail_outcomes), running=count(S.RUNNING),
+                    waiting=count(S.WAITING), complete=count(S.COMPLETE), pruned=count(S.PRUNED),
+                    failed=count(S.FAIL), total=len(trials))
 
 
 def check_stop(raw, where: str) -> dict:
