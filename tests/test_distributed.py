@@ -66,7 +66,7 @@ def test_two_processes_match_one_and_only_rank0_logs(tmp_path, mlflow_store):
     assert not (tmp_path / "two" / "checkpoints" / "stage_a").with_name("stage_a.tmp").exists()
 
 
-@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("first,then", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])  # 30 s each
 def test_checkpoints_resume_across_world_sizes(tmp_path, first, then):
     """2 steps in `first` processes, resumed to 4 in `then`, equals 4 uninterrupted single-process steps."""
     part = _run(tmp_path / "part", 2, first)
@@ -108,6 +108,7 @@ def _runs(store: Path) -> list:
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
+@pytest.mark.slow  # 45-70 s: two torchrun phases and a one-process reference
 def test_phases_under_torchrun_write_once_and_match_one_process(tmp_path):
     """`torchrun --nproc_per_node 2 -m latentgate smoke` then `stage-b`: one set of runs, one registered base LM,
     one output folder, one printed summary; every metric step logged once; the same losses as 1 process."""

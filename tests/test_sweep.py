@@ -320,6 +320,7 @@ def test_dashboard_serves_the_study(killed_sweep):
 # ---- PostgreSQL, two workers -----------------------------------------------------------------------------------
 
 # ~30-70 s: server start-up + 2 worker processes; .ci/run installs Debian's postgresql first
+@pytest.mark.slow  # 40-60 s (and installing PostgreSQL where it is missing); journal workers run by default
 def test_postgresql_two_workers(tmp_path, stage_a_uri, pg_url):  # noqa: F811
     path = write_study(tmp_path, "pg", stage_a_uri, pruner={"name": "none"},
                        search_space={"stage_b.steps": {"type": "int", "low": 3, "high": 6, "step": 3}})
