@@ -31,14 +31,14 @@ models/smollm2: | $(STAMP)  ## a real pretrained LM: SmolLM2-135M-Instruct from 
 smollm2: install models/smollm2  ## the smoke on a real pretrained LM (lm_self encoder), ~15 min on a 2-core CPU
 	mlflow run . -e smoke -P preset=smollm2 --env-manager local --experiment-name latentgate
 
-# One pytest worker per core (pytest-xdist), a test file per worker: its module fixtures are built once.
+# One pytest worker per core, at most 4 (pytest-xdist); a test file per worker, so its module fixtures are built once.
 TEST_WORKERS ?= auto
 
 test: install  ## the fast test suite (what CI runs)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
 
 test-all: install  ## including slow tests
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not gpu"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile -m "not gpu"
 
 bench: install  ## side-by-side performance ratios (README's table)
 	$(PY) -m latentgate.bench
