@@ -43,6 +43,9 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
+import datasets
+from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
 from latentgate.data.records import Example
 from latentgate.data.validation import (
     MISSING,
@@ -265,26 +268,20 @@ class _quiet_datasets:
     """Silence datasets' progress bars for the duration of a load, restoring the caller's setting."""
 
     def __enter__(self):
-        from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars
-
         self._was_disabled = are_progress_bars_disabled()
         disable_progress_bars()
         return self
 
     def __exit__(self, *exc):
-        from datasets.utils.tqdm import enable_progress_bars
-
         if not self._was_disabled:
             enable_progress_bars()
         return False
 
 
 def _load_hub(source: str, split: str, max_context_words: int) -> list[Example]:
-    from datasets import load_dataset
-
     with _quiet_datasets():
         try:
-            rows = load_dataset(source, split=split).to_list()
+            rows = datasets.load_dataset(source, split=split).to_list()
         except Exception as err:  # noqa: BLE001 - offline, unknown name, missing split...
             raise DataError(
                 f"cannot load dataset {show(source)} from the hub: {one_line(str(err))[:200]}",
@@ -295,11 +292,9 @@ def _load_hub(source: str, split: str, max_context_words: int) -> list[Example]:
 
 def _load_folder(path: Path, name: str, split: str, max_context_words: int) -> list[Example]:
     """A local dataset folder, read like a hub dataset; arrow caches go to a temporary folder, not HF_HOME."""
-    from datasets import load_dataset
-
     with tempfile.TemporaryDirectory(prefix="latentgate-data-") as tmp, _quiet_datasets():
         try:
-            rows = load_dataset(str(path), split=split, cache_dir=tmp, keep_in_memory=True).to_list()
+            rows = datasets.load_dataset(str(path), split=split, cache_dir=tmp, keep_in_memory=True).to_list()
         except Exception as err:  # noqa: BLE001 - no data files, unknown split, unreadable file...
             disk = os_error_in_chain(err)  # a full disk / read-only temp dir is not a problem of the data
             if disk is not None:
