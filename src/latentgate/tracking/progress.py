@@ -227,7 +227,7 @@ def _rich_add(t: Task):
     try:
         with _lock:
             if _live is None:
-                from rich.console import Console  # lazy: fast -q start-up (module doc)
+                from rich.console import Console  # lazy: fast -q start-up
                 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn  # lazy: fast -q start-up
 
                 _live = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(bar_width=30),
@@ -257,7 +257,7 @@ def _rich_remove(t: Task, text: str, stopped: bool = False) -> None:
     try:
         with _lock:
             _live.remove_task(t._id)
-            from rich.markup import escape  # lazy: fast -q start-up (module doc)
+            from rich.markup import escape  # lazy: fast -q start-up
 
             mark = "[yellow]■[/yellow]" if stopped else "[green]✓[/green]"
             _live.console.print(f"{mark} {escape(text)}", highlight=False)
