@@ -43,9 +43,6 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-import datasets
-from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
 from latentgate.data.records import Example
 from latentgate.data.validation import (
     MISSING,
@@ -268,20 +265,26 @@ class _quiet_datasets:
     """Silence datasets' progress bars for the duration of a load, restoring the caller's setting."""
 
     def __enter__(self):
+        from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars  # lazy: light `data check`
+
         self._was_disabled = are_progress_bars_disabled()
         disable_progress_bars()
         return self
 
     def __exit__(self, *exc):
+        from datasets.utils.tqdm import enable_progress_bars  # lazy: light `data check`
+
         if not self._was_disabled:
             enable_progress_bars()
         return False
 
 
 def _load_hub(source: str, split: str, max_context_words: int) -> list[Example]:
+    from datasets import load_dataset  # lazy: light `data check`
+
     with _quiet_datasets():
         try:
-            rows = datasets.load_dataset(source, split=split).to_list()
+            rows = load_dataset(source, split=split).to_list()
         except Exception as err:  # noqa: BLE001 - offline, unknown name, missing split...
             raise DataError(
                 f"cannot load dataset {show(source)} from the hub: {one_line(str(err))[:200]}",
@@ -292,9 +295,11 @@ def _load_hub(source: str, split: str, max_context_words: int) -> list[Example]:
 
 def _load_folder(path: Path, name: str, split: str, max_context_words: int) -> list[Example]:
     """A local dataset folder, read like a hub dataset; arrow caches go to a temporary folder, not HF_HOME."""
+    from datasets import load_dataset  # lazy: light `data check`
+
     with tempfile.TemporaryDirectory(prefix="latentgate-data-") as tmp, _quiet_datasets():
         try:
-            rows = datasets.load_dataset(str(path), split=split, cache_dir=tmp, keep_in_memory=True).to_list()
+            rows = load_dataset(str(path), split=split, cache_dir=tmp, keep_in_memory=True).to_list()
         except Exception as err:  # noqa: BLE001 - no data files, unknown split, unreadable file...
             disk = os_error_in_chain(err)  # a full disk / read-only temp dir is not a problem of the data
             if disk is not None:
