@@ -87,7 +87,6 @@ def bench_step(cfg: Config, work: Path, reps: int = 3, steps: int = 14, warm: in
                ws=None) -> Row:
     """`train_stage` (NullTracker, clocked per step by `StepClock`) vs `bare_step` over the same micro-batches, both
     from the same starting weights; best-of-repetitions per step, summed over the steady steps."""
-
     cfg = resolve(None, {**flatten(cfg), **stage_overrides(stage, steps, steps, 0)})
     ws = ws or smoke_workspace(cfg, work / "base", stage)
     ws.cfg = cfg

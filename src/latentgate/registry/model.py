@@ -71,7 +71,6 @@ def version_for_eval_run(eval_run_id: str, name: str = "latentgate") -> str | No
 
 def register_candidate(eval_run_id: str, name: str = "latentgate") -> str:
     """Log the pyfunc model of a FINISHED eval run's checkpoint and register it under `name`; returns the version."""
-
     from latentgate.train.workspace import load_splits  # lazy: keeps latentgate verify/promote torch-free
 
     c = client()
