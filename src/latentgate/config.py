@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from latentgate.errors import ConfigError
 from latentgate.schema import EvalPath
 
@@ -376,8 +378,6 @@ def cli_overrides(sets: typing.Iterable[str], overrides: str = "", *, from_mlpro
     """The overrides of one command line: each `--set` is one pair (its value may contain spaces), `--overrides`
     holds space-separated pairs. Empty values are refused, except in a command `mlflow run` built from the
     MLproject (MLFLOW_RUN_ID set), where a parameter left at its empty default keeps the preset's value."""
-    import os
-
     keep = bool(os.environ.get("MLFLOW_RUN_ID")) if from_mlproject is None else from_mlproject
     return {**parse_set_args(list(sets), keep_empty=keep, split=False),
             **parse_set_args([overrides] if overrides.strip() else [], keep_empty=keep)}
@@ -389,8 +389,6 @@ def preset_names() -> list[str]:
 
 def load_yaml_mapping(path: Path) -> dict:
     """A YAML file whose top level is a mapping (presets, sweep studies), or a one-line ConfigError."""
-    import yaml
-
     if path.is_dir():
         raise ConfigError(f"{path} is a directory, not a YAML file", "pass the path of a .yaml file")
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class LatentgateError(Exception):
     """An error the user can act on. `str(err)` is the one-line message printed by the CLI."""
@@ -94,8 +96,6 @@ def os_error_in_chain(err: BaseException) -> LatentgateError | None:
 def describe_os_error(err: OSError, doing: str = "write") -> LatentgateError | None:
     """An OSError a user can act on (disk full, file-size limit, read-only, permission) as one StoreError line;
     None for other errors."""
-    import errno
-
     where = err.filename or "a file"
     fixes = {
         errno.ENOSPC: ("no space left on the device", "free disk space or point run.output_dir / the artifact "

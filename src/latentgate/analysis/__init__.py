@@ -16,23 +16,23 @@ __all__ = ["Monitor", "analyze", "build_report", "compare_runs", "load_run_bundl
 
 def __getattr__(name: str):
     if name in ("make_stage_plots", "make_eval_plots"):
-        from latentgate.analysis import plots
+        from latentgate.analysis import plots  # lazy: keeps latentgate --help light
 
         return getattr(plots, name)
     if name in ("recommend", "build_report", "analyze"):
-        from latentgate.analysis import report
+        from latentgate.analysis import report  # lazy: keeps latentgate --help light
 
         return getattr(report, name)
     if name == "load_run_bundle":
-        from latentgate.analysis.history import load_run_bundle
+        from latentgate.analysis.history import load_run_bundle  # lazy: keeps latentgate --help light
 
         return load_run_bundle
     if name == "Monitor":
-        from latentgate.analysis.monitor import Monitor
+        from latentgate.analysis.monitor import Monitor  # lazy: keeps latentgate --help light
 
         return Monitor
     if name == "compare_runs":
-        from latentgate.analysis.compare import compare_runs
+        from latentgate.analysis.compare import compare_runs  # lazy: keeps latentgate --help light
 
         return compare_runs
     raise AttributeError(name)

@@ -6,7 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from latentgate.analysis import history
+from latentgate.analysis.plots import overlay_first_acc
 from latentgate.analysis.report import eval_figures, gradient_figures, stage_figures
 from latentgate.schema import EvalKey, EvalPath, Probe, Summary, Tag
 from latentgate.tracking import lineage
@@ -71,8 +75,6 @@ def compare_runs(run_ids: list[str], plot: Path | None = None) -> dict[str, Any]
            "differing_params": differing_params([b.all_params() for b in bundles]),
            "plot": None}
     if plot is not None:
-        from latentgate.analysis.plots import overlay_first_acc
-
         curves = {}
         for b in bundles:
             label = f"{b.run_name or b.phase} {b.run_id[:8]}"
@@ -117,9 +119,6 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]], list[list[str]
 
 
 def print_rich(result: dict, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     header, metric_rows, param_rows = table_rows(result)
     for title, rows in (("Key metrics", metric_rows), ("Params that differ", param_rows)):

@@ -28,7 +28,11 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
+import click
+from mlflow.exceptions import MlflowException
+
 from latentgate.analysis import history
+from latentgate.errors import StoreError
 from latentgate.registry.checklist import BREAKTHROUGH, GRADIENTS, STABILITY, CollapseRule, Criterion, load_checklist
 from latentgate.schema import EvalKey, EvalPath, GradGroup, Loss, Probe, Stage, Tag
 from latentgate.tracking import lineage
@@ -276,8 +280,6 @@ class Monitor:
         if self.echo is not None:
             self.echo(text, colour)
             return
-        import click
-
         click.echo(click.style(text, fg=colour, bold=True) if colour else text)
 
     def _emit(self, alert: Alert) -> None:
@@ -307,8 +309,6 @@ class Monitor:
     # -- one pass ------------------------------------------------------------------------------------------
     def poll(self) -> list[Alert]:
         """Read what is new in the store, print it, raise alerts. Returns the alerts of this pass."""
-        from mlflow.exceptions import MlflowException
-
         now = self.clock()
         first = self.polls == 0
         self.polls += 1
@@ -316,8 +316,6 @@ class Monitor:
             root = self.client.get_run(self.run_id)  # status first: whatever is read after it is at least as new
             runs = [root, *history.descendants(self.client, root)]
         except MlflowException as err:
-            from latentgate.errors import StoreError
-
             raise StoreError(f"tracking store read failed: {str(err).splitlines()[0][:200]}",
                              "check MLFLOW_TRACKING_URI / the server, then run the monitor again") from None
         lines: list[str] = []

@@ -10,12 +10,18 @@ plotting never fails the run that calls it.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
+
 from latentgate.analysis.history import read_jsonl, split_stages
 from latentgate.errors import LatentgateError
+from latentgate.eval.scoring import ERROR_MODES, F1_BUCKETS, f1_buckets
 from latentgate.registry.checklist import GRADIENTS, LEARNING, load_checklist
 from latentgate.schema import Artifact, EvalKey, EvalPath, GradGroup, Loss, Probe, Stage
 
@@ -26,9 +32,6 @@ PROBE_ACC, CONST, SHUFFLED = Probe.key(Probe.FIRST_ACC), Probe.key(Probe.CONST),
 
 
 def new_figure(width: float = 7.0, height: float = 3.6):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot(1, 1, 1)
@@ -78,8 +81,6 @@ def _series(placed, key: str):
 
 
 def _plot_first_acc(placed, out: Path, threshold: float | None) -> Path | None:
-    from matplotlib.ticker import PercentFormatter
-
     bx, by = _series(placed, Stage.FIRST_ACC)
     px, py = _series(placed, PROBE_ACC)
     if not bx and not px:
@@ -223,8 +224,6 @@ def _grouped_bars(ax, categories: list[str], per_path: dict[str, dict[str, int]]
 
 def eval_plots(rows: list[dict], out_dir: Path, aggregates: dict | None = None) -> list[Path]:
     """f1_histogram.png and error_modes.png from eval_detailed rows (or metrics.json aggregates)."""
-    from latentgate.eval.scoring import ERROR_MODES, F1_BUCKETS, f1_buckets
-
     out_dir = Path(out_dir)
     f1s: dict[str, list[float]] = {}
     modes: dict[str, dict[str, int]] = {}
@@ -263,8 +262,6 @@ def eval_plots(rows: list[dict], out_dir: Path, aggregates: dict | None = None) 
 
 def make_eval_plots(eval_dir: Path, out_dir: Path) -> list[Path]:
     """Plots of an eval output folder (eval_detailed.jsonl, else metrics.json). [] when neither exists."""
-    import json
-
     eval_dir = Path(eval_dir)
     rows, agg = [], None
     try:
@@ -294,8 +291,6 @@ def bundle_plots(bundle, out_dir: Path, threshold: float | None = None,
 def overlay_first_acc(curves: dict[str, list[tuple[int, float]]], out: Path) -> Path | None:
     """compare: probe first_acc curves of several runs on one axis (raw accuracy: the checklist reads the lift over
     each run's controls, so no checklist line is drawn here)."""
-    from matplotlib.ticker import PercentFormatter
-
     curves = {k: v for k, v in curves.items() if v}
     if not curves:
         return None

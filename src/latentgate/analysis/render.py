@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 
+from rich.console import Console
+from rich.table import Table
+
 from latentgate.schema import EvalKey, EvalPath, Probe
 
 # ------------------------------------------------------------------------------------------------------------
@@ -142,9 +145,6 @@ def to_markdown(rep: dict) -> str:
 
 
 def print_rich(rep: dict, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     run = rep["run"]
     console.print(f"[bold]latentgate report[/bold] {run['name'] or ''} {run['run_id'] or run['source']} "

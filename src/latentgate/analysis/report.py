@@ -17,10 +17,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from latentgate.analysis import history
 from latentgate.analysis.history import RunBundle, StageHistory
+from latentgate.analysis.plots import bundle_plots
 from latentgate.analysis.render import fmt_num, to_markdown
 from latentgate.errors import ConfigError
-from latentgate.eval import controls
+from latentgate.eval import controls, scoring
 from latentgate.registry import decisions
 from latentgate.registry.checklist import (
     BREAKTHROUGH,
@@ -88,7 +90,7 @@ def gate_readiness(eval_run_id: str | None, checklist_path=None) -> dict | None:
     if not eval_run_id:
         return None
     try:
-        from latentgate.registry.gate import check_candidate
+        from latentgate.registry.gate import check_candidate  # optional: None when the registry is unavailable
     except ImportError:
         return None
     rep = check_candidate(eval_run_id, checklist_path=checklist_path)
@@ -186,8 +188,6 @@ def _stage_label(st: StageHistory, stages: list[StageHistory]) -> str:
 
 
 def eval_figures(ev) -> dict[str, Any]:
-    from latentgate.eval import scoring
-
     out: dict[str, Any] = {"run_id": ev.run_id, "status": ev.status, "checkpoint": ev.checkpoint,
                            "paths": {p: dict(ev.metrics[p]) for p in EvalPath.ALL if p in ev.metrics}}
     latent_rows = ev.path_rows(EvalPath.LATENT)
@@ -346,8 +346,6 @@ def analyze(target: str, out_dir: Path, log: bool = True, last_n: int = 3, check
             plots: bool = True) -> tuple[dict, list[Path]]:
     """Build the report for a run id (or a local diagnostics.jsonl), write report.md/json and the plots into
     out_dir, and (for a run) log them to the run under `analysis/`. Returns (report, files)."""
-    from latentgate.analysis import history
-
     if last_n < 1:
         raise ConfigError(f"--last-n must be >= 1, got {last_n}", "pass --last-n 3 (the default)")
     if target.endswith(".jsonl") or Path(target).is_file():
@@ -365,8 +363,6 @@ def analyze(target: str, out_dir: Path, log: bool = True, last_n: int = 3, check
     files += [md, js]
     pngs: list[Path] = []
     if plots:
-        from latentgate.analysis.plots import bundle_plots
-
         cl = load_checklist(checklist_path)
         pngs = bundle_plots(bundle, out_dir / "plots", threshold=cl.threshold(LEARNING),
                             grad_limit=cl.threshold(GRADIENTS))

@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 
 from latentgate.config import Config
+from latentgate.model.base_lm import build_builtin_lm, builtin_tokenizer
+from latentgate.model.lora import attach_lora
+from latentgate.train.workspace import build_workspace
 
 
 def save_random_base(cfg: Config, out_dir: Path) -> Path:
     """A random-init builtin base LM + its tokenizer, saved like the `base` stage saves a trained one."""
-    from latentgate.model.base_lm import build_builtin_lm, builtin_tokenizer
-
     tok = builtin_tokenizer(cfg)
     lm = build_builtin_lm(cfg, len(tok), tok)
     model_dir = Path(out_dir) / "base_lm"
@@ -26,13 +27,9 @@ def save_random_base(cfg: Config, out_dir: Path) -> Path:
 
 def smoke_workspace(cfg: Config, work_dir: Path, stage: str = "stage_a"):
     """A Workspace ready for `train_stage(ws, stage, ...)` (Stage B: LoRA attached, as `run_stage` does)."""
-    from latentgate.train.workspace import build_workspace
-
     base_dir = save_random_base(cfg, work_dir)
     ws = build_workspace(cfg, base_dir)
     if stage == "stage_b":
-        from latentgate.model.lora import attach_lora
-
         ws.lm, ws.lora_counts = attach_lora(ws.lm, cfg)
     return ws
 

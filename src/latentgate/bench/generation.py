@@ -7,8 +7,12 @@ from pathlib import Path
 
 import torch
 
+from latentgate.bench.fixtures import smoke_workspace
 from latentgate.bench.report import FAIL, Row, interleave, median, ratio_row
 from latentgate.config import Config
+from latentgate.eval.generate import greedy_generate
+from latentgate.eval.probe import EvalMode
+from latentgate.model.contract import build_latent_batch
 
 # ---- 2. generation --------------------------------------------------------------------------------------------
 
@@ -50,8 +54,6 @@ def per_example_generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.
 
 def batched_generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                      stop_ids, batch_size: int) -> list[list[int]]:
-    from latentgate.eval.generate import greedy_generate
-
     rows: list[list[int]] = []
     for s in range(0, inputs_embeds.shape[0], batch_size):
         rows += greedy_generate(lm, inputs_embeds[s : s + batch_size], attention_mask[s : s + batch_size],
@@ -61,9 +63,6 @@ def batched_generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tens
 
 def latent_prefixes(ws, examples) -> tuple[torch.Tensor, torch.Tensor]:
     """The eval latent path's generation inputs (encoder -> adapter -> prefix contract), in eval mode."""
-    from latentgate.eval.probe import EvalMode
-    from latentgate.model.contract import build_latent_batch
-
     with torch.no_grad(), EvalMode(ws.encoder, ws.adapter, ws.lm):
         prefix = build_latent_batch(ws.contract, ws.embed, ws.latents(examples))
     return prefix.inputs_embeds, prefix.attention_mask
@@ -73,9 +72,6 @@ def bench_generation(cfg: Config, work: Path, reps: int = 3, n: int = 200, ws=No
                      loop_reps: int = 1) -> list[Row]:
     """Two rows from one interleaved run: ours vs HF batched `generate` (same batches), and vs the per-example
     loop. Both peers must produce exactly our token ids."""
-    from latentgate.bench.fixtures import smoke_workspace
-    from latentgate.eval.probe import EvalMode
-
     ws = ws or smoke_workspace(cfg, work / "base")
     examples = (ws.splits["eval"] * (n // max(1, len(ws.splits["eval"])) + 1))[:n]
     emb, mask = latent_prefixes(ws, examples)

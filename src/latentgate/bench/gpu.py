@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 
 from latentgate.bench.generation import batched_generate, latent_prefixes
 from latentgate.bench.report import INFO, Row, judge, not_measured
 from latentgate.config import Config, resolve
+from latentgate.model.base_lm import build_builtin_lm, builtin_tokenizer, embedding_rms, freeze, resolve_dtype
+from latentgate.model.contract import PrefixContract
+from latentgate.model.latent import build_latent_modules
+from latentgate.model.lora import attach_lora
 from latentgate.train.flops import step_flops
+from latentgate.train.trainer import batch_indices, build_optimizer, stage_step
+from latentgate.train.workspace import Workspace, load_splits, set_threads
 
 # ---- 6. GPU ---------------------------------------------------------------------------------------------------
 
@@ -32,12 +39,6 @@ def peak_flops(device: torch.device) -> float | None:
 def direct_workspace(cfg: Config, device: torch.device, vocab_size: int | None = None, stage: str = "stage_b"):
     """A Workspace built in memory on `device` (a 1B model is not worth a round trip through disk): the builtin
     tokenizer, a Llama from config in base.dtype, the encoder/adapter, and LoRA for Stage B."""
-    from latentgate.model.base_lm import build_builtin_lm, builtin_tokenizer, embedding_rms, freeze, resolve_dtype
-    from latentgate.model.contract import PrefixContract
-    from latentgate.model.latent import build_latent_modules
-    from latentgate.model.lora import attach_lora
-    from latentgate.train.workspace import Workspace, load_splits, set_threads
-
     set_threads(cfg.run.threads)
     tok = builtin_tokenizer(cfg)
     with torch.device(device):
@@ -56,8 +57,6 @@ def direct_workspace(cfg: Config, device: torch.device, vocab_size: int | None =
 def check_placement(ws) -> dict:
     """Every parameter and buffer on the workspace's device; the frozen LM's weights in base.dtype. Raises on a
     misplaced tensor, returns dtype counts."""
-    from latentgate.model.base_lm import resolve_dtype
-
     want = resolve_dtype(ws.cfg.base.dtype, ws.device)
     dtypes: dict[str, int] = {}
     for owner, module in (("lm", ws.lm), ("encoder", ws.encoder), ("adapter", ws.adapter)):
@@ -76,8 +75,6 @@ def gpu_stage_b(cfg: Config, device: torch.device, steps: int = 8, warm: int = 2
                 gen_n: int = 200) -> dict:
     """Stage B steps through the trainer's own step function (`stage_step`, optimizer, clipping, schedule) on
     `device`, timed with device synchronisation; then the eval generation rate. Works on CPU too (tests)."""
-    from latentgate.train.trainer import batch_indices, build_optimizer
-
     ws = direct_workspace(cfg, device, vocab_size)
     placement = check_placement(ws)
     st = cfg.stage_b
@@ -122,8 +119,6 @@ def gpu_stage_b(cfg: Config, device: torch.device, steps: int = 8, warm: int = 2
 
 
 def _one_step(ws, examples, st, k, gen, opt, sched, trainable) -> None:
-    from latentgate.train.trainer import stage_step
-
     out = stage_step(ws, examples, st, k, gen)
     out.total.backward()
     torch.nn.utils.clip_grad_norm_(trainable, st.clip_norm if st.clip_norm > 0 else float("inf"))
@@ -134,8 +129,6 @@ def _one_step(ws, examples, st, k, gen, opt, sched, trainable) -> None:
 
 def _count_syncs(fn, *args) -> int:
     """Host-device synchronisations during fn (torch's sync debug mode warns on each)."""
-    import warnings
-
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:

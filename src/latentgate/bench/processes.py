@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mlflow import MlflowClient
+
 from latentgate.bench.report import FAIL, PASS, Row, interleave, judge, median, ratio_row
 from latentgate.schema import Summary
 
@@ -113,8 +115,6 @@ def measure_subprocess(cmd: list[str], env: dict | None = None, cwd: Path | None
 def smoke_f1_from_store(run_id: str, env: dict, printed_uri: str | None = None) -> float | None:
     """The parent run's `latent_f1` metric, read back from the store the smoke wrote to."""
     try:
-        from mlflow import MlflowClient
-
         uri = env.get("MLFLOW_TRACKING_URI") or printed_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
         return MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics.get(Summary.LATENT_F1)
     except Exception:  # noqa: BLE001 - the printed summary is the fallback

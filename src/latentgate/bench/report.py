@@ -7,10 +7,13 @@ import json
 import os
 import platform
 import statistics
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
+
+import torch
 
 PASS, FAIL, NOT_MEASURED, ERROR, INFO = "PASS", "FAIL", "not measured", "ERROR", "info"
 _OPS: dict[str, Callable[[float, float], bool]] = {">=": lambda v, t: v >= t, "<=": lambda v, t: v <= t,
@@ -97,8 +100,6 @@ COLUMNS = (("what", "what"), ("compared_with", "compared with"), ("measured", "m
 
 
 def environment() -> dict:
-    import torch
-
     info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(), "python": platform.python_version(),
             "torch": torch.__version__, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
@@ -111,8 +112,6 @@ def environment() -> dict:
 
 def format_table(rows: list[Row], width: int = 60) -> str:
     """A plain-text table (fixed columns, long cells wrapped)."""
-    import textwrap
-
     limits = {"what": 34, "compared_with": 30, "measured": width, "target": 16, "status": 12}
     cells = [[textwrap.wrap(str(getattr(r, k)), limits[k]) or [""] for k, _ in COLUMNS] for r in rows]
     widths = [max([len(h)] + [len(line) for row in cells for line in row[i]]) for i, (_, h) in enumerate(COLUMNS)]

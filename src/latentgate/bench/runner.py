@@ -7,8 +7,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from latentgate.bench import report
+import torch
+
+from latentgate.bench import generation, gpu, processes, report, step, timing, tracking_cost
 from latentgate.bench.report import ERROR, NOT_MEASURED, Row
+from latentgate.bench.sweeps import bench_sweep
 
 KEYS = ("startup", "tracking", "generation", "step", "compile", "gpu")  # the default set; `smoke`, `sweep` on request
 
@@ -39,16 +42,10 @@ class BenchOptions:
 
 
 def _sweep_rows(opts: BenchOptions) -> list[Row]:
-    from latentgate.bench.sweeps import bench_sweep
-
     return bench_sweep(out_dir=opts.out_dir, quick=opts.quick, threads=opts.threads)
 
 
 def run_bench(opts: BenchOptions, echo=print) -> list[Row]:
-    import torch
-
-    from latentgate.bench import generation, gpu, processes, step, timing, tracking_cost
-
     torch.set_num_threads(max(1, opts.threads))
     timing.JUDGE_CLOCK["clock"] = opts.clock
     cfg = timing.bench_config(opts.preset, opts.overrides, threads=opts.threads)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from latentgate.bench.fixtures import Snapshot, smoke_workspace
 from latentgate.bench.report import INFO, Row, interleave, paired_ratio, ratio_row
 from latentgate.bench.timing import (
     CLOCKS,
@@ -20,6 +21,9 @@ from latentgate.bench.timing import (
     total_of,
 )
 from latentgate.config import Config, flatten, resolve
+from latentgate.model.contract import build_latent_batch, build_text_batch, encode_answers, text_prompt
+from latentgate.model.latent import encoder_text
+from latentgate.train.trainer import batch_indices, build_optimizer, train_stage
 
 # ---- 3. trainer step vs bare loop -----------------------------------------------------------------------------
 
@@ -30,9 +34,6 @@ STEP = ("training step throughput (tokens/s), default smoke config", "the same m
 def prepare_bare_batch(ws, examples) -> dict:
     """Everything the trainer derives from text, done once: encoder ids, the teacher's text batch, the student's
     constant prefix/answer embeddings (the LM is frozen), attention mask and HF labels."""
-    from latentgate.model.contract import build_latent_batch, build_text_batch, encode_answers, text_prompt
-    from latentgate.model.latent import encoder_text
-
     answers = encode_answers(ws.contract, ws.tokenizer, [e.answer for e in examples])
     ids, mask = ws.enc_tok([encoder_text(e.context, e.question) for e in examples], ws.device)
     with torch.no_grad():
@@ -68,8 +69,6 @@ def bare_step(ws, batch: dict, opt, kd: bool, lm=None, encoder=None) -> None:
 def bare_loop(ws, st, batches: list[dict], snap, **modules):
     """One timed pass of `bare_step` over the batches from the snapshot's weights (a fresh optimizer each pass);
     returns the per-step clock segments. `modules`: compiled stand-ins for the LM and encoder."""
-    from latentgate.train.trainer import build_optimizer
-
     def go():
         snap.restore()
         ws.encoder.train()
@@ -88,9 +87,6 @@ def bench_step(cfg: Config, work: Path, reps: int = 3, steps: int = 14, warm: in
                ws=None) -> Row:
     """`train_stage` (NullTracker, clocked per step by `StepClock`) vs `bare_step` over the same micro-batches, both
     from the same starting weights; best-of-repetitions per step, summed over the steady steps."""
-    from latentgate.bench.fixtures import Snapshot, smoke_workspace
-    from latentgate.train.trainer import batch_indices, train_stage
-
     cfg = resolve(None, {**flatten(cfg), **stage_overrides(stage, steps, steps, 0)})
     ws = ws or smoke_workspace(cfg, work / "base", stage)
     ws.cfg = cfg
@@ -143,9 +139,6 @@ def bench_compile(cfg: Config, work: Path, reps: int = 3, steps: int = 8, warm: 
                   ws=None) -> Row:
     """Eager vs `torch.compile` of the same bare step over the same batches, from the same weights. The first
     compiled pass (all shapes compiled) is timed apart as the compile cost; the row says which side wins."""
-    from latentgate.bench.fixtures import Snapshot, smoke_workspace
-    from latentgate.train.trainer import batch_indices
-
     cfg = resolve(None, {**flatten(cfg), **stage_overrides(stage, steps, steps, 0)})
     ws = ws or smoke_workspace(cfg, work / "base", stage)
     st = getattr(cfg, stage)

@@ -16,8 +16,12 @@ import multiprocessing
 import time
 from pathlib import Path
 
+import optuna
+
 from latentgate.bench.report import Row, judge, ratio_row
-from latentgate.schema import Summary
+from latentgate.schema import StudyAttr, Summary
+from latentgate.sweep.runner import create_study, run_sweep
+from latentgate.sweep.study import load_study, spec_from_dict, suggest
 
 PARALLEL = ("sweep: 2 journal workers vs 1, same trials", "1 worker")
 PRUNING = ("sweep: pruning vs none, same sampler seed and budget", "no pruning")
@@ -31,10 +35,6 @@ def _variant(spec, name: str, **changes):
 
 def draw_trials(spec, n: int, seed: int = 0) -> list[dict]:
     """n param sets from the study's search space (random sampler, fixed seed), longest Stage B first."""
-    import optuna
-
-    from latentgate.sweep.study import suggest
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     draws = []
@@ -47,9 +47,6 @@ def draw_trials(spec, n: int, seed: int = 0) -> list[dict]:
 
 def bench_parallel(spec, n_trials: int, workers: int, out: Path, tag: str, threads: int, echo=print) -> tuple:
     """Returns (row, the Stage A checkpoint URI the runs resumed from)."""
-    from latentgate.schema import StudyAttr
-    from latentgate.sweep.runner import create_study, run_sweep
-
     draws = draw_trials(spec, n_trials, seed=int(spec.sampler.get("seed") or 0))
     runs, resume = {}, spec.resume_from
     for w in (1, workers):
@@ -75,9 +72,6 @@ def bench_parallel(spec, n_trials: int, workers: int, out: Path, tag: str, threa
 
 def _run_variant(raw: dict, n_trials: int, url: str, threads: int, result: str) -> None:
     """Child process of bench_pruning: one single-worker study, summary to a JSON file."""
-    from latentgate.sweep.runner import run_sweep
-    from latentgate.sweep.study import spec_from_dict
-
     s = run_sweep(spec_from_dict(raw, "bench variant"), n_trials, 1, url, threads=threads, echo=lambda *_: None,
                   register=False)
     Path(result).write_text(json.dumps(s, default=str))
@@ -118,8 +112,6 @@ def bench_sweep(out_dir: str | Path = "bench-out", quick: bool = False, threads:
                 n_trials: int | None = None, workers: int = 2, echo=print) -> list[Row]:
     """Both comparisons on fresh journal storages under out_dir/sweep (also written as sweep_bench.json).
     Defaults: study phase2 with 8 trials (parallel) and 16 (pruning); `quick`: the micro study, 4 and 4."""
-    from latentgate.sweep.study import load_study
-
     spec = load_study(study or ("micro" if quick else "phase2"))
     n = int(n_trials or (4 if quick else 8))
     out = (Path(out_dir) / "sweep").resolve()

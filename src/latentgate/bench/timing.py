@@ -6,7 +6,11 @@ import contextlib
 import os
 import time
 
+import mlflow
+from mlflow.tracking import fluent
+
 from latentgate.config import Config, resolve
+from latentgate.tracking.tracker import NullTracker
 
 # ---- configs --------------------------------------------------------------------------------------------------
 
@@ -41,9 +45,6 @@ def temp_env(**values: str):
 @contextlib.contextmanager
 def mlflow_state():
     """Give back MLflow's process-wide tracking URI and active experiment after the bench used its own store."""
-    import mlflow
-    from mlflow.tracking import fluent
-
     uri, exp = mlflow.get_tracking_uri(), getattr(fluent, "_active_experiment_id", None)
     try:
         yield
@@ -75,8 +76,6 @@ class StepClock:
     i.e. at the end of every optimizer step (after its probe, if it had one)."""
 
     def __init__(self, inner=None):
-        from latentgate.tracking.tracker import NullTracker
-
         self.inner = inner if inner is not None else NullTracker()
         self.marks: list[tuple[float, float]] = []
 

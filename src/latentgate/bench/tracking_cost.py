@@ -6,6 +6,7 @@ import contextlib
 import json
 from pathlib import Path
 
+from latentgate.bench.fixtures import Snapshot, smoke_workspace
 from latentgate.bench.report import FAIL, Row, interleave, median, paired_ratio, ratio_row
 from latentgate.bench.timing import (
     CLOCKS,
@@ -24,6 +25,9 @@ from latentgate.bench.timing import (
 from latentgate.config import Config, flatten, resolve
 from latentgate.schema import Artifact, Stage
 from latentgate.tracking import lineage
+from latentgate.tracking.runs import setup_experiment, tracked_run
+from latentgate.tracking.tracker import NullTracker
+from latentgate.train.trainer import train_stage
 
 # ---- 1. tracking overhead -------------------------------------------------------------------------------------
 
@@ -37,11 +41,6 @@ def bench_tracking(cfg: Config, work: Path, reps: int = 3, steps: int = 40, stag
     flushed and logged as artifacts) vs the same call with `NullTracker`, both from the same starting weights.
     Timed: the training loop plus the artifact logging of its checkpoint. Run start/params/tags/end are one-off
     per stage and reported separately. `store_uri`: an existing store (default: a fresh SQLite file in `work`)."""
-    from latentgate.bench.fixtures import Snapshot, smoke_workspace
-    from latentgate.tracking.runs import setup_experiment, tracked_run
-    from latentgate.tracking.tracker import NullTracker
-    from latentgate.train.trainer import train_stage
-
     half = max(1, steps // 2)
     cfg = resolve(None, {**flatten(cfg), **stage_overrides(stage, steps, half, half)})
     if store_uri is None:

@@ -21,12 +21,22 @@ import math
 import tempfile
 from pathlib import Path
 
+import mlflow
+
+from latentgate.calibrate.plot import scatter
 from latentgate.calibrate.spec import CalibrationSet, Configuration
+from latentgate.calibrate.stats import summarize
 from latentgate.config import Config, config_hash, flatten
 from latentgate.errors import GateRefused, TrainingFault
+from latentgate.phases.smoke import run_smoke
 from latentgate.registry.calibration import PHASE
+from latentgate.registry.checklist import load_checklist
+from latentgate.registry.gate import check_candidate
 from latentgate.schema import CalibrateTag, Calibration, EvalKey, EvalPath, MlflowTag, Stage, Summary, Tag
 from latentgate.tracking.lineage import base_from_run, client
+from latentgate.tracking.runs import adopt_project_run, setup_experiment, tracked_run
+from latentgate.train.flops import step_flops
+from latentgate.train.workspace import build_workspace, load_splits
 
 CHAIN_NAME = {"gate": "smoke", "hero": "hero-scale"}
 DETERMINISTIC_FAILURES = (TrainingFault, GateRefused)
@@ -34,8 +44,6 @@ STAGES = ("stage_a", "stage_b")
 
 
 def _experiment_id(cfg: Config) -> str | None:
-    import mlflow
-
     exp = mlflow.get_experiment_by_name(cfg.run.experiment)
     return exp.experiment_id if exp else None
 
@@ -88,8 +96,6 @@ def _seconds(run) -> float:
 
 def run_chain(role: str, conf: Configuration, cfg: Config, echo) -> dict:
     """Reuse the chain for (role, cfg), or run it now."""
-    from latentgate.phases.smoke import run_smoke
-
     found = find_chain(role, cfg)
     if found:
         echo(f"  {role}: reusing run {found}")
@@ -110,9 +116,6 @@ def run_chain(role: str, conf: Configuration, cfg: Config, echo) -> dict:
 def micro_step_flops(cfg: Config, base_run: str) -> dict[str, float]:
     """Model FLOPs of one micro-step of each stage, counted by `train.flops.step_flops` on the first batch
     of the training split (its KD term follows the stage's own kd_weight)."""
-    from latentgate.train.flops import step_flops
-    from latentgate.train.workspace import build_workspace, load_splits
-
     ws = build_workspace(cfg, base_from_run(base_run).dir, load_splits(cfg))
     out = {}
     for stage in STAGES:
@@ -140,8 +143,6 @@ def _clean(v):
 def judge(gate: dict, checklist) -> tuple[bool, list[dict] | None, list[str]]:
     """The checklist's verdict on the gate chain's eval run, read-only (registry.gate.check_candidate moves no alias):
     (passed, report rows, failing criteria and missing evidence). A chain that failed is refused."""
-    from latentgate.registry.gate import check_candidate
-
     eval_run = gate["children"].get("eval")
     if gate["status"] != "FINISHED" or not eval_run:
         return False, None, [f"gate chain {gate['status']}: {gate['error'] or 'no eval run'}"]
@@ -176,8 +177,6 @@ def run_configuration(conf: Configuration, checklist, target: float, echo) -> di
 
 
 def _child(rec: dict, cfg: Config) -> str:
-    from latentgate.tracking.runs import tracked_run
-
     tags = {Tag.PHASE: "calibrate.configuration", CalibrateTag.CONFIGURATION: rec["name"],
             CalibrateTag.SPLIT: rec["split"], CalibrateTag.EXPECT: rec["expect"],
             CalibrateTag.VERDICT: "promote" if rec["verdict"] else "refuse",
@@ -207,11 +206,6 @@ def promotion_summary(cs_name: str, run_id: str, summary: dict) -> dict:
 
 
 def run_calibration(cs: CalibrationSet, checklist_path=None, echo=print) -> dict:
-    from latentgate.calibrate.plot import scatter
-    from latentgate.calibrate.stats import summarize
-    from latentgate.registry.checklist import load_checklist
-    from latentgate.tracking.runs import adopt_project_run, setup_experiment, tracked_run
-
     cl = load_checklist(checklist_path)
     target = cl.hero_f1_target()
     setup_experiment(cs.configurations[0].gate.run.experiment)

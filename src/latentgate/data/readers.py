@@ -265,14 +265,14 @@ class _quiet_datasets:
     """Silence datasets' progress bars for the duration of a load, restoring the caller's setting."""
 
     def __enter__(self):
-        from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars
+        from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars  # lazy: light `data check`
 
         self._was_disabled = are_progress_bars_disabled()
         disable_progress_bars()
         return self
 
     def __exit__(self, *exc):
-        from datasets.utils.tqdm import enable_progress_bars
+        from datasets.utils.tqdm import enable_progress_bars  # lazy: light `data check`
 
         if not self._was_disabled:
             enable_progress_bars()
@@ -280,7 +280,7 @@ class _quiet_datasets:
 
 
 def _load_hub(source: str, split: str, max_context_words: int) -> list[Example]:
-    from datasets import load_dataset
+    from datasets import load_dataset  # lazy: light `data check`
 
     with _quiet_datasets():
         try:
@@ -295,7 +295,7 @@ def _load_hub(source: str, split: str, max_context_words: int) -> list[Example]:
 
 def _load_folder(path: Path, name: str, split: str, max_context_words: int) -> list[Example]:
     """A local dataset folder, read like a hub dataset; arrow caches go to a temporary folder, not HF_HOME."""
-    from datasets import load_dataset
+    from datasets import load_dataset  # lazy: light `data check`
 
     with tempfile.TemporaryDirectory(prefix="latentgate-data-") as tmp, _quiet_datasets():
         try:

@@ -18,6 +18,7 @@ import torch
 from latentgate.eval import controls, scoring
 from latentgate.eval.generate import decode, greedy_generate
 from latentgate.eval.probe import EvalMode
+from latentgate.eval.squad_metric import load_squad_metric
 from latentgate.model.contract import answer_logits, build_latent_batch, build_text_batch, encode_answers, text_prompt
 from latentgate.schema import Artifact, EvalKey, EvalPath
 from latentgate.tracking import progress
@@ -100,8 +101,6 @@ def evaluate(ws, examples, out_dir: Path, paths=None, batch_size: int | None = N
 
 def aggregate(rows: list[dict], extra: dict, ws, n_examples: int) -> dict:
     """Aggregates per path, with EM/F1 from the shipped `evaluate` metric module (SQuAD v1.1, all references)."""
-    from latentgate.eval.squad_metric import load_squad_metric
-
     metric = load_squad_metric()
     out: dict = {"n_examples": n_examples, "paths": {}}
     for path, e in extra.items():

@@ -10,6 +10,8 @@ the number of distinct ones. A model that says the same thing to everyone has a 
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from latentgate.eval import controls
@@ -88,8 +90,6 @@ def run_probe(ws, examples, with_f1: bool = False, batch_size: int = 256) -> dic
 @torch.no_grad()
 def epoch_samples(ws, examples, n_samples: int = 5) -> dict:
     """Sample predictions and the histogram of predicted first tokens on the probe set (collapse shows here)."""
-    from collections import Counter
-
     with EvalMode(ws.encoder, ws.adapter, ws.lm):
         prefix = build_latent_batch(ws.contract, ws.embed, ws.latents(examples))
         gen = greedy_generate(ws.lm, prefix.inputs_embeds, prefix.attention_mask, ws.cfg.eval.max_new_tokens,

@@ -7,13 +7,19 @@ the `base` stage trains it on the text version of the task.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants, snapshot_download
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from latentgate.config import Config
 from latentgate.data.synthetic import SyntheticSpec, vocabulary
 from latentgate.errors import CheckpointError, ConfigError
+from latentgate.tracking import progress
 
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 PROMPT_WORDS = ["context", "question", "answer", ":"]
@@ -21,9 +27,6 @@ PROMPT_WORDS = ["context", "question", "answer", ":"]
 
 def build_builtin_tokenizer(vocab_words: list[str]):
     """Word-level tokenizer: every word of the synthetic task is one token, so answers are 1-3 tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     words = SPECIALS + sorted(set(vocab_words) | set(PROMPT_WORDS))
     vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -40,8 +43,6 @@ def builtin_tokenizer(cfg: Config):
 
 
 def build_builtin_lm(cfg: Config, vocab_size: int, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(cfg.base.seed)
     lcfg = LlamaConfig(
         vocab_size=vocab_size,
@@ -70,8 +71,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def load_lm(path_or_name: str, cfg: Config, device: torch.device):
     """Load a causal LM + tokenizer by hub id or local folder, straight onto `device` in the frozen dtype.
     No remote code unless the config asks for it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     dtype = resolve_dtype(cfg.base.dtype, device)
     local = Path(path_or_name)
     if not local.exists() and ("/" in path_or_name and path_or_name.startswith((".", "/"))):
@@ -102,18 +101,12 @@ def hub_download(name: str, revision: str | None, remote_code: bool = False) -> 
     tqdm's bars on a terminal (the CLI switches HF's own bars off, so plain tqdm draws them), a line at the start and
     the end without one, nothing with --quiet. Offline, or when the download fails, nothing happens here: loading
     then reports the problem (or fetches what is missing, without bars)."""
-    from huggingface_hub import constants, snapshot_download
-
-    from latentgate.tracking import progress
-
     if constants.HF_HUB_OFFLINE:
         return
     show = progress.mode()
     patterns = HUB_FILES + (["*.py"] if remote_code else [])
     bars = {}
     if show == "rich":
-        from tqdm.auto import tqdm
-
         bars = {"tqdm_class": tqdm}
     try:
         with progress.task(f"download {name}" if show == "plain" else None, unit="files"):
@@ -130,8 +123,6 @@ def base_reference(path_or_name: str, cfg: Config, lm=None) -> dict:
     """What a checkpoint records about its base LM: name, revision / commit, and a fingerprint of the weights
     (sha256 over config.json and every weight file; files over 2 GiB by size and their first, middle and last
     4 MiB, so a 16 GB LM is not re-read at every load)."""
-    import hashlib
-
     ref = {"name": cfg.base.name, "revision": cfg.base.revision or getattr(getattr(lm, "config", None),
                                                                             "_commit_hash", None)}
     folder = Path(path_or_name)

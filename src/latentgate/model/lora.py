@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+from peft import LoraConfig, get_peft_model
+
 from latentgate.config import Config
 from latentgate.errors import ConfigError
 
@@ -13,8 +15,6 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 def attach_lora(lm, cfg: Config):
-    from peft import LoraConfig, get_peft_model
-
     lcfg = LoraConfig(
         r=cfg.model.lora_r,
         lora_alpha=cfg.model.lora_alpha,

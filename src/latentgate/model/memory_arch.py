@@ -12,9 +12,12 @@ import re
 from dataclasses import dataclass
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from latentgate.config import Config
+from latentgate.data.synthetic import SyntheticSpec, vocabulary
 from latentgate.errors import ConfigError
+from latentgate.model.base_lm import PROMPT_WORDS, SPECIALS
 
 # Named shapes for `base.name=shape:<name>`: plan a model whose weights are not on this machine.
 SHAPES = {
@@ -70,8 +73,6 @@ class Arch:
 
 def hf_config(cfg: Config):
     """The transformers config of `base.name`, without downloading anything."""
-    from transformers import AutoConfig, LlamaConfig
-
     name = cfg.base.name
     if name == "builtin":
         return builtin_llama_config(cfg)
@@ -91,8 +92,6 @@ def hf_config(cfg: Config):
 def builtin_llama_config(cfg: Config):
     """The LlamaConfig `base_lm.build_builtin_lm` builds for this config (same fields; token ids do not change
     the memory, so they are left out)."""
-    from transformers import LlamaConfig
-
     return LlamaConfig(vocab_size=builtin_vocab_size(cfg), hidden_size=cfg.base.hidden,
                        intermediate_size=cfg.base.intermediate, num_hidden_layers=cfg.base.layers,
                        num_attention_heads=cfg.base.heads, num_key_value_heads=cfg.base.heads,
@@ -101,17 +100,12 @@ def builtin_llama_config(cfg: Config):
 
 def builtin_vocab_size(cfg: Config) -> int:
     """len(build_builtin_tokenizer(vocabulary(spec))), without building the tokenizer."""
-    from latentgate.data.synthetic import SyntheticSpec, vocabulary
-    from latentgate.model.base_lm import PROMPT_WORDS, SPECIALS
-
     words = SPECIALS + sorted(set(vocabulary(SyntheticSpec.of(cfg.data))) | set(PROMPT_WORDS))
     return len(dict.fromkeys(words))
 
 
 def arch_from_hf_config(hcfg, name: str = "") -> Arch:
     """Instantiate the causal LM on the meta device and read its shapes."""
-    from transformers import AutoModelForCausalLM
-
     dims = _dims(hcfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hcfg)
@@ -151,8 +145,6 @@ def lm_arch(cfg: Config) -> Arch:
 def scratch_encoder_arch(cfg: Config, lm: Arch) -> Arch:
     """The `scratch` encoder body of latent.build_latent_modules: a small Llama of its own (hidden d_z when the LM's
     head count divides it), read the same way."""
-    from transformers import LlamaConfig
-
     heads = max(1, lm.heads)
     hidden = cfg.model.d_z if cfg.model.d_z % heads == 0 else lm.hidden
     hcfg = LlamaConfig(vocab_size=lm.vocab, hidden_size=hidden, intermediate_size=hidden * 3,

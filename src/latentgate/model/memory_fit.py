@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from latentgate.config import Config
+from latentgate.config import Config, apply_overrides
 from latentgate.errors import ConfigError
 from latentgate.model.memory_plan import CUDA_HEADROOM, DEFAULT_SEQ_LEN, GiB, MemoryPlan, plan_memory
 
@@ -60,8 +60,6 @@ def _fixes(plan: MemoryPlan, stage: str, capacity: int) -> str:
 
 
 def _replan(plan: MemoryPlan, stage: str, change: dict) -> int:
-    from latentgate.config import apply_overrides
-
     cfg = apply_overrides(copy.deepcopy(plan.cfg), change)
     dtype = None if "base.dtype" in change else str(plan.target.dtype).removeprefix("torch.")
     new = plan_memory(cfg, plan.shapes.seq_len, device=plan.target.device_type, dtype=dtype,

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from latentgate.config import Config
+from latentgate.model.base_lm import resolve_dtype
 from latentgate.model.memory_arch import Arch, lm_arch, scratch_encoder_arch
 from latentgate.model.memory_layers import (
     Lora,
@@ -114,8 +115,6 @@ def target_for(cfg: Config, device: str | torch.device | None = None, dtype: str
         if device_type != "cuda":
             resolved = torch.float32
         elif torch.cuda.is_available():
-            from latentgate.model.base_lm import resolve_dtype
-
             resolved = resolve_dtype("auto", torch.device(name))
         else:  # planning a GPU run from a CPU host: any current GPU runs bf16
             resolved = torch.bfloat16

@@ -184,7 +184,7 @@ def hero(cfg: Config, model: str = "", preset: str = "") -> dict:
             raise GateRefused(f"hero starts only from {expected}, not {model}",
                               f"promote a version with `latentgate promote <version>`, then pass --model {expected}")
         try:
-            from latentgate.registry.gate import hero_model_uri
+            from latentgate.registry.gate import hero_model_uri  # optional: refused in one line without it
         except ImportError:
             raise GateRefused("the registry gate (latentgate.registry.gate) is not installed",
                               "install the registry part of latentgate") from None

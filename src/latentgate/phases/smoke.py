@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from latentgate.config import Config, flatten
+from latentgate.distributed import main_only
 from latentgate.schema import Artifact, EvalKey, EvalPath, Probe, Summary, Tag
 from latentgate.tracking import labels, progress
 from latentgate.tracking.runs import adopt_project_run, setup_experiment, tracked_run, tracking_uri
@@ -17,8 +18,6 @@ from latentgate.tracking.tracker import enable_system_metrics
 def run_output_dir(cfg: Config, name: str) -> Path:
     """A fresh folder under run.output_dir. Under torchrun, rank 0's folder, shared by every rank (rank 0 writes
     the checkpoints the others load next; across nodes run.output_dir must be a shared filesystem)."""
-    from latentgate.distributed import main_only
-
     def make() -> Path:
         out = Path(cfg.run.output_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         out.mkdir(parents=True, exist_ok=True)
@@ -40,8 +39,8 @@ def run_smoke(cfg: Config, preset: str = "smoke", name: str = "smoke", tags: dic
 
 def _run_smoke(cfg: Config, preset: str, name: str, tags: dict | None, bar) -> dict:
     # here, not at the top: the stages import torch and MLflow (seconds), and the first progress line comes before
-    from latentgate.phases.stages import run_base, run_eval, run_stage
-    from latentgate.train.workspace import load_splits, resolve_device
+    from latentgate.phases.stages import run_base, run_eval, run_stage  # lazy: first progress line before torch
+    from latentgate.train.workspace import load_splits, resolve_device  # lazy: first progress line before torch
 
     resolve_device(cfg.run.device)  # a device this machine lacks fails here, before any run starts
     bar.update(0, force=True, at="opening the tracking store")

@@ -13,6 +13,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from latentgate import distributed as dist
+from latentgate.analysis.plots import make_eval_plots, make_stage_plots
 from latentgate.config import Config, config_hash, flatten
 from latentgate.eval.evaluate import evaluate
 from latentgate.model.latent import encoder_text
@@ -189,8 +190,6 @@ def _final_loss(diagnostics: Path) -> float | None:
 def _log_plots(tr, kind: str, source: Path, out_dir: Path) -> None:
     """The run's plots (first_acc with stage boundaries, losses, grad norm; F1 histogram, error modes), made at
     the end of every stage and eval run. Plotting never fails a run: errors become warnings inside."""
-    from latentgate.analysis.plots import make_eval_plots, make_stage_plots
-
     made = make_stage_plots(source, out_dir) if kind == "stage" else make_eval_plots(source, out_dir)
     if made:
         tr.log_artifacts(out_dir, "plots")

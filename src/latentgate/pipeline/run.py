@@ -29,13 +29,21 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from latentgate.config import Config, flatten, resolve
+import mlflow
+from mlflow.exceptions import ExecutionException, MlflowException
+from mlflow.projects import _project_spec
+
+from latentgate.config import Config, flatten, parse_set_args, resolve
 from latentgate.errors import ConfigError, LatentgateError
 from latentgate.eval import controls
-from latentgate.registry.checklist import LEARNING
+from latentgate.phases.entry import INPUT_PARAM, run_entry, step_key
+from latentgate.registry.checklist import LEARNING, load_checklist
 from latentgate.registry.decisions import HERO, PROMOTE, STOP, SWEEP, Decision, PhaseEvidence, decide, fmt_value
+from latentgate.registry.gate import check_candidate, promote
 from latentgate.schema import Artifact, EvalKey, EvalPath, Probe, Stage, SweepTag, Tag
+from latentgate.sweep.study import load_study
 from latentgate.tracking import lineage
+from latentgate.tracking.runs import adopt_project_run, git_commit, setup_experiment, tracked_run
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -95,9 +103,6 @@ class ProjectRunner:
             os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
     def run(self, entry_point: str, params: dict) -> str:
-        import mlflow
-        from mlflow.exceptions import ExecutionException
-
         try:
             submitted = mlflow.projects.run(uri=str(ROOT), entry_point=entry_point, parameters=params,
                                             env_manager=self.env_manager, experiment_id=self.experiment_id,
@@ -113,9 +118,6 @@ class InProcessRunner:
     start-up cost). For tests and quick local use."""
 
     def run(self, entry_point: str, params: dict) -> str:
-        from latentgate.config import parse_set_args
-        from latentgate.phases.entry import INPUT_PARAM, run_entry
-
         cfg = resolve(params["preset"], parse_set_args([params.get("overrides", "")]))
         return run_entry(entry_point, cfg, params["preset"], params.get(INPUT_PARAM.get(entry_point, ""), ""))["run_id"]
 
@@ -142,8 +144,6 @@ class StepFailed(LatentgateError):
 
 def already_ran(entry_point: str, cfg: Config, input_uri: str, commit: str, experiment_id: str) -> str | None:
     """A FINISHED run of `entry_point` with the same step key (resolved config), input URI and git commit."""
-
-    from latentgate.phases.entry import step_key
 
     key = step_key(entry_point, cfg)
     runs = lineage.client().search_runs(
@@ -178,8 +178,6 @@ class Pipeline:
              preset: str | None = None, reuse_input: str | None = None) -> str:
         """Run `entry_point` on `input_uri`, or reuse a FINISHED run of it with the same config, input and commit
         (`reuse_input`: what the run records as its input, when that differs from the URI it is given)."""
-        from latentgate.phases.entry import INPUT_PARAM
-
         preset = preset or self.opts.preset
         merged = {**self.opts.overrides, **(overrides or {})}
         cfg = resolve(preset, merged)
@@ -215,10 +213,6 @@ def gather_evidence(phase: str, stage_run: str, eval_run: str, opts: PipelineOpt
                     extra_runs: dict | None = None, checklist=None) -> PhaseEvidence:
     """Read a phase's numbers back from MLflow (never from logs) and ask the registry's gate (dry run). The lift
     metric is the one the checklist's first_token_learning reads; the controls are read at its peak step."""
-    import mlflow
-
-    from latentgate.registry.checklist import load_checklist
-
     checklist = checklist or load_checklist(opts.checklist)
     client = lineage.client()
 
@@ -248,8 +242,6 @@ def gather_evidence(phase: str, stage_run: str, eval_run: str, opts: PipelineOpt
 
 def checklist_verdict(eval_run: str, checklist_path: str | None) -> tuple[bool, list[str]]:
     """(passed, names of the failing criteria and missing evidence) from the registry's gate; read-only."""
-    from latentgate.registry.gate import check_candidate
-
     report = check_candidate(eval_run, checklist_path)
     return bool(report.passed), sorted(set(report.failing())) + list(report.missing)
 
@@ -259,11 +251,6 @@ def run_sweep_phase(pl: Pipeline, stage_a_uri: str) -> tuple[str, str, dict]:
     best trial's Stage B run (the one its eval run evaluated: the trial's own run holds only trial/* metrics, the
     probe histories and their controls are in its Stage B child), its eval run, and its tuned keys (relative to the
     pipeline's config)."""
-    import mlflow
-    from mlflow.projects import _project_spec
-
-    from latentgate.sweep.study import load_study
-
     declared = _project_spec.load_project(str(ROOT)).get_entry_point("sweep").parameters
     # one study per (study file, Stage A run): a rerun of the pipeline continues it, another Stage A never does
     name = f"{load_study(pl.opts.sweep_study).name}-{lineage.run_id_of(stage_a_uri)[:8]}"
@@ -297,10 +284,6 @@ def run_sweep_phase(pl: Pipeline, stage_a_uri: str) -> tuple[str, str, dict]:
 def promote_version(eval_run: str, checklist_path: str | None, name: str) -> str:
     """Move the alias `hero` to the eval run's model version (registered once: a rerun finds the version it
     registered before). The gate re-checks every criterion itself."""
-    from mlflow.exceptions import MlflowException
-
-    from latentgate.registry.gate import promote
-
     try:
         versions = lineage.client().search_model_versions(f"name='{name}'")
     except MlflowException:
@@ -316,11 +299,6 @@ def promote_version(eval_run: str, checklist_path: str | None, name: str) -> str
 # ---- the pipeline ---------------------------------------------------------------------------------------------------
 
 def run_pipeline(opts: PipelineOptions) -> dict:
-    import mlflow
-
-    from latentgate.registry.checklist import load_checklist
-    from latentgate.tracking.runs import adopt_project_run, git_commit, setup_experiment, tracked_run
-
     cfg = resolve(opts.preset, opts.overrides)  # a bad override fails here, before any step
     _overrides_string(opts.overrides)
     checklist = load_checklist(opts.checklist)

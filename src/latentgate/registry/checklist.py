@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from latentgate.errors import ConfigError
 from latentgate.schema import Calibration
 
@@ -213,8 +215,6 @@ def _criterion(path: Path, i: int, raw: Any) -> Criterion:
 
 def load_checklist(path: str | Path | None = None) -> Checklist:
     """Load and validate a checklist file (default: <repo>/registry/hero.yaml)."""
-    import yaml
-
     path = Path(path) if path else DEFAULT_PATH
     if not path.is_file():
         raise ConfigError(f"checklist {path} does not exist", f"pass --checklist <file> or restore {DEFAULT_PATH}")

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
 
+import latentgate
 from latentgate.config import flatten, from_flat
+from latentgate.data.records import Example
 from latentgate.errors import CheckpointError, DataError, StoreError
 from latentgate.schema import Artifact, Tag
 from latentgate.tracking.lineage import base_from_run, client, resolve_checkpoint, run_in_uri
@@ -33,10 +39,6 @@ def _package_code(tmp: Path) -> str:
     """A copy of the latentgate package (sources and package data, no bytecode) for the model's `code_paths`: MLflow
     puts it on sys.path at load, so the model loads where latentgate is not installed (a serving image, a
     colleague's venv). Its own imports are covered by the pip requirements below."""
-    import shutil
-
-    import latentgate
-
     dst = tmp / "code" / "latentgate"
     shutil.copytree(Path(latentgate.__file__).parent, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return str(dst)
@@ -53,9 +55,6 @@ def _pip_requirements() -> list[str]:
 
 
 def _signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
     return ModelSignature(inputs=Schema([ColSpec("string", "context"), ColSpec("string", "question")]),
                           outputs=Schema([ColSpec("string", "answer")]))
 
@@ -72,9 +71,7 @@ def version_for_eval_run(eval_run_id: str, name: str = "latentgate") -> str | No
 
 def register_candidate(eval_run_id: str, name: str = "latentgate") -> str:
     """Log the pyfunc model of a FINISHED eval run's checkpoint and register it under `name`; returns the version."""
-    import pandas as pd
-
-    from latentgate.train.workspace import load_splits  # torch: only where a model is registered or loaded
+    from latentgate.train.workspace import load_splits  # lazy: keeps latentgate verify/promote torch-free
 
     c = client()
     try:
@@ -134,8 +131,6 @@ def register_candidate(eval_run_id: str, name: str = "latentgate") -> str:
 def weights_only_copy(src: Path, dst: Path) -> Path:
     """The checkpoint without its pickled training state (optimizer.pt, scheduler.pt): the bundle then holds
     safetensors, JSON and the LoRA adapter only. The manifest drops those entries and says so."""
-    import shutil
-
     shutil.copytree(src, dst)
     manifest = json.loads((dst / Artifact.MANIFEST).read_text())
     dropped = [rel for rel in list(manifest.get("files", {})) if rel.endswith(PICKLE_SUFFIXES)]
@@ -156,7 +151,7 @@ def weights_only_copy(src: Path, dst: Path) -> Path:
 
 def load_model_workspace(artifacts: dict):
     """The workspace of a logged model: config, base LM (bundled or referenced), checkpoint; contract checked."""
-    from latentgate.train.load import load_trained  # torch: only where a model is loaded
+    from latentgate.train.load import load_trained  # lazy: keeps latentgate verify/promote torch-free
 
     cfg = from_flat(json.loads(Path(artifacts["config"]).read_text()))
     base = artifacts.get("base_lm") or cfg.base.name
@@ -171,12 +166,11 @@ def load_model_workspace(artifacts: dict):
 
 def predict_answers(ws, contexts: list[str], questions: list[str]) -> list[str]:
     """Greedy latent-path answers, composed exactly as `latentgate.eval.evaluate` composes its latent path."""
-    import torch
+    import torch  # lazy: keeps latentgate verify/promote torch-free
 
-    from latentgate.data.records import Example
-    from latentgate.eval.generate import decode, greedy_generate
-    from latentgate.eval.probe import EvalMode
-    from latentgate.model.contract import build_latent_batch
+    from latentgate.eval.generate import decode, greedy_generate  # lazy: keeps latentgate verify/promote torch-free
+    from latentgate.eval.probe import EvalMode  # lazy: keeps latentgate verify/promote torch-free
+    from latentgate.model.contract import build_latent_batch  # lazy: keeps latentgate verify/promote torch-free
 
     examples = [Example(str(i), c, q, ("",)) for i, (c, q) in enumerate(zip(contexts, questions, strict=True))]
     out: list[str] = []
@@ -192,8 +186,6 @@ def predict_answers(ws, contexts: list[str], questions: list[str]) -> list[str]:
 
 
 def predict_frame(ws, frame):
-    import pandas as pd
-
     if not isinstance(frame, pd.DataFrame):
         frame = pd.DataFrame(frame)
     missing = {"context", "question"} - set(frame.columns)

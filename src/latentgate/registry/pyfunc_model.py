@@ -9,16 +9,14 @@ remote model code is used only if the bundled config asks for it (base.trust_rem
 import mlflow
 from mlflow.pyfunc import PythonModel
 
+from latentgate.registry.model import load_model_workspace, predict_frame
+
 
 class LatentgateModel(PythonModel):
     def load_context(self, context):
-        from latentgate.registry.model import load_model_workspace
-
         self.ws = load_model_workspace(context.artifacts)
 
     def predict(self, context, model_input, params=None):
-        from latentgate.registry.model import predict_frame
-
         return predict_frame(self.ws, model_input)
 
 

@@ -3,8 +3,14 @@ records, the study's plots, and the summary printed."""
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+from optuna.trial import TrialState as S
+from optuna.visualization import matplotlib as ov
 
 from latentgate.schema import StudyAttr, Summary, SweepTag, TrialAttr, VersionTag
 from latentgate.sweep.stopping import progress
@@ -14,8 +20,6 @@ from latentgate.tracking import lineage
 # ---- the end of a sweep ----------------------------------------------------------------------------------------
 
 def finalize(study, spec: StudySpec, tr, echo=print, register: bool = True) -> dict:
-    from optuna.trial import TrialState as S
-
     p = progress(study)
     trials = study.get_trials(deepcopy=False)
     steps = sum(int(t.user_attrs.get(TrialAttr.OPTIMIZER_STEPS, 0)) for t in trials)
@@ -58,8 +62,8 @@ def register_best(eval_run_id: str | None, tr, echo=print) -> dict:
     if not eval_run_id:
         return {"note": "best trial has no eval run"}
     try:
-        from latentgate.registry.gate import check_candidate
-        from latentgate.registry.model import register_candidate, version_for_eval_run
+        from latentgate.registry.gate import check_candidate  # optional: registry API
+        from latentgate.registry.model import register_candidate, version_for_eval_run  # optional: registry API
     except ImportError as err:
         note = f"registry API unavailable ({err}); best model not registered"
         tr.set_tags({SweepTag.REGISTRY_NOTE: note})
@@ -86,8 +90,8 @@ def record_checks(report, checked_by: str) -> str:
     criteria the checklist no longer has are removed), under the registry lock, and `latentgate.checked_by`. The
     alias never moves here, and a version holding it keeps its tags (`latentgate promote <version>` re-checks it,
     and takes the alias off if it now fails). Returns what was done."""
-    from latentgate.registry.checklist import load_checklist
-    from latentgate.registry.gate import alias_holder, check_tag_value, registry_lock
+    from latentgate.registry.checklist import load_checklist  # optional: registry API
+    from latentgate.registry.gate import alias_holder, check_tag_value, registry_lock  # optional: registry API
     cl, name, v, c = load_checklist(report.checklist or None), report.model_name, str(report.version), lineage.client()
     with registry_lock(name):
         if alias_holder(c, name, cl.alias) == v:
@@ -104,14 +108,7 @@ def record_checks(report, checked_by: str) -> str:
 
 def _log_plots(study, tr, echo=print) -> None:
     """Optuna's visualisations (matplotlib backend) as parent-run artifacts under optuna_plots/."""
-    import tempfile
-
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ov
-
     plots = {"optimization_history": ov.plot_optimization_history, "param_importances": ov.plot_param_importances,
              "intermediate_values": ov.plot_intermediate_values}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():

@@ -15,6 +15,7 @@ ask under a file lock, so they never start more trials than the budget.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -23,7 +24,16 @@ import time
 import warnings
 from pathlib import Path
 
+import mlflow
+import optuna
+from mlflow.exceptions import MlflowException
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.trial import TrialState
+
+from latentgate.config import config_hash, flatten
 from latentgate.errors import ConfigError, StoreError
+from latentgate.phases.smoke import run_output_dir
+from latentgate.phases.stages import run_base, run_stage
 from latentgate.schema import Artifact, StudyAttr, Summary, SweepTag, Tag, TrialAttr
 from latentgate.sweep import tracking as st
 from latentgate.sweep.finalize import finalize
@@ -32,22 +42,23 @@ from latentgate.sweep.stopping import progress, stop_reason
 from latentgate.sweep.storage import AskLock, dashboard_command, open_storage, resolve_storage
 from latentgate.sweep.study import StudySpec, build_pruner, build_sampler, spec_from_dict
 from latentgate.tracking import lineage
+from latentgate.tracking.progress import task
+from latentgate.tracking.runs import adopt_project_run, setup_experiment, tracked_run, tracking_uri
 from latentgate.tracking.secrets import mask_secrets
+from latentgate.train.manifest import read_manifest
+from latentgate.train.trainer import COMPAT_KEYS
+from latentgate.train.workspace import load_splits
 
 POLL_S = 1.0
 
 
 def _fail_stale(study) -> None:
-    import optuna
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         optuna.storages.fail_stale_trials(study)
 
 
 def artifact_store(spec: StudySpec):
-    from optuna.artifacts import FileSystemArtifactStore
-
     path = Path(spec.artifact_dir) / spec.name
     path.mkdir(parents=True, exist_ok=True)
     return FileSystemArtifactStore(str(path.resolve()))
@@ -58,11 +69,6 @@ def artifact_store(spec: StudySpec):
 def run_worker(study_name: str, storage_url: str, worker_index: int = 0, threads: int | None = None,
                echo=print) -> int:
     """Run trials of an existing study until its budget is spent. Returns the number of trials this worker ran."""
-    import mlflow
-    import optuna
-
-    from latentgate.tracking.runs import tracking_uri
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
@@ -114,23 +120,17 @@ def run_worker(study_name: str, storage_url: str, worker_index: int = 0, threads
 
 def _trials_bar(study, name: str, n_trials: int):
     """Progress of a study (started; closed by the caller): trials with an outcome of the budget."""
-    from latentgate.tracking.progress import task
-
     return task(f"sweep {name}", total=n_trials, unit="trials", start=progress(study).done).__enter__()
 
 
 def _show_trials(bar, study, force: bool = True) -> None:
     """Trials complete / pruned / failed and the best value so far (a plain line now with `force`)."""
-    from optuna.trial import TrialState
-
     p = progress(study)
     best = max((t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))), default=None)
     bar.update(p.done, force=force, complete=p.complete, pruned=p.pruned, failed=p.failed, best=best)
 
 
 def _describe_last(study) -> str:
-    import optuna
-
     mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(TrialAttr.WORKER_PID) == os.getpid()
             and t.state != optuna.trial.TrialState.RUNNING]
     if not mine:
@@ -145,13 +145,6 @@ def _describe_last(study) -> str:
 def ensure_stage_a(spec: StudySpec, cfg, echo=print) -> str:
     """`resume_from: auto`: reuse a FINISHED Stage A run with the same config (base, data, model, stage_a), or run
     base + Stage A once (as children of the active run). Returns its checkpoint URI."""
-    import mlflow
-
-    from latentgate.config import config_hash
-    from latentgate.phases.smoke import run_output_dir
-    from latentgate.phases.stages import run_base, run_stage
-    from latentgate.train.workspace import load_splits
-
     key = config_hash(cfg, ("data", "base", "stage_a")) + "-" + _model_key(cfg)
     exp = mlflow.get_experiment_by_name(cfg.run.experiment)
     ids = [exp.experiment_id] if exp else []
@@ -174,20 +167,12 @@ def ensure_stage_a(spec: StudySpec, cfg, echo=print) -> str:
 
 
 def _model_key(cfg) -> str:
-    import hashlib
-
-    from latentgate.config import flatten
-
     keep = {k: v for k, v in flatten(cfg).items() if k.startswith("model.") and not k.startswith("model.lora_")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def _check_resume(spec: StudySpec, cfg, uri: str) -> None:
     """Fail before any trial if the Stage A checkpoint does not fit the study's config."""
-    from latentgate.config import flatten
-    from latentgate.train.manifest import read_manifest
-    from latentgate.train.trainer import COMPAT_KEYS
-
     manifest = read_manifest(lineage.resolve_checkpoint(uri))
     saved = manifest.get("config") or {}
     saved = {f"{s}.{k}": v for s, sec in saved.items() for k, v in sec.items()} if all(
@@ -208,8 +193,6 @@ def worker_command(study: str, url: str, index: int, threads: int | None) -> lis
 
 
 def create_study(spec: StudySpec, url: str, n_trials: int):
-    import optuna
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=spec.name, storage=open_storage(url), direction="maximize",
                                 sampler=build_sampler(spec), pruner=build_pruner(spec), load_if_exists=True)
@@ -228,9 +211,6 @@ def run_sweep(spec: StudySpec, n_trials: int | None = None, workers: int = 1, st
               threads: int | None = None, echo=print, register: bool = True, processes: bool | None = None) -> dict:
     """Run (or continue) a study to `n_trials` outcomes. `processes`: run workers as subprocesses (default: when
     workers > 1; the single worker otherwise runs in this process)."""
-
-    from latentgate.tracking.runs import adopt_project_run, setup_experiment, tracked_run
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     n_trials = int(n_trials or spec.n_trials)
     if n_trials < 1 or workers < 1:
@@ -294,8 +274,6 @@ def sweep_note(s: dict) -> str:
 def _existing_run(run_id: str | None) -> str | None:
     if not run_id:
         return None
-    from mlflow.exceptions import MlflowException
-
     try:
         lineage.client().get_run(run_id)
         return run_id
@@ -304,8 +282,6 @@ def _existing_run(run_id: str | None) -> str | None:
 
 
 def _log_parent(tr, spec: StudySpec, url: str, n_trials: int, workers: int) -> None:
-    from mlflow.exceptions import MlflowException
-
     params = {"study": spec.name, "storage": mask_secrets(url), "sampler": spec.sampler["name"],
               "sampler_args": json.dumps({k: v for k, v in spec.sampler.items() if k != "name"}, sort_keys=True),
               "pruner": spec.pruner["name"],
@@ -328,8 +304,6 @@ def _run_worker_processes(spec: StudySpec, url: str, workers: int, threads: int 
                           echo=print) -> None:
     """Start `workers` processes; restart one that died while trials remain (its trial is failed by the heartbeat
     and retried by the others or by its replacement)."""
-    import optuna
-
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # workers attach to the parent by tag
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)

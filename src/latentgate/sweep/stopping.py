@@ -18,7 +18,13 @@ changed on a continued study: it decides when to stop asking, not what a trial m
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+
+from optuna.study import StudyDirection
+from optuna.terminator import RegretBoundEvaluator, StaticErrorEvaluator, Terminator
+from optuna.trial import TrialState
+from optuna.trial import TrialState as S
 
 from latentgate.errors import ConfigError
 from latentgate.schema import StudyAttr
@@ -41,8 +47,6 @@ class Progress:
 
 
 def progress(study) -> Progress:
-    from optuna.trial import TrialState as S
-
     trials = study.get_trials(deepcopy=False)
     superseded = {n for t in trials for n in t.system_attrs.get("retry_history", [])}  # replaced by a retry
     fail_outcomes = [t for t in trials if t.state == S.FAIL and t.number not in superseded]
@@ -87,8 +91,6 @@ def check_stop(raw, where: str) -> dict:
 
 def finished_trials(study) -> list:
     """Trials with an outcome, in the order they ended; a failed trial replaced by its retry is left out."""
-    from optuna.trial import TrialState as S
-
     trials = study.get_trials(deepcopy=False)
     superseded = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     done = [t for t in trials if t.state in (S.COMPLETE, S.PRUNED, S.FAIL) and t.number not in superseded]
@@ -97,8 +99,6 @@ def finished_trials(study) -> list:
 
 def patience_reason(trials: list, patience: int, min_delta: float, maximize: bool = True) -> str | None:
     """Why to stop under the patience rule (None: go on)."""
-    from optuna.trial import TrialState as S
-
     best, best_trial, since = None, None, 0
     for t in trials:
         value = t.value if t.state == S.COMPLETE else None
@@ -116,11 +116,6 @@ def patience_reason(trials: list, patience: int, min_delta: float, maximize: boo
 
 
 def terminator_reason(study, min_n_trials: int, threshold: float) -> str | None:
-    import warnings
-
-    from optuna.terminator import RegretBoundEvaluator, StaticErrorEvaluator, Terminator
-    from optuna.trial import TrialState
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FutureWarning: the terminator module is deprecated (removal in 6.0)
         terminator = Terminator(improvement_evaluator=RegretBoundEvaluator(),
@@ -139,8 +134,6 @@ def stop_reason(stop: dict, study) -> str | None:
     rule = stop.get("rule", "none")
     if rule == "none":
         return None
-    from optuna.study import StudyDirection
-
     if rule == "patience":
         reason = patience_reason(finished_trials(study), stop["trials"], stop["min_delta"],
                                  study.direction == StudyDirection.MAXIMIZE)

@@ -14,10 +14,16 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.util
 import os
 import tempfile
 import time
 from pathlib import Path
+
+import optuna
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
 
 from latentgate.errors import ConfigError, StoreError
 from latentgate.tracking.secrets import mask_secrets
@@ -65,13 +71,9 @@ def resolve_storage(study: str, storage: str, workers: int) -> str:
 
 def open_storage(url: str, heartbeat: dict | None = None, on_stale=None):
     """An Optuna storage object; with `heartbeat` ({interval, grace_period}) stale trials are detected."""
-    import optuna
-
     hb = heartbeat or {}
     try:
         if is_journal(url):
-            from optuna.storages.journal import JournalFileBackend
-
             path = journal_path(url)
             path.parent.mkdir(parents=True, exist_ok=True)
             backend = JournalFileBackend(str(path))
@@ -98,49 +100,36 @@ def _pg_driver(url: str) -> str:
     """SQLAlchemy 2.1 maps postgresql:// to psycopg (v3); fall back to psycopg2 when only that is installed."""
     if not url.startswith(("postgresql://", "postgres://")):
         return url
-    import importlib.util
-
     if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
         return "postgresql+psycopg2://" + url.split("://", 1)[1]
     return url
 
 
-def _heartbeat_journal_class():
-    import optuna
-    from optuna.storages._heartbeat import BaseHeartbeat
-    from optuna.trial import TrialState
+class HeartbeatJournalStorage(optuna.storages.JournalStorage, BaseHeartbeat):
+    """Journal storage with heartbeats: each beat writes the wall-clock time into the trial's system attrs."""
 
-    class _HeartbeatJournalStorage(optuna.storages.JournalStorage, BaseHeartbeat):
-        """Journal storage with heartbeats: each beat writes the wall-clock time into the trial's system attrs."""
+    def __init__(self, backend, interval: int, grace_period: int, on_stale=None):
+        super().__init__(backend)
+        self._hb_interval = interval
+        self._hb_grace = grace_period
+        self._hb_callback = on_stale
 
-        def __init__(self, backend, interval: int, grace_period: int, on_stale=None):
-            super().__init__(backend)
-            self._hb_interval = interval
-            self._hb_grace = grace_period
-            self._hb_callback = on_stale
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+        except Exception:  # noqa: BLE001 - the trial finished between two beats
+            pass
 
-        def record_heartbeat(self, trial_id: int) -> None:
-            try:
-                self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
-            except Exception:  # noqa: BLE001 - the trial finished between two beats
-                pass
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        now = time.time()
+        return [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+                if HEARTBEAT_ATTR in t.system_attrs and now - t.system_attrs[HEARTBEAT_ATTR] > self._hb_grace]
 
-        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-            now = time.time()
-            return [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-                    if HEARTBEAT_ATTR in t.system_attrs and now - t.system_attrs[HEARTBEAT_ATTR] > self._hb_grace]
+    def get_heartbeat_interval(self) -> int | None:
+        return self._hb_interval
 
-        def get_heartbeat_interval(self) -> int | None:
-            return self._hb_interval
-
-        def get_heartbeat_stale_trial_callback(self):
-            return self._hb_callback
-
-    return _HeartbeatJournalStorage
-
-
-def HeartbeatJournalStorage(backend, interval: int, grace_period: int, on_stale=None):  # noqa: N802 - a factory
-    return _heartbeat_journal_class()(backend, interval, grace_period, on_stale)
+    def get_heartbeat_stale_trial_callback(self):
+        return self._hb_callback
 
 
 class AskLock:

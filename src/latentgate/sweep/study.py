@@ -12,13 +12,18 @@ import difflib
 import hashlib
 import inspect
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
+
+from latentgate import config
 from latentgate.config import load_yaml_mapping
 from latentgate.errors import ConfigError
 from latentgate.schema import EvalKey, EvalPath, Probe, Summary
+from latentgate.sweep.stopping import check_stop
 
 SWEEP_DIR = Path(__file__).with_name("studies")  # package data; sweeps/ in a checkout links here
 DEFAULTS = "defaults"
@@ -91,8 +96,6 @@ class StudySpec:
         return spec_from_dict({**self.to_dict(), **changes}, where)
 
     def trial_config(self, params: dict, extra: dict | None = None):
-        from latentgate import config
-
         return config.resolve(self.preset, {**self.overrides, **params, **(extra or {})})
 
     def score(self, metrics: dict) -> tuple[float, float, float]:
@@ -167,8 +170,6 @@ def spec_from_dict(raw: dict, where: str = "<study>") -> StudySpec:
     overrides = raw["overrides"] or {}
     if not isinstance(overrides, dict):
         raise ConfigError(f"{where}: overrides must be a mapping of dotted config keys", "write overrides: {k: v}")
-    from latentgate import config
-
     table = config.fields_table()
     for k in overrides:
         _check_key(k, table, where, "overrides")
@@ -184,8 +185,6 @@ def spec_from_dict(raw: dict, where: str = "<study>") -> StudySpec:
     sampler = _check_factory(raw["sampler"], SAMPLERS, "samplers", where, "sampler")
     pruner = _check_factory(raw["pruner"], PRUNERS, "pruners", where, "pruner")
     space = _check_space(raw["search_space"], table, where, raw["preset"], overrides)
-    from latentgate.sweep.stopping import check_stop
-
     stop = check_stop(raw.get("stop"), where)
     resume = str(raw["resume_from"] or "")
     if not resume:
@@ -244,8 +243,6 @@ def _check_heartbeat(hb, where: str) -> dict:
 
 def _check_factory(spec, table: dict, module: str, where: str, what: str) -> dict:
     """`{name: tpe, seed: 0, ...}`: a known name, and keyword arguments the class really accepts."""
-    import optuna
-
     if not isinstance(spec, dict) or "name" not in spec:
         raise ConfigError(f"{where}: {what} must be a mapping with a name", f"choose a name from {list(table)}")
     name = spec["name"]
@@ -275,10 +272,6 @@ def _check_factory(spec, table: dict, module: str, where: str, what: str) -> dic
 
 
 def build(spec: dict, table: dict, module: str, seed_offset: int = 0):
-    import warnings
-
-    import optuna
-
     cls = getattr(getattr(optuna, module), table[spec["name"]])
     kwargs = {k: v for k, v in spec.items() if k != "name"}
     if spec["name"] == "patient" and module == "pruners":  # PatientPruner(wrapped_pruner, patience, min_delta)
@@ -301,8 +294,6 @@ def build_pruner(spec: StudySpec):
 
 
 def _check_space(space, table: dict, where: str, preset: str, overrides: dict) -> dict[str, Param]:
-    from latentgate import config
-
     if not isinstance(space, dict) or not space:
         raise ConfigError(f"{where}: search_space is empty", "name at least one config key to search")
     out: dict[str, Param] = {}

@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import time
 
+import mlflow
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+
 from latentgate.schema import MlflowTag, Probe, Summary, SweepTag, Tag, TrialAttr
+from latentgate.tracking.labels import trial_run_name
 from latentgate.tracking.lineage import client
+from latentgate.tracking.runs import provenance_tags
 
 STATUS_OF = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 
 def start_trial_run(parent_run_id: str | None, study: str, number: int, params: dict, retry_of: int | None):
     """Start the trial's run (fluent, so the stage runs nest under it)."""
-    import mlflow
-
-    from latentgate.tracking.labels import trial_run_name
-    from latentgate.tracking.runs import provenance_tags
-
     tags = {Tag.PHASE: "trial", SweepTag.STUDY: study, SweepTag.TRIAL_NUMBER: str(number),
             SweepTag.TRIAL_STATE: "RUNNING", **provenance_tags()}
     name = trial_run_name(number, params)  # what this trial tries: `trial-7 fte=6 lr=1e-4 cosine 350 steps`
@@ -37,8 +39,6 @@ def start_trial_run(parent_run_id: str | None, study: str, number: int, params: 
             tags[MlflowTag.PARENT_RUN] = parent_run_id
         run = mlflow.start_run(run_name=name, tags=tags)
     c = client()
-    from mlflow.entities import Param
-
     items = [Param("trial_number", str(number)), Param("study", study)]
     items += [Param(k, str(v)) for k, v in params.items()]
     if retry_of is not None:
@@ -48,8 +48,6 @@ def start_trial_run(parent_run_id: str | None, study: str, number: int, params: 
 
 
 def log_intermediate(run_id: str, step: int, value: float, probe: dict) -> None:
-    from mlflow.entities import Metric
-
     now = int(time.time() * 1000)
     metrics = [Metric("trial/intermediate", float(value), now, step),
                Metric(f"trial/{Probe.key(Probe.FIRST_ACC)}", float(probe[Probe.FIRST_ACC]), now, step)]
@@ -60,9 +58,6 @@ def log_intermediate(run_id: str, step: int, value: float, probe: dict) -> None:
 
 def end_trial_run(run_id: str, state: str, metrics: dict | None = None, tags: dict | None = None) -> None:
     """Close the trial run with its final state tag and the matching MLflow status."""
-    import mlflow
-    from mlflow.entities import Metric
-
     c = client()
     if metrics:
         now = int(time.time() * 1000)
@@ -92,8 +87,6 @@ def trial_note(state: str, metrics: dict | None, tags: dict | None) -> str:
 
 def mark_run(run_id: str, state: str, note: str = "") -> None:
     """Re-mark a finished stage run (e.g. the stage_b run of a pruned trial)."""
-    from mlflow.exceptions import MlflowException
-
     c = client()
     try:
         c.set_tag(run_id, SweepTag.TRIAL_STATE, state)
@@ -110,8 +103,6 @@ def mark_run(run_id: str, state: str, note: str = "") -> None:
 
 def fail_dead_runs(run_id: str, note: str) -> None:
     """A trial whose worker died: its run and any child run left RUNNING end FAILED (never stuck RUNNING)."""
-    from mlflow.exceptions import MlflowException
-
     c = client()
     try:
         run = c.get_run(run_id)
@@ -133,8 +124,6 @@ class StaleTrialCallback:
     """Heartbeat-stale trial: retry it (Optuna's RetryHeartbeatStaleTrialCallback) and fail its MLflow runs."""
 
     def __init__(self, max_retry: int):
-        from optuna.storages import RetryHeartbeatStaleTrialCallback
-
         self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
     def __call__(self, study, trial) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from mlflow.exceptions import MlflowException
 
+from latentgate.config import ModelConfig, StageConfig
 from latentgate.schema import Artifact, EvalKey, EvalPath, Probe, Summary
 from latentgate.tracking.lineage import base_source, client, run_in_uri
 from latentgate.tracking.secrets import mask_secrets
@@ -61,8 +62,6 @@ def short_params(params: dict) -> str:
 
 def stage_params(cfg, stage: str) -> dict:
     """What names a stage run: fte, lr, what else differs from the schema's defaults, steps."""
-    from latentgate.config import ModelConfig, StageConfig
-
     st, default = getattr(cfg, stage), StageConfig()
     out = {"first_token_ce_weight": st.first_token_ce_weight, "lr": st.lr}
     out.update({k: getattr(st, k) for k in STAGE_EXTRAS if getattr(st, k) != getattr(default, k)

@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from latentgate import distributed
+
 PREFIX = "latentgate: progress: "
 QUIET_ENV = "LATENTGATE_QUIET"
 EVERY_ENV = "LATENTGATE_PROGRESS_SECONDS"
@@ -45,9 +47,7 @@ def mode() -> str:
     """"off", "plain" or "rich" (see the module doc)."""
     if os.environ.get(QUIET_ENV, "").strip().lower() not in _FALSE:
         return "off"
-    from latentgate.distributed import owns_store
-
-    if not owns_store():
+    if not distributed.owns_store():
         return "off"
     if os.environ.get("CI", "").strip().lower() not in _FALSE or os.environ.get("TERM") == "dumb" or not _isatty():
         return "plain"
@@ -227,8 +227,8 @@ def _rich_add(t: Task):
     try:
         with _lock:
             if _live is None:
-                from rich.console import Console
-                from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+                from rich.console import Console  # lazy: fast -q start-up
+                from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn  # lazy: fast -q start-up
 
                 _live = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(bar_width=30),
                                  TextColumn("{task.fields[count]}", markup=False),
@@ -257,7 +257,7 @@ def _rich_remove(t: Task, text: str, stopped: bool = False) -> None:
     try:
         with _lock:
             _live.remove_task(t._id)
-            from rich.markup import escape
+            from rich.markup import escape  # lazy: fast -q start-up
 
             mark = "[yellow]■[/yellow]" if stopped else "[green]✓[/green]"
             _live.console.print(f"{mark} {escape(text)}", highlight=False)

@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import atexit
+import errno
+import fcntl
 import functools
 import os
 import platform
+import shutil
+import socket
+import sqlite3
 import subprocess
+import tempfile
+import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import mlflow
+from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+from mlflow.utils.file_utils import local_file_uri_to_path
+
+from latentgate import distributed as dist
 from latentgate.errors import Interrupted, LatentgateError, StoreError  # noqa: F401 (Interrupted: re-exported)
 from latentgate.schema import Artifact, MlflowTag, Tag
 from latentgate.tracking.secrets import mask_secrets
@@ -68,11 +83,9 @@ def wait_on_locked_sqlite() -> None:
     `store_wait_seconds` for a lock held by another process; past that the write fails with 'database is
     locked', which the CLI reports in one line (exit 2). SQLite's default is 5 s, and MLflow sets 20 s on every
     session (`PRAGMA busy_timeout = 20000`): both are replaced by this one bound."""
-    import sqlite3
-
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
-    from sqlalchemy.pool import Pool
+    from sqlalchemy import event  # lazy: keeps latentgate checkpoint verify free of sqlalchemy
+    from sqlalchemy.engine import Engine  # lazy: keeps latentgate checkpoint verify free of sqlalchemy
+    from sqlalchemy.pool import Pool  # lazy: keeps latentgate checkpoint verify free of sqlalchemy
 
     def pragma() -> str:
         return f"PRAGMA busy_timeout = {int(store_wait_seconds() * 1000)}"
@@ -104,9 +117,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     HTTP(S) URIs must answer `/health`; database URIs (`postgresql://`, `mysql://`, ...) must accept a TCP
     connection on their host and port. Local stores (sqlite, file) are not checked here. The URI in the
     message has its password masked."""
-    import socket
-    from urllib.parse import urlsplit
-
     shown = mask_secrets(uri)
     if uri.startswith(("http://", "https://")):
         parts = urlsplit(uri)
@@ -147,10 +157,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 def setup_experiment(name: str) -> str:
     """Point MLflow at the store and experiment; local stores keep artifacts in an ignored folder. Under torchrun
     only rank 0 creates anything; the other ranks point at the same store, to read from it."""
-    import mlflow
-
-    from latentgate import distributed as dist
-
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = tracking_uri(create=True)
     mlflow.set_tracking_uri(uri)
@@ -158,8 +164,6 @@ def setup_experiment(name: str) -> str:
 
 
 def _setup_experiment(uri: str, name: str) -> str:
-    import mlflow
-
     try:
         if os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run`: children go where the project's run is
             mlflow.set_experiment(experiment_id=mlflow.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id)
@@ -190,8 +194,6 @@ def _creation_lock(uri: str):
     if db is None:
         yield
         return
-    import fcntl
-
     folder = db.absolute().parent
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY)
@@ -231,10 +233,6 @@ def _end(tracker, status: str, tags: dict) -> None:
     """Best effort: the original error is what the user must see, even when the store also fails now. A store
     that is still locked (the usual cause of the error) is waited for once more, so that the run does not stay
     RUNNING once the lock is gone (each attempt itself waits up to `store_wait_seconds`)."""
-    import time
-
-    import mlflow
-
     deadline = time.monotonic() + 2 * store_wait_seconds()
     for action in (tracker.flush, lambda: tracker.set_tags(tags), lambda: mlflow.end_run(status=status)):
         while True:
@@ -257,10 +255,6 @@ def tracked_run(name: str, *, nested: bool = True, tags: dict | None = None, run
     """Start (or re-open) a run and yield its tracker. The run ends FINISHED; or FAILED with the error in the tags
     `latentgate.error` (one line, secrets masked) and `latentgate.error_type`; or KILLED on SIGTERM/SIGINT:
     never stuck RUNNING."""
-    import mlflow
-
-    from latentgate import distributed as dist
-
     started = dist.main_only(lambda: mlflow.start_run(run_id=run_id, run_name=None if run_id else name,
                                                       nested=nested).info.run_id)
     if not dist.owns_store():  # ranks > 0 of a multi-process run: rank 0's run id, and nothing logged
@@ -307,14 +301,6 @@ def local_artifacts(uri: str) -> Path:
     A local artifact store is read in place: no copy, where mlflow.artifacts.download_artifacts would copy a base
     LM (gigabytes for a real one) into $TMPDIR on every command and leave it there. A remote store is downloaded
     into a folder of this process, removed when it exits. Errors: MlflowException or OSError, as MLflow's."""
-    import errno
-    import tempfile
-
-    import mlflow
-    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
-    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
-    from mlflow.utils.file_utils import local_file_uri_to_path
-
     underlying = uri
     for _ in range(4):  # models:/<name>@<alias> -> models:/m-<id> (a logged model) -> runs:/ -> the store's URI
         if underlying.startswith("runs:/"):
@@ -334,10 +320,6 @@ def local_artifacts(uri: str) -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _download_root() -> str:
-    import atexit
-    import shutil
-    import tempfile
-
     root = tempfile.mkdtemp(prefix="latentgate-artifacts-")
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     return root

@@ -5,13 +5,26 @@ when tracking is off, so training code never branches on "is logging on"."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
+import os
+import secrets
+import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.utils.file_utils import local_file_uri_to_path
+
+from latentgate.safety import swap_into_place
 from latentgate.schema import MlflowTag, Tag
 from latentgate.tracking.secrets import mask_secrets
 
@@ -68,23 +81,17 @@ class MlflowTracker(NullTracker):
     """Writes to one MLflow run (already started by the caller)."""
 
     def __init__(self, run_id: str):
-        from mlflow import MlflowClient
-
         self.run_id = run_id
         self.client = MlflowClient()
         self._buffer: list = []
         self._skip_until: dict[str, int] = {}
 
     def log_params(self, params: dict) -> None:
-        from mlflow.entities import Param
-
         items = [Param(k, mask_secrets(str(v))[:6000]) for k, v in params.items()]
         for i in range(0, len(items), PARAM_BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + PARAM_BATCH], synchronous=True)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         for k, v in metrics.items():
             if v is None or step <= self._skip_until.get(k, -1):
@@ -129,8 +136,6 @@ class MlflowTracker(NullTracker):
 
     def _local_artifact_root(self) -> Path | None:
         if not hasattr(self, "_artifact_root"):
-            from mlflow.utils.file_utils import local_file_uri_to_path
-
             uri = self.client.get_run(self.run_id).info.artifact_uri
             self._artifact_root = Path(local_file_uri_to_path(uri)) if uri.startswith("file:") else None
         return self._artifact_root
@@ -150,17 +155,12 @@ class MlflowTracker(NullTracker):
         active run, as in every phase; `MlflowClient.log_inputs` otherwise), so its digest (`dataset_digest`: all
         rows) and its source (`dataset_source`) are tracked with the run, and as the tag `dataset.<name>.digest`
         the readiness gate compares with its pin."""
-        import mlflow
-        import pandas as pd
-
         rows = dataset_rows(examples)
         ds = mlflow.data.from_pandas(pd.DataFrame(rows), source=source, name=name, digest=_rows_digest(rows))
         active = mlflow.active_run()
         if active is not None and active.info.run_id == self.run_id:
             mlflow.log_input(ds, context=context)
         else:  # a run that is not the active one: the client, with the dataset entity built from its public dict
-            from mlflow.entities import Dataset, DatasetInput, InputTag
-
             d = ds.to_dict()
             entity = Dataset(name=d["name"], digest=d["digest"], source_type=d["source_type"], source=d["source"],
                              schema=d.get("schema"), profile=d.get("profile"))
@@ -170,8 +170,6 @@ class MlflowTracker(NullTracker):
 
     def log_table(self, rows: list[dict], name: str) -> None:
         """A table artifact (`mlflow.log_table`: the UI shows it as a table, and compares it across runs)."""
-        import pandas as pd
-
         self.client.log_table(self.run_id, data=pd.DataFrame(rows), artifact_file=name)
 
     def set_description(self, text: str) -> None:
@@ -186,11 +184,6 @@ class MlflowTracker(NullTracker):
 def dataset_source(data, split: str):
     """Where a split comes from (the rules of `workspace.load_splits`), as an MLflow dataset source: the generator
     and its settings (synthetic), a local file or folder, or a hub dataset and its split. Secrets masked."""
-    from pathlib import Path
-
-    from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
-
     if data.source == "synthetic":
         return CodeDatasetSource({"generator": "latentgate.data.synthetic", "split": split, "seed": str(data.seed),
                                   **{k: str(getattr(data, k)) for k in ("facts_per_context", "num_entities",
@@ -205,9 +198,6 @@ def dataset_source(data, split: str):
 def enable_system_metrics() -> None:
     """CPU, memory, disk, network (and, with pynvml and CUDA, GPU) figures as `system/*` metrics of every run
     started from now on in this process and its children; `MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false` opts out."""
-    import importlib.util
-    import os
-
     if importlib.util.find_spec("psutil") is not None:
         os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
 
@@ -216,12 +206,6 @@ def copy_tree_atomic(src: Path, dest: Path) -> None:
     """Copy folder `src` to `dest` (replacing it) through a sibling temp folder renamed into place when complete:
     `dest` is the old folder or the new one, never a part. On an error the temp folder is removed and the OSError
     names the destination file that could not be written (shutil names the source)."""
-    import os
-    import secrets
-    import shutil
-
-    from latentgate.safety import swap_into_place
-
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     tmp = dest.with_name(f"{dest.name}.tmp-{tag}")
     try:

@@ -8,9 +8,12 @@ import time
 from pathlib import Path
 
 import torch
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from latentgate.config import Config
 from latentgate.errors import GateRefused
+from latentgate.eval.evaluate import evaluate
+from latentgate.model.base_lm import build_builtin_lm, builtin_tokenizer
 from latentgate.model.contract import PrefixContract, answer_logits, build_text_batch, encode_answers, text_prompt
 from latentgate.schema import Artifact, EvalPath, Summary
 from latentgate.tracking import progress
@@ -19,8 +22,6 @@ from latentgate.train.workspace import Workspace, load_splits, resolve_device, s
 
 
 def text_eval(ws: Workspace, examples, out_dir: Path, progress_name: str | None = "eval (text teacher)") -> dict:
-    from latentgate.eval.evaluate import evaluate
-
     return evaluate(ws, examples, out_dir, paths=[EvalPath.TEXT], progress_name=progress_name)["paths"][EvalPath.TEXT]
 
 
@@ -51,10 +52,6 @@ def sanity_gate(cfg: Config, text_metrics: dict) -> dict:
 
 def train_builtin_base(cfg: Config, tracker, out_dir: Path, splits=None) -> tuple[Path, dict]:
     """Train the builtin LM on the text task; saves it (safetensors + tokenizer) under out_dir/base_lm."""
-    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
-
-    from latentgate.model.base_lm import build_builtin_lm, builtin_tokenizer
-
     set_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
     splits = splits or load_splits(cfg)

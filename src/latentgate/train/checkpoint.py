@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from latentgate.errors import CheckpointError
 from latentgate.safety import fsync_dir, swap_into_place
@@ -153,8 +154,6 @@ def _single_adapter(lora_model) -> None:
 
 
 def _save_lora(tmp: Path, lora_model, modules: dict[str, torch.nn.Module], sizes: dict) -> dict:
-    from peft import get_peft_model_state_dict
-
     _single_adapter(lora_model)
     saved = sum(t.numel() for t in get_peft_model_state_dict(lora_model).values())
     # a trainable parameter neither the adapter nor `modules` saves would be trained and then lost
@@ -255,8 +254,6 @@ def load_checkpoint(directory: str | os.PathLike, *, modules: dict[str, torch.nn
               for name, module in modules.items()}
     lora_state = None
     if lora_model is not None:
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
         _single_adapter(lora_model)
         lora_state = _read_state(d, LORA_WEIGHTS, get_peft_model_state_dict(lora_model), "LoRA adapter 'default'")
     opt_state = _torch_load(d / OPTIMIZER_FILE) if optimizer is not None else None

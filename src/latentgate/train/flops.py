@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from latentgate.model.contract import build_text_batch, encode_answers, text_prompt
+from latentgate.model.latent import encoder_text
+
 
 def _body_params(module) -> int:
     """Parameters of the transformer layers (what the 2N-FLOPs-per-token rule counts)."""
@@ -14,9 +17,6 @@ def step_flops(ws, examples) -> tuple[float, int]:
     """Model FLOPs of one Stage B micro-step (padded shapes): the trainable encoder 6N per token, the student LM
     4N (forward + activation gradients; its weights are frozen), the teacher 2N, and the LM head on the kept
     answer positions. Returns (flops, tokens)."""
-    from latentgate.model.contract import build_text_batch, encode_answers, text_prompt
-    from latentgate.model.latent import encoder_text
-
     answers = encode_answers(ws.contract, ws.tokenizer, [e.answer for e in examples])
     ids, _ = ws.enc_tok([encoder_text(e.context, e.question) for e in examples], ws.device)
     b, t_ans = len(examples), max(len(a) for a in answers)

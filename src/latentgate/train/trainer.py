@@ -16,10 +16,13 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import get_constant_schedule_with_warmup
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from latentgate import distributed as dist
 from latentgate.config import StageConfig, flatten
 from latentgate.errors import STOP_SIGNALS, ConfigError, Interrupted, TrainingFault
+from latentgate.eval.probe import epoch_samples, run_probe
 from latentgate.model.contract import answer_logits, build_latent_batch, build_text_batch, encode_answers, text_prompt
 from latentgate.schema import Artifact, GradGroup, Loss, Probe, Stage
 from latentgate.tracking import progress
@@ -33,9 +36,6 @@ COMPAT_KEYS = ("model.num_latents", "model.d_z", "model.encoder", "model.encoder
 
 
 def build_optimizer(ws: Workspace, st: StageConfig):
-    from transformers import get_constant_schedule_with_warmup
-    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
-
     groups = {
         GradGroup.ENCODER: [p for p in ws.encoder.parameters() if p.requires_grad],
         GradGroup.ADAPTER: [p for p in ws.adapter.parameters() if p.requires_grad],
@@ -125,8 +125,6 @@ def train_stage(ws: Workspace, stage: str, tracker, out_dir: Path, resume: Path 
     """Train `stage` ("stage_a" or "stage_b") on ws; returns a summary. Writes diagnostics and checkpoints
     under out_dir; the tracker receives params, step metrics and artifacts. `on_probe(step, probe)` is called
     after every probe (a sweep reports intermediate values there and may raise optuna.TrialPruned)."""
-    from latentgate.eval.probe import epoch_samples, run_probe
-
     st: StageConfig = getattr(ws.cfg, stage)
     rank, size = dist.active_world()
     if size > 1:

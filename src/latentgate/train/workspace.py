@@ -3,16 +3,20 @@ encoder and adapter. Training, evaluation, the pyfunc model and the benchmarks a
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from latentgate.config import Config
+from latentgate.data.readers import has_splits, load_examples
 from latentgate.data.records import Example
 from latentgate.data.synthetic import SyntheticSpec, make_splits
 from latentgate.errors import ConfigError
+from latentgate.model.base_lm import base_reference, embedding_rms, freeze, load_lm
 from latentgate.model.contract import PrefixContract
+from latentgate.model.latent import build_latent_modules, encoder_text
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,8 +45,6 @@ def load_splits(cfg: Config) -> dict[str, list[Example]]:
     if cfg.data.source == "synthetic":
         d = cfg.data
         return make_splits(SyntheticSpec.of(d), d.seed, d.n_train, d.n_eval, d.n_probe)
-    from latentgate.data.readers import has_splits, load_examples
-
     data = cfg.data
 
     def read(source: str, split: str = "train"):  # `split` matters for hub names and dataset folders only
@@ -80,8 +82,6 @@ class Workspace:
 
     def latents(self, examples: list[Example]) -> torch.Tensor:
         """Encoder + adapter: [B, M, H] soft tokens for these examples."""
-        from latentgate.model.latent import encoder_text
-
         ids, mask = self.enc_tok([encoder_text(e.context, e.question) for e in examples], self.device)
         return self.adapter(self.encoder(ids, mask))
 
@@ -91,15 +91,11 @@ class Workspace:
 
     def teacher(self):
         """Context in which the LM reads as the text teacher: LoRA disabled (the student keeps it)."""
-        from contextlib import nullcontext
-
         return self.lm.disable_adapter() if self.is_peft else nullcontext()
 
 
 def build_workspace(cfg: Config, base_dir: str | Path, splits: dict | None = None,
                     with_latent: bool = True) -> Workspace:
-    from latentgate.model.base_lm import base_reference, load_lm
-
     set_threads(cfg.run.threads)
     lm, tok = load_lm(str(base_dir), cfg, resolve_device(cfg.run.device))
     ws = workspace_from_lm(cfg, lm, tok, splits, with_latent)
@@ -109,9 +105,6 @@ def build_workspace(cfg: Config, base_dir: str | Path, splits: dict | None = Non
 
 def workspace_from_lm(cfg: Config, lm, tok, splits: dict | None = None, with_latent: bool = True) -> Workspace:
     """Freeze the LM, build the contract (and encoder + adapter) around it."""
-    from latentgate.model.base_lm import embedding_rms, freeze
-    from latentgate.model.latent import build_latent_modules
-
     device = next(lm.parameters()).device
     freeze(lm)
     contract = PrefixContract.for_config(cfg, tok, getattr(lm, "generation_config", None))
