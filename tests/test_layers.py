@@ -56,3 +56,25 @@ def test_imports_point_down():
             if there != here and LEVEL.get(there, -1) > LEVEL.get(here, -1):
                 upward.append(f"{path.relative_to(SRC)}:{line} imports {module}")
     assert not upward, "imports that reach up a layer:\n" + "\n".join(upward)
+
+
+CLI_MODULES = {"cli.py", "cli_common.py"}  # click only at the top: `latentgate --help` stays fast
+REASONS = ("lazy:", "optional", "cycle:")  # in a comment: the only reasons an import may sit inside a function
+
+
+def test_imports_sit_at_the_top_unless_a_comment_says_why():
+    hidden = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path.name in CLI_MODULES:
+            continue
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for inner in ast.walk(node):
+                if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                    text = " ".join(lines[inner.lineno - 1:inner.end_lineno])
+                    comment = text.partition("#")[2]
+                    if not any(reason in comment for reason in REASONS):
+                        hidden.append(f"{path.relative_to(SRC)}:{inner.lineno}: {lines[inner.lineno - 1].strip()}")
+    assert not hidden, "imports inside functions without a reason:\n" + "\n".join(sorted(set(hidden)))

@@ -123,9 +123,8 @@ def smoke_f1_from_store(run_id: str, env: dict, printed_uri: str | None = None) 
 
 def bench_smoke(preset: str = "smoke", extra_args: list[str] | None = None, out_dir: Path | None = None,
                 env: dict | None = None, wall_target: float = 300.0, rss_target: float = 2 * 1024**3) -> Row:
-    from latentgate.train.workspace import malloc_env
-
-    run_env = {**os.environ, **malloc_env(), "MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false",
+    # the malloc settings come from the caller's environment (`make bench` exports the Makefile's)
+    run_env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false",
                **(env or {})}
     cmd = cli_command() + ["smoke", "--preset", preset, *(extra_args or [])]
     res = measure_subprocess(cmd, env=run_env, log=(out_dir / "smoke.log") if out_dir else None)
