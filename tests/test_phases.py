@@ -195,9 +195,10 @@ REQUIRED = {"stage_b": {"resume_from": "runs:/x/checkpoints/stage_a"}, "extend":
 
 def test_phase_commands_are_registered():
     from latentgate.cli import main
-    from latentgate.phases.cli import COMMANDS
+    from latentgate.phases.cli import COMMANDS as PHASES
+    from latentgate.pipeline.cli import COMMANDS as PIPELINE
 
-    names = {c.name for c in COMMANDS}
+    names = {c.name for c in PHASES + PIPELINE}
     assert names == set(ENTRY_COMMANDS.values()) | {"resume"}
     assert names <= set(main.commands)
 

@@ -425,6 +425,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # 20-40 s: a fresh virtual environment and `mlflow models serve`
 def test_hero_loads_and_serves_where_latentgate_is_not_installed(candidate, lenient, micro_cfg, tmp_path):
     """models:/latentgate@hero carries its code and requirements: in a fresh venv holding only the model's
     requirements.txt (no latentgate, no test tooling), `load_model` answers as here, and `mlflow models serve`

@@ -56,6 +56,7 @@ def server(tmp_path_factory):
     proc.wait(timeout=30)
 
 
+@pytest.mark.slow  # 40-55 s: a real `mlflow server`, a smoke, the gate, the monitor and the pyfunc over HTTP
 def test_smoke_gate_monitor_and_pyfunc_over_http(server, tmp_path, micro_cfg):
     env = {"MLFLOW_TRACKING_URI": server}
     smoke = run_cli("smoke", "--preset", "micro", "--set", f"run.output_dir={tmp_path / 'runs'}", env=env)
