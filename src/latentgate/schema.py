@@ -135,7 +135,7 @@ class VersionTag:
 # ---- Optuna attributes (sweeps) --------------------------------------------------------------------------------------
 
 class StudyAttr:
-    """User attributes of a sweep's Optuna study: what hand-started workers read (sweep/runner.py, sweep/bench.py)."""
+    """User attributes of a sweep's Optuna study: what hand-started workers read (sweep/runner.py, bench/sweeps.py)."""
 
     SPEC = "latentgate.spec"  # the resolved study file
     N_TRIALS = SweepTag.N_TRIALS  # the trial budget
