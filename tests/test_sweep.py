@@ -366,3 +366,24 @@ def test_sweep_command_line_changes_the_study(tmp_path):
     assert shown["overrides"] == {"run.output_dir": "/tmp/x", "stage_b.batch_size": "4"} and shown["preset"] == "micro"
     bad = run_cli("sweep", "--study", "micro", "--set", "stage_b.lrr=1", "--check", cwd=tmp_path)
     assert bad.returncode == 2 and "did you mean stage_b.lr?" in bad.stderr and bad.stdout == ""
+
+
+def test_a_stage_a_checkpoint_of_another_model_shape_is_refused_before_any_trial(tmp_path, micro_cfg):
+    import dataclasses
+
+    import torch
+
+    from latentgate.config import flatten
+    from latentgate.sweep.runner import _check_resume
+    from latentgate.sweep.study import load_study
+    from latentgate.train.checkpoint import save_checkpoint
+
+    folder = save_checkpoint(tmp_path / "stage_a", modules={"adapter": torch.nn.Linear(2, 2)},
+                             config=flatten(micro_cfg))
+    spec = load_study("phase2")
+    _check_resume(spec, micro_cfg, str(folder))  # same config: accepted
+    other = dataclasses.replace(micro_cfg, model=dataclasses.replace(micro_cfg.model,
+                                                                     num_latents=micro_cfg.model.num_latents + 1))
+    with pytest.raises(ConfigError, match="model.num_latents") as err:
+        _check_resume(spec, other, str(folder))
+    assert "resume_from: auto" in str(err.value)

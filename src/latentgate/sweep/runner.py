@@ -31,7 +31,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import TrialState
 
 from latentgate.config import config_hash, flatten
-from latentgate.errors import ConfigError, StoreError
+from latentgate.errors import CheckpointError, ConfigError, StoreError
 from latentgate.phases.smoke import run_output_dir
 from latentgate.phases.stages import run_base, run_stage
 from latentgate.schema import Artifact, StudyAttr, Summary, SweepTag, Tag, TrialAttr
@@ -45,7 +45,7 @@ from latentgate.tracking import lineage
 from latentgate.tracking.progress import task
 from latentgate.tracking.runs import adopt_project_run, setup_experiment, tracked_run, tracking_uri
 from latentgate.tracking.secrets import mask_secrets
-from latentgate.train.manifest import read_manifest
+from latentgate.train.manifest import check_compat, read_manifest
 from latentgate.train.trainer import COMPAT_KEYS
 from latentgate.train.workspace import load_splits
 
@@ -172,18 +172,13 @@ def _model_key(cfg) -> str:
 
 
 def _check_resume(spec: StudySpec, cfg, uri: str) -> None:
-    """Fail before any trial if the Stage A checkpoint does not fit the study's config."""
-    manifest = read_manifest(lineage.resolve_checkpoint(uri))
-    saved = manifest.get("config") or {}
-    saved = {f"{s}.{k}": v for s, sec in saved.items() for k, v in sec.items()} if all(
-        isinstance(v, dict) for v in saved.values()) else saved
-    mine = flatten(cfg)
-    bad = [k for k in COMPAT_KEYS if k in saved and str(saved[k]) != str(mine[k])]
-    if bad:
-        raise ConfigError(f"study {spec.name}: the Stage A checkpoint {uri} was trained with "
-                          + ", ".join(f"{k}={saved[k]}" for k in bad) + " but the study's config has "
-                          + ", ".join(f"{k}={mine[k]}" for k in bad),
-                          "resume from a matching checkpoint, or use resume_from: auto")
+    """Fail before any trial if the Stage A checkpoint does not fit the study's config (the trainer's own check)."""
+    folder = lineage.resolve_checkpoint(uri)
+    try:
+        check_compat(folder, read_manifest(folder), flatten(cfg), COMPAT_KEYS)
+    except CheckpointError as err:
+        raise ConfigError(f"study {spec.name}: {err.problem}",
+                          "resume from a matching checkpoint, or use resume_from: auto") from None
 
 
 def worker_command(study: str, url: str, index: int, threads: int | None) -> list[str]:
