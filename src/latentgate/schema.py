@@ -47,6 +47,14 @@ class Tag:
     RESUMED = "latentgate.resumed"  # a run continued by `latentgate resume`
     HERO_FROM = "latentgate.hero_from"  # hero run: the approved models:/<name>@hero URI
     HERO_VERSION = "latentgate.hero_version"  # hero run: the version that alias named
+    HERO_CHECKLIST = "latentgate.hero_checklist"  # hero run: the checklist in force (path) that approved it
+    HERO_CHECKLIST_SHA256 = "latentgate.hero_checklist_sha256"  # hero run: its sha256 (= the promotion audit's)
+    HERO_SCALE = "latentgate.hero_scale"  # hero run: the budget scale over the approved run (registry/hero_recipe.py)
+    HERO_DIFF = "latentgate.hero_diff"  # hero run: JSON list of every key that differs from the approved recipe
+    HERO_RECIPE_CHANGES = "latentgate.hero_recipe_changes"  # hero run: the recipe keys the user changed ("" if none)
+    HERO_APPROVED_RUN = "latentgate.hero_approved_run"  # hero run: the approved Stage B run its config comes from
+    CHECKPOINT_SHA256 = "latentgate.checkpoint_sha256"  # register run PARAM (immutable) and version tag: sha256 of
+    # the registered checkpoint's manifest.json; promote pins it, verify and hero refuse a checkpoint that differs
     # pipeline (pipeline/run.py)
     FINAL_RULE = "latentgate.final_rule"  # the decision tree's last rule
     FINAL_NEXT = "latentgate.final_next"  # and the phase it chose
@@ -129,6 +137,7 @@ class VersionTag:
     EVENT_PREFIX = "hero.event."  # + time stamp: what happened to the version (promoted, refused, demoted)
     SUPERSEDED_BY = "hero.superseded_by"  # the version the alias moved to
     CALIBRATION = "hero.calibration"  # what the latest calibration predicts for it (registry/calibration.py)
+    CHECKPOINT_PIN = "hero.checkpoint_sha256"  # the checkpoint manifest's sha256 the promotion approved
     CHECKED_BY = "latentgate.checked_by"  # the sweep run that wrote its check tags (sweep/runner.py)
 
 
@@ -302,6 +311,24 @@ class EvalKey:
     def metric(path: str, key: str) -> str:
         """The metric an eval run logs a path's aggregate as: `eval/latent/f1`."""
         return f"{EvalKey.PREFIX}{path}/{key}"
+
+
+class EvalRow:
+    """Fields of one eval_detailed.jsonl row (one question on one path; eval/evaluate.py writes them, the gate,
+    the pipeline and analysis read them)."""
+
+    ID = "id"
+    PATH = "path"
+    QUESTION = "question"
+    REFERENCES = "references"
+    PREDICTION = "prediction"
+    FIRST_TOKEN = "first_token"
+    EM = "em"
+    F1 = "f1"
+    FIRST_TOKEN_CORRECT = "first_token_correct"
+    ERROR_MODE = "error_mode"
+    EXAMPLE_SHA256 = "example_sha256"  # sha256 of the scored example's dataset record: the gate recomputes the
+    # eval set's digest from the rows it judges (tracking/tracker.py digest_of_hashes)
 
 
 # ---- artifacts -------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,6 @@ from latentgate.registry.checklist import (
     COLLAPSE,
     GRADIENTS,
     LEARNING,
-    PROVENANCE,
     QUALITY,
     STABILITY,
     Checklist,
@@ -187,7 +187,7 @@ def _stage_label(st: StageHistory, stages: list[StageHistory]) -> str:
     return f"{st.stage}#{same.index(st) + 1}"
 
 
-def eval_figures(ev) -> dict[str, Any]:
+def eval_figures(ev, top_k: int = 1) -> dict[str, Any]:
     out: dict[str, Any] = {"run_id": ev.run_id, "status": ev.status, "checkpoint": ev.checkpoint,
                            "paths": {p: dict(ev.metrics[p]) for p in EvalPath.ALL if p in ev.metrics}}
     latent_rows = ev.path_rows(EvalPath.LATENT)
@@ -199,7 +199,7 @@ def eval_figures(ev) -> dict[str, Any]:
         modes = {m: 0 for m in scoring.ERROR_MODES}
         for r in latent_rows:
             modes[r.get("error_mode", "wrong_entity")] = modes.get(r.get("error_mode", "wrong_entity"), 0) + 1
-        alike = controls.collapse_stats(latent_rows)
+        alike = asdict(controls.row_collapse(latent_rows, top_k))
         n = len(latent_rows)
         out["breakthrough"] = {
             "any_f1_nonzero": idx is not None, "first_f1_nonzero_idx": idx, "n": n,
@@ -244,7 +244,7 @@ def local_readiness(stage: dict | None, ev: dict | None, grads: dict, cl: Checkl
                    f"{fmt_num(stage.get(Probe.SHUFFLED), '.4g')}")
     rule = cl.collapse_rule()
     collapse = rule.why(col.get(EvalKey.TOP_PREDICTION_SHARE), col.get(EvalKey.REPETITION_RATE),
-                        col.get("top_prediction"))
+                        col.get("top_prediction"), col.get("top_k_share"), col.get("empty_share"))
     observed = {  # name -> (observed, source, detail, failure)
         LEARNING: (stage.get("peak_first_acc_lift"), src_stage + Probe.LIFT, lift_detail, ""),
         STABILITY: (None if peak is None else stage.get("regression_pct", 0.0) / 100, src_stage + Probe.FIRST_ACC,
@@ -280,7 +280,7 @@ def build_report(bundle: RunBundle, last_n: int = 3, checklist_path=None, use_ga
         fig["label"] = _stage_label(st, bundle.stages)
     evaluated = bundle.evaluated_stage()
     ev_stage = next((f for f, s in zip(stages, bundle.stages, strict=True) if s is evaluated), None)
-    ev = eval_figures(bundle.evals[-1]) if bundle.evals else None
+    ev = eval_figures(bundle.evals[-1], cl.collapse_rule().top_k) if bundle.evals else None
     grads = gradient_figures(bundle.stages)
     readiness = None
     note = ""
@@ -302,7 +302,7 @@ def build_report(bundle: RunBundle, last_n: int = 3, checklist_path=None, use_ga
         verdict, decision = recommend(_evidence(ev_stage, ev, readiness, failed, bundle), cl)
         next_step = NEXT_STEP_OF_RULE.get(decision.rule, NEXT_STEP[verdict])
         broke_through = cl.criterion(BREAKTHROUGH).compare(decision.evidence.f1_max)
-        if verdict == "phase2" and broke_through and failed and set(failed) <= set(PROVENANCE):
+        if verdict == "phase2" and broke_through and failed and set(failed) <= set(cl.provenance()):
             next_step = (f"the learning criteria pass but the evidence does not ({', '.join(failed)}): re-run the "
                          "smoke so its runs form a clean lineage at one commit on the pinned eval set, then promote")
         rec = {"verdict": verdict, "rule": decision.rule, "next_step": next_step, "peak_first_acc": peak,

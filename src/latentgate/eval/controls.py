@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from latentgate.schema import EvalKey, Probe
+from latentgate.eval.scoring import normalize_answer
+from latentgate.schema import EvalRow, Probe
 
 
 def top_share(values: Iterable) -> float:
@@ -51,13 +53,44 @@ def control_stats(gold_first: list, predicted_first: list, shuffled_hits: int) -
             Probe.TOP_SHARE: top_share(predicted_first), Probe.DISTINCT: len(set(predicted_first))}
 
 
-def collapse_stats(rows: list[dict]) -> dict:
-    """How alike one path's eval predictions are (the eval_detailed.jsonl rows of that path): the most frequent
-    prediction, its count and share, and the share of repetitive ("thethethe") predictions."""
+@dataclass(frozen=True)
+class Collapse:
+    """How alike one path's eval predictions are, on SQuAD-normalised answers (so '2018-2023)' and '2018-2023' are
+    one answer): the most frequent answer and its share, the share of the `top_k` most frequent answers (a few
+    answers sharing the inputs), the share of empty answers, and of repetitive ("thethethe") ones."""
+
+    n: int
+    top_prediction: str
+    top_prediction_count: int
+    top_prediction_share: float
+    top_k: int
+    top_k_share: float
+    empty_share: float
+    repetition_rate: float
+
+    def as_text(self) -> str:
+        return (f"top answer {self.top_prediction!r} for {self.top_prediction_count} of {self.n} "
+                f"({self.top_prediction_share:.0%}), top {self.top_k} for {self.top_k_share:.0%}, "
+                f"{self.empty_share:.0%} empty, {self.repetition_rate:.0%} repetitive")
+
+
+def collapse_stats(predictions: list[str], repetitive: list[bool], top_k: int = 1) -> Collapse:
+    """The one computation of collapse (the gate, the pipeline, the report and the eval's metrics.json read it)."""
+    if not predictions or len(predictions) != len(repetitive):
+        raise ValueError(f"need predictions and as many repetition flags (> 0), got {len(predictions)} and "
+                         f"{len(repetitive)}")
+    answers = [normalize_answer(p or "") for p in predictions]
+    counts = Counter(answers).most_common()
+    n = len(answers)
+    top, count = counts[0]
+    return Collapse(n=n, top_prediction=top, top_prediction_count=count, top_prediction_share=count / n,
+                    top_k=top_k, top_k_share=sum(c for _, c in counts[:top_k]) / n,
+                    empty_share=sum(a == "" for a in answers) / n, repetition_rate=sum(repetitive) / n)
+
+
+def row_collapse(rows: list[dict], top_k: int = 1) -> Collapse:
+    """`collapse_stats` of one path's eval_detailed.jsonl rows."""
     if not rows:
         raise ValueError("no eval rows to judge collapse on")
-    preds = [r.get("prediction") for r in rows]
-    top, count = Counter(preds).most_common(1)[0]
-    return {"n": len(rows), "top_prediction": top, "top_prediction_count": count,
-            EvalKey.TOP_PREDICTION_SHARE: top_share(preds),
-            EvalKey.REPETITION_RATE: sum(r.get("error_mode") == "repetition" for r in rows) / len(rows)}
+    return collapse_stats([r[EvalRow.PREDICTION] for r in rows],
+                          [r[EvalRow.ERROR_MODE] == "repetition" for r in rows], top_k)

@@ -20,8 +20,9 @@ from latentgate.eval.generate import decode, greedy_generate
 from latentgate.eval.probe import EvalMode
 from latentgate.eval.squad_metric import load_squad_metric
 from latentgate.model.contract import answer_logits, build_latent_batch, build_text_batch, encode_answers, text_prompt
-from latentgate.schema import Artifact, EvalKey, EvalPath
+from latentgate.schema import Artifact, EvalKey, EvalPath, EvalRow
 from latentgate.tracking import progress
+from latentgate.tracking.tracker import example_sha256
 
 
 def _prefix_for(ws, path: str, chunk, latents: torch.Tensor | None):
@@ -84,10 +85,13 @@ def evaluate(ws, examples, out_dir: Path, paths=None, batch_size: int | None = N
                 preds = decode(ws.tokenizer, gen.token_ids)
                 for ex, pred, ok, ids in zip(chunk, preds, first_ok, gen.token_ids):
                     refs = list(ex.answers)
-                    rows.append({"id": ex.id, "path": path, "question": ex.question, "references": refs,
-                                 "prediction": pred, "first_token": ids[0] if ids else None,
-                                 "em": scoring.exact_match(pred, refs), "f1": scoring.f1(pred, refs),
-                                 "first_token_correct": bool(ok), "error_mode": scoring.error_mode(pred, refs)})
+                    rows.append({EvalRow.ID: ex.id, EvalRow.PATH: path, EvalRow.QUESTION: ex.question,
+                                 EvalRow.REFERENCES: refs, EvalRow.PREDICTION: pred,
+                                 EvalRow.FIRST_TOKEN: ids[0] if ids else None,
+                                 EvalRow.EM: scoring.exact_match(pred, refs), EvalRow.F1: scoring.f1(pred, refs),
+                                 EvalRow.FIRST_TOKEN_CORRECT: bool(ok),
+                                 EvalRow.ERROR_MODE: scoring.error_mode(pred, refs),
+                                 EvalRow.EXAMPLE_SHA256: example_sha256(ex)})
                 f1_sums[path] += sum(r["f1"] for r in rows[-len(chunk):])
                 bar.update(advance=len(chunk), **{f"{p} F1": f1_sums[p] / min(start + len(chunk), len(examples))
                                                   for p in paths[: paths.index(path) + 1]})
@@ -119,7 +123,7 @@ def aggregate(rows: list[dict], extra: dict, ws, n_examples: int) -> dict:
             EvalKey.FIRST_F1_NONZERO_IDX: scoring.first_nonzero_index(f1s),
             EvalKey.ERROR_MODES: {m: modes.get(m, 0) for m in scoring.ERROR_MODES},
             EvalKey.REPETITION_RATE: modes.get("repetition", 0) / n, EvalKey.EMPTY_RATE: modes.get("empty", 0) / n,
-            EvalKey.TOP_PREDICTION_SHARE: controls.top_share(r["prediction"] for r in prs),
+            EvalKey.TOP_PREDICTION_SHARE: controls.row_collapse(prs).top_prediction_share,
             EvalKey.DISTINCT_FIRST_TOKENS: len({r["first_token"] for r in prs}),
         }
         if e["prompt_tokens"]:

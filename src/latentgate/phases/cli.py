@@ -68,16 +68,31 @@ fix = click.command("fix", help="Phase 3: Stage B with scheduled sampling, p(gol
 
 
 @click.command("hero")
-@click.option("--model", default="", help="the approved model: only models:/<registry_model>@hero is accepted")
-@config_options
+@click.option("--scale", type=float, default=None,
+              help="hero budget over the approved run: steps, warm-up, probe and checkpoint cadence x this "
+                   "(default: hero.scale of the checklist)")
+@click.option("--checklist", default=None, help="the checklist in force (default: registry/hero.yaml); the approving "
+                                                "promotion must have used the same file")
+@click.option("--dry-run", "dry_run", type=click.BOOL, default=False, show_default=True,
+              help="print the hero's resolved config and its diff from the approved recipe; train nothing")
+@click.option("--allow-recipe-change", "allow_recipe_change", is_flag=True,
+              help="let --set change recipe keys (not budget or runtime ones); the diff is recorded on the run")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="runtime (run.device, run.threads, ...) or budget keys; recipe keys need --allow-recipe-change")
+@click.option("--overrides", default="", help="space-separated key=value pairs, as --set (MLproject parameter)")
 @guarded
-def hero(model, preset, sets, overrides):
-    """Phase 4: the hero run. Starts only from the model version holding the registry alias `hero`."""
-    cfg = resolve_config(preset, sets, overrides, "hero")
+def hero(scale, checklist, dry_run, allow_recipe_change, sets, overrides):
+    """Phase 4: the approved recipe at the hero budget. Starts only from the version holding the registry alias
+    `hero`, promoted under the checklist in force; its config is that version's Stage B config, budget x scale."""
+    from latentgate.config import cli_overrides
+    from latentgate.phases.entry import HeroRequest
     from latentgate.phases.entry import hero as run_hero
     from latentgate.phases.smoke import format_summary
 
-    echo_main(format_summary(run_hero(cfg, model, preset or "hero")))
+    request = HeroRequest(overrides=cli_overrides(sets, overrides), scale=scale or None, checklist=checklist or None,
+                          dry_run=dry_run, allow_recipe_change=allow_recipe_change)
+    result = run_hero(request)
+    echo_main(result["dry_run"] if dry_run else format_summary(result))
 
 
 @click.command("resume")

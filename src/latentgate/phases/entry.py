@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlflow
@@ -26,18 +27,21 @@ from mlflow.exceptions import MlflowException
 
 from latentgate.config import Config, config_hash, flatten, from_flat
 from latentgate.distributed import owns_store
-from latentgate.errors import CheckpointError, ConfigError, GateRefused, LatentgateError
+from latentgate.errors import CheckpointError, ConfigError, LatentgateError
 from latentgate.phases.smoke import run_output_dir, run_smoke
 from latentgate.phases.stages import run_base, run_eval, run_stage
+from latentgate.registry.checklist import load_checklist
+from latentgate.registry.gate import TAG_MAX, ApprovedVersion, approved_version
+from latentgate.registry.hero_recipe import RECIPE, HeroPlan, hero_plan
 from latentgate.schema import Artifact, Tag
 from latentgate.tracking import lineage
+from latentgate.tracking.lineage import ModelUri
 from latentgate.tracking.runs import adopt_project_run, setup_experiment
 from latentgate.train.load import check_compatible
 from latentgate.train.workspace import load_splits, resolve_device
 
 TRAINING = ("stage_a", "stage_b", "extend", "fix")
 STAGE_OF = {"stage_a": "stage_a", "stage_b": "stage_b", "extend": "stage_b", "fix": "stage_b"}
-HERO_ALIAS = "hero"
 
 
 def step_key(entry_point: str, cfg: Config) -> str:
@@ -170,36 +174,73 @@ def eval_checkpoint(cfg: Config, checkpoint: str, preset: str = "") -> dict:
                     tags=phase_tags("eval", cfg, preset, checkpoint, out))
 
 
-def hero(cfg: Config, model: str = "", preset: str = "") -> dict:
-    """Phase 4: the hero preset, end to end. Starts only from the model version holding the registry alias
-    `hero` (the readiness checklist passed); without one it exits with the gate's reasons and starts nothing.
-    The hero config must keep the approved model's architecture (M, d_z, encoder, base LM)."""
-    setup_experiment(cfg.run.experiment)
+@dataclass(frozen=True)
+class HeroRequest:
+    """What `latentgate hero` (and the pipeline's Phase 4) asks for; the config itself is the approved recipe's."""
+
+    overrides: dict = field(default_factory=dict)  # runtime and budget keys; recipe keys with allow_recipe_change
+    scale: float | None = None  # None: the checklist's hero.scale
+    checklist: str | None = None  # the checklist in force (None: registry/hero.yaml)
+    dry_run: bool = False
+    allow_recipe_change: bool = False
+
+
+@dataclass(frozen=True)
+class HeroStart:
+    """The hero about to run (or, on a dry run, that would run)."""
+
+    approved: ApprovedVersion
+    plan: HeroPlan
+
+    def tags(self) -> dict[str, str]:
+        a, p = self.approved, self.plan
+        return {Tag.HERO_FROM: a.uri, Tag.HERO_VERSION: a.version, Tag.HERO_APPROVED_RUN: a.stage_b_run,
+                Tag.HERO_CHECKLIST: str(a.checklist.path), Tag.HERO_CHECKLIST_SHA256: a.checklist.sha256,
+                Tag.HERO_SCALE: f"{p.scale:g}", Tag.HERO_DIFF: p.diff_json()[:TAG_MAX],
+                Tag.HERO_RECIPE_CHANGES: ",".join(c.key for c in p.of_kind(RECIPE))}
+
+    def as_text(self) -> str:
+        a, p = self.approved, self.plan
+        lines = [f"── latentgate hero: version {a.version} of {a.name} ({a.uri}), approved under "
+                 f"{a.checklist.path.name} (sha256 {a.checklist.sha256[:12]}) ──",
+                 f"approved recipe: Stage B run {a.stage_b_run} (eval run {a.eval_run}); hero budget "
+                 f"x{p.scale:g}",
+                 "diff from the approved recipe:", *[f"  {c.as_text()}" for c in p.changes],
+                 "resolved config:", *[f"  {k} = {v!r}" for k, v in flatten(p.config).items()]]
+        return "\n".join(lines)
+
+
+def plan_hero(request: HeroRequest) -> HeroStart:
+    """The checked approved version and the hero built from its recipe (registry/hero_recipe.py)."""
+    approved = approved_version(request.checklist)  # GateRefused with the reasons when no valid alias
+    recipe = from_flat(lineage.client().get_run(approved.stage_b_run).data.params)
+    scale = request.scale if request.scale is not None else approved.checklist.hero_scale()
+    return HeroStart(approved, hero_plan(recipe, scale, request.overrides, request.allow_recipe_change))
+
+
+def hero(request: HeroRequest) -> dict:
+    """Phase 4: the approved recipe at the hero budget, end to end (base reused, Stage A, Stage B, eval). Starts
+    only from the version holding the alias, promoted under the checklist in force, with its pinned checkpoint;
+    otherwise it exits with the reasons and starts nothing. A dry run prints what would run and trains nothing."""
+    checklist = load_checklist(request.checklist)
     attached = os.environ.get("MLFLOW_RUN_ID")  # run_smoke adopts it
-    name = cfg.run.registry_model
-    expected = f"models:/{name}@{HERO_ALIAS}"
-    with _preflight(attached):
-        _refuse_finished(attached)
-        if model and model != expected:
-            raise GateRefused(f"hero starts only from {expected}, not {model}",
-                              f"promote a version with `latentgate promote <version>`, then pass --model {expected}")
-        try:
-            from latentgate.registry.gate import hero_model_uri  # optional: refused in one line without it
-        except ImportError:
-            raise GateRefused("the registry gate (latentgate.registry.gate) is not installed",
-                              "install the registry part of latentgate") from None
-        approved = hero_model_uri(name=name)  # GateRefused with the reasons when no valid alias
-        prepare_checkpoint(cfg, approved)
-        version = lineage.client().get_model_version_by_alias(name, HERO_ALIAS).version
-    tags = {**phase_tags("hero", cfg, preset, f"models:/{name}/{version}"), Tag.HERO_FROM: approved,
-            Tag.HERO_VERSION: str(version)}
-    return run_smoke(cfg, preset or "hero", name="hero", tags=tags)
+    lineage.use_store()  # an existing, reachable store: the approved version is read from it
+    with _preflight(None if request.dry_run else attached):
+        if not request.dry_run:
+            _refuse_finished(attached)
+        start = plan_hero(replace(request, checklist=str(checklist.path)))
+    if request.dry_run:
+        return {"run_id": None, "dry_run": start.as_text(), "config": flatten(start.plan.config)}
+    cfg = start.plan.config
+    setup_experiment(cfg.run.experiment)
+    tags = {**phase_tags("hero", cfg, "hero", str(ModelUri(start.approved.name, version=start.approved.version))),
+            **start.tags()}
+    return run_smoke(cfg, "hero", name="hero", tags=tags)
 
 
 ENTRY_POINTS = {"base": base, "stage_a": stage_a, "stage_b": stage_b, "extend": extend, "fix": fix,
-                "eval": eval_checkpoint, "hero": hero}
-INPUT_PARAM = {"stage_b": "resume_from", "extend": "resume_from", "fix": "resume_from", "eval": "checkpoint",
-               "hero": "model"}
+                "eval": eval_checkpoint}  # and `hero`, whose config is the approved recipe's (HeroRequest)
+INPUT_PARAM = {"stage_b": "resume_from", "extend": "resume_from", "fix": "resume_from", "eval": "checkpoint"}
 
 
 def run_entry(entry_point: str, cfg: Config, preset: str = "", input_uri: str = "") -> dict:

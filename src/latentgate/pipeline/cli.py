@@ -17,13 +17,14 @@ from latentgate.cli_common import config_options, guarded
               help="env manager for every inner mlflow run (inner runs do not inherit the outer one's)")
 @click.option("--runner", type=click.Choice(["project", "inprocess"]), default="project", show_default=True,
               help="project: each step is an `mlflow run` of its entry point; inprocess: steps run in this process")
-@click.option("--hero-preset", default="hero", show_default=True, help="preset of the hero run (with --launch-hero)")
+@click.option("--hero-scale", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="hero budget over the approved run, as `latentgate hero --scale` (0: hero.scale of the checklist)")
 @click.option("--sweep-study", default="phase2", show_default=True, help="sweep study of Phase 2 (sweeps/<name>.yaml)")
 @click.option("--sweep-trials", type=click.IntRange(min=0), default=0, show_default=True,
               help="trials of the Phase 2 sweep (0: the study file's n_trials)")
 @config_options
 @guarded
-def pipeline(launch_hero, checklist, budget_minutes, env_manager, runner, hero_preset, sweep_study, sweep_trials,
+def pipeline(launch_hero, checklist, budget_minutes, env_manager, runner, hero_scale, sweep_study, sweep_trials,
              preset, sets, overrides):
     """The plan's decision tree: Phase 1 -> checklist -> promote / Phase 3 / Phase 2 (+ Phase 3), reusing
     finished steps, with every decision recorded in decisions.json / decisions.md of the pipeline run."""
@@ -33,7 +34,7 @@ def pipeline(launch_hero, checklist, budget_minutes, env_manager, runner, hero_p
     pairs = cfgmod.cli_overrides(sets, overrides)
     opts = PipelineOptions(preset=preset or "smoke", overrides=pairs, launch_hero=launch_hero,
                            checklist=checklist or None, budget_minutes=budget_minutes, env_manager=env_manager,
-                           runner=runner, hero_preset=hero_preset, sweep_study=sweep_study,
+                           runner=runner, hero_scale=hero_scale, sweep_study=sweep_study,
                            sweep_trials=sweep_trials)
     click.echo(format_decisions(run_pipeline(opts)))
 

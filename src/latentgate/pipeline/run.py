@@ -22,7 +22,6 @@ decisions.json and decisions.md. `decide` is a pure function, so each branch is 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -35,14 +34,24 @@ from mlflow.projects import _project_spec
 
 from latentgate.config import Config, flatten, parse_set_args, resolve
 from latentgate.errors import ConfigError, LatentgateError
-from latentgate.eval import controls
-from latentgate.phases.entry import INPUT_PARAM, run_entry, step_key
-from latentgate.registry.checklist import LEARNING, load_checklist
-from latentgate.registry.decisions import HERO, PROMOTE, STOP, SWEEP, Decision, PhaseEvidence, decide, fmt_value
+from latentgate.phases.entry import INPUT_PARAM, HeroRequest, hero, plan_hero, run_entry, step_key
+from latentgate.registry.checklist import load_checklist
+from latentgate.registry.decisions import (
+    HERO,
+    PROMOTE,
+    STOP,
+    SWEEP,
+    Decision,
+    PhaseEvidence,
+    decide,
+    evidence_from_report,
+    fmt_value,
+)
 from latentgate.registry.gate import check_candidate, promote
-from latentgate.schema import Artifact, EvalKey, EvalPath, Probe, Stage, SweepTag, Tag
+from latentgate.schema import SweepTag, Tag
 from latentgate.sweep.study import load_study
 from latentgate.tracking import lineage
+from latentgate.tracking.lineage import ModelUri
 from latentgate.tracking.runs import adopt_project_run, git_commit, setup_experiment, tracked_run
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -76,7 +85,7 @@ class PipelineOptions:
     budget_minutes: float = 0.0
     env_manager: str = "local"
     runner: str = "project"  # project | inprocess
-    hero_preset: str = "hero"
+    hero_scale: float = 0.0  # 0: the checklist's hero.scale
     sweep_study: str = "phase2"
     sweep_trials: int = 0
 
@@ -118,6 +127,9 @@ class InProcessRunner:
     start-up cost). For tests and quick local use."""
 
     def run(self, entry_point: str, params: dict) -> str:
+        if entry_point == "hero":
+            request = HeroRequest(scale=float(params["scale"]) or None, checklist=params["checklist"] or None)
+            return hero(request)["run_id"]
         cfg = resolve(params["preset"], parse_set_args([params.get("overrides", "")]))
         return run_entry(entry_point, cfg, params["preset"], params.get(INPUT_PARAM.get(entry_point, ""), ""))["run_id"]
 
@@ -196,6 +208,23 @@ class Pipeline:
         self.tr.set_tags({Tag.CHILDREN: ",".join(s["run_id"] for s in self.steps if s.get("run_id"))})
         return run_id
 
+    def hero_step(self) -> str:
+        """Phase 4: the hero of the approved version (phases/entry.py plan_hero, the same definition as `latentgate
+        hero` and `latentgate calibrate`), or a FINISHED hero run of the same config, version and commit."""
+        t0 = time.monotonic()
+        checklist = str(self.checklist.path)
+        start = plan_hero(HeroRequest(scale=self.opts.hero_scale or None, checklist=checklist))
+        version_uri = str(ModelUri(start.approved.name, version=start.approved.version))
+        run_id = already_ran("hero", start.plan.config, version_uri, self.commit, self.experiment_id)
+        reused = run_id is not None
+        if not reused:
+            run_id = self.runner.run("hero", {"scale": self.opts.hero_scale, "checklist": checklist})
+        self.steps.append({"entry_point": "hero", "run_id": run_id, "reused": reused, "input_uri": version_uri,
+                           "overrides": {}, "seconds": round(time.monotonic() - t0, 1)})
+        self.tr.log_dict(self.steps, "steps.json")
+        self.tr.set_tags({Tag.CHILDREN: ",".join(s["run_id"] for s in self.steps if s.get("run_id"))})
+        return run_id
+
     def record(self, decision: Decision) -> None:
         self.decisions.append(decision)
         self.tr.log_dict(self.summary(), "decisions.json")
@@ -211,39 +240,11 @@ class Pipeline:
 
 def gather_evidence(phase: str, stage_run: str, eval_run: str, opts: PipelineOptions, budget_left_s,
                     extra_runs: dict | None = None, checklist=None) -> PhaseEvidence:
-    """Read a phase's numbers back from MLflow (never from logs) and ask the registry's gate (dry run). The lift
-    metric is the one the checklist's first_token_learning reads; the controls are read at its peak step."""
+    """A phase's evidence: the registry gate's report on its eval run (read-only), as the decision tree reads it."""
     checklist = checklist or load_checklist(opts.checklist)
-    client = lineage.client()
-
-    def history(key: str) -> dict[int, float]:
-        return {m.step: m.value for m in client.get_metric_history(stage_run, key)}
-
-    probe = lambda key: history(Stage.metric("stage_b", Probe.key(key)))
-    raw, lift = probe(Probe.FIRST_ACC), history(checklist.criterion(LEARNING).params["metric"])
-    peak_step = max(lift, key=lambda s: (lift[s], -s)) if lift else None  # the earliest of equal peaks
-    const, shuffled = probe(Probe.CONST), probe(Probe.SHUFFLED)
-    local = mlflow.artifacts.download_artifacts(run_id=eval_run, artifact_path=Artifact.EVAL_DETAILED)
-    rows = [json.loads(x) for x in Path(local).read_text().splitlines() if x.strip()]
-    latent = [r for r in rows if r.get("path") == EvalPath.LATENT]
-    f1s = [r["f1"] for r in latent]
-    collapse = controls.collapse_stats(latent) if latent else {}
-    passed, failed = checklist_verdict(eval_run, opts.checklist)
-    f1_mean = client.get_run(eval_run).data.metrics.get(EvalKey.metric(EvalPath.LATENT, EvalKey.F1))
-    return PhaseEvidence(phase=phase, f1_max=max(f1s) if f1s else None,
-                         peak_first_acc=max(raw.values()) if raw else None, checklist_passed=passed, f1_mean=f1_mean,
-                         peak_first_acc_lift=lift.get(peak_step), first_acc_const=const.get(peak_step),
-                         first_acc_shuffled=shuffled.get(peak_step),
-                         top_prediction_share=collapse.get(EvalKey.TOP_PREDICTION_SHARE),
-                         repetition_rate=collapse.get(EvalKey.REPETITION_RATE),
-                         checklist_failed=tuple(failed), budget_left_s=budget_left_s, launch_hero=opts.launch_hero,
-                         run_ids={"stage_b": stage_run, "eval": eval_run, **(extra_runs or {})})
-
-
-def checklist_verdict(eval_run: str, checklist_path: str | None) -> tuple[bool, list[str]]:
-    """(passed, names of the failing criteria and missing evidence) from the registry's gate; read-only."""
-    report = check_candidate(eval_run, checklist_path)
-    return bool(report.passed), sorted(set(report.failing())) + list(report.missing)
+    report = check_candidate(eval_run, checklist)
+    return evidence_from_report(report, checklist, phase, budget_left_s, opts.launch_hero,
+                                {"stage_b": stage_run, "eval": eval_run, **(extra_runs or {})})
 
 
 def run_sweep_phase(pl: Pipeline, stage_a_uri: str) -> tuple[str, str, dict]:
@@ -325,12 +326,11 @@ def run_pipeline(opts: PipelineOptions) -> dict:
             decision = decide(evidence, checklist)
             pl.record(decision)
             if decision.next_phase in (PROMOTE, HERO):
-                name = cfg.run.registry_model
+                name = checklist.model_name
                 version = promote_version(eval_run, opts.checklist, name)
                 pl.steps.append({"entry_point": "promote", "version": version, "input_uri": eval_run})
-                if decision.next_phase == HERO:  # reused only for the same approved version
-                    pl.step("hero", {}, f"models:/{name}@hero", preset=opts.hero_preset,
-                            reuse_input=f"models:/{name}/{version}")
+                if decision.next_phase == HERO:  # reused only for the same approved version and config
+                    pl.hero_step()
                 break
             if decision.next_phase == STOP:
                 break

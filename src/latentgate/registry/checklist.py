@@ -35,13 +35,15 @@ OPS = {
 # kind -> (required params, optional params, whether a numeric threshold is required)
 KINDS: dict[str, tuple[set, set, bool]] = {
     "metric_peak": ({"run", "metric"}, {"show"}, True),
+    "metric_final": ({"run", "metric"}, {"show"}, True),
     "metric_final_drop": ({"run", "metric"}, set(), True),
     "metric_max": ({"runs", "metric"}, set(), True),
     "nonfinite_steps": ({"runs", "metrics"}, set(), True),
     "eval_example_max": ({"path", "field"}, set(), True),
     "eval_metric": ({"path", "key"}, set(), True),
     "eval_share": ({"path", "field", "equals"}, set(), True),
-    "eval_collapse": ({"path", "max_top_prediction_share"}, set(), True),
+    "eval_collapse": ({"path", "max_top_prediction_share"}, {"top_k", "max_top_k_share", "max_empty_share"}, True),
+    "eval_count": ({"path"}, set(), True),
     "latent_margin": ({"path", "key", "controls"}, set(), True),
     "lineage": ({"runs"}, {"require_clean_tree"}, True),
     "dataset_digest": ({"dataset"}, set(), False),
@@ -56,8 +58,9 @@ BREAKTHROUGH = "f1_breakthrough"
 QUALITY = "generation_quality"
 GRADIENTS = "gradient_health"
 COLLAPSE = "no_mode_collapse"
-# Criteria about where the evidence comes from rather than about learning: failing them is no reason to tune.
-PROVENANCE = ("lineage", "eval_dataset_digest")
+# Criteria about where the evidence comes from rather than about learning: failing them is no reason to tune (the
+# decision tree stops with what to pin or re-run instead). By kind, so a team's own file needs no list of names.
+PROVENANCE_KINDS = ("lineage", "dataset_digest", "eval_count")
 
 
 @dataclass(frozen=True)
@@ -88,23 +91,39 @@ class Criterion:
 
 @dataclass(frozen=True)
 class CollapseRule:
-    """Mode collapse as the checklist defines it (criterion `no_mode_collapse`, kind eval_collapse): one answer for
-    more than `max_top_share` of the inputs, or a share of repetitive ("thethethe") predictions that fails the
-    criterion's comparison."""
+    """Mode collapse as a checklist criterion of kind eval_collapse defines it, on SQuAD-normalised answers: one
+    answer for more than `max_top_share` of the inputs, the `top_k` most frequent answers for more than
+    `max_top_k_share` (a few answers sharing the inputs), more than `max_empty_share` empty answers, or a share of
+    repetitive ("thethethe") predictions that fails the criterion's own comparison."""
 
     max_top_share: float
     repetition: Criterion
+    top_k: int = 1
+    max_top_k_share: float | None = None
+    max_empty_share: float | None = None
 
-    def why(self, top_share: float | None, repetition_rate: float | None, top_answer: str | None = None) -> str | None:
-        """The collapse, in words starting with "mode collapse", or None (not collapsed, or nothing to judge)."""
+    def why(self, top_share: float | None, repetition_rate: float | None, top_answer: str | None = None,
+            top_k_share: float | None = None, empty_share: float | None = None) -> str | None:
+        """The collapse, in words starting with "mode collapse", or None (not collapsed, or nothing to judge).
+        Every limit that fails is named."""
         reasons = []
         if top_share is not None and top_share > self.max_top_share:
             said = f" ({top_answer!r})" if top_answer is not None else ""
             reasons.append(f"one answer{said} for {top_share:.0%} of the inputs (top prediction share {top_share:.4g} "
                            f"> {self.max_top_share:g})")
+        if top_k_share is not None and self.max_top_k_share is not None and top_k_share > self.max_top_k_share:
+            reasons.append(f"{self.top_k} answers for {top_k_share:.0%} of the inputs (top-{self.top_k} share "
+                           f"{top_k_share:.4g} > {self.max_top_k_share:g})")
+        if empty_share is not None and self.max_empty_share is not None and empty_share > self.max_empty_share:
+            reasons.append(f"{empty_share:.0%} empty answers (> {self.max_empty_share:g})")
         if repetition_rate is not None and not self.repetition.compare(repetition_rate):
             reasons.append(f"{repetition_rate:.0%} repetitive predictions (not {self.repetition.as_text()})")
         return "mode collapse: " + "; ".join(reasons) if reasons else None
+
+    def judge(self, stats) -> str | None:
+        """`why` of an eval/controls.py Collapse."""
+        return self.why(stats.top_prediction_share, stats.repetition_rate, stats.top_prediction, stats.top_k_share,
+                        stats.empty_share)
 
 
 @dataclass(frozen=True)
@@ -117,6 +136,7 @@ class Checklist:
     criteria: tuple[Criterion, ...]
     eval_dataset_digest: Any  # "any", one digest string, or {data config hash: digest}
     calibration: dict = field(default_factory=dict)  # {hero_f1_target}: a successful hero for `latentgate calibrate`
+    hero: dict = field(default_factory=dict)  # {scale}: the hero budget (registry/hero_recipe.py)
 
     def names(self) -> list[str]:
         return [c.name for c in self.criteria]
@@ -131,13 +151,17 @@ class Checklist:
         """A criterion's threshold as the file states it, e.g. threshold("first_token_learning")."""
         return self.criterion(name).threshold
 
-    def collapse_rule(self) -> CollapseRule:
-        """What counts as mode collapse: criterion no_mode_collapse (kind eval_collapse)."""
-        c = self.criterion(COLLAPSE)
+    def collapse_rule(self, name: str = COLLAPSE) -> CollapseRule:
+        """What counts as mode collapse for an eval_collapse criterion (default no_mode_collapse, the one the
+        decision tree, the report and the monitor read): its own limits, never another criterion's."""
+        c = self.criterion(name)
         if c.kind != "eval_collapse":
-            raise ConfigError(f"checklist {self.path}: {COLLAPSE} is of kind {c.kind}, the decision tree, the report "
+            raise ConfigError(f"checklist {self.path}: {name} is of kind {c.kind}, the decision tree, the report "
                               "and the monitor need eval_collapse", "see registry/hero.yaml")
-        return CollapseRule(float(c.params["max_top_prediction_share"]), c)
+        p = c.params
+        return CollapseRule(float(p["max_top_prediction_share"]), c, int(p.get("top_k", 1)),
+                            None if "max_top_k_share" not in p else float(p["max_top_k_share"]),
+                            None if "max_empty_share" not in p else float(p["max_empty_share"]))
 
     def hero_f1_target(self) -> float:
         """calibration.hero_f1_target: the hero latent F1 that `latentgate calibrate` counts as a successful hero."""
@@ -146,6 +170,18 @@ class Checklist:
             raise ConfigError(f"checklist {self.path} has no calibration.hero_f1_target",
                               "add `calibration: {hero_f1_target: 0.10}` to the checklist file")
         return float(target)
+
+    def hero_scale(self) -> float:
+        """hero.scale: the hero's optimizer steps (and warm-up, probe, checkpoint cadence) over the approved run's."""
+        scale = self.hero.get("scale")
+        if scale is None:
+            raise ConfigError(f"checklist {self.path} has no hero.scale",
+                              "add `hero: {scale: 10}` to the checklist file")
+        return float(scale)
+
+    def provenance(self) -> list[str]:
+        """Names of the criteria about where the evidence comes from (PROVENANCE_KINDS)."""
+        return [c.name for c in self.criteria if c.kind in PROVENANCE_KINDS]
 
     def pinned_digest(self, data_hash: str) -> str | None:
         """The eval dataset digest pinned for a data config hash: a digest, "any", or None (not pinned)."""
@@ -184,10 +220,16 @@ def _criterion(path: Path, i: int, raw: Any) -> Criterion:
                     f"unknown params {sorted(extra)}",
                     f"{kind} takes {sorted(required)} (optional {sorted(optional)})")
     if kind == "eval_collapse":
-        share = params["max_top_prediction_share"]
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
-            raise _fail(path, f"criterion {name}: max_top_prediction_share must be a number in [0, 1], got {share!r}",
-                        "write e.g. max_top_prediction_share: 0.5")
+        for key in ("max_top_prediction_share", "max_top_k_share", "max_empty_share"):
+            share = params.get(key, 0.0)
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+                raise _fail(path, f"criterion {name}: {key} must be a number in [0, 1], got {share!r}",
+                            f"write e.g. {key}: 0.5")
+        top_k = params.get("top_k", 1)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1 or ("max_top_k_share" in params) != (
+                "top_k" in params):
+            raise _fail(path, f"criterion {name}: top_k (an integer >= 1) and max_top_k_share go together",
+                        "write e.g. top_k: 4, max_top_k_share: 0.6")
     if "show" in params and (not isinstance(params["show"], list)
                              or not all(isinstance(m, str) and m for m in params["show"])):
         raise _fail(path, f"criterion {name}: show must be a list of metric names", "write show: [<metric>, ...]")
@@ -225,10 +267,10 @@ def load_checklist(path: str | Path | None = None) -> Checklist:
         raise _fail(path, f"invalid YAML ({str(err).splitlines()[0]})", "fix the file's syntax") from None
     if not isinstance(data, dict):
         raise _fail(path, "expected a mapping at the top level", "see registry/hero.yaml")
-    unknown = set(data) - {"version", "model_name", "alias", "eval_dataset_digest", "criteria", "calibration"}
+    unknown = set(data) - {"version", "model_name", "alias", "eval_dataset_digest", "criteria", "calibration", "hero"}
     if unknown:
         raise _fail(path, f"unknown top-level key(s) {sorted(unknown)}",
-                    "use version, model_name, alias, eval_dataset_digest, criteria, calibration")
+                    "use version, model_name, alias, eval_dataset_digest, criteria, calibration, hero")
     if data.get("version") != 1:
         raise _fail(path, f"unsupported version {data.get('version')!r}", "write version: 1")
     raw = data.get("criteria")
@@ -252,7 +294,19 @@ def load_checklist(path: str | Path | None = None) -> Checklist:
         raise _fail(path, f"invalid alias {alias!r}", "write alias: hero")
     return Checklist(path=path.resolve(), sha256=hashlib.sha256(text).hexdigest(), version=1,
                      model_name=str(data.get("model_name", "latentgate")), alias=alias, criteria=criteria,
-                     eval_dataset_digest=pin, calibration=_calibration(path, data.get("calibration")))
+                     eval_dataset_digest=pin, calibration=_calibration(path, data.get("calibration")),
+                     hero=_hero(path, data.get("hero")))
+
+
+def _hero(path: Path, raw: Any) -> dict:
+    """The optional `hero:` mapping: {scale: a number > 0}."""
+    if raw is None:
+        return {}
+    scale = raw.get("scale") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict) or set(raw) - {"scale"} or isinstance(scale, bool) or not isinstance(
+            scale, (int, float)) or not scale > 0:
+        raise _fail(path, f"hero must be a mapping {{scale: a number > 0}}, got {raw!r}", "write hero: {scale: 10}")
+    return {"scale": float(scale)}
 
 
 def _calibration(path: Path, raw: Any) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from latentgate.registry.checklist import BREAKTHROUGH, LEARNING
+from latentgate.registry.checklist import BREAKTHROUGH, COLLAPSE, LEARNING, QUALITY
 
 # next_phase values
 PROMOTE, HERO, FIX, SWEEP, STOP = "promote", "hero", "fix", "sweep", "stop"
@@ -24,9 +24,12 @@ class PhaseEvidence:
     peak_first_acc_lift: float | None = None  # peak lift over the controls: what first_token_learning judges
     first_acc_const: float | None = None  # the probe's constant-guess control
     first_acc_shuffled: float | None = None  # the probe's shuffled-latent control, at the peak-lift step
-    top_prediction_share: float | None = None  # eval, latent path: share of its most frequent prediction
+    top_prediction_share: float | None = None  # eval, latent path: share of its most frequent (normalised) answer
     repetition_rate: float | None = None  # eval, latent path: share of repetitive predictions
+    top_k_share: float | None = None  # eval, latent path: share of its top_k answers (the collapse rule's k)
+    empty_share: float | None = None  # eval, latent path: share of empty answers
     checklist_failed: tuple[str, ...] = ()  # names of the criteria that failed or lacked evidence
+    provenance_failed: tuple[str, ...] = ()  # those about where the evidence comes from (Checklist.provenance)
     budget_left_s: float | None = None  # None: no budget
     launch_hero: bool = False
     run_ids: dict = field(default_factory=dict)  # stage_b, eval (and sweep) runs the numbers come from
@@ -47,7 +50,8 @@ def decide(evidence: PhaseEvidence, checklist) -> Decision:
     f1c, ftc = checklist.criterion(BREAKTHROUGH), checklist.criterion(LEARNING)
     f1_ok = f1c.compare(evidence.f1_max)
     ft_ok = ftc.compare(evidence.peak_first_acc_lift)
-    collapse = checklist.collapse_rule().why(evidence.top_prediction_share, evidence.repetition_rate)
+    collapse = checklist.collapse_rule().why(evidence.top_prediction_share, evidence.repetition_rate,
+                                             top_k_share=evidence.top_k_share, empty_share=evidence.empty_share)
     f1_txt = f"best example F1 {fmt_value(evidence.f1_max)} {'' if f1_ok else 'not '}{f1c.as_text()}"
     ft_txt = (f"peak first-token lift {fmt_value(evidence.peak_first_acc_lift)} {'' if ft_ok else 'not '}"
               f"{ftc.as_text()} (raw peak {fmt_value(evidence.peak_first_acc)}; controls: constant guess "
@@ -64,6 +68,11 @@ def decide(evidence: PhaseEvidence, checklist) -> Decision:
         why = "budget spent" if evidence.launch_hero else "--launch-hero not given"
         return out("ready_stop_before_hero", PROMOTE, f"{f1_txt} and the checklist passes: promote; stop before "
                                                       f"the hero ({why})")
+    if evidence.provenance_failed:  # no phase of the plan can fix where the evidence comes from
+        which = ", ".join(evidence.provenance_failed)
+        return out("provenance", STOP, f"the evidence cannot be trusted as recorded ({which} failed): pin the eval "
+                                       "set (eval_dataset_digest in the checklist) and re-run the lineage at one "
+                                       "commit on it, then judge again; tuning would change nothing")
     if spent:
         return out("budget_exhausted", STOP, f"after {evidence.phase}: not ready (failed: {failed}) and the budget "
                                              "is spent")
@@ -79,6 +88,30 @@ def decide(evidence: PhaseEvidence, checklist) -> Decision:
         return out("still_short_after_sweep", FIX, f"best trial: {f1_txt}{also}, checklist failed: {failed}: Phase 3")
     return out("plan_exhausted", STOP, f"after {evidence.phase}: {f1_txt}, checklist failed: {failed}; no phase "
                                        "of the plan is left")
+
+
+def evidence_from_report(report, checklist, phase: str, budget_left_s: float | None = None,
+                         launch_hero: bool = False, run_ids: dict | None = None) -> PhaseEvidence:
+    """The decision tree's evidence, read from the gate's report (registry/gate.py check_candidate): the one
+    computation of every figure, never a second one."""
+    def row(name: str) -> dict:
+        return report.row(name) or {}
+
+    learning, collapse = row(LEARNING), row(COLLAPSE).get("collapse") or {}
+    shown = learning.get("shown") or {}
+    params = learning.get("params") or {}
+    show = params.get("show") or []
+    raw, const, shuffled = ([shown.get(k) for k in show] + [None] * 3)[:3]  # show: [raw, constant, shuffled]
+    failed = tuple(sorted(set(report.failing()))) + tuple(report.missing)
+    provenance = tuple(n for n in checklist.provenance() if n in failed)
+    return PhaseEvidence(phase=phase, f1_max=row(BREAKTHROUGH).get("observed"), peak_first_acc=raw,
+                         checklist_passed=bool(report.passed), f1_mean=row(QUALITY).get("observed"),
+                         peak_first_acc_lift=learning.get("observed"), first_acc_const=const,
+                         first_acc_shuffled=shuffled, top_prediction_share=collapse.get("top_prediction_share"),
+                         repetition_rate=collapse.get("repetition_rate"), top_k_share=collapse.get("top_k_share"),
+                         empty_share=collapse.get("empty_share"), checklist_failed=failed,
+                         provenance_failed=provenance, budget_left_s=budget_left_s, launch_hero=launch_hero,
+                         run_ids=dict(run_ids or {}))
 
 
 def fmt_value(v) -> str:

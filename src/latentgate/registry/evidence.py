@@ -18,12 +18,13 @@ from mlflow.exceptions import MlflowException
 
 from latentgate.config import config_hash, from_flat
 from latentgate.errors import ConfigError
-from latentgate.eval.controls import collapse_stats
+from latentgate.eval.controls import Collapse, row_collapse
 from latentgate.registry.checklist import ANY, Checklist, Criterion
-from latentgate.schema import Artifact, EvalKey, MlflowTag, Tag
+from latentgate.schema import Artifact, EvalPath, EvalRow, MlflowTag, Tag
 from latentgate.tracking import lineage
 from latentgate.tracking.lineage import RunUri, run_in_uri
 from latentgate.tracking.runs import local_artifacts
+from latentgate.tracking.tracker import digest_of_hashes
 
 MAX_HOPS = 8
 
@@ -40,6 +41,9 @@ class Observation:
     missing: list[str] = field(default_factory=list)
     threshold: Any = None  # overrides the criterion's threshold (dataset_digest: the pinned digest)
     failure: str = ""  # a reason the criterion fails whatever `observed` is (eval_collapse: one answer for many)
+    step: int | None = None  # metric_peak / metric_final: the optimizer step the observed value is from
+    shown: dict[str, float] = field(default_factory=dict)  # metric -> its value at `step` (the `show` param)
+    collapse: Collapse | None = None  # eval_collapse: the statistics it judged
 
 
 def _short(run_id: str) -> str:
@@ -57,6 +61,7 @@ class CandidateEvidence:
         self._how: dict[str, str] = {}  # phase -> how it was found
         self._hist: dict[tuple[str, str], list] = {}
         self._artifacts: dict[str, Path] = {}
+        self._rows: list[dict] | None = None  # eval_detailed.jsonl, read once
         self._resolve()
 
     # ---- lineage ---------------------------------------------------------------------------------------------
@@ -176,13 +181,10 @@ class CandidateEvidence:
         return m
 
     def detailed_rows(self, path: str) -> list[dict]:
-        file = self.artifact(Artifact.EVAL_DETAILED)
-        rows = []
-        for line in file.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                if row.get("path") == path:
-                    rows.append(row)
+        if self._rows is None:
+            file = self.artifact(Artifact.EVAL_DETAILED)
+            self._rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        rows = [r for r in self._rows if r.get(EvalRow.PATH) == path]
         if not rows:
             raise Missing(f"eval run {_short(self.eval_run_id)}: {Artifact.EVAL_DETAILED} has no {path!r} rows")
         return rows
@@ -197,6 +199,23 @@ def _finite(values) -> list[float]:
     return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
 
 
+def _at_step(ev: CandidateEvidence, c: Criterion, step: int) -> dict[str, float]:
+    """The `show` metrics (e.g. the raw accuracy and the controls behind a lift) at one step."""
+    shown = {}
+    for key in c.params.get("show", []):
+        try:
+            at = {m.step: m.value for m in ev.history(c.params["run"], key)}
+        except Missing:
+            continue
+        if step in at:
+            shown[key] = at[step]
+    return shown
+
+
+def _shown_text(shown: dict[str, float]) -> str:
+    return ", ".join(f"{k.rsplit('/', 1)[-1]} {v:.4g}" for k, v in shown.items())
+
+
 def check_metric_peak(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     hist = ev.history(c.params["run"], c.params["metric"])
     vals = _finite(m.value for m in hist)
@@ -204,15 +223,28 @@ def check_metric_peak(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Obs
         raise Missing(f"{ev.src(c.params['run'])}: {c.params['metric']} has no finite value")
     peak = max(vals)
     step = next(m.step for m in hist if m.value == peak)
-    shown = []
-    for key in c.params.get("show", []):  # e.g. the raw accuracy and the controls behind a lift
-        try:
-            at = {m.step: m.value for m in ev.history(c.params["run"], key)}
-        except Missing:
-            at = {}
-        shown.append(f"{key.rsplit('/', 1)[-1]} {at[step]:.4g}" if step in at else f"{key} not recorded")
+    shown = _at_step(ev, c, step)
     return Observation(peak, f"metric history {c.params['metric']} ({ev.src(c.params['run'])}, {len(hist)} points)",
-                       f"peak at step {step}" + (f": {', '.join(shown)}" if shown else ""))
+                       f"peak at step {step}" + (f": {_shown_text(shown)}" if shown else ""), step=step, shown=shown)
+
+
+def check_metric_final(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
+    """The metric at the run's last optimizer step: the checkpoint that is registered and evaluated. A history
+    that stops before the last step describes another checkpoint, so it is missing evidence, never a pass."""
+    run = ev.run(c.params["run"])
+    hist = ev.history(c.params["run"], c.params["metric"])
+    last = hist[-1]
+    steps = run.data.params.get(f"{c.params['run']}.steps", "")
+    if steps.isdigit() and last.step != int(steps):
+        raise Missing(f"{ev.src(c.params['run'])}: {c.params['metric']} was last recorded at step {last.step}, not "
+                      f"at the final checkpoint (step {steps})")
+    vals = _finite(m.value for m in hist)
+    peak = f"; peak {max(vals):.4g} at step {next(m.step for m in hist if m.value == max(vals))}" if vals else ""
+    shown = _at_step(ev, c, last.step)
+    return Observation(last.value, f"metric history {c.params['metric']} ({ev.src(c.params['run'])}, "
+                                   f"{len(hist)} points)",
+                       f"at the final step {last.step}" + (f": {_shown_text(shown)}" if shown else "") + peak,
+                       step=last.step, shown=shown)
 
 
 def check_metric_final_drop(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
@@ -303,14 +335,19 @@ def check_eval_share(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Obse
 
 
 def check_eval_collapse(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
-    st = collapse_stats(ev.detailed_rows(c.params["path"]))
-    n, repetition, share = st["n"], st[EvalKey.REPETITION_RATE], st[EvalKey.TOP_PREDICTION_SHARE]
-    why = cl.collapse_rule().why(share, repetition, st["top_prediction"])
-    counts = (f"top prediction {st['top_prediction']!r} for {st['top_prediction_count']} of {n} (share "
-              f"{share:.4g}, limit {c.params['max_top_prediction_share']:g}), "
-              f"{round(repetition * n)} repetitive")
-    return Observation(repetition, f"{Artifact.EVAL_DETAILED} ({ev.src('eval')}, {n} {c.params['path']} rows)",
-                       f"{why}; {counts}" if why else counts, failure=why or "")
+    rule = cl.collapse_rule(c.name)
+    st = row_collapse(ev.detailed_rows(c.params["path"]), rule.top_k)
+    why = rule.judge(st)
+    return Observation(st.repetition_rate, f"{Artifact.EVAL_DETAILED} ({ev.src('eval')}, {st.n} {c.params['path']} "
+                                           "rows)", f"{why}; {st.as_text()}" if why else st.as_text(),
+                       failure=why or "", collapse=st)
+
+
+def check_eval_count(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
+    """How many eval examples the path was scored on: a tiny eval set passes any threshold by luck."""
+    rows = ev.detailed_rows(c.params["path"])
+    return Observation(len(rows), f"{Artifact.EVAL_DETAILED} ({ev.src('eval')})",
+                       f"{len(rows)} {c.params['path']} rows")
 
 
 def check_latent_margin(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
@@ -374,7 +411,13 @@ def check_dataset_digest(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> 
     except ConfigError as err:
         raise Missing(f"eval run {_short(run.info.run_id)}: its params do not rebuild a config ({err})") from None
     pinned = cl.pinned_digest(data_hash)
-    source = f"{ev.src('eval')} tag {tag}; pin for data config {data_hash} in {cl.path.name}"
+    source = f"{ev.src('eval')} tag {tag}, recomputed from {Artifact.EVAL_DETAILED}; pin for data config {data_hash} " \
+             f"in {cl.path.name}"
+    scored = _scored_digest(ev)
+    if scored != digest:  # the tag is editable; the scored rows are what the evidence describes
+        return Observation(scored, source, f"the scored rows hash to {scored}, the run's tag {tag} says {digest}: "
+                           "the tag was edited after the eval, or the rows are not those of the recorded eval set",
+                           threshold=pinned or "<not pinned>", failure="scored rows do not match the digest tag")
     if pinned is None:
         return Observation(digest, source, f"no digest pinned for data config {data_hash}: add "
                            f"'{data_hash}: {digest}' under eval_dataset_digest in {cl.path} if this eval set is "
@@ -385,8 +428,19 @@ def check_dataset_digest(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> 
     return Observation(digest, source, f"data config {data_hash}", threshold=pinned)
 
 
+def _scored_digest(ev: CandidateEvidence) -> str:
+    """The eval set's digest recomputed from the latent path's scored rows, in eval order."""
+    rows = ev.detailed_rows(EvalPath.LATENT)
+    hashes = [r.get(EvalRow.EXAMPLE_SHA256) for r in rows]
+    if not all(isinstance(h, str) and h for h in hashes):
+        raise Missing(f"eval run {_short(ev.eval_run_id)}: {Artifact.EVAL_DETAILED} rows carry no "
+                      f"{EvalRow.EXAMPLE_SHA256} (scored by an older latentgate): re-run the eval")
+    return digest_of_hashes(hashes)
+
+
 CHECKS = {
     "metric_peak": check_metric_peak,
+    "metric_final": check_metric_final,
     "metric_final_drop": check_metric_final_drop,
     "metric_max": check_metric_max,
     "nonfinite_steps": check_nonfinite_steps,
@@ -394,6 +448,7 @@ CHECKS = {
     "eval_metric": check_eval_metric,
     "eval_share": check_eval_share,
     "eval_collapse": check_eval_collapse,
+    "eval_count": check_eval_count,
     "latent_margin": check_latent_margin,
     "lineage": check_lineage,
     "dataset_digest": check_dataset_digest,

@@ -10,7 +10,8 @@ promotions from one machine only) makes concurrent promotions apply one after th
 reads as a sequence of complete promotions.
 
 `verify` re-checks the holder of `hero`: an alias set by hand (no valid audit tag) or evidence that no longer
-passes is reported. `hero_model_uri` is what the hero run starts from.
+passes is reported. `approved_version` is what the hero run starts from: the holder, checked (audit under the
+checklist in force, pinned checkpoint, bound evidence).
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ import mlflow
 from filelock import FileLock, Timeout
 from mlflow.exceptions import MlflowException
 
-from latentgate.errors import ConfigError, GateRefused, StoreError
+from latentgate.errors import ConfigError, GateRefused, LatentgateError, StoreError
 from latentgate.registry.checklist import Checklist, load_checklist
 from latentgate.registry.evidence import CHECKS, CandidateEvidence, Missing, Observation
-from latentgate.registry.model import register_candidate
+from latentgate.registry.model import manifest_sha256, register_candidate
 from latentgate.schema import Artifact, Tag, VersionTag
-from latentgate.tracking.lineage import RUN_ID, ModelUri, RunUri, client, parse_uri
+from latentgate.tracking.lineage import RUN_ID, ModelUri, RunUri, client, parse_uri, resolve_checkpoint
 from latentgate.tracking.runs import git_commit
+from latentgate.train.manifest import verify_checkpoint
 
 TAG_MAX = 4900
 
@@ -57,6 +59,10 @@ class Report:
 
     def failing(self) -> list[str]:
         return [r["name"] for r in self.rows if not r["passed"]]
+
+    def row(self, name: str) -> dict | None:
+        """The row of one criterion (None when the checklist has no such criterion)."""
+        return next((r for r in self.rows if r["name"] == name), None)
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
@@ -111,14 +117,8 @@ def resolve_candidate(c, ref: str, name: str) -> tuple[str | None, str | None, l
         except MlflowException:
             raise StoreError(f"model version {name}/{version} does not exist",
                              "register one: latentgate register <eval_run>") from None
-        eval_run = mv.tags.get(Tag.EVAL_RUN)
-        if not eval_run and mv.run_id:
-            try:
-                eval_run = c.get_run(mv.run_id).data.tags.get(Tag.EVAL_RUN)
-            except MlflowException:
-                eval_run = None
-        missing = [] if eval_run else [f"version {version}: no {Tag.EVAL_RUN} tag (no eval run links it to evidence)"]
-        return version, eval_run, missing
+        eval_run, problem = bound_eval_run(c, mv)
+        return version, eval_run, [problem] if problem else []
     parsed = parse_uri(ref)
     run_id = parsed.run_id if isinstance(parsed, RunUri) else ref
     if not RUN_ID.match(run_id):
@@ -148,6 +148,48 @@ def resolve_candidate(c, ref: str, name: str) -> tuple[str | None, str | None, l
     raise GateRefused(f"run {run_id} is a {phase or 'non-latentgate'} run", "pass an eval or smoke run, or a version")
 
 
+def bound_eval_run(c, mv) -> tuple[str | None, str]:
+    """The eval run a version is bound to, read from its source run's params (immutable, written at registration),
+    and what is wrong with the binding ("" if nothing): an edited version tag, or a version registered without it."""
+    try:
+        params = c.get_run(mv.run_id).data.params if mv.run_id else {}
+    except MlflowException:
+        params = {}
+    bound, tagged = params.get(Tag.EVAL_RUN), mv.tags.get(Tag.EVAL_RUN)
+    if not bound:
+        return None, (f"version {mv.version}: its source run {mv.run_id or '(none)'} has no {Tag.EVAL_RUN} param, "
+                      "so nothing binds it to its evidence: re-register it with `latentgate register <eval_run>`")
+    if tagged and tagged != bound:
+        return None, (f"version {mv.version}: tag {Tag.EVAL_RUN}={tagged} differs from its source run's param "
+                      f"{bound}: the tag was edited")
+    return bound, ""
+
+
+def checkpoint_sha256(c, name: str, version: str) -> str:
+    """The sha256 of version `version`'s registered checkpoint manifest, after checking every file against it."""
+    local = resolve_checkpoint(str(ModelUri(name, version=version)))
+    verify_checkpoint(local)  # CheckpointError naming the file that differs from the manifest
+    return manifest_sha256(local)
+
+
+def pin_problems(c, mv, name: str) -> list[str]:
+    """Why the registered checkpoint is not the one registration recorded ([] if it is)."""
+    try:
+        recorded = c.get_run(mv.run_id).data.params.get(Tag.CHECKPOINT_SHA256) if mv.run_id else None
+    except MlflowException:
+        recorded = None
+    if not recorded:
+        return [f"version {mv.version}: no {Tag.CHECKPOINT_SHA256} param on its source run (re-register it)"]
+    try:
+        now = checkpoint_sha256(c, name, str(mv.version))
+    except LatentgateError as err:
+        return [f"version {mv.version}: its checkpoint does not verify ({err})"]
+    if now != recorded:
+        return [f"version {mv.version}: its checkpoint manifest hashes to {now[:12]}, registration recorded "
+                f"{recorded[:12]}: the checkpoint was rewritten after registration"]
+    return []
+
+
 # ---- evaluation -----------------------------------------------------------------------------------------------
 
 def _row(crit, obs) -> dict:
@@ -155,7 +197,8 @@ def _row(crit, obs) -> dict:
     passed = crit.compare(obs.observed, threshold) and not obs.missing and not obs.failure
     return {"name": crit.name, "passed": passed, "observed": obs.observed, "op": crit.op, "threshold": threshold,
             "source": obs.source, "detail": obs.detail, "missing": list(obs.missing), "kind": crit.kind,
-            "description": crit.description, "params": crit.params}
+            "description": crit.description, "params": crit.params, "step": obs.step, "shown": dict(obs.shown),
+            "collapse": None if obs.collapse is None else asdict(obs.collapse)}
 
 
 def check_candidate(version_or_eval_run: str, checklist=None, name: str | None = None, *,
@@ -281,16 +324,25 @@ def promote(version: str, dry_run: bool = False, checklist=None, name: str | Non
                 c.delete_model_version_tag(name, v, key)  # a criterion the current checklist no longer has
         for row in report.rows:
             c.set_model_version_tag(name, v, f"{VersionTag.CHECK_PREFIX}{row['name']}", check_tag_value(row))
+        pin = pin_problems(c, mv, name) if report.passed else []
+        if pin:  # the evidence passed, but the checkpoint is not the one it describes
+            report.passed = False
+            report.missing += pin
         report.decision = "promoted" if report.passed else "refused"
         report_uri = _write_report_artifact(c, mv, report)
         audit = {"decision": "promote" if report.passed else "refuse", "passed": report.passed, "version": v,
                  "eval_run": report.eval_run, "rules_file": report.checklist, "rules_sha256": report.checklist_sha256,
                  "commit": report.commit, "time": report.time, "failing": report.failing(), "report": report_uri,
-                 "alias": cl.alias, "previous_holder": holder}
+                 "alias": cl.alias, "previous_holder": holder,
+                 "checkpoint_sha256": c.get_run(mv.run_id).data.params.get(Tag.CHECKPOINT_SHA256) if report.passed
+                 else None}
         c.set_model_version_tag(name, v, VersionTag.REPORT, report_uri)
         c.set_model_version_tag(name, v, VersionTag.PASSED, str(report.passed).lower())
         c.set_model_version_tag(name, v, VersionTag.AUDIT, json.dumps(audit, sort_keys=True)[:TAG_MAX])
         if report.passed:
+            c.set_model_version_tag(name, v, VersionTag.CHECKPOINT_PIN, audit["checkpoint_sha256"])
+            if VersionTag.SUPERSEDED_BY in mv.tags:  # promoted again, on its own evidence
+                c.delete_model_version_tag(name, v, VersionTag.SUPERSEDED_BY)
             c.set_registered_model_alias(name, cl.alias, v)  # LAST: only after every tag landed
             _event(c, name, v, f"promoted to {cl.alias} (previous holder: {holder or 'none'})")
             if holder and holder != v:
@@ -337,8 +389,10 @@ def demote(version: str, reason: str, to: str | None = None, checklist=None, nam
 
 # ---- verification ---------------------------------------------------------------------------------------------
 
-def audit_problems(mv, alias: str = "hero") -> list[str]:
-    """Why the alias on this version is not backed by a complete, passing promotion ([] if it is)."""
+def audit_problems(mv, cl: Checklist) -> list[str]:
+    """Why the alias on this version is not backed by a complete, passing promotion under the checklist in force
+    ([] if it is)."""
+    alias = cl.alias
     raw = mv.tags.get(VersionTag.AUDIT)
     if not raw:
         return [f"version {mv.version} has no {VersionTag.AUDIT} tag: alias {alias} was set by hand, "
@@ -353,12 +407,36 @@ def audit_problems(mv, alias: str = "hero") -> list[str]:
                         f"passed={audit.get('passed')}, so alias {alias} was set by hand")
     if str(audit.get("version")) != str(mv.version):
         problems.append(f"version {mv.version}: the audit names version {audit.get('version')}")
+    if audit.get("rules_sha256") != cl.sha256:
+        problems.append(f"version {mv.version} was promoted under checklist {audit.get('rules_file')} (sha256 "
+                        f"{str(audit.get('rules_sha256'))[:12]}), not the one in force, {cl.path} (sha256 "
+                        f"{cl.sha256[:12]})")
+    if mv.tags.get(VersionTag.SUPERSEDED_BY):
+        problems.append(f"version {mv.version} was superseded by version {mv.tags[VersionTag.SUPERSEDED_BY]}: "
+                        f"alias {alias} was moved back by hand")
+    if not audit.get("checkpoint_sha256") or mv.tags.get(VersionTag.CHECKPOINT_PIN) != audit.get("checkpoint_sha256"):
+        problems.append(f"version {mv.version}: the promotion pinned no checkpoint (or the pin tag was edited)")
     checks = {k: v for k, v in mv.tags.items() if k.startswith(VersionTag.CHECK_PREFIX)}
     if not checks:
         problems.append(f"version {mv.version} has no {VersionTag.CHECK_PREFIX}* tags")
     problems += [f"version {mv.version}: {k} = {v[:120]}" for k, v in sorted(checks.items())
                  if not v.startswith("pass")]
     return problems
+
+
+def checkpoint_drift(c, mv, name: str) -> list[str]:
+    """Why the checkpoint registered under this version is not the one its promotion pinned ([] if it is)."""
+    pinned = mv.tags.get(VersionTag.CHECKPOINT_PIN)
+    if not pinned:
+        return []  # audit_problems names the missing pin
+    try:
+        now = checkpoint_sha256(c, name, str(mv.version))
+    except LatentgateError as err:
+        return [f"version {mv.version}: its checkpoint does not verify ({err})"]
+    if now != pinned:
+        return [f"version {mv.version}: its checkpoint manifest hashes to {now[:12]}, the promotion pinned "
+                f"{pinned[:12]}: the checkpoint was rewritten after promotion"]
+    return []
 
 
 def verify(checklist=None, name: str | None = None, *, checklist_path=None) -> Report:
@@ -372,13 +450,14 @@ def verify(checklist=None, name: str | None = None, *, checklist_path=None) -> R
                       missing=[f"no version of {name} holds alias {cl.alias}"], checklist=str(cl.path),
                       checklist_sha256=cl.sha256, decision="verified", time=_now(), commit=_commit())
     mv = c.get_model_version(name, holder)
-    problems = audit_problems(mv, cl.alias)
+    problems = audit_problems(mv, cl) + checkpoint_drift(c, mv, name)
     report = check_candidate(holder, cl, name)
     audit_row = {"name": "audit", "passed": not problems, "observed": "; ".join(problems) or "promoted by the gate",
                  "op": "==", "threshold": "audited promotion",
                  "source": f"version {holder} tags {VersionTag.AUDIT}, {VersionTag.CHECK_PREFIX}*",
                  "detail": mv.tags.get(VersionTag.AUDIT, "")[:300], "missing": [], "kind": "audit",
-                 "description": "the alias was moved by `latentgate promote` after every criterion passed",
+                 "description": "the alias was moved by `latentgate promote` under the checklist in force after every "
+                                "criterion passed, and the checkpoint is the one it pinned",
                  "params": {}}
     report.rows.insert(0, audit_row)
     report.passed = report.passed and not problems
@@ -387,19 +466,41 @@ def verify(checklist=None, name: str | None = None, *, checklist_path=None) -> R
     return report
 
 
-def hero_model_uri(name: str = "latentgate", alias: str = "hero") -> str:
-    """`models:/<name>@hero`, after checking that the alias exists and was set by a passing promotion."""
+@dataclass(frozen=True)
+class ApprovedVersion:
+    """The version holding the alias, checked: what the hero run starts from."""
+
+    name: str
+    version: str
+    uri: str  # models:/<name>@<alias>
+    eval_run: str
+    stage_b_run: str  # the run whose logged config is the approved recipe
+    checklist: Checklist  # the checklist in force that approved it
+
+
+def approved_version(checklist=None) -> ApprovedVersion:
+    """The alias holder, after checking that a passing promotion under the checklist in force set the alias, that
+    its checkpoint is the pinned one, and that its evidence still leads to a Stage B run. GateRefused otherwise."""
+    cl = _checklist(checklist)
+    name, alias = cl.model_name, cl.alias
     c = client()
     holder = alias_holder(c, name, alias)
     if holder is None:
         raise GateRefused(f"no version of {name} holds alias {alias}",
                           "promote a candidate first: latentgate promote <version|eval_run>")
-    problems = audit_problems(c.get_model_version(name, holder), alias)
+    mv = c.get_model_version(name, holder)
+    problems = audit_problems(mv, cl) + checkpoint_drift(c, mv, name)
+    eval_run, binding = bound_eval_run(c, mv)
+    problems += [binding] if binding else []
     if problems:
-        raise GateRefused(f"models:/{name}@{alias} is not a gated promotion: {'; '.join(problems)}",
-                          f"run `latentgate verify`, then `latentgate demote {holder} --reason ...` and promote a "
-                          "candidate that passes")
-    return f"models:/{name}@{alias}"
+        raise GateRefused(f"models:/{name}@{alias} (version {holder}) cannot start a hero: {'; '.join(problems)}",
+                          f"run `latentgate verify`, then promote a candidate that passes under {cl.path.name} "
+                          f"(`latentgate demote {holder} --reason ...` takes the alias off)")
+    try:
+        stage_b = CandidateEvidence(eval_run, c).run("stage_b")
+    except Missing as err:
+        raise GateRefused(f"version {holder}: {err}", "promote a candidate whose lineage is recorded") from None
+    return ApprovedVersion(name, holder, str(ModelUri(name, alias=alias)), eval_run, stage_b.info.run_id, cl)
 
 
 # ---- printing ------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ config. Version tags link it to its evidence (eval, Stage B and base runs).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -29,6 +30,14 @@ from latentgate.schema import Artifact, Tag
 from latentgate.tracking.lineage import base_from_run, client, resolve_checkpoint, run_in_uri
 from latentgate.tracking.runs import tracked_run
 from latentgate.train.manifest import write_manifest
+
+BOUND = (Tag.EVAL_RUN, Tag.CHECKPOINT_SHA256)  # the register run's params that bind a version to its evidence
+
+
+def manifest_sha256(checkpoint_dir: Path) -> str:
+    """The sha256 of a checkpoint's manifest.json bytes (the manifest lists every file's sha256, so this pins them
+    all)."""
+    return hashlib.sha256((Path(checkpoint_dir) / Artifact.MANIFEST).read_bytes()).hexdigest()
 
 MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
 REQUIREMENTS = ("torch", "transformers", "peft", "tokenizers", "safetensors", "mlflow", "pandas", "pyyaml")
@@ -96,6 +105,7 @@ def register_candidate(eval_run_id: str, name: str = "latentgate") -> str:
                     Tag.CHECKPOINT: ckpt_uri, Tag.GIT_COMMIT: tags.get(Tag.GIT_COMMIT, "unknown")}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_dir = weights_only_copy(ckpt_dir, Path(tmp) / "checkpoint")
+        version_tags[Tag.CHECKPOINT_SHA256] = manifest_sha256(ckpt_dir)
         (Path(tmp) / "config.json").write_text(json.dumps(flatten(cfg), indent=2, sort_keys=True, default=str))
         artifacts = {"checkpoint": str(ckpt_dir), "config": str(Path(tmp) / "config.json")}
         try:
@@ -115,6 +125,8 @@ def register_candidate(eval_run_id: str, name: str = "latentgate") -> str:
                 metadata={Tag.EVAL_RUN: eval_run_id, Tag.CHECKPOINT: ckpt_uri, "latentgate.base": cfg.base.name})
             register_run = tr.run_id
             tr.set_tags({Tag.MODEL_URI: info.model_uri})
+            # params are immutable in MLflow: the version's binding to its evidence cannot be edited afterwards
+            tr.log_params({Tag.EVAL_RUN: eval_run_id, Tag.CHECKPOINT_SHA256: version_tags[Tag.CHECKPOINT_SHA256]})
     version_tags[Tag.REGISTER_RUN] = register_run
     try:
         c.get_registered_model(name)

@@ -41,15 +41,25 @@ def dataset_rows(examples) -> list[dict]:
 
 
 def dataset_digest(examples) -> str:
-    """sha256 over every record, in order. MLflow's own pandas digest hashes only the first 10,000 rows (plus the
-    row count), so it cannot see the tail of SQuAD dev (10,570 questions)."""
-    return _rows_digest(dataset_rows(examples))
+    """sha256 over every record's own sha256, in order. MLflow's own pandas digest hashes only the first 10,000 rows
+    (plus the row count), so it cannot see the tail of SQuAD dev (10,570 questions). Built from per-record hashes so
+    the gate can recompute it from the scored rows of eval_detailed.jsonl (EvalRow.EXAMPLE_SHA256)."""
+    return digest_of_hashes(record_sha256(row) for row in dataset_rows(examples))
 
 
-def _rows_digest(rows: list[dict]) -> str:
+def record_sha256(row: dict) -> str:
+    """The sha256 of one dataset record (`dataset_rows`), as eval_detailed.jsonl rows carry it."""
+    return hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def example_sha256(example) -> str:
+    return record_sha256(dataset_rows([example])[0])
+
+
+def digest_of_hashes(hashes) -> str:
     h = hashlib.sha256()
-    for row in rows:
-        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n")
+    for one in hashes:
+        h.update(one.encode("ascii") + b"\n")
     return h.hexdigest()[:DIGEST_CHARS]
 
 
@@ -156,7 +166,8 @@ class MlflowTracker(NullTracker):
         rows) and its source (`dataset_source`) are tracked with the run, and as the tag `dataset.<name>.digest`
         the readiness gate compares with its pin."""
         rows = dataset_rows(examples)
-        ds = mlflow.data.from_pandas(pd.DataFrame(rows), source=source, name=name, digest=_rows_digest(rows))
+        ds = mlflow.data.from_pandas(pd.DataFrame(rows), source=source, name=name,
+                                    digest=digest_of_hashes(record_sha256(r) for r in rows))
         active = mlflow.active_run()
         if active is not None and active.info.run_id == self.run_id:
             mlflow.log_input(ds, context=context)
