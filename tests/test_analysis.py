@@ -245,8 +245,8 @@ def test_recommendation_branches_on_three_synthetic_histories(mlflow_store, tmp_
     cl = load_checklist()
 
     def evidence(lift, f1, passed, raw=None, const=0.05, share=0.1) -> PhaseEvidence:
-        return PhaseEvidence(phase="extend", f1_max=f1, peak_first_acc=raw or const + lift, checklist_passed=passed,
-                             peak_first_acc_lift=lift, first_acc_const=const, first_acc_shuffled=0.0,
+        return PhaseEvidence(phase="extend", f1_max=f1, first_acc=raw or const + lift, checklist_passed=passed,
+                             first_acc_lift=lift, first_acc_const=const, first_acc_shuffled=0.0,
                              top_prediction_share=share, repetition_rate=0.0)
 
     assert recommend(evidence(0.30, 0.05, True), cl)[0] == "hero-ready"

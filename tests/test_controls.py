@@ -180,9 +180,9 @@ def test_the_collapsed_run_is_not_exposure_bias_and_fails_the_checklist_naming_c
     evidence = gather_evidence("extend", collapsed["stage_b"], collapsed["eval"], PipelineOptions(), None,
                                checklist=cl)
     # the picture: F1 0 and raw first-token accuracy above 12%, which the plan's tree read as exposure bias
-    assert evidence.f1_max == 0.0 and evidence.peak_first_acc > 0.12
-    assert cl.criterion("first_token_learning").compare(evidence.peak_first_acc)
-    assert evidence.peak_first_acc_lift == pytest.approx(0.0) and evidence.top_prediction_share == 1.0
+    assert evidence.f1_max == 0.0 and evidence.first_acc > 0.12
+    assert cl.criterion("first_token_learning").compare(evidence.first_acc)
+    assert evidence.first_acc_lift == pytest.approx(0.0) and evidence.top_prediction_share == 1.0
     d = decide(evidence, cl)
     assert (d.rule, d.next_phase) == ("collapsed", SWEEP), d.reason
     assert d.reason.startswith("mode collapse") and "not exposure bias" in d.reason

@@ -94,8 +94,8 @@ def ev(phase="extend", f1_max=0.0, lift=0.05, passed=False, budget=None, hero=Fa
        share=0.05, repetition=0.0) -> PhaseEvidence:
     """PhaseEvidence with the probe's controls: `lift` over the better of the constant guess (`const`) and the shuffled
     latent; raw accuracy defaults to const + lift. `share`/`repetition`: the latent path's eval predictions."""
-    return PhaseEvidence(phase=phase, f1_max=f1_max, peak_first_acc=None if lift is None else (raw or const + lift),
-                         checklist_passed=passed, peak_first_acc_lift=lift, first_acc_const=const,
+    return PhaseEvidence(phase=phase, f1_max=f1_max, first_acc=None if lift is None else (raw or const + lift),
+                         checklist_passed=passed, first_acc_lift=lift, first_acc_const=const,
                          first_acc_shuffled=const, top_prediction_share=share, repetition_rate=repetition,
                          checklist_failed=() if passed else ("f1_breakthrough",), budget_left_s=budget,
                          launch_hero=hero, run_ids={"stage_b": "s" * 32, "eval": "e" * 32})
@@ -152,7 +152,7 @@ def test_the_issues_run_reads_as_collapse_and_shows_its_raw_numbers(checklist):
     """Raw first-token accuracy 17.2% passes the plan's raw 12% bar, which read F1 0 as exposure bias; its lift
     over the constant guess is 0, and the reason says so with the raw numbers beside it."""
     evidence = ev(**ISSUE_RUN)
-    assert checklist.criterion("first_token_learning").compare(evidence.peak_first_acc)  # the plan's raw reading
+    assert checklist.criterion("first_token_learning").compare(evidence.first_acc)  # the plan's raw reading
     d = decide(evidence, checklist)
     assert d.rule == "collapsed" and d.next_phase != FIX
     assert "raw peak 0.172" in d.reason and "constant guess 0.172" in d.reason and "lift 0 not >= 0.12" in d.reason

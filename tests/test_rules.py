@@ -20,7 +20,8 @@ STEPS = 30
 PROBES = {10: 0.05, 20: 0.15, 30: 0.14}  # Stage B's raw probe first-token accuracy: peak 15%, final 6.7% below it
 CONST = 0.01  # the probe's constant-guess control (shuffled-latent: 0): peak lift 14%
 GRAD = 2.0  # every grad norm
-LATENT_F1 = [0.0, 1.0, 0.0, 0.0]  # per example: best 1.0, mean 0.25; four different answers, none repetitive
+LATENT_F1 = [0.0, 1.0, 0.0, 0.0] * 50  # per example, over the smoke's 200 eval questions: best 1.0, mean 0.25;
+# one answer ('paris') for a quarter of them, every other answer different, none repetitive
 
 
 def _smoke_eval_digest() -> str:
@@ -66,13 +67,17 @@ def candidate(mlflow_store, tmp_path_factory) -> dict:
         client.log_batch(run, metrics=metrics, params=[Param(f"{stage}.steps", str(STEPS))])
     ev = child("eval", **{"latentgate.checkpoint": f"runs:/{stage_b}/checkpoints/stage_b",
                           "latentgate.base_run": base, "dataset.eval.digest": _smoke_eval_digest()})
-    rows = [{"id": f"q{i}", "path": "latent", "question": "?", "references": ["paris"],
+    from latentgate.tracking.tracker import example_sha256
+    from latentgate.train.workspace import load_splits
+
+    examples = load_splits(resolve("smoke"))["eval"]  # the pinned eval set: its rows hash to the pinned digest
+    rows = [{"id": ex.id, "path": "latent", "question": ex.question, "references": ["paris"],
              "prediction": "paris" if f > 0 else f"x{i}", "first_token": i, "em": float(f == 1.0), "f1": f,
-             "first_token_correct": f > 0, "error_mode": "correct" if f == 1.0 else "wrong_entity"}
-            for i, f in enumerate(LATENT_F1)]
+             "first_token_correct": f > 0, "error_mode": "correct" if f == 1.0 else "wrong_entity",
+             "example_sha256": example_sha256(ex)} for i, (f, ex) in enumerate(zip(LATENT_F1, examples, strict=True))]
     rows += [{**r, "path": "text", "f1": 0.8} for r in rows]
     mean = sum(LATENT_F1) / len(LATENT_F1)
-    paths = {"latent": {"f1": mean, "em": mean, "n": len(LATENT_F1), "top_prediction_share": 1 / len(LATENT_F1),
+    paths = {"latent": {"f1": mean, "em": mean, "n": len(LATENT_F1), "top_prediction_share": 0.25,
                         "repetition_rate": 0.0},
              "text": {"f1": 0.8}, "zero_latent": {"f1": 0.0}, "shuffled_latent": {"f1": 0.0}}
     out = tmp_path_factory.mktemp("rules")
@@ -145,8 +150,8 @@ def test_one_threshold_moves_the_gate_the_report_the_monitor_and_the_pipeline(ca
     # 2. the pipeline's decision tree, on the evidence the pipeline gathers (the gate's verdict included)
     evidence = gather_evidence("extend", candidate["stage_b"], candidate["eval"], PipelineOptions(checklist=str(path)),
                                None, checklist=cl)
-    assert (evidence.f1_max, evidence.peak_first_acc, evidence.top_prediction_share) == (1.0, 0.15, 0.25)
-    assert evidence.peak_first_acc_lift == pytest.approx(0.14)  # the same numbers in every case; the rules differ
+    assert (evidence.f1_max, evidence.first_acc, evidence.top_prediction_share) == (1.0, 0.14, 0.25)  # final step
+    assert evidence.first_acc_lift == pytest.approx(0.13)  # the same numbers in every case; the rules differ
     assert decide(evidence, cl).rule == rule
 
     # 3. the analysis report: its recommendation (the gate's table), and its local table judged by the same file

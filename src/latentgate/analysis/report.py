@@ -151,7 +151,8 @@ def stage_figures(st: StageHistory, last_n: int = 3) -> dict[str, Any]:
         best = max(lifted, key=lambda p: (p[Probe.LIFT], -p["step"]))
         out.update({Probe.CONST: best.get(Probe.CONST), Probe.SHUFFLED: best.get(Probe.SHUFFLED)},  # at the peak lift
                    peak_first_acc_lift=best[Probe.LIFT], peak_lift_step=best["step"], peak_lift_first_acc=best[acc],
-                   final_first_acc_lift=final.get(Probe.LIFT),
+                   final_first_acc_lift=final.get(Probe.LIFT), final_const=final.get(Probe.CONST),
+                   final_shuffled=final.get(Probe.SHUFFLED),
                    final_top_first_token_share=final.get(Probe.TOP_SHARE),
                    final_distinct_first_tokens=final.get(Probe.DISTINCT))
     return out
@@ -246,7 +247,7 @@ def local_readiness(stage: dict | None, ev: dict | None, grads: dict, cl: Checkl
     collapse = rule.why(col.get(EvalKey.TOP_PREDICTION_SHARE), col.get(EvalKey.REPETITION_RATE),
                         col.get("top_prediction"), col.get("top_k_share"), col.get("empty_share"))
     observed = {  # name -> (observed, source, detail, failure)
-        LEARNING: (stage.get("peak_first_acc_lift"), src_stage + Probe.LIFT, lift_detail, ""),
+        LEARNING: (stage.get("final_first_acc_lift"), src_stage + Probe.LIFT, lift_detail, ""),
         STABILITY: (None if peak is None else stage.get("regression_pct", 0.0) / 100, src_stage + Probe.FIRST_ACC,
                     "", ""),
         BREAKTHROUGH: (bt.get("max_f1"), f"{Artifact.EVAL_DETAILED} (latent)", "", ""),
@@ -299,14 +300,14 @@ def build_report(bundle: RunBundle, last_n: int = 3, checklist_path=None, use_ga
     f1 = (((ev or {}).get("paths") or {}).get(EvalPath.LATENT) or {}).get("f1")
     if peak is not None and f1 is not None:
         failed = [r["name"] for r in readiness["rows"] if not r["passed"]]
-        verdict, decision = recommend(_evidence(ev_stage, ev, readiness, failed, bundle), cl)
+        verdict, decision = recommend(_evidence(ev_stage, ev, readiness, failed, bundle, cl), cl)
         next_step = NEXT_STEP_OF_RULE.get(decision.rule, NEXT_STEP[verdict])
         broke_through = cl.criterion(BREAKTHROUGH).compare(decision.evidence.f1_max)
         if verdict == "phase2" and broke_through and failed and set(failed) <= set(cl.provenance()):
             next_step = (f"the learning criteria pass but the evidence does not ({', '.join(failed)}): re-run the "
                          "smoke so its runs form a clean lineage at one commit on the pinned eval set, then promote")
         rec = {"verdict": verdict, "rule": decision.rule, "next_step": next_step, "peak_first_acc": peak,
-               "peak_first_acc_lift": decision.evidence.peak_first_acc_lift, Summary.LATENT_F1: f1,
+               "first_acc_lift": decision.evidence.first_acc_lift, Summary.LATENT_F1: f1,
                "checklist_passed": readiness["passed"], "threshold": cl.threshold(LEARNING),
                "reason": decision.reason}
     return {
@@ -324,16 +325,19 @@ def build_report(bundle: RunBundle, last_n: int = 3, checklist_path=None, use_ga
     }
 
 
-def _evidence(stage: dict, ev: dict, readiness: dict, failed: list[str], bundle: RunBundle) -> decisions.PhaseEvidence:
+def _evidence(stage: dict, ev: dict, readiness: dict, failed: list[str], bundle: RunBundle,
+              cl: Checklist) -> decisions.PhaseEvidence:
     """The decision tree's evidence from this report's figures (a Phase 1 result)."""
     bt, col = ev.get("breakthrough") or {}, ev.get("collapse") or {}
     latent = (ev.get("paths") or {}).get(EvalPath.LATENT) or {}
     return decisions.PhaseEvidence(
-        phase="extend", f1_max=bt.get("max_f1", latent.get("f1")), peak_first_acc=stage.get("peak_first_acc"),
+        phase="extend", f1_max=bt.get("max_f1", latent.get("f1")), first_acc=stage.get("final_first_acc"),
         checklist_passed=bool(readiness["passed"]), f1_mean=latent.get("f1"),
-        peak_first_acc_lift=stage.get("peak_first_acc_lift"), first_acc_const=stage.get(Probe.CONST),
-        first_acc_shuffled=stage.get(Probe.SHUFFLED), top_prediction_share=col.get(EvalKey.TOP_PREDICTION_SHARE),
-        repetition_rate=col.get(EvalKey.REPETITION_RATE), checklist_failed=tuple(failed),
+        first_acc_lift=stage.get("final_first_acc_lift"), first_acc_const=stage.get("final_const"),
+        first_acc_shuffled=stage.get("final_shuffled"), top_prediction_share=col.get(EvalKey.TOP_PREDICTION_SHARE),
+        repetition_rate=col.get(EvalKey.REPETITION_RATE), top_k_share=col.get("top_k_share"),
+        empty_share=col.get("empty_share"), checklist_failed=tuple(failed),
+        provenance_failed=tuple(n for n in failed if n in cl.provenance()),
         run_ids={"stage_b": stage.get("run_id"), "eval": ev.get("run_id")})
 
 

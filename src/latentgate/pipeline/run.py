@@ -366,8 +366,8 @@ def decisions_markdown(summary: dict) -> str:
                   "| evidence | value |", "|---|---|",
                   f"| best example latent F1 | {fmt_value(ev['f1_max'])} |",
                   f"| mean latent F1 | {fmt_value(ev['f1_mean'])} |",
-                  f"| peak probe first-token accuracy (raw) | {fmt_value(ev['peak_first_acc'])} |",
-                  f"| peak first-token lift over the controls | {fmt_value(ev.get('peak_first_acc_lift'))} |",
+                  f"| probe first-token accuracy at the registered checkpoint (raw) | {fmt_value(ev['first_acc'])} |",
+                  f"| first-token lift over the controls there | {fmt_value(ev['first_acc_lift'])} |",
                   f"| controls at that step: constant guess, shuffled latent | {fmt_value(ev.get('first_acc_const'))}, "
                   f"{fmt_value(ev.get('first_acc_shuffled'))} |",
                   f"| latent top prediction share, repetition | {fmt_value(ev.get('top_prediction_share'))}, "

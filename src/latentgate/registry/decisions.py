@@ -18,12 +18,12 @@ class PhaseEvidence:
 
     phase: str  # the phase just finished: extend | sweep | fix
     f1_max: float | None  # best latent F1 over the eval examples
-    peak_first_acc: float | None  # peak raw probe first-token accuracy in Stage B (shown, never read as learning)
+    first_acc: float | None  # raw probe first-token accuracy at the registered checkpoint (never read as learning)
     checklist_passed: bool  # every criterion of the readiness checklist (the registry's gate, dry run)
     f1_mean: float | None = None
-    peak_first_acc_lift: float | None = None  # peak lift over the controls: what first_token_learning judges
+    first_acc_lift: float | None = None  # lift over the controls there: what first_token_learning judges
     first_acc_const: float | None = None  # the probe's constant-guess control
-    first_acc_shuffled: float | None = None  # the probe's shuffled-latent control, at the peak-lift step
+    first_acc_shuffled: float | None = None  # the probe's shuffled-latent control, at the same step
     top_prediction_share: float | None = None  # eval, latent path: share of its most frequent (normalised) answer
     repetition_rate: float | None = None  # eval, latent path: share of repetitive predictions
     top_k_share: float | None = None  # eval, latent path: share of its top_k answers (the collapse rule's k)
@@ -49,12 +49,12 @@ def decide(evidence: PhaseEvidence, checklist) -> Decision:
     other number is the budget (spent when none is left)."""
     f1c, ftc = checklist.criterion(BREAKTHROUGH), checklist.criterion(LEARNING)
     f1_ok = f1c.compare(evidence.f1_max)
-    ft_ok = ftc.compare(evidence.peak_first_acc_lift)
+    ft_ok = ftc.compare(evidence.first_acc_lift)
     collapse = checklist.collapse_rule().why(evidence.top_prediction_share, evidence.repetition_rate,
                                              top_k_share=evidence.top_k_share, empty_share=evidence.empty_share)
     f1_txt = f"best example F1 {fmt_value(evidence.f1_max)} {'' if f1_ok else 'not '}{f1c.as_text()}"
-    ft_txt = (f"peak first-token lift {fmt_value(evidence.peak_first_acc_lift)} {'' if ft_ok else 'not '}"
-              f"{ftc.as_text()} (raw peak {fmt_value(evidence.peak_first_acc)}; controls: constant guess "
+    ft_txt = (f"final first-token lift {fmt_value(evidence.first_acc_lift)} {'' if ft_ok else 'not '}"
+              f"{ftc.as_text()} (raw {fmt_value(evidence.first_acc)}; controls: constant guess "
               f"{fmt_value(evidence.first_acc_const)}, shuffled latent {fmt_value(evidence.first_acc_shuffled)})")
     spent = evidence.budget_left_s is not None and evidence.budget_left_s <= 0
     failed = ", ".join(evidence.checklist_failed) or "none"
@@ -104,9 +104,9 @@ def evidence_from_report(report, checklist, phase: str, budget_left_s: float | N
     raw, const, shuffled = ([shown.get(k) for k in show] + [None] * 3)[:3]  # show: [raw, constant, shuffled]
     failed = tuple(sorted(set(report.failing()))) + tuple(report.missing)
     provenance = tuple(n for n in checklist.provenance() if n in failed)
-    return PhaseEvidence(phase=phase, f1_max=row(BREAKTHROUGH).get("observed"), peak_first_acc=raw,
+    return PhaseEvidence(phase=phase, f1_max=row(BREAKTHROUGH).get("observed"), first_acc=raw,
                          checklist_passed=bool(report.passed), f1_mean=row(QUALITY).get("observed"),
-                         peak_first_acc_lift=learning.get("observed"), first_acc_const=const,
+                         first_acc_lift=learning.get("observed"), first_acc_const=const,
                          first_acc_shuffled=shuffled, top_prediction_share=collapse.get("top_prediction_share"),
                          repetition_rate=collapse.get("repetition_rate"), top_k_share=collapse.get("top_k_share"),
                          empty_share=collapse.get("empty_share"), checklist_failed=failed,
