@@ -16,12 +16,15 @@ from latentgate.errors import ConfigError, GateRefused
 ROOT = Path(__file__).resolve().parents[1]
 PLAN_THRESHOLDS = {"first_token_learning": 0.12, "first_token_stability": 0.20, "f1_breakthrough": 0.0,
                    "generation_quality": 0.01, "gradient_health": 500.0, "no_mode_collapse": 0.10}
-EXTRA = ("beats_controls", "no_nan_or_skipped_steps", "lineage", "eval_dataset_digest")
+EXTRA = ("eval_size", "beats_controls", "no_nan_or_skipped_steps", "lineage", "eval_dataset_digest")
 # Thresholds a micro run (numbers meaningless: its first-token lift is negative and every latent answer the same)
 # can pass; structural criteria kept as shipped.
 LENIENT = {"first_token_learning": {"threshold": -1.0}, "first_token_stability": {"threshold": 1.0},
            "f1_breakthrough": {"op": ">=", "threshold": 0.0}, "generation_quality": {"threshold": 0.0},
-           "no_mode_collapse": {"threshold": 0.5, "params": {"path": "latent", "max_top_prediction_share": 1.0}},
+           "no_mode_collapse": {"threshold": 0.5, "params": {"path": "latent", "max_top_prediction_share": 1.0,
+                                                             "top_k": 4, "max_top_k_share": 1.0,
+                                                             "max_empty_share": 1.0}},
+           "eval_size": {"threshold": 1},
            "beats_controls": {"op": ">=", "threshold": -1.0}}
 
 
@@ -173,8 +176,10 @@ def test_passing_candidate_gets_hero_with_tags_report_and_audit(candidate, lenie
     assert [r["name"] for r in saved["rows"]] == cl.names() and all(r["passed"] for r in saved["rows"])
     grad = next(r for r in saved["rows"] if r["name"] == "gradient_health")
     assert 0 < grad["observed"] < 500 and "stage_b/grad_norm" in grad["source"]
-    assert hero_model_uri(name) == f"models:/{name}@hero"
+    assert hero_model_uri(lenient, name) == f"models:/{name}@hero"
     assert verify(checklist=lenient, name=name).passed
+    # the promotion pinned the registered checkpoint, and its audit names the checklist it ran under
+    assert audit["checkpoint_sha256"] == tags["hero.checkpoint_sha256"] == tags["latentgate.checkpoint_sha256"]
     # check_candidate is read-only and also takes the eval run or the smoke run directly
     assert check_candidate(micro_smoke["run_id"], lenient, name).eval_run == micro_smoke["children"]["eval"]
 
@@ -193,7 +198,7 @@ def test_strict_checklist_refuses_and_names_failing_criteria(candidate, strict, 
     assert tags["hero.check.lineage"].startswith("pass")
     assert json.loads(tags["hero.audit"])["decision"] == "refuse" and tags["hero.passed"] == "false"
     with pytest.raises(GateRefused, match="no version"):
-        hero_model_uri(name)
+        hero_model_uri(strict, name)
     # the shipped checklist refuses a micro run: no pinned eval set, and (numbers meaningless) no F1
     shipped = promote(v, dry_run=True, name=name)
     assert "eval_dataset_digest" in shipped.failing() and not shipped.passed
@@ -262,7 +267,7 @@ def test_missing_evidence_fails_with_the_list(micro_smoke, lenient, candidate, t
     c.create_registered_model(name)
     v = c.create_model_version(name, source=tmp_path.as_uri()).version  # a model with no run behind it
     rep = promote(v, checklist=lenient, name=name)
-    assert rep.failing() == [r["name"] for r in rep.rows] and "no latentgate.eval_run tag" in rep.missing[0]
+    assert rep.failing() == [r["name"] for r in rep.rows] and "no latentgate.eval_run param" in rep.missing[0]
     assert holder(name) is None and tags_of(name, v)["hero.check.lineage"].startswith("fail missing:")
 
 
@@ -279,7 +284,7 @@ def test_verify_catches_a_hand_set_alias(candidate, lenient, strict):
     assert not report.passed and report.rows[0]["name"] == "audit" and not report.rows[0]["passed"]
     assert "set by hand" in report.rows[0]["observed"]
     with pytest.raises(GateRefused, match="set by hand"):
-        hero_model_uri(name)
+        hero_model_uri(lenient, name)
     # a refused version with the alias set by hand afterwards
     v_ref = clone(candidate, name)
     promote(v_ref, checklist=strict, name=name)
@@ -288,8 +293,9 @@ def test_verify_catches_a_hand_set_alias(candidate, lenient, strict):
     # a properly promoted version whose evidence no longer passes (a stricter checklist now)
     v_ok = clone(candidate, name)
     assert promote(v_ok, checklist=lenient, name=name).passed and holder(name) == v_ok
-    again = verify(checklist=strict, name=name)
-    assert again.rows[0]["passed"] and not again.passed and again.failing() == ["generation_quality"]
+    again = verify(checklist=strict, name=name)  # and the promotion was under another checklist than this one
+    assert not again.passed and again.failing() == ["audit", "generation_quality"]
+    assert "not the one in force" in again.rows[0]["observed"]
     # demote keeps the history in tags; a re-set alias on the demoted version is caught
     out = demote(v_ok, "evidence no longer passes", checklist=lenient, name=name)
     assert out["held_alias"] and holder(name) is None
@@ -385,7 +391,7 @@ def test_pyfunc_round_trip_equals_the_eval_predictions(candidate, lenient, micro
     from latentgate.train.workspace import load_splits
 
     assert promote(candidate, checklist=lenient).passed
-    uri = hero_model_uri()
+    uri = hero_model_uri(lenient)
     assert uri == "models:/latentgate@hero"
     info = mlflow.models.get_model_info(uri)
     assert [c.name for c in info.signature.inputs.inputs] == ["context", "question"]

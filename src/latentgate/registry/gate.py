@@ -478,11 +478,11 @@ class ApprovedVersion:
     checklist: Checklist  # the checklist in force that approved it
 
 
-def approved_version(checklist=None) -> ApprovedVersion:
+def approved_version(checklist=None, name: str | None = None) -> ApprovedVersion:
     """The alias holder, after checking that a passing promotion under the checklist in force set the alias, that
     its checkpoint is the pinned one, and that its evidence still leads to a Stage B run. GateRefused otherwise."""
     cl = _checklist(checklist)
-    name, alias = cl.model_name, cl.alias
+    name, alias = name or cl.model_name, cl.alias
     c = client()
     holder = alias_holder(c, name, alias)
     if holder is None:
@@ -501,6 +501,11 @@ def approved_version(checklist=None) -> ApprovedVersion:
     except Missing as err:
         raise GateRefused(f"version {holder}: {err}", "promote a candidate whose lineage is recorded") from None
     return ApprovedVersion(name, holder, str(ModelUri(name, alias=alias)), eval_run, stage_b.info.run_id, cl)
+
+
+def hero_model_uri(checklist=None, name: str | None = None) -> str:
+    """`models:/<name>@<alias>`, after `approved_version`'s checks."""
+    return approved_version(checklist, name).uri
 
 
 # ---- printing ------------------------------------------------------------------------------------------------
