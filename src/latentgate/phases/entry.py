@@ -210,9 +210,10 @@ class HeroStart:
         return "\n".join(lines)
 
 
-def plan_hero(request: HeroRequest) -> HeroStart:
-    """The checked approved version and the hero built from its recipe (registry/hero_recipe.py)."""
-    approved = approved_version(request.checklist)  # GateRefused with the reasons when no valid alias
+def plan_hero(request: HeroRequest, name: str | None = None) -> HeroStart:
+    """The checked approved version (of `name`, default the checklist's model_name) and the hero built from its
+    recipe (registry/hero_recipe.py)."""
+    approved = approved_version(request.checklist, name)  # GateRefused with the reasons when no valid alias
     recipe = from_flat(lineage.client().get_run(approved.stage_b_run).data.params)
     scale = request.scale if request.scale is not None else approved.checklist.hero_scale()
     return HeroStart(approved, hero_plan(recipe, scale, request.overrides, request.allow_recipe_change))
