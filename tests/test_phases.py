@@ -73,19 +73,41 @@ def checklist():
     return load_checklist()
 
 
+def micro_rules(path: Path, edits: dict) -> Path:
+    """The shipped checklist at micro scale (its eval set unpinned and 24 questions: the shipped file stops a micro
+    run on provenance), with criteria edited: {criterion: {key: value}}, params merged."""
+    data = yaml.safe_load(DEFAULT_PATH.read_text())
+    data["eval_dataset_digest"] = "any"
+    edits = {"eval_size": {"threshold": 1}, **edits}
+    for c in data["criteria"]:
+        for key, value in edits.get(c["name"], {}).items():
+            if key == "params":
+                c["params"].update(value)
+            else:
+                c[key] = value
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+BLIND_TO_COLLAPSE = {"params": {"max_top_prediction_share": 1.0, "max_top_k_share": 1.0, "max_empty_share": 1.0}}
+
+
 @pytest.fixture(scope="module")
 def steer_to_fix(tmp_path_factory) -> Path:
     """The real checklist with first_token_learning at a lift of -1 and no_mode_collapse blind to one answer for
     everyone: a micro run (F1 0, every latent answer the same) then takes the Phase 3 branch."""
-    data = yaml.safe_load(DEFAULT_PATH.read_text())
-    for c in data["criteria"]:
-        if c["name"] == "first_token_learning":
-            c["threshold"] = -1.0
-        if c["name"] == "no_mode_collapse":
-            c["params"]["max_top_prediction_share"] = 1.0
-    path = tmp_path_factory.mktemp("checklist") / "steer.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return micro_rules(tmp_path_factory.mktemp("checklist") / "steer.yaml",
+                       {"first_token_learning": {"threshold": -1.0}, "no_mode_collapse": BLIND_TO_COLLAPSE})
+
+
+@pytest.fixture(scope="module")
+def approve_anything(tmp_path_factory) -> Path:
+    """Every learning criterion passes a micro run: the pipeline promotes after Phase 1 and, with --launch-hero,
+    runs the hero."""
+    return micro_rules(tmp_path_factory.mktemp("checklist") / "approve.yaml", {
+        "first_token_learning": {"threshold": -1.0}, "first_token_stability": {"threshold": 1.0},
+        "f1_breakthrough": {"op": ">=", "threshold": 0.0}, "generation_quality": {"threshold": 0.0},
+        "no_mode_collapse": {"threshold": 1.1, **BLIND_TO_COLLAPSE}, "beats_controls": {"op": ">=", "threshold": -1.0}})
 
 
 # ---- the decision tree, branch by branch (synthetic evidence, real checklist) ------------------------------------
@@ -155,7 +177,7 @@ def test_the_issues_run_reads_as_collapse_and_shows_its_raw_numbers(checklist):
     assert checklist.criterion("first_token_learning").compare(evidence.first_acc)  # the plan's raw reading
     d = decide(evidence, checklist)
     assert d.rule == "collapsed" and d.next_phase != FIX
-    assert "raw peak 0.172" in d.reason and "constant guess 0.172" in d.reason and "lift 0 not >= 0.12" in d.reason
+    assert "raw 0.172" in d.reason and "constant guess 0.172" in d.reason and "lift 0 not >= 0.12" in d.reason
 
 
 def test_thresholds_come_from_the_checklist_file(tmp_path, checklist):
@@ -338,14 +360,42 @@ def test_a_finished_phase_is_never_overwritten(micro_smoke, stage_a_uri, monkeyp
     assert after.info.status == "FINISHED" and dict(after.data.metrics) == metrics_before
 
 
-def test_hero_refuses_without_the_alias_and_starts_nothing(mlflow_store, micro_smoke):
+def test_hero_refuses_without_the_alias_and_starts_nothing(mlflow_store, micro_smoke, tmp_path):
     before = len(all_runs())
-    proc = run_cli("hero", "--preset", "micro", "--set", "run.registry_model=lg-no-hero-here")
+    data = yaml.safe_load(DEFAULT_PATH.read_text())
+    data["model_name"] = "lg-no-hero-here"
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    proc = run_cli("hero", "--checklist", str(tmp_path / "other.yaml"))
     assert proc.returncode == 4
     assert "no version of lg-no-hero-here holds alias hero" in one_error_line(proc)
-    proc = run_cli("hero", "--preset", "micro", "--model", "runs:/abc/checkpoints/stage_b")
-    assert proc.returncode == 4 and "hero starts only from models:/latentgate@hero" in one_error_line(proc)
+    proc = run_cli("hero", "--checklist", str(tmp_path / "other.yaml"), "--dry-run", "true")
+    assert proc.returncode == 4 and "no version of lg-no-hero-here" in one_error_line(proc)
     assert len(all_runs()) == before
+
+
+def test_pipeline_promotes_then_runs_the_hero_of_the_approved_recipe(approve_anything, tmp_path_factory, mlflow_store,
+                                                                     micro_smoke):
+    """Phase 1 -> promote -> Phase 4: the hero's logged config is the approved Stage B run's, budget keys aside."""
+    from latentgate.registry.hero_recipe import BUDGET_KEYS
+
+    out = tmp_path_factory.mktemp("pipeline-hero")
+    opts = PipelineOptions(preset="micro", overrides={"run.output_dir": str(out), "stage_b.first_token_ce_weight": 7.5},
+                           checklist=str(approve_anything), runner="inprocess", launch_hero=True, hero_scale=2)
+    summary = run_pipeline(opts)
+    steps = [s["entry_point"] for s in summary["steps"]]
+    assert steps == ["base", "stage_a", "extend", "eval", "promote", "hero"], steps
+    assert summary["decisions"][-1]["rule"] == "ready_launch_hero"
+    hero_run = _client().get_run(summary["steps"][-1]["run_id"])
+    approved = _client().get_run(summary["steps"][2]["run_id"]).data.params  # the extend run: the approved recipe
+    hero = hero_run.data.params
+    differ = {k for k in approved if k in hero and approved[k] != hero[k]}
+    assert differ == {k for k in BUDGET_KEYS if approved[k] not in ("0",)}, differ
+    assert hero["stage_b.steps"] == str(2 * int(approved["stage_b.steps"]))
+    assert hero["stage_b.first_token_ce_weight"] == approved["stage_b.first_token_ce_weight"] == "7.5"
+    tags = hero_run.data.tags
+    assert tags["latentgate.hero_checklist_sha256"] == load_checklist(approve_anything).sha256
+    assert {c["key"] for c in json.loads(tags["latentgate.hero_diff"])} == differ
+    assert tags["latentgate.hero_recipe_changes"] == ""
 
 
 # ---- the pipeline: decisions recorded, finished steps reused -----------------------------------------------------
@@ -376,7 +426,7 @@ def test_pipeline_twice_second_time_reuses_every_step(steer_to_fix, tmp_path_fac
     assert [d["rule"] for d in recorded["decisions"]] == ["exposure_bias", "plan_exhausted"]
     evidence = recorded["decisions"][0]["evidence"]
     assert evidence["run_ids"] == {"stage_b": ids["extend"], "eval": first["steps"][3]["run_id"]}
-    assert evidence["f1_max"] == 0.0 and evidence["peak_first_acc"] is not None
+    assert evidence["f1_max"] == 0.0 and evidence["first_acc"] is not None
     md = Path(mlflow.artifacts.download_artifacts(run_id=second["run_id"], artifact_path="decisions.md")).read_text()
     assert "exposure_bias" in md and ids["extend"] in md
     tags = _client().get_run(second["run_id"]).data.tags
@@ -406,11 +456,13 @@ def test_pipeline_as_mlflow_projects_twice(steer_to_fix, tmp_path_factory, mlflo
 
 
 def test_pipeline_phase2_branch_end_to_end(tmp_path_factory, mlflow_store, micro_smoke):
-    """The real checklist on a micro run (F1 0, one latent answer for all): Phase 1 -> Phase 2, a real sweep as an
-    inner `mlflow run` -> the best trial's eval -> still short -> Phase 3 with the sweep's tuned params -> stop."""
+    """The shipped rules at micro scale on a micro run (F1 0, one latent answer for all): Phase 1 -> Phase 2, a real
+    sweep as an inner `mlflow run` -> the best trial's eval -> still short -> Phase 3 with the sweep's tuned params ->
+    stop."""
     out = tmp_path_factory.mktemp("pipeline-sweep")
+    rules = micro_rules(out / "micro-rules.yaml", {})
     opts = PipelineOptions(preset="micro", overrides={"run.output_dir": str(out)}, runner="inprocess",
-                           sweep_study="micro", sweep_trials=2)
+                           sweep_study="micro", sweep_trials=2, checklist=str(rules))
     old_path = os.environ.get("PATH", "")
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{old_path}"  # the inner `mlflow run`
     try:

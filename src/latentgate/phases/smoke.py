@@ -39,6 +39,8 @@ def run_smoke(cfg: Config, preset: str = "smoke", name: str = "smoke", tags: dic
 
 def _run_smoke(cfg: Config, preset: str, name: str, tags: dict | None, bar) -> dict:
     # here, not at the top: the stages import torch and MLflow (seconds), and the first progress line comes before
+    import mlflow  # lazy: first progress line before MLflow's import
+
     from latentgate.phases.stages import run_base, run_eval, run_stage  # lazy: first progress line before torch
     from latentgate.train.workspace import load_splits, resolve_device  # lazy: first progress line before torch
 
@@ -49,7 +51,8 @@ def _run_smoke(cfg: Config, preset: str, name: str, tags: dict | None, bar) -> d
     t0 = time.perf_counter()
     out = run_output_dir(cfg, name)
     splits = load_splits(cfg)
-    with tracked_run(name, nested=False, run_id=adopt_project_run(),
+    nested = mlflow.active_run() is not None  # the pipeline's Phase 4 runs the hero under its own run
+    with tracked_run(name, nested=nested, run_id=adopt_project_run(),
                      tags={Tag.PRESET: preset, **(tags or {})}) as parent:
         shown = name if preset == name else f"{name} {preset}"  # `smoke micro (...)`, `hero (...)`
         parent.set_name(f"{shown} ({labels.short_params(labels.stage_params(cfg, 'stage_b'))})")
