@@ -21,6 +21,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.utils.file_utils import local_file_uri_to_path
 
@@ -202,7 +203,9 @@ def dataset_source(data, split: str):
     held = split != "train"
     source = data.eval_source if held and data.eval_source else data.source
     if Path(source).exists():
-        return str(Path(source).resolve())  # MLflow resolves a path to its local dataset source
+        # built here, not from the bare path: MLflow registers two local sources (schemes "" and "file") and warns
+        # on every path that it "can be interpreted in multiple ways"; the logged source is the same
+        return LocalArtifactDatasetSource(str(Path(source).resolve()))
     return HuggingFaceDatasetSource(path=mask_secrets(source), split=data.eval_split if held else "train")
 
 
