@@ -1,12 +1,17 @@
 """Shared fixtures: one real SQLite MLflow store per test session (a fresh one costs ~6 s to migrate), one micro
-smoke run in it, and a helper that runs the real CLI in a subprocess."""
+smoke run in it, a real `mlflow server` per test module that asks for one, and helpers: the real CLI in a
+subprocess, a free local port."""
 
 from __future__ import annotations
 
 import copy
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -69,6 +74,50 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     """The real `latentgate` CLI in a subprocess (same interpreter), capturing output."""
     return subprocess.run([sys.executable, "-m", "latentgate", *args], cwd=cwd or ROOT, env=cli_env(env),
                           capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with its own SQLite store and proxied artifacts, light (one worker, no
+    job execution), stopped by its process group: its URI. One per test module, so modules never see each other's
+    runs."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    env = cli_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with open(root / "server.log", "w") as log:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+             f"sqlite:///{root / 'db.sqlite'}", "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+            pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
+        time.sleep(1)
+    try:
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 @pytest.fixture()

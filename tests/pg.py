@@ -11,12 +11,13 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from conftest import free_port
 
 
 def _find_bin(name: str) -> str | None:
@@ -37,12 +38,6 @@ def _install() -> str | None:
         if r.returncode != 0:
             return f"`{' '.join(cmd)}` failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _as_user(cmd: list[str], user: str | None) -> list[str]:
@@ -76,7 +71,7 @@ def pg_url():
     data = root / "data"
     if user:
         os.chown(root, pw.pw_uid, pw.pw_gid)
-    port = _free_port()
+    port = free_port()
     r = subprocess.run(_as_user([initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"], user),
                        capture_output=True, text=True, timeout=120)
     if r.returncode != 0:

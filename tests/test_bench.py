@@ -257,9 +257,24 @@ def test_gpu_rows_say_not_measured_without_cuda():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_rows_on_cuda():
+    """On CUDA both rows are measured on the GPU: the bf16 LM with fp32 trainables all on the device, the timed
+    steps after warm-up, MFU against the device's peak with the verdict its bar gives, and the generation rate."""
     rows = gpu.bench_gpu({"base.layers": 2, "stage_b.batch_size": 8}, steps=4)
-    assert rows[0].details["placement"] and rows[0].value is not None
-    assert rows[1].value > 0
+    assert [r.key for r in rows] == ["gpu_step", "gpu_generation"]
+    step_row, gen_row = rows
+    r = step_row.details
+    assert (r["device"], r["dtype"], r["steps"], r["batch_size"]) == ("cuda", "bfloat16", 2, 8)  # 4 steps, 2 warm
+    assert r["placement"].get("lm:base:bfloat16", 0) > 0 and r["placement"].get("lm:lora:float32", 0) > 0
+    assert all(k.endswith(":float32") for k in r["placement"] if not k.startswith("lm:base:"))  # what trains is fp32
+    assert r["tokens_per_s"] > 0 and r["model_tflops_per_s"] > 0 and isinstance(r["host_syncs_per_step"], int)
+    peak = gpu.peak_flops(torch.device("cuda"))
+    if peak is None:  # a GPU without a known peak: MFU is not claimed
+        assert r["mfu"] is None and step_row.value is None and step_row.status == report.NOT_MEASURED
+    else:
+        assert step_row.value == r["mfu"] == pytest.approx(r["model_tflops_per_s"] * 1e12 / peak)
+        assert step_row.status == (report.PASS if r["mfu"] >= 0.40 else report.FAIL)
+    assert gen_row.value > 0 and gen_row.status == report.INFO
+    assert gen_row.details["max_new_tokens"] == resolve("smoke").eval.max_new_tokens
 
 
 # ---- the CLI -------------------------------------------------------------------------------------------------

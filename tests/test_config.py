@@ -119,6 +119,41 @@ def test_auto_choices_resolve_by_base_lm_and_chat_needs_a_template():
         config.resolve("smoke", {"model.prompt_format": "chat"})
 
 
+def test_validate_changes_nothing_and_resolve_auto_returns_a_new_config():
+    import copy
+
+    cfg = config.apply_overrides(config.Config(), config.preset_overrides("smoke"))
+    before = copy.deepcopy(cfg)
+    assert cfg.validate() is cfg and cfg == before and cfg.model.encoder == "auto" == cfg.model.answer_end
+    resolved = config.resolve_auto(cfg)
+    assert (resolved.model.encoder, resolved.model.answer_end) == ("lm_copy", "eos")
+    assert cfg == before  # the input is left as it was
+    assert config.flatten(resolved) == config.flatten(config.resolve("smoke"))
+
+
+SMALL = config.Machine(cores=1, ram_bytes=64 * config.BYTES_PER_EXAMPLE)  # room for 64 examples
+BIG = config.Machine(cores=1 << 20, ram_bytes=1 << 50)
+
+
+@pytest.mark.parametrize("change,machine,needle", [
+    ({"run.threads": "100000"}, None, "run.threads=100000 exceeds 4 x the"),
+    ({}, SMALL, "would not fit this machine's memory"),
+])
+def test_a_logged_config_rebuilds_anywhere_but_a_new_run_checks_its_machine(change, machine, needle, monkeypatch):
+    """Resume, evidence and serving rebuild the config a run logged, maybe on another machine: `from_flat` never
+    checks this one. A new run (`resolve`: the CLI, pipeline, sweep, bench) is refused before it starts."""
+    logged = {k: str(v) for k, v in config.flatten(config.resolve("smoke")).items()}
+    logged.update(change)
+    if machine:
+        monkeypatch.setattr(config.Machine, "this", classmethod(lambda cls: machine))
+    assert config.flatten(config.from_flat(logged)) == {**config.flatten(config.resolve("smoke", machine=BIG)),
+                                                        **{k: int(v) for k, v in change.items()}}
+    with pytest.raises(ConfigError, match=needle):
+        config.resolve(None, logged)
+    with pytest.raises(ConfigError, match=needle):
+        config.check_machine(config.from_flat(logged), config.Machine.this())
+
+
 def test_base_lm_optimizer_settings_are_config_fields_the_builtin_training_uses(micro_cfg, tmp_path):
     """AdamW weight decay and betas, the cosine schedule's final LR and gradient clipping of the builtin LM are
     base.* fields (logged with the base run's params); their defaults are the values once hard-coded."""

@@ -162,8 +162,10 @@ def test_scheduled_sampling_mixes_predictions_by_schedule():
 
 
 def test_scheduled_sampling_stage_trains(tiny_ws, tmp_path):
-    """A Stage run with scheduled sampling: finite losses, p_gold annealed in the diagnostics."""
+    """A Stage run with scheduled sampling: every loss term finite, p_gold annealed in the diagnostics, and the
+    trainable modules really updated (the frozen LM not)."""
     import json
+    import math
 
     from latentgate.tracking.tracker import NullTracker
     from latentgate.train.trainer import train_stage
@@ -171,10 +173,20 @@ def test_scheduled_sampling_stage_trains(tiny_ws, tmp_path):
     ws = tiny_ws
     ws.cfg.stage_a = dataclasses.replace(ws.cfg.stage_a, scheduled_sampling=True, p_gold_floor=0.5, steps=4,
                                          probe_every=4, warmup_steps=0)
+    modules = {"encoder": ws.encoder, "adapter": ws.adapter, "lm": ws.lm}
+    params = lambda: {(m, n): p for m, mod in modules.items() for n, p in mod.named_parameters()}  # noqa: E731
+    before = {key: p.detach().clone() for key, p in params().items()}
+    trainable = {key for key, p in params().items() if p.requires_grad}
     result = train_stage(ws, "stage_a", NullTracker(), tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "diagnostics.jsonl").read_text().splitlines()]
     assert [r["p_gold"] for r in rows] == [1.0, 0.875, 0.75, 0.625]
-    assert result["steps"] == 4 and all(r["loss"] == r["loss"] for r in rows)
+    assert result["steps"] == 4
+    losses = [r[k] for r in rows for k in ("loss", "tf_raw", "first_raw", "kce_raw", "kd_raw", "grad_norm")]
+    assert all(math.isfinite(v) for v in losses), losses
+    after = params()
+    assert {m for m, _ in trainable} == {"encoder", "adapter"}  # Stage A: the LM is frozen
+    assert {key for key in trainable if not torch.equal(before[key], after[key])} == trainable
+    assert all(torch.equal(before[key], p) for key, p in after.items() if key not in trainable)
 
 
 def test_external_hf_model_by_path(tiny_ws, tmp_path):

@@ -4,7 +4,6 @@ only rank 0 logs; checkpoints from 2 processes resume in 1, and the reverse."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,22 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_env
+from conftest import cli_env, free_port
 
 WORKER = str(Path(__file__).with_name("ddp_worker.py"))
 LEAVE_WORKER = str(Path(__file__).with_name("leave_worker.py"))
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launcher(procs: int = 2) -> list[str]:
     """`torchrun --nproc_per_node procs` on loopback, on a free port."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-            "--master_addr", "127.0.0.1", "--master_port", str(_port())]
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
 
 
 def _run(out: Path, steps: int, procs: int, resume: Path | None = None, run_id: str | None = None) -> dict:

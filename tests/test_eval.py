@@ -12,19 +12,29 @@ from latentgate.errors import CheckpointError
 
 
 def test_no_gold_leakage(tiny_ws, tmp_path):
+    """Swapping every gold answer for a long wrong one changes the scores and nothing else: the latents (no
+    answer-length input to the adapter), and on every path the generated text and first token (no generation cap
+    taken from the gold length)."""
+    from latentgate.eval import scoring
     from latentgate.eval.evaluate import evaluate
 
     ws = tiny_ws
     examples = ws.splits["eval"][:12]
     fake = [dataclasses.replace(e, answers=("zzz zzz zzz zzz zzz zzz",), answer_starts=()) for e in examples]
+    assert all(len(e.answer.split()) < 6 for e in examples)  # a cap from the gold would cut the real answers shorter
+    with torch.no_grad():
+        assert torch.equal(ws.latents(examples), ws.latents(fake))
     real_m = evaluate(ws, examples, tmp_path / "real")
     evaluate(ws, fake, tmp_path / "fake")
     read = lambda d: [json.loads(x) for x in (tmp_path / d / "eval_detailed.jsonl").read_text().splitlines()]  # noqa: E731
     real, swapped = read("real"), read("fake")
-    assert [r["prediction"] for r in real] == [r["prediction"] for r in swapped]
-    assert [r["first_token"] for r in real] == [r["first_token"] for r in swapped]
-    assert set(real_m["paths"]) == set(ws.cfg.eval.paths)
-    # the controls are really different inputs: zero latents give another distribution than the latent path
+    model_side = lambda rows: [(r["id"], r["path"], r["prediction"], r["first_token"]) for r in rows]  # noqa: E731
+    assert model_side(real) == model_side(swapped)
+    assert {r["path"] for r in real} == set(real_m["paths"]) == set(ws.cfg.eval.paths)
+    # the gold is read to score, and only there: the swapped rows are scored against the swapped answers
+    assert all(r["references"] == ["zzz zzz zzz zzz zzz zzz"] for r in swapped)
+    assert [r["f1"] for r in swapped] == [scoring.f1(r["prediction"], r["references"]) for r in swapped]
+    assert [r["references"] for r in real] != [r["references"] for r in swapped]
     assert real_m["latent_bytes_per_example"] == ws.cfg.model.num_latents * ws.embed.weight.shape[1] * 4
     assert real_m["prompt_tokens_per_example"] > 0
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, cli_env, run_cli
+from conftest import ROOT, cli_env, free_port, run_cli
 
 MICRO = ("--preset", "micro")
 OK = '{"id":"a","context":"ravi lives in rome .","question":"where does ravi live ?","answers":["rome"]}'
@@ -712,39 +712,9 @@ def test_sigterm_to_sweep_stops_its_workers(store, tmp_path):
 
 # class 3: a secret in the tracking URI is never printed
 
-@pytest.fixture(scope="module")
-def live_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 (its own SQLite store), stopped by its PID."""
-    import urllib.request
-
-    from test_server import _free_port
-
-    root = tmp_path_factory.mktemp("live_server")
-    port = _free_port()
-    env = cli_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-                             f"sqlite:///{root / 'db.sqlite'}", "--artifacts-destination", str(root / "artifacts"),
-                             "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2):
-                break
-        except OSError:
-            time.sleep(1)
-    try:
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-
-
 @pytest.mark.slow
-def test_secret_in_tracking_uri_is_not_printed(live_server, tmp_path):
-    uri = live_server.replace("http://", f"http://lg:{SECRET}@")
+def test_secret_in_tracking_uri_is_not_printed(mlflow_server, tmp_path):
+    uri = mlflow_server.replace("http://", f"http://lg:{SECRET}@")
     proc = run_cli("base", *MICRO, "--set", f"run.output_dir={tmp_path}", env={"MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert SECRET not in proc.stdout + proc.stderr
@@ -934,10 +904,8 @@ def test_missing_cuda_device_is_refused_before_any_run(store, tmp_path):
 @pytest.mark.parametrize("args", [["resume", "0123456789abcdef0123456789abcdef"],
                                   ["checkpoint", "verify", "runs:/0123456789abcdef0123456789abcdef/checkpoints/a"]])
 def test_unreachable_server_fails_in_seconds_for_every_command(args):
-    from test_server import _free_port
-
     t0 = time.time()
-    proc = run_cli(*args, env={"MLFLOW_TRACKING_URI": f"http://lg:{SECRET}@127.0.0.1:{_free_port()}"}, timeout=60)
+    proc = run_cli(*args, env={"MLFLOW_TRACKING_URI": f"http://lg:{SECRET}@127.0.0.1:{free_port()}"}, timeout=60)
     assert_fails(proc, 2, "unreachable")
     assert time.time() - t0 < 30 and SECRET not in proc.stderr
 

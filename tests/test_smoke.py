@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from latentgate.config import flatten
 from latentgate.tracking.lineage import base_source
 
@@ -42,22 +44,48 @@ def micro_smoke_cfg(summary, micro_cfg):
     return cfg
 
 
+PER_STEP = ("loss", "first_raw", "kce_raw", "kd_raw", "tf_raw", "first_weighted", "grad_norm", "grad_norm_adapter",
+            "lr", "first_acc_top5", "answer_length_avg", "token_diversity")
+PER_PROBE = ("probe_first_acc", "probe_first_acc_lo")
+
+
 def test_step_metrics_count_optimizer_steps(micro_smoke, micro_cfg):
+    """Every step metric has exactly one point per OPTIMIZER step (1..steps), probes at every probe_every-th step
+    and the last; micro_step counts micro-batches (steps x grad_accum)."""
     c = _client()
     for stage in ("stage_a", "stage_b"):
         run_id = micro_smoke["children"][stage]
-        st = getattr(micro_cfg, stage)
-        loss = c.get_metric_history(run_id, f"{stage}/loss")
-        assert [m.step for m in loss] == list(range(1, st.steps + 1))  # no duplicated or missing steps
+        stage_cfg = getattr(micro_cfg, stage)
+        steps = list(range(1, stage_cfg.steps + 1))
+        for key in PER_STEP:
+            assert [m.step for m in c.get_metric_history(run_id, f"{stage}/{key}")] == steps, key
         micro = c.get_metric_history(run_id, f"{stage}/micro_step")
-        assert [int(m.value) for m in micro] == [s * st.grad_accum for s in range(1, st.steps + 1)]
-        probe = c.get_metric_history(run_id, f"{stage}/probe_first_acc")
-        assert [m.step for m in probe] == list(range(st.probe_every, st.steps + 1, st.probe_every))
-        for key in ("first_raw", "kce_raw", "kd_raw", "tf_raw", "first_weighted", "grad_norm", "grad_norm_adapter",
-                    "lr", "first_acc_top5", "answer_length_avg", "token_diversity", "probe_first_acc_lo"):
-            assert len(c.get_metric_history(run_id, f"{stage}/{key}")) >= 1, key
+        assert [(m.step, int(m.value)) for m in micro] == [(s, s * stage_cfg.grad_accum) for s in steps]
+        probes = sorted({*range(stage_cfg.probe_every, stage_cfg.steps + 1, stage_cfg.probe_every), stage_cfg.steps})
+        for key in PER_PROBE:
+            assert [m.step for m in c.get_metric_history(run_id, f"{stage}/{key}")] == probes, key
     lora = c.get_metric_history(micro_smoke["children"]["stage_b"], "stage_b/grad_norm_lora")
-    assert lora and all(m.value > 0 for m in lora)
+    assert [m.step for m in lora] == list(range(1, micro_cfg.stage_b.steps + 1)) and all(m.value > 0 for m in lora)
+
+
+def test_grad_accum_counts_optimizer_steps_apart_from_micro_steps(tiny_ws, tmp_path):
+    """With grad_accum=3 a budget of 4 steps is 4 optimizer updates over 12 micro-batches: the step records, the
+    scheduler (one LR per update) and the result all count updates; micro_step counts the batches."""
+    import dataclasses
+
+    from latentgate.tracking.tracker import NullTracker
+    from latentgate.train.trainer import train_stage
+
+    ws = tiny_ws
+    ws.cfg.stage_a = dataclasses.replace(ws.cfg.stage_a, steps=4, grad_accum=3, batch_size=4, warmup_steps=2,
+                                         probe_every=2, schedule="constant")
+    result = train_stage(ws, "stage_a", NullTracker(), tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "diagnostics.jsonl").read_text().splitlines()]
+    assert [(r["global_step"], r["micro_step"]) for r in rows] == [(1, 3), (2, 6), (3, 9), (4, 12)]
+    lr = ws.cfg.stage_a.lr
+    assert [r["lr"] for r in rows] == pytest.approx([0.0, lr / 2, lr, lr])  # warm-up over 2 UPDATES, not batches
+    assert (result["steps"], result["micro_steps"]) == (4, 12)
+    assert [p["step"] for p in result["probes"]] == [2, 4]
 
 
 def test_datasets_and_artifacts(micro_smoke):

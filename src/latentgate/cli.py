@@ -110,13 +110,12 @@ def checkpoint_verify(uri, preset, sets, overrides):
     """Re-hash every file of a checkpoint against its manifest; with --preset/--set, also check that it fits
     that config (the keys a resume or an eval must share)."""
     from latentgate.tracking.lineage import resolve_checkpoint
-    from latentgate.train.manifest import check_compat, verify_checkpoint
+    from latentgate.train.manifest import COMPAT_KEYS, check_compat, verify_checkpoint
 
     path = resolve_checkpoint(uri)
     manifest = verify_checkpoint(path)
     if preset or sets or overrides.strip():
         from latentgate.config import flatten
-        from latentgate.train.trainer import COMPAT_KEYS
 
         cfg = resolve_config(preset, sets, overrides, "smoke")
         check_compat(path, manifest, flatten(cfg), COMPAT_KEYS)
@@ -165,14 +164,8 @@ COMMAND_MODULES = (
 def _register() -> None:
     import importlib
 
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if not (err.name and name.startswith(err.name)):  # a real import error inside it: surface it
-                raise
-            continue
-        for command in module.COMMANDS:
+    for name in COMMAND_MODULES:  # every one ships with the package: a missing one is a broken install, and says so
+        for command in importlib.import_module(name).COMMANDS:
             main.add_command(command)
 
 

@@ -18,7 +18,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
@@ -157,11 +157,10 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> "Config":
+        """Refuse out-of-range and contradictory values; returns self. Pure: it changes nothing (`resolve_auto`
+        turns `auto` into a value) and reads nothing of this machine (`check_machine` does), so a logged config
+        validates anywhere."""
         builtin = self.base.name == "builtin"
-        if self.model.encoder == "auto":
-            self.model.encoder = "lm_copy" if builtin else "lm_self"
-        if self.model.answer_end == "auto":
-            self.model.answer_end = "eos" if builtin or self.model.prompt_format == "chat" else "none"
         if builtin and self.model.prompt_format == "chat":
             raise ConfigError("model.prompt_format=chat needs a tokenizer with a chat template; the builtin LM has "
                               "none",
@@ -171,19 +170,20 @@ class Config:
             for f in dataclasses.fields(obj):
                 _check_range(f"{section.name}.{f.name}", getattr(obj, f.name), f.metadata)
         for name in ("stage_a", "stage_b"):
-            st: StageConfig = getattr(self, name)
-            if st.warmup_steps >= st.steps and st.warmup_steps > 0:
-                raise ConfigError(f"{name}.warmup_steps={st.warmup_steps} is not below {name}.steps={st.steps}",
+            stage: StageConfig = getattr(self, name)
+            if stage.warmup_steps >= stage.steps and stage.warmup_steps > 0:
+                raise ConfigError(f"{name}.warmup_steps={stage.warmup_steps} is not below {name}.steps={stage.steps}",
                                   f"lower {name}.warmup_steps or raise {name}.steps")
-            if st.schedule == "cosine" and st.min_lr > st.lr:
-                raise ConfigError(f"{name}.min_lr={st.min_lr} exceeds {name}.lr={st.lr}", f"set {name}.min_lr <= lr")
-            if st.k > self.eval.max_new_tokens:
-                raise ConfigError(f"{name}.k={st.k} exceeds the answer budget eval.max_new_tokens="
+            if stage.schedule == "cosine" and stage.min_lr > stage.lr:
+                raise ConfigError(f"{name}.min_lr={stage.min_lr} exceeds {name}.lr={stage.lr}",
+                                  f"set {name}.min_lr <= lr")
+            if stage.k > self.eval.max_new_tokens:
+                raise ConfigError(f"{name}.k={stage.k} exceeds the answer budget eval.max_new_tokens="
                                   f"{self.eval.max_new_tokens}", f"lower {name}.k")
-        if self.base.name == "builtin" and self.base.hidden % self.base.heads:
+        if builtin and self.base.hidden % self.base.heads:
             raise ConfigError(f"base.hidden={self.base.hidden} is not divisible by base.heads={self.base.heads}",
                               "pick base.heads dividing base.hidden")
-        if self.data.source != "synthetic" and self.base.name == "builtin":
+        if self.data.source != "synthetic" and builtin:
             raise ConfigError("the builtin base LM only knows the synthetic task's vocabulary",
                               "use data.source=synthetic, or set base.name to a Hugging Face model")
         unknown = set(self.eval.paths) - set(EVAL_PATHS)
@@ -194,7 +194,7 @@ class Config:
         if EvalPath.LATENT not in self.eval.paths:
             raise ConfigError(f"eval.paths={self.eval.paths} lacks 'latent', the path every eval scores",
                               f"list 'latent' in eval.paths (choose from {list(EVAL_PATHS)})")
-        _check_machine_bounds(self)
+        _check_model_bounds(self)
         return self
 
 
@@ -206,28 +206,11 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
 
 
-def _ram_bytes() -> int:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - platforms without sysconf
-        return 1 << 40
-
-
-def _check_machine_bounds(cfg: "Config") -> None:
-    """Bounds that follow from this machine and the model, checked before anything is tracked or trained (a value
-    past them would exhaust memory, threads or the LM's positions, or fail late in the registry)."""
-    cores = os.cpu_count() or 1
-    if cfg.run.threads > 4 * cores:
-        raise ConfigError(f"run.threads={cfg.run.threads} exceeds 4 x the {cores} CPU cores of this machine",
-                          f"set run.threads <= {4 * cores} (0: torch's default)")
+def _check_model_bounds(cfg: Config) -> None:
+    """Bounds that follow from the model and the registry, the same on every machine (a value past them would
+    exceed the LM's positions or fail late in the registry)."""
     if not _DEVICE.fullmatch(cfg.run.device):
         raise ConfigError(f"run.device={cfg.run.device!r} is not auto, cpu, cuda or cuda:N", "set run.device=auto")
-    n = cfg.data.n_train + cfg.data.n_eval + cfg.data.n_probe
-    most = _ram_bytes() // BYTES_PER_EXAMPLE
-    if n > most:
-        room = max(1, most - cfg.data.n_eval - cfg.data.n_probe)
-        raise ConfigError(f"data.n_train + n_eval + n_probe = {n} examples would not fit this machine's memory "
-                          f"(at most {most})", f"lower data.n_train (<= {room})")
     if cfg.base.name == "builtin":
         need = cfg.model.num_latents + len(cfg.model.anchor.split()) + cfg.eval.max_new_tokens + 2
         if need > BUILTIN_MAX_POSITIONS:
@@ -241,6 +224,54 @@ def _check_machine_bounds(cfg: "Config") -> None:
                               "use letters, digits, '_', '-' and '.' only (no '/', ':', '@' or spaces)")
     if not cfg.run.experiment.strip():
         raise ConfigError("run.experiment is empty", "set run.experiment to an MLflow experiment name")
+
+
+# ---- auto values and the machine a run starts on ------------------------------------------------------------
+
+def resolve_auto(cfg: Config) -> Config:
+    """A new Config whose `model.encoder` and `model.answer_end` say what `auto` means for this base LM and prompt
+    format; `cfg` is left as it was. (`base.dtype` and `run.device` stay `auto` in the config: they follow the
+    device, and are resolved where the model is loaded.)"""
+    builtin = cfg.base.name == "builtin"
+    model = cfg.model
+    encoder = ("lm_copy" if builtin else "lm_self") if model.encoder == "auto" else model.encoder
+    answer_end = model.answer_end
+    if answer_end == "auto":
+        answer_end = "eos" if builtin or model.prompt_format == "chat" else "none"
+    return dataclasses.replace(cfg, model=dataclasses.replace(model, encoder=encoder, answer_end=answer_end))
+
+
+def _ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - platforms without sysconf
+        return 1 << 40
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What a run may use where it starts: CPU cores and physical memory."""
+    cores: int
+    ram_bytes: int
+
+    @classmethod
+    def this(cls) -> Machine:
+        return cls(os.cpu_count() or 1, _ram_bytes())
+
+
+def check_machine(cfg: Config, machine: Machine) -> None:
+    """Bounds that follow from the machine a run starts on (a value past them would exhaust its threads or
+    memory), checked before anything is tracked or trained. Never called on a logged config being rebuilt: that
+    run was sized for the machine it ran on."""
+    if cfg.run.threads > 4 * machine.cores:
+        raise ConfigError(f"run.threads={cfg.run.threads} exceeds 4 x the {machine.cores} CPU cores of this machine",
+                          f"set run.threads <= {4 * machine.cores} (0: torch's default)")
+    n = cfg.data.n_train + cfg.data.n_eval + cfg.data.n_probe
+    most = machine.ram_bytes // BYTES_PER_EXAMPLE
+    if n > most:
+        room = max(1, most - cfg.data.n_eval - cfg.data.n_probe)
+        raise ConfigError(f"data.n_train + n_eval + n_probe = {n} examples would not fit this machine's memory "
+                          f"(at most {most})", f"lower data.n_train (<= {room})")
     out = Path(cfg.run.output_dir).expanduser()
     for folder in (out, *out.parents):
         if folder.exists():
@@ -429,23 +460,27 @@ def preset_overrides(name_or_path: str, _seen: tuple = ()) -> dict[str, Any]:
     return flat
 
 
-def resolve(preset: str | None = "smoke", overrides: dict[str, Any] | None = None) -> Config:
-    """Preset + overrides -> validated Config. This is the only way stages get their config."""
+def resolve(preset: str | None = "smoke", overrides: dict[str, Any] | None = None,
+            machine: Machine | None = None) -> Config:
+    """Preset + overrides -> the Config of a run that starts on `machine` (default: this one): validated, `auto`
+    resolved, checked against the machine. This is the only way a new run gets its config."""
     cfg = Config()
     if preset:
         apply_overrides(cfg, preset_overrides(preset))
     apply_overrides(cfg, overrides or {})
-    return cfg.validate()
+    cfg = resolve_auto(cfg.validate())
+    check_machine(cfg, machine or Machine.this())
+    return cfg
 
 
 def from_flat(flat: dict[str, Any]) -> Config:
-    """Rebuild a Config from logged params or a manifest (strings are coerced back to field types)."""
+    """Rebuild a Config from logged params or a manifest (strings are coerced back to field types): validated and
+    `auto` resolved, but never checked against this machine (resume, evidence and serving read configs of runs that
+    may have run elsewhere)."""
     table = fields_table()
-    return apply_overrides(Config(), {k: v for k, v in flat.items() if k in table}).validate()
+    return resolve_auto(apply_overrides(Config(), {k: v for k, v in flat.items() if k in table}).validate())
 
 
 def dumps(cfg: Config) -> str:
     return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
 
-
-Stage = Literal["stage_a", "stage_b"]

@@ -94,7 +94,6 @@ class SweepTag:
     BEST_CHECKPOINT = "latentgate.best_checkpoint"  # its Stage B checkpoint URI
     BEST_MODEL_VERSION = "latentgate.best_model_version"  # the version registered from it
     BEST_GATE_PASSED = "latentgate.best_gate_passed"  # whether that version passes the checklist
-    REGISTRY_NOTE = "latentgate.registry_note"  # why the best model was not registered
     PLOT_NOTE_PREFIX = "latentgate.plot_note."  # + plot: why an Optuna plot was not made
 
 
@@ -361,7 +360,7 @@ class Artifact:
 
 class Calibration:
     """Fields of a configuration's calibration record (calibrate/runner.py; calibration.json and the summary tag),
-    read by calibrate/stats.py, plot.py and promotion.py."""
+    read by calibrate/stats.py, calibrate/plot.py and registry/calibration.py."""
 
     SMOKE_F1 = "smoke_f1"  # the gate chain's mean latent F1
     HERO_F1 = "hero_f1"  # the hero chain's

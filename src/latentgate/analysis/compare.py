@@ -20,8 +20,8 @@ NOISE_PARAMS = ("run.output_dir",)
 
 
 def run_summary(bundle: history.RunBundle) -> dict[str, Any]:
-    st = bundle.evaluated_stage()
-    fig = stage_figures(st) if st is not None else {}
+    stage_hist = bundle.evaluated_stage()
+    fig = stage_figures(stage_hist) if stage_hist is not None else {}
     ev = eval_figures(bundle.evals[-1]) if bundle.evals else {}
     paths = ev.get("paths", {}) if ev else {}
     latent = paths.get(EvalPath.LATENT, {})
@@ -44,14 +44,14 @@ def run_summary(bundle: history.RunBundle) -> dict[str, Any]:
 def curve(bundle: history.RunBundle) -> list[tuple[int, float]]:
     """Probe first_acc over the run's stages laid end to end (stage B's steps follow stage A's)."""
     pts, end = [], 0
-    for st in bundle.stages:
-        probes = st.probes()
+    for stage_hist in bundle.stages:
+        probes = stage_hist.probes()
         if not probes:
             continue
-        steps = st.steps()
+        steps = stage_hist.steps()
         offset = end if steps and min(steps) <= end else 0
         pts += [(offset + p["step"], p[Probe.FIRST_ACC]) for p in probes]
-        end = max(end, offset + st.max_step())
+        end = max(end, offset + stage_hist.max_step())
     return pts
 
 

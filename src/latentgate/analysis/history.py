@@ -10,7 +10,6 @@ logs `eval/<path>/<k>`. The base LM run (`base/...`) is neither.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,9 +80,6 @@ class StageHistory:
                 rows.setdefault(step, {Stage.GLOBAL_STEP: step, Stage.STAGE: self.stage})[key] = value
         return [rows[s] for s in sorted(rows)]
 
-    def last_timestamp_ms(self) -> int:
-        return max((ts for pts in self.series.values() for _, _, ts in pts), default=0)
-
 
 @dataclass
 class EvalResult:
@@ -128,9 +124,9 @@ class RunBundle:
     def evaluated_stage(self) -> StageHistory | None:
         """The stage whose checkpoint the (last) eval scored; else the last stage with probes; else the last."""
         if self.evals and self.evals[-1].stage_run_id:
-            for st in reversed(self.stages):
-                if st.run_id == self.evals[-1].stage_run_id:
-                    return st
+            for stage_hist in reversed(self.stages):
+                if stage_hist.run_id == self.evals[-1].stage_run_id:
+                    return stage_hist
         with_probes = [s for s in self.stages if s.probes()]
         return (with_probes or self.stages or [None])[-1]
 
@@ -333,7 +329,3 @@ def split_stages(records: list[dict]) -> list[tuple[str, list[dict]]]:
             groups.append((stage, []))
         groups[-1][1].append(rec)
     return groups
-
-
-def is_nan(value) -> bool:
-    return isinstance(value, float) and math.isnan(value)

@@ -337,8 +337,8 @@ class Monitor:
                         bs = run.data.params.get(f"{prefix}.batch_size")
                         w = self.stage_watch[(rid, prefix)] = StageWatch(rid, prefix, self.limits,
                                                                          int(bs) if bs and bs.isdigit() else None)
-                    st = history.load_stage(self.client, run, prefix, keys=STAGE_KEYS)
-                    got = w.update(st.series, terminal)
+                    stage_hist = history.load_stage(self.client, run, prefix, keys=STAGE_KEYS)
+                    got = w.update(stage_hist.series, terminal)
                     lines += got[0]
                     alerts += got[1]
                     newest_ms = max(newest_ms, w.last_ts_ms)

@@ -35,6 +35,7 @@ from latentgate.registry.checklist import (
     Checklist,
     load_checklist,
 )
+from latentgate.registry.gate import check_candidate
 from latentgate.schema import Artifact, EvalKey, EvalPath, GradGroup, Probe, Stage, Summary, Tag
 from latentgate.tracking import lineage
 
@@ -86,20 +87,13 @@ def thresholds(cl: Checklist) -> dict[str, float]:
 
 
 def gate_readiness(eval_run_id: str | None, checklist_path=None) -> dict | None:
-    """The registry's checklist, evaluated read-only on the eval run; None when that module is unavailable."""
+    """The registry's checklist, evaluated read-only on the eval run; None without an eval run."""
     if not eval_run_id:
         return None
-    try:
-        from latentgate.registry.gate import check_candidate  # optional: None when the registry is unavailable
-    except ImportError:
-        return None
     rep = check_candidate(eval_run_id, checklist_path=checklist_path)
-    rows = []
-    for r in rep.rows:
-        r = r if isinstance(r, dict) else vars(r)
-        rows.append({k: r.get(k) for k in ("name", "passed", "observed", "op", "threshold", "source", "detail")})
-    return {"source": "latentgate.registry.gate", "passed": bool(rep.passed), "rows": rows,
-            "missing": list(getattr(rep, "missing", []) or [])}
+    rows = [{k: r.get(k) for k in ("name", "passed", "observed", "op", "threshold", "source", "detail")}
+            for r in rep.rows]
+    return {"source": "latentgate.registry.gate", "passed": rep.passed, "rows": rows, "missing": list(rep.missing)}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -117,14 +111,14 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def stage_figures(st: StageHistory, last_n: int = 3) -> dict[str, Any]:
-    probes = st.probes()
-    out: dict[str, Any] = {"stage": st.stage, "run_id": st.run_id, "status": st.status, "steps": st.max_step(),
-                           "probes": len(probes)}
-    batch = [v for _, v in st.values(Stage.FIRST_ACC)]
+def stage_figures(stage_hist: StageHistory, last_n: int = 3) -> dict[str, Any]:
+    probes = stage_hist.probes()
+    out: dict[str, Any] = {"stage": stage_hist.stage, "run_id": stage_hist.run_id, "status": stage_hist.status,
+                           "steps": stage_hist.max_step(), "probes": len(probes)}
+    batch = [v for _, v in stage_hist.values(Stage.FIRST_ACC)]
     if batch:
         out["batch_first_acc_max"] = max(batch)
-    lrs = st.values(Stage.LR)
+    lrs = stage_hist.values(Stage.LR)
     if lrs:
         out["lr_final"] = lrs[-1][1]
     if not probes:
@@ -161,11 +155,11 @@ def stage_figures(st: StageHistory, last_n: int = 3) -> dict[str, Any]:
 def gradient_figures(stages: list[StageHistory]) -> dict[str, Any]:
     per_stage: dict[str, dict] = {}
     overall = None
-    for st in stages:
-        label = _stage_label(st, stages)
+    for stage_hist in stages:
+        label = _stage_label(stage_hist, stages)
         groups = {}
         for key in GradGroup.NORM_KEYS:
-            pts = [(s, v) for s, v in st.values(key) if not math.isnan(v)]
+            pts = [(s, v) for s, v in stage_hist.values(key) if not math.isnan(v)]
             if not pts:
                 continue
             vals = [v for _, v in pts]
@@ -175,17 +169,17 @@ def gradient_figures(stages: list[StageHistory]) -> dict[str, Any]:
                 "p99": percentile(vals, 99), "n": len(vals)}
             if key == Stage.GRAD_NORM:
                 overall = max(vals) if overall is None else max(overall, max(vals))
-        nan_steps = [s for s, v in st.values(Stage.GRAD_NORM) if math.isnan(v)]
+        nan_steps = [s for s, v in stage_hist.values(Stage.GRAD_NORM) if math.isnan(v)]
         if groups or nan_steps:
             per_stage[label] = {"groups": groups, "nan_steps": nan_steps}
     return {"stages": per_stage, "max_grad_norm": overall}
 
 
-def _stage_label(st: StageHistory, stages: list[StageHistory]) -> str:
-    same = [s for s in stages if s.stage == st.stage]
+def _stage_label(stage_hist: StageHistory, stages: list[StageHistory]) -> str:
+    same = [s for s in stages if s.stage == stage_hist.stage]
     if len(same) == 1:
-        return st.stage
-    return f"{st.stage}#{same.index(st) + 1}"
+        return stage_hist.stage
+    return f"{stage_hist.stage}#{same.index(stage_hist) + 1}"
 
 
 def eval_figures(ev, top_k: int = 1) -> dict[str, Any]:
@@ -277,8 +271,8 @@ def build_report(bundle: RunBundle, last_n: int = 3, checklist_path=None, use_ga
     cl = load_checklist(checklist_path)
     th_source = f"{cl.path} (version {cl.version}, sha256 {cl.sha256[:12]})"
     stages = [stage_figures(s, last_n) for s in bundle.stages]
-    for fig, st in zip(stages, bundle.stages, strict=True):
-        fig["label"] = _stage_label(st, bundle.stages)
+    for fig, stage_hist in zip(stages, bundle.stages, strict=True):
+        fig["label"] = _stage_label(stage_hist, bundle.stages)
     evaluated = bundle.evaluated_stage()
     ev_stage = next((f for f, s in zip(stages, bundle.stages, strict=True) if s is evaluated), None)
     ev = eval_figures(bundle.evals[-1], cl.collapse_rule().top_k) if bundle.evals else None

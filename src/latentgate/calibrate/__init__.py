@@ -5,6 +5,6 @@ A calibration set (`calibrations/<name>.yaml`, `spec.py`) declares configuration
 reuses) the smoke-scale chain and judges it with the checklist, read-only; then a hero-scale chain, the same config
 with hero_scale x the optimizer steps, whose outcome is hero latent F1 >= calibration.hero_f1_target of the
 checklist. `stats.py` (pure) turns verdicts and outcomes into a confusion matrix, precisions, a fitted prediction
-interval and a threshold proposal judged on held-out configurations; `plot.py` draws the scatter; `promotion.py`
-is what `promote` and `analyze` print about a candidate.
+interval and a threshold proposal judged on held-out configurations; `plot.py` draws the scatter. What `promote`
+and `analyze` print about a candidate is read back from the recorded calibration by `registry/calibration.py`.
 """

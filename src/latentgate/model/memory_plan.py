@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from latentgate.config import Config
+from latentgate.config import Config, resolve_auto
 from latentgate.model.base_lm import resolve_dtype
 from latentgate.model.memory_arch import Arch, lm_arch, scratch_encoder_arch
 from latentgate.model.memory_layers import (
@@ -227,7 +227,7 @@ def plan_memory(cfg: Config, seq_len: int = DEFAULT_SEQ_LEN, *, device: str | to
                 dtype: str | None = None, answer_tokens: int | None = None, prefix_tokens: int | None = None,
                 arch: Arch | None = None, stages=("stage_a", "stage_b", "eval")) -> MemoryPlan:
     """Peak memory of each stage of `cfg` (validated here: `model.encoder=auto` resolves)."""
-    cfg.validate()
+    cfg = resolve_auto(cfg.validate())
     a = arch or lm_arch(cfg)
     t = target_for(cfg, device, dtype)
     shapes = default_shapes(cfg, seq_len, answer_tokens, prefix_tokens)

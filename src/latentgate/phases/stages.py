@@ -27,7 +27,8 @@ from latentgate.tracking.tracker import dataset_source, enable_system_metrics
 from latentgate.train import checkpoint as ckpt
 from latentgate.train.base import gate_record, sanity_gate, text_eval, train_builtin_base
 from latentgate.train.load import load_trained
-from latentgate.train.trainer import COMPAT_KEYS, checkpoint_modules, train_stage
+from latentgate.train.manifest import COMPAT_KEYS
+from latentgate.train.trainer import checkpoint_modules, train_stage
 from latentgate.train.workspace import build_workspace, resolve_device
 
 

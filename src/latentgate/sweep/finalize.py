@@ -12,6 +12,9 @@ import matplotlib.pyplot as plt
 from optuna.trial import TrialState as S
 from optuna.visualization import matplotlib as ov
 
+from latentgate.registry.checklist import load_checklist
+from latentgate.registry.gate import Report, alias_holder, check_candidate, check_tag_value, registry_lock
+from latentgate.registry.model import register_candidate, version_for_eval_run
 from latentgate.schema import StudyAttr, Summary, SweepTag, TrialAttr, VersionTag
 from latentgate.sweep.stopping import progress
 from latentgate.sweep.study import StudySpec
@@ -61,37 +64,24 @@ def register_best(eval_run_id: str | None, tr, echo=print) -> dict:
     """Register the best trial's model version and evaluate the readiness checklist on it (registry API)."""
     if not eval_run_id:
         return {"note": "best trial has no eval run"}
-    try:
-        from latentgate.registry.gate import check_candidate  # optional: registry API
-        from latentgate.registry.model import register_candidate, version_for_eval_run  # optional: registry API
-    except ImportError as err:
-        note = f"registry API unavailable ({err}); best model not registered"
-        tr.set_tags({SweepTag.REGISTRY_NOTE: note})
-        echo(note)
-        return {"note": note}
     # a continued study whose best trial did not change keeps its version instead of registering a copy
     version = version_for_eval_run(eval_run_id) or register_candidate(eval_run_id)
     report = check_candidate(version)
-    rows = getattr(report, "rows", [])
-    out = {"version": str(getattr(version, "version", version)), "gate_passed": bool(report.passed),
-           "missing": list(getattr(report, "missing", []) or []),
+    out = {"version": str(version), "gate_passed": report.passed, "missing": list(report.missing),
            "evidence": record_checks(report, f"sweep run {tr.run_id}")}
     tr.set_tags({SweepTag.BEST_MODEL_VERSION: out["version"], SweepTag.BEST_GATE_PASSED: out["gate_passed"]})
-    tr.log_dict({**out, "rows": [r if isinstance(r, dict) else getattr(r, "__dict__", str(r)) for r in rows]},
-                "best_gate_report.json")
+    tr.log_dict({**out, "rows": report.to_dict()["rows"]}, "best_gate_report.json")
     echo(f"best model version {out['version']}: readiness checklist {'PASSED' if out['gate_passed'] else 'not passed'}"
          f" ({out['evidence']})")
     return out
 
 
-def record_checks(report, checked_by: str) -> str:
+def record_checks(report: Report, checked_by: str) -> str:
     """The checked version's evidence, as `latentgate promote` records it: one `hero.check.<criterion>` tag per
     criterion (the value from `registry.gate.check_tag_value`, the function promote writes them with; tags of
     criteria the checklist no longer has are removed), under the registry lock, and `latentgate.checked_by`. The
     alias never moves here, and a version holding it keeps its tags (`latentgate promote <version>` re-checks it,
     and takes the alias off if it now fails). Returns what was done."""
-    from latentgate.registry.checklist import load_checklist  # optional: registry API
-    from latentgate.registry.gate import alias_holder, check_tag_value, registry_lock  # optional: registry API
     cl, name, v, c = load_checklist(report.checklist or None), report.model_name, str(report.version), lineage.client()
     with registry_lock(name):
         if alias_holder(c, name, cl.alias) == v:

@@ -14,7 +14,7 @@ from optuna.artifacts import upload_artifact
 
 from latentgate.phases.stages import run_eval, run_stage
 from latentgate.schema import Artifact, EvalKey, EvalPath, Summary, SweepTag, Tag, TrialAttr
-from latentgate.sweep import tracking as st
+from latentgate.sweep import tracking as trial_runs
 from latentgate.sweep.study import StudySpec, suggest
 from latentgate.tracking import lineage
 from latentgate.tracking.lineage import BaseLM
@@ -61,7 +61,7 @@ def run_trial(ctx: TrialContext, trial) -> float:
     params = suggest(trial, spec.search_space)
     retry_of = _retry_of(trial)
     trial.set_user_attr(TrialAttr.WORKER_PID, os.getpid())
-    run_id = st.start_trial_run(ctx.parent_run_id, spec.name, trial.number, params, retry_of)
+    run_id = trial_runs.start_trial_run(ctx.parent_run_id, spec.name, trial.number, params, retry_of)
     trial.set_user_attr(TrialAttr.MLFLOW_RUN_ID, run_id)
     state = {"stage_run": None, "step": 0}
 
@@ -70,7 +70,7 @@ def run_trial(ctx: TrialContext, trial) -> float:
         state["step"] = step
         active = mlflow.active_run()
         state["stage_run"] = active.info.run_id if active else None
-        st.log_intermediate(run_id, step, value, probe)
+        trial_runs.log_intermediate(run_id, step, value, probe)
         trial.report(value, step)
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned at optimizer step {step} (intermediate value {value:.4f})")
@@ -96,7 +96,7 @@ def run_trial(ctx: TrialContext, trial) -> float:
         trial.set_user_attr(TrialAttr.LATENT_F1, latent[EvalKey.F1])
         trial.set_user_attr(TrialAttr.LATENT_FIRST_TOP1, latent[EvalKey.FIRST_TOP1])
         _upload_artifacts(ctx, trial, run_id, out / "eval", ev["metrics"])
-        st.end_trial_run(run_id, "COMPLETE", metrics={
+        trial_runs.end_trial_run(run_id, "COMPLETE", metrics={
             Summary.OBJECTIVE: value, Summary.LATENT_F1: latent[EvalKey.F1], Summary.LATENT_EM: latent[EvalKey.EM],
             Summary.LATENT_FIRST_TOP1: latent[EvalKey.FIRST_TOP1], Summary.OPTIMIZER_STEPS: stage_b["steps"]},
             tags={Tag.EVAL_RUN: ev["run_id"], Tag.STAGE_B_RUN: stage_b["run_id"]})
@@ -104,14 +104,14 @@ def run_trial(ctx: TrialContext, trial) -> float:
     except optuna.TrialPruned as err:
         trial.set_user_attr(TrialAttr.OPTIMIZER_STEPS, int(state["step"]))
         if state["stage_run"]:
-            st.mark_run(state["stage_run"], "PRUNED", str(err))
-        st.end_trial_run(run_id, "PRUNED", metrics={Summary.OPTIMIZER_STEPS: state["step"]},
+            trial_runs.mark_run(state["stage_run"], "PRUNED", str(err))
+        trial_runs.end_trial_run(run_id, "PRUNED", metrics={Summary.OPTIMIZER_STEPS: state["step"]},
                          tags={SweepTag.PRUNED: str(err)})
         raise
     except BaseException as err:
         steps = int(stage_b["steps"]) if stage_b else int(state["step"])
         trial.set_user_attr(TrialAttr.OPTIMIZER_STEPS, steps)
-        st.end_trial_run(run_id, "FAIL", metrics={Summary.OPTIMIZER_STEPS: steps},
+        trial_runs.end_trial_run(run_id, "FAIL", metrics={Summary.OPTIMIZER_STEPS: steps},
                          tags={Tag.ERROR: f"{type(err).__name__}: {str(err)[:500]}"})
         raise
 

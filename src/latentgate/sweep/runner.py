@@ -35,7 +35,7 @@ from latentgate.errors import CheckpointError, ConfigError, StoreError
 from latentgate.phases.smoke import run_output_dir
 from latentgate.phases.stages import run_base, run_stage
 from latentgate.schema import Artifact, StudyAttr, Summary, SweepTag, Tag, TrialAttr
-from latentgate.sweep import tracking as st
+from latentgate.sweep import tracking as trial_runs
 from latentgate.sweep.finalize import finalize
 from latentgate.sweep.objective import TrialContext, run_trial
 from latentgate.sweep.stopping import progress, stop_reason
@@ -45,8 +45,7 @@ from latentgate.tracking import lineage
 from latentgate.tracking.progress import task
 from latentgate.tracking.runs import adopt_project_run, setup_experiment, tracked_run, tracking_uri
 from latentgate.tracking.secrets import mask_secrets
-from latentgate.train.manifest import check_compat, read_manifest
-from latentgate.train.trainer import COMPAT_KEYS
+from latentgate.train.manifest import COMPAT_KEYS, check_compat, read_manifest
 from latentgate.train.workspace import load_splits
 
 POLL_S = 1.0
@@ -82,7 +81,7 @@ def run_worker(study_name: str, storage_url: str, worker_index: int = 0, threads
     spec = spec_from_dict(study0.user_attrs[StudyAttr.SPEC], f"study {study_name} (stored)")
     n_trials = int(study0.user_attrs[StudyAttr.N_TRIALS])
     parent = study0.user_attrs.get(StudyAttr.PARENT_RUN)
-    storage = open_storage(storage_url, spec.heartbeat, st.StaleTrialCallback(spec.heartbeat["max_retry"]))
+    storage = open_storage(storage_url, spec.heartbeat, trial_runs.StaleTrialCallback(spec.heartbeat["max_retry"]))
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=build_sampler(spec, worker_index),
                               pruner=build_pruner(spec))
     mlflow.set_tracking_uri(tracking_uri())

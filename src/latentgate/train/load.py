@@ -8,14 +8,14 @@ from pathlib import Path
 from latentgate.config import Config, flatten
 from latentgate.model.lora import attach_lora
 from latentgate.train import checkpoint as ckpt
-from latentgate.train.manifest import check_compat, read_manifest
-from latentgate.train.trainer import COMPAT_KEYS, checkpoint_modules
+from latentgate.train.manifest import COMPAT_KEYS, check_compat, read_manifest
+from latentgate.train.trainer import checkpoint_modules
 from latentgate.train.workspace import build_workspace
 
 
 def check_compatible(cfg: Config, checkpoint: Path, manifest: dict | None = None) -> dict:
     """Fail in one line, before anything is built or trained, if `checkpoint` was trained with a different
-    M, d_z, encoder or base LM than `cfg` (trainer.COMPAT_KEYS). Returns the manifest."""
+    M, d_z, encoder or base LM than `cfg` (manifest.COMPAT_KEYS). Returns the manifest."""
     manifest = manifest or read_manifest(checkpoint)
     check_compat(Path(checkpoint), manifest, flatten(cfg), COMPAT_KEYS)
     return manifest

@@ -25,6 +25,9 @@ FORMAT = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _RESAVE = "re-save the checkpoint or use an earlier one"
 _ABSENT = object()
+# what a checkpoint and the config that resumes, evaluates or serves it must share (`check_compat`)
+COMPAT_KEYS = ("model.num_latents", "model.d_z", "model.encoder", "model.encoder_lora_r", "model.prompt_format",
+               "base.name", "base.layers", "base.hidden")
 
 
 def check_name(name: Any, what: str = "module name") -> str:

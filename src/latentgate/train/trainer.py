@@ -29,10 +29,8 @@ from latentgate.tracking import progress
 from latentgate.tracking.tracker import NullTracker
 from latentgate.train import checkpoint as ckpt
 from latentgate.train.losses import compute_losses, p_gold_at, scheduled_inputs
+from latentgate.train.manifest import COMPAT_KEYS
 from latentgate.train.workspace import Workspace, autocast
-
-COMPAT_KEYS = ("model.num_latents", "model.d_z", "model.encoder", "model.encoder_lora_r", "model.prompt_format",
-               "base.name", "base.layers", "base.hidden")
 
 
 def build_optimizer(ws: Workspace, st: StageConfig):
