@@ -104,6 +104,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
                 else "check the path, or train first so that a checkpoint is written there")
         raise CheckpointError(f"checkpoint directory {d} does not exist", hint)
     mpath = d / MANIFEST
+    refuse_loop(mpath, "checkpoint manifest", CheckpointError)
     if not mpath.is_file():
         raise CheckpointError(f"checkpoint {d} has no {MANIFEST}",
                               "it is incomplete or not a latentgate checkpoint; re-save it with save_checkpoint")
