@@ -69,9 +69,10 @@ def test_class1_value_nested_deep_is_one_line(where, tmp_path):
         line = error_line(run_cli("config", "--preset", str(preset)))
         assert "nested more than 32 levels" in line
     elif where == "override":
-        value = "[" * 30_000 + "]" * 30_000
-        line = error_line(run_cli("config", "--preset", "micro", "--set", f"model.stop_strings={value}"))
-        assert "model.stop_strings" in line
+        for depth, needle in ((30_000, "more than its limit of 4096"), (50, "holds a nested list")):
+            value = "[" * depth + "]" * depth
+            line = error_line(run_cli("config", "--preset", "micro", "--set", f"model.stop_strings={value}"))
+            assert "model.stop_strings" in line and needle in line and len(line) < 400  # the value is not echoed
     else:
         data = tmp_path / "deep.jsonl"
         data.write_text(RECORD.format(answers="[" * 100_000 + '"rome"' + "]" * 100_000) + "\n")
