@@ -371,7 +371,6 @@ def _coerce(key: str, typ, raw):
             return raw
         if isinstance(raw, str):
             text = raw.strip()
-            _check_size(key, text, {})
             if _bracket_depth(text) > 1:
                 raise ConfigError(f"{key} holds a nested list; its items must be plain values",
                                   f"write {key} as a flat list, e.g. [a, b] or a,b")
@@ -398,9 +397,12 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
             hint = f"did you mean {close[0]}?" if close else "see `latentgate config --list`"
             raise ConfigError(f"unknown config key {key!r}", hint)
         section, name = key.split(".", 1)
-        value = _coerce(key, table[key][0], raw)
         obj = getattr(cfg, section)
-        _check_size(key, value, next(f.metadata for f in dataclasses.fields(obj) if f.name == name))
+        meta = next(f.metadata for f in dataclasses.fields(obj) if f.name == name)
+        if isinstance(raw, str):  # before parsing it (and before an error could echo it)
+            _check_size(key, raw, meta if table[key][0] is str else {})
+        value = _coerce(key, table[key][0], raw)
+        _check_size(key, value, meta)
         setattr(obj, name, value)
     return cfg
 
