@@ -215,6 +215,24 @@ def test_class6_disk_full_in_final_checkpoint_names_the_file(tmp_path, monkeypat
     assert not list(tmp_path.rglob("*.tmp-*"))
 
 
+def test_class6_disk_full_without_an_os_error_names_the_file_or_store(tmp_path, monkeypatch):
+    """Writers that report a full disk in a message (torch's zip writer, SQLite) still get the file or store named."""
+    from latentgate.cli_common import as_user_error
+
+    target = tmp_path / "stage_a" / "optimizer.pt"
+    try:
+        try:
+            raise OSError(errno.EIO, "Input/output error", str(target))
+        except OSError:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed") from None
+    except RuntimeError as err:
+        assert str(target) in str(as_user_error(err))
+    uri = f"sqlite:///{tmp_path / 'full' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mapped = str(as_user_error(RuntimeError("(sqlite3.OperationalError) database or disk is full")))
+    assert "the tracking store refused a write" in mapped and uri in mapped
+
+
 def test_class6_checklist_duplicate_key_refused(tmp_path):
     from latentgate.errors import ConfigError
     from latentgate.registry.checklist import load_checklist

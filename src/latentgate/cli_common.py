@@ -144,6 +144,17 @@ def fall_back_caches() -> dict[str, str]:
     return moved
 
 
+def _named_file(err: BaseException) -> str | None:
+    """The first file name an exception in `err`'s cause/context chain carries (OSError.filename), if any."""
+    cur, seen = err, set()
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if getattr(cur, "filename", None):
+            return os.fspath(cur.filename)
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def _cache_fix(err: BaseException) -> LatentgateError | None:
     """An OSError on a cache folder (under ~/.cache, ~/.config, or a cache variable's folder): the fix names that
     folder and the variable that moves it, not run.output_dir."""
@@ -183,11 +194,15 @@ def as_user_error(err: BaseException) -> LatentgateError | None:
                           "writer), then resume; LATENTGATE_STORE_WAIT_S sets how long to wait")
     for needle in _DISK_FULL:
         if needle in text:
-            return StoreError(f"a write failed ({needle})", "free disk space (or raise `ulimit -f`) where "
-                              "run.output_dir and the artifact store are, then resume")
+            where = _named_file(err)
+            return StoreError(f"a write failed ({needle}){f': {where}' if where else ''}", "free disk space (or "
+                              "raise `ulimit -f`) where run.output_dir and the artifact store are, then resume")
     for needle in _STORE_WRITE_FAILURES:
         if needle in text:
-            return StoreError(f"the tracking store refused a write ({needle})",
+            from latentgate.tracking.secrets import mask_secrets  # lazy: the CLI starts without MLflow
+
+            uri = mask_secrets(os.environ.get("MLFLOW_TRACKING_URI", "mlflow.db"))
+            return StoreError(f"the tracking store refused a write ({needle}): {uri}",
                               "free disk space or make the store's folder writable (check MLFLOW_TRACKING_URI), "
                               "then rerun")
     return None
