@@ -168,6 +168,8 @@ def load_yaml(path: str | os.PathLike, what: str = "YAML file", error: type[Late
     path = existing(path, what, error)
     if path.is_dir():
         raise error(f"{what} {path} is a directory, not a YAML file", "pass the path of a .yaml file")
+    if not path.is_file():  # a FIFO or device: reading it may wait forever
+        raise error(f"{what} {path} is not a regular file (a pipe, socket or device)", "save it to a file first")
     try:
         with open(path, "rb") as f:
             raw = f.read(YAML_MAX_BYTES + 1)
