@@ -13,8 +13,10 @@ import functools
 import os
 import signal
 import sys
+import tempfile
 import traceback
 import warnings
+from pathlib import Path
 
 import click
 
@@ -74,6 +76,8 @@ def prepare_runtime(debug: bool) -> None:
       instead of the process dying with a core dump.
     * Under torchrun / accelerate launch (WORLD_SIZE > 1) the process joins the process group.
     * MLflow's HTTP client gets one bounded timeout and retry budget, and never prints run URLs (MLFLOW_ENV_DEFAULTS).
+    * Caches (matplotlib, Hugging Face, anything under XDG_CACHE_HOME) move to a private temporary folder when
+      their usual place under HOME is not writable (`fall_back_caches`).
     * Progress bars of HF / MLflow are off, MLflow's own log lines are silenced (the one error line says what went
       wrong), and warnings are printed as one line each (`--debug` keeps all of them as they are).
     """
@@ -88,6 +92,7 @@ def prepare_runtime(debug: bool) -> None:
     init_from_env()  # under torchrun / accelerate launch (WORLD_SIZE > 1) only; torch is not imported otherwise
     for key, value in MLFLOW_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    fall_back_caches()
     if debug:
         return
     for key, value in {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
@@ -104,6 +109,71 @@ def prepare_runtime(debug: bool) -> None:
     warnings.filterwarnings("ignore", message=r".*Converting a tensor with requires_grad=True to a scalar.*")
 
 
+# Cache folders libraries create under HOME, by the variable that moves each (unset: its default under HOME).
+CACHE_VARS = {"XDG_CACHE_HOME": ".cache", "HF_HOME": ".cache/huggingface", "MPLCONFIGDIR": ".config/matplotlib"}
+
+
+def _writable(folder: Path) -> bool:
+    """Whether `folder` is, or could be created as, a writable folder (nothing is created here)."""
+    for place in (folder, *folder.parents):
+        try:
+            if place.exists():
+                return place.is_dir() and os.access(place, os.W_OK | os.X_OK)
+        except OSError:  # a symlink loop, a path through a file
+            return False
+    return False
+
+
+def fall_back_caches() -> dict[str, str]:
+    """A read-only or unusable HOME (a locked-down container, a CI sandbox) must not stop a run: each cache whose
+    variable is unset and whose default folder under HOME is not writable moves to
+    <tmp>/latentgate-<uid>/<name> (private, reused by later commands). Returns the variables set."""
+    home = Path(os.path.expanduser("~"))
+    moved = {}
+    for var, rel in CACHE_VARS.items():
+        if os.environ.get(var) or _writable(home / rel):
+            continue
+        folder = Path(tempfile.gettempdir()) / f"latentgate-{os.getuid()}" / Path(rel).name.lstrip(".")
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if folder.stat().st_uid != os.getuid() or not _writable(folder):
+                continue  # someone else's folder: leave the library's own fallback (or error) alone
+        except OSError:
+            continue
+        os.environ[var] = moved[var] = str(folder)
+    return moved
+
+
+def _named_file(err: BaseException) -> str | None:
+    """The first file name an exception in `err`'s cause/context chain carries (OSError.filename), if any."""
+    cur, seen = err, set()
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if getattr(cur, "filename", None):
+            return os.fspath(cur.filename)
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _cache_fix(err: BaseException) -> LatentgateError | None:
+    """An OSError on a cache folder (under ~/.cache, ~/.config, or a cache variable's folder): the fix names that
+    folder and the variable that moves it, not run.output_dir."""
+    home = Path(os.path.expanduser("~"))
+    roots = {home / ".cache": "XDG_CACHE_HOME", home / ".config": "MPLCONFIGDIR / XDG_CONFIG_HOME"}
+    roots.update({Path(os.environ[v]): v for v in CACHE_VARS if os.environ.get(v)})
+    cur, seen = err, set()
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.filename:
+            where = Path(os.fspath(cur.filename))
+            for root, var in roots.items():
+                if where == root or root in where.parents:
+                    return StoreError(f"cannot write the cache folder {where}: {cur.strerror or cur}",
+                                      f"make {root} writable, or set {var} to a writable folder")
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def threading_main() -> bool:
     import threading
 
@@ -114,7 +184,7 @@ def as_user_error(err: BaseException) -> LatentgateError | None:
     """Map an unexpected exception to a user-actionable one when its cause is clear (disk full, read-only, ...)."""
     mapped = os_error_in_chain(err)
     if mapped is not None:
-        return mapped
+        return _cache_fix(err) or mapped
     text = str(err).lower()
     if _STORE_LOCKED in text:
         from latentgate.tracking.runs import store_wait_seconds
@@ -124,11 +194,15 @@ def as_user_error(err: BaseException) -> LatentgateError | None:
                           "writer), then resume; LATENTGATE_STORE_WAIT_S sets how long to wait")
     for needle in _DISK_FULL:
         if needle in text:
-            return StoreError(f"a write failed ({needle})", "free disk space (or raise `ulimit -f`) where "
-                              "run.output_dir and the artifact store are, then resume")
+            where = _named_file(err)
+            return StoreError(f"a write failed ({needle}){f': {where}' if where else ''}", "free disk space (or "
+                              "raise `ulimit -f`) where run.output_dir and the artifact store are, then resume")
     for needle in _STORE_WRITE_FAILURES:
         if needle in text:
-            return StoreError(f"the tracking store refused a write ({needle})",
+            from latentgate.tracking.secrets import mask_secrets  # lazy: the CLI starts without MLflow
+
+            uri = mask_secrets(os.environ.get("MLFLOW_TRACKING_URI", "mlflow.db"))
+            return StoreError(f"the tracking store refused a write ({needle}): {uri}",
                               "free disk space or make the store's folder writable (check MLFLOW_TRACKING_URI), "
                               "then rerun")
     return None

@@ -20,16 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from latentgate.errors import ConfigError
+from latentgate.safety import load_yaml, refuse_loop
 from latentgate.schema import EvalPath
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
 def opt(default, help: str, **check):
-    """A config field with its help text and optional range checks (ge, gt, le, lt, choices)."""
+    """A config field with its help text and optional checks: range (ge, gt, le, lt), choices, and max_len (the
+    most characters of a string; every string field has at most MAX_TEXT_CHARS, every list MAX_LIST_ITEMS plain
+    items)."""
     meta = {"help": help, **check}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -90,7 +91,8 @@ class ModelConfig:
     encoder_layers: int = opt(2, "scratch encoder: layers", ge=1)
     num_latents: int = opt(8, "M: soft tokens in the prefix", ge=1, le=4096)
     d_z: int = opt(128, "latent width", ge=1)
-    anchor: str = opt("answer :", "anchor text between latent slots and the answer (part of the prefix contract)")
+    anchor: str = opt("answer :", "anchor text between latent slots and the answer (part of the prefix contract); "
+                      "at most 1024 characters (a few hundred tokens)", max_len=1024)
     prompt_format: str = opt("plain", "plain ('context : ... question : ... answer :') or chat (the tokenizer's chat "
                              "template around the same text); part of the prefix contract", choices=("plain", "chat"))
     answer_end: str = opt("auto", "what ends an answer target: eos (the tokenizer's end token), none (nothing: the "
@@ -138,7 +140,8 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    experiment: str = opt("latentgate", "MLflow experiment name")
+    experiment: str = opt("latentgate", "MLflow experiment name (at most 500 characters, MLflow's limit)",
+                          max_len=500)
     threads: int = opt(2, "torch intra-op threads (0: torch default)", ge=0)
     device: str = opt("auto", "auto, cpu, cuda or cuda:N (cuda must be present where the run trains)")
     output_dir: str = opt("runs", "local folder for run outputs (checkpoints, jsonl)")
@@ -199,6 +202,8 @@ class Config:
 
 
 EVAL_PATHS = EvalPath.ALL
+MAX_TEXT_CHARS = 4096  # any string value (a field's max_len may be lower); below MLflow's 6000-character param limit
+MAX_LIST_ITEMS = 1024  # any list value: plain items only (no nesting)
 BUILTIN_MAX_POSITIONS = 1024  # model/base_lm.py: the builtin Llama's max_position_embeddings
 BYTES_PER_EXAMPLE = 4096  # generous: a synthetic example, its tokens and batches, as Python objects
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -281,7 +286,51 @@ def check_machine(cfg: Config, machine: Machine) -> None:
             break
 
 
+def _check_size(key: str, value, meta) -> None:
+    """Strings within their max_len (default MAX_TEXT_CHARS), lists of at most MAX_LIST_ITEMS plain items: a huge
+    or deeply nested value is refused here in one line, before it reaches a tokenizer, a run param or a loop."""
+    if isinstance(value, str):
+        most = meta.get("max_len", MAX_TEXT_CHARS)
+        if len(value) > most:
+            raise ConfigError(f"{key} has {len(value)} characters, more than its limit of {most}",
+                              f"shorten {key} to at most {most} characters")
+    elif isinstance(value, list):
+        if len(value) > MAX_LIST_ITEMS:
+            raise ConfigError(f"{key} has {len(value)} items, more than the limit of {MAX_LIST_ITEMS}",
+                              f"list at most {MAX_LIST_ITEMS} items in {key}")
+        for item in value:
+            if isinstance(item, (list, dict, tuple, set)):
+                raise ConfigError(f"{key} holds a nested {type(item).__name__}; its items must be plain values",
+                                  f"write {key} as a flat list of strings or numbers")
+            _check_size(key, item, {})
+
+
+def _bracket_depth(text: str) -> int:
+    """The deepest nesting of brackets in `text`, outside quoted strings (checked before `ast.literal_eval`, which
+    raises RecursionError on a value nested thousands deep)."""
+    depth = most = 0
+    quote = ""
+    escaped = False
+    for ch in text:
+        if quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[({":
+            depth += 1
+            most = max(most, depth)
+        elif ch in "])}":
+            depth -= 1
+    return most
+
+
 def _check_range(key: str, value, meta) -> None:
+    _check_size(key, value, meta)
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{key}={value!r} is not a finite number", f"set {key} to a finite value")
     if "choices" in meta and value not in meta["choices"]:
@@ -353,6 +402,9 @@ def _coerce(key: str, typ, raw):
             return raw
         if isinstance(raw, str):
             text = raw.strip()
+            if _bracket_depth(text) > 1:
+                raise ConfigError(f"{key} holds a nested list; its items must be plain values",
+                                  f"write {key} as a flat list, e.g. [a, b] or a,b")
             if text.startswith("["):
                 try:  # JSON, or the Python repr that logged params hold
                     return list(ast.literal_eval(text))
@@ -376,7 +428,13 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
             hint = f"did you mean {close[0]}?" if close else "see `latentgate config --list`"
             raise ConfigError(f"unknown config key {key!r}", hint)
         section, name = key.split(".", 1)
-        setattr(getattr(cfg, section), name, _coerce(key, table[key][0], raw))
+        obj = getattr(cfg, section)
+        meta = next(f.metadata for f in dataclasses.fields(obj) if f.name == name)
+        if isinstance(raw, str):  # before parsing it (and before an error could echo it)
+            _check_size(key, raw, meta if table[key][0] is str else {})
+        value = _coerce(key, table[key][0], raw)
+        _check_size(key, value, meta)
+        setattr(obj, name, value)
     return cfg
 
 
@@ -419,20 +477,9 @@ def preset_names() -> list[str]:
 
 
 def load_yaml_mapping(path: Path) -> dict:
-    """A YAML file whose top level is a mapping (presets, sweep studies), or a one-line ConfigError."""
-    if path.is_dir():
-        raise ConfigError(f"{path} is a directory, not a YAML file", "pass the path of a .yaml file")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not valid UTF-8 (byte 0x{err.object[err.start]:02x} at byte offset {err.start})",
-                          "re-save the file as UTF-8") from None
-    except OSError as err:
-        raise ConfigError(f"cannot read {path}: {err.strerror or err}", "check the path and its permissions") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})", "fix the file's syntax") from None
+    """A YAML file whose top level is a mapping (presets, sweep studies, calibration sets), read by the one bounded
+    loader (`safety.load_yaml`: no aliases or duplicate keys, limited size and nesting), or a one-line ConfigError."""
+    data = load_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level", "write key: value pairs")
     return data
@@ -443,6 +490,7 @@ def preset_overrides(name_or_path: str, _seen: tuple = ()) -> dict[str, Any]:
     path = Path(name_or_path)
     if not path.suffix:
         path = PRESET_DIR / f"{name_or_path}.yaml"
+    refuse_loop(path, "preset")
     if not path.exists():
         close = difflib.get_close_matches(name_or_path, preset_names(), n=1)
         hint = f"did you mean {close[0]}?" if close else f"choose one of {preset_names()}"

@@ -110,6 +110,8 @@ def describe_os_error(err: OSError, doing: str = "write") -> LatentgateError | N
         errno.EPERM: ("operation not permitted", "make the folder writable, or point run.output_dir / the artifact "
                       "location elsewhere"),
         errno.EISDIR: ("it is a directory, not a file", "pass a file path, not a folder"),
+        errno.ELOOP: ("a symlink loop (a link that leads back to itself)", "replace the link with the real file or "
+                      "folder"),
         errno.ENOTDIR: ("a part of the path is a file, not a folder", "point run.output_dir (or the path given) "
                         "at a folder"),
     }

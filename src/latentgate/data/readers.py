@@ -35,12 +35,13 @@ naming its line and this rule.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from latentgate.data.records import Example
@@ -49,15 +50,21 @@ from latentgate.data.validation import (
     Counters,
     Where,
     apply_context_limit,
+    check_depth,
     check_unique_ids,
     kind_of,
     normalize_record,
     one_line,
     show,
+    too_deep,
     validate_examples,
 )
 from latentgate.errors import ConfigError, DataError, os_error_in_chain
+from latentgate.safety import refuse_loop
 
+MAX_DATA_BYTES_ENV = "LATENTGATE_MAX_DATA_BYTES"
+DEFAULT_MAX_DATA_BYTES = 1 << 30  # 1 GiB: SQuAD v1.1 train is 30 MB; every example is held in memory
+MAX_LINE_BYTES = 64 << 20  # one JSONL record
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (".json",)
 _BOM = b"\xef\xbb\xbf"
@@ -87,6 +94,7 @@ def load_examples(source: str | os.PathLike, *, max_context_words: int = 512, sp
 
     name = one_line(os.fspath(source))
     path = Path(source)
+    refuse_loop(path, "data file", DataError)
     if not path.exists():
         raise DataError(
             f"data file not found: {name}",
@@ -97,18 +105,19 @@ def load_examples(source: str | os.PathLike, *, max_context_words: int = 512, sp
     if not path.is_file():  # a FIFO, socket or device: reading it may wait forever
         raise DataError(f"{name} is not a regular file (a pipe, socket or device)",
                         fix="save the data to a file first, then pass that file")
-    try:
-        raw = path.read_bytes()
+    _check_file_size(path, name)
+    counters = Counters()
+    try:  # parsed here, not by datasets: errors name the line or question
+        if path.suffix.lower() in JSONL_SUFFIXES:  # a stream: one line in memory at a time, records checked as read
+            raws = [(where, normalize_record(obj, where, counters)) for where, obj in _stream_jsonl(path, name)]
+        else:  # one JSON document, at most max_data_bytes() long
+            _, payload = _detect(path, _decode(path.read_bytes(), name), name)
+            raws = [(where, normalize_record(obj, where, counters)) for where, obj in payload]
     except OSError as err:
         raise DataError(
             f"cannot read {name}: {one_line(err.strerror or str(err))}", fix="check the file's permissions"
         ) from None
-
-    text = _decode(raw, name)
-    kind, payload = _detect(path, text, name)
-    counters = Counters()
-    raws: list[tuple[Where, dict]] = payload  # parsed here, not by datasets: errors name the line or question
-    records = [normalize_record(obj, where, counters) for where, obj in raws]
+    records = [record for _, record in raws]
     check_unique_ids(raws, name, records)
     if counters.reanchored:
         warnings.warn(
@@ -167,6 +176,47 @@ def _is_hub_name(source: object) -> bool:
     return "/" not in source or not os.path.exists(owner)
 
 
+def max_data_bytes() -> int:
+    """The largest data file read (bytes): LATENTGATE_MAX_DATA_BYTES, default DEFAULT_MAX_DATA_BYTES (1 GiB)."""
+    raw = os.environ.get(MAX_DATA_BYTES_ENV, "")
+    try:
+        return int(raw) if raw.strip() else DEFAULT_MAX_DATA_BYTES
+    except ValueError:
+        raise ConfigError(f"{MAX_DATA_BYTES_ENV}={raw!r} is not a whole number of bytes",
+                          f"set {MAX_DATA_BYTES_ENV} to e.g. {DEFAULT_MAX_DATA_BYTES}") from None
+
+
+def _check_file_size(path: Path, name: str) -> None:
+    size, limit = path.stat().st_size, max_data_bytes()
+    if size > limit:
+        raise DataError(f"{name} is {size} bytes, more than the data file limit of {limit} bytes",
+                        fix=f"raise the limit with {MAX_DATA_BYTES_ENV}=<bytes> (the examples are held in memory), "
+                            "or split the file")
+
+
+def _stream_jsonl(path: Path, name: str) -> Iterator[tuple[Where, object]]:
+    """(where, object) per non-blank line of a JSONL file, read line by line (at most MAX_LINE_BYTES a line)."""
+    with open(path, "rb") as f:
+        offset = 0
+        for lineno in itertools.count(1):
+            line = f.readline(MAX_LINE_BYTES + 1)
+            if not line:
+                return
+            if len(line) > MAX_LINE_BYTES:
+                raise DataError(f"{name}:{lineno}: line longer than {MAX_LINE_BYTES} bytes, the limit of one record",
+                                fix="put one record on each line (a record holds one context and its question)")
+            skip = len(_BOM) if lineno == 1 and line.startswith(_BOM) else 0
+            try:
+                text = line[skip:].decode("utf-8")
+            except UnicodeDecodeError as err:
+                at = offset + skip + err.start
+                raise DataError(f"{name}:{lineno}: not valid UTF-8 (byte 0x{line[skip + err.start]:02x} at byte "
+                                f"offset {at})", fix="re-save the file as UTF-8") from None
+            offset += len(line)
+            if text.strip():
+                yield _parse_line(text, lineno, name, path.stem)
+
+
 def _decode(raw: bytes, name: str) -> str:
     skip = len(_BOM) if raw.startswith(_BOM) else 0
     try:
@@ -187,6 +237,9 @@ def _detect(path: Path, text: str, name: str):
     if suffix not in JSONL_SUFFIXES and text.strip():
         try:
             doc = json.loads(text)
+            check_depth(doc, name)
+        except RecursionError:  # json gives up past ~1000 levels
+            raise too_deep(name) from None
         except json.JSONDecodeError as err:
             if err.msg != "Extra data" and suffix in JSON_SUFFIXES:
                 raise DataError(
@@ -210,20 +263,25 @@ def _detect(path: Path, text: str, name: str):
     return "jsonl", _jsonl_records(text, name, stem)
 
 
-def _jsonl_records(text: str, name: str, stem: str) -> list[tuple[Where, dict]]:
-    out = []
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{name}:{lineno}: invalid JSON: {err.msg} (column {err.colno})",
-                fix="put exactly one JSON object on each line",
-            ) from None
-        out.append((Where(f"{name}:{lineno}", f"line {lineno}", f"{stem}-{lineno}"), obj))
-    return out
+def _jsonl_records(text: str, name: str, stem: str) -> list[tuple[Where, object]]:
+    return [_parse_line(line, lineno, name, stem) for lineno, line in enumerate(text.split("\n"), start=1)
+            if line.strip()]
+
+
+def _parse_line(line: str, lineno: int, name: str, stem: str) -> tuple[Where, object]:
+    """One JSONL record, nested at most MAX_RECORD_DEPTH levels (json raises RecursionError past ~1000)."""
+    where = Where(f"{name}:{lineno}", f"line {lineno}", f"{stem}-{lineno}")
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{name}:{lineno}: invalid JSON: {err.msg} (column {err.colno})",
+            fix="put exactly one JSON object on each line",
+        ) from None
+    except RecursionError:  # json gives up past ~1000 levels
+        raise too_deep(where.prefix) from None
+    check_depth(obj, where.prefix)
+    return where, obj
 
 
 def _squad_records(doc: dict, name: str, stem: str) -> list[tuple[Where, dict]]:

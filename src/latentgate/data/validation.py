@@ -13,6 +13,7 @@ from latentgate.errors import DataError
 
 _WORD = re.compile(r"\S+")
 MISSING = object()  # a field that is absent, not null
+MAX_RECORD_DEPTH = 16  # nested lists/objects in a record or a SQuAD document (SQuAD v1.1 itself nests 9)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,24 @@ def validate_examples(examples: Iterable[Example], source: str) -> list[Example]
 
 # ---------------------------------------------------------------------------------------------------------------
 # Record checks
+
+
+def check_depth(obj: object, label: str) -> None:
+    """Raise `too_deep(label)` if `obj` nests lists/objects more than MAX_RECORD_DEPTH levels (walked without
+    recursion, so a value nested 100,000 deep is one DataError line, not a RecursionError)."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_RECORD_DEPTH:
+                raise too_deep(label)
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+
+
+def too_deep(label: str) -> DataError:
+    return DataError(f"{label}: a value nested more than {MAX_RECORD_DEPTH} levels deep",
+                     fix="write each record as {context, question, answers} with a flat list of answers")
+
 
 
 def normalize_record(obj: object, where: Where, counters: Counters) -> dict:

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from latentgate.errors import ConfigError
+from latentgate.safety import load_yaml, refuse_loop
 from latentgate.schema import Calibration
 
 DEFAULT_PATH = Path(__file__).with_name("hero.yaml")  # package data; registry/hero.yaml in a checkout links here
@@ -258,13 +257,11 @@ def _criterion(path: Path, i: int, raw: Any) -> Criterion:
 def load_checklist(path: str | Path | None = None) -> Checklist:
     """Load and validate a checklist file (default: <repo>/registry/hero.yaml)."""
     path = Path(path) if path else DEFAULT_PATH
+    refuse_loop(path, "checklist")
     if not path.is_file():
         raise ConfigError(f"checklist {path} does not exist", f"pass --checklist <file> or restore {DEFAULT_PATH}")
-    text = path.read_bytes()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise _fail(path, f"invalid YAML ({str(err).splitlines()[0]})", "fix the file's syntax") from None
+    data = load_yaml(path, "checklist")  # bounded: size, nesting, no aliases or duplicate keys
+    text = path.read_bytes()  # what sha256 pins (at most safety.YAML_MAX_BYTES, as load_yaml checked)
     if not isinstance(data, dict):
         raise _fail(path, "expected a mapping at the top level", "see registry/hero.yaml")
     unknown = set(data) - {"version", "model_name", "alias", "eval_dataset_digest", "criteria", "calibration", "hero"}

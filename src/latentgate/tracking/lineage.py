@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 
 from latentgate.config import Config, config_hash
 from latentgate.errors import CheckpointError
+from latentgate.safety import refuse_loop
 from latentgate.schema import Artifact, Tag
 from latentgate.tracking.runs import local_artifacts, tracking_uri
 
@@ -125,6 +126,8 @@ def resolve_checkpoint(uri: str) -> Path:
             local = local / "artifacts" / "checkpoint"
         return local
     path = Path(uri)
+    for place in (path, path / Artifact.MANIFEST):  # a symlink loop is not "does not exist"
+        refuse_loop(place, "checkpoint path", CheckpointError)
     if not (path / Artifact.MANIFEST).exists():
         raise CheckpointError(f"checkpoint {uri} does not exist or has no manifest.json",
                               "pass a checkpoint folder, runs:/<id>/checkpoints/<stage>, or models:/<name>@<alias>")

@@ -27,7 +27,7 @@ from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
 from mlflow.utils.file_utils import local_file_uri_to_path
 
 from latentgate import distributed as dist
-from latentgate.errors import Interrupted, LatentgateError, StoreError  # noqa: F401 (Interrupted: re-exported)
+from latentgate.errors import ConfigError, Interrupted, LatentgateError, StoreError  # noqa: F401 (Interrupted: re-exported)
 from latentgate.schema import Artifact, MlflowTag, Tag
 from latentgate.tracking.secrets import mask_secrets
 from latentgate.tracking.tracker import MlflowTracker, NullTracker
@@ -180,6 +180,9 @@ def _setup_experiment(uri: str, name: str) -> str:
         raise
     except Exception as err:  # an unusable store: one line naming it, not a traceback
         first = (str(err).splitlines() or [""])[0][:200]
+        if "'name' exceeds the maximum length" in first:  # the name is the problem, not the store
+            raise ConfigError(f"the experiment name ({len(name)} characters) is too long for MLflow: {first}",
+                              "shorten run.experiment") from None
         raise StoreError(f"tracking store {mask_secrets(uri)} is unusable: {mask_secrets(first)}",
                          "check MLFLOW_TRACKING_URI (and that the folder is writable)") from None
     return uri

@@ -166,10 +166,12 @@ def _save_lora(tmp: Path, lora_model, modules: dict[str, torch.nn.Module], sizes
     lora_dir = tmp / LORA_DIR
     try:
         lora_model.save_pretrained(str(lora_dir), safe_serialization=True)
-    except Exception as err:  # safetensors reports a full disk as SafetensorError, naming no file
+    except Exception as err:  # safetensors reports a full disk as SafetensorError, peft's JSON writes as a bare
+        if isinstance(err, OSError) and err.filename:  # OSError: neither names the file
+            raise
         for code in (28, 27):  # ENOSPC, EFBIG
             if os.strerror(code).lower() in str(err).lower():
-                raise OSError(code, os.strerror(code), str(lora_dir)) from err
+                raise OSError(code, os.strerror(code), str(_being_written(tmp, err))) from err
         raise
     files = {}
     for path in sorted(p for p in lora_dir.rglob("*") if p.is_file()):
@@ -182,6 +184,12 @@ def _save_lora(tmp: Path, lora_model, modules: dict[str, torch.nn.Module], sizes
                               "safetensors adapters")
     fsync_dir(lora_dir)
     return {"files": files, "params": saved}
+
+
+def _being_written(tmp: Path, err: Exception) -> Path:
+    """The file a failed adapter save was writing: the weights for a safetensors error (it removes its partial
+    file), else the adapter folder (peft's JSON and README writes raise a bare OSError)."""
+    return tmp / LORA_WEIGHTS if type(err).__name__ == "SafetensorError" else tmp / LORA_DIR
 
 
 def _check_parts(d: Path, manifest: dict, modules: dict, lora_model, optimizer, scheduler, allow_extra: bool) -> None:

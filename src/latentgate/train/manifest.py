@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from latentgate.errors import CheckpointError
-from latentgate.safety import check_relative, ensure_inside
+from latentgate.safety import check_relative, ensure_inside, refuse_loop
 from latentgate.schema import Artifact
 
 MANIFEST = Artifact.MANIFEST
@@ -98,6 +98,7 @@ def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
 def read_manifest(directory: str | os.PathLike) -> dict:
     """Parse and sanity-check `<directory>/manifest.json` (no hashing; see `verify_checkpoint`)."""
     d = Path(directory)
+    refuse_loop(d, "checkpoint path", CheckpointError)
     if d.exists() and not d.is_dir():
         raise CheckpointError(f"checkpoint path {d} is not a directory", "pass the checkpoint directory")
     if not d.exists():
@@ -106,6 +107,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
                 else "check the path, or train first so that a checkpoint is written there")
         raise CheckpointError(f"checkpoint directory {d} does not exist", hint)
     mpath = d / MANIFEST
+    refuse_loop(mpath, "checkpoint manifest", CheckpointError)
     if not mpath.is_file():
         raise CheckpointError(f"checkpoint {d} has no {MANIFEST}",
                               "it is incomplete or not a latentgate checkpoint; re-save it with save_checkpoint")
@@ -148,6 +150,7 @@ def verify_checkpoint(directory: str | os.PathLike) -> dict:
     sizes = manifest.get("sizes") or {}
     for rel, digest in _all_files(manifest).items():
         path = d / rel
+        refuse_loop(path, f"checkpoint file {rel}", CheckpointError)
         if path.is_symlink() or path.exists():  # a symlink (or linked folder) pointing outside is never followed
             ensure_inside(d, path, f"checkpoint file {rel}")
         if not path.is_file():
