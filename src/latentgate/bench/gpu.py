@@ -87,7 +87,7 @@ def gpu_stage_b(cfg: Config, device: torch.device, steps: int = 8, warm: int = 2
     ws.adapter.train()
     ws.lm.train()
     batches = [[train[i] for i in batch_indices(len(train), st.batch_size, k, st.seed)] for k in range(steps)]
-    counted = [step_flops(ws, b) for b in batches[warm:]]  # outside the timed region (it tokenizes on the host)
+    counted = [step_flops(ws, st, b) for b in batches[warm:]]  # outside the timed region (it tokenizes on the host)
     flops, tokens = sum(f for f, _ in counted), sum(n for _, n in counted)
     syncs = None
     for k, examples in enumerate(batches):
