@@ -222,3 +222,38 @@ def test_anchor_answer_merge_fallback_warns(sp_ws):
                             anchor_ids=tuple(tok(anchor, add_special_tokens=False)["input_ids"]))
     with pytest.warns(UserWarning, match="merges with the anchor"):
         encode_answers(c, tok, ["er : paris"])
+
+
+# ---- the GPU check ---------------------------------------------------------------------------------------------
+
+def test_gpu_check_runs_end_to_end_tiny(mlflow_store, tmp_path):
+    """`python -m latentgate.bench.gpu_check --tiny`: all three rows measured on this machine with tiny shapes, one
+    table printed, the figures in gpu_check.json."""
+    import json
+
+    from click.testing import CliRunner
+
+    from latentgate.bench.gpu_check import gpu_check
+
+    result = CliRunner().invoke(gpu_check, ["--tiny", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = {r["key"]: r for r in json.loads((tmp_path / "gpu_check.json").read_text())["rows"]}
+    assert list(rows) == ["smollm2_smoke", "llama8b_step", "generation"]
+    assert all(r["status"] == "info" and r["measured"].startswith("tiny") for r in rows.values()), rows
+    assert 0.0 <= rows["smollm2_smoke"]["value"] <= 1.0 and rows["smollm2_smoke"]["details"]["wall_seconds"] > 0
+    step = rows["llama8b_step"]["details"]
+    assert step["tokens_per_s"] > 0 and step["plan_bytes"] > 0 and step["steps"] == 2
+    gen = rows["generation"]["details"]
+    assert gen["identical"] == gen["n"] == 8  # the same model and batches: HF generate gives our tokens
+    table = result.output[result.output.index("what"):]
+    assert table.count("tiny") == 3 and "ERROR" not in table
+
+
+def test_gpu_check_says_not_measured_without_cuda(tmp_path):
+    from latentgate.bench.gpu_check import CheckOptions, run_gpu_check
+    from latentgate.bench.report import NOT_MEASURED
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present: the rows are measured")
+    rows = run_gpu_check(CheckOptions(tiny=False, smollm2=tmp_path / "smollm2", out_dir=tmp_path))
+    assert [r.status for r in rows] == [NOT_MEASURED] * 3 and all("no CUDA" in r.measured for r in rows)
