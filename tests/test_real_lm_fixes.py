@@ -11,6 +11,8 @@ import warnings
 import pytest
 import torch
 
+import test_contract_losses as contract_tests  # their checks, run here on the SentencePiece LM
+import test_real_lm as real_lm_tests
 from latentgate import config
 from latentgate.data.records import Example
 from latentgate.errors import ConfigError
@@ -181,6 +183,21 @@ def test_chat_answers_end_with_the_turn_end_not_eos(sp_lm_dir):
 
 
 # ---- SentencePiece --------------------------------------------------------------------------------------------
+
+CONTRACT_TESTS = [contract_tests.test_golden_layout_training_equals_generation,
+                  contract_tests.test_first_k_and_tf_targets_agree, contract_tests.test_kd_alignment_on_mixed_lengths,
+                  contract_tests.test_teacher_pass_runs_without_lora,
+                  real_lm_tests.test_bpe_generation_prefix_equals_training_prefix,
+                  real_lm_tests.test_generation_stops_at_any_stop_id,
+                  real_lm_tests.test_each_adapter_gets_gradients_exactly_where_it_should]
+
+
+@pytest.mark.parametrize("check", CONTRACT_TESTS, ids=lambda f: f.__name__)
+def test_sentencepiece_passes_the_contract_and_loss_tests(sp_lm_dir, check):
+    """The word-level and byte-level BPE LMs' own contract, loss, generation and gradient tests, on the
+    SentencePiece LM (a fresh workspace each: some attach LoRA)."""
+    check(_ws(sp_lm_dir))
+
 
 def test_sentencepiece_contract_matches_how_the_lm_reads_text(sp_ws):
     ws, tok, c = sp_ws, sp_ws.tokenizer, sp_ws.contract
