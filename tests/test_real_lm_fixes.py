@@ -146,6 +146,11 @@ def test_encoder_truncation_keeps_the_question_whole(ws_fixture, request):
     assert len(row) == 40 and row[-len(question):] == question  # the question and its label, whole, at the end
     head = tok("context : " + base.context, add_special_tokens=True)["input_ids"][:8]
     assert row[:8] == head  # BOS (when the tokenizer adds one), the label and the context's first words are kept
+    tok.model_max_length, before = 32, tok.model_max_length  # an encoder's own limit (MiniLM: 512) caps max_len
+    try:
+        assert EncoderTokenizer(tok, max_len=40).max_len == 32
+    finally:
+        tok.model_max_length = before
     short = ids[1][mask[1].bool()].tolist()
     from latentgate.model.latent import encoder_text
 

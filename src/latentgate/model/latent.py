@@ -152,7 +152,7 @@ class EncoderTokenizer:
 
     def __init__(self, tokenizer, max_len: int = 512, padding_side: str = "right"):
         self.tokenizer = tokenizer
-        self.max_len = max_len
+        self.max_len = min(max_len, getattr(tokenizer, "model_max_length", max_len))  # MiniLM reads at most 512
         self.padding_side = padding_side
 
     def __call__(self, examples, device) -> tuple[torch.Tensor, torch.Tensor]:
