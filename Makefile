@@ -11,7 +11,7 @@ export MALLOC_TOP_PAD_ ?= 268435456
 export MALLOC_MMAP_THRESHOLD_ ?= 268435456
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install smoke smollm2 test test-all bench lint clean
+.PHONY: install smoke smollm2 test test-all bench gpu-check lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -43,8 +43,11 @@ test-all: install  ## including slow tests
 bench: install  ## side-by-side performance ratios (README's table)
 	$(PY) -m latentgate.bench
 
+gpu-check: install  ## on a GPU machine, <= 8 min on one H100: SmolLM2 smoke in bf16, a Llama-3-8B-shaped step, generation vs HF (docs/gpu.md)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 $(PY) -m latentgate.bench.gpu_check
+
 lint: install
 	$(VENV)/bin/ruff check src tests
 
 clean:  ## local run outputs (never committed)
-	rm -rf runs mlartifacts mlruns mlflow.db
+	rm -rf runs mlartifacts mlruns mlflow.db gpu-check-out

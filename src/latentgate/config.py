@@ -168,6 +168,9 @@ class Config:
             raise ConfigError("model.prompt_format=chat needs a tokenizer with a chat template; the builtin LM has "
                               "none",
                               "use model.prompt_format=plain, or set base.name to a chat model")
+        if self.base.dtype == "float16":  # training runs no GradScaler: fp16 gradients would underflow unseen
+            raise ConfigError("base.dtype=float16 needs a gradient scaler, which training does not use",
+                              "set base.dtype=bfloat16 (or auto, float32)")
         for section in dataclasses.fields(self):
             obj = getattr(self, section.name)
             for f in dataclasses.fields(obj):

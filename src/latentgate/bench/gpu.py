@@ -6,17 +6,19 @@ import time
 import warnings
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from latentgate.bench.generation import batched_generate, latent_prefixes
 from latentgate.bench.report import INFO, Row, judge, not_measured
 from latentgate.config import Config, resolve
+from latentgate.errors import ConfigError
 from latentgate.model.base_lm import build_builtin_lm, builtin_tokenizer, embedding_rms, freeze, resolve_dtype
 from latentgate.model.contract import PrefixContract
 from latentgate.model.latent import build_latent_modules
 from latentgate.model.lora import attach_lora
 from latentgate.train.flops import step_flops
 from latentgate.train.trainer import batch_indices, build_optimizer, stage_step
-from latentgate.train.workspace import Workspace, load_splits, set_threads
+from latentgate.train.workspace import Workspace, enable_gradient_checkpointing, load_splits, set_threads
 
 # ---- 6. GPU ---------------------------------------------------------------------------------------------------
 
@@ -36,22 +38,48 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def direct_workspace(cfg: Config, device: torch.device, vocab_size: int | None = None, stage: str = "stage_b"):
+def direct_workspace(cfg: Config, device: torch.device, vocab_size: int | None = None, stage: str = "stage_b",
+                     shape: dict | None = None):
     """A Workspace built in memory on `device` (a 1B model is not worth a round trip through disk): the builtin
-    tokenizer, a Llama from config in base.dtype, the encoder/adapter, and LoRA for Stage B."""
+    tokenizer, a Llama from config in base.dtype (`shape`: LlamaConfig fields of another shape, e.g.
+    `memory_arch.SHAPES["llama-3-8b"]`, created directly in that dtype), the encoder/adapter, gradient checkpointing
+    when the config asks, and LoRA for Stage B."""
     set_threads(cfg.run.threads)
     tok = builtin_tokenizer(cfg)
+    dtype = resolve_dtype(cfg.base.dtype, device)
     with torch.device(device):
-        lm = build_builtin_lm(cfg, vocab_size or len(tok), tok)
-    lm = freeze(lm.to(resolve_dtype(cfg.base.dtype, device)))
+        if shape is None:
+            lm = build_builtin_lm(cfg, vocab_size or len(tok), tok)
+        else:
+            lm = shaped_lm(shape, tok, dtype)
+    lm = freeze(lm.to(dtype))
     contract = PrefixContract.for_config(cfg, tok)
     ws = Workspace(cfg, device, lm, tok, contract, load_splits(cfg))
     ws.encoder, ws.adapter, ws.enc_tok = build_latent_modules(cfg, lm, tok, embedding_rms(lm))
     ws.encoder.to(device)
     ws.adapter.to(device)
+    if cfg.base.gradient_checkpointing:
+        enable_gradient_checkpointing(lm, ws.encoder)
     if stage == "stage_b":
         ws.lm, ws.lora_counts = attach_lora(ws.lm, cfg)
     return ws
+
+
+def shaped_lm(shape: dict, tok, dtype: torch.dtype):
+    """A randomly initialised Llama of `shape` (LlamaConfig fields), its parameters created in `dtype` (an 8B model
+    never exists in fp32), on the current default device. The tokenizer's ids must fit the shape's vocabulary."""
+    lcfg = LlamaConfig(**shape, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    if lcfg.vocab_size < len(tok):
+        raise ConfigError(f"shape vocabulary {lcfg.vocab_size} is smaller than the tokenizer's {len(tok)}",
+                          "use a larger vocab_size in the shape")
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        torch.manual_seed(0)
+        return LlamaForCausalLM(lcfg)
+    finally:
+        torch.set_default_dtype(before)
 
 
 def check_placement(ws) -> dict:
@@ -87,7 +115,7 @@ def gpu_stage_b(cfg: Config, device: torch.device, steps: int = 8, warm: int = 2
     ws.adapter.train()
     ws.lm.train()
     batches = [[train[i] for i in batch_indices(len(train), st.batch_size, k, st.seed)] for k in range(steps)]
-    counted = [step_flops(ws, b) for b in batches[warm:]]  # outside the timed region (it tokenizes on the host)
+    counted = [step_flops(ws, st, b) for b in batches[warm:]]  # outside the timed region (it tokenizes on the host)
     flops, tokens = sum(f for f, _ in counted), sum(n for _, n in counted)
     syncs = None
     for k, examples in enumerate(batches):
@@ -95,9 +123,9 @@ def gpu_stage_b(cfg: Config, device: torch.device, steps: int = 8, warm: int = 2
             sync()
             t0 = time.perf_counter()
         if device.type == "cuda" and k == warm - 1:
-            syncs = _count_syncs(_one_step, ws, examples, st, k, gen, opt, sched, trainable)
+            syncs = _count_syncs(one_step, ws, examples, st, k, gen, opt, sched, trainable)
         else:
-            _one_step(ws, examples, st, k, gen, opt, sched, trainable)
+            one_step(ws, examples, st, k, gen, opt, sched, trainable)
     sync()
     dt = time.perf_counter() - t0
     peak = peak_flops(device)
@@ -118,7 +146,7 @@ def gpu_stage_b(cfg: Config, device: torch.device, steps: int = 8, warm: int = 2
     return out
 
 
-def _one_step(ws, examples, st, k, gen, opt, sched, trainable) -> None:
+def one_step(ws, examples, st, k, gen, opt, sched, trainable) -> None:
     out = stage_step(ws, examples, st, k, gen)
     out.total.backward()
     torch.nn.utils.clip_grad_norm_(trainable, st.clip_norm if st.clip_norm > 0 else float("inf"))

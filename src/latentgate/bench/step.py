@@ -22,7 +22,6 @@ from latentgate.bench.timing import (
 )
 from latentgate.config import Config, flatten, resolve
 from latentgate.model.contract import build_latent_batch, build_text_batch, encode_answers, text_prompt
-from latentgate.model.latent import encoder_text
 from latentgate.train.trainer import batch_indices, build_optimizer, train_stage
 
 # ---- 3. trainer step vs bare loop -----------------------------------------------------------------------------
@@ -35,7 +34,7 @@ def prepare_bare_batch(ws, examples) -> dict:
     """Everything the trainer derives from text, done once: encoder ids, the teacher's text batch, the student's
     constant prefix/answer embeddings (the LM is frozen), attention mask and HF labels."""
     answers = encode_answers(ws.contract, ws.tokenizer, [e.answer for e in examples])
-    ids, mask = ws.enc_tok([encoder_text(e.context, e.question) for e in examples], ws.device)
+    ids, mask = ws.enc_tok(examples, ws.device)
     with torch.no_grad():
         prompts = [text_prompt(e.context, e.question) for e in examples]
         tb = build_text_batch(ws.contract, ws.tokenizer, ws.embed, prompts, answers)

@@ -15,7 +15,6 @@ and is not counted; nor is eval, the same at both scales. Wall time is each chai
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import tempfile
@@ -120,8 +119,7 @@ def micro_step_flops(cfg: Config, base_run: str) -> dict[str, float]:
     out = {}
     for stage in STAGES:
         st = getattr(cfg, stage)
-        ws.cfg = dataclasses.replace(cfg, stage_b=st)  # step_flops reads the KD weight of stage_b
-        out[stage] = step_flops(ws, ws.splits["train"][: st.batch_size])[0]
+        out[stage] = step_flops(ws, st, ws.splits["train"][: st.batch_size])[0]
     return out
 
 

@@ -9,8 +9,10 @@ Text (teacher) path:    [head] "context : ... question : ..." [anchor] -> answer
 user header | end of turn, assistant header). Both paths use the same head and anchor ids, by construction.
 
 Answers are the ids the LM sees AFTER the anchor (`" Paris"` after a plain prompt, not `"Paris"` on its own), plus
-the end token only when `answer_end=eos`: an LM is never scored on an end token it would not emit. Generation stops
-at any end-token id (tokenizer + generation_config) or at a token containing a stop string.
+the end token only when `answer_end=eos`: an LM is never scored on an end token it would not emit. With chat prompts
+the end token is the one the template closes an assistant turn with (`end_of_turn_id`), else the tokenizer's EOS.
+Generation stops at any end-token id (tokenizer + generation_config + end of turn) or at a token containing a stop
+string.
 
 Training losses, probes, evaluation and generation all build their inputs here, so the layout cannot drift
 between them (the predecessor applied a different anchor, chat header and gain at eval). Sequences are
@@ -20,6 +22,7 @@ right-padded; every consumer reads answer logits through the explicit index map 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -28,6 +31,7 @@ IGNORE = -100
 TEXT_BODY = "context : {context} question : {question}"
 BUDGET_BODY = "question : {question} context : {context}"
 _SLOT = "\x00LATENTGATE_SLOT\x00"  # stands for the user message when the chat template is split
+_REPLY = "\x00LATENTGATE_REPLY\x00"  # stands for the assistant's reply when the end-of-turn token is read
 
 
 @dataclass(frozen=True)
@@ -68,8 +72,11 @@ class PrefixContract:
             raise ValueError(f"anchor {anchor_text!r} tokenizes to nothing")
         end_ids = end_token_ids(tokenizer, generation_config)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[0]
-        end_id = tokenizer.eos_token_id if answer_end == "eos" else None
-        stops = tuple(sorted(set(end_ids) | set(_ids_containing(tokenizer, stop_strings))))
+        turn_end = end_of_turn_id(tokenizer) if prompt_format == "chat" else None
+        if turn_end is None:
+            turn_end = tokenizer.eos_token_id
+        end_id = turn_end if answer_end == "eos" else None
+        stops = tuple(sorted(set(end_ids) | {turn_end} - {None} | set(_ids_containing(tokenizer, stop_strings))))
         return cls(num_latents, head, anchor_ids, anchor_text, sep, end_id, stops, tuple(stop_strings), pad,
                    tokenizer.bos_token_id, anchor, prompt_format)
 
@@ -106,6 +113,19 @@ def end_token_ids(tokenizer, generation_config=None) -> list[int]:
     if not ids:
         raise ValueError("the tokenizer has no end token and generation_config lists none")
     return list(dict.fromkeys(ids))
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token the chat template closes an assistant turn with (ChatML `<|im_end|>`, Gemma `<end_of_turn>`,
+    Llama-3 `<|eot_id|>`), which need not be the tokenizer's EOS: a user + assistant exchange is rendered and the first
+    token after the reply is read. None when the template puts no special token there (the caller uses EOS)."""
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _REPLY}]
+    rendered = tokenizer.apply_chat_template(turns, tokenize=False)
+    if _REPLY not in rendered:
+        return None
+    after = tokenizer(rendered.split(_REPLY, 1)[1], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    return after[0] if after and after[0] in special else None
 
 
 def _ids_containing(tokenizer, stop_strings) -> list[int]:
@@ -152,8 +172,12 @@ def encode_answers(contract: PrefixContract, tokenizer, answers: list[str]) -> l
     for a, ids in zip(answers, joint):
         if list(ids[: len(anchor)]) == anchor:
             ids = list(ids[len(anchor) :])
-        else:  # a merge across the boundary (rare): the answer as the LM would start it on its own
+        else:  # a merge across the boundary (rare): the answer as the LM would start it on its own, said aloud
             ids = tokenizer(contract.answer_sep + a, add_special_tokens=False)["input_ids"]
+            warnings.warn(f"latentgate: answer {a!r} merges with the anchor {contract.anchor_text!r} when tokenized "
+                          "after it; its target ids are tokenized on their own, which is not what the LM reads (fix: "
+                          "end the anchor, model.anchor or the chat template's assistant header, on a token boundary)",
+                          stacklevel=2)
         if not ids:
             raise ValueError(f"answer {a!r} tokenizes to nothing")
         out.append(list(ids) + end)

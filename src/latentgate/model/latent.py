@@ -144,21 +144,49 @@ class Adapter(nn.Module):
 
 
 class EncoderTokenizer:
-    """Tokenizes encoder text with the encoder's own tokenizer (the LM's, or MiniLM's)."""
+    """Tokenizes an example's encoder text (`encoder_text`: context, then question) with the encoder's own tokenizer
+    (the LM's, or MiniLM's). A text over `max_len` tokens loses the END OF ITS CONTEXT, never the question: the
+    tokens that overlap the context's characters are dropped from its end until the row fits (the question, the
+    special tokens and the "context :" / "question :" labels stay whole). Only when the rest alone is over
+    `max_len` are its first tokens cut as well. Texts that fit are tokenized exactly as one string."""
 
     def __init__(self, tokenizer, max_len: int = 512, padding_side: str = "right"):
         self.tokenizer = tokenizer
-        self.max_len = max_len
+        self.max_len = min(max_len, getattr(tokenizer, "model_max_length", max_len))  # MiniLM reads at most 512
         self.padding_side = padding_side
 
-    def __call__(self, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.tokenizer(texts, add_special_tokens=True, padding=True, truncation=True,
-                             max_length=self.max_len, return_tensors="pt", padding_side=self.padding_side)
-        return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    def __call__(self, examples, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`examples`: anything with `.context` and `.question` (data.records.Example). -> (ids, attention mask)."""
+        texts = [encoder_text(e.context, e.question) for e in examples]
+        enc = self.tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
+        rows = [ids if len(ids) <= self.max_len else self._fit(ids, offsets, e.context)
+                for ids, offsets, e in zip(enc["input_ids"], enc["offset_mapping"], examples)]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            sl = slice(width - len(r), width) if self.padding_side == "left" else slice(0, len(r))
+            ids[i, sl] = torch.tensor(r, dtype=torch.long)
+            mask[i, sl] = 1
+        return ids.to(device), mask.to(device)
+
+    def _fit(self, ids: list[int], offsets, context: str) -> list[int]:
+        """Drop the last tokens that overlap the context's characters until the row fits `max_len`."""
+        over = len(ids) - self.max_len
+        start = ENCODER_TEXT.index("{context}")  # the context follows a fixed label
+        end = start + len(context)
+        in_context = [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
+        drop = set(in_context[len(in_context) - over:] if over < len(in_context) else in_context)
+        kept = [t for i, t in enumerate(ids) if i not in drop]
+        return kept[len(kept) - self.max_len:]
+
+
+ENCODER_TEXT = "context : {context} question : {question}"
 
 
 def encoder_text(context: str, question: str) -> str:
-    return f"context : {context} question : {question}"
+    return ENCODER_TEXT.format(context=context, question=question)
 
 
 def build_latent_modules(cfg: Config, lm, lm_tokenizer, target_rms: float):

@@ -16,7 +16,7 @@ from latentgate.data.synthetic import SyntheticSpec, make_splits
 from latentgate.errors import ConfigError
 from latentgate.model.base_lm import base_reference, embedding_rms, freeze, load_lm
 from latentgate.model.contract import PrefixContract
-from latentgate.model.latent import build_latent_modules, encoder_text
+from latentgate.model.latent import build_latent_modules
 
 
 def resolve_device(name: str) -> torch.device:
@@ -82,7 +82,7 @@ class Workspace:
 
     def latents(self, examples: list[Example]) -> torch.Tensor:
         """Encoder + adapter: [B, M, H] soft tokens for these examples."""
-        ids, mask = self.enc_tok([encoder_text(e.context, e.question) for e in examples], self.device)
+        ids, mask = self.enc_tok(examples, self.device)
         return self.adapter(self.encoder(ids, mask))
 
     @property
