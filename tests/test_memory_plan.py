@@ -290,15 +290,49 @@ def llama3_arch():
     return lm_arch(_llama3())
 
 
-def test_llama_3_8b_lm_self_bf16_checkpointed_fits_in_40_gb(llama3_arch):
+def test_llama_3_8b_lm_self_bf16_checkpointed_fits_in_40_gb_not_24_gb(llama3_arch):
+    """Batch 8, 512 text tokens, the default 128-example probe. Each stage peaks at its probe's encoder pass (the
+    whole probe set through the LM at once): ~23.3 GiB of live tensors + ~2.8 GiB of CUDA overhead. So a 24 GB card
+    is refused at the probe and a 40 GB card holds both stages; eval at its default batch 200 needs ~44 GiB (text
+    generation: KV cache + prefill) and is refused there, batch 64 fits."""
     cfg = _llama3("model.encoder=lm_self", "base.gradient_checkpointing=true", "base.dtype=bfloat16")
-    plan = mp.plan_memory(cfg, 512, device="cuda", arch=llama3_arch)
-    for stage in ("stage_a", "stage_b"):
+    plan = mp.plan_memory(cfg, 512, device="cuda", arch=llama3_arch, world_size=1)
+    for stage, gib in (("stage_a", 26.1), ("stage_b", 26.2)):
         sp = plan.stage(stage)
         assert sp.parts["frozen"] == 8_030_261_248 * 2
-        assert sp.peak <= 40e9, (stage, sp.peak / 1e9)
+        assert sp.peak / mp.GiB == pytest.approx(gib, rel=0.03), (stage, sp.peak / mp.GiB)
+        assert sp.at == "probe encoder" and sp.phases["probe encoder"] > 1.5 * sp.phases["loss"]
+        assert sp.peak - sp.live_peak == mp.cuda_overhead(sp.live_peak)  # context + allocator margin
         assert sp.peak_alt > sp.peak  # without checkpointing it needs more
-    fit.check_fits(cfg, "cuda", memory_bytes=int(80e9), arch=llama3_arch)  # no error
+    assert plan.stage("eval").peak / mp.GiB == pytest.approx(44.3, rel=0.03)
+    assert plan.stage("eval").at == "text generation"
+    training = ("stage_a", "stage_b")
+    fit.check_fits(cfg, "cuda", memory_bytes=int(40e9), stages=training, arch=llama3_arch, world_size=1)  # no error
+    with pytest.raises(ConfigError, match=r"^Stage A needs 26\.1 GiB \(peak at its probe encoder, CUDA overhead "
+                                          r"2\.8 GiB included\), the device has 22\.4 GiB") as err:
+        fit.check_fits(cfg, "cuda", memory_bytes=int(24e9), stages=training, arch=llama3_arch, world_size=1)
+    assert "data.n_probe" in err.value.fix
+    with pytest.raises(ConfigError, match=r"^eval needs 44\.3 GiB .*the device has 37\.3 GiB"):
+        fit.check_fits(cfg, "cuda", memory_bytes=int(40e9), stages=("eval",), arch=llama3_arch, world_size=1)
+    smaller = _llama3("model.encoder=lm_self", "base.gradient_checkpointing=true", "base.dtype=bfloat16",
+                      "eval.batch_size=64")
+    fit.check_fits(smaller, "cuda", memory_bytes=int(40e9), stages=("eval",), arch=llama3_arch, world_size=1)
+
+
+def test_each_rank_plans_its_share_of_the_batch(llama3_arch, monkeypatch):
+    """Eight ranks at global batch 64 run 8 rows each: the training moments equal one rank at batch 8; the probe and
+    eval (the whole probe set on each rank, eval on rank 0) do not shrink. WORLD_SIZE (torchrun's) is the default."""
+    sets = ("model.encoder=lm_self", "base.gradient_checkpointing=true", "base.dtype=bfloat16")
+    one = mp.plan_memory(_llama3(*sets), 512, device="cuda", arch=llama3_arch, world_size=1)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    eight = mp.plan_memory(_llama3(*sets, "stage_a.batch_size=64", "stage_b.batch_size=64"), 512, device="cuda",
+                           arch=llama3_arch)
+    alone = mp.plan_memory(_llama3(*sets, "stage_a.batch_size=64", "stage_b.batch_size=64"), 512, device="cuda",
+                           arch=llama3_arch, world_size=1)
+    assert eight.target.world_size == 8
+    for stage in ("stage_a", "stage_b", "eval"):
+        assert eight.stage(stage).phases == one.stage(stage).phases
+    assert alone.stage("stage_a").phases["loss"] > 7 * one.stage("stage_a").phases["loss"]
 
 
 def test_llama_3_8b_lm_copy_fp32_is_refused_on_an_80_gb_device(llama3_arch):
@@ -349,3 +383,23 @@ def test_plan_command_refuses_what_does_not_fit():
                      "--set", "run.device=cuda", "--dtype", "float32", "--device-memory-gib", "80")
     assert result.exit_code == 2
     assert "Stage A needs" in result.output and "(fix: " in result.output
+
+
+# ---- (d) the phases check before they run ------------------------------------------------------------------------
+
+def test_eval_is_memory_checked_before_it_loads_anything(bpe_lm_dir, tmp_path, monkeypatch):
+    """run_eval refuses an eval batch the machine cannot hold before it opens a run or reads the checkpoint (which
+    does not exist here), naming the eval, the moment of its peak and both figures; the stage check covers the probe."""
+    from latentgate.phases.stages import check_memory, run_eval
+    from latentgate.tracking.lineage import BaseLM
+    from latentgate.train.workspace import load_splits
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # were a run opened after all
+    cfg = config.resolve("micro", {"base.name": str(bpe_lm_dir), "eval.batch_size": 10**7, "run.device": "cpu"})
+    splits = load_splits(cfg)
+    with pytest.raises(ConfigError, match=r"^eval needs [\d.]+ GiB \(peak at its \w[\w ]+\), the device has") as err:
+        run_eval(cfg, BaseLM(str(bpe_lm_dir), "no-run", "external"), tmp_path / "missing", tmp_path, splits)
+    assert err.value.fix == "lower eval.batch_size"
+    check_memory(cfg, "stage_a", str(bpe_lm_dir), splits)  # the stage (probe included) fits
+    sp = mp.plan_memory(cfg, 64, device="cpu", stages=("stage_a",)).stage("stage_a")
+    assert {"probe encoder", "probe scoring", "probe generation"} <= set(sp.phases)

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from latentgate.errors import ConfigError
+
 IGNORE = -100
 TEXT_BODY = "context : {context} question : {question}"
 BUDGET_BODY = "question : {question} context : {context}"
@@ -150,14 +152,17 @@ class PrefixBatch:
 
 
 def answer_logits(lm, batch: PrefixBatch) -> torch.Tensor:
-    """Logits at the answer positions only: [B, T, V]. Only the tail of the sequence goes through the LM head."""
-    seq_len = batch.inputs_embeds.shape[1]
-    start = int(batch.answer_pos.min())
+    """Logits at the answer positions only: [B, T, V]. The LM's last hidden states are gathered at `answer_pos`
+    first and only those B x T rows go through the LM head (transformers' 2-D `logits_to_keep`), so the logits grow
+    with the answer length, never with the prompt's: at a 128k vocabulary, keeping every row from the earliest
+    answer position to the end of a right-padded text batch cost tens of GiB at eval batch 200."""
     out = lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, use_cache=False,
-             logits_to_keep=seq_len - start)
-    logits = out.logits
-    idx = (batch.answer_pos - start).unsqueeze(-1).expand(-1, -1, logits.shape[-1])
-    return logits.gather(1, idx)
+             logits_to_keep=batch.answer_pos)
+    if out.logits.shape[:2] != batch.answer_pos.shape:  # a model whose forward ignores a 2-D logits_to_keep
+        raise ConfigError(f"{type(lm).__name__} returned logits of shape {tuple(out.logits.shape)} for "
+                          f"{tuple(batch.answer_pos.shape)} answer positions",
+                          "use a causal LM whose forward takes a 2-D logits_to_keep (transformers >= 5)")
+    return out.logits
 
 
 def encode_answers(contract: PrefixContract, tokenizer, answers: list[str]) -> list[list[int]]:

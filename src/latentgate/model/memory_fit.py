@@ -9,7 +9,7 @@ import torch
 
 from latentgate.config import Config, apply_overrides
 from latentgate.errors import ConfigError
-from latentgate.model.memory_plan import CUDA_HEADROOM, DEFAULT_SEQ_LEN, GiB, MemoryPlan, plan_memory
+from latentgate.model.memory_plan import DEFAULT_SEQ_LEN, GiB, MemoryPlan, plan_memory
 
 # ---- device capacity, the check, the table ----------------------------------------------------------------------
 
@@ -35,6 +35,8 @@ def _fixes(plan: MemoryPlan, stage: str, capacity: int) -> str:
     cfg, t = plan.cfg, plan.target
     if stage == "eval":
         return "lower eval.batch_size"
+    if plan.stage(stage).at.startswith("probe"):
+        return "lower data.n_probe (the probe runs the whole probe set in one batch)"
     batch = getattr(cfg, stage).batch_size
     candidates = []
     if not t.ckpt:
@@ -64,36 +66,29 @@ def _replan(plan: MemoryPlan, stage: str, change: dict) -> int:
     dtype = None if "base.dtype" in change else str(plan.target.dtype).removeprefix("torch.")
     new = plan_memory(cfg, plan.shapes.seq_len, device=plan.target.device_type, dtype=dtype,
                       answer_tokens=plan.shapes.answer_tokens, prefix_tokens=plan.shapes.prefix_tokens,
-                      arch=plan.arch, stages=(stage,))
+                      arch=plan.arch, stages=(stage,), world_size=plan.target.world_size)
     return new.stage(stage).peak
 
 
 def check_fits(cfg: Config, device: str | torch.device, seq_len: int = DEFAULT_SEQ_LEN,
                memory_bytes: int | None = None, stages=("stage_a", "stage_b", "eval"), **kwargs) -> MemoryPlan:
-    """Refuse a run that will not fit: ConfigError naming the first stage over the device's memory (on CUDA, 90% of
-    it: CUDA_HEADROOM), both figures, and the settings that lower it. Returns the plan when every stage fits.
-    For the training entry, before anything is loaded; `kwargs` go to `plan_memory` (dtype, answer_tokens,
-    prefix_tokens, arch)."""
+    """Refuse a run that will not fit: ConfigError naming the first stage over the device's memory, the moment of its
+    peak (e.g. its probe), both figures, and the settings that lower it. Returns the plan when every stage fits.
+    Called before a stage or an eval loads anything; `kwargs` go to `plan_memory` (dtype, answer_tokens,
+    prefix_tokens, arch, world_size)."""
     plan = plan_memory(cfg, seq_len, device=device, stages=stages, **kwargs)
     refuse_if_over(plan, memory_bytes if memory_bytes is not None else device_memory_bytes(device))
     return plan
 
 
-def usable_bytes(plan: MemoryPlan, capacity: int) -> int:
-    """What a stage may plan for on a device of `capacity` bytes (CUDA keeps CUDA_HEADROOM free)."""
-    return int(capacity * (1 - CUDA_HEADROOM)) if plan.target.device_type == "cuda" else capacity
-
-
 def refuse_if_over(plan: MemoryPlan, capacity: int | None) -> None:
     if not capacity:
         return
-    usable = usable_bytes(plan, capacity)
     for sp in plan.stages:
-        if sp.peak > usable:
-            kept = f" ({usable / GiB:.1f} GiB usable: {CUDA_HEADROOM:.0%} stays free for the allocator)" \
-                if usable < capacity else ""
-            raise ConfigError(f"{sp.label} needs {sp.peak / GiB:.1f} GiB, the device has {capacity / GiB:.1f} GiB"
-                              f"{kept}", _fixes(plan, sp.stage, usable))
+        if sp.peak > capacity:
+            cuda = f", CUDA overhead {sp.overhead / GiB:.1f} GiB included" if sp.overhead else ""
+            raise ConfigError(f"{sp.label} needs {sp.peak / GiB:.1f} GiB (peak at its {sp.at}{cuda}), the device has "
+                              f"{capacity / GiB:.1f} GiB", _fixes(plan, sp.stage, capacity))
 
 
 def plan_capacity(plan: MemoryPlan, memory_gib: float | None = None) -> int | None:
@@ -119,25 +114,26 @@ def format_plan(plan: MemoryPlan, capacity: int | None = None) -> str:
             f"{str(t.dtype).removeprefix('torch.')} on {t.device_type}; encoder {cfg.model.encoder}; "
             f"{sh.seq_len} text tokens, M={cfg.model.num_latents}, prefix {sh.prefix_tokens}, answer "
             f"{sh.answer_tokens}; gradient checkpointing {'on' if t.ckpt else 'off'}"
+            + (f"; {t.world_size} ranks (training batches per rank)" if t.world_size > 1 else "")
             + (f"; device {capacity / GiB:.1f} GiB" if capacity else ""))
     cols = ["stage", "batch", "frozen LM", "trainable", "grads", "AdamW", "logits", "acts ckpt off", "acts ckpt on",
-            "peak ckpt off", "peak ckpt on", "at", "fits"]
+            "CUDA", "peak ckpt off", "peak ckpt on", "at", "fits"]
     rows = []
     for sp in plan.stages:
         p = sp.parts
         on = (sp.activations_alt, p["activations"]) if t.ckpt else (p["activations"], sp.activations_alt)
         peaks = (sp.peak_alt, sp.peak) if t.ckpt else (sp.peak, sp.peak_alt)
         mark = (" ", "*") if t.ckpt else ("*", " ")
-        batch = cfg.eval.batch_size if sp.stage == "eval" else getattr(cfg, sp.stage).batch_size
-        fits = "-" if not capacity else ("yes" if sp.peak <= usable_bytes(plan, capacity) else "NO")
+        batch = cfg.eval.batch_size if sp.stage == "eval" else t.per_rank(getattr(cfg, sp.stage).batch_size)
+        fits = "-" if not capacity else ("yes" if sp.peak <= capacity else "NO")
         rows.append([sp.label, str(batch), _gib(p["frozen"]), _gib(p["trainable"]), _gib(p["grads"]),
-                     _gib(p["adam"]), _gib(p["logits"]), _gib(on[0]), _gib(on[1]),
+                     _gib(p["adam"]), _gib(p["logits"]), _gib(on[0]), _gib(on[1]), _gib(sp.overhead),
                      _gib(peaks[0]) + mark[0], _gib(peaks[1]) + mark[1], sp.at, fits])
     widths = [max(len(r[i]) for r in [cols] + rows) for i in range(len(cols))]
-    lines = ["  ".join(c.ljust(w) if i in (0, 11, 12) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    lines = ["  ".join(c.ljust(w) if i in (0, 12, 13) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in [cols] + rows]
-    foot = "GiB; * = the configured setting (base.gradient_checkpointing)"
+    foot = ("GiB per rank; * = the configured setting (base.gradient_checkpointing); CUDA: context + allocator margin"
+            " (memory_plan.cuda_overhead)")
     if capacity:
-        foot += f"; fits: the peak is within {usable_bytes(plan, capacity) / GiB:.1f} GiB"
-        foot += f" ({1 - CUDA_HEADROOM:.0%} of the device)" if plan.target.device_type == "cuda" else ""
+        foot += f"; fits: the peak is within {capacity / GiB:.1f} GiB"
     return "\n".join([head, "", *lines, "", foot])

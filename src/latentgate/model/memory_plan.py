@@ -17,7 +17,14 @@ backprop to the latents), the losses, backward, AdamW. The peak of a stage is th
     backward    = max(activations, grads) + one layer's gradient temporaries   (activations + grads if grad_accum > 1)
     optimizer   = grads + AdamW temporaries (CUDA foreach: one fp32 copy of the largest group; CPU: 2 x the largest
                   tensor)
-    peak        = frozen + trainable + AdamW states + max(teacher, loss, backward, optimizer)
+    probe       = the in-training probe (`eval.probe.run_probe`, every `probe_every` steps, gradients freed): the
+                  encoder's no-grad pass over the whole probe set, the scoring pass, greedy F1 (`memory_eval`)
+    peak        = frozen + trainable + AdamW states + max(teacher, loss, backward, optimizer, probe ...)
+
+Under data parallelism each rank runs 1/world of the training batch (`distributed.shard`): the plan is per rank
+(`Target.world_size`, from WORLD_SIZE). The probe runs the whole probe set on every rank; eval runs on rank 0.
+Eval (`memory_eval.eval_phases`): the encoder pass, then per path generation (KV cache) and the scoring pass, for the
+latent paths and, when eval.paths has one, the text-teacher paths (the longest text prompt).
 
 Encoders (`model.encoder`): `lm_copy` is a trainable fp32 copy of the LM body (everything trains);
 `lm_self` has no copy: the frozen LM encodes context + question + M memory tokens with an encoder-only LoRA
@@ -31,12 +38,13 @@ compute in half precision (their Linear inputs are kept as half copies) and auto
 trainable Linear weight until backward. Gradient checkpointing applies to the LM's own passes (decoding, the teacher,
 the lm_self encoding); the lm_copy body is copied before the workspace enables it, so it is not checkpointed.
 The figures are live tensor bytes of a steady-state step (AdamW states exist), checked against measured peaks of
-real steps on CPU in tests/test_memory_plan.py. Not counted: the CUDA context, cuBLAS workspaces and the caching
-allocator's fragmentation, which is why `check_fits` keeps CUDA_HEADROOM of a CUDA device free.
+real steps on CPU in tests/test_memory_plan.py (training) and tests/test_memory_measured.py (probe, eval). On CUDA
+the peak adds `cuda_overhead`: the CUDA context and library workspaces, and the caching allocator's fragmentation.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -44,6 +52,7 @@ import torch
 from latentgate.config import Config, resolve_auto
 from latentgate.model.base_lm import resolve_dtype
 from latentgate.model.memory_arch import Arch, lm_arch, scratch_encoder_arch
+from latentgate.model.memory_eval import eval_phases, probe_phases
 from latentgate.model.memory_layers import (
     Lora,
     backward_temp_per_token,
@@ -57,10 +66,18 @@ DEFAULT_SEQ_LEN = 512
 DEFAULT_ANSWER_TOKENS = 32  # a real LM's answers: a few words of BPE tokens, plus the end token
 PREFIX_TOKENS = {"plain": 8, "chat": 48}  # head + anchor ids of a real tokenizer (BOS + " answer :" / chat template)
 LOGIT_BYTES = {False: 12, True: 32}  # per answer logit, at the loss (kd off / on): tests/test_memory_plan.py measures
-CUDA_HEADROOM = 0.10  # planned bytes are live tensors; the caching allocator's fragmentation and the CUDA context
-# take more, so a CUDA stage fits only within 90% of the device
+# CUDA overhead beyond live tensors (not measured here: no GPU has run this code yet; the GPU check is to replace
+# these with measured figures). The CUDA context with the kernels of torch, cuBLAS and cuDNN loaded takes about
+# 300-500 MiB on an H100 with CUDA 12 lazy module loading (PyTorch "CUDA semantics" notes: the context and the
+# library handles are not reported by memory_allocated(); NVIDIA's lazy-loading docs), plus cuBLAS workspaces
+# (32 MiB per handle and stream on Hopper, CUBLAS_WORKSPACE_CONFIG): CUDA_CONTEXT takes the upper end.
+# The caching allocator rounds blocks and splits segments, so reserved memory exceeds live tensors; with the
+# varying shapes of eval and probes 10% of the live peak is a margin, not a bound (expandable_segments lowers it).
+CUDA_CONTEXT = 512 * 2**20
+CUDA_FRAGMENTATION = 0.10
 MINILM = dict(hidden=384, layers=6, heads=12, intermediate=1536, params=22_713_216)  # all-MiniLM-L6-v2, fp32
 STAGE_LABELS = {"stage_a": "Stage A", "stage_b": "Stage B", "eval": "eval"}
+PROBE_BATCH = 256  # eval.probe.run_probe's batch size: the whole probe set (data.n_probe, 128 by default) at once
 
 
 # ---- shapes, target, stages -------------------------------------------------------------------------------------
@@ -93,6 +110,11 @@ class Target:
     device_type: str  # "cuda" or "cpu"
     dtype: torch.dtype  # frozen LM weights
     ckpt: bool
+    world_size: int = 1  # data-parallel ranks: each runs 1/world_size of a training batch
+
+    def per_rank(self, batch: int) -> int:
+        """The rows one rank runs of a global batch (`distributed.shard` deals indices round-robin)."""
+        return -(-batch // self.world_size)
 
     @property
     def act(self) -> int:
@@ -103,9 +125,11 @@ class Target:
         return self.device_type == "cuda" and self.act != 4
 
 
-def target_for(cfg: Config, device: str | torch.device | None = None, dtype: str | None = None) -> Target:
+def target_for(cfg: Config, device: str | torch.device | None = None, dtype: str | None = None,
+               world_size: int | None = None) -> Target:
     """The device a run of `cfg` uses (run.device; auto: CUDA when present), and its frozen dtype (base.dtype, or
-    `dtype`; auto: bfloat16 on CUDA, float32 on CPU). A CUDA target can be planned on a CPU-only host."""
+    `dtype`; auto: bfloat16 on CUDA, float32 on CPU), on `world_size` ranks (default: WORLD_SIZE, as torchrun sets
+    it). A CUDA target can be planned on a CPU-only host."""
     name = str(device) if device is not None else cfg.run.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -120,7 +144,8 @@ def target_for(cfg: Config, device: str | torch.device | None = None, dtype: str
             resolved = torch.bfloat16
     else:
         resolved = getattr(torch, dname)
-    return Target(device_type, resolved, cfg.base.gradient_checkpointing)
+    ranks = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    return Target(device_type, resolved, cfg.base.gradient_checkpointing, max(1, ranks))
 
 
 @dataclass
@@ -131,10 +156,20 @@ class StagePlan:
     static: int
     activations_alt: int = 0  # saved activations with checkpointing toggled
     peak_alt: int = 0  # the peak with checkpointing toggled
+    cuda: bool = False  # add cuda_overhead to the peak
+
+    @property
+    def live_peak(self) -> int:
+        """Live tensor bytes at the largest moment (what tests/test_memory_*.py measure on CPU)."""
+        return self.static + max(self.phases.values())
+
+    @property
+    def overhead(self) -> int:
+        return cuda_overhead(self.live_peak) if self.cuda else 0
 
     @property
     def peak(self) -> int:
-        return self.static + max(self.phases.values())
+        return self.live_peak + self.overhead
 
     @property
     def at(self) -> str:
@@ -143,6 +178,12 @@ class StagePlan:
     @property
     def label(self) -> str:
         return STAGE_LABELS[self.stage]
+
+
+def cuda_overhead(live_bytes: int) -> int:
+    """What a CUDA process holds beyond its live tensors: the context + library workspaces and the caching
+    allocator's fragmentation margin (CUDA_CONTEXT, CUDA_FRAGMENTATION: sources above)."""
+    return CUDA_CONTEXT + int(CUDA_FRAGMENTATION * live_bytes)
 
 
 @dataclass
@@ -167,7 +208,7 @@ class EncoderCost:
     activations: int  # kept for backward over the step's batch
     bw_temp: int
     cast_cache: int  # autocast's half copies of trainable Linear weights
-    eval_bytes: int  # no-grad working set over the eval batch
+    eval_bytes: int  # no-grad pass over `nograd_batch` examples (the probe set, or an eval batch)
 
 
 def head_params(he: int, m: int, d_z: int) -> int:
@@ -183,7 +224,7 @@ def _linear_params(a: Arch) -> int:
     return a.layers * sum(i * o for _, i, o in a.layer_linears)
 
 
-def encoder_cost(cfg: Config, a: Arch, t: Target, batch: int, eval_batch: int, shapes: Shapes,
+def encoder_cost(cfg: Config, a: Arch, t: Target, batch: int, nograd_batch: int, shapes: Shapes,
                  loras_in_encoding: tuple[Lora, ...], ckpt: bool) -> EncoderCost:
     m, d_z, s = cfg.model.num_latents, cfg.model.d_z, shapes.seq_len
     kind, attn = cfg.model.encoder, cfg.base.attn_implementation
@@ -194,14 +235,16 @@ def encoder_cost(cfg: Config, a: Arch, t: Target, batch: int, eval_batch: int, s
                                 loras=(enc_lora,) + loras_in_encoding)
         return EncoderCost(trainable, 0, max(m, d_z) * a.hidden, acts,
                            batch * (s + m) * backward_temp_per_token(a, t.act), 0,
-                           eval_batch * (s + m) * nograd_bytes_per_token(a, s + m, t.act, attn))
+                           # + its inputs: the token embeddings and their concatenation with the memory tokens
+                           nograd_batch * (s + m) * (nograd_bytes_per_token(a, s + m, t.act, attn)
+                                                     + 2 * a.hidden * t.act))
     if kind == "minilm":
         he = MINILM["hidden"]
         mini = replace(a, hidden=he, intermediate=MINILM["intermediate"], heads=MINILM["heads"],
                        kv_heads=MINILM["heads"], head_dim=he // MINILM["heads"])
         head_acts = batch * s * (4 * he + _head_bytes_per_token(he, mini.heads, 4))
         return EncoderCost(head_params(he, m, d_z), 4 * MINILM["params"], max(he * he * 3, m * he), head_acts,
-                           batch * s * 8 * he, 0, eval_batch * s * nograd_bytes_per_token(mini, s, 4, attn))
+                           batch * s * 8 * he, 0, nograd_batch * s * nograd_bytes_per_token(mini, s, 4, attn))
     body = a if kind == "lm_copy" else scratch_encoder_arch(cfg, a)
     act = 2 if t.autocast else 4
     he = body.hidden
@@ -212,7 +255,7 @@ def encoder_cost(cfg: Config, a: Arch, t: Target, batch: int, eval_batch: int, s
     largest = max(body.vocab * he, max(i * o for _, i, o in body.layer_linears), 3 * he * he)
     return EncoderCost(body.body_params + head_params(he, m, d_z), 0, largest, acts,
                        batch * s * backward_temp_per_token(body, act), 2 * _linear_params(body) if t.autocast else 0,
-                       eval_batch * s * nograd_bytes_per_token(body, s, 4, attn))
+                       nograd_batch * s * nograd_bytes_per_token(body, s, 4, attn))
 
 
 def _head_bytes_per_token(he: int, heads: int, act: int) -> int:
@@ -225,11 +268,12 @@ def _head_bytes_per_token(he: int, heads: int, act: int) -> int:
 
 def plan_memory(cfg: Config, seq_len: int = DEFAULT_SEQ_LEN, *, device: str | torch.device | None = None,
                 dtype: str | None = None, answer_tokens: int | None = None, prefix_tokens: int | None = None,
-                arch: Arch | None = None, stages=("stage_a", "stage_b", "eval")) -> MemoryPlan:
-    """Peak memory of each stage of `cfg` (validated here: `model.encoder=auto` resolves)."""
+                arch: Arch | None = None, stages=("stage_a", "stage_b", "eval"),
+                world_size: int | None = None) -> MemoryPlan:
+    """Peak memory of each stage of `cfg` on one rank (validated here: `model.encoder=auto` resolves)."""
     cfg = resolve_auto(cfg.validate())
     a = arch or lm_arch(cfg)
-    t = target_for(cfg, device, dtype)
+    t = target_for(cfg, device, dtype, world_size)
     shapes = default_shapes(cfg, seq_len, answer_tokens, prefix_tokens)
     plan = MemoryPlan(cfg, a, t, shapes)
     for stage in stages:
@@ -245,11 +289,12 @@ def plan_memory(cfg: Config, seq_len: int = DEFAULT_SEQ_LEN, *, device: str | to
 
 def _train_plan(cfg: Config, a: Arch, t: Target, shapes: Shapes, stage: str, ckpt: bool) -> StagePlan:
     st = getattr(cfg, stage)
-    b, m, attn = st.batch_size, cfg.model.num_latents, cfg.base.attn_implementation
+    b, m, attn = t.per_rank(st.batch_size), cfg.model.num_latents, cfg.base.attn_implementation
+    probe_batch = min(cfg.data.n_probe, PROBE_BATCH)
     stage_lora = (Lora(cfg.model.lora_r, tuple(cfg.model.lora_targets), tuple(cfg.model.lora_layers),
                        cfg.model.lora_dropout),) if stage == "stage_b" else ()
     # Stage B's LoRA is on the LM itself, so it is active in an lm_self encoding pass too (conservative)
-    enc = encoder_cost(cfg, a, t, b, cfg.eval.batch_size, shapes, stage_lora, ckpt)
+    enc = encoder_cost(cfg, a, t, b, probe_batch, shapes, stage_lora, ckpt)
     lora_n = a.lora_params(cfg.model.lora_r, cfg.model.lora_targets, cfg.model.lora_layers) if stage_lora else 0
     groups = {"encoder": enc.trainable, "adapter": adapter_params(cfg.model.d_z, a.hidden), "lora": lora_n}
     n_train = sum(groups.values())
@@ -273,28 +318,31 @@ def _train_plan(cfg: Config, a: Arch, t: Target, shapes: Shapes, stage: str, ckp
         "loss": acts + logits + enc.cast_cache + held,
         "backward": (acts + grads if held else max(acts, grads)) + bw_temp + enc.cast_cache,
         "optimizer": grads + opt_temp,
+        # after the optimizer step, gradients freed (zero_grad(set_to_none=True))
+        **probe_phases(a, probe_batch, shapes.prefix_tokens + m, shapes.answer_tokens, cfg.eval.max_new_tokens,
+                       t.act, attn, enc.eval_bytes),
     }
     parts = {"frozen": a.total_params * t.act + enc.frozen_bytes, "trainable": 4 * n_train, "grads": grads,
              "adam": 8 * n_train, "activations": acts, "logits": logits}
-    return StagePlan(stage, parts, phases, static=parts["frozen"] + parts["trainable"] + parts["adam"])
+    return StagePlan(stage, parts, phases, static=parts["frozen"] + parts["trainable"] + parts["adam"],
+                     cuda=t.device_type == "cuda")
 
 
 def _eval_plan(cfg: Config, a: Arch, t: Target, shapes: Shapes) -> StagePlan:
-    """No grads: weights, plus the larger of the encoder's no-grad pass and text-path generation (KV cache over
-    the prompt + the generated tokens, the prefill's working set, one row of logits per example)."""
+    """No grads: weights, plus the largest moment of an eval batch (`memory_eval.eval_phases`): the encoder's no-grad
+    pass, then for the latent paths and the text-teacher paths generation (KV cache) and the scoring pass."""
     b, attn = cfg.eval.batch_size, cfg.base.attn_implementation
     enc = encoder_cost(cfg, a, t, cfg.stage_a.batch_size, b, shapes, (), False)
     lora_n = a.lora_params(cfg.model.lora_r, cfg.model.lora_targets, cfg.model.lora_layers)
     n_fp32 = enc.trainable + adapter_params(cfg.model.d_z, a.hidden) + lora_n
-    phases = {"encoder": enc.eval_bytes}
-    if set(EvalPath.TEACHER) & set(cfg.eval.paths):
-        s = shapes.prefix_tokens + shapes.seq_len + cfg.eval.max_new_tokens
-        kv_cache = 2 * a.layers * a.kv_dim * t.act * b * s
-        phases["generation"] = kv_cache + b * s * nograd_bytes_per_token(a, s, t.act, attn) + b * a.vocab * (t.act + 4)
+    m = cfg.model.num_latents
+    latents_held = b * m * a.hidden * 4  # the batch's latents, fed to every latent path
+    phases = {k: v + latents_held for k, v in eval_phases(
+        a, b, shapes.prefix_tokens + m, shapes.prefix_tokens + shapes.seq_len, shapes.answer_tokens,
+        cfg.eval.max_new_tokens, t.act, attn, enc.eval_bytes, bool(set(EvalPath.TEACHER) & set(cfg.eval.paths))
+    ).items()}
     parts = {"frozen": a.total_params * t.act + enc.frozen_bytes, "trainable": 4 * n_fp32, "grads": 0, "adam": 0,
              "activations": max(phases.values()), "logits": 0}
-    plan = StagePlan("eval", parts, phases, static=parts["frozen"] + parts["trainable"])
+    plan = StagePlan("eval", parts, phases, static=parts["frozen"] + parts["trainable"], cuda=t.device_type == "cuda")
     plan.activations_alt, plan.peak_alt = parts["activations"], plan.peak
     return plan
-
-

@@ -77,10 +77,12 @@ def _run_base(cfg: Config, out_dir: Path, splits, run_id: str | None, tags: dict
 
 
 def check_memory(cfg: Config, stage: str, base_dir: str, splits) -> None:
-    """The memory plan for this stage at the longest encoder input of the training data (the tokenizer alone is
-    loaded): ConfigError with the figures and the fix when the device cannot hold it."""
+    """The memory plan for this stage (a training stage with its probe, or eval) at the longest encoder input of the
+    data it reads (the tokenizer alone is loaded): ConfigError naming the stage, the moment of its peak, the figures
+    and the fix when the device cannot hold it."""
 
-    longest = sorted(splits["train"], key=lambda e: len(e.context) + len(e.question), reverse=True)[:32]
+    examples = splits["eval"] if stage == "eval" else [*splits["train"], *splits["probe"]]
+    longest = sorted(examples, key=lambda e: len(e.context) + len(e.question), reverse=True)[:32]
     texts = [encoder_text(e.context, e.question) for e in longest]
     tok = AutoTokenizer.from_pretrained(str(base_dir), revision=cfg.base.revision or None)
     seq_len = min(max(len(ids) for ids in tok(texts)["input_ids"]), cfg.data.max_context_words * 2)
@@ -148,6 +150,7 @@ def _run_eval(cfg: Config, base: BaseLM, checkpoint: Path, out_dir: Path, splits
               run_id: str | None, tags: dict | None) -> dict:
 
     enable_system_metrics()
+    check_memory(cfg, "eval", base.dir, splits)  # before the checkpoint loads
     with tracked_run("eval", run_id=run_id, tags={Tag.CHECKPOINT: source_uri or str(checkpoint),
                                                   Tag.BASE_RUN: base.run_id, **(tags or {})}) as tr:
         ws = load_trained(cfg, base.dir, checkpoint, splits)
