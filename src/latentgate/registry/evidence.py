@@ -346,6 +346,10 @@ def check_lineage(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observa
             problems.append(f"{phase} run {_short(run.info.run_id)} is tagged {Tag.PHASE}={tag_phase}")
         if c.params.get("require_clean_tree") and run.data.tags.get(Tag.GIT_DIRTY) != "false":
             problems.append(f"{phase} run {_short(run.info.run_id)} ran from a dirty working tree")
+        resumed = run.data.tags.get(Tag.RESUMED_COMMITS, "")
+        if len({x.strip() for x in resumed.split("->") if x.strip()}) > 1:  # one run, more than one version of code
+            chain = " -> ".join(x.strip()[:10] for x in resumed.split("->"))
+            problems.append(f"{phase} run {_short(run.info.run_id)} resumed across commits {chain}")
     commits = {p: r.data.tags.get(Tag.GIT_COMMIT, "unknown") for p, r in found.items()}
     if any(v in ("", "unknown") for v in commits.values()):
         unknown = ", ".join(p for p, v in commits.items() if v in ("", "unknown"))
