@@ -31,7 +31,7 @@ from latentgate.phases.smoke import run_output_dir, run_smoke
 from latentgate.phases.stages import run_base, run_eval, run_stage
 from latentgate.schema import Artifact, MlflowTag, Tag
 from latentgate.tracking import lineage
-from latentgate.tracking.runs import PROCESS_TAGS, adopt_project_run, close_orphaned_runs, git_commit, setup_experiment
+from latentgate.tracking.runs import PROCESS_TAGS, adopt_project_run, git_commit, setup_experiment
 from latentgate.tracking.tracker import full_params
 from latentgate.train.load import check_compatible
 from latentgate.train.workspace import load_splits, resolve_device
@@ -217,8 +217,7 @@ def resume(run_id: str, allow_other_commit: bool = False) -> dict:
     again. A run recorded at another git commit is refused unless `allow_other_commit`: then both commits are
     recorded (tag `latentgate.resumed_commits`, which the registry's lineage check flags) and the run's commit
     tags name the code that finished it."""
-    client = lineage.client()  # an existing, reachable store (never creates one)
-    close_orphaned_runs(client)  # a run left RUNNING by a dead process is FAILED first, so it can be resumed
+    client = lineage.client()  # an existing, reachable store (never creates one); runs of dead processes closed
     try:
         run = client.get_run(run_id)
     except MlflowException as err:

@@ -22,8 +22,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import mlflow
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
 from mlflow.utils.file_utils import local_file_uri_to_path
@@ -31,15 +29,13 @@ from mlflow.utils.file_utils import local_file_uri_to_path
 from latentgate import distributed as dist
 from latentgate.errors import Interrupted, LatentgateError, StoreError  # noqa: F401 (Interrupted: re-exported)
 from latentgate.schema import Artifact, MlflowTag, Tag
+from latentgate.tracking.processes import PROCESS_TAGS, close_orphaned_runs, process_tags  # noqa: F401 (re-exported)
 from latentgate.tracking.secrets import mask_secrets
 from latentgate.tracking.tracker import MlflowTracker, NullTracker
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 PACKAGES = ("torch", "transformers", "peft", "mlflow", "optuna", "accelerate", "datasets", "evaluate")
-# the tags naming the process that owns a run (`process_tags`); a resumed run gets those of its new process
-PROCESS_TAGS = (Tag.HOST, Tag.PID, Tag.PID_START)
-ORPHANED = "OrphanedRun"  # the error type of a run closed by `close_orphaned_runs`
 
 
 def tracking_uri(create: bool = False) -> str:
@@ -62,6 +58,8 @@ def tracking_uri(create: bool = False) -> str:
         wait_on_locked_sqlite()
     else:
         _check_reachable_once(uri)
+    if not create:  # a reading command: the store exists (a creating one sweeps in `setup_experiment`)
+        _close_orphaned_once(uri)
     return uri
 
 
@@ -181,7 +179,7 @@ def _setup_experiment(uri: str, name: str) -> str:
                     location = (sqlite_path(uri).parent / DEFAULT_ARTIFACTS).resolve().as_uri()
                 mlflow.create_experiment(name, artifact_location=location)
         mlflow.set_experiment(name)
-        close_orphaned_runs(MlflowClient(uri))
+        close_orphaned_runs(uri)
     except LatentgateError:
         raise
     except Exception as err:  # an unusable store: one line naming it, not a traceback
@@ -236,71 +234,10 @@ def provenance_tags() -> dict[str, str]:
     return tags
 
 
-def process_tags() -> dict[str, str]:
-    """Which process owns a run: host, pid and the process's start time (so that a pid reused later is not
-    taken for it). `close_orphaned_runs` reads them."""
-    tags = {Tag.HOST: socket.gethostname(), Tag.PID: str(os.getpid())}
-    started = process_start(os.getpid())
-    if started is not None:
-        tags[Tag.PID_START] = f"{started:.2f}"
-    return tags
-
-
-def process_start(pid: int) -> float | None:
-    """When process `pid` started (epoch seconds, Linux /proc); None where that cannot be read."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in clock ticks
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-
-
-def _process_alive(tags: dict) -> bool:
-    """Whether the process a run's tags name still runs (unknown: assumed alive, the run is left alone)."""
-    pid = tags.get(Tag.PID, "")
-    if not pid.isdigit():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, another user's
-        return True
-    started, recorded = process_start(int(pid)), tags.get(Tag.PID_START)
-    if started is None or not recorded:
-        return True
-    try:
-        return abs(started - float(recorded)) < 1.0  # else the pid was reused by a later process
-    except ValueError:
-        return True
-
-
-def close_orphaned_runs(client: MlflowClient) -> list[str]:
-    """Runs of this host left RUNNING whose process is gone (killed, or the tracking store was unreachable when
-    it tried to end them) end FAILED, with the reason as their error tag. Called by every command that opens a
-    store (`setup_experiment`, `resume`), so such runs end as soon as the store answers again. Best effort: a
-    store that fails here fails the command later, where the error names what was being done. Returns the ids."""
-    host = socket.gethostname()
-    closed = []
-    try:
-        experiments = [e.experiment_id for e in client.search_experiments(max_results=1000)]
-        runs = client.search_runs(experiments, f"attributes.status = 'RUNNING' and tags.`{Tag.HOST}` = '{host}'",
-                                  max_results=1000) if experiments else []
-        for run in runs:
-            if _process_alive(run.data.tags):
-                continue
-            pid = run.data.tags[Tag.PID]
-            client.set_tag(run.info.run_id, Tag.ERROR, f"its process (pid {pid} on {host}) ended without ending "
-                           "the run (killed, or the tracking store did not answer at the end); closed by a later "
-                           "latentgate command")
-            client.set_tag(run.info.run_id, Tag.ERROR_TYPE, ORPHANED)
-            client.set_terminated(run.info.run_id, "FAILED")
-            closed.append(run.info.run_id)
-    except (MlflowException, OSError):
-        pass
-    return closed
+@functools.lru_cache(maxsize=8)
+def _close_orphaned_once(uri: str) -> None:
+    with _creation_lock(uri):  # never while another process creates the SQLite store
+        close_orphaned_runs(uri)
 
 
 def _end(tracker, status: str, tags: dict) -> None:
