@@ -28,6 +28,12 @@ _STORE_WRITE_FAILURES = ("database or disk is full", "disk i/o error", "attempt 
 # ... and of writers that raise no OSError on a full disk (torch's zip writer, safetensors, Rust / C++ libraries).
 _DISK_FULL = ("no space left on device", "storagefull", "file write failed", "file too large")
 _STORE_LOCKED = "database is locked"
+# ... and of MLflow's REST client when the tracking server stops answering mid-run (rest_utils: "API request to
+# <url> failed with exception <requests error>"), each with the reason shown
+_SERVER_GONE = (("connection refused", "connection refused"), ("timed out", "timed out"),
+                ("timeout", "timed out"), ("remotedisconnected", "connection dropped"),
+                ("connection aborted", "connection dropped"), ("connection reset", "connection dropped"),
+                ("max retries exceeded", "no answer after retries"))
 
 # Set for every command unless the user set them: MLflow's HTTP client otherwise retries an unreachable server
 # for ~4 minutes (7 retries, backoff factor 2, 120 s timeout), and prints "View run ... at: <tracking URI>" (with
@@ -186,6 +192,14 @@ def as_user_error(err: BaseException) -> LatentgateError | None:
     if mapped is not None:
         return _cache_fix(err) or mapped
     text = str(err).lower()
+    if text.startswith("api request to ") and " failed with " in text:  # the tracking server is gone
+        from latentgate.tracking.secrets import mask_secrets
+
+        reason = next((shown for needle, shown in _SERVER_GONE if needle in text), "no answer")
+        uri = mask_secrets(os.environ.get("MLFLOW_TRACKING_URI", "the tracking server"))
+        return StoreError(f"tracking server {uri} stopped answering ({reason})", "restart it (or fix "
+                          "MLFLOW_TRACKING_URI); the next latentgate command on it ends the runs left open FAILED, "
+                          "and `latentgate resume <run_id>` continues a training phase from its last checkpoint")
     if _STORE_LOCKED in text:
         from latentgate.tracking.runs import store_wait_seconds
 

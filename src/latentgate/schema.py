@@ -28,6 +28,9 @@ class Tag:
     GIT_COMMIT = "latentgate.git_commit"  # provenance; registry lineage, pipeline reuse, analysis; a version tag too
     GIT_DIRTY = "latentgate.git_dirty"  # provenance; the registry's lineage check (require_clean_tree)
     PYTHON = "latentgate.python"  # provenance
+    HOST = "latentgate.host"  # the host of the process that owns the run; the orphaned-run sweep (tracking/runs.py)
+    PID = "latentgate.pid"  # that process's id; a run left RUNNING whose process is gone ends FAILED
+    PID_START = "latentgate.pid_start"  # that process's start (epoch seconds): a pid reused later is not it
     VERSION_PREFIX = "latentgate.version."  # + package: its installed version (provenance)
     # lineage (phases/stages.py), followed by tracking/lineage.py and registry/evidence.py
     BASE_RUN = "latentgate.base_run"  # stage and eval runs: the base run of their base LM; a version tag too
@@ -45,6 +48,7 @@ class Tag:
     OUTPUT_DIR = "latentgate.output_dir"  # local folder of its checkpoints and diagnostics
     PRESET = "latentgate.preset"  # the preset it was resolved from; analysis shows it
     RESUMED = "latentgate.resumed"  # a run continued by `latentgate resume`
+    RESUMED_COMMITS = "latentgate.resumed_commits"  # `resume --allow-other-commit`: "<old> -> <new>"; registry lineage
     HERO_FROM = "latentgate.hero_from"  # hero run: the approved models:/<name>@hero URI
     HERO_VERSION = "latentgate.hero_version"  # hero run: the version that alias named
     HERO_CHECKLIST = "latentgate.hero_checklist"  # hero run: the checklist in force (path) that approved it
@@ -349,6 +353,7 @@ class Artifact:
     BASE_LM = "base_lm"  # base run that trained its LM: the LM folder; lineage resolves it
     SUMMARY = "summary.json"  # smoke / hero parent: the printed summary
     HERO_REPORTS = "hero_reports"  # a model version's run: the gate's JSON reports (tag hero.report)
+    PARAMS_FULL = "params_full.json"  # any run: params longer than MLflow takes, whole (tracking/tracker.py); resume
 
     @staticmethod
     def checkpoint(stage: str) -> str:

@@ -97,13 +97,15 @@ def hero(scale, checklist, dry_run, allow_recipe_change, sets, overrides):
 
 @click.command("resume")
 @click.argument("run_id")
+@click.option("--allow-other-commit", is_flag=True, help="resume a run recorded at another git commit (both "
+              "commits are recorded, and the registry's lineage check flags the run)")
 @guarded
-def resume(run_id):
+def resume(run_id, allow_other_commit):
     """Continue a killed or failed training phase (stage_a, stage_b, extend, fix) in the same MLflow run, from
     its last checkpoint. A FINISHED run is never overwritten."""
     from latentgate.phases.entry import resume as resume_run
 
-    echo_main(_summary("resume", resume_run(run_id)))
+    echo_main(_summary("resume", resume_run(run_id, allow_other_commit)))
 
 
 COMMANDS = [base, stage_a, stage_b, eval_, extend, fix, hero, resume]

@@ -33,10 +33,11 @@ from latentgate.phases.stages import run_base, run_eval, run_stage
 from latentgate.registry.checklist import load_checklist
 from latentgate.registry.gate import TAG_MAX, ApprovedVersion, approved_version
 from latentgate.registry.hero_recipe import RECIPE, HeroPlan, hero_plan
-from latentgate.schema import Artifact, Tag
+from latentgate.schema import Artifact, MlflowTag, Tag
 from latentgate.tracking import lineage
 from latentgate.tracking.lineage import ModelUri
-from latentgate.tracking.runs import adopt_project_run, setup_experiment
+from latentgate.tracking.runs import PROCESS_TAGS, adopt_project_run, git_commit, setup_experiment
+from latentgate.tracking.tracker import full_params
 from latentgate.train.load import check_compatible
 from latentgate.train.workspace import load_splits, resolve_device
 
@@ -214,7 +215,7 @@ def plan_hero(request: HeroRequest, name: str | None = None) -> HeroStart:
     """The checked approved version (of `name`, default the checklist's model_name) and the hero built from its
     recipe (registry/hero_recipe.py)."""
     approved = approved_version(request.checklist, name)  # GateRefused with the reasons when no valid alias
-    recipe = from_flat(lineage.client().get_run(approved.stage_b_run).data.params)
+    recipe = from_flat(full_params(lineage.client().get_run(approved.stage_b_run)))  # long values: the artifact
     scale = request.scale if request.scale is not None else approved.checklist.hero_scale()
     return HeroStart(approved, hero_plan(recipe, scale, request.overrides, request.allow_recipe_change))
 
@@ -252,10 +253,13 @@ def run_entry(entry_point: str, cfg: Config, preset: str = "", input_uri: str = 
 
 # ---- resume ---------------------------------------------------------------------------------------------------------
 
-def resume(run_id: str) -> dict:
+def resume(run_id: str, allow_other_commit: bool = False) -> dict:
     """Continue a killed, failed or interrupted training phase in the SAME run, from its last checkpoint. The
-    config is rebuilt from the run's logged params; already-logged metric steps are not logged again."""
-    client = lineage.client()  # an existing, reachable store (never creates one)
+    config is rebuilt from the run's logged params (`config_of_run`); already-logged metric steps are not logged
+    again. A run recorded at another git commit is refused unless `allow_other_commit`: then both commits are
+    recorded (tag `latentgate.resumed_commits`, which the registry's lineage check flags) and the run's commit
+    tags name the code that finished it."""
+    client = lineage.client()  # an existing, reachable store (never creates one); runs of dead processes closed
     try:
         run = client.get_run(run_id)
     except MlflowException as err:
@@ -272,10 +276,8 @@ def resume(run_id: str) -> dict:
     if run.info.status == "FINISHED":
         raise ConfigError(f"run {run_id} ({entry_point}) is FINISHED; a finished phase is never overwritten",
                           "start a new run of the phase instead")
-    cfg = from_flat(run.data.params)
-    if config_hash(cfg) != tags.get(Tag.STEP_KEY):
-        raise ConfigError(f"run {run_id}: the config rebuilt from its params does not match its step key",
-                          "the run's params are incomplete; start the phase again")
+    commit_tags = _commit_change(run, allow_other_commit)
+    cfg = config_of_run(run)
     stage = STAGE_OF[entry_point]
     out = Path(tags.get(Tag.OUTPUT_DIR, ""))
     ckpt_dir = out / stage / Artifact.CHECKPOINTS / stage
@@ -283,9 +285,36 @@ def resume(run_id: str) -> dict:
         raise CheckpointError(f"run {run_id} left no checkpoint in {ckpt_dir} (it stopped before its first one)",
                               f"start the phase again (set {stage}.checkpoint_every to checkpoint more often)")
     base_info = lineage.base_from_run(run_id)
-    keep = {k: v for k, v in tags.items() if k.startswith("latentgate.") and k not in (Tag.ERROR, Tag.ERROR_TYPE)}
+    keep = {k: v for k, v in tags.items()  # the new process's own tags, not those of the one that stopped
+            if k.startswith("latentgate.") and k not in (Tag.ERROR, Tag.ERROR_TYPE, *PROCESS_TAGS)}
     if Tag.ERROR in tags and owns_store():
         client.delete_tag(run_id, Tag.ERROR)
     splits = load_splits(cfg)
     return run_stage(cfg, stage, base_info, out, splits, resume=ckpt_dir, run_id=run_id,
-                     tags={**keep, Tag.RESUMED: "true"})
+                     tags={**keep, Tag.RESUMED: "true", **commit_tags})
+
+
+def config_of_run(run) -> Config:
+    """The Config a run trained with, rebuilt from its params (values too long for MLflow read whole from its
+    artifact, `full_params`), checked against the run's step key."""
+    cfg = from_flat(full_params(run))
+    if config_hash(cfg) != run.data.tags.get(Tag.STEP_KEY):
+        raise ConfigError(f"run {run.info.run_id}: the config rebuilt from its params does not match its step key",
+                          "the run's params are incomplete; start the phase again")
+    return cfg
+
+
+def _commit_change(run, allow_other_commit: bool) -> dict:
+    """The tags a resume under other code sets (none under the same code); refused unless allowed."""
+    recorded = run.data.tags.get(Tag.GIT_COMMIT, "unknown")
+    current = git_commit()[0]
+    if recorded == current:
+        return {}
+    if not allow_other_commit:
+        raise ConfigError(f"run {run.info.run_id} was recorded at git commit {recorded[:12]}, this code is at "
+                          f"{current[:12]}: resuming would finish one run with two versions of the code",
+                          f"check out {recorded[:12]} and resume, or pass --allow-other-commit to resume anyway "
+                          "(both commits are recorded; the registry's lineage check flags the run)")
+    chain = run.data.tags.get(Tag.RESUMED_COMMITS) or recorded
+    return {Tag.RESUMED_COMMITS: f"{chain} -> {current}", Tag.GIT_COMMIT: current,
+            MlflowTag.SOURCE_GIT_COMMIT: current}

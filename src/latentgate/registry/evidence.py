@@ -24,7 +24,7 @@ from latentgate.schema import Artifact, EvalPath, EvalRow, MlflowTag, Tag
 from latentgate.tracking import lineage
 from latentgate.tracking.lineage import RunUri, run_in_uri
 from latentgate.tracking.runs import local_artifacts
-from latentgate.tracking.tracker import digest_of_hashes
+from latentgate.tracking.tracker import digest_of_hashes, full_params
 
 MAX_HOPS = 8
 
@@ -383,6 +383,10 @@ def check_lineage(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observa
             problems.append(f"{phase} run {_short(run.info.run_id)} is tagged {Tag.PHASE}={tag_phase}")
         if c.params.get("require_clean_tree") and run.data.tags.get(Tag.GIT_DIRTY) != "false":
             problems.append(f"{phase} run {_short(run.info.run_id)} ran from a dirty working tree")
+        resumed = run.data.tags.get(Tag.RESUMED_COMMITS, "")
+        if len({x.strip() for x in resumed.split("->") if x.strip()}) > 1:  # one run, more than one version of code
+            chain = " -> ".join(x.strip()[:10] for x in resumed.split("->"))
+            problems.append(f"{phase} run {_short(run.info.run_id)} resumed across commits {chain}")
     commits = {p: r.data.tags.get(Tag.GIT_COMMIT, "unknown") for p, r in found.items()}
     if any(v in ("", "unknown") for v in commits.values()):
         unknown = ", ".join(p for p, v in commits.items() if v in ("", "unknown"))
@@ -407,7 +411,7 @@ def check_dataset_digest(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> 
     if not digest:
         raise Missing(f"eval run {_short(run.info.run_id)}: no tag {tag}")
     try:
-        data_hash = config_hash(from_flat(run.data.params), ("data",))
+        data_hash = config_hash(from_flat(full_params(run)), ("data",))
     except ConfigError as err:
         raise Missing(f"eval run {_short(run.info.run_id)}: its params do not rebuild a config ({err})") from None
     pinned = cl.pinned_digest(data_hash)

@@ -12,6 +12,7 @@ import mlflow
 import optuna
 from optuna.artifacts import upload_artifact
 
+from latentgate.errors import Interrupted
 from latentgate.phases.stages import run_eval, run_stage
 from latentgate.schema import Artifact, EvalKey, EvalPath, Summary, SweepTag, Tag, TrialAttr
 from latentgate.sweep import tracking as trial_runs
@@ -46,6 +47,7 @@ class TrialContext:
         self.parent_run_id = parent_run_id
         self.artifact_store = artifact_store
         self.lock = None  # an AskLock, released as soon as the trial exists
+        self.stopped: BaseException | None = None  # the stop (SIGTERM, SIGINT, ...) that ended a trial: no more
 
 
 def _retry_of(trial) -> int | None:
@@ -107,6 +109,13 @@ def run_trial(ctx: TrialContext, trial) -> float:
             trial_runs.mark_run(state["stage_run"], "PRUNED", str(err))
         trial_runs.end_trial_run(run_id, "PRUNED", metrics={Summary.OPTIMIZER_STEPS: state["step"]},
                          tags={SweepTag.PRUNED: str(err)})
+        raise
+    except (Interrupted, KeyboardInterrupt) as err:  # told to stop: Optuna catches it, so the worker is told here
+        ctx.stopped = err
+        steps = int(stage_b["steps"]) if stage_b else int(state["step"])
+        trial.set_user_attr(TrialAttr.OPTIMIZER_STEPS, steps)
+        trial_runs.end_trial_run(run_id, "KILLED", metrics={Summary.OPTIMIZER_STEPS: steps},
+                         tags={Tag.ERROR: " ".join(f"{type(err).__name__}: {err}".split())[:500]})
         raise
     except BaseException as err:
         steps = int(stage_b["steps"]) if stage_b else int(state["step"])

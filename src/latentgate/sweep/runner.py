@@ -8,6 +8,11 @@ the Optuna plots, and registers the best model and evaluates the readiness check
 A worker needs only the storage URL and the study name (the study file is stored in the study's user attributes),
 so workers can also be started by hand on other machines against the same RDB storage.
 
+Stopping: a worker told to stop (SIGTERM / SIGINT / SIGHUP) checkpoints its trial at the next optimizer step, ends
+the trial's runs KILLED and starts no other trial. A worker the coordinator started dies with it: the kernel sends it
+SIGTERM when the coordinator dies (Linux parent-death signal; elsewhere the worker checks its parent between
+trials), and the worker that sees its coordinator gone ends the sweep run KILLED.
+
 Budget: the study ends when `n_trials` trials have an outcome (COMPLETE, PRUNED or FAIL). A trial failed by the
 heartbeat (its worker died) is retried, and its retry replaces it in the count. Workers on one machine count and
 ask under a file lock, so they never start more trials than the budget.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -31,14 +37,14 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import TrialState
 
 from latentgate.config import config_hash, flatten
-from latentgate.errors import CheckpointError, ConfigError, StoreError
+from latentgate.errors import CheckpointError, ConfigError, Interrupted, StoreError
 from latentgate.phases.smoke import run_output_dir
 from latentgate.phases.stages import run_base, run_stage
 from latentgate.schema import Artifact, StudyAttr, Summary, SweepTag, Tag, TrialAttr
 from latentgate.sweep import tracking as trial_runs
 from latentgate.sweep.finalize import finalize
 from latentgate.sweep.objective import TrialContext, run_trial
-from latentgate.sweep.stopping import progress, stop_reason
+from latentgate.sweep.stopping import COORDINATOR_ENV, die_with_parent, end_orphaned_sweep, progress, stop_reason
 from latentgate.sweep.storage import AskLock, dashboard_command, open_storage, resolve_storage
 from latentgate.sweep.study import StudySpec, build_pruner, build_sampler, spec_from_dict
 from latentgate.tracking import lineage
@@ -88,31 +94,43 @@ def run_worker(study_name: str, storage_url: str, worker_index: int = 0, threads
     if mlflow.active_run() is None and parent:
         mlflow.set_experiment(experiment_id=mlflow.get_run(parent).info.experiment_id)
     ctx = TrialContext(spec, study.user_attrs[StudyAttr.RESUME_FROM], parent, threads, artifact_store(spec))
+    coordinator = int(os.environ.get(COORDINATOR_ENV) or 0) or None
+    if coordinator:
+        die_with_parent(coordinator)
     lock = AskLock(storage_url, study_name)
     ran = 0
     bar = _trials_bar(study, study_name, n_trials)
-    while True:
-        lock.acquire()
-        try:
-            _fail_stale(study)
-            p = progress(study)
-            if p.done >= n_trials:
-                break
-            if reason := stop_reason(spec.stop, study):  # the study file's stop rule (sweep/stopping.py)
-                echo(f"[worker {worker_index}] {reason}")
-                break
-            if p.waiting == 0 and p.done + p.running >= n_trials:  # the last trials run elsewhere: watch them
+    try:
+        while True:
+            if coordinator and os.getppid() != coordinator:  # the parent-death signal's fallback
+                raise Interrupted(signal.SIGTERM)
+            lock.acquire()
+            try:
+                _fail_stale(study)
+                p = progress(study)
+                if p.done >= n_trials:
+                    break
+                if reason := stop_reason(spec.stop, study):  # the study file's stop rule (sweep/stopping.py)
+                    echo(f"[worker {worker_index}] {reason}")
+                    break
+                if p.waiting == 0 and p.done + p.running >= n_trials:  # the last trials run elsewhere: watch them
+                    lock.release()
+                    time.sleep(POLL_S)
+                    continue
+                ctx.lock = lock
+                study.optimize(lambda trial: run_trial(ctx, trial), n_trials=1, catch=(Exception,),
+                               gc_after_trial=False)
+                if ctx.stopped is not None:  # Optuna caught the stop as the trial's failure: stop here
+                    raise ctx.stopped
+                ran += 1
+                echo(f"[worker {worker_index}] {_describe_last(study)}")
+                _show_trials(bar, study)
+            finally:
                 lock.release()
-                time.sleep(POLL_S)
-                continue
-            ctx.lock = lock
-            study.optimize(lambda trial: run_trial(ctx, trial), n_trials=1, catch=(Exception,),
-                           gc_after_trial=False)
-            ran += 1
-            echo(f"[worker {worker_index}] {_describe_last(study)}")
-            _show_trials(bar, study)
-        finally:
-            lock.release()
+    except (Interrupted, KeyboardInterrupt):
+        if coordinator and os.getppid() != coordinator:
+            end_orphaned_sweep(parent, coordinator)
+        raise
     bar.close()
     return ran
 
@@ -299,6 +317,7 @@ def _run_worker_processes(spec: StudySpec, url: str, workers: int, threads: int 
     """Start `workers` processes; restart one that died while trials remain (its trial is failed by the heartbeat
     and retried by the others or by its replacement)."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # workers attach to the parent by tag
+    env[COORDINATOR_ENV] = str(os.getpid())  # they die with this process (`die_with_parent`)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     log_dir = Path(spec.artifact_dir).parent / "logs"

@@ -14,21 +14,31 @@ before every new trial.
 The reason is stored in the study (user attribute `latentgate.stopped`, so every worker stops, and a continued
 study says why it stopped), printed, and recorded on the sweep's MLflow run. A stop rule may be added to or
 changed on a continued study: it decides when to stop asking, not what a trial means.
+
+Workers also stop when told to (sweep/runner.py), and die with their coordinator (`die_with_parent`); the one that
+finds its coordinator gone ends the sweep run KILLED (`end_orphaned_sweep`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import warnings
 from dataclasses import dataclass
 
+from mlflow.exceptions import MlflowException
 from optuna.study import StudyDirection
 from optuna.terminator import RegretBoundEvaluator, StaticErrorEvaluator, Terminator
 from optuna.trial import TrialState
 from optuna.trial import TrialState as S
 
-from latentgate.errors import ConfigError
-from latentgate.schema import StudyAttr
+from latentgate.errors import ConfigError, StoreError
+from latentgate.schema import StudyAttr, Tag
+from latentgate.tracking import lineage
 
+COORDINATOR_ENV = "LATENTGATE_SWEEP_COORDINATOR"  # set for the workers it starts: the coordinator's pid
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 RULES = {"none": {}, "patience": {"trials": int, "min_delta": float},
          "terminator": {"min_n_trials": int, "threshold": float}}
 REQUIRED = {"patience": ("trials",), "terminator": ("threshold",)}
@@ -144,3 +154,35 @@ def stop_reason(stop: dict, study) -> str | None:
         reason = f"stopped after {done} finished trials: {reason}"
         study.set_user_attr(StudyAttr.STOPPED, reason)
     return reason
+
+
+# ---- workers that stop: told to, or their coordinator died ---------------------------------------------------
+
+def die_with_parent(parent_pid: int) -> bool:
+    """Linux: have the kernel send this process SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG), so a
+    worker never outlives its coordinator; SIGTERM now if the parent is already gone. False where unsupported
+    (the worker loop then checks its parent between trials)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent_pid:  # it died before the prctl call
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
+def end_orphaned_sweep(parent_run_id: str | None, coordinator: int) -> None:
+    """The coordinator died (its sweep run cannot end itself): the worker that sees it ends the run KILLED."""
+    if not parent_run_id:
+        return
+    try:
+        c = lineage.client()
+        if c.get_run(parent_run_id).info.status == "RUNNING":
+            c.set_tag(parent_run_id, Tag.ERROR, f"the sweep coordinator (pid {coordinator}) died; its workers "
+                      "stopped (rerun the same `latentgate sweep` command to continue the study)")
+            c.set_tag(parent_run_id, Tag.ERROR_TYPE, "CoordinatorDied")
+            c.set_terminated(parent_run_id, "KILLED")
+    except (MlflowException, StoreError):
+        pass

@@ -6,8 +6,9 @@ step metrics `trial/intermediate`, the final state as tag `latentgate.trial_stat
 the objective). Under it sit the trial's stage_b and eval runs.
 
 MLflow status per state: COMPLETE -> FINISHED; PRUNED -> KILLED (a pruned trial is not a success, nor an error);
-FAIL -> FAILED. A pruned trial's stage_b run is KILLED with the same tag (the stage's own wrapper first ends it
-FAILED on the TrialPruned exception; it is corrected here).
+FAIL -> FAILED; KILLED (the worker was told to stop: SIGTERM, or its coordinator died) -> KILLED, with the reason
+as the error tag (Optuna itself records such a trial as FAIL). A pruned trial's stage_b run is KILLED with the same
+tag (the stage's own wrapper first ends it FAILED on the TrialPruned exception; it is corrected here).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from latentgate.tracking.labels import trial_run_name
 from latentgate.tracking.lineage import client
 from latentgate.tracking.runs import provenance_tags
 
-STATUS_OF = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+STATUS_OF = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "KILLED": "KILLED"}
 
 
 def start_trial_run(parent_run_id: str | None, study: str, number: int, params: dict, retry_of: int | None):
@@ -82,6 +83,8 @@ def trial_note(state: str, metrics: dict | None, tags: dict | None) -> str:
                 f"`{t.get(Tag.EVAL_RUN, '')}`.")
     if state == "PRUNED":
         return f"**PRUNED** after {steps} optimizer steps: {t.get(SweepTag.PRUNED, '')}."
+    if state == "KILLED":
+        return f"**KILLED** after {steps} optimizer steps: {t.get(Tag.ERROR, '')}"
     return f"**FAILED** after {steps} optimizer steps: {t.get(Tag.ERROR, '')}"
 
 

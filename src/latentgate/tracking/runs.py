@@ -29,6 +29,7 @@ from mlflow.utils.file_utils import local_file_uri_to_path
 from latentgate import distributed as dist
 from latentgate.errors import ConfigError, Interrupted, LatentgateError, StoreError  # noqa: F401 (Interrupted: re-exported)
 from latentgate.schema import Artifact, MlflowTag, Tag
+from latentgate.tracking.processes import PROCESS_TAGS, close_orphaned_runs, process_tags  # noqa: F401 (re-exported)
 from latentgate.tracking.secrets import mask_secrets
 from latentgate.tracking.tracker import MlflowTracker, NullTracker
 
@@ -57,6 +58,8 @@ def tracking_uri(create: bool = False) -> str:
         wait_on_locked_sqlite()
     else:
         _check_reachable_once(uri)
+    if not create:  # a reading command: the store exists (a creating one sweeps in `setup_experiment`)
+        _close_orphaned_once(uri)
     return uri
 
 
@@ -176,6 +179,7 @@ def _setup_experiment(uri: str, name: str) -> str:
                     location = (sqlite_path(uri).parent / DEFAULT_ARTIFACTS).resolve().as_uri()
                 mlflow.create_experiment(name, artifact_location=location)
         mlflow.set_experiment(name)
+        close_orphaned_runs(uri)
     except LatentgateError:
         raise
     except Exception as err:  # an unusable store: one line naming it, not a traceback
@@ -221,7 +225,8 @@ def git_commit() -> tuple[str, bool]:
 
 def provenance_tags() -> dict[str, str]:
     commit, dirty = git_commit()
-    tags = {Tag.GIT_COMMIT: commit, Tag.GIT_DIRTY: str(dirty).lower(), Tag.PYTHON: platform.python_version()}
+    tags = {Tag.GIT_COMMIT: commit, Tag.GIT_DIRTY: str(dirty).lower(), Tag.PYTHON: platform.python_version(),
+            **process_tags()}
     if os.environ.get("MLFLOW_GIT_COMMIT") is None and commit != "unknown":
         tags[MlflowTag.SOURCE_GIT_COMMIT] = commit
     for pkg in PACKAGES:
@@ -230,6 +235,12 @@ def provenance_tags() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return tags
+
+
+@functools.lru_cache(maxsize=8)
+def _close_orphaned_once(uri: str) -> None:
+    with _creation_lock(uri):  # never while another process creates the SQLite store
+        close_orphaned_runs(uri)
 
 
 def _end(tracker, status: str, tags: dict) -> None:

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -23,16 +24,56 @@ from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.utils.file_utils import local_file_uri_to_path
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
+from latentgate.errors import ConfigError
 from latentgate.safety import swap_into_place
-from latentgate.schema import MlflowTag, Tag
+from latentgate.schema import Artifact, MlflowTag, Tag
 from latentgate.tracking.secrets import mask_secrets
 
 PARAM_BATCH = 100
 METRIC_FLUSH = 1000
 # 64 bits of sha256: shows whole in the gate's table and fits MLflow's 36-character dataset digest column
 DIGEST_CHARS = 16
+# a param longer than MLflow takes (6000 characters) is logged as this stub; the value goes whole into params_full.json
+_STUB = re.compile(r"sha256:([0-9a-f]{64}) \((\d+) chars, whole in " + re.escape(Artifact.PARAMS_FULL) + r"\)")
+
+
+def long_param_stub(value: str) -> str:
+    """What the run's param holds for a value too long for MLflow: its hash and length (the value is an artifact)."""
+    digest = hashlib.sha256(value.encode("utf-8")).hexdigest()
+    return f"sha256:{digest} ({len(value)} chars, whole in {Artifact.PARAMS_FULL})"
+
+
+def full_params(run) -> dict[str, str]:
+    """A run's params as they were meant: each value too long for MLflow read back whole from the run's
+    `params_full.json` and checked against the hash its param holds. Every place that rebuilds a Config from a
+    run's params goes through here (`config.from_flat(full_params(run))`)."""
+    params = dict(run.data.params)
+    stubs = {k: v for k, v in params.items() if _STUB.fullmatch(v)}
+    if not stubs:
+        return params
+    whole = _read_long_params(MlflowClient(), run.info.run_id)
+    for key, stub in stubs.items():
+        value = whole.get(key)
+        if not isinstance(value, str) or long_param_stub(value) != stub:
+            why = "lacks it" if value is None else "holds another value (its hash differs)"
+            raise ConfigError(f"run {run.info.run_id}: param {key} is too long for MLflow and its artifact "
+                              f"{Artifact.PARAMS_FULL} {why}", "the run's record is damaged; start the phase again")
+        params[key] = value
+    return params
+
+
+def _read_long_params(client: MlflowClient, run_id: str) -> dict:
+    """The run's params_full.json ({} when it has none)."""
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(run_id, Artifact.PARAMS_FULL, tmp)
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (MlflowException, OSError, ValueError):
+        return {}
 
 
 def dataset_rows(examples) -> list[dict]:
@@ -98,7 +139,14 @@ class MlflowTracker(NullTracker):
         self._skip_until: dict[str, int] = {}
 
     def log_params(self, params: dict) -> None:
-        items = [Param(k, mask_secrets(str(v))[:6000]) for k, v in params.items()]
+        """Params, secrets masked. A value longer than MLflow takes is never cut: it goes whole into the run's
+        `params_full.json` (merged with what the run holds there already), and its param holds `long_param_stub`
+        (hash and length), which `full_params` checks when it reads the value back."""
+        values = {k: mask_secrets(str(v)) for k, v in params.items()}
+        long = {k: v for k, v in values.items() if len(v) > MAX_PARAM_VAL_LENGTH}
+        if long:
+            self.log_dict({**_read_long_params(self.client, self.run_id), **long}, Artifact.PARAMS_FULL)
+        items = [Param(k, long_param_stub(v) if k in long else v) for k, v in values.items()]
         for i in range(0, len(items), PARAM_BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + PARAM_BATCH], synchronous=True)
 

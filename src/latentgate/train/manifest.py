@@ -1,8 +1,10 @@
 """The torch-free half of a checkpoint: its manifest, the checks that read it, and the atomic swap.
 
 The manifest lists every file with its sha256 and is sealed by the hash of its own canonical JSON
-(`manifest_sha256`), so an edited manifest fails verification like an edited file. `latentgate checkpoint verify`
-needs only this module, so it starts without importing torch.
+(its `manifest_sha256` entry), so an edited manifest fails verification like an edited file. That seal catches
+accidents only: whoever rewrites a file can reseal it. So `verify_checkpoint` also parses every safetensors header
+against its file (`check_safetensors`), and `manifest_sha256(dir)` (the hash of the manifest file's bytes) is what a
+promoted model version pins. `latentgate checkpoint verify` needs only this module, so it starts without torch.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import hashlib
 import json
 import os
 import re
+import struct
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,10 @@ _ABSENT = object()
 # what a checkpoint and the config that resumes, evaluates or serves it must share (`check_compat`)
 COMPAT_KEYS = ("model.num_latents", "model.d_z", "model.encoder", "model.encoder_lora_r", "model.prompt_format",
                "base.name", "base.layers", "base.hidden")
+# bytes per element of each safetensors dtype; the header's JSON is at most 100 MB (the safetensors library's bound)
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+MAX_HEADER = 100_000_000
 
 
 def check_name(name: Any, what: str = "module name") -> str:
@@ -139,8 +147,70 @@ def _all_files(manifest: dict) -> dict[str, str]:
     return files
 
 
+def manifest_sha256(checkpoint_dir: str | os.PathLike) -> str:
+    """sha256 of the manifest file's bytes: what a promoted model version pins (a resealed manifest changes it)."""
+    path = Path(checkpoint_dir) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {checkpoint_dir} has no {MANIFEST}", "pass a checkpoint folder")
+    return sha256_file(path)
+
+
+def check_safetensors(path: Path, module: str | None = None, params: int | None = None) -> dict:
+    """Parse a safetensors file's header and check it against the file: header length within the file, every
+    tensor's dtype and shape giving exactly its byte range, the ranges tiling the data without gap or overlap, and
+    (for a module file) the module name in its metadata and at least its manifest's parameter count. Returns the
+    header. A corrupted header that was resealed in the manifest fails here, naming the file."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path} has a corrupted safetensors header: {why}", _RESAVE)
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"the file is {size} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(MAX_HEADER, size - 8):
+            raise bad(f"header length {n} exceeds the file ({size} bytes)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise bad(f"not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise bad("not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    data_size, spans, numel = size - 8 - n, [], 0
+    for name, info in header.items():
+        if not (isinstance(info, dict) and info.get("dtype") in DTYPE_BYTES and isinstance(info.get("shape"), list)
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
+                and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in info["data_offsets"])):
+            raise bad(f"tensor {name!r} has no valid dtype / shape / data_offsets")
+        begin, end = info["data_offsets"]
+        if not 0 <= begin <= end <= data_size:
+            raise bad(f"tensor {name!r} spans bytes {begin}..{end}, outside the {data_size} data bytes")
+        if end - begin != prod(info["shape"]) * DTYPE_BYTES[info["dtype"]]:
+            raise bad(f"tensor {name!r} ({info['dtype']} {info['shape']}) needs "
+                      f"{prod(info['shape']) * DTYPE_BYTES[info['dtype']]} bytes, its offsets give {end - begin}")
+        spans.append((begin, end, name))
+        numel += prod(info["shape"])
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            raise bad(f"tensor {name!r} starts at byte {begin}, expected {at} (a gap or an overlap)")
+        at = end
+    if at != data_size:
+        raise bad(f"the tensors cover {at} of the {data_size} data bytes")
+    if module is not None and meta.get("module", module) != module:
+        raise bad(f"its metadata names module {meta.get('module')!r}, the manifest {module!r}")
+    if params is not None and isinstance(params, int) and numel < params:
+        raise bad(f"its tensors hold {numel} values, fewer than the {params} parameters in the manifest")
+    return header
+
+
 def verify_checkpoint(directory: str | os.PathLike) -> dict:
-    """Re-hash the manifest and every file it lists; CheckpointError naming the first missing or altered one."""
+    """Re-hash the manifest and every file it lists, and check every safetensors file's header against the file
+    (`check_safetensors`); CheckpointError naming the first missing or altered one."""
     d = Path(directory)
     manifest = read_manifest(d)
     if manifest.get(MANIFEST_DIGEST) != manifest_digest(manifest):
@@ -160,6 +230,12 @@ def verify_checkpoint(directory: str | os.PathLike) -> dict:
             size = path.stat().st_size
             detail = f"; it is {size} bytes, {sizes[rel]} expected (truncated?)" if sizes.get(rel, size) != size else ""
             raise CheckpointError(f"hash mismatch for {path}: the file is corrupted{detail}", _RESAVE)
+    for name, info in manifest["modules"].items():
+        check_safetensors(d / info["file"], name, info.get("params"))
+    lora = manifest.get("lora") or {}
+    for rel in lora.get("files", {}):
+        if rel.endswith(".safetensors"):  # peft's adapter_model.safetensors holds every saved LoRA value
+            check_safetensors(d / rel, params=lora.get("params") if rel.endswith("adapter_model.safetensors") else None)
     return manifest
 
 
