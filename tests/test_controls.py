@@ -3,9 +3,11 @@
 The issue: a run with latent F1 0 and probe first-token accuracy 17.2% was read as exposure bias, but its latent path
 gave the same answer to every question, and 17.2% is what always guessing the most frequent first answer token
 scores. Here a real model does the same thing (its adapter outputs one vector for every input; Stage B's LoRA learns
-the answer prior), is recorded like any run (a parent, a Stage B run with its probe history, an eval run with its
-artifacts) in the session's SQLite store, and the checklist, the pipeline's decision tree, the analysis report and the
-monitor judge it, with the shipped registry/hero.yaml and with edited copies of it."""
+the answer prior), is recorded like any run (a parent; base and Stage A runs; a Stage B run with its probe history; an
+eval run with its artifacts) in the session's SQLite store, and the checklist, the pipeline's decision tree, the
+analysis report and the monitor judge it, with the shipped registry/hero.yaml at micro scale (tests/conftest.py
+micro_scale_checklist: the fixture's eval set pinned and counted as enough; the shipped file itself refuses it on
+provenance) and with edited copies of that."""
 
 from __future__ import annotations
 
@@ -17,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from latentgate.registry.checklist import DEFAULT_PATH, load_checklist
+from conftest import micro_scale_checklist
+from latentgate.registry.checklist import load_checklist
 
 MAJORITY = 0.3  # share of the most frequent first answer word in the collapsed model's training and probe sets
 
@@ -45,12 +47,17 @@ def collapsed(mlflow_store, micro_cfg, tmp_path_factory) -> dict:
     (one-word answers, then the end token) from a training set whose most frequent answer covers 30%: it says that
     word, once, to everyone (no repetition). The probe set has the same skew. The eval set holds none of that
     word's answers, so the constant answer scores F1 0 everywhere, as in the issue (whose constant first token,
-    "the", SQuAD normalisation drops)."""
+    "the", SQuAD normalisation drops). Recorded as a whole lineage (base, Stage A, Stage B from it, an eval run with
+    its config and its eval set as a dataset input), so the gate's provenance criteria can pass and the rules judge
+    what the model learned. The base LM is the builtin one, built here rather than trained: its run records its
+    config."""
+    from latentgate.config import flatten
     from latentgate.data.synthetic import SyntheticSpec, make_splits, vocabulary
     from latentgate.eval.evaluate import evaluate
     from latentgate.model.base_lm import build_builtin_lm, build_builtin_tokenizer
     from latentgate.model.lora import attach_lora
     from latentgate.phases.stages import record_eval
+    from latentgate.schema import Tag
     from latentgate.tracking.runs import tracked_run
     from latentgate.train.trainer import train_stage
     from latentgate.train.workspace import workspace_from_lm
@@ -70,33 +77,35 @@ def collapsed(mlflow_store, micro_cfg, tmp_path_factory) -> dict:
     with torch.no_grad():
         ws.adapter.net[0].weight.zero_()
     ws.adapter.net[0].weight.requires_grad_(False)
-    ws.lm, ws.lora_counts = attach_lora(ws.lm, cfg)
     out = tmp_path_factory.mktemp("collapsed")
-    with tracked_run("smoke", nested=False, tags={"latentgate.preset": "micro"}) as parent:
-        with tracked_run("stage_b") as tr:
+    with tracked_run("smoke", nested=False, tags={Tag.PRESET: "micro"}) as parent:
+        with tracked_run("base") as tr:
+            tr.log_params(flatten(cfg))
+            base = tr.run_id
+        with tracked_run("stage_a", tags={Tag.BASE_RUN: base}) as tr:
+            train_stage(ws, "stage_a", tr, out / "stage_a")
+            stage_a = tr.run_id
+        ws.lm, ws.lora_counts = attach_lora(ws.lm, cfg)
+        with tracked_run("stage_b", tags={Tag.BASE_RUN: base,
+                                          Tag.INIT_FROM: f"runs:/{stage_a}/checkpoints/stage_a"}) as tr:
             trained = train_stage(ws, "stage_b", tr, out / "stage_b")
             stage_b = tr.run_id
-        with tracked_run("eval", tags={"latentgate.checkpoint": f"runs:/{stage_b}/checkpoints/stage_b"}) as tr:
+        with tracked_run("eval", tags={Tag.CHECKPOINT: f"runs:/{stage_b}/checkpoints/stage_b",
+                                       Tag.BASE_RUN: base}) as tr:
+            tr.log_params(flatten(cfg))
+            tr.log_input(splits["eval"], "eval", "evaluation")
             record_eval(tr, ws, evaluate(ws, splits["eval"], out / "eval"), out / "eval")
             eval_run = tr.run_id
-        parent.set_tags({"latentgate.children": f"{stage_b},{eval_run}"})
+        parent.set_tags({Tag.CHILDREN: f"{base},{stage_a},{stage_b},{eval_run}"})
         parent_run = parent.run_id
     return {"parent": parent_run, "stage_b": stage_b, "eval": eval_run, "probes": trained["probes"], "word": word,
-            "splits": splits, "ws": ws}
+            "splits": splits, "ws": ws, "cfg": cfg}
 
 
-def _edited(tmp_path: Path, name: str, edits: dict) -> Path:
-    """A copy of the shipped hero.yaml with criteria edited: {criterion: {key: value}}, params merged."""
-    data = yaml.safe_load(DEFAULT_PATH.read_text())
-    for c in data["criteria"]:
-        for key, value in edits.get(c["name"], {}).items():
-            if key == "params":
-                c["params"].update(value)
-            else:
-                c[key] = value
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+def _micro_scale(collapsed: dict, tmp_path: Path, edits: dict | None = None) -> Path:
+    """The shipped hero.yaml at micro scale (the fixture's 24 eval questions pinned and enough for eval_size), with
+    criteria edited: {criterion: {key: value}}, params merged."""
+    return micro_scale_checklist(tmp_path, collapsed["cfg"], collapsed["splits"]["eval"], edits)
 
 
 # ---- the probe's controls -----------------------------------------------------------------------------------------
@@ -171,14 +180,23 @@ def test_eval_reports_the_constant_guess_per_path(collapsed):
 
 # ---- the recorded run, judged -------------------------------------------------------------------------------------
 
-def test_the_collapsed_run_is_not_exposure_bias_and_fails_the_checklist_naming_collapse(collapsed):
+def test_the_collapsed_run_is_not_exposure_bias_and_fails_the_checklist_naming_collapse(collapsed, tmp_path):
     from latentgate.pipeline.run import PipelineOptions, gather_evidence
-    from latentgate.registry.decisions import SWEEP, decide
+    from latentgate.registry.decisions import STOP, SWEEP, decide
     from latentgate.registry.gate import check_candidate, format_table
 
-    cl = load_checklist()
-    evidence = gather_evidence("extend", collapsed["stage_b"], collapsed["eval"], PipelineOptions(), None,
-                               checklist=cl)
+    # the shipped file refuses 24 unpinned eval questions before judging anything; its rules at micro scale judge
+    shipped = load_checklist()
+    refused = decide(gather_evidence("extend", collapsed["stage_b"], collapsed["eval"], PipelineOptions(), None,
+                                     checklist=shipped), shipped)
+    assert (refused.rule, refused.next_phase) == ("provenance", STOP), refused.reason
+    assert set(refused.evidence.provenance_failed) == {"eval_size", "eval_dataset_digest"}  # its lineage is whole
+    assert "eval_size" in refused.reason and "eval_dataset_digest" in refused.reason
+    path = _micro_scale(collapsed, tmp_path)
+    cl = load_checklist(path)
+    evidence = gather_evidence("extend", collapsed["stage_b"], collapsed["eval"], PipelineOptions(checklist=str(path)),
+                               None, checklist=cl)
+    assert not evidence.provenance_failed
     # the issue's picture: F1 0 and raw first-token accuracy above 12%, which the plan's tree read as exposure bias
     assert evidence.f1_max == 0.0 and evidence.first_acc > 0.12
     assert cl.criterion("first_token_learning").compare(evidence.first_acc)
@@ -187,11 +205,12 @@ def test_the_collapsed_run_is_not_exposure_bias_and_fails_the_checklist_naming_c
     assert (d.rule, d.next_phase) == ("collapsed", SWEEP), d.reason
     assert d.reason.startswith("mode collapse") and "not exposure bias" in d.reason
 
-    report = check_candidate(collapsed["eval"])
+    report = check_candidate(collapsed["eval"], path)
     rows = {r["name"]: r for r in report.rows}
     learning, collapse = rows["first_token_learning"], rows["no_mode_collapse"]
     assert not learning["passed"] and learning["observed"] == pytest.approx(0.0)
-    raw = max(p["first_acc"] for p in collapsed["probes"])
+    assert all(rows[name]["passed"] for name in cl.provenance())
+    raw = collapsed["probes"][-1]["first_acc"]  # judged at the final step: the registered checkpoint
     assert f"probe_first_acc {raw:.4g}" in learning["detail"] and "probe_first_acc_const" in learning["detail"]
     assert not collapse["passed"] and collapse["observed"] == 0.0  # not one repetitive answer: one answer for all
     assert collapse["detail"].startswith(f"mode collapse: one answer ({collapsed['word']!r})")
@@ -199,12 +218,13 @@ def test_the_collapsed_run_is_not_exposure_bias_and_fails_the_checklist_naming_c
     assert "mode collapse" in format_table(report)
 
 
-CASES = {  # edits of hero.yaml -> (gate: no_mode_collapse passes, first_token_learning passes), rule, verdict, alert
+# one answer for everyone is also 4 answers for everyone: both limits must allow it
+EVERYONE = {"no_mode_collapse": {"params": {"max_top_prediction_share": 1.0, "max_top_k_share": 1.0}}}
+CASES = {  # edits of hero.yaml at micro scale -> (gate: no_mode_collapse passes, first_token_learning passes), rule,
+    # verdict, alert
     "shipped": ({}, (False, False), "collapsed", "phase2", True),
-    "one answer for everyone allowed": ({"no_mode_collapse": {"params": {"max_top_prediction_share": 1.0}}},
-                                        (True, False), "needs_tuning", "phase2", False),
-    "and a lift of 0 counts as learning": ({"no_mode_collapse": {"params": {"max_top_prediction_share": 1.0}},
-                                            "first_token_learning": {"threshold": 0.0}},
+    "one answer for everyone allowed": (EVERYONE, (True, False), "needs_tuning", "phase2", False),
+    "and a lift of 0 counts as learning": ({**EVERYONE, "first_token_learning": {"threshold": 0.0}},
                                            (True, True), "exposure_bias", "phase3", False),
 }
 
@@ -219,7 +239,7 @@ def test_one_checklist_file_moves_the_gate_the_report_the_monitor_and_the_pipeli
     from latentgate.registry.gate import check_candidate
 
     edits, (collapse_ok, learning_ok), rule, verdict, alert = CASES[case]
-    path = _edited(tmp_path, "checklist", edits)
+    path = _micro_scale(collapsed, tmp_path, edits)
     cl = load_checklist(path)
 
     rows = {r["name"]: r["passed"] for r in check_candidate(collapsed["eval"], path).rows}
