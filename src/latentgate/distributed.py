@@ -9,6 +9,13 @@ Only rank 0 writes: MLflow runs, metrics, artifacts, registry versions, checkpoi
 run the same code on every rank; what only rank 0 may do goes through `main_only(fn)`, which runs fn on rank 0
 alone and hands its result (or its error) to the others. Other ranks may read the store (download a checkpoint
 or a base LM by URI), never write it.
+
+Ranks agree: a rank that stops alone leaves the others blocked in their next collective. So the trainer meets the
+other ranks at every optimizer step (`agree`, before the gradient all-reduce): an error on any rank (a non-finite
+loss, a sweep's prune raised by rank 0's probe hook, anything else) and a stop signal received by any rank reach
+every rank there, and all of them stop together with one exit code.
+
+Each rank computes on its own GPU, cuda:LOCAL_RANK (`local_rank()`).
 """
 
 from __future__ import annotations
@@ -16,8 +23,9 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+from dataclasses import dataclass
 
-from latentgate.errors import LatentgateError
+from latentgate.errors import LatentgateError, os_error_in_chain
 
 TIMEOUT_ENV = "LATENTGATE_DIST_TIMEOUT_MIN"  # how long ranks wait for rank 0 (e.g. its base-LM training or eval)
 _solo = 0  # > 0 while rank 0 runs a main_only section alone: nothing inside may call a collective
@@ -25,19 +33,26 @@ BUCKET_BYTES = 256 * 2**20  # gradients flattened per all-reduce; caps the extra
 
 
 class RankFailed(LatentgateError):
-    """Raised on ranks > 0 when rank 0 failed inside main_only: they stop with rank 0's exit code, and stay
-    silent (rank 0 prints the one line)."""
+    """Raised on the other ranks when one rank failed (rank 0 inside main_only, or any rank during training): they
+    stop with that rank's exit code, and stay silent (the failed rank prints the one line)."""
 
     quiet = True
 
-    def __init__(self, kind: str, message: str, exit_code: int):
-        super().__init__(f"rank 0 failed: {kind}: {message}")
+    def __init__(self, kind: str, message: str, exit_code: int, rank: int = 0):
+        super().__init__(f"rank {rank} failed: {kind}: {message}")
         self.exit_code = exit_code
+        self.rank = rank
 
 
 def launched() -> bool:
     """Started by torchrun / accelerate launch with more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def local_rank() -> int:
+    """This process's index on its machine (LOCAL_RANK, set by torchrun / accelerate launch): its GPU is
+    cuda:local_rank(). 0 when not launched."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if launched() else 0
 
 
 def init_from_env() -> bool:
@@ -50,7 +65,7 @@ def init_from_env() -> bool:
     if dist.is_initialized():
         return True
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_rank())
     # torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when it is imported (transformers
     # imports it through torch.distributed.fsdp while loading a tokenizer). Imported after the group exists, those
     # defaults keep it alive past destroy_process_group: its gloo threads then outlive the interpreter, and one that
@@ -128,6 +143,59 @@ def main_only(fn):
         _solo -= 1
         broadcast(outcome)
     return outcome[1]
+
+
+def exit_code_of(err: BaseException) -> int:
+    """The exit code the CLI gives `err`: its own, the mapped OSError's (disk full: 2), else 1."""
+    code = getattr(err, "exit_code", None)
+    if code is None:
+        mapped = os_error_in_chain(err)
+        code = mapped.exit_code if mapped is not None else 1
+    return max(1, int(code))
+
+
+@dataclass(frozen=True)
+class News:
+    """What one rank brings to an agreement: the error it stopped on (None: none), the stop signal it received
+    (0: none)."""
+
+    failure: BaseException | None = None
+    signum: int = 0
+
+
+def agree(news: News) -> int:
+    """Meet every other rank: each rank's failure and stop signal reach all ranks, in one all-reduce of a small
+    [world, 2] tensor (each rank fills its own row: its failure's exit code, its signal; a SUM gathers them).
+
+    When any rank failed, it raises on EVERY rank: a failed rank re-raises its own error; the others raise a quiet
+    RankFailed with the kind, message and exit code of the first failed rank (its own line says the rest). Otherwise
+    it returns the stop signal any rank received (0: none), so that every rank stops at the same step.
+
+    Every rank of the group must call it at the same point. Alone (one process, or inside main_only), it raises
+    this process's failure or returns its signal."""
+    if not collective():
+        if news.failure is not None:
+            raise news.failure
+        return news.signum
+    import torch  # lazy: torch-free checkpoint verify
+    import torch.distributed as dist  # lazy: torch-free checkpoint verify
+
+    rank, size = world()
+    rows = torch.zeros(size, 2, dtype=torch.int64, device=collective_device())
+    rows[rank, 0] = exit_code_of(news.failure) if news.failure is not None else 0
+    rows[rank, 1] = news.signum
+    dist.all_reduce(rows, op=dist.ReduceOp.SUM)
+    codes, signals = rows[:, 0].tolist(), rows[:, 1].tolist()
+    failed = [r for r, code in enumerate(codes) if code]
+    if not failed:
+        return max(signals)
+    src = failed[0]
+    box = [(type(news.failure).__name__, str(news.failure)) if rank == src else None]
+    dist.broadcast_object_list(box, src=src)
+    if news.failure is not None:
+        raise news.failure
+    kind, message = box[0]
+    raise RankFailed(kind, message, codes[src], rank=src)
 
 
 def shard(indices: list[int], rank: int, size: int) -> list[int]:
