@@ -200,7 +200,8 @@ def promotion_summary(cs_name: str, run_id: str, summary: dict) -> dict:
     keep = (Calibration.HERO_F1_TARGET, "confusion", "agreement", "precision_promote", "precision_refuse", "n")
     return {"set": cs_name, "run_id": run_id, **{k: summary[k] for k in keep},
             "fit": None if summary["fit"] is None else {k: summary["fit"][k] for k in
-                                                        ("slope", "intercept", "s", "n", "x_mean", "sxx", "t")}}
+                                                        ("slope", "intercept", "s", "n", "x_mean", "sxx", "t",
+                                                         "x_min", "x_max")}}
 
 
 def run_calibration(cs: CalibrationSet, checklist_path=None, echo=print) -> dict:

@@ -2,7 +2,7 @@
 
     name: cpu                 # plain name; the parent run is `calibrate <name>`
     preset: smoke             # default preset of every configuration
-    hero_scale: 10            # the hero-scale run: stage_a.steps and stage_b.steps x this, the config otherwise equal
+    hero_scale: 10            # the hero-scale run: hero_plan(gate config, this), as `latentgate hero` builds it
     overrides: {}             # dotted config keys applied to every configuration, before its own
     configurations:
       - name: lr-high         # plain name, unique in the set
@@ -25,12 +25,12 @@ from pathlib import Path
 
 from latentgate import config
 from latentgate.errors import ConfigError
+from latentgate.registry.hero_recipe import hero_plan
 
 CALIBRATION_DIR = Path(__file__).with_name("sets")  # package data; calibrations/ in a checkout links here
 TOP_KEYS = ("name", "preset", "hero_scale", "overrides", "configurations")
 ENTRY_KEYS = ("name", "expect", "preset", "overrides", "holdout")
 EXPECT = ("good", "marginal", "broken")
-SCALED = ("stage_a.steps", "stage_b.steps")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -147,8 +147,8 @@ def load_set(name_or_path: str, extra: dict | None = None, preset: str | None = 
         overrides = {**shared, **own, **(extra or {})}
         here = f"{where}: configuration {cname}"
         gate = _resolve(here, cpreset, overrides)
-        scaled = {key: getattr(gate, key.split(".")[0]).steps * scale for key in SCALED}
-        hero = _resolve(f"{here} (hero scale)", cpreset, {**overrides, **scaled})
+        hero = hero_plan(gate, scale).config  # the one hero definition: `latentgate hero` builds the same
+
         out.append(Configuration(cname, expect, cpreset, overrides, holdout, gate, hero))
     return CalibrationSet(name=name, path=path.resolve(), sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
                           hero_scale=scale, configurations=tuple(out))

@@ -75,6 +75,7 @@ def fit_line(xs: list[float], ys: list[float]) -> dict | None:
     s = math.sqrt(sse / (n - 2))
     ss_tot = sum((y - y_mean) ** 2 for y in ys)
     return {"slope": slope, "intercept": intercept, "s": s, "n": n, "x_mean": x_mean, "sxx": sxx,
+            "x_min": min(xs), "x_max": max(xs),
             "t": t975(n - 2), "level": 0.95, "r2": (1 - sse / ss_tot) if ss_tot > 0 else None}
 
 

@@ -18,11 +18,20 @@ from latentgate.tracking.lineage import client
 PHASE = "calibrate"  # the latentgate.phase tag of a calibration run (calibrate/runner.py writes it)
 
 
+def _clip(v: float) -> float:
+    return min(1.0, max(0.0, v))  # an F1 lives in [0, 1]; a straight line does not know it
+
+
 def predict(fit: dict, x: float) -> tuple[float, float, float]:
-    """(prediction, low, high): the 95% prediction interval of one new y at x."""
+    """(prediction, low, high): the 95% prediction interval of one new y at x, clipped to [0, 1]."""
     y = fit["intercept"] + fit["slope"] * x
     half = fit["t"] * fit["s"] * math.sqrt(1 + 1 / fit["n"] + (x - fit["x_mean"]) ** 2 / fit["sxx"])
-    return y, y - half, y + half
+    return _clip(y), _clip(y - half), _clip(y + half)
+
+
+def outside_range(fit: dict, x: float) -> bool:
+    """Whether x lies outside the smoke F1s the line was fitted on (an extrapolation the line cannot vouch for)."""
+    return "x_min" in fit and not fit["x_min"] <= x <= fit["x_max"]
 
 
 def assess(summary: dict, smoke_f1: float | None, passed: bool | None) -> dict:
@@ -33,7 +42,9 @@ def assess(summary: dict, smoke_f1: float | None, passed: bool | None) -> dict:
            Calibration.HERO_F1_TARGET: summary[Calibration.HERO_F1_TARGET], Calibration.SMOKE_F1: smoke_f1,
            "passed": passed,
            "promote_success": [c["tp"], c["tp"] + c["fp"]], "refuse_failure": [c["tn"], c["tn"] + c["fn"]]}
-    if fit and smoke_f1 is not None:
+    if fit and smoke_f1 is not None and outside_range(fit, smoke_f1):
+        out.update(outside=[fit["x_min"], fit["x_max"]])
+    elif fit and smoke_f1 is not None:
         y, lo, hi = predict(fit, smoke_f1)
         out.update(predicted_hero_f1=y, interval=[lo, hi])
     return out
@@ -48,7 +59,11 @@ def format_assessment(a: dict) -> str:
     head = (f"calibration (run {a['calibration_run'][:8]}, set {a['set']}, {a['n']} configurations, hero target F1 "
             f"{a[Calibration.HERO_F1_TARGET]:g}):")
     parts = []
-    if "predicted_hero_f1" in a:
+    if "outside" in a:
+        lo, hi = a["outside"]
+        parts.append(f"smoke-scale latent F1 {a[Calibration.SMOKE_F1]:.3f} is outside the fitted range [{lo:.3f}, "
+                     f"{hi:.3f}]: no predicted hero F1")
+    elif "predicted_hero_f1" in a:
         lo, hi = a["interval"]
         parts.append(f"smoke-scale latent F1 {a[Calibration.SMOKE_F1]:.3f} predicts hero F1 "
                      f"{a['predicted_hero_f1']:.3f} [{lo:.3f}, {hi:.3f}] (95% prediction interval)")
