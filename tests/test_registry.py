@@ -106,7 +106,7 @@ def holder(name: str) -> str | None:
 
     from latentgate.registry.gate import alias_holder
 
-    return alias_holder(MlflowClient(), name)
+    return alias_holder(MlflowClient(), name, "hero")
 
 
 # ---- the checklist file ---------------------------------------------------------------------------------------

@@ -146,7 +146,6 @@ class RunConfig:
     device: str = opt("auto", "auto, cpu, cuda or cuda:N (cuda must be present where the run trains)")
     output_dir: str = opt("runs", "local folder for run outputs (checkpoints, jsonl)")
     registry_base: str = opt("latentgate-base", "registered model name of the base LM")
-    registry_model: str = opt("latentgate", "registered model name of the latent model")
 
 
 @dataclass
@@ -225,7 +224,7 @@ def _check_model_bounds(cfg: Config) -> None:
             raise ConfigError(f"model.num_latents={cfg.model.num_latents} soft tokens plus the anchor and "
                               f"eval.max_new_tokens={cfg.eval.max_new_tokens} need {need} positions; the builtin "
                               f"LM has {BUILTIN_MAX_POSITIONS}", "lower model.num_latents")
-    for key in ("registry_base", "registry_model"):
+    for key in ("registry_base",):
         name = getattr(cfg.run, key)
         if not _MODEL_NAME.fullmatch(name):
             raise ConfigError(f"run.{key}={name!r} is not a valid registered model name",

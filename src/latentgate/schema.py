@@ -128,6 +128,13 @@ class MlflowTag:
     PROJECT_ENTRY_POINT = "mlflow.project.entryPoint"  # set by `mlflow run`
 
 
+class Registry:
+    """The registered model and its alias when a checklist file does not name them (registry/hero.yaml does)."""
+
+    MODEL_NAME = "latentgate"
+    ALIAS = "hero"
+
+
 class VersionTag:
     """Tags of registered model versions. The registry gate (registry/gate.py) writes the `hero.*` ones; a version
     also carries its links to its evidence: Tag.EVAL_RUN, STAGE_B_RUN, BASE_RUN, CHECKPOINT, REGISTER_RUN, GIT_COMMIT

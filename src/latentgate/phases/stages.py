@@ -21,7 +21,7 @@ from latentgate.model.lora import attach_lora
 from latentgate.model.memory_fit import check_fits
 from latentgate.schema import Artifact, EvalKey, Stage, Summary, Tag
 from latentgate.tracking import labels, lineage, progress
-from latentgate.tracking.lineage import BaseLM
+from latentgate.tracking.lineage import BaseLM, RunUri
 from latentgate.tracking.runs import tracked_run
 from latentgate.tracking.tracker import dataset_source, enable_system_metrics
 from latentgate.train import checkpoint as ckpt
@@ -123,7 +123,7 @@ def run_stage(cfg: Config, stage: str, base: BaseLM, out_dir: Path, splits, init
             _log_stage_common(tr, cfg, splits, ws, stage)
         stage_dir = out_dir / stage
         result = train_stage(ws, stage, tr, stage_dir, resume=resume, on_probe=on_probe)
-        result.update(run_id=tr.run_id, checkpoint_uri=f"runs:/{tr.run_id}/{Artifact.checkpoint(stage)}")
+        result.update(run_id=tr.run_id, checkpoint_uri=str(RunUri(tr.run_id, Artifact.checkpoint(stage))))
         if not dist.owns_store():  # ranks > 0: rank 0 logs the artifacts and makes the plots
             return result
         tr.log_artifact(stage_dir / Artifact.DIAGNOSTICS)

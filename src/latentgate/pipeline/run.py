@@ -48,10 +48,10 @@ from latentgate.registry.decisions import (
     fmt_value,
 )
 from latentgate.registry.gate import check_candidate, promote
-from latentgate.schema import SweepTag, Tag
+from latentgate.schema import Artifact, SweepTag, Tag
 from latentgate.sweep.study import load_study
 from latentgate.tracking import lineage
-from latentgate.tracking.lineage import ModelUri
+from latentgate.tracking.lineage import ModelUri, RunUri
 from latentgate.tracking.runs import adopt_project_run, git_commit, setup_experiment, tracked_run
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -315,11 +315,11 @@ def run_pipeline(opts: PipelineOptions) -> dict:
         runner = ProjectRunner(opts.env_manager, experiment_id) if opts.runner == "project" else InProcessRunner()
         pl = Pipeline(opts, tr, runner, experiment_id, commit, checklist)
         pl.step("base")
-        stage_a_uri = f"runs:/{pl.step('stage_a')}/checkpoints/stage_a"
+        stage_a_uri = str(RunUri(pl.step("stage_a"), Artifact.checkpoint("stage_a")))
         phase, tuned = "extend", {}
         stage_over = phase_overrides("extend", cfg)
         stage_run = pl.step("extend", stage_over, stage_a_uri)
-        eval_run = pl.step("eval", stage_over, f"runs:/{stage_run}/checkpoints/stage_b")
+        eval_run = pl.step("eval", stage_over, str(RunUri(stage_run, Artifact.checkpoint("stage_b"))))
         extra: dict = {}
         while True:
             evidence = gather_evidence(phase, stage_run, eval_run, opts, pl.budget_left_s(), extra, checklist)
@@ -341,7 +341,7 @@ def run_pipeline(opts: PipelineOptions) -> dict:
             phase, extra = "fix", {}
             stage_over = {**phase_overrides("fix", cfg), **tuned}
             stage_run = pl.step("fix", stage_over, stage_a_uri)
-            eval_run = pl.step("eval", stage_over, f"runs:/{stage_run}/checkpoints/stage_b")
+            eval_run = pl.step("eval", stage_over, str(RunUri(stage_run, Artifact.checkpoint("stage_b"))))
         summary = {"run_id": tr.run_id, **pl.summary()}
         tr.set_tags({Tag.FINAL_RULE: decision.rule, Tag.FINAL_NEXT: decision.next_phase})
         tr.log_dict(summary, "decisions.json")

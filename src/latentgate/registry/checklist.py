@@ -19,7 +19,7 @@ from typing import Any
 
 from latentgate.errors import ConfigError
 from latentgate.safety import load_yaml, refuse_loop
-from latentgate.schema import Calibration
+from latentgate.schema import Calibration, Registry
 
 DEFAULT_PATH = Path(__file__).with_name("hero.yaml")  # package data; registry/hero.yaml in a checkout links here
 
@@ -286,11 +286,11 @@ def load_checklist(path: str | Path | None = None) -> Checklist:
     elif not isinstance(pin, str) or not pin:
         raise _fail(path, f"eval_dataset_digest must be 'any', a digest or a mapping, got {pin!r}",
                     "write eval_dataset_digest: any")
-    alias = data.get("alias", "hero")
+    alias = data.get("alias", Registry.ALIAS)
     if not isinstance(alias, str) or not alias.replace("_", "").replace("-", "").isalnum():
         raise _fail(path, f"invalid alias {alias!r}", "write alias: hero")
     return Checklist(path=path.resolve(), sha256=hashlib.sha256(text).hexdigest(), version=1,
-                     model_name=str(data.get("model_name", "latentgate")), alias=alias, criteria=criteria,
+                     model_name=str(data.get("model_name", Registry.MODEL_NAME)), alias=alias, criteria=criteria,
                      eval_dataset_digest=pin, calibration=_calibration(path, data.get("calibration")),
                      hero=_hero(path, data.get("hero")))
 

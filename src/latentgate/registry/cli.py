@@ -61,7 +61,7 @@ def demote(version, reason, to, checklist, name):
     click.echo(f"version {out['version']}: demoted ({held})")
     if out["promoted"] is not None:
         click.echo(format_table(out["promoted"]))
-    click.echo(f"alias hero -> {('version ' + out['holder']) if out['holder'] else 'nobody'}")
+    click.echo(f"alias {out['alias']} -> {('version ' + out['holder']) if out['holder'] else 'nobody'}")
     if out["promoted"] is not None:
         _refuse_if_failed(out["promoted"], f"version {to} refused")
 
@@ -78,17 +78,20 @@ def verify(checklist, name, explain):
 
     report = do_verify(checklist=checklist, name=name)
     click.echo(format_table(report, explain=explain))
-    _refuse_if_failed(report, "the alias hero does not hold")
+    _refuse_if_failed(report, f"the alias {report.alias} does not hold")
 
 
 @click.command()
 @click.argument("eval_run")
-@click.option("--name", default="latentgate", show_default=True, help="registered model name")
+@_CHECKLIST
+@_NAME
 @guarded
-def register(eval_run, name):
+def register(eval_run, checklist, name):
     """Register a finished eval run's model (pyfunc: checkpoint, base LM, tokenizer, contract) as a new version."""
+    from latentgate.registry.checklist import load_checklist
     from latentgate.registry.model import register_candidate
 
+    name = name or load_checklist(checklist).model_name
     version = register_candidate(eval_run, name)
     click.echo(f"registered {name} version {version} (models:/{name}/{version}); next: latentgate promote {version}")
 

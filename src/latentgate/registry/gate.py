@@ -49,7 +49,8 @@ class Report:
     missing: list[str]
     version: str | None = None
     eval_run: str | None = None
-    model_name: str = "latentgate"
+    model_name: str = ""
+    alias: str = ""
     lineage: dict = field(default_factory=dict)
     checklist: str = ""
     checklist_sha256: str = ""
@@ -223,6 +224,7 @@ def check_candidate(version_or_eval_run: str, checklist=None, name: str | None =
     all_missing = list(dict.fromkeys(missing + [m for r in rows for m in r["missing"]]))
     return Report(candidate=str(version_or_eval_run), passed=all(r["passed"] for r in rows) and not all_missing,
                   rows=rows, missing=all_missing, version=version, eval_run=eval_run, model_name=name,
+                  alias=cl.alias,
                   lineage=ev.lineage() if ev else {}, checklist=str(cl.path), checklist_sha256=cl.sha256,
                   time=_now(), commit=_commit())
 
@@ -253,7 +255,7 @@ def registry_lock(name: str, timeout: float = 300.0):
         lock.release()
 
 
-def alias_holder(c, name: str, alias: str = "hero") -> str | None:
+def alias_holder(c, name: str, alias: str) -> str | None:
     try:
         return str(c.get_model_version_by_alias(name, alias).version)
     except MlflowException:
@@ -288,7 +290,7 @@ def _write_report_artifact(c, mv, report: Report) -> str:
         path = Path(tmp) / f"v{mv.version}-{_stamp()}.json"
         path.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True, default=str))
         c.log_artifact(mv.run_id, str(path), Artifact.HERO_REPORTS)
-    return f"runs:/{mv.run_id}/{Artifact.HERO_REPORTS}/{path.name}"
+    return str(RunUri(mv.run_id, f"{Artifact.HERO_REPORTS}/{path.name}"))
 
 
 def promote(version: str, dry_run: bool = False, checklist=None, name: str | None = None, *,
@@ -380,7 +382,7 @@ def demote(version: str, reason: str, to: str | None = None, checklist=None, nam
         c.set_model_version_tag(name, v, VersionTag.AUDIT, json.dumps(audit, sort_keys=True)[:TAG_MAX])
         c.set_model_version_tag(name, v, VersionTag.PASSED, "false")
         _event(c, name, v, f"demoted{' (held ' + cl.alias + ')' if held else ''}: {reason}")
-    out = {"version": v, "held_alias": held, "reason": reason, "promoted": None}
+    out = {"version": v, "held_alias": held, "reason": reason, "promoted": None, "alias": cl.alias}
     if to:
         out["promoted"] = promote(to, checklist=cl, name=name)
     out["holder"] = alias_holder(c, name, cl.alias)
@@ -447,6 +449,7 @@ def verify(checklist=None, name: str | None = None, *, checklist_path=None) -> R
     holder = alias_holder(c, name, cl.alias)
     if holder is None:
         return Report(candidate=f"models:/{name}@{cl.alias}", passed=False, rows=[], model_name=name,
+                      alias=cl.alias,
                       missing=[f"no version of {name} holds alias {cl.alias}"], checklist=str(cl.path),
                       checklist_sha256=cl.sha256, decision="verified", time=_now(), commit=_commit())
     mv = c.get_model_version(name, holder)
@@ -536,10 +539,10 @@ def format_table(report: Report, explain: bool = False) -> str:
         lines.append("missing evidence:")
         lines += [f"  - {m}" for m in report.missing]
     verdict = {"dry-run": "would PROMOTE" if report.passed else "would REFUSE",
-               "promoted": f"PROMOTED: alias hero -> version {report.version}",
+               "promoted": f"PROMOTED: alias {report.alias} -> version {report.version}",
                "refused": f"REFUSED: version {report.version} keeps no alias",
-               "refused-holder": f"REFUSED: version {report.version} keeps the alias hero it held (a refusal moves "
-                                 f"no alias; `latentgate demote {report.version} --reason ...` takes it off)",
+               "refused-holder": f"REFUSED: version {report.version} keeps the alias {report.alias} it held (a refusal "
+                                 f"moves no alias; `latentgate demote {report.version} --reason ...` takes it off)",
                "verified": "VERIFIED" if report.passed else "VERIFY FAILED"}.get(report.decision,
                                                                                  "PASS" if report.passed else "FAIL")
     failing = report.failing()

@@ -69,7 +69,7 @@ def _signature():
                           outputs=Schema([ColSpec("string", "answer")]))
 
 
-def version_for_eval_run(eval_run_id: str, name: str = "latentgate") -> str | None:
+def version_for_eval_run(eval_run_id: str, name: str) -> str | None:
     """The newest version of `name` already registered from this eval run, if any."""
     try:
         versions = client().search_model_versions(f"name='{name}'")
@@ -79,7 +79,7 @@ def version_for_eval_run(eval_run_id: str, name: str = "latentgate") -> str | No
     return str(max(mine, key=lambda v: int(v.version)).version) if mine else None
 
 
-def register_candidate(eval_run_id: str, name: str = "latentgate") -> str:
+def register_candidate(eval_run_id: str, name: str) -> str:
     """Log the pyfunc model of a FINISHED eval run's checkpoint and register it under `name`; returns the version."""
     from latentgate.train.workspace import load_splits  # lazy: keeps latentgate verify/promote torch-free
 

@@ -65,7 +65,8 @@ def register_best(eval_run_id: str | None, tr, echo=print) -> dict:
     if not eval_run_id:
         return {"note": "best trial has no eval run"}
     # a continued study whose best trial did not change keeps its version instead of registering a copy
-    version = version_for_eval_run(eval_run_id) or register_candidate(eval_run_id)
+    name = load_checklist().model_name
+    version = version_for_eval_run(eval_run_id, name) or register_candidate(eval_run_id, name)
     report = check_candidate(version)
     out = {"version": str(version), "gate_passed": report.passed, "missing": list(report.missing),
            "evidence": record_checks(report, f"sweep run {tr.run_id}")}

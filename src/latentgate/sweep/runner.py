@@ -48,6 +48,7 @@ from latentgate.sweep.stopping import COORDINATOR_ENV, die_with_parent, end_orph
 from latentgate.sweep.storage import AskLock, dashboard_command, open_storage, resolve_storage
 from latentgate.sweep.study import StudySpec, build_pruner, build_sampler, spec_from_dict
 from latentgate.tracking import lineage
+from latentgate.tracking.lineage import RunUri
 from latentgate.tracking.progress import task
 from latentgate.tracking.runs import adopt_project_run, setup_experiment, tracked_run, tracking_uri
 from latentgate.tracking.secrets import mask_secrets
@@ -174,7 +175,7 @@ def ensure_stage_a(spec: StudySpec, cfg, echo=print) -> str:
                                   order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
         if runs:
             echo(f"resume_from: reusing Stage A run {runs[0].info.run_id}")
-            return f"runs:/{runs[0].info.run_id}/{Artifact.checkpoint('stage_a')}"
+            return str(RunUri(runs[0].info.run_id, Artifact.checkpoint("stage_a")))
     echo("resume_from: auto -> training the base LM (or reusing a registered one) and Stage A once")
     out = run_output_dir(cfg, f"sweep-{spec.name}-stage_a")
     splits = load_splits(cfg)
