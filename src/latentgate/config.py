@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from latentgate.errors import ConfigError
+from latentgate.errors import ConfigError, did_you_mean
 from latentgate.safety import load_yaml, refuse_loop
 from latentgate.schema import EvalPath
 
@@ -424,11 +423,8 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     table = fields_table()
     for key, raw in overrides.items():
         if key not in table:
-            close = difflib.get_close_matches(key, table, n=1, cutoff=0.5)
-            if not close:  # a bare field name: look it up across sections
-                close = [k for k in table if k.endswith("." + key)][:1]
-            hint = f"did you mean {close[0]}?" if close else "see `latentgate config --list`"
-            raise ConfigError(f"unknown config key {key!r}", hint)
+            raise ConfigError(f"unknown config key {key!r}",
+                              did_you_mean(key, table, "see `latentgate config --list`", 0.5, dotted=True))
         section, name = key.split(".", 1)
         obj = getattr(cfg, section)
         meta = next(f.metadata for f in dataclasses.fields(obj) if f.name == name)
@@ -494,9 +490,8 @@ def preset_overrides(name_or_path: str, _seen: tuple = ()) -> dict[str, Any]:
         path = PRESET_DIR / f"{name_or_path}.yaml"
     refuse_loop(path, "preset")
     if not path.exists():
-        close = difflib.get_close_matches(name_or_path, preset_names(), n=1)
-        hint = f"did you mean {close[0]}?" if close else f"choose one of {preset_names()}"
-        raise ConfigError(f"unknown preset {name_or_path!r}", hint)
+        raise ConfigError(f"unknown preset {name_or_path!r}",
+                          did_you_mean(name_or_path, preset_names(), f"choose one of {preset_names()}"))
     if str(path) in _seen:
         raise ConfigError(f"preset {path} extends itself", "break the extends: cycle")
     data = load_yaml_mapping(path)

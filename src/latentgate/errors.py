@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import errno
 
 
@@ -119,3 +120,13 @@ def describe_os_error(err: OSError, doing: str = "write") -> LatentgateError | N
         return None
     problem, fix = fixes[err.errno]
     return StoreError(f"cannot {doing} {where}: {problem}", fix)
+
+
+def did_you_mean(word: str, choices, otherwise: str, cutoff: float = 0.6, dotted: bool = False) -> str:
+    """The fix hint for an unknown name: the closest choice ("did you mean x?"), else `otherwise`. `dotted`: a bare
+    field name also matches a dotted key ending in it (stage_b.lr for lr)."""
+    choices = [str(c) for c in choices]
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=cutoff)
+    if not close and dotted:
+        close = [c for c in choices if c.endswith("." + str(word))][:1]
+    return f"did you mean {close[0]}?" if close else otherwise

@@ -17,14 +17,13 @@ line naming the configuration, before anything trains.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from latentgate import config
-from latentgate.errors import ConfigError
+from latentgate.errors import ConfigError, did_you_mean
 from latentgate.registry.hero_recipe import hero_plan
 
 CALIBRATION_DIR = Path(__file__).with_name("sets")  # package data; calibrations/ in a checkout links here
@@ -81,9 +80,8 @@ def set_path(name_or_path: str, directory: Path = CALIBRATION_DIR) -> Path:
         return path
     path = directory / f"{name_or_path}.yaml"
     if not path.is_file():
-        close = difflib.get_close_matches(name_or_path, set_names(directory), n=1)
         raise ConfigError(f"unknown calibration set {name_or_path!r}",
-                          f"did you mean {close[0]}?" if close else f"choose one of {set_names(directory)}")
+                          did_you_mean(name_or_path, set_names(directory), f"choose one of {set_names(directory)}"))
     return path
 
 

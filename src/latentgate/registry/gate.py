@@ -278,6 +278,16 @@ def check_tag_value(row: dict) -> str:
     return f"{state} observed={_fmt(row['observed'])} {row['op']} {_fmt(row['threshold'])}{why}"[:TAG_MAX]
 
 
+def write_check_tags(c, mv, report: Report, cl: Checklist) -> None:
+    """One `hero.check.<criterion>` tag per row of the report (promote, and the sweep's record of its best trial);
+    tags of criteria the checklist no longer has are removed. The caller holds the registry lock."""
+    for key in [k for k in mv.tags if k.startswith(VersionTag.CHECK_PREFIX)]:
+        if key.removeprefix(VersionTag.CHECK_PREFIX) not in cl.names():
+            c.delete_model_version_tag(mv.name, mv.version, key)
+    for row in report.rows:
+        c.set_model_version_tag(mv.name, mv.version, f"{VersionTag.CHECK_PREFIX}{row['name']}", check_tag_value(row))
+
+
 def _event(c, name: str, version: str, text: str) -> None:
     c.set_model_version_tag(name, version, f"{VersionTag.EVENT_PREFIX}{_stamp()}", text[:TAG_MAX])
 
@@ -321,11 +331,7 @@ def promote(version: str, dry_run: bool = False, checklist=None, name: str | Non
             report_uri = _write_report_artifact(c, mv, report)
             _event(c, name, v, f"re-promotion refused, {cl.alias} kept: {', '.join(report.failing())} ({report_uri})")
             return report
-        for key in [k for k in mv.tags if k.startswith(VersionTag.CHECK_PREFIX)]:
-            if key[len(VersionTag.CHECK_PREFIX):] not in cl.names():
-                c.delete_model_version_tag(name, v, key)  # a criterion the current checklist no longer has
-        for row in report.rows:
-            c.set_model_version_tag(name, v, f"{VersionTag.CHECK_PREFIX}{row['name']}", check_tag_value(row))
+        write_check_tags(c, mv, report, cl)
         pin = pin_problems(c, mv, name) if report.passed else []
         if pin:  # the evidence passed, but the checkpoint is not the one it describes
             report.passed = False

@@ -13,7 +13,7 @@ from optuna.trial import TrialState as S
 from optuna.visualization import matplotlib as ov
 
 from latentgate.registry.checklist import load_checklist
-from latentgate.registry.gate import Report, alias_holder, check_candidate, check_tag_value, registry_lock
+from latentgate.registry.gate import Report, alias_holder, check_candidate, registry_lock, write_check_tags
 from latentgate.registry.model import register_candidate, version_for_eval_run
 from latentgate.schema import StudyAttr, Summary, SweepTag, TrialAttr, VersionTag
 from latentgate.sweep.stopping import progress
@@ -87,12 +87,7 @@ def record_checks(report: Report, checked_by: str) -> str:
     with registry_lock(name):
         if alias_holder(c, name, cl.alias) == v:
             return f"version {v} holds the alias {cl.alias}: tags left to `latentgate promote {v}`"
-        mv = c.get_model_version(name, v)
-        check = VersionTag.CHECK_PREFIX
-        for key in [k for k in mv.tags if k.startswith(check) and k.removeprefix(check) not in cl.names()]:
-            c.delete_model_version_tag(name, v, key)
-        for row in report.rows:
-            c.set_model_version_tag(name, v, f"{VersionTag.CHECK_PREFIX}{row['name']}", check_tag_value(row))
+        write_check_tags(c, c.get_model_version(name, v), report, cl)
         c.set_model_version_tag(name, v, VersionTag.CHECKED_BY, checked_by)
     return f"{len(report.rows)} {VersionTag.CHECK_PREFIX}* tags on version {v}"
 

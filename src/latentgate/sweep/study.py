@@ -8,7 +8,6 @@ Bounds and choices are checked against the config's own validation before anythi
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import inspect
 import json
@@ -21,7 +20,7 @@ import optuna
 
 from latentgate import config
 from latentgate.config import load_yaml_mapping
-from latentgate.errors import ConfigError
+from latentgate.errors import ConfigError, did_you_mean
 from latentgate.schema import EvalKey, EvalPath, Probe, Summary
 from latentgate.sweep.stopping import check_stop
 
@@ -139,9 +138,8 @@ def study_path(name_or_path: str, directory: Path = SWEEP_DIR) -> Path:
     path = Path(directory) / f"{name_or_path}.yaml"
     if not path.exists():
         names = study_names(directory)
-        close = difflib.get_close_matches(name_or_path, names, n=1)
         raise ConfigError(f"unknown study {name_or_path!r}",
-                          f"did you mean {close[0]}?" if close else f"choose one of {names} (files in {directory})")
+                          did_you_mean(name_or_path, names, f"choose one of {names} (files in {directory})"))
     return path
 
 
@@ -158,9 +156,8 @@ def load_study(name_or_path: str, directory: Path = SWEEP_DIR) -> StudySpec:
 def spec_from_dict(raw: dict, where: str = "<study>") -> StudySpec:
     unknown = [k for k in raw if k not in TOP_KEYS]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], TOP_KEYS, n=1)
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}",
-                          f"did you mean {close[0]}?" if close else f"use keys from {list(TOP_KEYS)}")
+                          did_you_mean(unknown[0], TOP_KEYS, f"use keys from {list(TOP_KEYS)}"))
     missing = [k for k in TOP_KEYS if k not in raw and k not in OPTIONAL_KEYS]
     if missing:
         raise ConfigError(f"{where}: missing key(s) {missing}", "add them (sweeps/defaults.yaml sets every one)")
@@ -198,11 +195,8 @@ def spec_from_dict(raw: dict, where: str = "<study>") -> StudySpec:
 
 def _check_key(key: str, table: dict, where: str, what: str) -> None:
     if key not in table:
-        close = difflib.get_close_matches(key, table, n=1, cutoff=0.5)
-        if not close:
-            close = [k for k in table if k.endswith("." + key)][:1]
         raise ConfigError(f"{where}: {what} key {key!r} is not a config key",
-                          f"did you mean {close[0]}?" if close else "see `latentgate config --list`")
+                          did_you_mean(key, table, "see `latentgate config --list`", 0.5, dotted=True))
 
 
 def _check_objective(obj, where: str) -> dict:
@@ -247,9 +241,7 @@ def _check_factory(spec, table: dict, module: str, where: str, what: str) -> dic
         raise ConfigError(f"{where}: {what} must be a mapping with a name", f"choose a name from {list(table)}")
     name = spec["name"]
     if name not in table:
-        close = difflib.get_close_matches(str(name), table, n=1)
-        raise ConfigError(f"{where}: unknown {what} {name!r}",
-                          f"did you mean {close[0]}?" if close else f"choose from {list(table)}")
+        raise ConfigError(f"{where}: unknown {what} {name!r}", did_you_mean(name, table, f"choose from {list(table)}"))
     if module == "pruners" and name == "wilcoxon":
         raise ConfigError(f"{where}: {WILCOXON_REFUSED}", "use pruner median, percentile, successive_halving or "
                                                           "patient (and a stop rule to end a study early)")
