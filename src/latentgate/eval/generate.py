@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from latentgate.model.contract import build_latent_batch
+
 
 @dataclass
 class Generation:
@@ -49,3 +51,12 @@ def greedy_generate(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
 
 def decode(tokenizer, token_ids: list[list[int]]) -> list[str]:
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in token_ids]
+
+
+def latent_answers(ws, latents: torch.Tensor) -> tuple[list[str], Generation]:
+    """Greedy answers of the latent path for a batch of latents (the probe's F1, its epoch samples, the registered
+    model's predictions): one composition of the prefix, as training and eval compose it."""
+    prefix = build_latent_batch(ws.contract, ws.embed, latents)
+    gen = greedy_generate(ws.lm, prefix.inputs_embeds, prefix.attention_mask, ws.cfg.eval.max_new_tokens,
+                          ws.contract.stop_ids)
+    return decode(ws.tokenizer, gen.token_ids), gen

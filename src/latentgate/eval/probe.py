@@ -15,7 +15,7 @@ from collections import Counter
 import torch
 
 from latentgate.eval import controls
-from latentgate.eval.generate import decode, greedy_generate
+from latentgate.eval.generate import latent_answers
 from latentgate.eval.scoring import f1 as f1_score
 from latentgate.eval.scoring import wilson_interval
 from latentgate.model.contract import answer_logits, build_latent_batch, encode_answers
@@ -73,10 +73,7 @@ def run_probe(ws, examples, with_f1: bool = False, batch_size: int = 256) -> dic
             nll_sum += float((nll * batch.answer_mask).sum())
             tok_count += float(batch.answer_mask.sum())
             if with_f1:
-                prefix = build_latent_batch(ws.contract, ws.embed, latents)
-                gen = greedy_generate(ws.lm, prefix.inputs_embeds, prefix.attention_mask,
-                                      ws.cfg.eval.max_new_tokens, ws.contract.stop_ids)
-                preds = decode(ws.tokenizer, gen.token_ids)
+                preds, _ = latent_answers(ws, latents)
                 f1s += [f1_score(p, list(e.answers)) for p, e in zip(preds, chunk)]
     n = len(examples)
     lo, hi = wilson_interval(hits, n)
@@ -91,10 +88,7 @@ def run_probe(ws, examples, with_f1: bool = False, batch_size: int = 256) -> dic
 def epoch_samples(ws, examples, n_samples: int = 5) -> dict:
     """Sample predictions and the histogram of predicted first tokens on the probe set (collapse shows here)."""
     with EvalMode(ws.encoder, ws.adapter, ws.lm):
-        prefix = build_latent_batch(ws.contract, ws.embed, ws.latents(examples))
-        gen = greedy_generate(ws.lm, prefix.inputs_embeds, prefix.attention_mask, ws.cfg.eval.max_new_tokens,
-                              ws.contract.stop_ids)
-    preds = decode(ws.tokenizer, gen.token_ids)
+        preds, gen = latent_answers(ws, ws.latents(examples))
     firsts = Counter(ws.tokenizer.decode([row[0]]) if row else "<eos>" for row in gen.token_ids)
     return {"sample_predictions": [{"question": e.question, "prediction": p, "gold": list(e.answers)}
                                    for e, p in zip(examples[:n_samples], preds[:n_samples])],

@@ -181,9 +181,8 @@ def predict_answers(ws, contexts: list[str], questions: list[str]) -> list[str]:
     """Greedy latent-path answers, composed exactly as `latentgate.eval.evaluate` composes its latent path."""
     import torch  # lazy: keeps latentgate verify/promote torch-free
 
-    from latentgate.eval.generate import decode, greedy_generate  # lazy: keeps latentgate verify/promote torch-free
+    from latentgate.eval.generate import latent_answers  # lazy: keeps latentgate verify/promote torch-free
     from latentgate.eval.probe import EvalMode  # lazy: keeps latentgate verify/promote torch-free
-    from latentgate.model.contract import build_latent_batch  # lazy: keeps latentgate verify/promote torch-free
 
     examples = [Example(str(i), c, q, ("",)) for i, (c, q) in enumerate(zip(contexts, questions, strict=True))]
     out: list[str] = []
@@ -191,10 +190,7 @@ def predict_answers(ws, contexts: list[str], questions: list[str]) -> list[str]:
     with torch.no_grad(), EvalMode(ws.encoder, ws.adapter, ws.lm):
         for start in range(0, len(examples), bs):
             chunk = examples[start : start + bs]
-            prefix = build_latent_batch(ws.contract, ws.embed, ws.latents(chunk))
-            gen = greedy_generate(ws.lm, prefix.inputs_embeds, prefix.attention_mask, ws.cfg.eval.max_new_tokens,
-                                  ws.contract.stop_ids)
-            out += decode(ws.tokenizer, gen.token_ids)
+            out += latent_answers(ws, ws.latents(chunk))[0]
     return out
 
 
