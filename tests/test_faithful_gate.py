@@ -27,7 +27,8 @@ def test_the_hero_is_the_approved_recipe_with_only_the_budget_scaled():
     approved = resolve("smoke", {"stage_b.first_token_ce_weight": 7.5, "stage_b.lr": 2e-3, "stage_a.k": 3})
     plan = hero_plan(approved, 10)
     diff = {c.key: (c.approved, c.hero) for c in plan.changes}
-    assert set(diff) == {k for k in BUDGET_KEYS if flatten(approved)[k]}  # checkpoint_every 0 stays 0 ("never")
+    assert set(diff) == set(BUDGET_KEYS)
+    assert diff["stage_b.checkpoint_every"] == (0, 150)  # "only at the end" -> every approved-run length: resumable
     assert diff["stage_b.steps"] == (150, 1500) and diff["stage_a.warmup_steps"] == (15, 150)
     assert diff["stage_b.probe_every"] == (25, 250)  # as many probes as the gate recorded
     assert {c.kind for c in plan.changes} == {BUDGET}

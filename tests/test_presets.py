@@ -11,9 +11,9 @@ from conftest import ROOT
 from latentgate import config
 from latentgate.config import PRESET_DIR, flatten, preset_names, resolve
 from latentgate.errors import ConfigError
-from latentgate.train.trainer import COMPAT_KEYS
+from latentgate.train.manifest import COMPAT_KEYS
 
-PHASE_PRESETS = {"extend": "extend", "fix": "fix", "hero": "hero", "smoke": "smoke"}
+PHASE_PRESETS = {"extend": "extend", "fix": "fix", "smoke": "smoke"}
 
 
 def _compute(cfg) -> int:
@@ -46,7 +46,7 @@ def test_every_preset_opens_with_the_command_that_runs_it(name):
 
 
 def test_phase_presets_extend_the_smoke():
-    for name in ("extend", "fix", "hero", "micro"):
+    for name in ("extend", "fix", "micro"):
         assert yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text())["extends"] == "smoke"
 
 
@@ -66,14 +66,19 @@ def test_fix_is_scheduled_sampling_down_to_half_gold():
     assert not smoke.stage_b.scheduled_sampling
 
 
-def test_hero_is_about_ten_times_the_smoke_and_keeps_its_architecture():
-    smoke, hero = resolve("smoke"), resolve("hero")
+def test_the_hero_of_the_smoke_is_about_ten_times_its_compute_and_keeps_its_architecture():
+    """No hero preset: the hero of an approved smoke is the smoke's recipe at the checklist's hero.scale."""
+    from latentgate.registry.checklist import load_checklist
+    from latentgate.registry.hero_recipe import hero_plan
+
+    smoke = resolve("smoke")
+    hero = hero_plan(smoke, load_checklist().hero_scale()).config
     ratio = _compute(hero) / _compute(smoke)
     assert 8 <= ratio <= 12, ratio
-    assert hero.data.n_train > smoke.data.n_train  # more data, not only more steps
     for key in COMPAT_KEYS:  # the hero scales the approved model; it does not change it
         assert flatten(hero)[key] == flatten(smoke)[key], key
     assert hero.stage_a.checkpoint_every and hero.stage_b.checkpoint_every  # a long run must be resumable
+    assert not (PRESET_DIR / "hero.yaml").exists()
 
 
 def test_a_preset_with_an_unknown_key_is_rejected(tmp_path):

@@ -5,7 +5,8 @@ approved, the run that is launched and the run the calibration measured are the 
 
     hero config = the approved config (the Stage B run's logged params)
                   with stage_a/stage_b steps, warm-up, probe and checkpoint cadence x `scale`
-                  (cadence scales with the steps, so the hero records as many probes as its gate did)
+                  (cadence scales with the steps, so the hero records as many probes as its gate did; a run
+                  that checkpointed only at its end checkpoints every approved-run length, so the hero resumes)
                   plus runtime keys the user sets (device, threads, output folder: the same recipe elsewhere)
                   plus recipe keys the user names AND allows (`allow_recipe_change`), recorded as a deviation.
 
@@ -74,7 +75,8 @@ def config_diff(approved: Config, hero: Config) -> tuple[ConfigChange, ...]:
 
 
 def scaled_budget(approved: Config, scale: float) -> dict[str, int]:
-    """The budget keys times `scale` (at least 1 step; a cadence of 0, 'never', stays 0)."""
+    """The budget keys times `scale` (at least 1 step). A checkpoint cadence of 0 (only at the end) becomes the
+    approved run's length, so a long hero can be resumed; a warm-up of 0 stays 0."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise ConfigError(f"hero scale must be a number > 0, got {scale!r}", "pass e.g. --scale 10")
     out = {}
@@ -82,8 +84,11 @@ def scaled_budget(approved: Config, scale: float) -> dict[str, int]:
         section = getattr(approved, stage)
         for name in BUDGET_FIELDS:
             value = getattr(section, name)
-            floor = 0 if name in ("warmup_steps", "checkpoint_every") else 1
-            out[f"{stage}.{name}"] = max(floor, round(value * scale)) if value else value
+            if name == "checkpoint_every" and not value:
+                out[f"{stage}.{name}"] = section.steps if scale > 1 else 0
+            else:
+                floor = 0 if name == "warmup_steps" else 1
+                out[f"{stage}.{name}"] = max(floor, round(value * scale)) if value else value
     return out
 
 
