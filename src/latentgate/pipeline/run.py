@@ -77,6 +77,22 @@ def phase_overrides(phase: str, cfg: Config) -> dict:
 # ---- steps: run an entry point, or reuse a finished run -------------------------------------------------------
 
 @dataclass
+class Step:
+    """One step of the pipeline, as steps.json and decisions.json record it."""
+
+    entry_point: str
+    run_id: str = ""
+    reused: bool = False
+    input_uri: str = ""
+    overrides: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    version: str = ""  # promote: the model version the alias moved to
+    best_trial_run: str = ""  # sweep: its best trial's run, that trial's Stage B and eval runs
+    best_stage_b_run: str = ""
+    best_eval_run: str = ""
+
+
+@dataclass
 class PipelineOptions:
     preset: str = "smoke"
     overrides: dict = field(default_factory=dict)
@@ -178,7 +194,7 @@ class Pipeline:
         self.opts, self.tr, self.runner = opts, tracker, runner
         self.experiment_id, self.commit, self.checklist = experiment_id, commit, checklist
         self.t0 = time.monotonic()
-        self.steps: list[dict] = []
+        self.steps: list[Step] = []
         self.decisions: list[Decision] = []
 
     def budget_left_s(self) -> float | None:
@@ -201,12 +217,15 @@ class Pipeline:
             if entry_point in INPUT_PARAM:
                 params[INPUT_PARAM[entry_point]] = input_uri
             run_id = self.runner.run(entry_point, params)
-        self.steps.append({"entry_point": entry_point, "run_id": run_id, "reused": reused, "input_uri": input_uri,
-                           "overrides": {k: str(v) for k, v in merged.items()},
-                           "seconds": round(time.monotonic() - t0, 1)})
-        self.tr.log_dict(self.steps, "steps.json")
-        self.tr.set_tags({Tag.CHILDREN: ",".join(s["run_id"] for s in self.steps if s.get("run_id"))})
+        self.add(Step(entry_point, run_id, reused, input_uri, {k: str(v) for k, v in merged.items()},
+                      round(time.monotonic() - t0, 1)))
         return run_id
+
+    def add(self, step: Step) -> None:
+        """Record a step: steps.json, and the pipeline run's children."""
+        self.steps.append(step)
+        self.tr.log_dict([asdict(s) for s in self.steps], "steps.json")
+        self.tr.set_tags({Tag.CHILDREN: ",".join(s.run_id for s in self.steps if s.run_id)})
 
     def hero_step(self) -> str:
         """Phase 4: the hero of the approved version (phases/entry.py plan_hero, the same definition as `latentgate
@@ -219,10 +238,7 @@ class Pipeline:
         reused = run_id is not None
         if not reused:
             run_id = self.runner.run("hero", {"scale": self.opts.hero_scale, "checklist": checklist})
-        self.steps.append({"entry_point": "hero", "run_id": run_id, "reused": reused, "input_uri": version_uri,
-                           "overrides": {}, "seconds": round(time.monotonic() - t0, 1)})
-        self.tr.log_dict(self.steps, "steps.json")
-        self.tr.set_tags({Tag.CHILDREN: ",".join(s["run_id"] for s in self.steps if s.get("run_id"))})
+        self.add(Step("hero", run_id, reused, version_uri, seconds=round(time.monotonic() - t0, 1)))
         return run_id
 
     def record(self, decision: Decision) -> None:
@@ -233,7 +249,7 @@ class Pipeline:
     def summary(self) -> dict:
         return {"preset": self.opts.preset, "overrides": self.opts.overrides, "git_commit": self.commit,
                 "checklist": {"path": str(self.checklist.path), "sha256": self.checklist.sha256},
-                "steps": self.steps, "decisions": [asdict(d) for d in self.decisions]}
+                "steps": [asdict(s) for s in self.steps], "decisions": [asdict(d) for d in self.decisions]}
 
 
 # ---- evidence, registry, sweep ------------------------------------------------------------------------------------
@@ -275,10 +291,8 @@ def run_sweep_phase(pl: Pipeline, stage_a_uri: str) -> tuple[str, str, dict]:
     base_cfg = flatten(resolve(pl.opts.preset, pl.opts.overrides))
     tuned = {k: v for k, v in trial.items() if k.startswith(("stage_b.", "model.lora_")) and k in base_cfg
              and str(base_cfg[k]) != v and " " not in v}
-    pl.steps.append({"entry_point": "sweep", "run_id": submitted.run_id, "reused": False, "input_uri": stage_a_uri,
-                     "best_trial_run": best, "best_stage_b_run": stage_b, "best_eval_run": best_eval,
-                     "seconds": round(time.monotonic() - t0, 1)})
-    pl.tr.log_dict(pl.steps, "steps.json")
+    pl.add(Step("sweep", submitted.run_id, input_uri=stage_a_uri, seconds=round(time.monotonic() - t0, 1),
+                best_trial_run=best, best_stage_b_run=stage_b, best_eval_run=best_eval))
     return stage_b, best_eval, tuned
 
 
@@ -328,7 +342,7 @@ def run_pipeline(opts: PipelineOptions) -> dict:
             if decision.next_phase in (PROMOTE, HERO):
                 name = checklist.model_name
                 version = promote_version(eval_run, opts.checklist, name)
-                pl.steps.append({"entry_point": "promote", "version": version, "input_uri": eval_run})
+                pl.add(Step("promote", input_uri=eval_run, version=version))
                 if decision.next_phase == HERO:  # reused only for the same approved version and config
                     pl.hero_step()
                 break
@@ -336,7 +350,7 @@ def run_pipeline(opts: PipelineOptions) -> dict:
                 break
             if decision.next_phase == SWEEP:
                 stage_run, eval_run, tuned = run_sweep_phase(pl, stage_a_uri)
-                phase, extra = "sweep", {"sweep": pl.steps[-1]["run_id"]}
+                phase, extra = "sweep", {"sweep": pl.steps[-1].run_id}
                 continue
             phase, extra = "fix", {}
             stage_over = {**phase_overrides("fix", cfg), **tuned}
