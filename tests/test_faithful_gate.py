@@ -316,3 +316,28 @@ def test_a_calibration_never_prints_a_prediction_outside_0_1_nor_extrapolates():
     assert inside["predicted_hero_f1"] == 1.0 and 0.0 <= inside["interval"][0] <= inside["interval"][1] <= 1.0
     outside = format_assessment(assess(summary, 0.95, True))
     assert "outside the fitted range [0.100, 0.900]" in outside and "predicts" not in outside
+
+
+def test_a_checkpoint_rewritten_after_promotion_is_refused_by_verify_and_hero(tuned, tmp_path):
+    """The forged checkpoint of issue #27: resealed so `checkpoint verify` alone passes, caught by the pin."""
+    from mlflow import MlflowClient
+
+    from latentgate.errors import GateRefused
+    from latentgate.phases.entry import HeroRequest, plan_hero
+    from latentgate.registry.gate import promote, verify
+    from latentgate.train.manifest import read_manifest, verify_checkpoint, write_manifest
+
+    checklist = _checklist_with(tmp_path, "team", tuned["pin"], **PERMISSIVE)
+    assert promote(tuned["version"], checklist=checklist, name="lg-faithful").passed
+    assert verify(checklist=checklist, name="lg-faithful").passed
+    c = MlflowClient()
+    source = c.get_model_version("lg-faithful", tuned["version"]).source  # models:/m-<id>
+    logged = c.get_logged_model(source.removeprefix("models:/"))
+    ckpt = Path(logged.artifact_location.removeprefix("file://")) / "artifacts" / "checkpoint"
+    manifest = read_manifest(ckpt)
+    write_manifest(ckpt, {**manifest, "note": "rewritten after promotion"})  # resealed: self-consistent again
+    verify_checkpoint(ckpt)  # the checkpoint alone still verifies
+    report = verify(checklist=checklist, name="lg-faithful")
+    assert not report.passed and "rewritten after promotion" in report.rows[0]["observed"]
+    with pytest.raises(GateRefused, match="rewritten after promotion"):
+        plan_hero(HeroRequest(checklist=str(checklist)), name="lg-faithful")
