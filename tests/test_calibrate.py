@@ -43,14 +43,15 @@ def test_fit_line_and_prediction_interval():
     assert stats.fit_line([0.2, 0.2, 0.2], [0.1, 0.3, 0.5]) is None  # one x: no line
     exact = stats.fit_line([0, 1, 2, 3], [1, 3, 5, 7])
     assert (exact["slope"], exact["intercept"], exact["s"]) == pytest.approx((2, 1, 0))
-    assert predict(exact, 10) == pytest.approx((21, 21, 21))
+    assert predict(exact, 10) == pytest.approx((1, 1, 1))  # 21 on the line: an F1 is clipped to [0, 1]
+    assert predict(exact, -1) == pytest.approx((0, 0, 0))
     xs, ys = [0.0, 1.0, 2.0], [0.0, 2.0, 1.0]  # slope 0.5, intercept 0.5, residuals -0.5, 1, -0.5
     fit = stats.fit_line(xs, ys)
     assert (fit["slope"], fit["intercept"]) == pytest.approx((0.5, 0.5))
     assert fit["s"] == pytest.approx(math.sqrt(1.5))  # SSE 1.5 over n - 2 = 1
     y, lo, hi = predict(fit, 1.0)
     half = 12.706 * math.sqrt(1.5) * math.sqrt(1 + 1 / 3)  # at the mean x
-    assert (y, lo, hi) == pytest.approx((1.0, 1.0 - half, 1.0 + half), abs=1e-3)
+    assert half > 1 and (y, lo, hi) == pytest.approx((1.0, 0.0, 1.0), abs=1e-3)  # 1 -+ half, clipped
 
 
 def _row(name, observed, op, threshold, passed=None, missing=()):
