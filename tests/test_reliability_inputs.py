@@ -254,7 +254,7 @@ def test_class6_checklist_duplicate_key_refused(tmp_path):
     assert "line 4: duplicate key 'steps'" in line
 
 
-@pytest.mark.parametrize("what", ["data", "preset", "checklist", "checkpoint"])
+@pytest.mark.parametrize("what", ["data", "preset", "checklist", "checkpoint", "study", "calibration set"])
 def test_class6_symlink_loop_named_as_such(what, tmp_path):
     loop = tmp_path / f"loop.{'jsonl' if what == 'data' else 'yaml'}"
     other = tmp_path / f"other{loop.suffix}"
@@ -275,6 +275,14 @@ def test_class6_symlink_loop_named_as_such(what, tmp_path):
         for check in (resolve_checkpoint, read_manifest):
             with pytest.raises(CheckpointError, match="symlink loop") as info:
                 check(str(loop))
+        line = str(info.value)
+    elif what in ("study", "calibration set"):
+        from latentgate.calibrate.spec import set_path
+        from latentgate.errors import ConfigError
+        from latentgate.sweep.study import study_path
+
+        with pytest.raises(ConfigError, match="symlink loop") as info:
+            (study_path if what == "study" else set_path)(str(loop))
         line = str(info.value)
     else:
         args = ("data", "check", str(loop)) if what == "data" else ("config", "--preset", str(loop))
