@@ -11,12 +11,14 @@ import errno
 import os
 import resource
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli_env, run_cli
 
 CHECKLIST = ROOT / "src" / "latentgate" / "registry" / "hero.yaml"
 RECORD = '{{"id": "a", "context": "ravi lives in rome .", "question": "where does ravi live ?", "answers": {answers}}}'
@@ -143,9 +145,6 @@ def test_class5_read_only_home_caches_fall_back(tmp_path, monkeypatch):
         assert os.environ[var] == folder and Path(folder).is_dir() and os.access(folder, os.W_OK)
         assert str(home) not in folder
 
-    import subprocess
-    import sys
-
     probe = "import matplotlib; matplotlib.get_configdir(); matplotlib.get_cachedir()"
     quiet = subprocess.run([sys.executable, "-c", probe], env=dict(os.environ), capture_output=True, text=True)
     assert quiet.returncode == 0 and not quiet.stderr.strip(), quiet.stderr
@@ -162,8 +161,12 @@ def test_class5_read_only_home_caches_fall_back(tmp_path, monkeypatch):
 def test_class5_smoke_runs_with_a_read_only_home(tmp_path, mlflow_store):
     home = tmp_path / "not-a-folder"
     home.write_text("")
-    env = {"HOME": str(home), "XDG_CACHE_HOME": "", "HF_HOME": "", "MPLCONFIGDIR": "", "TMPDIR": str(tmp_path)}
-    proc = run_cli("smoke", "--preset", "micro", "--set", f"run.output_dir={tmp_path / 'runs'}", env=env)
+    env = cli_env({"HOME": str(home), "TMPDIR": str(tmp_path)})
+    for var in ("XDG_CACHE_HOME", "HF_HOME", "MPLCONFIGDIR"):  # unset (an empty value would mean the cwd)
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, "-m", "latentgate", "smoke", "--preset", "micro", "--set",
+                           f"run.output_dir={tmp_path / 'runs'}"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     noise = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("latentgate: progress:")]
     assert not noise, noise
@@ -251,7 +254,7 @@ def test_class6_checklist_duplicate_key_refused(tmp_path):
     assert "line 4: duplicate key 'steps'" in line
 
 
-@pytest.mark.parametrize("what", ["data", "preset", "checklist", "checkpoint"])
+@pytest.mark.parametrize("what", ["data", "preset", "checklist", "checkpoint", "study", "calibration set"])
 def test_class6_symlink_loop_named_as_such(what, tmp_path):
     loop = tmp_path / f"loop.{'jsonl' if what == 'data' else 'yaml'}"
     other = tmp_path / f"other{loop.suffix}"
@@ -272,6 +275,14 @@ def test_class6_symlink_loop_named_as_such(what, tmp_path):
         for check in (resolve_checkpoint, read_manifest):
             with pytest.raises(CheckpointError, match="symlink loop") as info:
                 check(str(loop))
+        line = str(info.value)
+    elif what in ("study", "calibration set"):
+        from latentgate.calibrate.spec import set_path
+        from latentgate.errors import ConfigError
+        from latentgate.sweep.study import study_path
+
+        with pytest.raises(ConfigError, match="symlink loop") as info:
+            (study_path if what == "study" else set_path)(str(loop))
         line = str(info.value)
     else:
         args = ("data", "check", str(loop)) if what == "data" else ("config", "--preset", str(loop))

@@ -25,6 +25,7 @@ from pathlib import Path
 from latentgate import config
 from latentgate.errors import ConfigError, did_you_mean
 from latentgate.registry.hero_recipe import hero_plan
+from latentgate.safety import refuse_loop
 
 CALIBRATION_DIR = Path(__file__).with_name("sets")  # package data; calibrations/ in a checkout links here
 TOP_KEYS = ("name", "preset", "hero_scale", "overrides", "configurations")
@@ -73,6 +74,7 @@ def set_names(directory: Path = CALIBRATION_DIR) -> list[str]:
 
 def set_path(name_or_path: str, directory: Path = CALIBRATION_DIR) -> Path:
     path = Path(name_or_path)
+    refuse_loop(path, "calibration set")
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"calibration set {path} does not exist", f"choose one of {set_names(directory)} "

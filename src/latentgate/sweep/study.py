@@ -21,6 +21,7 @@ import optuna
 from latentgate import config
 from latentgate.config import load_yaml_mapping
 from latentgate.errors import ConfigError, did_you_mean
+from latentgate.safety import refuse_loop
 from latentgate.schema import EvalKey, EvalPath, Probe, Summary
 from latentgate.sweep.stopping import check_stop
 
@@ -133,6 +134,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 def study_path(name_or_path: str, directory: Path = SWEEP_DIR) -> Path:
     path = Path(name_or_path)
+    refuse_loop(path, "study file")
     if path.suffix in (".yaml", ".yml") and path.exists():
         return path
     path = Path(directory) / f"{name_or_path}.yaml"
