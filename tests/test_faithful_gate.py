@@ -257,7 +257,8 @@ def tuned(mlflow_store, micro_cfg, tmp_path_factory):
 def test_a_permissive_promotion_does_not_start_a_hero_under_the_shipped_checklist(tuned, tmp_path):
     from latentgate.errors import GateRefused
     from latentgate.phases.entry import HeroRequest, plan_hero
-    from latentgate.registry.gate import promote, verify
+    from latentgate.registry.approval import verify
+    from latentgate.registry.gate import promote
 
     permissive = _checklist_with(tmp_path, "permissive", tuned["pin"], **PERMISSIVE)
     report = promote(tuned["version"], checklist=permissive, name="lg-faithful")
@@ -324,7 +325,8 @@ def test_a_checkpoint_rewritten_after_promotion_is_refused_by_verify_and_hero(tu
 
     from latentgate.errors import GateRefused
     from latentgate.phases.entry import HeroRequest, plan_hero
-    from latentgate.registry.gate import promote, verify
+    from latentgate.registry.approval import verify
+    from latentgate.registry.gate import promote
     from latentgate.train.manifest import read_manifest, verify_checkpoint, write_manifest
 
     checklist = _checklist_with(tmp_path, "team", tuned["pin"], **PERMISSIVE)

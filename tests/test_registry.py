@@ -152,8 +152,9 @@ def test_checklist_validation_rejects_bad_files(tmp_path, edit, message):
 def test_passing_candidate_gets_hero_with_tags_report_and_audit(candidate, lenient, micro_smoke):
     import mlflow
 
+    from latentgate.registry.approval import hero_model_uri, verify
     from latentgate.registry.checklist import load_checklist
-    from latentgate.registry.gate import check_candidate, hero_model_uri, promote, verify
+    from latentgate.registry.gate import check_candidate, promote
 
     name = "lg-pass"
     v = clone(candidate, name)
@@ -185,7 +186,8 @@ def test_passing_candidate_gets_hero_with_tags_report_and_audit(candidate, lenie
 
 
 def test_strict_checklist_refuses_and_names_failing_criteria(candidate, strict, tmp_path, pin):
-    from latentgate.registry.gate import hero_model_uri, promote
+    from latentgate.registry.approval import hero_model_uri
+    from latentgate.registry.gate import promote
 
     name = "lg-refuse"
     v = clone(candidate, name)
@@ -274,7 +276,8 @@ def test_missing_evidence_fails_with_the_list(micro_smoke, lenient, candidate, t
 def test_verify_catches_a_hand_set_alias(candidate, lenient, strict):
     from mlflow import MlflowClient
 
-    from latentgate.registry.gate import demote, hero_model_uri, promote, verify
+    from latentgate.registry.approval import hero_model_uri, verify
+    from latentgate.registry.gate import demote, promote
 
     name = "lg-hand"
     c = MlflowClient()
@@ -310,7 +313,8 @@ def test_verify_catches_a_hand_set_alias(candidate, lenient, strict):
 def test_crash_between_tags_and_alias_never_leaves_hero_on_a_failing_version(candidate, lenient, strict, monkeypatch):
     from mlflow import MlflowClient
 
-    from latentgate.registry.gate import promote, verify
+    from latentgate.registry.approval import verify
+    from latentgate.registry.gate import promote
 
     name = "lg-crash"
     v1, v2, v3 = clone(candidate, name), clone(candidate, name), clone(candidate, name)
@@ -348,7 +352,8 @@ def test_crash_between_tags_and_alias_never_leaves_hero_on_a_failing_version(can
 
 
 def test_concurrent_promotes_leave_a_consistent_registry(candidate, lenient, strict):
-    from latentgate.registry.gate import promote, verify
+    from latentgate.registry.approval import verify
+    from latentgate.registry.gate import promote
     from latentgate.schema import VersionTag
 
     name = "lg-race"
@@ -385,7 +390,8 @@ def test_pyfunc_round_trip_equals_the_eval_predictions(candidate, lenient, micro
 
     from latentgate.eval.probe import EvalMode
     from latentgate.model.contract import build_latent_batch
-    from latentgate.registry.gate import hero_model_uri, promote
+    from latentgate.registry.approval import hero_model_uri
+    from latentgate.registry.gate import promote
     from latentgate.tracking.lineage import resolve_checkpoint
     from latentgate.train.load import load_trained
     from latentgate.train.workspace import load_splits

@@ -30,8 +30,9 @@ from latentgate.distributed import owns_store
 from latentgate.errors import CheckpointError, ConfigError, LatentgateError
 from latentgate.phases.smoke import run_output_dir, run_smoke
 from latentgate.phases.stages import run_base, run_eval, run_stage
+from latentgate.registry.approval import ApprovedVersion, approved_version
 from latentgate.registry.checklist import load_checklist
-from latentgate.registry.gate import TAG_MAX, ApprovedVersion, approved_version
+from latentgate.registry.gate import TAG_MAX
 from latentgate.registry.hero_recipe import RECIPE, HeroPlan, hero_plan
 from latentgate.schema import Artifact, MlflowTag, Tag
 from latentgate.tracking import lineage

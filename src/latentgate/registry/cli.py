@@ -73,8 +73,8 @@ def demote(version, reason, to, checklist, name):
 @guarded
 def verify(checklist, name, explain):
     """Re-check the version holding `hero`: an alias set by hand, or evidence that no longer passes, fails (exit 4)."""
+    from latentgate.registry.approval import verify as do_verify
     from latentgate.registry.gate import format_table
-    from latentgate.registry.gate import verify as do_verify
 
     report = do_verify(checklist=checklist, name=name)
     click.echo(format_table(report, explain=explain))

@@ -9,9 +9,8 @@ lock next to the SQLite store; a per-URI lock file in the temp folder for other 
 promotions from one machine only) makes concurrent promotions apply one after the other: the registry always
 reads as a sequence of complete promotions.
 
-`verify` re-checks the holder of `hero`: an alias set by hand (no valid audit tag) or evidence that no longer
-passes is reported. `approved_version` is what the hero run starts from: the holder, checked (audit under the
-checklist in force, pinned checkpoint, bound evidence).
+Whether the holder may start a hero (`verify`, `approved_version`) is registry/approval.py; what binds a version
+to its evidence and weights is registry/binding.py.
 """
 
 from __future__ import annotations
@@ -29,14 +28,14 @@ import mlflow
 from filelock import FileLock, Timeout
 from mlflow.exceptions import MlflowException
 
-from latentgate.errors import ConfigError, GateRefused, LatentgateError, StoreError
+from latentgate.errors import ConfigError, GateRefused, StoreError
+from latentgate.registry.binding import bound_eval_run, pin_problems
 from latentgate.registry.checklist import Checklist, load_checklist
 from latentgate.registry.evidence import CHECKS, CandidateEvidence, Missing, Observation
-from latentgate.registry.model import manifest_sha256, register_candidate
+from latentgate.registry.model import register_candidate
 from latentgate.schema import Artifact, Tag, VersionTag
-from latentgate.tracking.lineage import RUN_ID, ModelUri, RunUri, client, parse_uri, resolve_checkpoint
+from latentgate.tracking.lineage import RUN_ID, ModelUri, RunUri, client, parse_uri
 from latentgate.tracking.runs import git_commit
-from latentgate.train.manifest import verify_checkpoint
 
 TAG_MAX = 4900
 
@@ -79,7 +78,7 @@ def _jsonable(obj):
     return obj
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -87,12 +86,12 @@ def _stamp() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
 
 
-def _commit() -> str:
+def commit_stamp() -> str:
     sha, dirty = git_commit()
     return sha + ("-dirty" if dirty else "")
 
 
-def _checklist(checklist) -> Checklist:
+def as_checklist(checklist) -> Checklist:
     return checklist if isinstance(checklist, Checklist) else load_checklist(checklist)
 
 
@@ -149,48 +148,6 @@ def resolve_candidate(c, ref: str, name: str) -> tuple[str | None, str | None, l
     raise GateRefused(f"run {run_id} is a {phase or 'non-latentgate'} run", "pass an eval or smoke run, or a version")
 
 
-def bound_eval_run(c, mv) -> tuple[str | None, str]:
-    """The eval run a version is bound to, read from its source run's params (immutable, written at registration),
-    and what is wrong with the binding ("" if nothing): an edited version tag, or a version registered without it."""
-    try:
-        params = c.get_run(mv.run_id).data.params if mv.run_id else {}
-    except MlflowException:
-        params = {}
-    bound, tagged = params.get(Tag.EVAL_RUN), mv.tags.get(Tag.EVAL_RUN)
-    if not bound:
-        return None, (f"version {mv.version}: its source run {mv.run_id or '(none)'} has no {Tag.EVAL_RUN} param, "
-                      "so nothing binds it to its evidence: re-register it with `latentgate register <eval_run>`")
-    if tagged and tagged != bound:
-        return None, (f"version {mv.version}: tag {Tag.EVAL_RUN}={tagged} differs from its source run's param "
-                      f"{bound}: the tag was edited")
-    return bound, ""
-
-
-def checkpoint_sha256(c, name: str, version: str) -> str:
-    """The sha256 of version `version`'s registered checkpoint manifest, after checking every file against it."""
-    local = resolve_checkpoint(str(ModelUri(name, version=version)))
-    verify_checkpoint(local)  # CheckpointError naming the file that differs from the manifest
-    return manifest_sha256(local)
-
-
-def pin_problems(c, mv, name: str) -> list[str]:
-    """Why the registered checkpoint is not the one registration recorded ([] if it is)."""
-    try:
-        recorded = c.get_run(mv.run_id).data.params.get(Tag.CHECKPOINT_SHA256) if mv.run_id else None
-    except MlflowException:
-        recorded = None
-    if not recorded:
-        return [f"version {mv.version}: no {Tag.CHECKPOINT_SHA256} param on its source run (re-register it)"]
-    try:
-        now = checkpoint_sha256(c, name, str(mv.version))
-    except LatentgateError as err:
-        return [f"version {mv.version}: its checkpoint does not verify ({err})"]
-    if now != recorded:
-        return [f"version {mv.version}: its checkpoint manifest hashes to {now[:12]}, registration recorded "
-                f"{recorded[:12]}: the checkpoint was rewritten after registration"]
-    return []
-
-
 # ---- evaluation -----------------------------------------------------------------------------------------------
 
 def _row(crit, obs) -> dict:
@@ -206,7 +163,7 @@ def check_candidate(version_or_eval_run: str, checklist=None, name: str | None =
                     checklist_path=None) -> Report:
     """Check every criterion of the checklist against the candidate's recorded evidence. Read-only. `checklist`
     (or `checklist_path`): a path or a loaded Checklist; default registry/hero.yaml."""
-    cl = _checklist(checklist if checklist is not None else checklist_path)
+    cl = as_checklist(checklist if checklist is not None else checklist_path)
     name = name or cl.model_name
     c = client()
     version, eval_run, missing = resolve_candidate(c, version_or_eval_run, name)
@@ -226,7 +183,7 @@ def check_candidate(version_or_eval_run: str, checklist=None, name: str | None =
                   rows=rows, missing=all_missing, version=version, eval_run=eval_run, model_name=name,
                   alias=cl.alias,
                   lineage=ev.lineage() if ev else {}, checklist=str(cl.path), checklist_sha256=cl.sha256,
-                  time=_now(), commit=_commit())
+                  time=utc_now(), commit=commit_stamp())
 
 
 # ---- registry writes ---------------------------------------------------------------------------------------------
@@ -307,7 +264,7 @@ def promote(version: str, dry_run: bool = False, checklist=None, name: str | Non
             checklist_path=None) -> Report:
     """Check the candidate; unless dry_run, record the result on the version and move the alias only if all passed.
     A run id (eval/smoke) is registered first (`register_candidate`) unless dry_run."""
-    cl = _checklist(checklist if checklist is not None else checklist_path)
+    cl = as_checklist(checklist if checklist is not None else checklist_path)
     name = name or cl.model_name
     report = check_candidate(version, cl, name)
     if dry_run:
@@ -364,7 +321,7 @@ def promote(version: str, dry_run: bool = False, checklist=None, name: str | Non
 def demote(version: str, reason: str, to: str | None = None, checklist=None, name: str | None = None) -> dict:
     """Take `hero` off `version` (if it holds it) and mark its audit as demoted, keeping its tags as history.
     With `to`, then promote that version (the alias moves only if it passes)."""
-    cl = _checklist(checklist)
+    cl = as_checklist(checklist)
     name = name or cl.model_name
     if not reason or not reason.strip():
         raise GateRefused("a demotion needs a reason", "pass --reason '<why>'")
@@ -384,7 +341,7 @@ def demote(version: str, reason: str, to: str | None = None, checklist=None, nam
             audit = json.loads(mv.tags.get(VersionTag.AUDIT, "{}"))
         except ValueError:
             audit = {}
-        audit.update(decision="demote", passed=False, demoted_at=_now(), demote_reason=reason, version=v)
+        audit.update(decision="demote", passed=False, demoted_at=utc_now(), demote_reason=reason, version=v)
         c.set_model_version_tag(name, v, VersionTag.AUDIT, json.dumps(audit, sort_keys=True)[:TAG_MAX])
         c.set_model_version_tag(name, v, VersionTag.PASSED, "false")
         _event(c, name, v, f"demoted{' (held ' + cl.alias + ')' if held else ''}: {reason}")
@@ -393,128 +350,6 @@ def demote(version: str, reason: str, to: str | None = None, checklist=None, nam
         out["promoted"] = promote(to, checklist=cl, name=name)
     out["holder"] = alias_holder(c, name, cl.alias)
     return out
-
-
-# ---- verification ---------------------------------------------------------------------------------------------
-
-def audit_problems(mv, cl: Checklist) -> list[str]:
-    """Why the alias on this version is not backed by a complete, passing promotion under the checklist in force
-    ([] if it is)."""
-    alias = cl.alias
-    raw = mv.tags.get(VersionTag.AUDIT)
-    if not raw:
-        return [f"version {mv.version} has no {VersionTag.AUDIT} tag: alias {alias} was set by hand, "
-                "not by `latentgate promote`"]
-    try:
-        audit = json.loads(raw)
-    except ValueError:
-        return [f"version {mv.version}: {VersionTag.AUDIT} is not valid JSON"]
-    problems = []
-    if audit.get("decision") != "promote" or audit.get("passed") is not True:
-        problems.append(f"version {mv.version}: the audit says decision={audit.get('decision')} "
-                        f"passed={audit.get('passed')}, so alias {alias} was set by hand")
-    if str(audit.get("version")) != str(mv.version):
-        problems.append(f"version {mv.version}: the audit names version {audit.get('version')}")
-    if audit.get("rules_sha256") != cl.sha256:
-        problems.append(f"version {mv.version} was promoted under checklist {audit.get('rules_file')} (sha256 "
-                        f"{str(audit.get('rules_sha256'))[:12]}), not the one in force, {cl.path} (sha256 "
-                        f"{cl.sha256[:12]})")
-    if mv.tags.get(VersionTag.SUPERSEDED_BY):
-        problems.append(f"version {mv.version} was superseded by version {mv.tags[VersionTag.SUPERSEDED_BY]}: "
-                        f"alias {alias} was moved back by hand")
-    if not audit.get("checkpoint_sha256") or mv.tags.get(VersionTag.CHECKPOINT_PIN) != audit.get("checkpoint_sha256"):
-        problems.append(f"version {mv.version}: the promotion pinned no checkpoint (or the pin tag was edited)")
-    checks = {k: v for k, v in mv.tags.items() if k.startswith(VersionTag.CHECK_PREFIX)}
-    if not checks:
-        problems.append(f"version {mv.version} has no {VersionTag.CHECK_PREFIX}* tags")
-    problems += [f"version {mv.version}: {k} = {v[:120]}" for k, v in sorted(checks.items())
-                 if not v.startswith("pass")]
-    return problems
-
-
-def checkpoint_drift(c, mv, name: str) -> list[str]:
-    """Why the checkpoint registered under this version is not the one its promotion pinned ([] if it is)."""
-    pinned = mv.tags.get(VersionTag.CHECKPOINT_PIN)
-    if not pinned:
-        return []  # audit_problems names the missing pin
-    try:
-        now = checkpoint_sha256(c, name, str(mv.version))
-    except LatentgateError as err:
-        return [f"version {mv.version}: its checkpoint does not verify ({err})"]
-    if now != pinned:
-        return [f"version {mv.version}: its checkpoint manifest hashes to {now[:12]}, the promotion pinned "
-                f"{pinned[:12]}: the checkpoint was rewritten after promotion"]
-    return []
-
-
-def verify(checklist=None, name: str | None = None, *, checklist_path=None) -> Report:
-    """Re-check the version holding `hero`: its audit (was the alias set by promote?) and its evidence now."""
-    cl = _checklist(checklist if checklist is not None else checklist_path)
-    name = name or cl.model_name
-    c = client()
-    holder = alias_holder(c, name, cl.alias)
-    if holder is None:
-        return Report(candidate=f"models:/{name}@{cl.alias}", passed=False, rows=[], model_name=name,
-                      alias=cl.alias,
-                      missing=[f"no version of {name} holds alias {cl.alias}"], checklist=str(cl.path),
-                      checklist_sha256=cl.sha256, decision="verified", time=_now(), commit=_commit())
-    mv = c.get_model_version(name, holder)
-    problems = audit_problems(mv, cl) + checkpoint_drift(c, mv, name)
-    report = check_candidate(holder, cl, name)
-    audit_row = {"name": "audit", "passed": not problems, "observed": "; ".join(problems) or "promoted by the gate",
-                 "op": "==", "threshold": "audited promotion",
-                 "source": f"version {holder} tags {VersionTag.AUDIT}, {VersionTag.CHECK_PREFIX}*",
-                 "detail": mv.tags.get(VersionTag.AUDIT, "")[:300], "missing": [], "kind": "audit",
-                 "description": "the alias was moved by `latentgate promote` under the checklist in force after every "
-                                "criterion passed, and the checkpoint is the one it pinned",
-                 "params": {}}
-    report.rows.insert(0, audit_row)
-    report.passed = report.passed and not problems
-    report.candidate = f"models:/{name}@{cl.alias} (version {holder})"
-    report.decision = "verified"
-    return report
-
-
-@dataclass(frozen=True)
-class ApprovedVersion:
-    """The version holding the alias, checked: what the hero run starts from."""
-
-    name: str
-    version: str
-    uri: str  # models:/<name>@<alias>
-    eval_run: str
-    stage_b_run: str  # the run whose logged config is the approved recipe
-    checklist: Checklist  # the checklist in force that approved it
-
-
-def approved_version(checklist=None, name: str | None = None) -> ApprovedVersion:
-    """The alias holder, after checking that a passing promotion under the checklist in force set the alias, that
-    its checkpoint is the pinned one, and that its evidence still leads to a Stage B run. GateRefused otherwise."""
-    cl = _checklist(checklist)
-    name, alias = name or cl.model_name, cl.alias
-    c = client()
-    holder = alias_holder(c, name, alias)
-    if holder is None:
-        raise GateRefused(f"no version of {name} holds alias {alias}",
-                          "promote a candidate first: latentgate promote <version|eval_run>")
-    mv = c.get_model_version(name, holder)
-    problems = audit_problems(mv, cl) + checkpoint_drift(c, mv, name)
-    eval_run, binding = bound_eval_run(c, mv)
-    problems += [binding] if binding else []
-    if problems:
-        raise GateRefused(f"models:/{name}@{alias} (version {holder}) cannot start a hero: {'; '.join(problems)}",
-                          f"run `latentgate verify`, then promote a candidate that passes under {cl.path.name} "
-                          f"(`latentgate demote {holder} --reason ...` takes the alias off)")
-    try:
-        stage_b = CandidateEvidence(eval_run, c).run("stage_b")
-    except Missing as err:
-        raise GateRefused(f"version {holder}: {err}", "promote a candidate whose lineage is recorded") from None
-    return ApprovedVersion(name, holder, str(ModelUri(name, alias=alias)), eval_run, stage_b.info.run_id, cl)
-
-
-def hero_model_uri(checklist=None, name: str | None = None) -> str:
-    """`models:/<name>@<alias>`, after `approved_version`'s checks."""
-    return approved_version(checklist, name).uri
 
 
 # ---- printing ------------------------------------------------------------------------------------------------
