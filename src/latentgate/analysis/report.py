@@ -72,6 +72,9 @@ NEXT_STEP = {
 NEXT_STEP_OF_RULE = {
     "collapsed": "Phase 2: the latent path gives the same answer whatever the input (mode collapse), which scheduled "
                  "sampling does not fix; tune (latentgate sweep; e.g. first-token CE weight, LR, more Stage A steps)",
+    "provenance": "Stop: the evidence cannot be trusted as recorded, which no phase of the plan fixes; pin the eval "
+                  "set (eval_dataset_digest in the checklist), score enough eval examples, re-run the smoke so its "
+                  "runs form a clean lineage at one commit, then analyze again",
 }
 
 
@@ -233,10 +236,10 @@ def local_readiness(stage: dict | None, ev: dict | None, grads: dict, cl: Checkl
     latent = (ev.get("paths") or {}).get(EvalPath.LATENT) or {}
     src_stage = Stage.metric(stage.get("stage", "stage"), Probe.PREFIX)
     peak = stage.get("peak_first_acc")
-    lift_detail = ("" if stage.get("peak_first_acc_lift") is None else
-                   f"peak lift at step {stage['peak_lift_step']}: first_acc {stage['peak_lift_first_acc']:.4g}, "
-                   f"constant guess {fmt_num(stage.get(Probe.CONST), '.4g')}, shuffled latent "
-                   f"{fmt_num(stage.get(Probe.SHUFFLED), '.4g')}")
+    lift_detail = ("" if stage.get("final_first_acc_lift") is None else  # what is judged: the registered checkpoint
+                   f"final lift at step {stage['final_step']}: first_acc {stage['final_first_acc']:.4g}, "
+                   f"constant guess {fmt_num(stage.get('final_const'), '.4g')}, shuffled latent "
+                   f"{fmt_num(stage.get('final_shuffled'), '.4g')}")
     rule = cl.collapse_rule()
     collapse = rule.why(col.get(EvalKey.TOP_PREDICTION_SHARE), col.get(EvalKey.REPETITION_RATE),
                         col.get("top_prediction"), col.get("top_k_share"), col.get("empty_share"))
