@@ -2,7 +2,8 @@
 
     name: cpu                 # plain name; the parent run is `calibrate <name>`
     preset: smoke             # default preset of every configuration
-    hero_scale: 10            # the hero-scale run: stage_a.steps and stage_b.steps x this, the config otherwise equal
+    hero_scale: 10            # the hero-scale run: registry/hero_recipe.hero_plan(gate config, hero_scale), the
+                              # hero `latentgate hero` would run: steps, warm-up, probe and checkpoint cadence x this
     overrides: {}             # dotted config keys applied to every configuration, before its own
     configurations:
       - name: lr-high         # plain name, unique in the set
@@ -25,12 +26,12 @@ from pathlib import Path
 
 from latentgate import config
 from latentgate.errors import ConfigError
+from latentgate.registry.hero_recipe import hero_plan
 
 CALIBRATION_DIR = Path(__file__).with_name("sets")  # package data; calibrations/ in a checkout links here
 TOP_KEYS = ("name", "preset", "hero_scale", "overrides", "configurations")
 ENTRY_KEYS = ("name", "expect", "preset", "overrides", "holdout")
 EXPECT = ("good", "marginal", "broken")
-SCALED = ("stage_a.steps", "stage_b.steps")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -147,8 +148,10 @@ def load_set(name_or_path: str, extra: dict | None = None, preset: str | None = 
         overrides = {**shared, **own, **(extra or {})}
         here = f"{where}: configuration {cname}"
         gate = _resolve(here, cpreset, overrides)
-        scaled = {key: getattr(gate, key.split(".")[0]).steps * scale for key in SCALED}
-        hero = _resolve(f"{here} (hero scale)", cpreset, {**overrides, **scaled})
+        try:  # the hero of this recipe, as `latentgate hero` and the pipeline build it from an approved version
+            hero = hero_plan(gate, scale).config
+        except ConfigError as err:
+            raise ConfigError(f"{here} (hero scale): {err.problem}", err.fix) from None
         out.append(Configuration(cname, expect, cpreset, overrides, holdout, gate, hero))
     return CalibrationSet(name=name, path=path.resolve(), sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
                           hero_scale=scale, configurations=tuple(out))
