@@ -28,7 +28,7 @@ import mlflow
 from latentgate.calibrate.plot import scatter
 from latentgate.calibrate.reuse import ReuseKey, reuse_key
 from latentgate.calibrate.spec import CalibrationSet, Configuration
-from latentgate.calibrate.stats import other_failures, summarize
+from latentgate.calibrate.stats import other_failures, outcome_at, summarize
 from latentgate.config import Config, config_hash, flatten
 from latentgate.errors import GateRefused, TrainingFault
 from latentgate.phases.smoke import run_smoke
@@ -164,7 +164,7 @@ def run_configuration(conf: Configuration, checklist, target: float, echo) -> di
     hero = run_chain("hero", conf, conf.hero, echo)
     hero_f1 = hero[Summary.LATENT_F1]
     hero_finished = hero["status"] == "FINISHED"
-    outcome = hero_finished and hero_f1 is not None and hero_f1 >= target
+    outcome = outcome_at({Calibration.HERO_F1: hero_f1, "hero_finished": hero_finished}, target)
     ran = any(chain["steps"][s]["micro"] for chain in (gate, hero) for s in STAGES)
     base_run = gate["children"].get("base") or hero["children"].get("base")
     per_micro = micro_step_flops(conf.gate, base_run) if ran else {s: 0.0 for s in STAGES}
