@@ -429,8 +429,10 @@ def test_micro_calibration_matrix_artifacts_and_reuse(mlflow_store, tmp_path, op
         assert h["outcomes"] == [hero_f1[n] is not None and hero_f1[n] >= h["target"] for n in names]
         assert _count(list(zip(h["verdicts"], h["outcomes"]))) == h["confusion"]
         assert h["verdicts"][names.index("diverges")] is False  # no gate evidence: refused whatever the thresholds
+    assert [r["heldout_verdict"] for r in result["configurations"]] == held[0]["verdicts"]
     text = format_summary(result)
     assert "held-out verdicts (leave-one-out" in text and "hero F1 >= 0: agreement 67% (2 of 3, 95% Wilson" in text
+    assert any(line.startswith("micro") and "PROMOTE  PROMOTE" in line for line in text.splitlines())
     for r in result["configurations"]:  # compute is counted from the optimizer steps the stage runs recorded
         if r["hero"]["status"] == "FINISHED":
             assert r["hero"]["steps"]["stage_b"]["optimizer"] == 5 * r["gate"]["steps"]["stage_b"]["optimizer"] > 0
@@ -472,6 +474,11 @@ def test_micro_calibration_matrix_artifacts_and_reuse(mlflow_store, tmp_path, op
     assert note.startswith(f"calibration (run {again['run_id'][:8]}, set micro, 3 configurations")
     assert "a PASS like this led to a successful hero in 1 of 1 held-out cases (leave-one-out)" in note
     assert "no fitted line" in note  # two smoke F1s: no line, so no prediction
+    from conftest import run_cli
+
+    proc = run_cli("promote", eval_run, "--dry-run", "true", "--checklist", str(open_checklist), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "a PASS like this led to a successful hero in 1 of 1 held-out cases (leave-one-out)" in proc.stdout
     # under the shipped checklist (hero scale 10) the micro calibration (x5) is of another family
     other = calibration_note(eval_run, first["verdict"])
     assert other.startswith("calibration: no calibration of this family (") and "hero scale x10 differs" in other

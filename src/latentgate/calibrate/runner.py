@@ -227,6 +227,8 @@ def run_calibration(cs: CalibrationSet, checklist_path=None, echo=print) -> dict
         echo(f"[{i}/{len(cs.configurations)}] {conf.name} ({conf.expect}, {conf.split})")
         records.append(run_configuration(conf, cl, target, echo))
     summary = summarize(records, target)
+    for rec, held in zip(records, summary["heldout"][0]["verdicts"], strict=True):
+        rec["heldout_verdict"] = held  # the leave-one-out verdict at the checklist's target
     setup_experiment(cs.configurations[0].gate.run.experiment)
     with tracked_run(f"calibrate {cs.name}", nested=False, run_id=project_run,
                      tags={Tag.PHASE: PHASE, CalibrateTag.SET: cs.name}) as parent:
@@ -282,8 +284,9 @@ def format_summary(r: dict) -> str:
     ratio = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
     lines = [f"── latentgate calibrate {r['set']['name']}: {r['n']} configurations, hero target F1 >= "
              f"{r[Calibration.HERO_F1_TARGET]:g}, hero scale x{r['set']['hero_scale']} ──",
-             f"{'configuration':20s} {'split':8s} {'verdict':8s} {'smoke F1':>8s} {'hero F1':>8s}  outcome   reused",
-             *[f"{x['name']:20s} {x['split']:8s} {'PROMOTE' if x['verdict'] else 'REFUSE':8s} "
+             f"{'configuration':20s} {'split':8s} {'verdict':8s} {'held out':8s} {'smoke F1':>8s} {'hero F1':>8s}  "
+             "outcome   reused",
+             *[f"{x['name']:20s} {x['split']:8s} {_word(x['verdict']):8s} {_word(x.get('heldout_verdict')):8s} "
                f"{_f(x[Calibration.SMOKE_F1]):>8s} {_f(x[Calibration.HERO_F1]):>8s}  "
                f"{'success' if x['outcome'] else 'failure':9s} "
                f"{','.join(k for k in ('gate', 'hero') if x[k]['reused']) or '-'}" for x in r["configurations"]],
@@ -313,6 +316,10 @@ def format_summary(r: dict) -> str:
     lines += [format_heldout(h) for h in r["heldout"]]
     lines.append(f"run id {r['run_id']} (calibration.json, calibration.png)")
     return "\n".join(lines)
+
+
+def _word(verdict: bool | None) -> str:
+    return "n/a" if verdict is None else "PROMOTE" if verdict else "REFUSE"
 
 
 def _f(v) -> str:
