@@ -1,6 +1,9 @@
-"""`latentgate calibrate`: the statistics (small tables), the set files, and a micro calibration end to end into the
-real SQLite store: its confusion matrix against the verdicts and outcomes of the runs it made, its artifacts, and
-a repeated command that reuses every chain instead of training again (about 30 s on 2 cores)."""
+"""`latentgate calibrate`: the statistics (small tables: confusion, line, threshold proposal, leave-one-out held-out
+verdicts), the set files and the hero they build (the one `latentgate hero` builds), the reuse key, what `promote`
+prints (only a calibration of the candidate's family; clipped, never extrapolated), and a micro calibration end to
+end into the real SQLite store: its in-sample and held-out confusion matrices against the verdicts and outcomes of
+the runs it made, its artifacts, and a repeated command that reuses every chain instead of training again (about
+35 s of CPU on 2 cores; minutes of wall time when other jobs share them)."""
 
 from __future__ import annotations
 
