@@ -292,33 +292,6 @@ def test_hero_dry_run_shows_the_tuned_recipe_and_a_diff_of_budget_keys_only(tune
     assert {k for k in hero if approved.get(k) != hero[k]} <= set(BUDGET_KEYS)
 
 
-def test_calibrate_builds_the_same_hero_as_latentgate_hero(tmp_path):
-    """A calibration set's hero-scale config is hero_plan of its gate config: what `latentgate hero` would build for a
-    version approved on that gate run (phases/entry.py plan_hero calls hero_plan on the approved run's config)."""
-    from latentgate.calibrate.spec import load_set
-
-    path = tmp_path / "one.yaml"
-    path.write_text("name: one\npreset: micro\nhero_scale: 4\nconfigurations:\n"
-                    "  - {name: tuned, expect: good, overrides: {stage_b.lr: 2.0e-3, stage_b.probe_every: 2}}\n")
-    conf = load_set(str(path)).configurations[0]
-    assert flatten(conf.hero) == flatten(hero_plan(conf.gate, 4).config)
-    assert conf.hero.stage_b.steps == 4 * conf.gate.stage_b.steps and conf.hero.stage_b.probe_every == 8
-    assert conf.hero.stage_b.lr == 2e-3
-
-
-def test_a_calibration_never_prints_a_prediction_outside_0_1_nor_extrapolates():
-    from latentgate.registry.calibration import assess, format_assessment
-
-    fit = {"slope": 2.0, "intercept": 0.5, "s": 0.3, "n": 12, "x_mean": 0.5, "sxx": 1.0, "t": 2.2, "x_min": 0.1,
-           "x_max": 0.9}
-    summary = {"run_id": "c" * 32, "set": "cpu", "n": 12, "hero_f1_target": 0.1, "fit": fit,
-               "confusion": {"tp": 3, "fp": 0, "tn": 2, "fn": 7}}
-    inside = assess(summary, 0.8, True)
-    assert inside["predicted_hero_f1"] == 1.0 and 0.0 <= inside["interval"][0] <= inside["interval"][1] <= 1.0
-    outside = format_assessment(assess(summary, 0.95, True))
-    assert "outside the fitted range [0.100, 0.900]" in outside and "predicts" not in outside
-
-
 def test_a_checkpoint_rewritten_after_promotion_is_refused_by_verify_and_hero(tuned, tmp_path):
     """The forged checkpoint of issue #27: resealed so `checkpoint verify` alone passes, caught by the pin."""
     from mlflow import MlflowClient

@@ -105,7 +105,8 @@ class CalibrateTag:
     """Tags of `latentgate calibrate` (calibrate/runner.py); registry/calibration.py reads SUMMARY."""
 
     ROLE = "latentgate.calibrate.role"  # each chain's parent run: gate | hero
-    CONFIG_HASH = "latentgate.calibrate.config_hash"  # each chain: its resolved config (the reuse key)
+    CONFIG_HASH = "latentgate.calibrate.config_hash"  # each chain: its resolved config
+    REUSE_KEY = "latentgate.calibrate.reuse_key"  # each chain: what reuses it (calibrate/reuse.py ReuseKey.digest)
     CONFIGURATION = "latentgate.calibrate.configuration"  # each chain and configuration run: its name
     SET = "latentgate.calibrate.set"  # the calibration's parent run: the set's name
     SUMMARY = "latentgate.calibrate.summary"  # the parent run: what `promote` and `analyze` print (JSON)

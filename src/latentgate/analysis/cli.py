@@ -67,7 +67,7 @@ def analyze(target, out_dir, no_log, last_n, checklist, no_plots, as_json):
         if rep.get("eval"):
             from latentgate.registry.calibration import calibration_note
 
-            click.echo(calibration_note(rep["eval"]["run_id"], rep["readiness"]["passed"]))
+            click.echo(calibration_note(rep["eval"]["run_id"], rep["readiness"]["passed"], checklist=checklist))
         if rep["run"]["run_id"] and not no_log:
             click.echo(f"logged: runs:/{rep['run']['run_id']}/analysis/ (report.md, report.json"
                        f"{', plots/' if any(f.suffix == '.png' for f in files) else ''})")

@@ -2,9 +2,11 @@
 predicts the expensive run (the hero).
 
 A calibration set (`calibrations/<name>.yaml`, `spec.py`) declares configurations. For each, `runner.py` runs (or
-reuses) the smoke-scale chain and judges it with the checklist, read-only; then a hero-scale chain, the same config
-with hero_scale x the optimizer steps, whose outcome is hero latent F1 >= calibration.hero_f1_target of the
+reuses, by the reuse key of `reuse.py`) the smoke-scale chain and judges it with the checklist, read-only; then
+the hero-scale chain, the hero `latentgate hero` would run (registry/hero_recipe.hero_plan: steps, warm-up, probe
+and checkpoint cadence x hero_scale), whose outcome is hero latent F1 >= calibration.hero_f1_target of the
 checklist. `stats.py` (pure) turns verdicts and outcomes into a confusion matrix, precisions, a fitted prediction
-interval and a threshold proposal judged on held-out configurations; `plot.py` draws the scatter. What `promote`
-and `analyze` print about a candidate is read back from the recorded calibration by `registry/calibration.py`.
+interval, a threshold proposal judged on held-out configurations and leave-one-out held-out verdicts at several
+hero targets; `plot.py` draws the scatter; registry/calibration.py is what `promote` and `analyze` print about a
+candidate of the same family.
 """

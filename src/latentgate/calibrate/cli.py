@@ -16,11 +16,12 @@ from latentgate.cli_common import config_options, guarded
 @guarded
 def calibrate(set_file, checklist, check, preset, sets, overrides):
     """Run the configurations of SET_FILE (a name in calibrations/, default cpu, or a YAML path): for each, the
-    smoke-scale chain and the checklist's verdict (no alias moves), and a hero-scale chain (hero_scale x the
-    optimizer steps) whose outcome is hero latent F1 >= the checklist's target. Finished chains with the same
-    resolved config are reused. One parent run `calibrate <set>` records the confusion matrix, agreement,
-    precisions, the cost ratio, smoke F1 vs hero F1 with a prediction interval, calibration.json and
-    calibration.png. --preset replaces the set's default preset; --set / --overrides apply to every
+    smoke-scale chain and the checklist's verdict (no alias moves), and a hero-scale chain (the hero `latentgate
+    hero` would run: steps, warm-up, probe and checkpoint cadence x hero_scale) whose outcome is hero latent F1 >=
+    the checklist's target. Finished chains with the same resolved config, commit, data and base LM are reused.
+    One parent run `calibrate <set>` records the confusion matrix, agreement, precisions, leave-one-out held-out
+    verdicts at several hero targets, the cost ratio, smoke F1 vs hero F1 with a prediction interval,
+    calibration.json and calibration.png. --preset replaces the set's default preset; --set / --overrides apply to every
     configuration."""
     import json
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from latentgate.analysis.plots import new_figure, save_png
-from latentgate.registry.calibration import predict
+from latentgate.registry.calibration import LineFit, predict
 from latentgate.schema import Calibration
 
 VERDICT_STYLE = {True: ("#2ca02c", "PASS (promote)"), False: ("#d62728", "REFUSE")}
@@ -31,7 +31,7 @@ def scatter(records: list[dict], summary: dict, path: Path, title: str = "") -> 
     if fit:
         top = max([r[smoke] for r in shown] + [0.0]) * 1.05 or 1.0
         xs = [top * i / 50 for i in range(51)]
-        ys = [predict(fit, x) for x in xs]
+        ys = [predict(LineFit.from_dict(fit), x) for x in xs]
         ax.plot(xs, [y[0] for y in ys], c="#1f77b4", lw=1,
                 label=f"fit: hero = {fit['intercept']:.3f} + {fit['slope']:.3f} x smoke")
         ax.fill_between(xs, [y[1] for y in ys], [y[2] for y in ys], color="#1f77b4", alpha=0.12,

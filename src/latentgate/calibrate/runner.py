@@ -3,9 +3,11 @@ alias moves), then the hero-scale chain and its outcome; then one parent run `ca
 configuration, the statistics, calibration.json and calibration.png.
 
 A chain is `phases.smoke.run_smoke` (base -> stage_a -> stage_b -> eval under one parent run), tagged with its role
-(gate | hero) and its resolved config hash. A FINISHED chain with the same role and hash is reused, never retrained;
-so is one that FAILED on a deterministic fault (non-finite loss or gradient, the base LM's sanity gate), which is
-itself an outcome (the gate refuses it; a hero that fails is a failed hero).
+(gate | hero) and its reuse key (calibrate/reuse.py: role, resolved config, git commit, data digests, base weights).
+A FINISHED chain with the same role and key is reused, never retrained; so is one that FAILED on a deterministic
+fault (non-finite loss or gradient, the base LM's sanity gate), which is itself an outcome (the gate refuses it; a
+hero that fails is a failed hero). The hero of a configuration is registry/hero_recipe.hero_plan(gate config,
+hero_scale): the hero `latentgate hero` would run had the gate run been promoted.
 
 Compute is counted from what ran: each stage's micro-steps (its `<stage>/micro_step` metric) times the model FLOPs of
 one micro-step (`train.flops.step_flops` on a batch of the stage's size). The base LM is shared by both scales
@@ -23,13 +25,14 @@ from pathlib import Path
 import mlflow
 
 from latentgate.calibrate.plot import scatter
+from latentgate.calibrate.reuse import ReuseKey, reuse_key
 from latentgate.calibrate.spec import CalibrationSet, Configuration
-from latentgate.calibrate.stats import summarize
+from latentgate.calibrate.stats import other_failures, outcome_at, summarize
 from latentgate.config import Config, config_hash, flatten
 from latentgate.errors import GateRefused, TrainingFault
 from latentgate.phases.smoke import run_smoke
-from latentgate.registry.calibration import PHASE
-from latentgate.registry.checklist import load_checklist
+from latentgate.registry.calibration import PHASE, CalibrationSummary, Confusion, Family, LineFit
+from latentgate.registry.checklist import Checklist, load_checklist
 from latentgate.registry.gate import check_candidate
 from latentgate.schema import CalibrateTag, Calibration, EvalKey, EvalPath, MlflowTag, Stage, Summary, Tag
 from latentgate.tracking.lineage import base_from_run, client
@@ -47,15 +50,15 @@ def _experiment_id(cfg: Config) -> str | None:
     return exp.experiment_id if exp else None
 
 
-def find_chain(role: str, cfg: Config) -> str | None:
-    """The newest reusable chain run for this role and resolved config: FINISHED, or FAILED on a deterministic
-    fault. Interrupted (KILLED) and other failed chains are run again."""
+def find_chain(key: ReuseKey, cfg: Config) -> str | None:
+    """The newest reusable chain run with this reuse key: FINISHED, or FAILED on a deterministic fault.
+    Interrupted (KILLED) and other failed chains are run again."""
     exp = _experiment_id(cfg)
     if exp is None:
         return None
     runs = client().search_runs([exp], order_by=["attributes.start_time DESC"], max_results=20,
-                                 filter_string=f"tags.`{CalibrateTag.ROLE}` = '{role}' and "
-                                               f"tags.`{CalibrateTag.CONFIG_HASH}` = '{config_hash(cfg)}'")
+                                 filter_string=f"tags.`{CalibrateTag.ROLE}` = '{key.entry_point}' and "
+                                               f"tags.`{CalibrateTag.REUSE_KEY}` = '{key.digest()}'")
     reusable = {e.__name__ for e in DETERMINISTIC_FAILURES}
     for run in runs:
         status, error_type = run.info.status, run.data.tags.get(Tag.ERROR_TYPE)
@@ -64,9 +67,9 @@ def find_chain(role: str, cfg: Config) -> str | None:
     return None
 
 
-def chain_record(run_id: str, reused: bool) -> dict:
+def chain_record(run_id: str, reused: bool, key: ReuseKey) -> dict:
     """What the calibration reads from a chain run: status, child runs by phase, latent F1, the optimizer and
-    micro-steps each stage ran, and the run's wall time."""
+    micro-steps each stage ran, the run's wall time, and the reuse key it was found or tagged with."""
     c = client()
     run = c.get_run(run_id)
     kids = c.search_runs([run.info.experiment_id], filter_string=f"tags.`{MlflowTag.PARENT_RUN}` = '{run_id}'",
@@ -74,15 +77,15 @@ def chain_record(run_id: str, reused: bool) -> dict:
     children = {k.data.tags.get(Tag.PHASE, ""): k for k in kids}
     steps = {}
     for stage in STAGES:
-        key = Stage.metric(stage, Stage.MICRO_STEP)
-        hist = c.get_metric_history(children[stage].info.run_id, key) if stage in children else []
+        metric = Stage.metric(stage, Stage.MICRO_STEP)
+        hist = c.get_metric_history(children[stage].info.run_id, metric) if stage in children else []
         last = max(hist, key=lambda m: m.step) if hist else None
         steps[stage] = {"optimizer": last.step if last else 0, "micro": int(last.value) if last else 0}
     ev = children.get("eval")
     finished = ev is not None and ev.info.status == "FINISHED"
     f1 = ev.data.metrics.get(EvalKey.metric(EvalPath.LATENT, EvalKey.F1)) if finished else None
     total = _seconds(run)
-    return {"run_id": run_id, "status": run.info.status, "reused": reused,
+    return {"run_id": run_id, "status": run.info.status, "reused": reused, "reuse_key": key.to_dict(),
             "error": run.data.tags.get(Tag.ERROR, ""),
             "children": {p: k.info.run_id for p, k in children.items()}, Summary.LATENT_F1: f1, "steps": steps,
             "wall_seconds": total - (_seconds(children["base"]) if "base" in children else 0.0),
@@ -94,22 +97,24 @@ def _seconds(run) -> float:
 
 
 def run_chain(role: str, conf: Configuration, cfg: Config, echo) -> dict:
-    """Reuse the chain for (role, cfg), or run it now."""
-    found = find_chain(role, cfg)
+    """Reuse the chain for (role, cfg) with the same reuse key, or run it now."""
+    key = reuse_key(role, cfg)
+    found = find_chain(key, cfg)
     if found:
-        echo(f"  {role}: reusing run {found}")
-        return chain_record(found, reused=True)
+        echo(f"  {role}: reusing run {found} (reuse key {key.digest()})")
+        return chain_record(found, reused=True, key=key)
     echo(f"  {role}: running {CHAIN_NAME[role]} (stage_a {cfg.stage_a.steps} + stage_b {cfg.stage_b.steps} "
          "optimizer steps)")
-    tags = {CalibrateTag.ROLE: role, CalibrateTag.CONFIG_HASH: config_hash(cfg), CalibrateTag.CONFIGURATION: conf.name}
+    tags = {CalibrateTag.ROLE: role, CalibrateTag.CONFIG_HASH: config_hash(cfg), CalibrateTag.REUSE_KEY: key.digest(),
+            CalibrateTag.CONFIGURATION: conf.name}
     try:
         run_id = run_smoke(cfg, conf.preset, name=CHAIN_NAME[role], tags=tags)["run_id"]
     except DETERMINISTIC_FAILURES as err:
         echo(f"  {role}: failed ({type(err).__name__}: {str(err)[:160]}); recorded as an outcome")
-        run_id = find_chain(role, cfg)
+        run_id = find_chain(key, cfg)
         if run_id is None:  # the chain's run did not record the fault: nothing to judge, so stop here
             raise
-    return chain_record(run_id, reused=False)
+    return chain_record(run_id, reused=False, key=key)
 
 
 def micro_step_flops(cfg: Config, base_run: str) -> dict[str, float]:
@@ -138,15 +143,16 @@ def _clean(v):
     return v
 
 
-def judge(gate: dict, checklist) -> tuple[bool, list[dict] | None, list[str]]:
+def judge(gate: dict, checklist: Checklist) -> tuple[bool, list[dict] | None, list[str]]:
     """The checklist's verdict on the gate chain's eval run, read-only (registry.gate.check_candidate moves no alias):
-    (passed, report rows, failing criteria and missing evidence). A chain that failed is refused."""
+    (passed, report rows, failing criteria and missing evidence). A chain that failed is refused. Each row keeps
+    `failure`: every reason it fails besides its threshold (the threshold proposal never re-judges those)."""
     eval_run = gate["children"].get("eval")
     if gate["status"] != "FINISHED" or not eval_run:
         return False, None, [f"gate chain {gate['status']}: {gate['error'] or 'no eval run'}"]
     report = check_candidate(eval_run, checklist)
-    rows = [_clean({k: r[k] for k in ("name", "passed", "observed", "op", "threshold", "missing")})
-            for r in report.rows]
+    rows = [_clean({**{k: r[k] for k in ("name", "passed", "observed", "op", "threshold", "missing")},
+                    "failure": other_failures(r, checklist)}) for r in report.rows]
     return bool(report.passed), rows, report.failing() + list(report.missing)
 
 
@@ -155,12 +161,14 @@ def run_configuration(conf: Configuration, checklist, target: float, echo) -> di
     verdict, rows, failing = judge(gate, checklist)
     hero = run_chain("hero", conf, conf.hero, echo)
     hero_f1 = hero[Summary.LATENT_F1]
-    outcome = hero["status"] == "FINISHED" and hero_f1 is not None and hero_f1 >= target
+    hero_finished = hero["status"] == "FINISHED"
+    outcome = outcome_at({Calibration.HERO_F1: hero_f1, "hero_finished": hero_finished}, target)
     ran = any(chain["steps"][s]["micro"] for chain in (gate, hero) for s in STAGES)
     base_run = gate["children"].get("base") or hero["children"].get("base")
     per_micro = micro_step_flops(conf.gate, base_run) if ran else {s: 0.0 for s in STAGES}
     rec = {"name": conf.name, "expect": conf.expect, "preset": conf.preset, "overrides": conf.overrides,
            "split": conf.split, "verdict": verdict, "failing": failing, "rows": rows, "outcome": outcome,
+           "hero_finished": hero_finished, "family": Family.of(conf.gate).to_dict(),
            Calibration.SMOKE_F1: gate[Summary.LATENT_F1], Calibration.HERO_F1: hero_f1, "agree": verdict == outcome,
            "flops": {"gate": _flops(gate, per_micro), "hero": _flops(hero, per_micro)},
            "micro_step_flops": per_micro,
@@ -195,13 +203,16 @@ def _child(rec: dict, cfg: Config) -> str:
         return tr.run_id
 
 
-def promotion_summary(cs_name: str, run_id: str, summary: dict) -> dict:
-    """The small part of a calibration that `promote` and `analyze` need (a run tag: no artifact download)."""
-    keep = (Calibration.HERO_F1_TARGET, "confusion", "agreement", "precision_promote", "precision_refuse", "n")
-    return {"set": cs_name, "run_id": run_id, **{k: summary[k] for k in keep},
-            "fit": None if summary["fit"] is None else {k: summary["fit"][k] for k in
-                                                        ("slope", "intercept", "s", "n", "x_mean", "sxx", "t",
-                                                         "x_min", "x_max")}}
+def promotion_summary(cs: CalibrationSet, run_id: str, summary: dict, records: list[dict]) -> CalibrationSummary:
+    """The small part of a calibration that `promote` and `analyze` need (a run tag: no artifact download): the
+    figures at the checklist's hero target, and the family it measured."""
+    families = tuple(dict.fromkeys(Family.from_dict(r["family"]) for r in records))
+    fit = summary["fit"]
+    return CalibrationSummary(set=cs.name, run_id=run_id, hero_f1_target=summary[Calibration.HERO_F1_TARGET],
+                              n=summary["n"], confusion=Confusion.from_dict(summary["confusion"]),
+                              fit=None if fit is None else LineFit.from_dict(fit),
+                              heldout=Confusion.from_dict(summary["heldout"][0]["confusion"]),
+                              hero_scale=float(cs.hero_scale), families=families)
 
 
 def run_calibration(cs: CalibrationSet, checklist_path=None, echo=print) -> dict:
@@ -214,6 +225,8 @@ def run_calibration(cs: CalibrationSet, checklist_path=None, echo=print) -> dict
         echo(f"[{i}/{len(cs.configurations)}] {conf.name} ({conf.expect}, {conf.split})")
         records.append(run_configuration(conf, cl, target, echo))
     summary = summarize(records, target)
+    for rec, held in zip(records, summary["heldout"][0]["verdicts"], strict=True):
+        rec["heldout_verdict"] = held  # the leave-one-out verdict at the checklist's target
     setup_experiment(cs.configurations[0].gate.run.experiment)
     with tracked_run(f"calibrate {cs.name}", nested=False, run_id=project_run,
                      tags={Tag.PHASE: PHASE, CalibrateTag.SET: cs.name}) as parent:
@@ -227,7 +240,8 @@ def run_calibration(cs: CalibrationSet, checklist_path=None, echo=print) -> dict
                    "agreement": summary["agreement"], "precision_promote": summary["precision_promote"],
                    "precision_refuse": summary["precision_refuse"], "cost_ratio_flops": cost["flops"]["ratio"],
                    "cost_ratio_wall": cost["wall_seconds"]["ratio"], "fit_slope": fit.get("slope"),
-                   "fit_intercept": fit.get("intercept"), "fit_residual_sd": fit.get("s")}
+                   "fit_intercept": fit.get("intercept"), "fit_residual_sd": fit.get("s"),
+                   **heldout_metrics(summary["heldout"][0])}
         parent.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=0)
         result = _clean({"run_id": parent.run_id, "set": cs.to_dict(),
                          "checklist": {"path": str(cl.path), "sha256": cl.sha256}, **summary,
@@ -236,14 +250,31 @@ def run_calibration(cs: CalibrationSet, checklist_path=None, echo=print) -> dict
         with tempfile.TemporaryDirectory(prefix="latentgate-calibrate-") as tmp:
             png = scatter(records, summary, Path(tmp) / "calibration.png", title=f"calibrate {cs.name}")
             parent.log_artifact(png)
-        parent.set_tags({CalibrateTag.SUMMARY: json.dumps(_clean(promotion_summary(cs.name, parent.run_id, summary)),
-                                                 sort_keys=True)})
+        tag = promotion_summary(cs, parent.run_id, summary, records).to_dict()
+        parent.set_tags({CalibrateTag.SUMMARY: json.dumps(_clean(tag), sort_keys=True)})
         parent.set_description(format_summary(result))
     return result
 
 
+def heldout_metrics(h: dict) -> dict:
+    """The leave-one-out figures at the checklist's hero target, as parent-run metrics."""
+    return {**{f"heldout_confusion_{k}": v for k, v in h["confusion"].items()},
+            "heldout_agreement": h["agreement"], "heldout_agreement_wilson_low": h["agreement_wilson"][0],
+            "heldout_agreement_wilson_high": h["agreement_wilson"][1],
+            "heldout_precision_promote": h["precision_promote"], "heldout_failures_refused": h["failures_refused"]}
+
+
 def _pct(v) -> str:
     return "n/a" if v is None else f"{v:.0%}"
+
+
+def format_heldout(h: dict) -> str:
+    c, (lo, hi) = h["confusion"], h["agreement_wilson"]
+    return (f"  hero F1 >= {h['target']:g}: agreement {_pct(h['agreement'])} ({c['tp'] + c['tn']} of {h['n']}, 95% "
+            f"Wilson [{lo:.0%}, {hi:.0%}]); precision of promote {_pct(h['precision_promote'])} (of "
+            f"{h['n_promote']}); hero failures refused {_pct(h['failures_refused'])} (of {h['n_failures']}); "
+            f"promote+success {c['tp']}, promote+failure {c['fp']}, refuse+success {c['fn']}, refuse+failure "
+            f"{c['tn']}")
 
 
 def format_summary(r: dict) -> str:
@@ -251,8 +282,9 @@ def format_summary(r: dict) -> str:
     ratio = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
     lines = [f"── latentgate calibrate {r['set']['name']}: {r['n']} configurations, hero target F1 >= "
              f"{r[Calibration.HERO_F1_TARGET]:g}, hero scale x{r['set']['hero_scale']} ──",
-             f"{'configuration':20s} {'split':8s} {'verdict':8s} {'smoke F1':>8s} {'hero F1':>8s}  outcome   reused",
-             *[f"{x['name']:20s} {x['split']:8s} {'PROMOTE' if x['verdict'] else 'REFUSE':8s} "
+             f"{'configuration':20s} {'split':8s} {'verdict':8s} {'held out':8s} {'smoke F1':>8s} {'hero F1':>8s}  "
+             "outcome   reused",
+             *[f"{x['name']:20s} {x['split']:8s} {_word(x['verdict']):8s} {_word(x.get('heldout_verdict')):8s} "
                f"{_f(x[Calibration.SMOKE_F1]):>8s} {_f(x[Calibration.HERO_F1]):>8s}  "
                f"{'success' if x['outcome'] else 'failure':9s} "
                f"{','.join(k for k in ('gate', 'hero') if x[k]['reused']) or '-'}" for x in r["configurations"]],
@@ -277,8 +309,15 @@ def format_summary(r: dict) -> str:
     else:
         lines.append(f"no threshold change proposed: the current ones agree best on the {prop['fit']['n']} fitted "
                      f"configurations ({_pct(prop['fit']['before'])}; held out {_pct(prop['holdout']['before'])})")
+    lines.append(f"held-out verdicts (leave-one-out: thresholds refitted on the other {r['n'] - 1} configurations, "
+                 "the left-out one judged with them):")
+    lines += [format_heldout(h) for h in r["heldout"]]
     lines.append(f"run id {r['run_id']} (calibration.json, calibration.png)")
     return "\n".join(lines)
+
+
+def _word(verdict: bool | None) -> str:
+    return "n/a" if verdict is None else "PROMOTE" if verdict else "REFUSE"
 
 
 def _f(v) -> str:

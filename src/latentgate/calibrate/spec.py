@@ -2,7 +2,8 @@
 
     name: cpu                 # plain name; the parent run is `calibrate <name>`
     preset: smoke             # default preset of every configuration
-    hero_scale: 10            # the hero-scale run: hero_plan(gate config, this), as `latentgate hero` builds it
+    hero_scale: 10            # the hero-scale run: registry/hero_recipe.hero_plan(gate config, hero_scale), the
+                              # hero `latentgate hero` would run: steps, warm-up, probe and checkpoint cadence x this
     overrides: {}             # dotted config keys applied to every configuration, before its own
     configurations:
       - name: lr-high         # plain name, unique in the set
@@ -147,8 +148,10 @@ def load_set(name_or_path: str, extra: dict | None = None, preset: str | None = 
         overrides = {**shared, **own, **(extra or {})}
         here = f"{where}: configuration {cname}"
         gate = _resolve(here, cpreset, overrides)
-        hero = hero_plan(gate, scale).config  # the one hero definition: `latentgate hero` builds the same
-
+        try:  # the hero of this recipe, as `latentgate hero` and the pipeline build it from an approved version
+            hero = hero_plan(gate, scale).config
+        except ConfigError as err:
+            raise ConfigError(f"{here} (hero scale): {err.problem}", err.fix) from None
         out.append(Configuration(cname, expect, cpreset, overrides, holdout, gate, hero))
     return CalibrationSet(name=name, path=path.resolve(), sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
                           hero_scale=scale, configurations=tuple(out))

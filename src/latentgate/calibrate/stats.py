@@ -1,5 +1,7 @@
 """The statistics of a calibration, pure (no MLflow, no torch, no scipy): verdict-vs-outcome confusion matrix,
-agreement and precisions, a least-squares line with its prediction interval, and a threshold proposal.
+agreement and precisions, a least-squares line with its prediction interval, a threshold proposal, and the
+held-out judgement of that proposal (leave-one-out verdicts at several hero targets, agreement with its Wilson
+interval).
 
 A verdict is True for "promote" (every checklist criterion passed), False for "refuse". An outcome is True when the
 hero-scale run reached the target F1.
@@ -10,7 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from latentgate.registry.checklist import OPS
+from latentgate.eval.scoring import wilson_interval
+from latentgate.registry.checklist import OPS, Checklist
 from latentgate.schema import Calibration
 
 # Two-sided 95% Student t quantiles (t_{0.975, df}); beyond df 30, linear in 1/df towards the normal's 1.960.
@@ -75,8 +78,8 @@ def fit_line(xs: list[float], ys: list[float]) -> dict | None:
     s = math.sqrt(sse / (n - 2))
     ss_tot = sum((y - y_mean) ** 2 for y in ys)
     return {"slope": slope, "intercept": intercept, "s": s, "n": n, "x_mean": x_mean, "sxx": sxx,
-            "x_min": min(xs), "x_max": max(xs),
-            "t": t975(n - 2), "level": 0.95, "r2": (1 - sse / ss_tot) if ss_tot > 0 else None}
+            "t": t975(n - 2), "level": 0.95, "r2": (1 - sse / ss_tot) if ss_tot > 0 else None,
+            "x_min": min(xs), "x_max": max(xs)}
 
 
 # ---- re-judging with other thresholds, and the proposal -----------------------------------------------------------
@@ -85,10 +88,36 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def other_failures(row: dict, checklist: Checklist) -> list[str]:
+    """Why a gate report row fails besides its observed value against its threshold: what no threshold change
+    can fix. An eval_collapse row keeps each collapse limit it failed (one answer, top-k answers, empty answers);
+    any other row that failed although its value passed its threshold keeps that (e.g. a digest tag that does not
+    match the scored rows)."""
+    if row["missing"]:
+        return []
+    if row["kind"] == "eval_collapse" and row.get("collapse"):
+        st = row["collapse"]
+        why = checklist.collapse_rule(row["name"]).why(st["top_prediction_share"], None, st["top_prediction"],
+                                                       st["top_k_share"], st["empty_share"])
+        return [why] if why else []
+    if not row["passed"]:
+        try:
+            passes_threshold = checklist.criterion(row["name"]).compare(row["observed"], row["threshold"])
+        except (TypeError, ValueError):
+            return []
+        if passes_threshold:
+            return [row["detail"] or "failed besides its threshold"]
+    return []
+
+
 def row_passes(row: dict, threshold) -> bool:
     """Would this checklist row (a gate report row) pass at `threshold`? Missing evidence never passes, and a row
-    that failed for a reason besides its threshold (e.g. one prediction covering the eval set) keeps failing."""
+    that failed for a reason besides its threshold keeps failing: its `failure` (every such reason, e.g. one answer
+    covering the eval set besides too many repetitive ones) is kept whatever the threshold. Rows recorded without
+    `failure` fall back to: failed although the observed value passed its own threshold."""
     if row.get("missing"):
+        return False
+    if row.get("failure"):
         return False
     obs, op = row.get("observed"), row.get("op")
     if not (_number(obs) and _number(threshold) and _number(row.get("threshold")) and op in OPS):
@@ -119,39 +148,86 @@ def tunable(records: list[dict]) -> list[str]:
     return names
 
 
-def propose_thresholds(records: list[dict], passes: int = 2) -> dict:
-    """New thresholds fitted on the records of split "fit" (coordinate ascent on agreement; among equally good
-    values the current one, else the nearest to it), judged before and after on split "holdout".
-
-    Each record: {"split": "fit" | "holdout", "rows": gate report rows or None, "outcome": bool}."""
-    fit = [r for r in records if r["split"] == "fit"]
-    held = [r for r in records if r["split"] == "holdout"]
+def current_thresholds(records: list[dict]) -> dict:
     current = {}
     for rec in records:
         for r in rec["rows"] or []:
             current.setdefault(r["name"], r["threshold"])
+    return current
+
+
+def fit_thresholds(fit: list[dict], current: dict, passes: int = 2) -> dict[str, float]:
+    """The thresholds that agree best with the outcomes of `fit` (coordinate ascent on agreement; among equally
+    good values the current one, else the nearest to it): only those that change, {name: new value}."""
     chosen: dict[str, float] = {}
-    names = tunable(fit)
     for _ in range(passes):
-        for name in names:
+        for name in tunable(fit):
             observed = sorted({r["observed"] for rec in fit for r in rec["rows"] or []
                                if r["name"] == name and _number(r["observed"])})
             now = chosen.get(name, current[name])
             candidates = {now, *observed, *((a + b) / 2 for a, b in zip(observed, observed[1:]))}
             scored = [(_agreement(fit, {**chosen, name: c}) or 0.0, -abs(c - current[name]), c == now, c)
                       for c in candidates]
-            best = max(scored, key=lambda s: (s[0], s[2], s[1]))[3]
-            chosen[name] = best
-    changes = {n: {"from": current[n], "to": v} for n, v in chosen.items() if v != current[n]}
-    after = {n: c["to"] for n, c in changes.items()}
+            chosen[name] = max(scored, key=lambda s: (s[0], s[2], s[1]))[3]
+    return {n: v for n, v in chosen.items() if v != current[n]}
+
+
+def propose_thresholds(records: list[dict], passes: int = 2) -> dict:
+    """New thresholds fitted on the records of split "fit", judged before and after on split "holdout".
+
+    Each record: {"split": "fit" | "holdout", "rows": gate report rows or None, "outcome": bool}."""
+    fit = [r for r in records if r["split"] == "fit"]
+    held = [r for r in records if r["split"] == "holdout"]
+    current = current_thresholds(records)
+    after = fit_thresholds(fit, current, passes)
+    changes = {n: {"from": current[n], "to": v} for n, v in after.items()}
     return {"changes": changes,
             "fit": {"n": len(fit), "before": _agreement(fit, {}), "after": _agreement(fit, after)},
             "holdout": {"n": len(held), "before": _agreement(held, {}), "after": _agreement(held, after)}}
 
 
+# ---- held-out judgement: leave one out, at several hero targets --------------------------------------------------
+
+def outcome_at(record: dict, target: float) -> bool:
+    """Did the configuration's hero succeed at `target`: it finished and its latent F1 reached the target."""
+    f1 = record[Calibration.HERO_F1]
+    return bool(record["hero_finished"]) and f1 is not None and f1 >= target
+
+
+def hero_targets(target: float) -> list[float]:
+    """The checklist's target and two higher ones (0.1 and 0.2 above it): a gate tuned to one line shows here."""
+    return [target, round(target + 0.1, 6), round(target + 0.2, 6)]
+
+
+def leave_one_out(records: list[dict], passes: int = 2) -> list[bool]:
+    """Each record's held-out verdict: the thresholds fitted on every other record (all of them, whatever their
+    split), then the left-out record judged with them. Records: {"rows", "outcome"}."""
+    current = current_thresholds(records)
+    out = []
+    for i, rec in enumerate(records):
+        others = records[:i] + records[i + 1:]
+        out.append(verdict_with(rec["rows"], fit_thresholds(others, current, passes) if others else {}))
+    return out
+
+
+def heldout_report(records: list[dict], target: float) -> dict:
+    """Leave-one-out verdicts against the outcomes at `target`: the confusion matrix, agreement with its Wilson 95%
+    interval, the precision of promote and the share of failed heroes the gate refused (each with its counts)."""
+    judged = [{**r, "outcome": outcome_at(r, target)} for r in records]
+    verdicts = leave_one_out(judged)
+    c = confusion(zip(verdicts, (r["outcome"] for r in judged)))
+    r = rates(c)
+    agree = c["tp"] + c["tn"]
+    return {"target": target, "confusion": c, "verdicts": verdicts, "outcomes": [j["outcome"] for j in judged],
+            "n": r["n"], "agreement": r["agreement"], "agreement_wilson": list(wilson_interval(agree, r["n"])),
+            "precision_promote": r["precision_promote"], "n_promote": r["n_promote"],
+            "failures_refused": _ratio(c["tn"], c["tn"] + c["fp"]), "n_failures": c["tn"] + c["fp"]}
+
+
 def summarize(records: list[dict], target: float) -> dict:
     """Everything the calibration run reports, from its per-configuration records: {verdict, outcome, rows, split,
-    smoke_f1, hero_f1, flops: {gate, hero}, wall_seconds: {gate, hero}}."""
+    smoke_f1, hero_f1, hero_finished, flops: {gate, hero}, wall_seconds: {gate, hero}}. `heldout`: one
+    `heldout_report` per hero target, the checklist's first."""
     c = confusion((r["verdict"], r["outcome"]) for r in records)
     smoke, hero = Calibration.SMOKE_F1, Calibration.HERO_F1
     scatter = [r for r in records if r[smoke] is not None and r[hero] is not None]
@@ -162,4 +238,5 @@ def summarize(records: list[dict], target: float) -> dict:
         hero = sum(r[unit]["hero"] or 0 for r in records)
         cost[unit] = {"gate": gate, "hero": hero, "ratio": gate / hero if hero else None}
     return {Calibration.HERO_F1_TARGET: target, "confusion": c, **rates(c), "cost": cost, "fit": line,
-            "fit_points": len(scatter), "proposal": propose_thresholds(records)}
+            "fit_points": len(scatter), "proposal": propose_thresholds(records),
+            "heldout": [heldout_report(records, t) for t in hero_targets(target)]}

@@ -40,7 +40,8 @@ def promote(version_or_run, dry_run, explain, checklist, name):
     from latentgate.registry.calibration import calibration_note  # what the latest calibration says; recorded too
 
     recorded = None if dry_run or explain else report.version
-    click.echo(calibration_note(report.eval_run, report.passed, version=recorded, name=report.model_name))
+    click.echo(calibration_note(report.eval_run, report.passed, version=recorded, name=report.model_name,
+                                checklist=checklist))
     _refuse_if_failed(report, f"{version_or_run} {'would be ' if dry_run or explain else ''}refused")
 
 
