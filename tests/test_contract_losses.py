@@ -171,7 +171,7 @@ def test_scheduled_sampling_stage_trains(tiny_ws, tmp_path):
     ws = tiny_ws
     ws.cfg.stage_a = dataclasses.replace(ws.cfg.stage_a, scheduled_sampling=True, p_gold_floor=0.5, steps=4,
                                          probe_every=4, warmup_steps=0)
-    result = train_stage(ws, "stage_a", NullTracker(), tmp_path)
+    result = train_stage(ws, ws.cfg.stage_a, NullTracker(), tmp_path, name="stage_a")
     rows = [json.loads(x) for x in (tmp_path / "diagnostics.jsonl").read_text().splitlines()]
     assert [r["p_gold"] for r in rows] == [1.0, 0.875, 0.75, 0.625]
     assert result["steps"] == 4 and all(r["loss"] == r["loss"] for r in rows)

@@ -74,7 +74,7 @@ def collapsed(mlflow_store, micro_cfg, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("collapsed")
     with tracked_run("smoke", nested=False, tags={"latentgate.preset": "micro"}) as parent:
         with tracked_run("stage_b") as tr:
-            trained = train_stage(ws, "stage_b", tr, out / "stage_b")
+            trained = train_stage(ws, cfg.stage_b, tr, out / "stage_b", name="stage_b")
             stage_b = tr.run_id
         with tracked_run("eval", tags={"latentgate.checkpoint": f"runs:/{stage_b}/checkpoints/stage_b"}) as tr:
             record_eval(tr, ws, evaluate(ws, splits["eval"], out / "eval"), out / "eval")
