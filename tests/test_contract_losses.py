@@ -177,7 +177,7 @@ def test_scheduled_sampling_stage_trains(tiny_ws, tmp_path):
     params = lambda: {(m, n): p for m, mod in modules.items() for n, p in mod.named_parameters()}  # noqa: E731
     before = {key: p.detach().clone() for key, p in params().items()}
     trainable = {key for key, p in params().items() if p.requires_grad}
-    result = train_stage(ws, "stage_a", NullTracker(), tmp_path)
+    result = train_stage(ws, ws.cfg.stage_a, NullTracker(), tmp_path, name="stage_a")
     rows = [json.loads(x) for x in (tmp_path / "diagnostics.jsonl").read_text().splitlines()]
     assert [r["p_gold"] for r in rows] == [1.0, 0.875, 0.75, 0.625]
     assert result["steps"] == 4

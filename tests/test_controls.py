@@ -83,12 +83,12 @@ def collapsed(mlflow_store, micro_cfg, tmp_path_factory) -> dict:
             tr.log_params(flatten(cfg))
             base = tr.run_id
         with tracked_run("stage_a", tags={Tag.BASE_RUN: base}) as tr:
-            train_stage(ws, "stage_a", tr, out / "stage_a")
+            train_stage(ws, cfg.stage_a, tr, out / "stage_a", name="stage_a")
             stage_a = tr.run_id
         ws.lm, ws.lora_counts = attach_lora(ws.lm, cfg)
         with tracked_run("stage_b", tags={Tag.BASE_RUN: base,
                                           Tag.INIT_FROM: f"runs:/{stage_a}/checkpoints/stage_a"}) as tr:
-            trained = train_stage(ws, "stage_b", tr, out / "stage_b")
+            trained = train_stage(ws, cfg.stage_b, tr, out / "stage_b", name="stage_b")
             stage_b = tr.run_id
         with tracked_run("eval", tags={Tag.CHECKPOINT: f"runs:/{stage_b}/checkpoints/stage_b",
                                        Tag.BASE_RUN: base}) as tr:

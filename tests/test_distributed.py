@@ -1,11 +1,15 @@
 """Data-parallel training in 2 CPU processes (gloo) equals the single-process run with the same global batch;
-only rank 0 logs; checkpoints from 2 processes resume in 1, and the reverse."""
+only rank 0 logs; checkpoints from 2 processes resume in 1, and the reverse. Ranks agree: a NaN, a stop signal or a
+prune on one rank stops both at the same step, with one exit code."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +88,99 @@ def test_leaving_the_group_joins_its_threads(tmp_path):
     for c in counts:
         assert c["joined"] > c["before"], c  # the group's threads started ...
         assert c["after"] == c["before"], c  # ... and were joined when the process left it
+
+
+# ---- ranks that agree: one rank's trouble stops every rank ------------------------------------------------------
+
+def _start_ranks(out: Path, steps: int, env: dict, procs: int = 2) -> list[subprocess.Popen]:
+    """One ddp_worker process per rank, started directly (as torchrun would, without its agent), so that each rank's
+    exit code is seen and a signal can reach one rank alone."""
+    port = free_port()
+    started = []
+    for rank in range(procs):
+        rank_env = cli_env({"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                            "WORLD_SIZE": str(procs), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                            "LOCAL_WORLD_SIZE": str(procs), "LATENTGATE_DIST_TIMEOUT_MIN": "2", **env})
+        started.append(subprocess.Popen([sys.executable, WORKER, str(out), str(steps)], env=rank_env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return started
+
+
+def _finish(started: list[subprocess.Popen], out: Path, timeout: float = 240) -> list[dict]:
+    """Each rank's outcome (ddp_worker's outcome-<rank>.json) with its process's return code."""
+    outcomes = []
+    for rank, proc in enumerate(started):
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            for p in started:  # never leave a rank behind
+                p.kill()
+            raise
+        assert (out / f"outcome-{rank}.json").exists(), err[-3000:]
+        outcomes.append({**json.loads((out / f"outcome-{rank}.json").read_text()), "returncode": proc.returncode})
+    return outcomes
+
+
+def _diagnostic_steps(out: Path) -> list[int]:
+    path = out / "diagnostics.jsonl"
+    return [json.loads(ln)["global_step"] for ln in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_nan_on_one_rank_stops_both_with_one_exit_code_and_a_failed_run(tmp_path, mlflow_store):
+    """Rank 1 alone sees a NaN loss at step 3: both ranks stop there, with exit code 3, at once (before, rank 0
+    waited in the gradient all-reduce for the dist timeout); rank 0's run is FAILED and names rank 1's fault."""
+    from mlflow import MlflowClient
+
+    out = tmp_path / "nan"
+    env = {"LG_FAULT": "nan:1:3", "LG_TRACKED": "1", "MLFLOW_EXPERIMENT_NAME": "latentgate", "LG_PROBE_EVERY": "100"}
+    first, second = _finish(_start_ranks(out, 40, env), out)
+    assert (first["returncode"], second["returncode"]) == (3, 3), (first, second)
+    assert second["error"] == "TrainingFault" and "non-finite loss at optimizer step 3" in second["message"]
+    assert first["error"] == "RankFailed" and first["quiet"]  # rank 1 prints the one line
+    assert first["message"].startswith("rank 1 failed: TrainingFault: stage_a: non-finite loss at optimizer step 3")
+    assert abs(first["ended"] - second["ended"]) < 30
+    client = MlflowClient()
+    run = client.get_run(first["run_id"])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["latentgate.error_type"] == "RankFailed" and "non-finite loss" in run.data.tags[
+        "latentgate.error"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "stage_a/loss")] == [1, 2]
+    assert _diagnostic_steps(out) == [1, 2]
+
+
+@pytest.mark.slow  # ~15 s of CPU, like the NaN test above (which keeps the agreement in the default suite)
+def test_sigterm_to_one_rank_writes_one_final_checkpoint_and_stops_both(tmp_path):
+    """SIGTERM to rank 1 (which writes nothing): both ranks stop after the same step with exit code 143; rank 0
+    alone writes the final checkpoint, at that step, and says so in the one line printed."""
+    out = tmp_path / "term"
+    started = _start_ranks(out, 400, {"LG_PROBE_EVERY": "1000"})
+    deadline = time.monotonic() + 180
+    while len(_diagnostic_steps(out)) < 2 and time.monotonic() < deadline and started[0].poll() is None:
+        time.sleep(0.2)
+    os.kill(started[1].pid, signal.SIGTERM)
+    first, second = _finish(started, out)
+    assert (first["returncode"], second["returncode"]) == (143, 143), (first, second)
+    assert first["error"] == second["error"] == "Interrupted"
+    assert first["step"] == second["step"] < 400 and (first["quiet"], second["quiet"]) == (False, True)
+    ckpt = out / "checkpoints" / "stage_a"
+    assert f"final checkpoint saved to {ckpt}" in first["message"]
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["trainer_state"]["global_step"] == first["step"] == _diagnostic_steps(out)[-1]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["stage_a"]  # no temp folder left
+    assert not any((out / "rank1").iterdir())  # rank 1 wrote nothing
+
+
+@pytest.mark.slow  # ~15 s of CPU
+def test_a_prune_on_rank0_stops_both_ranks(tmp_path):
+    """Rank 0's probe hook (a real Optuna trial, as the sweep's objective reports it) prunes at step 2: rank 0 raises
+    optuna.TrialPruned, rank 1 stops at the same step with RankFailed naming it; no step after 2 is taken."""
+    out = tmp_path / "prune"
+    first, second = _finish(_start_ranks(out, 40, {"LG_FAULT": "prune", "LG_PROBE_EVERY": "2"}), out)
+    assert first["error"] == "TrialPruned" and "pruned at optimizer step 2" in first["message"]
+    assert second["error"] == "RankFailed" and second["message"].startswith("rank 0 failed: TrialPruned: pruned at")
+    assert first["returncode"] == second["returncode"] == 1
+    assert _diagnostic_steps(out) == [1, 2]
+    assert not (out / "checkpoints").exists()  # a pruned stage leaves no final checkpoint
 
 
 # ---- the phase entry points under torchrun: rank 0 owns the store -------------------------------------------------

@@ -79,7 +79,7 @@ def test_grad_accum_counts_optimizer_steps_apart_from_micro_steps(tiny_ws, tmp_p
     ws = tiny_ws
     ws.cfg.stage_a = dataclasses.replace(ws.cfg.stage_a, steps=4, grad_accum=3, batch_size=4, warmup_steps=2,
                                          probe_every=2, schedule="constant")
-    result = train_stage(ws, "stage_a", NullTracker(), tmp_path)
+    result = train_stage(ws, ws.cfg.stage_a, NullTracker(), tmp_path, name="stage_a")
     rows = [json.loads(x) for x in (tmp_path / "diagnostics.jsonl").read_text().splitlines()]
     assert [(r["global_step"], r["micro_step"]) for r in rows] == [(1, 3), (2, 6), (3, 9), (4, 12)]
     lr = ws.cfg.stage_a.lr

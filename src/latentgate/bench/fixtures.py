@@ -26,7 +26,8 @@ def save_random_base(cfg: Config, out_dir: Path) -> Path:
 
 
 def smoke_workspace(cfg: Config, work_dir: Path, stage: str = "stage_a"):
-    """A Workspace ready for `train_stage(ws, stage, ...)` (Stage B: LoRA attached, as `run_stage` does)."""
+    """A Workspace ready for `train_stage(ws, section, ..., name=stage)` (Stage B: LoRA attached, as `run_stage`
+    does)."""
     base_dir = save_random_base(cfg, work_dir)
     ws = build_workspace(cfg, base_dir)
     if stage == "stage_b":

@@ -103,7 +103,7 @@ def bench_step(cfg: Config, work: Path, reps: int = 3, steps: int = 14, warm: in
         counter["trainer"] += 1
         timed = StepClock()
         t0 = clock()
-        train_stage(ws, stage, timed, out)
+        train_stage(ws, st, timed, out, name=stage)
         return segments(t0, timed.marks)
 
     bare = bare_loop(ws, st, batches, snap)

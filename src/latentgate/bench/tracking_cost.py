@@ -62,7 +62,7 @@ def bench_tracking(cfg: Config, work: Path, reps: int = 3, steps: int = 40, stag
                 tr.log_params(flatten(cfg))
                 timed = StepClock(tr)
                 t0 = clock()
-                res = train_stage(ws, stage, timed, out)
+                res = train_stage(ws, getattr(cfg, stage), timed, out, name=stage)
                 tr.log_artifact(out / Artifact.DIAGNOSTICS)
                 tr.log_artifacts(res["checkpoint"], Artifact.checkpoint(stage))
                 t1 = clock()

@@ -122,7 +122,7 @@ def run_stage(cfg: Config, stage: str, base: BaseLM, out_dir: Path, splits, init
         if resume is None:
             _log_stage_common(tr, cfg, splits, ws, stage)
         stage_dir = out_dir / stage
-        result = train_stage(ws, stage, tr, stage_dir, resume=resume, on_probe=on_probe)
+        result = train_stage(ws, getattr(cfg, stage), tr, stage_dir, name=stage, resume=resume, on_probe=on_probe)
         result.update(run_id=tr.run_id, checkpoint_uri=str(RunUri(tr.run_id, Artifact.checkpoint(stage))))
         if not dist.owns_store():  # ranks > 0: rank 0 logs the artifacts and makes the plots
             return result

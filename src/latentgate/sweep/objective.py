@@ -74,7 +74,7 @@ def run_trial(ctx: TrialContext, trial) -> float:
         state["stage_run"] = active.info.run_id if active else None
         trial_runs.log_intermediate(run_id, step, value, probe)
         trial.report(value, step)
-        if trial.should_prune():
+        if trial.should_prune():  # decided on rank 0 (the hook runs there): the trainer stops every rank with it
             raise optuna.TrialPruned(f"pruned at optimizer step {step} (intermediate value {value:.4f})")
 
     stage_b = None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from latentgate import distributed as dist
 from latentgate.config import Config
 from latentgate.data.readers import has_splits, load_examples
 from latentgate.data.records import Example
@@ -20,16 +21,29 @@ from latentgate.model.latent import build_latent_modules
 
 
 def resolve_device(name: str) -> torch.device:
-    """run.device as a torch device; a CUDA device this machine does not have is a ConfigError (exit 2)."""
+    """run.device as a torch device; a CUDA device this machine does not have is a ConfigError (exit 2).
+
+    Under torchrun / accelerate launch each rank takes its own GPU: `cuda` (or `auto` where CUDA is present) means
+    cuda:LOCAL_RANK, and `cuda:N` is refused, since it would put every rank on GPU N."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        name = "cuda"
     device = torch.device(name)
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            have = f"{count} CUDA device(s)" if count else "no CUDA device"
-            raise ConfigError(f"run.device={name} but this machine has {have}",
-                              "set run.device=auto (CUDA when present, else CPU) or cpu")
+    if device.type != "cuda":
+        return device
+    if dist.launched():
+        if device.index is not None:
+            raise ConfigError(f"run.device={name} would put every rank of this multi-process run on one GPU",
+                              "set run.device=cuda (each rank takes cuda:LOCAL_RANK)")
+        device = torch.device("cuda", dist.local_rank())
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (device.index or 0) >= count:
+        have = f"{count} CUDA device(s)" if count else "no CUDA device"
+        where = f" (LOCAL_RANK={device.index})" if dist.launched() else ""
+        raise ConfigError(f"run.device={name}{where} but this machine has {have}",
+                          "set run.device=auto (CUDA when present, else CPU) or cpu, or start at most one process "
+                          "per GPU")
     return device
 
 
