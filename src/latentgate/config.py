@@ -94,7 +94,8 @@ class ModelConfig:
                       "at most 1024 characters (a few hundred tokens)", max_len=1024)
     prompt_format: str = opt("plain", "plain ('context : ... question : ... answer :') or chat (the tokenizer's chat "
                              "template around the same text); part of the prefix contract", choices=("plain", "chat"))
-    answer_end: str = opt("auto", "what ends an answer target: eos (the tokenizer's end token), none (nothing: the "
+    answer_end: str = opt("auto", "what ends an answer target: eos (the end token: the chat template's end of turn "
+                          "with chat prompts, else the tokenizer's EOS), none (nothing: the "
                           "LM is never scored on an end token it would not emit); auto: eos for the builtin LM and "
                           "chat prompts, none for a plain prompt on any other LM", choices=("auto", "eos", "none"))
     stop_strings: list = opt(["\n"], "generation also stops at a token containing one of these (and the text is cut "
