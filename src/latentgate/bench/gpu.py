@@ -17,7 +17,7 @@ from latentgate.model.contract import PrefixContract
 from latentgate.model.latent import build_latent_modules
 from latentgate.model.lora import attach_lora
 from latentgate.train.flops import step_flops
-from latentgate.train.trainer import batch_indices, build_optimizer, stage_step
+from latentgate.train.trainer import batch_indices, build_optimizer, set_training_modes, stage_step
 from latentgate.train.workspace import Workspace, enable_gradient_checkpointing, load_splits, set_threads
 
 # ---- 6. GPU ---------------------------------------------------------------------------------------------------
@@ -111,9 +111,7 @@ def gpu_stage_b(cfg: Config, device: torch.device, steps: int = 8, warm: int = 2
     train = ws.splits["train"]
     gen = torch.Generator().manual_seed(0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    ws.encoder.train()
-    ws.adapter.train()
-    ws.lm.train()
+    set_training_modes(ws)  # as the trainer: the frozen LM stays in eval mode (no dropout)
     batches = [[train[i] for i in batch_indices(len(train), st.batch_size, k, st.seed)] for k in range(steps)]
     counted = [step_flops(ws, st, b) for b in batches[warm:]]  # outside the timed region (it tokenizes on the host)
     flops, tokens = sum(f for f, _ in counted), sum(n for _, n in counted)
