@@ -234,7 +234,7 @@ def _sweep_state(journal: Path, name: str):
 
     study = optuna.load_study(study_name=name, storage=open_storage(str(journal)))
     c = _client()
-    parent = c.get_run(study.user_attrs["latentgate.parent_run"])
+    parent = c.get_run(study.user_attrs["latentgate.mlflow_parent_run"])
     runs = {t.number: c.get_run(t.user_attrs["latentgate.mlflow_run_id"]) for t in study.trials
             if "latentgate.mlflow_run_id" in t.user_attrs}
     return study, parent, runs
