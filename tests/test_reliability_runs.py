@@ -175,14 +175,19 @@ def test_class3_workers_die_with_their_coordinator_fast(tmp_path):
         time.sleep(0.1)
     assert marker.exists(), "the worker did not get SIGTERM when its parent died"
     deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            os.kill(worker, 0)
-        except ProcessLookupError:
-            break
+    while time.time() < deadline and _running(worker):
         time.sleep(0.1)
-    else:
+    if _running(worker):
+        os.kill(worker, signal.SIGKILL)
         pytest.fail(f"worker {worker} outlived its parent")
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a worker's parent, the coordinator, is gone, so nobody may have reaped it yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _write_study(directory: Path, name: str, resume_from: str) -> Path:
@@ -245,7 +250,11 @@ def test_class3_sweep_stops_when_told(tmp_path, stage_a_uri, mlflow_store):
     proc, journal, _ = _sweep_until_trials_run(tmp_path, stage_a_uri, "sigterm")
     told = time.time()
     proc.send_signal(signal.SIGTERM)
-    rc = proc.wait(timeout=180)
+    try:
+        rc = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     output = (tmp_path / "sweep.log").read_text()
     assert rc == 143, output[-3000:]
     study, parent, runs = _sweep_state(journal, "sigterm")
@@ -267,11 +276,11 @@ def test_class3_orphaned_workers_stop_and_end_their_runs_killed(tmp_path, stage_
     alive = set(workers)
     while alive and time.time() < deadline:
         for pid in list(alive):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if not _running(pid):
                 alive.discard(pid)
         time.sleep(0.2)
+    for pid in alive:  # never leave them running the study (the failure below names them)
+        os.kill(pid, signal.SIGKILL)
     assert not alive, f"workers {alive} outlived their coordinator"
     study, parent, runs = _sweep_state(journal, "orphans")
     assert len(study.trials) == 2, [t.state.name for t in study.trials]  # nobody ran the rest of the study

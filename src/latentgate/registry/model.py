@@ -28,6 +28,7 @@ from latentgate.errors import CheckpointError, DataError, StoreError
 from latentgate.schema import Artifact, Tag
 from latentgate.tracking.lineage import base_from_run, client, resolve_checkpoint, run_in_uri
 from latentgate.tracking.runs import tracked_run
+from latentgate.tracking.tracker import full_params
 from latentgate.train.manifest import write_manifest
 
 MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -87,7 +88,7 @@ def register_candidate(eval_run_id: str, name: str = "latentgate") -> str:
     if not ckpt_uri or not base_run:
         raise CheckpointError(f"eval run {eval_run_id} lacks the {Tag.CHECKPOINT} / {Tag.BASE_RUN} tags",
                               "evaluate through `latentgate eval` so the lineage is recorded")
-    cfg = from_flat(ev.data.params)
+    cfg = from_flat(full_params(ev))  # a param too long for MLflow is read whole from its artifact
     ckpt_dir = resolve_checkpoint(ckpt_uri)
     stage_b = run_in_uri(ckpt_uri) or ""
     examples = load_splits(cfg)["eval"][:2]
