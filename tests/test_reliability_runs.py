@@ -307,6 +307,7 @@ def _interrupted_copy(micro_smoke, tmp_path: Path, commit: str) -> str:
 
 
 def test_class4_resume_under_other_code(micro_smoke, tmp_path):
+    from latentgate.errors import ConfigError
     from latentgate.phases.entry import resume
     from latentgate.registry.checklist import load_checklist
     from latentgate.registry.evidence import CandidateEvidence, check_lineage
@@ -314,9 +315,9 @@ def test_class4_resume_under_other_code(micro_smoke, tmp_path):
 
     old = "0" * 40
     run_id = _interrupted_copy(micro_smoke, tmp_path, old)
-    refused = run_cli("resume", run_id, timeout=120)
-    line = _one_error_line(refused)
-    assert f"recorded at git commit {old[:12]}" in line and "--allow-other-commit" in line
+    with pytest.raises(ConfigError) as refused:  # `latentgate resume <run>`: this line, exit 2
+        resume(run_id)
+    assert f"recorded at git commit {old[:12]}" in str(refused.value) and "--allow-other-commit" in str(refused.value)
     assert _client().get_run(run_id).info.status == "FAILED"  # nothing ran
 
     resume(run_id, allow_other_commit=True)
