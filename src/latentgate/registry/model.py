@@ -97,7 +97,7 @@ def register_candidate(eval_run_id: str, name: str) -> str:
     if not ckpt_uri or not base_run:
         raise CheckpointError(f"eval run {eval_run_id} lacks the {Tag.CHECKPOINT} / {Tag.BASE_RUN} tags",
                               "evaluate through `latentgate eval` so the lineage is recorded")
-    cfg = from_flat(full_params(ev))
+    cfg = from_flat(full_params(ev))  # a param too long for MLflow is read whole from its artifact
     ckpt_dir = resolve_checkpoint(ckpt_uri)
     stage_b = run_in_uri(ckpt_uri) or ""
     examples = load_splits(cfg)["eval"][:2]

@@ -118,8 +118,8 @@ def fail_dead_runs(run_id: str, note: str) -> None:
             c.set_tag(child.info.run_id, Tag.ERROR, note)
             c.set_terminated(child.info.run_id, "FAILED")
     c.set_tag(run_id, Tag.ERROR, note)
-    if run.info.status == "RUNNING":
-        c.set_tag(run_id, SweepTag.TRIAL_STATE, "FAIL")
+    if run.info.status == "RUNNING" or run.data.tags.get(SweepTag.TRIAL_STATE) == "RUNNING":
+        c.set_tag(run_id, SweepTag.TRIAL_STATE, "FAIL")  # also when a later command closed the orphaned run first
         c.set_terminated(run_id, "FAILED")
 
 
