@@ -62,7 +62,7 @@ def test_micro_overrides_leave_the_hard_latent_recipe_alone():
 def test_the_hard_regime_signature(hard):
     from mlflow import MlflowClient
 
-    from latentgate.registry.checklist import LEARNING
+    from latentgate.registry.checklist import COLLAPSE, LEARNING
     from latentgate.registry.decisions import SWEEP, decide
 
     s, ev, checklist = hard["summary"], hard["evidence"], hard["checklist"]
@@ -83,6 +83,8 @@ def test_the_hard_regime_signature(hard):
     assert not checklist.criterion(LEARNING).compare(ev.first_acc_lift)
     assert "first_token_learning" in ev.checklist_failed and not ev.checklist_passed
     assert not ev.provenance_failed  # judged on what it learned, not refused for where the evidence comes from
-    # the decision tree: Phase 2, as needs_tuning or collapse; never exposure bias (Phase 3) nor promotion
+    # the decision tree: Phase 2, never exposure bias (Phase 3) nor promotion; by the rule the gate's own collapse
+    # verdict names (collapsed when the checklist's no_mode_collapse failed, else needs_tuning)
     decision = decide(ev, checklist)
-    assert decision.next_phase == SWEEP and decision.rule in ("needs_tuning", "collapsed"), decision
+    rule = "collapsed" if COLLAPSE in ev.checklist_failed else "needs_tuning"
+    assert (decision.next_phase, decision.rule) == (SWEEP, rule), (decision, ev.checklist_failed)
