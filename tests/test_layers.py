@@ -63,8 +63,6 @@ def test_imports_point_down():
 CLI_MODULES = {"cli.py", "cli_common.py"}  # click only at the top: `latentgate --help` stays fast
 REASONS = ("lazy:", "optional", "cycle:")  # in a comment: the only reasons an import may sit inside a function
 OPTIONAL = "optional"  # ... but only a third-party package can be optional: every latentgate module ships with it
-# the lead's rewrite of phases/entry.py removes its `except ImportError` around registry.gate (issue 26, item 7)
-PENDING = {"phases/entry.py"}
 
 
 def test_imports_sit_at_the_top_unless_a_comment_says_why():
@@ -80,7 +78,7 @@ def test_imports_sit_at_the_top_unless_a_comment_says_why():
                 if isinstance(inner, (ast.Import, ast.ImportFrom)):
                     text = " ".join(lines[inner.lineno - 1:inner.end_lineno])
                     comment = text.partition("#")[2]
-                    in_package = _in_package(inner) and str(path.relative_to(SRC)) not in PENDING
+                    in_package = _in_package(inner)
                     reasons = tuple(r for r in REASONS if r != OPTIONAL) if in_package else REASONS
                     if not any(reason in comment for reason in reasons):
                         hidden.append(f"{path.relative_to(SRC)}:{inner.lineno}: {lines[inner.lineno - 1].strip()}")
@@ -103,8 +101,6 @@ def test_no_in_package_import_is_treated_as_optional():
     """An `except ImportError` around a latentgate import turns a broken install into a silent skip (or a note)."""
     guarded = []
     for path in sorted(SRC.rglob("*.py")):
-        if str(path.relative_to(SRC)) in PENDING:
-            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Try) and any(_catches_import_error(h) for h in node.handlers):
                 imports = [n for stmt in node.body for n in ast.walk(stmt)

@@ -353,22 +353,25 @@ def test_class6_params_too_long_for_mlflow_round_trip_through_resume(mlflow_stor
     from latentgate.schema import Artifact, Tag
     from latentgate.tracking.runs import setup_experiment, tracked_run
 
-    anchor = "".join(f"answer-{i:06d}:" for i in range(120_000 // 14)) + "end"  # 120 KB, one word
-    cfg = dataclasses.replace(micro_cfg, model=dataclasses.replace(micro_cfg.model, anchor=anchor))
-    assert len(anchor) > 100_000
+    # every single string is bounded (4096 characters, issue 27 class 1), but a long list is not one value: 900 stop
+    # strings log as a param of ~20 KB, over MLflow's 6000
+    stops = [f"<stop-{i:04d}-of-the-long-list>" for i in range(900)]
+    cfg = dataclasses.replace(micro_cfg, model=dataclasses.replace(micro_cfg.model, stop_strings=stops))
+    assert len(str(flatten(cfg)["model.stop_strings"])) > 20_000
     setup_experiment("latentgate")
     with tracked_run("long_params", nested=False, tags={Tag.STEP_KEY: config_hash(cfg)}) as tr:
         tr.log_params(flatten(cfg))
         run_id = tr.run_id
     c = _client()
     run = c.get_run(run_id)
-    stub = run.data.params["model.anchor"]
-    assert len(stub) < 6000 and hashlib.sha256(anchor.encode()).hexdigest() in stub
-    assert config_of_run(run) == cfg and config_of_run(run).model.anchor == anchor  # exact, through the artifact
+    whole = str(flatten(cfg)["model.stop_strings"])
+    stub = run.data.params["model.stop_strings"]
+    assert len(stub) < 6000 and hashlib.sha256(whole.encode()).hexdigest() in stub
+    assert config_of_run(run) == cfg and config_of_run(run).model.stop_strings == stops  # exact, via the artifact
     # a params_full.json that does not hold what the hash says is refused, not used
     tracker_dir = Path(c.download_artifacts(run_id, Artifact.PARAMS_FULL, str(mlflow_store / "dl")))
-    assert json.loads(tracker_dir.read_text())["model.anchor"] == anchor
-    c.log_dict(run_id, {"model.anchor": anchor[:-1] + "X"}, Artifact.PARAMS_FULL)
+    assert json.loads(tracker_dir.read_text())["model.stop_strings"] == whole
+    c.log_dict(run_id, {"model.stop_strings": whole[:-2] + "X]"}, Artifact.PARAMS_FULL)
     with pytest.raises(ConfigError, match="holds another value"):
         config_of_run(c.get_run(run_id))
 

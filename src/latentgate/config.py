@@ -206,6 +206,9 @@ class Config:
 EVAL_PATHS = EvalPath.ALL
 MAX_TEXT_CHARS = 4096  # any string value (a field's max_len may be lower); below MLflow's 6000-character param limit
 MAX_LIST_ITEMS = 1024  # any list value: plain items only (no nesting)
+# a list given as text (a logged param, --set): as long as the longest valid list, so every list a preset may hold
+# rebuilds from its logged param (resume, the gate); still bounded before it is parsed
+MAX_LIST_TEXT = MAX_LIST_ITEMS * (MAX_TEXT_CHARS + 4)
 BUILTIN_MAX_POSITIONS = 1024  # model/base_lm.py: the builtin Llama's max_position_embeddings
 BYTES_PER_EXAMPLE = 4096  # generous: a synthetic example, its tokens and batches, as Python objects
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -430,7 +433,8 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
         obj = getattr(cfg, section)
         meta = next(f.metadata for f in dataclasses.fields(obj) if f.name == name)
         if isinstance(raw, str):  # before parsing it (and before an error could echo it)
-            _check_size(key, raw, meta if table[key][0] is str else {})
+            text_limit = meta if table[key][0] is str else {"max_len": MAX_LIST_TEXT} if table[key][0] is list else {}
+            _check_size(key, raw, text_limit)
         value = _coerce(key, table[key][0], raw)
         _check_size(key, value, meta)
         setattr(obj, name, value)
