@@ -256,8 +256,7 @@ def tuned(mlflow_store, micro_cfg, tmp_path_factory):
 
 def test_a_permissive_promotion_does_not_start_a_hero_under_the_shipped_checklist(tuned, tmp_path):
     from latentgate.errors import GateRefused
-    from latentgate.phases.entry import HeroRequest, plan_hero
-    from latentgate.registry.approval import verify
+    from latentgate.registry.approval import HeroRequest, plan_hero, verify
     from latentgate.registry.gate import promote
 
     permissive = _checklist_with(tmp_path, "permissive", tuned["pin"], **PERMISSIVE)
@@ -275,7 +274,7 @@ def test_a_permissive_promotion_does_not_start_a_hero_under_the_shipped_checklis
 def test_hero_dry_run_shows_the_tuned_recipe_and_a_diff_of_budget_keys_only(tuned, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from latentgate.phases.entry import HeroRequest, plan_hero
+    from latentgate.registry.approval import HeroRequest, plan_hero
     from latentgate.registry.gate import promote
 
     permissive = _checklist_with(tmp_path, "team", tuned["pin"], **PERMISSIVE)
@@ -292,13 +291,12 @@ def test_hero_dry_run_shows_the_tuned_recipe_and_a_diff_of_budget_keys_only(tune
     assert {k for k in hero if approved.get(k) != hero[k]} <= set(BUDGET_KEYS)
 
 
-def test_a_checkpoint_rewritten_after_promotion_is_refused_by_verify_and_hero(tuned, tmp_path):
+def test_class7_a_checkpoint_rewritten_after_promotion_is_refused_by_verify_and_hero(tuned, tmp_path):
     """The forged checkpoint of issue #27: resealed so `checkpoint verify` alone passes, caught by the pin."""
     from mlflow import MlflowClient
 
     from latentgate.errors import GateRefused
-    from latentgate.phases.entry import HeroRequest, plan_hero
-    from latentgate.registry.approval import verify
+    from latentgate.registry.approval import HeroRequest, plan_hero, verify
     from latentgate.registry.gate import promote
     from latentgate.train.manifest import read_manifest, verify_checkpoint, write_manifest
 

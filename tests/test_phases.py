@@ -455,10 +455,10 @@ def test_pipeline_as_mlflow_projects_twice(steer_to_fix, tmp_path_factory, mlflo
     assert {r.info.run_id for r in all_runs() if r.data.tags.get("mlflow.project.entryPoint")} == project_runs
 
 
-def test_pipeline_phase2_branch_end_to_end(tmp_path_factory, mlflow_store, micro_smoke):
+def test_pipeline_phase2_branch_end_to_end(tmp_path_factory, mlflow_store, micro_smoke, approve_anything):
     """The shipped rules at micro scale on a micro run (F1 0, one latent answer for all): Phase 1 -> Phase 2, a real
     sweep as an inner `mlflow run` -> the best trial's eval -> still short -> Phase 3 with the sweep's tuned params ->
-    stop."""
+    stop. Then the sweep's best trial promoted (a file that approves it): its hero is that trial's tuned recipe."""
     out = tmp_path_factory.mktemp("pipeline-sweep")
     rules = micro_rules(out / "micro-rules.yaml", {})
     opts = PipelineOptions(preset="micro", overrides={"run.output_dir": str(out)}, runner="inprocess",
@@ -491,6 +491,19 @@ def test_pipeline_phase2_branch_end_to_end(tmp_path_factory, mlflow_store, micro
     assert fix_run.data.params["stage_b.scheduled_sampling"] == "True"
     for key in ("stage_b.lr", "stage_b.first_token_ce_weight"):
         assert fix_run.data.params[key] == best[key]
+    # sweep -> promote -> hero: the hero planned from the promoted best trial is its tuned Stage B config, budget aside
+    from latentgate.registry.approval import HeroRequest, plan_hero
+    from latentgate.registry.gate import promote
+    from latentgate.registry.hero_recipe import BUDGET_KEYS
+
+    assert promote(sweep_step["best_eval_run"], checklist=approve_anything, name="lg-sweep-hero").passed
+    start = plan_hero(HeroRequest(checklist=str(approve_anything), scale=2), name="lg-sweep-hero")
+    tuned = _client().get_run(sweep_step["best_stage_b_run"]).data.params
+    assert start.approved.stage_b_run == sweep_step["best_stage_b_run"]
+    hero = {k: str(v) for k, v in flatten(start.plan.config).items()}
+    assert {k for k in hero if tuned.get(k) != hero[k]} <= set(BUDGET_KEYS)
+    for key in ("stage_b.lr", "stage_b.first_token_ce_weight", "stage_b.k", "model.lora_r"):
+        assert hero[key] == tuned[key] == best[key]
 
 
 # ---- kill -9 at a random step, then `latentgate resume` ----------------------------------------------------------

@@ -4,6 +4,8 @@ subcommand per MLproject entry point. Top-level imports: click and cli_common on
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from latentgate.cli_common import config_options, echo_main, guarded, resolve_config
@@ -85,14 +87,21 @@ def hero(scale, checklist, dry_run, allow_recipe_change, sets, overrides):
     """Phase 4: the approved recipe at the hero budget. Starts only from the version holding the registry alias
     `hero`, promoted under the checklist in force; its config is that version's Stage B config, budget x scale."""
     from latentgate.config import cli_overrides
-    from latentgate.phases.entry import HeroRequest
-    from latentgate.phases.entry import hero as run_hero
-    from latentgate.phases.smoke import format_summary
+    from latentgate.registry.approval import HeroRequest, plan_hero
+    from latentgate.tracking.lineage import use_store
 
     request = HeroRequest(overrides=cli_overrides(sets, overrides), scale=scale or None, checklist=checklist or None,
                           dry_run=dry_run, allow_recipe_change=allow_recipe_change)
-    result = run_hero(request)
-    echo_main(result["dry_run"] if dry_run else format_summary(result))
+    if dry_run or not os.environ.get("MLFLOW_RUN_ID"):  # read from the registry first: no torch, no run yet, so
+        use_store()  # a refusal comes in a second (inside `mlflow run`, the entry point marks its run FAILED)
+        start = plan_hero(request)
+        if dry_run:
+            echo_main(start.as_text())
+            return
+    from latentgate.phases.entry import hero as run_hero
+    from latentgate.phases.smoke import format_summary
+
+    echo_main(format_summary(run_hero(request)))
 
 
 @click.command("resume")

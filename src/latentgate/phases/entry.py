@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -30,10 +30,8 @@ from latentgate.distributed import owns_store
 from latentgate.errors import CheckpointError, ConfigError, LatentgateError
 from latentgate.phases.smoke import run_output_dir, run_smoke
 from latentgate.phases.stages import run_base, run_eval, run_stage
-from latentgate.registry.approval import ApprovedVersion, approved_version
+from latentgate.registry.approval import HeroRequest, plan_hero
 from latentgate.registry.checklist import load_checklist
-from latentgate.registry.gate import TAG_MAX
-from latentgate.registry.hero_recipe import RECIPE, HeroPlan, hero_plan
 from latentgate.schema import Artifact, MlflowTag, Tag
 from latentgate.tracking import lineage
 from latentgate.tracking.lineage import ModelUri
@@ -174,51 +172,6 @@ def eval_checkpoint(cfg: Config, checkpoint: str, preset: str = "") -> dict:
     out, splits = _begin(cfg, "eval")
     return run_eval(cfg, base_info, local, out, splits, source_uri=checkpoint, run_id=attached,
                     tags=phase_tags("eval", cfg, preset, checkpoint, out))
-
-
-@dataclass(frozen=True)
-class HeroRequest:
-    """What `latentgate hero` (and the pipeline's Phase 4) asks for; the config itself is the approved recipe's."""
-
-    overrides: dict = field(default_factory=dict)  # runtime and budget keys; recipe keys with allow_recipe_change
-    scale: float | None = None  # None: the checklist's hero.scale
-    checklist: str | None = None  # the checklist in force (None: registry/hero.yaml)
-    dry_run: bool = False
-    allow_recipe_change: bool = False
-
-
-@dataclass(frozen=True)
-class HeroStart:
-    """The hero about to run (or, on a dry run, that would run)."""
-
-    approved: ApprovedVersion
-    plan: HeroPlan
-
-    def tags(self) -> dict[str, str]:
-        a, p = self.approved, self.plan
-        return {Tag.HERO_FROM: a.uri, Tag.HERO_VERSION: a.version, Tag.HERO_APPROVED_RUN: a.stage_b_run,
-                Tag.HERO_CHECKLIST: str(a.checklist.path), Tag.HERO_CHECKLIST_SHA256: a.checklist.sha256,
-                Tag.HERO_SCALE: f"{p.scale:g}", Tag.HERO_DIFF: p.diff_json()[:TAG_MAX],
-                Tag.HERO_RECIPE_CHANGES: ",".join(c.key for c in p.of_kind(RECIPE))}
-
-    def as_text(self) -> str:
-        a, p = self.approved, self.plan
-        lines = [f"── latentgate hero: version {a.version} of {a.name} ({a.uri}), approved under "
-                 f"{a.checklist.path.name} (sha256 {a.checklist.sha256[:12]}) ──",
-                 f"approved recipe: Stage B run {a.stage_b_run} (eval run {a.eval_run}); hero budget "
-                 f"x{p.scale:g}",
-                 "diff from the approved recipe:", *[f"  {c.as_text()}" for c in p.changes],
-                 "resolved config:", *[f"  {k} = {v!r}" for k, v in flatten(p.config).items()]]
-        return "\n".join(lines)
-
-
-def plan_hero(request: HeroRequest, name: str | None = None) -> HeroStart:
-    """The checked approved version (of `name`, default the checklist's model_name) and the hero built from its
-    recipe (registry/hero_recipe.py)."""
-    approved = approved_version(request.checklist, name)  # GateRefused with the reasons when no valid alias
-    recipe = from_flat(full_params(lineage.client().get_run(approved.stage_b_run)))  # long values: the artifact
-    scale = request.scale if request.scale is not None else approved.checklist.hero_scale()
-    return HeroStart(approved, hero_plan(recipe, scale, request.overrides, request.allow_recipe_change))
 
 
 def hero(request: HeroRequest) -> dict:

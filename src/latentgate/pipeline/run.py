@@ -34,7 +34,8 @@ from mlflow.projects import _project_spec
 
 from latentgate.config import Config, flatten, parse_set_args, resolve
 from latentgate.errors import ConfigError, LatentgateError
-from latentgate.phases.entry import INPUT_PARAM, HeroRequest, hero, plan_hero, run_entry, step_key
+from latentgate.phases.entry import INPUT_PARAM, hero, run_entry, step_key
+from latentgate.registry.approval import HeroRequest, plan_hero
 from latentgate.registry.checklist import load_checklist
 from latentgate.registry.decisions import (
     HERO,

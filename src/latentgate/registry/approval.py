@@ -6,15 +6,18 @@ checkpoint that is still the pinned one, and evidence still bound to the version
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from latentgate.config import flatten, from_flat
 from latentgate.errors import GateRefused
 from latentgate.registry.binding import bound_eval_run, checkpoint_drift
 from latentgate.registry.checklist import Checklist
 from latentgate.registry.evidence import CandidateEvidence, Missing
-from latentgate.registry.gate import Report, alias_holder, as_checklist, check_candidate, commit_stamp, utc_now
-from latentgate.schema import VersionTag
+from latentgate.registry.gate import TAG_MAX, Report, alias_holder, as_checklist, check_candidate, commit_stamp, utc_now
+from latentgate.registry.hero_recipe import RECIPE, HeroPlan, hero_plan
+from latentgate.schema import Tag, VersionTag
 from latentgate.tracking.lineage import ModelUri, client
+from latentgate.tracking.tracker import full_params
 
 
 def audit_problems(mv, cl: Checklist) -> list[str]:
@@ -120,3 +123,50 @@ def approved_version(checklist=None, name: str | None = None) -> ApprovedVersion
 def hero_model_uri(checklist=None, name: str | None = None) -> str:
     """`models:/<name>@<alias>`, after `approved_version`'s checks."""
     return approved_version(checklist, name).uri
+
+
+# ---- the hero a request would start ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HeroRequest:
+    """What `latentgate hero` (and the pipeline's Phase 4) asks for; the config itself is the approved recipe's."""
+
+    overrides: dict = field(default_factory=dict)  # runtime and budget keys; recipe keys with allow_recipe_change
+    scale: float | None = None  # None: the checklist's hero.scale
+    checklist: str | None = None  # the checklist in force (None: registry/hero.yaml)
+    dry_run: bool = False
+    allow_recipe_change: bool = False
+
+
+@dataclass(frozen=True)
+class HeroStart:
+    """The hero about to run (or, on a dry run, that would run)."""
+
+    approved: ApprovedVersion
+    plan: HeroPlan
+
+    def tags(self) -> dict[str, str]:
+        a, p = self.approved, self.plan
+        return {Tag.HERO_FROM: a.uri, Tag.HERO_VERSION: a.version, Tag.HERO_APPROVED_RUN: a.stage_b_run,
+                Tag.HERO_CHECKLIST: str(a.checklist.path), Tag.HERO_CHECKLIST_SHA256: a.checklist.sha256,
+                Tag.HERO_SCALE: f"{p.scale:g}", Tag.HERO_DIFF: p.diff_json()[:TAG_MAX],
+                Tag.HERO_RECIPE_CHANGES: ",".join(c.key for c in p.of_kind(RECIPE))}
+
+    def as_text(self) -> str:
+        a, p = self.approved, self.plan
+        lines = [f"── latentgate hero: version {a.version} of {a.name} ({a.uri}), approved under "
+                 f"{a.checklist.path.name} (sha256 {a.checklist.sha256[:12]}) ──",
+                 f"approved recipe: Stage B run {a.stage_b_run} (eval run {a.eval_run}); hero budget "
+                 f"x{p.scale:g}",
+                 "diff from the approved recipe:", *[f"  {c.as_text()}" for c in p.changes],
+                 "resolved config:", *[f"  {k} = {v!r}" for k, v in flatten(p.config).items()]]
+        return "\n".join(lines)
+
+
+def plan_hero(request: HeroRequest, name: str | None = None) -> HeroStart:
+    """The checked approved version (of `name`, default the checklist's model_name) and the hero built from its
+    recipe (registry/hero_recipe.py)."""
+    approved = approved_version(request.checklist, name)  # GateRefused with the reasons when no valid alias
+    recipe = from_flat(full_params(client().get_run(approved.stage_b_run)))  # long values: the artifact
+    scale = request.scale if request.scale is not None else approved.checklist.hero_scale()
+    return HeroStart(approved, hero_plan(recipe, scale, request.overrides, request.allow_recipe_change))
