@@ -491,17 +491,24 @@ def test_pipeline_phase2_branch_end_to_end(tmp_path_factory, mlflow_store, micro
     assert fix_run.data.params["stage_b.scheduled_sampling"] == "True"
     for key in ("stage_b.lr", "stage_b.first_token_ce_weight"):
         assert fix_run.data.params[key] == best[key]
-    # sweep -> promote -> hero: the hero planned from the promoted best trial is its tuned Stage B config, budget aside
-    from latentgate.registry.approval import HeroRequest, plan_hero
+    # sweep -> promote -> hero: the hero of the promoted best trial is that trial's tuned Stage B config, budget aside
+    from latentgate.phases import entry
+    from latentgate.registry.approval import HeroRequest
     from latentgate.registry.gate import promote
     from latentgate.registry.hero_recipe import BUDGET_KEYS
 
-    assert promote(sweep_step["best_eval_run"], checklist=approve_anything, name="lg-sweep-hero").passed
-    start = plan_hero(HeroRequest(checklist=str(approve_anything), scale=2), name="lg-sweep-hero")
+    rules = yaml.safe_load(approve_anything.read_text())
+    rules["model_name"] = "lg-sweep-hero"  # its own registered model: other tests' aliases stay where they are
+    sweep_rules = out / "sweep-hero.yaml"
+    sweep_rules.write_text(yaml.safe_dump(rules, sort_keys=False))
+    assert promote(sweep_step["best_eval_run"], checklist=sweep_rules).passed
+    ran = entry.hero(HeroRequest(checklist=str(sweep_rules), scale=1,
+                                 overrides={"run.output_dir": str(out / "hero")}))
+    hero_run = _client().get_run(ran["run_id"])
     tuned = _client().get_run(sweep_step["best_stage_b_run"]).data.params
-    assert start.approved.stage_b_run == sweep_step["best_stage_b_run"]
-    hero = {k: str(v) for k, v in flatten(start.plan.config).items()}
-    assert {k for k in hero if tuned.get(k) != hero[k]} <= set(BUDGET_KEYS)
+    assert hero_run.data.tags["latentgate.hero_approved_run"] == sweep_step["best_stage_b_run"]
+    hero = hero_run.data.params
+    assert {k for k in tuned if k in hero and tuned[k] != hero[k]} <= set(BUDGET_KEYS) | {"run.output_dir"}
     for key in ("stage_b.lr", "stage_b.first_token_ce_weight", "stage_b.k", "model.lora_r"):
         assert hero[key] == tuned[key] == best[key]
 
