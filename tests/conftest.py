@@ -120,36 +120,42 @@ def mlflow_server(tmp_path_factory):
         proc.wait(timeout=30)
 
 
+def checklist_copy(path: Path, edits: dict | None = None, **top) -> Path:
+    """A copy of the shipped registry/hero.yaml at `path`: criteria edited by `edits` ({criterion: {key: value}},
+    params merged; an unknown criterion is an error), top-level keys replaced by `top` (eval_dataset_digest,
+    model_name, ...). Returns `path`."""
+    import yaml  # lazy: conftest sets the environment before anything heavy is imported
+
+    from latentgate.registry.checklist import DEFAULT_PATH  # lazy: as above
+
+    data = {**yaml.safe_load(DEFAULT_PATH.read_text()), **top}
+    unknown = set(edits or {}) - {c["name"] for c in data["criteria"]}
+    assert not unknown, f"no such criteria in {DEFAULT_PATH.name}: {sorted(unknown)}"
+    for c in data["criteria"]:
+        for key, value in (edits or {}).get(c["name"], {}).items():
+            if key == "params":
+                c["params"].update(value)
+            else:
+                c[key] = value
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 def micro_scale_checklist(folder: Path, cfg, eval_examples: list, edits: dict | None = None,
                           name: str = "micro_scale") -> Path:
     """The shipped rules at micro scale: a copy of registry/hero.yaml that pins `cfg`'s eval set (its data config
     hash -> the digest of `eval_examples`, beside the shipped pins) and lowers eval_size's threshold to the number
     of those examples. The shipped file refuses a micro run on provenance (a few dozen unpinned eval rows); this
-    copy judges it by every other criterion as shipped, unless `edits` ({criterion: {key: value}}, params merged)
-    changes one. Returns the copy's path."""
-    import yaml  # lazy: conftest sets the environment before anything heavy is imported
-
-    from latentgate.config import config_hash  # lazy: as above
-    from latentgate.registry.checklist import DEFAULT_PATH  # lazy: as above
+    copy judges it by every other criterion as shipped, unless `edits` changes one. Returns the copy's path."""
+    from latentgate.config import config_hash  # lazy: conftest sets the environment before anything heavy
+    from latentgate.registry.checklist import load_checklist  # lazy: as above
     from latentgate.tracking.tracker import dataset_digest  # lazy: as above
 
-    data = yaml.safe_load(DEFAULT_PATH.read_text())
-    data["eval_dataset_digest"] = {**data["eval_dataset_digest"],
-                                   config_hash(cfg, ("data",)): dataset_digest(eval_examples)}
-    size = next(c for c in data["criteria"] if c["name"] == "eval_size")
-    assert len(eval_examples) < size["threshold"], "not a micro eval set: judge it with the shipped file"
-    edits = {"eval_size": {"threshold": len(eval_examples)}, **(edits or {})}
-    unknown = set(edits) - {c["name"] for c in data["criteria"]}
-    assert not unknown, f"no such criteria in {DEFAULT_PATH.name}: {sorted(unknown)}"
-    for c in data["criteria"]:
-        for key, value in edits.get(c["name"], {}).items():
-            if key == "params":
-                c["params"].update(value)
-            else:
-                c[key] = value
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    shipped = load_checklist()
+    assert len(eval_examples) < shipped.threshold("eval_size"), "not a micro eval set: judge it with the shipped file"
+    pins = {**shipped.eval_dataset_digest, config_hash(cfg, ("data",)): dataset_digest(eval_examples)}
+    return checklist_copy(folder / f"{name}.yaml", {"eval_size": {"threshold": len(eval_examples)}, **(edits or {})},
+                          eval_dataset_digest=pins)
 
 
 @pytest.fixture()

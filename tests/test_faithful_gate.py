@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
+from conftest import checklist_copy
 from latentgate.config import flatten, resolve
 from latentgate.errors import ConfigError
 from latentgate.eval.controls import collapse_stats
@@ -217,17 +217,7 @@ def test_an_unpinned_eval_set_leads_to_the_provenance_rule_not_tuning(store):
 # ---- alias integrity and the hero run ----------------------------------------------------------------------------
 
 def _checklist_with(tmp_path: Path, name: str, pin: dict, **criteria) -> Path:
-    data = yaml.safe_load(DEFAULT_PATH.read_text())
-    data["eval_dataset_digest"] = pin
-    for c in data["criteria"]:
-        for key, value in criteria.get(c["name"], {}).items():
-            if key == "params":
-                c["params"].update(value)
-            else:
-                c[key] = value
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return checklist_copy(tmp_path / f"{name}.yaml", criteria, eval_dataset_digest=pin)
 
 
 PERMISSIVE = {"first_token_learning": {"threshold": -1.0}, "first_token_stability": {"threshold": 1.0},

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, cli_env, run_cli
+from conftest import ROOT, checklist_copy, cli_env, run_cli
 from latentgate.config import flatten, parse_set_args, resolve
 from latentgate.errors import CheckpointError, ConfigError
 from latentgate.pipeline.run import PipelineOptions, format_decisions, phase_overrides, run_pipeline
@@ -75,18 +75,8 @@ def checklist():
 
 def micro_rules(path: Path, edits: dict) -> Path:
     """The shipped checklist at micro scale (its eval set unpinned and 24 questions: the shipped file stops a micro
-    run on provenance), with criteria edited: {criterion: {key: value}}, params merged."""
-    data = yaml.safe_load(DEFAULT_PATH.read_text())
-    data["eval_dataset_digest"] = "any"
-    edits = {"eval_size": {"threshold": 1}, **edits}
-    for c in data["criteria"]:
-        for key, value in edits.get(c["name"], {}).items():
-            if key == "params":
-                c["params"].update(value)
-            else:
-                c[key] = value
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    run on provenance), with criteria edited."""
+    return checklist_copy(path, {"eval_size": {"threshold": 1}, **edits}, eval_dataset_digest="any")
 
 
 BLIND_TO_COLLAPSE = {"params": {"max_top_prediction_share": 1.0, "max_top_k_share": 1.0, "max_empty_share": 1.0}}
@@ -362,13 +352,11 @@ def test_a_finished_phase_is_never_overwritten(micro_smoke, stage_a_uri, monkeyp
 
 def test_hero_refuses_without_the_alias_and_starts_nothing(mlflow_store, micro_smoke, tmp_path):
     before = len(all_runs())
-    data = yaml.safe_load(DEFAULT_PATH.read_text())
-    data["model_name"] = "lg-no-hero-here"
-    (tmp_path / "other.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    proc = run_cli("hero", "--checklist", str(tmp_path / "other.yaml"))
+    other = checklist_copy(tmp_path / "other.yaml", model_name="lg-no-hero-here")
+    proc = run_cli("hero", "--checklist", str(other))
     assert proc.returncode == 4
     assert "no version of lg-no-hero-here holds alias hero" in one_error_line(proc)
-    proc = run_cli("hero", "--checklist", str(tmp_path / "other.yaml"), "--dry-run", "true")
+    proc = run_cli("hero", "--checklist", str(other), "--dry-run", "true")
     assert proc.returncode == 4 and "no version of lg-no-hero-here" in one_error_line(proc)
     assert len(all_runs()) == before
 

@@ -41,6 +41,18 @@ def checkpoint_sha256(c, name: str, version: str) -> str:
     return manifest_sha256(local)
 
 
+def _differs(c, mv, name: str, recorded: str, when: str) -> list[str]:
+    """[] when the registered checkpoint verifies and its manifest hashes to `recorded`, else why not."""
+    try:
+        now = checkpoint_sha256(c, name, str(mv.version))
+    except LatentgateError as err:
+        return [f"version {mv.version}: its checkpoint does not verify ({err})"]
+    if now != recorded:
+        return [f"version {mv.version}: its checkpoint manifest hashes to {now[:12]}, {when} recorded "
+                f"{recorded[:12]}: the checkpoint was rewritten after {when}"]
+    return []
+
+
 def pin_problems(c, mv, name: str) -> list[str]:
     """Why the registered checkpoint is not the one registration recorded ([] if it is)."""
     try:
@@ -49,14 +61,7 @@ def pin_problems(c, mv, name: str) -> list[str]:
         recorded = None
     if not recorded:
         return [f"version {mv.version}: no {Tag.CHECKPOINT_SHA256} param on its source run (re-register it)"]
-    try:
-        now = checkpoint_sha256(c, name, str(mv.version))
-    except LatentgateError as err:
-        return [f"version {mv.version}: its checkpoint does not verify ({err})"]
-    if now != recorded:
-        return [f"version {mv.version}: its checkpoint manifest hashes to {now[:12]}, registration recorded "
-                f"{recorded[:12]}: the checkpoint was rewritten after registration"]
-    return []
+    return _differs(c, mv, name, recorded, "registration")
 
 
 def checkpoint_drift(c, mv, name: str) -> list[str]:
@@ -64,11 +69,4 @@ def checkpoint_drift(c, mv, name: str) -> list[str]:
     pinned = mv.tags.get(VersionTag.CHECKPOINT_PIN)
     if not pinned:
         return []  # audit_problems names the missing pin
-    try:
-        now = checkpoint_sha256(c, name, str(mv.version))
-    except LatentgateError as err:
-        return [f"version {mv.version}: its checkpoint does not verify ({err})"]
-    if now != pinned:
-        return [f"version {mv.version}: its checkpoint manifest hashes to {now[:12]}, the promotion pinned "
-                f"{pinned[:12]}: the checkpoint was rewritten after promotion"]
-    return []
+    return _differs(c, mv, name, pinned, "promotion")
