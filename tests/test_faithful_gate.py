@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import checklist_copy
+from conftest import checklist_copy, run_cli
 from latentgate.config import flatten, resolve
 from latentgate.errors import ConfigError
 from latentgate.eval.controls import collapse_stats
@@ -216,8 +216,8 @@ def test_an_unpinned_eval_set_leads_to_the_provenance_rule_not_tuning(store):
 
 # ---- alias integrity and the hero run ----------------------------------------------------------------------------
 
-def _checklist_with(tmp_path: Path, name: str, pin: dict, **criteria) -> Path:
-    return checklist_copy(tmp_path / f"{name}.yaml", criteria, eval_dataset_digest=pin)
+def _checklist_with(tmp_path: Path, name: str, pin: dict, model_name: str = "latentgate", **criteria) -> Path:
+    return checklist_copy(tmp_path / f"{name}.yaml", criteria, eval_dataset_digest=pin, model_name=model_name)
 
 
 PERMISSIVE = {"first_token_learning": {"threshold": -1.0}, "first_token_stability": {"threshold": 1.0},
@@ -279,6 +279,16 @@ def test_hero_dry_run_shows_the_tuned_recipe_and_a_diff_of_budget_keys_only(tune
     approved = MlflowClient().get_run(start.approved.stage_b_run).data.params
     hero = {k: str(v) for k, v in flatten(start.plan.config).items()}
     assert {k for k in hero if approved.get(k) != hero[k]} <= set(BUDGET_KEYS)
+    # the command prints the same, and trains nothing
+    team = _checklist_with(tmp_path, "team-file", tuned["pin"], model_name="lg-faithful", **PERMISSIVE)
+    assert promote(tuned["version"], checklist=team).passed
+    exp = MlflowClient().get_run(start.approved.stage_b_run).info.experiment_id
+    before = len(MlflowClient().search_runs([exp], max_results=5000))
+    proc = run_cli("hero", "--checklist", str(team), "--scale", "3", "--dry-run", "true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stage_b.first_token_ce_weight = 7.5" in proc.stdout and "stage_b.steps: 6 -> 18 (budget)" in proc.stdout
+    assert "(recipe)" not in proc.stdout and "(runtime)" not in proc.stdout
+    assert len(MlflowClient().search_runs([exp], max_results=5000)) == before
 
 
 def test_class7_a_checkpoint_rewritten_after_promotion_is_refused_by_verify_and_hero(tuned, tmp_path):

@@ -91,7 +91,7 @@ def hero(scale, checklist, dry_run, allow_recipe_change, sets, overrides):
     from latentgate.tracking.lineage import use_store
 
     request = HeroRequest(overrides=cli_overrides(sets, overrides), scale=scale or None, checklist=checklist or None,
-                          dry_run=dry_run, allow_recipe_change=allow_recipe_change)
+                          allow_recipe_change=allow_recipe_change)
     if dry_run or not os.environ.get("MLFLOW_RUN_ID"):  # read from the registry first: no torch, no run yet, so
         use_store()  # a refusal comes in a second (inside `mlflow run`, the entry point marks its run FAILED)
         start = plan_hero(request)

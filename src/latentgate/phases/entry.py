@@ -177,16 +177,13 @@ def eval_checkpoint(cfg: Config, checkpoint: str, preset: str = "") -> dict:
 def hero(request: HeroRequest) -> dict:
     """Phase 4: the approved recipe at the hero budget, end to end (base reused, Stage A, Stage B, eval). Starts
     only from the version holding the alias, promoted under the checklist in force, with its pinned checkpoint;
-    otherwise it exits with the reasons and starts nothing. A dry run prints what would run and trains nothing."""
+    otherwise it exits with the reasons and starts nothing (`plan_hero` alone says what would run)."""
     checklist = load_checklist(request.checklist)
     attached = os.environ.get("MLFLOW_RUN_ID")  # run_smoke adopts it
     lineage.use_store()  # an existing, reachable store: the approved version is read from it
-    with _preflight(None if request.dry_run else attached):
-        if not request.dry_run:
-            _refuse_finished(attached)
+    with _preflight(attached):
+        _refuse_finished(attached)
         start = plan_hero(replace(request, checklist=str(checklist.path)))
-    if request.dry_run:
-        return {"run_id": None, "dry_run": start.as_text(), "config": flatten(start.plan.config)}
     cfg = start.plan.config
     setup_experiment(cfg.run.experiment)
     tags = {**phase_tags("hero", cfg, "hero", str(ModelUri(start.approved.name, version=start.approved.version))),

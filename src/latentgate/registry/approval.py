@@ -134,7 +134,6 @@ class HeroRequest:
     overrides: dict = field(default_factory=dict)  # runtime and budget keys; recipe keys with allow_recipe_change
     scale: float | None = None  # None: the checklist's hero.scale
     checklist: str | None = None  # the checklist in force (None: registry/hero.yaml)
-    dry_run: bool = False
     allow_recipe_change: bool = False
 
 
