@@ -309,8 +309,9 @@ def _interrupted_copy(micro_smoke, tmp_path: Path, commit: str) -> str:
 def test_class4_resume_under_other_code(micro_smoke, tmp_path):
     from latentgate.errors import ConfigError
     from latentgate.phases.entry import resume
+    from latentgate.registry.candidate import CandidateEvidence
     from latentgate.registry.checklist import load_checklist
-    from latentgate.registry.evidence import CandidateEvidence, check_lineage
+    from latentgate.registry.evidence import check_lineage
     from latentgate.tracking.runs import git_commit
 
     old = "0" * 40

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlflow
-from mlflow.exceptions import ExecutionException, MlflowException
+from mlflow.exceptions import ExecutionException
 from mlflow.projects import _project_spec
 
 from latentgate.config import Config, flatten, parse_set_args, resolve
@@ -49,6 +49,7 @@ from latentgate.registry.decisions import (
     fmt_value,
 )
 from latentgate.registry.gate import check_candidate, promote
+from latentgate.registry.model import version_for_eval_run
 from latentgate.schema import Artifact, SweepTag, Tag
 from latentgate.sweep.study import load_study
 from latentgate.tracking import lineage
@@ -300,12 +301,8 @@ def run_sweep_phase(pl: Pipeline, stage_a_uri: str) -> tuple[str, str, dict]:
 def promote_version(eval_run: str, checklist_path: str | None, name: str) -> str:
     """Move the alias `hero` to the eval run's model version (registered once: a rerun finds the version it
     registered before). The gate re-checks every criterion itself."""
-    try:
-        versions = lineage.client().search_model_versions(f"name='{name}'")
-    except MlflowException:
-        versions = []
-    mine = [int(v.version) for v in versions if v.tags.get(Tag.EVAL_RUN) == eval_run]
-    report = promote(str(max(mine)) if mine else eval_run, dry_run=False, checklist=checklist_path, name=name)
+    report = promote(version_for_eval_run(eval_run, name) or eval_run, dry_run=False, checklist=checklist_path,
+                     name=name)
     if not report.passed:
         raise LatentgateError(f"the gate refused {eval_run} although its evaluation passed: {report.failing()}",
                               f"inspect `latentgate promote {eval_run} --dry-run true`")

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from latentgate.config import flatten, from_flat
 from latentgate.errors import GateRefused
 from latentgate.registry.binding import bound_eval_run, checkpoint_drift
+from latentgate.registry.candidate import CandidateEvidence, Missing
 from latentgate.registry.checklist import Checklist
-from latentgate.registry.evidence import CandidateEvidence, Missing
 from latentgate.registry.gate import TAG_MAX, Report, alias_holder, as_checklist, check_candidate, commit_stamp, utc_now
 from latentgate.registry.hero_recipe import RECIPE, HeroPlan, hero_plan
 from latentgate.schema import Tag, VersionTag

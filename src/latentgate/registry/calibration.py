@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field, replace
 from mlflow.exceptions import MlflowException
 
 from latentgate.config import Config, config_hash, from_flat
+from latentgate.registry.candidate import CandidateEvidence, Missing
 from latentgate.registry.checklist import load_checklist
-from latentgate.registry.evidence import CandidateEvidence, Missing
 from latentgate.schema import CalibrateTag, Calibration, EvalKey, EvalPath, Tag, VersionTag
 from latentgate.tracking.lineage import base_hash, client
 

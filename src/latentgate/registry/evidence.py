@@ -1,36 +1,23 @@
 """Evidence for the readiness checklist: queries over what the runs recorded, never numbers typed in by hand.
 
-Starting from an eval run, the lineage is found through tags: the eval run's `latentgate.checkpoint`
-(runs:/<stage_b>/checkpoints/...) and `latentgate.base_run`; Stage B's `latentgate.init_from` (a runs:/ URI, or a
-local path, in which case the parent smoke run's `latentgate.children` names the Stage A run). Each check returns
-the observed value, the evidence source and what was missing. Missing evidence fails; it never passes.
+One check per criterion kind, over a `CandidateEvidence` (registry/candidate.py: the lineage, its histories and
+artifacts). Each check returns the observed value, the evidence source and what was missing. Missing evidence fails;
+it never passes.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-from mlflow.exceptions import MlflowException
 
 from latentgate.config import config_hash, from_flat
 from latentgate.errors import ConfigError
 from latentgate.eval.controls import Collapse, row_collapse
+from latentgate.registry.candidate import CandidateEvidence, Missing, short_id
 from latentgate.registry.checklist import ANY, Checklist, Criterion
-from latentgate.schema import Artifact, EvalPath, EvalRow, MlflowTag, Tag
-from latentgate.tracking import lineage
-from latentgate.tracking.lineage import RunUri, run_in_uri
-from latentgate.tracking.runs import local_artifacts
+from latentgate.schema import Artifact, EvalPath, EvalRow, Tag
 from latentgate.tracking.tracker import digest_of_hashes, full_params
-
-MAX_HOPS = 8
-
-
-class Missing(Exception):
-    """A piece of evidence that is not recorded; its message says which, and where it was looked for."""
 
 
 @dataclass
@@ -45,152 +32,6 @@ class Observation:
     shown: dict[str, float] = field(default_factory=dict)  # metric -> its value at `step` (the `show` param)
     collapse: Collapse | None = None  # eval_collapse: the statistics it judged
 
-
-def _short(run_id: str) -> str:
-    return run_id[:8]
-
-
-class CandidateEvidence:
-    """Cached access to the candidate's runs, metric histories and eval artifacts."""
-
-    def __init__(self, eval_run_id: str, client=None):
-        self.client = client or lineage.client()
-        self.eval_run_id = eval_run_id
-        self._runs: dict[str, Any] = {}
-        self._why: dict[str, str] = {}  # phase -> why it is missing
-        self._how: dict[str, str] = {}  # phase -> how it was found
-        self._hist: dict[tuple[str, str], list] = {}
-        self._artifacts: dict[str, Path] = {}
-        self._rows: list[dict] | None = None  # eval_detailed.jsonl, read once
-        self._resolve()
-
-    # ---- lineage ---------------------------------------------------------------------------------------------
-    def _get(self, run_id: str):
-        try:
-            return self.client.get_run(run_id)
-        except MlflowException:
-            return None
-
-    def _resolve(self) -> None:
-        ev = self._get(self.eval_run_id)
-        if ev is None:
-            self._why["eval"] = f"eval run {self.eval_run_id} does not exist in the tracking store"
-            for phase in ("base", "stage_a", "stage_b"):
-                self._why[phase] = "no eval run to start the lineage from"
-            return
-        self._set("eval", ev, "the candidate's eval run")
-        tags = ev.data.tags
-        base_id = tags.get(Tag.BASE_RUN)
-        self._link("base", base_id, f"eval tag {Tag.BASE_RUN}", f"the eval run has no {Tag.BASE_RUN} tag")
-        ckpt = tags.get(Tag.CHECKPOINT, "")
-        sb_id = run_in_uri(ckpt, strict=True)
-        self._link("stage_b", sb_id, f"eval tag {Tag.CHECKPOINT}={ckpt}",
-                   f"the eval run's {Tag.CHECKPOINT} ({ckpt or 'absent'}) is not a runs:/<stage_b>/... URI")
-        if "stage_b" not in self._runs:
-            self._why.setdefault("stage_a", f"no Stage B run to follow {Tag.INIT_FROM} from")
-            return
-        run, seen = self._runs["stage_b"], set()
-        for _ in range(MAX_HOPS):  # follow init_from through extend/fix stages until a stage_a run
-            seen.add(run.info.run_id)
-            init = run.data.tags.get(Tag.INIT_FROM, "") or run.data.tags.get(Tag.RESUME_FROM, "")
-            nxt_id = run_in_uri(init, strict=True)
-            how = f"{run.data.tags.get(Tag.PHASE)} {_short(run.info.run_id)} tag {Tag.INIT_FROM}={init}"
-            if nxt_id is None and init:  # a local path: the parent smoke run's children name the Stage A run
-                nxt_id, how = self._sibling(run, "stage_a"), f"the stage_a run in the parent run's {Tag.CHILDREN}"
-            if nxt_id is None or nxt_id in seen:
-                self._why["stage_a"] = (f"Stage B run {_short(self._runs['stage_b'].info.run_id)} does not lead to a "
-                                        f"Stage A run ({Tag.INIT_FROM}={init or 'absent'})")
-                return
-            nxt = self._get(nxt_id)
-            if nxt is None:
-                self._why["stage_a"] = f"run {nxt_id} ({how}) does not exist"
-                return
-            if nxt.data.tags.get(Tag.PHASE) == "stage_a":
-                self._set("stage_a", nxt, how)
-                return
-            run = nxt
-        self._why["stage_a"] = f"no Stage A run within {MAX_HOPS} {Tag.INIT_FROM} hops of Stage B"
-
-    def _sibling(self, run, phase: str) -> str | None:
-        parent_id = run.data.tags.get(MlflowTag.PARENT_RUN)
-        parent = self._get(parent_id) if parent_id else None
-        if parent is None:
-            return None
-        found = []
-        for cid in filter(None, parent.data.tags.get(Tag.CHILDREN, "").split(",")):
-            child = self._get(cid.strip())
-            if child is not None and child.data.tags.get(Tag.PHASE) == phase:
-                found.append(child.info.run_id)
-        return found[0] if len(found) == 1 else None
-
-    def _link(self, phase: str, run_id: str | None, how: str, why_absent: str) -> None:
-        if not run_id:
-            self._why[phase] = why_absent
-            return
-        run = self._get(run_id)
-        if run is None:
-            self._why[phase] = f"{phase} run {run_id} ({how}) does not exist"
-            return
-        self._set(phase, run, how)
-
-    def _set(self, phase: str, run, how: str) -> None:
-        self._runs[phase] = run
-        self._how[phase] = how
-
-    def run(self, phase: str):
-        if phase not in self._runs:
-            raise Missing(f"{phase} run: {self._why.get(phase, 'not found')}")
-        return self._runs[phase]
-
-    def lineage(self) -> dict[str, str]:
-        return {p: r.info.run_id for p, r in self._runs.items()}
-
-    # ---- metric histories and artifacts ------------------------------------------------------------------------
-    def history(self, phase: str, key: str) -> list:
-        run = self.run(phase)
-        ck = (run.info.run_id, key)
-        if ck not in self._hist:
-            self._hist[ck] = sorted(self.client.get_metric_history(run.info.run_id, key),
-                                    key=lambda m: (m.step, m.timestamp))
-        if not self._hist[ck]:
-            raise Missing(f"{phase} run {_short(run.info.run_id)}: no metric history {key}")
-        return self._hist[ck]
-
-    def artifact(self, name: str) -> Path:
-        if name not in self._artifacts:
-            run = self.run("eval")
-            try:
-                local = local_artifacts(str(RunUri(run.info.run_id, name)))  # no copy left in $TMPDIR
-            except (MlflowException, OSError):
-                raise Missing(f"eval run {_short(run.info.run_id)}: no artifact {name}") from None
-            self._artifacts[name] = Path(local)
-        return self._artifacts[name]
-
-    def metrics_json(self) -> dict:
-        path = self.artifact(Artifact.EVAL_METRICS)
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise Missing(f"eval run {_short(self.eval_run_id)}: {Artifact.EVAL_METRICS} is unreadable "
-                          f"({err})") from None
-
-    def eval_path_metrics(self, path: str) -> dict:
-        m = self.metrics_json().get("paths", {}).get(path)
-        if not isinstance(m, dict):
-            raise Missing(f"eval run {_short(self.eval_run_id)}: {Artifact.EVAL_METRICS} has no path {path!r}")
-        return m
-
-    def detailed_rows(self, path: str) -> list[dict]:
-        if self._rows is None:
-            file = self.artifact(Artifact.EVAL_DETAILED)
-            self._rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-        rows = [r for r in self._rows if r.get(EvalRow.PATH) == path]
-        if not rows:
-            raise Missing(f"eval run {_short(self.eval_run_id)}: {Artifact.EVAL_DETAILED} has no {path!r} rows")
-        return rows
-
-    def src(self, phase: str) -> str:
-        return f"{phase} run {_short(self.run(phase).info.run_id)}"
 
 
 # ---- checks: one per criterion kind ----------------------------------------------------------------------------
@@ -319,7 +160,7 @@ def check_eval_example_max(ev: CandidateEvidence, c: Criterion, cl: Checklist) -
 def check_eval_metric(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     m = ev.eval_path_metrics(c.params["path"])
     if c.params["key"] not in m:
-        raise Missing(f"eval run {_short(ev.eval_run_id)}: {Artifact.EVAL_METRICS} paths.{c.params['path']} "
+        raise Missing(f"eval run {short_id(ev.eval_run_id)}: {Artifact.EVAL_METRICS} paths.{c.params['path']} "
                       f"has no {c.params['key']}")
     return Observation(float(m[c.params["key"]]),
                        f"{Artifact.EVAL_METRICS} paths.{c.params['path']}.{c.params['key']} ({ev.src('eval')})",
@@ -376,17 +217,17 @@ def check_lineage(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observa
             problems.append(f"{phase} run not found")
     for phase, run in found.items():
         if run.info.status != "FINISHED":
-            problems.append(f"{phase} run {_short(run.info.run_id)} is {run.info.status}")
+            problems.append(f"{phase} run {short_id(run.info.run_id)} is {run.info.status}")
         tag_phase = run.data.tags.get(Tag.PHASE)
         allowed = (phase, "extend", "fix") if phase == "stage_b" else (phase,)  # extend/fix continue Stage B
         if tag_phase not in allowed:
-            problems.append(f"{phase} run {_short(run.info.run_id)} is tagged {Tag.PHASE}={tag_phase}")
+            problems.append(f"{phase} run {short_id(run.info.run_id)} is tagged {Tag.PHASE}={tag_phase}")
         if c.params.get("require_clean_tree") and run.data.tags.get(Tag.GIT_DIRTY) != "false":
-            problems.append(f"{phase} run {_short(run.info.run_id)} ran from a dirty working tree")
+            problems.append(f"{phase} run {short_id(run.info.run_id)} ran from a dirty working tree")
         resumed = run.data.tags.get(Tag.RESUMED_COMMITS, "")
         if len({x.strip() for x in resumed.split("->") if x.strip()}) > 1:  # one run, more than one version of code
             chain = " -> ".join(x.strip()[:10] for x in resumed.split("->"))
-            problems.append(f"{phase} run {_short(run.info.run_id)} resumed across commits {chain}")
+            problems.append(f"{phase} run {short_id(run.info.run_id)} resumed across commits {chain}")
     commits = {p: r.data.tags.get(Tag.GIT_COMMIT, "unknown") for p, r in found.items()}
     if any(v in ("", "unknown") for v in commits.values()):
         unknown = ", ".join(p for p, v in commits.items() if v in ("", "unknown"))
@@ -396,9 +237,9 @@ def check_lineage(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observa
     if "stage_b" in found and "base" in found:
         sb_base = found["stage_b"].data.tags.get(Tag.BASE_RUN)
         if sb_base and sb_base != found["base"].info.run_id:
-            problems.append(f"Stage B was trained on base run {_short(sb_base)}, the eval used "
-                            f"{_short(found['base'].info.run_id)}")
-    ids = ", ".join(f"{p}={_short(r.info.run_id)}" for p, r in found.items())
+            problems.append(f"Stage B was trained on base run {short_id(sb_base)}, the eval used "
+                            f"{short_id(found['base'].info.run_id)}")
+    ids = ", ".join(f"{p}={short_id(r.info.run_id)}" for p, r in found.items())
     commit = next(iter(set(commits.values()))) if len(set(commits.values())) == 1 else "mixed"
     return Observation(len(problems), f"run tags + statuses ({ids})",
                        "; ".join(problems) or f"all FINISHED at commit {commit[:10]}", missing=missing)
@@ -409,11 +250,11 @@ def check_dataset_digest(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> 
     tag = Tag.dataset_digest(c.params["dataset"])
     digest = run.data.tags.get(tag)
     if not digest:
-        raise Missing(f"eval run {_short(run.info.run_id)}: no tag {tag}")
+        raise Missing(f"eval run {short_id(run.info.run_id)}: no tag {tag}")
     try:
         data_hash = config_hash(from_flat(full_params(run)), ("data",))
     except ConfigError as err:
-        raise Missing(f"eval run {_short(run.info.run_id)}: its params do not rebuild a config ({err})") from None
+        raise Missing(f"eval run {short_id(run.info.run_id)}: its params do not rebuild a config ({err})") from None
     pinned = cl.pinned_digest(data_hash)
     source = f"{ev.src('eval')} tag {tag}, recomputed from {Artifact.EVAL_DETAILED}; pin for data config {data_hash} " \
              f"in {cl.path.name}"
@@ -437,7 +278,7 @@ def _scored_digest(ev: CandidateEvidence) -> str:
     rows = ev.detailed_rows(EvalPath.LATENT)
     hashes = [r.get(EvalRow.EXAMPLE_SHA256) for r in rows]
     if not all(isinstance(h, str) and h for h in hashes):
-        raise Missing(f"eval run {_short(ev.eval_run_id)}: {Artifact.EVAL_DETAILED} rows carry no "
+        raise Missing(f"eval run {short_id(ev.eval_run_id)}: {Artifact.EVAL_DETAILED} rows carry no "
                       f"{EvalRow.EXAMPLE_SHA256} (scored by an older latentgate): re-run the eval")
     return digest_of_hashes(hashes)
 

@@ -30,8 +30,9 @@ from mlflow.exceptions import MlflowException
 
 from latentgate.errors import ConfigError, GateRefused, StoreError
 from latentgate.registry.binding import bound_eval_run, pin_problems
+from latentgate.registry.candidate import CandidateEvidence, Missing
 from latentgate.registry.checklist import Checklist, load_checklist
-from latentgate.registry.evidence import CHECKS, CandidateEvidence, Missing, Observation
+from latentgate.registry.evidence import CHECKS, Observation
 from latentgate.registry.model import register_candidate
 from latentgate.schema import Artifact, Tag, VersionTag
 from latentgate.tracking.lineage import RUN_ID, ModelUri, RunUri, client, parse_uri
