@@ -107,6 +107,9 @@ class CalibrateTag:
     ROLE = "latentgate.calibrate.role"  # each chain's parent run: gate | hero
     CONFIG_HASH = "latentgate.calibrate.config_hash"  # each chain: its resolved config
     REUSE_KEY = "latentgate.calibrate.reuse_key"  # each chain: what reuses it (calibrate/reuse.py ReuseKey.digest)
+    # each chain: the same key without the git commit (`calibrate --allow-other-commit` looks for it)
+    REUSE_KEY_ANY_COMMIT = "latentgate.calibrate.reuse_key_any_commit"
+    COMMIT = "latentgate.calibrate.commit"  # each chain: the git commit it was trained at
     CONFIGURATION = "latentgate.calibrate.configuration"  # each chain and configuration run: its name
     SET = "latentgate.calibrate.set"  # the calibration's parent run: the set's name
     SUMMARY = "latentgate.calibrate.summary"  # the parent run: what `promote` and `analyze` print (JSON)

@@ -11,10 +11,13 @@ from latentgate.cli_common import config_options, guarded
 @click.argument("set_file", default="cpu", required=False)
 @click.option("--checklist", default=None, help="readiness checklist file (default: registry/hero.yaml); its "
               "calibration.hero_f1_target defines a successful hero")
+@click.option("--allow-other-commit", is_flag=True, help="also reuse chains trained at another git commit (same "
+              "config, data and base LM): for a change you know leaves training and eval alone, e.g. a new rule "
+              "file; the commits are recorded")
 @click.option("--check", is_flag=True, help="only validate the set file and print the resolved configurations")
 @config_options
 @guarded
-def calibrate(set_file, checklist, check, preset, sets, overrides):
+def calibrate(set_file, checklist, allow_other_commit, check, preset, sets, overrides):
     """Run the configurations of SET_FILE (a name in calibrations/, default cpu, or a YAML path): for each, the
     smoke-scale chain and the checklist's verdict (no alias moves), and a hero-scale chain (the hero `latentgate
     hero` would run: steps, warm-up, probe and checkpoint cadence x hero_scale) whose outcome is hero latent F1 >=
@@ -36,7 +39,7 @@ def calibrate(set_file, checklist, check, preset, sets, overrides):
     from latentgate.registry.checklist import load_checklist
 
     load_checklist(checklist).hero_f1_target()  # a checklist without the target fails before anything trains
-    click.echo(format_summary(run_calibration(cs, checklist, echo=click.echo)))
+    click.echo(format_summary(run_calibration(cs, checklist, echo=click.echo, allow_other_commit=allow_other_commit)))
 
 
 COMMANDS = [calibrate]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from latentgate.config import Config, config_hash
@@ -37,6 +37,11 @@ class ReuseKey:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def any_commit(self) -> str:
+        """The digest of this key with the commit left out: what `calibrate --allow-other-commit` matches, for a
+        change of code that the user vouches does not touch training or eval (a docs or judging change)."""
+        return replace(self, git_commit="").digest()
 
     def to_dict(self) -> dict:
         return {**asdict(self), "digest": self.digest()}

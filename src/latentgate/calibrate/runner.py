@@ -50,15 +50,18 @@ def _experiment_id(cfg: Config) -> str | None:
     return exp.experiment_id if exp else None
 
 
-def find_chain(key: ReuseKey, cfg: Config) -> str | None:
+def find_chain(key: ReuseKey, cfg: Config, allow_other_commit: bool = False) -> str | None:
     """The newest reusable chain run with this reuse key: FINISHED, or FAILED on a deterministic fault.
-    Interrupted (KILLED) and other failed chains are run again."""
+    Interrupted (KILLED) and other failed chains are run again. `allow_other_commit`: a chain trained at another git
+    commit with everything else the same also counts (the caller records which commit it came from)."""
     exp = _experiment_id(cfg)
     if exp is None:
         return None
+    tag, digest = ((CalibrateTag.REUSE_KEY_ANY_COMMIT, key.any_commit()) if allow_other_commit
+                   else (CalibrateTag.REUSE_KEY, key.digest()))
     runs = client().search_runs([exp], order_by=["attributes.start_time DESC"], max_results=20,
                                  filter_string=f"tags.`{CalibrateTag.ROLE}` = '{key.entry_point}' and "
-                                               f"tags.`{CalibrateTag.REUSE_KEY}` = '{key.digest()}'")
+                                               f"tags.`{tag}` = '{digest}'")
     reusable = {e.__name__ for e in DETERMINISTIC_FAILURES}
     for run in runs:
         status, error_type = run.info.status, run.data.tags.get(Tag.ERROR_TYPE)
@@ -86,6 +89,7 @@ def chain_record(run_id: str, reused: bool, key: ReuseKey) -> dict:
     f1 = ev.data.metrics.get(EvalKey.metric(EvalPath.LATENT, EvalKey.F1)) if finished else None
     total = _seconds(run)
     return {"run_id": run_id, "status": run.info.status, "reused": reused, "reuse_key": key.to_dict(),
+            "commit": run.data.tags.get(CalibrateTag.COMMIT, key.git_commit),
             "error": run.data.tags.get(Tag.ERROR, ""),
             "children": {p: k.info.run_id for p, k in children.items()}, Summary.LATENT_F1: f1, "steps": steps,
             "wall_seconds": total - (_seconds(children["base"]) if "base" in children else 0.0),
@@ -96,16 +100,19 @@ def _seconds(run) -> float:
     return ((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000
 
 
-def run_chain(role: str, conf: Configuration, cfg: Config, echo) -> dict:
-    """Reuse the chain for (role, cfg) with the same reuse key, or run it now."""
+def run_chain(role: str, conf: Configuration, cfg: Config, echo, allow_other_commit: bool = False) -> dict:
+    """Reuse the chain for (role, cfg) with the same reuse key (any commit when `allow_other_commit`), or run it."""
     key = reuse_key(role, cfg)
-    found = find_chain(key, cfg)
+    found = find_chain(key, cfg) or (find_chain(key, cfg, allow_other_commit=True) if allow_other_commit else None)
     if found:
-        echo(f"  {role}: reusing run {found} (reuse key {key.digest()})")
-        return chain_record(found, reused=True, key=key)
+        rec = chain_record(found, reused=True, key=key)
+        other = f", trained at commit {rec['commit'][:12]}" if rec["commit"] != key.git_commit else ""
+        echo(f"  {role}: reusing run {found} (reuse key {key.digest()}{other})")
+        return rec
     echo(f"  {role}: running {CHAIN_NAME[role]} (stage_a {cfg.stage_a.steps} + stage_b {cfg.stage_b.steps} "
          "optimizer steps)")
     tags = {CalibrateTag.ROLE: role, CalibrateTag.CONFIG_HASH: config_hash(cfg), CalibrateTag.REUSE_KEY: key.digest(),
+            CalibrateTag.REUSE_KEY_ANY_COMMIT: key.any_commit(), CalibrateTag.COMMIT: key.git_commit,
             CalibrateTag.CONFIGURATION: conf.name}
     try:
         run_id = run_smoke(cfg, conf.preset, name=CHAIN_NAME[role], tags=tags)["run_id"]
@@ -156,10 +163,10 @@ def judge(gate: dict, checklist: Checklist) -> tuple[bool, list[dict] | None, li
     return bool(report.passed), rows, report.failing() + list(report.missing)
 
 
-def run_configuration(conf: Configuration, checklist, target: float, echo) -> dict:
-    gate = run_chain("gate", conf, conf.gate, echo)
+def run_configuration(conf: Configuration, checklist, target: float, echo, allow_other_commit: bool = False) -> dict:
+    gate = run_chain("gate", conf, conf.gate, echo, allow_other_commit)
     verdict, rows, failing = judge(gate, checklist)
-    hero = run_chain("hero", conf, conf.hero, echo)
+    hero = run_chain("hero", conf, conf.hero, echo, allow_other_commit)
     hero_f1 = hero[Summary.LATENT_F1]
     hero_finished = hero["status"] == "FINISHED"
     outcome = outcome_at({Calibration.HERO_F1: hero_f1, "hero_finished": hero_finished}, target)
@@ -215,7 +222,7 @@ def promotion_summary(cs: CalibrationSet, run_id: str, summary: dict, records: l
                               hero_scale=float(cs.hero_scale), families=families)
 
 
-def run_calibration(cs: CalibrationSet, checklist_path=None, echo=print) -> dict:
+def run_calibration(cs: CalibrationSet, checklist_path=None, echo=print, allow_other_commit: bool = False) -> dict:
     cl = load_checklist(checklist_path)
     target = cl.hero_f1_target()
     setup_experiment(cs.configurations[0].gate.run.experiment)
@@ -223,7 +230,7 @@ def run_calibration(cs: CalibrationSet, checklist_path=None, echo=print) -> dict
     records = []
     for i, conf in enumerate(cs.configurations, 1):
         echo(f"[{i}/{len(cs.configurations)}] {conf.name} ({conf.expect}, {conf.split})")
-        records.append(run_configuration(conf, cl, target, echo))
+        records.append(run_configuration(conf, cl, target, echo, allow_other_commit))
     summary = summarize(records, target)
     for rec, held in zip(records, summary["heldout"][0]["verdicts"], strict=True):
         rec["heldout_verdict"] = held  # the leave-one-out verdict at the checklist's target
@@ -234,7 +241,10 @@ def run_calibration(cs: CalibrationSet, checklist_path=None, echo=print) -> dict
             rec["child_run"] = _child(rec, conf.gate)
         parent.log_params({"calibrate.set": cs.name, "calibrate.set_sha256": cs.sha256,
                            "calibrate.hero_scale": cs.hero_scale, "calibrate.hero_f1_target": target,
-                           "calibrate.checklist": str(cl.path), "calibrate.checklist_sha256": cl.sha256})
+                           "calibrate.checklist": str(cl.path), "calibrate.checklist_sha256": cl.sha256,
+                           "calibrate.allow_other_commit": allow_other_commit,
+                           "calibrate.chain_commits": ",".join(sorted({r[k]["commit"][:12] for r in records
+                                                                       for k in ("gate", "hero")}))})
         c, fit, cost = summary["confusion"], summary["fit"] or {}, summary["cost"]
         metrics = {**{f"confusion_{k}": v for k, v in c.items()}, "n": summary["n"],
                    "agreement": summary["agreement"], "precision_promote": summary["precision_promote"],
