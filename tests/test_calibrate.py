@@ -164,6 +164,55 @@ def test_leave_one_out_heldout_verdicts_at_several_targets():
     assert summary["confusion"] == {"tp": 2, "fp": 2, "fn": 0, "tn": 0}  # in sample, at the checklist's 0.01
 
 
+def _shaped(quality: float, collapse: float, hero_f1: float) -> dict:
+    """A record with a deciding F1 row and a collapse row that is shown only (decides false)."""
+    rows = [_row("generation_quality", quality, ">=", 0.01),
+            {**_row("no_mode_collapse", collapse, "<", 0.1), "decides": False}]
+    return {"split": "fit", "rows": rows, "hero_finished": True, "smoke_f1": quality, "hero_f1": hero_f1}
+
+
+def test_rows_that_do_not_decide_are_neither_judged_nor_tuned():
+    # good recipes whose collapse share is high at the gate (0.3): shown only, they must not refuse them
+    records = [_shaped(0.02, 0.0, 0.02), _shaped(0.05, 0.3, 0.04), _shaped(0.3, 0.3, 0.5), _shaped(0.5, 0.3, 0.9)]
+    assert stats.verdict_with(records[3]["rows"], {})  # the failing collapse row is shown, not deciding
+    assert not stats.verdict_with([{**r, "decides": True} for r in records[3]["rows"]], {})
+    assert stats.tunable(records) == ["generation_quality"]
+    h = stats.heldout_report(records, 0.1)
+    assert h["verdicts"] == [False, False, True, True] and h["agreement"] == 1.0
+
+
+def test_gate_shapes_side_by_side_on_the_same_records():
+    records = [_shaped(0.02, 0.0, 0.02), _shaped(0.05, 0.3, 0.04), _shaped(0.3, 0.3, 0.5), _shaped(0.5, 0.3, 0.9)]
+    shapes = {x["shape"]: x for x in stats.compare_shapes(records, [0.1, 0.6])}
+    # as written: the file's 0.01 promotes all four; two heroes fail at 0.1
+    written = shapes["the checklist as written"]["reports"][0]
+    assert written["verdicts"] == [True] * 4 and written["confusion"] == {"tp": 2, "fp": 2, "fn": 0, "tn": 0}
+    # the collapse criterion alone, refitted: it cannot split 0.3 from 0.3, so one failure is always promoted
+    alone = shapes["no_mode_collapse alone"]["reports"][0]
+    assert alone["agreement"] < 1.0 and shapes["no_mode_collapse alone"]["deciding"] == ["no_mode_collapse"]
+    # generation_quality alone (also the deciding set): held out, all four right at 0.1; at 0.6 only the last
+    # succeeds and, left out, it is judged by a threshold fitted on three records with no success: refused
+    f1 = shapes["generation_quality alone"]["reports"]
+    assert f1[0]["agreement"] == 1.0 and f1[1]["outcomes"] == [False, False, False, True]
+    assert shapes["the plan's six"]["deciding"] == ["generation_quality", "no_mode_collapse"]
+    assert [r["target"] for r in f1] == [0.1, 0.6]
+    from latentgate.calibrate.runner import format_shapes
+
+    text = "\n".join(format_shapes(list(shapes.values())))
+    assert "generation_quality alone" in text and "100% [51%,100%]" in text
+
+
+def test_learning_curve_extrapolated_straight_in_log_steps():
+    from latentgate.registry.evidence import extrapolate_log_step
+
+    # y = 0.1 + 0.05 ln(step): read at step 300 it is 0.1 + 0.05 ln 300
+    points = [(s, 0.1 + 0.05 * math.log(s)) for s in (10, 20, 30)]
+    value, slope = extrapolate_log_step(points, 300)
+    assert value == pytest.approx(0.1 + 0.05 * math.log(300)) and slope == pytest.approx(0.05)
+    flat, zero = extrapolate_log_step([(10, 0.2), (20, 0.2), (30, 0.2)], 300)
+    assert flat == pytest.approx(0.2) and zero == pytest.approx(0.0)
+
+
 # ---- what promote prints: the calibration of the candidate's family ------------------------------------------------
 
 FAMILY = Family("builtin:aaaa", "data1", (30, 30))
@@ -458,6 +507,16 @@ def test_micro_calibration_matrix_artifacts_and_reuse(mlflow_store, tmp_path, op
     assert c.get_run(find_chain(key, gate_conf.gate)).data.tags[CalibrateTag.REUSE_KEY] == key.digest()
     for change in ({"git_commit": "0" * 40}, {"eval_digest": "0" * 16}, {"base_weights": "builtin:0"}):
         assert find_chain(dataclasses.replace(key, **change), gate_conf.gate) is None
+    # ... unless the user vouches for another commit (--allow-other-commit): then only the commit may differ
+    other = dataclasses.replace(key, git_commit="0" * 40)
+    assert find_chain(other, gate_conf.gate, allow_other_commit=True) == find_chain(key, gate_conf.gate)
+    assert find_chain(dataclasses.replace(other, eval_digest="0" * 16), gate_conf.gate, allow_other_commit=True) is None
+
+    # the gate shapes, side by side on the same runs: the checklist as written is the recorded verdicts
+    shapes = {x["shape"]: x for x in result["shapes"]}
+    written = shapes["the checklist as written"]["reports"][0]
+    assert written["verdicts"] == [r["verdict"] for r in result["configurations"]]
+    assert "gate shapes on the same runs" in text and "gradient_health alone" in shapes
 
     # the repeated command trains nothing: every chain is reused (the failed ones too), the matrix is the same
     chains = {r.info.run_id for r in _runs(c, f"tags.`{CalibrateTag.ROLE}` != ''")}

@@ -158,7 +158,8 @@ def judge(gate: dict, checklist: Checklist) -> tuple[bool, list[dict] | None, li
     if gate["status"] != "FINISHED" or not eval_run:
         return False, None, [f"gate chain {gate['status']}: {gate['error'] or 'no eval run'}"]
     report = check_candidate(eval_run, checklist)
-    rows = [_clean({**{k: r[k] for k in ("name", "passed", "observed", "op", "threshold", "missing")},
+    kept = ("name", "passed", "observed", "op", "threshold", "missing", "decides")
+    rows = [_clean({**{k: r[k] for k in kept},
                     "failure": other_failures(r, checklist)}) for r in report.rows]
     return bool(report.passed), rows, report.failing() + list(report.missing)
 
@@ -322,8 +323,27 @@ def format_summary(r: dict) -> str:
     lines.append(f"held-out verdicts (leave-one-out: thresholds refitted on the other {r['n'] - 1} configurations, "
                  "the left-out one judged with them):")
     lines += [format_heldout(h) for h in r["heldout"]]
+    if r.get("shapes"):
+        lines += format_shapes(r["shapes"])
     lines.append(f"run id {r['run_id']} (calibration.json, calibration.png)")
     return "\n".join(lines)
+
+
+def format_shapes(shapes: list[dict]) -> list[str]:
+    """Gate shapes side by side: held-out agreement (and the failed heroes refused) at each hero target."""
+    targets = [rep["target"] for rep in shapes[0]["reports"]]
+    width = max(len(x["shape"]) for x in shapes)
+    head = f"{'gate shape (held out, but as written)':{width}s}" + "".join(
+        f"  {'F1 >= ' + format(t, 'g'):>26s}" for t in targets)
+    lines = ["gate shapes on the same runs: agreement [Wilson 95%], failed heroes refused", head]
+    for x in shapes:
+        cells = []
+        for rep in x["reports"]:
+            lo, hi = rep["agreement_wilson"]
+            refused = "n/a" if rep["failures_refused"] is None else f"{rep['failures_refused']:.0%}"
+            cells.append(f"{_pct(rep['agreement']):>4s} [{lo:.0%},{hi:.0%}] ref {refused:>4s}")
+        lines.append(f"{x['shape']:{width}s}" + "".join(f"  {c:>26s}" for c in cells))
+    return lines
 
 
 def _word(verdict: bool | None) -> str:

@@ -13,7 +13,16 @@ import math
 from collections.abc import Iterable
 
 from latentgate.eval.scoring import wilson_interval
-from latentgate.registry.checklist import OPS, Checklist
+from latentgate.registry.checklist import (
+    BREAKTHROUGH,
+    COLLAPSE,
+    GRADIENTS,
+    LEARNING,
+    OPS,
+    QUALITY,
+    STABILITY,
+    Checklist,
+)
 from latentgate.schema import Calibration
 
 # Two-sided 95% Student t quantiles (t_{0.975, df}); beyond df 30, linear in 1/df towards the normal's 1.960.
@@ -126,11 +135,17 @@ def row_passes(row: dict, threshold) -> bool:
     return not failed_otherwise and bool(OPS[op](obs, threshold))
 
 
+def deciding(rows: list[dict]) -> list[dict]:
+    """The rows the verdict reads (`decides`; rows recorded before criteria could be shown only all decide)."""
+    return [r for r in rows if r.get("decides", True)]
+
+
 def verdict_with(rows: list[dict] | None, thresholds: dict[str, float]) -> bool:
-    """The checklist's verdict with some thresholds replaced; rows None (the gate's chain failed) refuses."""
+    """The checklist's verdict with some thresholds replaced; rows None (the gate's chain failed) refuses. Only
+    deciding rows count, as in registry/gate.check_candidate."""
     if not rows:
         return False
-    return all(row_passes(r, thresholds.get(r["name"], r["threshold"])) for r in rows)
+    return all(row_passes(r, thresholds.get(r["name"], r["threshold"])) for r in deciding(rows))
 
 
 def _agreement(records: list[dict], thresholds: dict[str, float]) -> float | None:
@@ -139,10 +154,10 @@ def _agreement(records: list[dict], thresholds: dict[str, float]) -> float | Non
 
 
 def tunable(records: list[dict]) -> list[str]:
-    """Criteria with an inequality and a numeric threshold (pins such as lineage == 0 are not tuned)."""
+    """Deciding criteria with an inequality and a numeric threshold (pins such as lineage == 0 are not tuned)."""
     names: list[str] = []
     for rec in records:
-        for r in rec["rows"] or []:
+        for r in deciding(rec["rows"] or []):
             if r["op"] != "==" and _number(r.get("threshold")) and r["name"] not in names:
                 names.append(r["name"])
     return names
@@ -214,14 +229,54 @@ def heldout_report(records: list[dict], target: float) -> dict:
     """Leave-one-out verdicts against the outcomes at `target`: the confusion matrix, agreement with its Wilson 95%
     interval, the precision of promote and the share of failed heroes the gate refused (each with its counts)."""
     judged = [{**r, "outcome": outcome_at(r, target)} for r in records]
-    verdicts = leave_one_out(judged)
-    c = confusion(zip(verdicts, (r["outcome"] for r in judged)))
+    return _report(target, leave_one_out(judged), [j["outcome"] for j in judged])
+
+
+# ---- gate shapes measured against each other --------------------------------------------------------------------
+
+PLAN_SIX = (LEARNING, STABILITY, BREAKTHROUGH, QUALITY, GRADIENTS, COLLAPSE)  # the seed plan's acceptance criteria
+
+
+def deciding_only(records: list[dict], names) -> list[dict]:
+    """The records with only `names` deciding (every other row shown only): another gate shape, same evidence."""
+    keep = set(names)
+    return [{**r, "rows": None if r["rows"] is None else [{**row, "decides": row["name"] in keep}
+                                                         for row in r["rows"]]} for r in records]
+
+
+def as_written_report(records: list[dict], target: float) -> dict:
+    """The checklist's verdicts as recorded (its deciding criteria at its own thresholds, nothing refitted) against
+    the outcomes at `target`. In-sample when the thresholds were fitted on these runs: the held-out figures are the
+    leave-one-out ones."""
+    judged = [{**r, "outcome": outcome_at(r, target)} for r in records]
+    return _report(target, [verdict_with(r["rows"], {}) for r in judged], [r["outcome"] for r in judged])
+
+
+def _report(target: float, verdicts: list[bool], outcomes: list[bool]) -> dict:
+    c = confusion(zip(verdicts, outcomes))
     r = rates(c)
-    agree = c["tp"] + c["tn"]
-    return {"target": target, "confusion": c, "verdicts": verdicts, "outcomes": [j["outcome"] for j in judged],
-            "n": r["n"], "agreement": r["agreement"], "agreement_wilson": list(wilson_interval(agree, r["n"])),
+    return {"target": target, "confusion": c, "verdicts": verdicts, "outcomes": outcomes, "n": r["n"],
+            "agreement": r["agreement"], "agreement_wilson": list(wilson_interval(c["tp"] + c["tn"], r["n"])),
             "precision_promote": r["precision_promote"], "n_promote": r["n_promote"],
             "failures_refused": _ratio(c["tn"], c["tn"] + c["fp"]), "n_failures": c["tn"] + c["fp"]}
+
+
+def compare_shapes(records: list[dict], targets: list[float]) -> list[dict]:
+    """Figures of several gate shapes on the same records, at each target: the checklist as written (its verdicts as
+    recorded, nothing refitted), then held out (leave-one-out refits of the deciding thresholds) the checklist's
+    deciding set, the plan's six, and each tunable criterion alone. What `decides` in hero.yaml is chosen by."""
+    names = list(dict.fromkeys(row["name"] for r in records for row in r["rows"] or []))
+    chosen = list(dict.fromkeys(row["name"] for r in records for row in deciding(r["rows"] or [])))
+    shapes = [("the checklist as written", None), (f"deciding: {', '.join(chosen)}", chosen),
+              ("the plan's six", [n for n in PLAN_SIX if n in names])]
+    alone = [n for n in names if n in tunable(deciding_only(records, [n]))]
+    shapes += [(f"{n} alone", [n]) for n in alone]
+    out = []
+    for label, deciders in shapes:
+        shaped = None if deciders is None else deciding_only(records, deciders)
+        per = [as_written_report(records, t) if shaped is None else heldout_report(shaped, t) for t in targets]
+        out.append({"shape": label, "deciding": deciders, "reports": per})
+    return out
 
 
 def summarize(records: list[dict], target: float) -> dict:
@@ -239,4 +294,5 @@ def summarize(records: list[dict], target: float) -> dict:
         cost[unit] = {"gate": gate, "hero": hero, "ratio": gate / hero if hero else None}
     return {Calibration.HERO_F1_TARGET: target, "confusion": c, **rates(c), "cost": cost, "fit": line,
             "fit_points": len(scatter), "proposal": propose_thresholds(records),
-            "heldout": [heldout_report(records, t) for t in hero_targets(target)]}
+            "heldout": [heldout_report(records, t) for t in hero_targets(target)],
+            "shapes": compare_shapes(records, hero_targets(target))}

@@ -13,7 +13,16 @@ from latentgate.errors import GateRefused
 from latentgate.registry.binding import bound_eval_run, checkpoint_drift
 from latentgate.registry.candidate import CandidateEvidence, Missing
 from latentgate.registry.checklist import Checklist
-from latentgate.registry.gate import TAG_MAX, Report, alias_holder, as_checklist, check_candidate, commit_stamp, utc_now
+from latentgate.registry.gate import (
+    TAG_MAX,
+    Report,
+    alias_holder,
+    as_checklist,
+    check_candidate,
+    commit_stamp,
+    tag_refuses,
+    utc_now,
+)
 from latentgate.registry.hero_recipe import RECIPE, HeroPlan, hero_plan
 from latentgate.schema import Tag, VersionTag
 from latentgate.tracking.lineage import ModelUri, client
@@ -51,7 +60,7 @@ def audit_problems(mv, cl: Checklist) -> list[str]:
     if not checks:
         problems.append(f"version {mv.version} has no {VersionTag.CHECK_PREFIX}* tags")
     problems += [f"version {mv.version}: {k} = {v[:120]}" for k, v in sorted(checks.items())
-                 if not v.startswith("pass")]
+                 if tag_refuses(v)]
     return problems
 
 

@@ -44,6 +44,7 @@ KINDS: dict[str, tuple[set, set, bool]] = {
     "eval_collapse": ({"path", "max_top_prediction_share"}, {"top_k", "max_top_k_share", "max_empty_share"}, True),
     "eval_count": ({"path"}, set(), True),
     "latent_margin": ({"path", "key", "controls"}, set(), True),
+    "metric_extrapolated": ({"run", "metric"}, {"floor", "ceiling"}, True),
     "lineage": ({"runs"}, {"require_clean_tree"}, True),
     "dataset_digest": ({"dataset"}, set(), False),
 }
@@ -70,6 +71,10 @@ class Criterion:
     threshold: float | None
     params: dict = field(default_factory=dict)
     description: str = ""
+    # Whether the verdict reads it. A criterion that does not decide is still judged and shown (the plan's own
+    # reading), and `calibrated_by` names the calibration that justified the choice.
+    decides: bool = True
+    calibrated_by: str = ""
 
     def compare(self, observed: Any, threshold: Any = None) -> bool:
         threshold = self.threshold if threshold is None else threshold
@@ -140,6 +145,10 @@ class Checklist:
     def names(self) -> list[str]:
         return [c.name for c in self.criteria]
 
+    def deciding(self) -> list[str]:
+        """The criteria the verdict reads (`decides`, default true); the others are judged and shown only."""
+        return [c.name for c in self.criteria if c.decides]
+
     def criterion(self, name: str) -> Criterion:
         for c in self.criteria:
             if c.name == name:
@@ -199,10 +208,10 @@ def _criterion(path: Path, i: int, raw: Any) -> Criterion:
     if not isinstance(raw, dict):
         raise _fail(path, f"criterion #{i + 1} is not a mapping",
                     "write each criterion as {name, kind, params, op, threshold}")
-    unknown = set(raw) - {"name", "kind", "params", "op", "threshold", "description"}
+    unknown = set(raw) - {"name", "kind", "params", "op", "threshold", "description", "decides", "calibrated_by"}
     if unknown:
         raise _fail(path, f"criterion #{i + 1} has unknown key(s) {sorted(unknown)}",
-                    "use name, description, kind, params, op, threshold")
+                    "use name, description, kind, params, op, threshold, decides, calibrated_by")
     name = raw.get("name")
     if not isinstance(name, str) or not name.replace("_", "").isalnum():
         raise _fail(path, f"criterion #{i + 1} has an invalid name {name!r}", "use letters, digits and '_'")
@@ -251,7 +260,23 @@ def _criterion(path: Path, i: int, raw: Any) -> Criterion:
                     "remove threshold:")
     elif op != "==":
         raise _fail(path, f"criterion {name} ({kind}) compares with '=='", "write op: \"==\"")
-    return Criterion(name, kind, op, threshold, dict(params), str(raw.get("description", "")))
+    decides, calibrated_by = raw.get("decides", True), raw.get("calibrated_by", "")
+    if not isinstance(decides, bool):
+        raise _fail(path, f"criterion {name}: decides={decides!r} is not true/false", "write decides: false")
+    if not isinstance(calibrated_by, str) or len(calibrated_by) > 1000:
+        raise _fail(path, f"criterion {name}: calibrated_by must be text of at most 1000 characters",
+                    "write calibrated_by: \"<calibration set, date, run and what it showed>\"")
+    if not decides and not calibrated_by.strip():
+        raise _fail(path, f"criterion {name} does not decide but names no calibration that justifies it",
+                    "add calibrated_by: \"<calibration set, date, run and what it showed>\"")
+    if kind == "metric_extrapolated":
+        for key in ("floor", "ceiling"):
+            v = params.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise _fail(path, f"criterion {name}: {key} must be a finite number, got {v!r}",
+                            f"write e.g. {key}: 0.0")
+    return Criterion(name, kind, op, threshold, dict(params), str(raw.get("description", "")), decides,
+                     calibrated_by.strip())
 
 
 def load_checklist(path: str | Path | None = None) -> Checklist:

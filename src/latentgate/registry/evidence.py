@@ -99,6 +99,39 @@ def check_metric_final_drop(ev: CandidateEvidence, c: Criterion, cl: Checklist) 
                        f"peak {peak:.4g}, final {final:.4g} at step {hist[-1].step}")
 
 
+def extrapolate_log_step(points: list[tuple[int, float]], to_step: float) -> tuple[float, float]:
+    """Least-squares y = a + b ln(step) through (step, value) points, read at `to_step`: (value there, slope b per
+    e-fold of steps). Learning curves are close to straight in log(step) over a decade; a straight line in steps
+    would promise a hero ten times the gate's gain."""
+    xs = [math.log(s) for s, _ in points]
+    ys = [v for _, v in points]
+    n = len(xs)
+    x_mean, y_mean = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - x_mean) ** 2 for x in xs)
+    slope = sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys)) / sxx
+    return y_mean + slope * (math.log(to_step) - x_mean), slope
+
+
+def check_metric_extrapolated(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
+    """A metric's learning curve extrapolated to the hero's budget: the run's steps x the checklist's hero.scale,
+    by `extrapolate_log_step` over every finite point after step 0, then kept within [floor, ceiling] (an accuracy
+    cannot pass 1, an NLL cannot fall below 0)."""
+    run, metric = c.params["run"], c.params["metric"]
+    hist = ev.history(run, metric)
+    points = [(m.step, m.value) for m in hist if m.step >= 1 and math.isfinite(m.value)]
+    if len({s for s, _ in points}) < 2:
+        raise Missing(f"{ev.src(run)}: {metric} has {len(points)} finite point(s) after step 0; a curve needs 2 steps")
+    steps = ev.run(run).data.params.get(f"{run}.steps", "")
+    last = int(steps) if steps.isdigit() else points[-1][0]
+    to_step = last * cl.hero_scale()
+    value, slope = extrapolate_log_step(points, to_step)
+    floor, ceiling = c.params.get("floor"), c.params.get("ceiling")
+    clipped = min(max(value, floor if floor is not None else value), ceiling if ceiling is not None else value)
+    return Observation(clipped, f"metric history {metric} ({ev.src(run)}, {len(points)} points)",
+                       f"{points[-1][1]:.4g} at step {points[-1][0]}, {slope:+.4g} per e-fold of steps -> {value:.4g} "
+                       f"at step {to_step:g} (the hero budget: x{cl.hero_scale():g})", step=points[-1][0])
+
+
 def check_metric_max(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     values, sources, missing = [], [], []
     for phase in c.params["runs"]:
@@ -295,6 +328,7 @@ CHECKS = {
     "eval_collapse": check_eval_collapse,
     "eval_count": check_eval_count,
     "latent_margin": check_latent_margin,
+    "metric_extrapolated": check_metric_extrapolated,
     "lineage": check_lineage,
     "dataset_digest": check_dataset_digest,
 }

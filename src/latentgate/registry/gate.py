@@ -59,7 +59,12 @@ class Report:
     commit: str = ""
 
     def failing(self) -> list[str]:
-        return [r["name"] for r in self.rows if not r["passed"]]
+        """The deciding criteria that failed: what refused the candidate."""
+        return [r["name"] for r in self.rows if not r["passed"] and r.get("decides", True)]
+
+    def failing_reported(self) -> list[str]:
+        """Criteria that failed but do not decide (the checklist's `decides: false`): shown, never refusing."""
+        return [r["name"] for r in self.rows if not r["passed"] and not r.get("decides", True)]
 
     def row(self, name: str) -> dict | None:
         """The row of one criterion (None when the checklist has no such criterion)."""
@@ -157,7 +162,8 @@ def _row(crit, obs) -> dict:
     return {"name": crit.name, "passed": passed, "observed": obs.observed, "op": crit.op, "threshold": threshold,
             "source": obs.source, "detail": obs.detail, "missing": list(obs.missing), "kind": crit.kind,
             "description": crit.description, "params": crit.params, "step": obs.step, "shown": dict(obs.shown),
-            "collapse": None if obs.collapse is None else asdict(obs.collapse)}
+            "collapse": None if obs.collapse is None else asdict(obs.collapse), "decides": crit.decides,
+            "calibrated_by": crit.calibrated_by}
 
 
 def check_candidate(version_or_eval_run: str, checklist=None, name: str | None = None, *,
@@ -179,8 +185,10 @@ def check_candidate(version_or_eval_run: str, checklist=None, name: str | None =
             except Missing as err:
                 obs = Observation(None, "", missing=[str(err)])
         rows.append(_row(crit, obs))
-    all_missing = list(dict.fromkeys(missing + [m for r in rows for m in r["missing"]]))
-    return Report(candidate=str(version_or_eval_run), passed=all(r["passed"] for r in rows) and not all_missing,
+    # Missing evidence of a criterion that does not decide is shown on its row, and refuses nothing.
+    all_missing = list(dict.fromkeys(missing + [m for r in rows if r["decides"] for m in r["missing"]]))
+    passed = all(r["passed"] for r in rows if r["decides"]) and not all_missing
+    return Report(candidate=str(version_or_eval_run), passed=passed,
                   rows=rows, missing=all_missing, version=version, eval_run=eval_run, model_name=name,
                   alias=cl.alias,
                   lineage=ev.lineage() if ev else {}, checklist=str(cl.path), checklist_sha256=cl.sha256,
@@ -228,8 +236,16 @@ def _fmt(v) -> str:
     return str(v)
 
 
+SHOWN_ONLY = " (shown, not deciding)"  # in a check tag: the criterion is judged but the verdict does not read it
+
+
+def tag_refuses(value: str) -> bool:
+    """Does a `hero.check.<name>` tag value record a failure that refuses (a deciding criterion that failed)?"""
+    return not value.startswith("pass") and not value.startswith("fail" + SHOWN_ONLY)
+
+
 def check_tag_value(row: dict) -> str:
-    state = "pass" if row["passed"] else "fail"
+    state = ("pass" if row["passed"] else "fail") + ("" if row.get("decides", True) else SHOWN_ONLY)
     if row["missing"]:
         return f"{state} missing: {'; '.join(row['missing'])}"[:TAG_MAX]
     why = f"; {row['detail']}" if not row["passed"] and row.get("detail") else ""
@@ -363,7 +379,8 @@ def format_table(report: Report, explain: bool = False) -> str:
     for r in report.rows:
         thr = f"{r['op']} {_fmt(r['threshold'])}" if r["threshold"] is not None else "—"
         why = f" — {r['detail']}" if not r["passed"] and r.get("detail") and not explain else ""
-        rows.append((r["name"], "PASS" if r["passed"] else "FAIL", _fmt(r["observed"])[:40], thr[:24],
+        result = ("PASS" if r["passed"] else "FAIL") + ("" if r.get("decides", True) else " (shown)")
+        rows.append((r["name"], result, _fmt(r["observed"])[:40], thr[:24],
                      (r["source"] or "; ".join(r["missing"])) + why))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [head] + ["  ".join(x.ljust(w) for x, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
@@ -377,6 +394,9 @@ def format_table(report: Report, explain: bool = False) -> str:
                          f"{r['op']} threshold")
             if r["detail"]:
                 lines.append(f"    found: {r['detail']}")
+            if r.get("calibrated_by"):
+                role = "decides" if r.get("decides", True) else "shown only, does not decide"
+                lines.append(f"    {role}: {r['calibrated_by']}")
     if report.missing:
         lines.append("missing evidence:")
         lines += [f"  - {m}" for m in report.missing]
@@ -387,6 +407,7 @@ def format_table(report: Report, explain: bool = False) -> str:
                                  f"moves no alias; `latentgate demote {report.version} --reason ...` takes it off)",
                "verified": "VERIFIED" if report.passed else "VERIFY FAILED"}.get(report.decision,
                                                                                  "PASS" if report.passed else "FAIL")
-    failing = report.failing()
-    lines.append(f"{verdict}" + (f" (failing: {', '.join(failing)})" if failing and not report.passed else ""))
+    failing, shown = report.failing(), report.failing_reported()
+    lines.append(f"{verdict}" + (f" (failing: {', '.join(failing)})" if failing and not report.passed else "")
+                 + (f"; failing but not deciding: {', '.join(shown)}" if shown else ""))
     return "\n".join(lines)
