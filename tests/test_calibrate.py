@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 
 import pytest
 
@@ -266,6 +267,11 @@ def test_predictions_are_clipped_and_never_extrapolated():
     refused = format_assessment(low)
     assert "a REFUSE like this was followed by a failed hero in 4 of 6 held-out cases" in refused
     assert "PASS" not in refused
+    # a calibration of another checklist says so: its figures describe that rule, not the one in force
+    mine = replace(_summary(fit=fit), checklist_sha256="a" * 64)
+    assert "another checklist" not in format_assessment(assess(mine, 0.35, True, "a" * 64))
+    assert "measured under another checklist (sha256 aaaaaaaaaaaa)" in format_assessment(assess(mine, 0.35, True,
+                                                                                                "b" * 64))
 
 
 # ---- set files ----------------------------------------------------------------------------------------------------
@@ -490,6 +496,10 @@ def test_micro_calibration_matrix_artifacts_and_reuse(mlflow_store, tmp_path, op
             assert r["hero"]["steps"]["stage_b"]["optimizer"] == 5 * r["gate"]["steps"]["stage_b"]["optimizer"] > 0
     cost = result["cost"]
     assert 0 < cost["flops"]["ratio"] < 0.3 and cost["wall_seconds"]["ratio"] > 0  # hero: 5x the gate's steps
+    # where the time went, per phase: the chains' own runs, summed (the hero's Stage B ran 5x the gate's steps)
+    by_phase = cost["phase_seconds"]
+    assert {"base", "stage_a", "stage_b", "eval", "between"} <= set(by_phase["gate"])
+    assert by_phase["hero"]["stage_b"] > by_phase["gate"]["stage_b"] > 0
 
     # artifacts: the JSON of it all and the scatter
     arts = {a.path for a in c.list_artifacts(parent.info.run_id)}

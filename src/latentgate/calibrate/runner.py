@@ -93,7 +93,10 @@ def chain_record(run_id: str, reused: bool, key: ReuseKey) -> dict:
             "error": run.data.tags.get(Tag.ERROR, ""),
             "children": {p: k.info.run_id for p, k in children.items()}, Summary.LATENT_F1: f1, "steps": steps,
             "wall_seconds": total - (_seconds(children["base"]) if "base" in children else 0.0),
-            "wall_seconds_with_base": total}
+            "wall_seconds_with_base": total,
+            # where the time went: each phase's run, and the chain's own work between them (start-up, store)
+            "phase_seconds": {**{p: _seconds(k) for p, k in children.items()},
+                              "between": total - sum(_seconds(k) for k in children.values())}}
 
 
 def _seconds(run) -> float:
@@ -158,7 +161,7 @@ def judge(gate: dict, checklist: Checklist) -> tuple[bool, list[dict] | None, li
     if gate["status"] != "FINISHED" or not eval_run:
         return False, None, [f"gate chain {gate['status']}: {gate['error'] or 'no eval run'}"]
     report = check_candidate(eval_run, checklist)
-    kept = ("name", "passed", "observed", "op", "threshold", "missing", "decides")
+    kept = ("name", "kind", "passed", "observed", "op", "threshold", "missing", "decides")
     rows = [_clean({**{k: r[k] for k in kept},
                     "failure": other_failures(r, checklist)}) for r in report.rows]
     return bool(report.passed), rows, report.failing() + list(report.missing)
@@ -211,7 +214,8 @@ def _child(rec: dict, cfg: Config) -> str:
         return tr.run_id
 
 
-def promotion_summary(cs: CalibrationSet, run_id: str, summary: dict, records: list[dict]) -> CalibrationSummary:
+def promotion_summary(cs: CalibrationSet, run_id: str, summary: dict, records: list[dict],
+                      checklist_sha256: str = "") -> CalibrationSummary:
     """The small part of a calibration that `promote` and `analyze` need (a run tag: no artifact download): the
     figures at the checklist's hero target, and the family it measured."""
     families = tuple(dict.fromkeys(Family.from_dict(r["family"]) for r in records))
@@ -220,7 +224,7 @@ def promotion_summary(cs: CalibrationSet, run_id: str, summary: dict, records: l
                               n=summary["n"], confusion=Confusion.from_dict(summary["confusion"]),
                               fit=None if fit is None else LineFit.from_dict(fit),
                               heldout=Confusion.from_dict(summary["heldout"][0]["confusion"]),
-                              hero_scale=float(cs.hero_scale), families=families)
+                              hero_scale=float(cs.hero_scale), families=families, checklist_sha256=checklist_sha256)
 
 
 def run_calibration(cs: CalibrationSet, checklist_path=None, echo=print, allow_other_commit: bool = False) -> dict:
@@ -261,7 +265,7 @@ def run_calibration(cs: CalibrationSet, checklist_path=None, echo=print, allow_o
         with tempfile.TemporaryDirectory(prefix="latentgate-calibrate-") as tmp:
             png = scatter(records, summary, Path(tmp) / "calibration.png", title=f"calibrate {cs.name}")
             parent.log_artifact(png)
-        tag = promotion_summary(cs, parent.run_id, summary, records).to_dict()
+        tag = promotion_summary(cs, parent.run_id, summary, records, cl.sha256).to_dict()
         parent.set_tags({CalibrateTag.SUMMARY: json.dumps(_clean(tag), sort_keys=True)})
         parent.set_description(format_summary(result))
     return result
@@ -304,7 +308,9 @@ def format_summary(r: dict) -> str:
              f"agreement {_pct(r['agreement'])}; precision of promote {_pct(r['precision_promote'])} "
              f"(of {r['n_promote']}), of refuse {_pct(r['precision_refuse'])} (of {r['n_refuse']})",
              f"cost of the gate over the hero: {ratio(cost['flops']['ratio'])} of the FLOPs, "
-             f"{ratio(cost['wall_seconds']['ratio'])} of the wall time"]
+             f"{ratio(cost['wall_seconds']['ratio'])} of the wall time",
+             *[f"  {role} wall time by phase: " + ", ".join(f"{p} {sec:.0f} s" for p, sec in phases.items())
+               for role, phases in cost.get("phase_seconds", {}).items()]]
     if fit:
         lines.append(f"hero F1 = {fit['intercept']:.3f} + {fit['slope']:.3f} x smoke F1 (n {fit['n']}, residual sd "
                      f"{fit['s']:.3f}, 95% prediction interval +-{fit['t']:.2f} x sd x sqrt(1 + 1/n + ...))")

@@ -19,6 +19,7 @@ from latentgate.registry.checklist import (
     GRADIENTS,
     LEARNING,
     OPS,
+    PROVENANCE_KINDS,
     QUALITY,
     STABILITY,
     Checklist,
@@ -154,10 +155,13 @@ def _agreement(records: list[dict], thresholds: dict[str, float]) -> float | Non
 
 
 def tunable(records: list[dict]) -> list[str]:
-    """Deciding criteria with an inequality and a numeric threshold (pins such as lineage == 0 are not tuned)."""
+    """Deciding criteria with an inequality and a numeric threshold. Pins such as lineage == 0 and the provenance
+    criteria (eval set size, lineage, digest) are not tuned."""
     names: list[str] = []
     for rec in records:
         for r in deciding(rec["rows"] or []):
+            if r.get("kind") in PROVENANCE_KINDS:  # where the evidence comes from: a pin, never fitted to outcomes
+                continue
             if r["op"] != "==" and _number(r.get("threshold")) and r["name"] not in names:
                 names.append(r["name"])
     return names
@@ -232,6 +236,21 @@ def heldout_report(records: list[dict], target: float) -> dict:
     return _report(target, leave_one_out(judged), [j["outcome"] for j in judged])
 
 
+def phase_seconds(records: list[dict]) -> dict[str, dict[str, float]]:
+    """Wall seconds per role (gate, hero) and phase (base, stage_a, stage_b, eval, between), summed over every
+    chain, as its runs recorded them (a reused chain, when it was trained): where the gate's time goes."""
+    out: dict[str, dict[str, float]] = {}
+    for r in records:
+        for role in ("gate", "hero"):
+            chain = r.get(role) or {}
+            if not chain.get("phase_seconds"):
+                continue
+            into = out.setdefault(role, {})
+            for phase, sec in chain["phase_seconds"].items():
+                into[phase] = into.get(phase, 0.0) + sec
+    return out
+
+
 # ---- gate shapes measured against each other --------------------------------------------------------------------
 
 PLAN_SIX = (LEARNING, STABILITY, BREAKTHROUGH, QUALITY, GRADIENTS, COLLAPSE)  # the seed plan's acceptance criteria
@@ -292,6 +311,7 @@ def summarize(records: list[dict], target: float) -> dict:
         gate = sum(r[unit]["gate"] or 0 for r in records)
         hero = sum(r[unit]["hero"] or 0 for r in records)
         cost[unit] = {"gate": gate, "hero": hero, "ratio": gate / hero if hero else None}
+    cost["phase_seconds"] = phase_seconds(records)
     return {Calibration.HERO_F1_TARGET: target, "confusion": c, **rates(c), "cost": cost, "fit": line,
             "fit_points": len(scatter), "proposal": propose_thresholds(records),
             "heldout": [heldout_report(records, t) for t in hero_targets(target)],

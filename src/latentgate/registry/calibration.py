@@ -157,6 +157,7 @@ class CalibrationSummary:
     heldout: Confusion | None = None  # leave-one-out verdicts (thresholds refitted without the configuration)
     hero_scale: float | None = None  # None: recorded before families were
     families: tuple[Family, ...] = field(default_factory=tuple)
+    checklist_sha256: str = ""  # the checklist whose verdicts it measured ("": recorded before this was)
 
     @classmethod
     def from_dict(cls, d: dict) -> CalibrationSummary:
@@ -166,14 +167,16 @@ class CalibrationSummary:
                    fit=LineFit.from_dict(d["fit"]) if d.get("fit") else None,
                    heldout=Confusion.from_dict(d["heldout"]) if d.get("heldout") else None,
                    hero_scale=_opt_float(d.get("hero_scale")),
-                   families=tuple(Family.from_dict(f) for f in d.get("families") or ()))
+                   families=tuple(Family.from_dict(f) for f in d.get("families") or ()),
+                   checklist_sha256=str(d.get("checklist_sha256") or ""))
 
     def to_dict(self) -> dict:
         return {"set": self.set, "run_id": self.run_id, Calibration.HERO_F1_TARGET: self.hero_f1_target,
                 "n": self.n, "confusion": self.confusion.to_dict(),
                 "fit": None if self.fit is None else self.fit.to_dict(),
                 "heldout": None if self.heldout is None else self.heldout.to_dict(),
-                "hero_scale": self.hero_scale, "families": [f.to_dict() for f in self.families]}
+                "hero_scale": self.hero_scale, "families": [f.to_dict() for f in self.families],
+                "checklist_sha256": self.checklist_sha256}
 
     def family_mismatch(self, candidate: Family, hero_scale: float) -> str | None:
         """None when this calibration measured the candidate's family; else what differs, in words."""
@@ -214,20 +217,25 @@ class Assessment:
     outside_range: bool = False  # the candidate's smoke F1 lies outside them: no prediction
     predicted_hero_f1: float | None = None  # clipped to [0, 1]
     interval: tuple[float, float] | None = None  # the 95% prediction interval, clipped to [0, 1]
+    other_checklist: str = ""  # the sha256 of the checklist it measured, when not the one in force
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def assess(summary: CalibrationSummary, smoke_f1: float | None, passed: bool | None) -> Assessment:
+def assess(summary: CalibrationSummary, smoke_f1: float | None, passed: bool | None,
+           checklist_sha256: str = "") -> Assessment:
     """Pure: the predicted hero F1 with its 95% interval, both clipped to [0, 1], when a line was fitted and the
-    candidate's smoke F1 lies in the fitted range; and how often the candidate's verdict was right."""
+    candidate's smoke F1 lies in the fitted range; and how often the candidate's verdict was right. With the sha256
+    of the checklist in force, a calibration of another checklist says so (its figures describe that rule)."""
     fit = summary.fit
     held = summary.heldout
+    same = not checklist_sha256 or summary.checklist_sha256 == checklist_sha256
+    other = "" if same else (summary.checklist_sha256 or "unknown")
     out = Assessment(summary.run_id, summary.set, summary.n, summary.hero_f1_target, smoke_f1, passed,
                      summary.confusion.promote_success, summary.confusion.refuse_failure,
                      held.promote_success if held else None, held.refuse_failure if held else None,
-                     fit.range_text() if fit else None)
+                     fit.range_text() if fit else None, other_checklist=other)
     if fit is None or smoke_f1 is None:
         return out
     if not fit.covers(smoke_f1):
@@ -265,6 +273,9 @@ def format_assessment(a: Assessment) -> str:
         if held is not None:
             parts.append(f"a {word} like this {shown} in {held[0]} of {held[1]} held-out cases (leave-one-out)")
         parts.append(f"under the calibrated checklist a {word} {shown} in {_share(own)}")
+    if a.other_checklist:
+        parts.append(f"measured under another checklist (sha256 {a.other_checklist[:12]}), not the one in force: "
+                     "run `latentgate calibrate` again (chains are reused) for figures of this rule")
     return f"{head} {'; '.join(parts)}"
 
 
@@ -313,13 +324,13 @@ def calibration_note(eval_run: str | None, passed: bool | None, version: str | N
             return "calibration: none recorded yet (`latentgate calibrate` measures whether the gate predicts the hero)"
         if not eval_run:
             return "calibration: no eval run for this candidate, so no calibration applies"
-        found, why = calibration_for(summaries, Family.of(candidate_config(c, eval_run)),
-                                     load_checklist(checklist).hero_scale())
+        cl = load_checklist(checklist)
+        found, why = calibration_for(summaries, Family.of(candidate_config(c, eval_run)), cl.hero_scale())
         if found is None:
             return (f"calibration: no calibration of this family ({why}); run `latentgate calibrate` with a set of "
                     "this base LM, data and gate budget")
         f1 = c.get_run(eval_run).data.metrics.get(EvalKey.metric(EvalPath.LATENT, EvalKey.F1))
-        a = assess(found, f1, passed)
+        a = assess(found, f1, passed, cl.sha256)
         if version and name:
             c.set_model_version_tag(name, version, VersionTag.CALIBRATION, json.dumps(a.to_dict(), sort_keys=True))
         return format_assessment(a)
