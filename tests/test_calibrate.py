@@ -142,7 +142,7 @@ def _loo(quality: float, hero_f1: float | None, finished: bool = True) -> dict:
 def test_leave_one_out_heldout_verdicts_at_several_targets():
     # smoke F1 0.05, 0.1, 0.4, 0.6 -> hero F1 0.02, 0.05, 0.3, 0.5; the checklist's 0.01 promotes all four
     records = [_loo(0.05, 0.02), _loo(0.1, 0.05), _loo(0.4, 0.3), _loo(0.6, 0.5)]
-    assert stats.hero_targets(0.1) == [0.1, 0.2, 0.3]
+    assert stats.hero_targets(0.1) == [0.1, 0.2, 0.4]
     # target 0.1: each left-out record is judged by a threshold fitted on the other three (0.25, 0.225, 0.35,
     # 0.25): the two low ones are refused, the two high ones promoted, all four right
     h = stats.heldout_report(records, 0.1)
@@ -161,7 +161,7 @@ def test_leave_one_out_heldout_verdicts_at_several_targets():
     summary = stats.summarize([{**r, "verdict": True, "outcome": stats.outcome_at(r, 0.1),
                                 "flops": {"gate": 1, "hero": 10}, "wall_seconds": {"gate": 1, "hero": 5}}
                                for r in records], 0.1)
-    assert [x["target"] for x in summary["heldout"]] == [0.1, 0.2, 0.3]
+    assert [x["target"] for x in summary["heldout"]] == [0.1, 0.2, 0.4]
     assert summary["confusion"] == {"tp": 2, "fp": 2, "fn": 0, "tn": 0}  # in sample, at the checklist's 0.01
 
 
@@ -479,7 +479,7 @@ def test_micro_calibration_matrix_artifacts_and_reuse(mlflow_store, tmp_path, op
     # (lr-high's gradient norm cannot be passed by a value it observed; micro and diverges already agree), so each
     # held-out verdict is the recorded one; at the higher targets the outcomes are the recorded hero F1s'
     held = result["heldout"]
-    assert [h["target"] for h in held] == [0.0, 0.1, 0.2]
+    assert [h["target"] for h in held] == [0.0, 0.1, 0.3]
     assert held[0]["verdicts"] == [EXPECTED[n][0] == "promote" for n in names]
     assert held[0]["confusion"] == expected and held[0]["agreement_wilson"][0] > 0
     assert {k: int(parent.data.metrics[f"heldout_confusion_{k}"]) for k in expected} == expected
