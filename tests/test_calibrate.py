@@ -26,6 +26,7 @@ from latentgate.registry.calibration import (
     format_assessment,
     predict,
 )
+from latentgate.registry.gate import CheckRow
 from latentgate.registry.hero_recipe import BUDGET_KEYS
 
 # ---- pure statistics ----------------------------------------------------------------------------------------------
@@ -109,10 +110,10 @@ def _collapse_row(checklist, top_share: float, repetition: float) -> dict:
           "top_prediction_share": top_share, "top_k": rule.top_k, "top_k_share": top_share, "empty_share": 0.0,
           "repetition_rate": repetition}
     why = rule.why(top_share, repetition, "the", top_share, 0.0)
-    row = {"name": crit.name, "kind": crit.kind, "observed": repetition, "op": crit.op, "threshold": crit.threshold,
-           "passed": why is None, "missing": [], "detail": why or "", "collapse": st}
-    return {**{k: row[k] for k in ("name", "passed", "observed", "op", "threshold", "missing")},
-            "failure": stats.other_failures(row, checklist)}
+    row = CheckRow(crit.name, why is None, repetition, crit.op, crit.threshold, detail=why or "", kind=crit.kind,
+                   collapse=st)
+    return {"name": row.name, "passed": row.passed, "observed": row.observed, "op": row.op,
+            "threshold": row.threshold, "missing": [], "failure": stats.other_failures(row, checklist)}
 
 
 def test_threshold_proposal_keeps_every_reason_a_row_failed():

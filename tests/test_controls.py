@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import random
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -206,7 +207,7 @@ def test_the_collapsed_run_is_not_exposure_bias_and_fails_the_checklist_naming_c
     assert d.reason.startswith("mode collapse") and "not exposure bias" in d.reason
 
     report = check_candidate(collapsed["eval"], path)
-    rows = {r["name"]: r for r in report.rows}
+    rows = {r.name: asdict(r) for r in report.rows}
     learning, collapse = rows["first_token_learning"], rows["no_mode_collapse"]
     assert not learning["passed"] and learning["observed"] == pytest.approx(0.0)
     assert all(rows[name]["passed"] for name in cl.provenance())
@@ -242,7 +243,7 @@ def test_one_checklist_file_moves_the_gate_the_report_the_monitor_and_the_pipeli
     path = _micro_scale(collapsed, tmp_path, edits)
     cl = load_checklist(path)
 
-    rows = {r["name"]: r["passed"] for r in check_candidate(collapsed["eval"], path).rows}
+    rows = {r.name: r.passed for r in check_candidate(collapsed["eval"], path).rows}
     assert (rows["no_mode_collapse"], rows["first_token_learning"]) == (collapse_ok, learning_ok)
 
     evidence = gather_evidence("extend", collapsed["stage_b"], collapsed["eval"], PipelineOptions(checklist=str(path)),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -165,7 +166,7 @@ def _judge(eval_run: str) -> dict:
     from latentgate.registry.gate import check_candidate
 
     report = check_candidate(eval_run)
-    return {r["name"]: r for r in report.rows} | {"_failing": report.failing(), "_missing": report.missing}
+    return {r.name: asdict(r) for r in report.rows} | {"_failing": report.failing(), "_missing": report.missing}
 
 
 def test_recorded_healthy_candidate_passes_the_shipped_checklist(store):
@@ -256,7 +257,7 @@ def test_a_permissive_promotion_does_not_start_a_hero_under_the_shipped_checklis
     with pytest.raises(GateRefused, match="not the one in force"):  # ... but no hero starts under another file
         plan_hero(HeroRequest(checklist=str(DEFAULT_PATH)), name="lg-faithful")
     v = verify(name="lg-faithful")
-    assert not v.passed and "not the one in force" in v.rows[0]["observed"] and shipped[:12] in v.rows[0]["observed"]
+    assert not v.passed and "not the one in force" in v.rows[0].observed and shipped[:12] in v.rows[0].observed
     start = plan_hero(HeroRequest(checklist=str(permissive)), name="lg-faithful")  # the file that approved it
     assert start.tags()["latentgate.hero_checklist_sha256"] == load_checklist(permissive).sha256
 
@@ -311,6 +312,6 @@ def test_class7_a_checkpoint_rewritten_after_promotion_is_refused_by_verify_and_
     write_manifest(ckpt, {**manifest, "note": "rewritten after promotion"})  # resealed: self-consistent again
     verify_checkpoint(ckpt)  # the checkpoint alone still verifies
     report = verify(checklist=checklist, name="lg-faithful")
-    assert not report.passed and "rewritten after promotion" in report.rows[0]["observed"]
+    assert not report.passed and "rewritten after promotion" in report.rows[0].observed
     with pytest.raises(GateRefused, match="rewritten after promotion"):
         plan_hero(HeroRequest(checklist=str(checklist)), name="lg-faithful")

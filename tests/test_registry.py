@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -246,7 +247,7 @@ def test_collapsed_predictions_are_refused(micro_smoke, lenient, tmp_path):
     c.set_terminated(run.info.run_id, "FINISHED")
     report = check_candidate(run.info.run_id, lenient)
     assert report.failing() == ["no_mode_collapse"]
-    row = next(r for r in report.rows if r["name"] == "no_mode_collapse")
+    row = asdict(report.row("no_mode_collapse"))
     assert row["observed"] == 1.0 and "eval_detailed.jsonl" in row["source"]
     assert row["detail"].startswith("mode collapse: ") and "repetitive" in row["detail"]
 
@@ -279,7 +280,8 @@ def test_missing_evidence_fails_with_the_list(micro_smoke, lenient, candidate, t
     c.create_registered_model(name)
     v = c.create_model_version(name, source=tmp_path.as_uri()).version  # a model with no run behind it
     rep = promote(v, checklist=lenient, name=name)
-    assert rep.failing() == [r["name"] for r in rep.rows] and "no latentgate.eval_run param" in rep.missing[0]
+    assert not any(r.passed for r in rep.rows) and "no latentgate.eval_run param" in rep.missing[0]
+    assert rep.failing() == [r.name for r in rep.rows if r.decides]  # the rows shown only refuse nothing
     assert holder(name) is None and tags_of(name, v)["hero.check.lineage"].startswith("fail missing:")
 
 
@@ -294,21 +296,21 @@ def test_verify_catches_a_hand_set_alias(candidate, lenient, strict):
     v_raw = clone(candidate, name)
     c.set_registered_model_alias(name, "hero", v_raw)  # by hand, no promotion at all
     report = verify(checklist=lenient, name=name)
-    assert not report.passed and report.rows[0]["name"] == "audit" and not report.rows[0]["passed"]
-    assert "set by hand" in report.rows[0]["observed"]
+    assert not report.passed and report.rows[0].name == "audit" and not report.rows[0].passed
+    assert "set by hand" in report.rows[0].observed
     with pytest.raises(GateRefused, match="set by hand"):
         hero_model_uri(lenient, name)
     # a refused version with the alias set by hand afterwards
     v_ref = clone(candidate, name)
     promote(v_ref, checklist=strict, name=name)
     c.set_registered_model_alias(name, "hero", v_ref)
-    assert "decision=refuse" in verify(checklist=lenient, name=name).rows[0]["observed"]
+    assert "decision=refuse" in verify(checklist=lenient, name=name).rows[0].observed
     # a properly promoted version whose evidence no longer passes (a stricter checklist now)
     v_ok = clone(candidate, name)
     assert promote(v_ok, checklist=lenient, name=name).passed and holder(name) == v_ok
     again = verify(checklist=strict, name=name)  # and the promotion was under another checklist than this one
     assert not again.passed and again.failing() == ["audit", "generation_quality"]
-    assert "not the one in force" in again.rows[0]["observed"]
+    assert "not the one in force" in again.rows[0].observed
     # demote keeps the history in tags; a re-set alias on the demoted version is caught
     out = demote(v_ok, "evidence no longer passes", checklist=lenient, name=name)
     assert out["held_alias"] and holder(name) is None
@@ -317,7 +319,7 @@ def test_verify_catches_a_hand_set_alias(candidate, lenient, strict):
     assert any(v.startswith("demoted") and "no longer passes" in v for v in events)
     assert tags["hero.check.generation_quality"].startswith("pass")  # the promotion's record stays
     c.set_registered_model_alias(name, "hero", v_ok)
-    assert "decision=demote" in verify(checklist=lenient, name=name).rows[0]["observed"]
+    assert "decision=demote" in verify(checklist=lenient, name=name).rows[0].observed
 
 
 def test_crash_between_tags_and_alias_never_leaves_hero_on_a_failing_version(candidate, lenient, strict, monkeypatch):

@@ -144,7 +144,7 @@ def test_one_threshold_moves_the_gate_the_report_the_monitor_and_the_pipeline(ca
 
     # 1. the checklist, evaluated by the registry's gate on the recorded evidence
     report = check_candidate(candidate["eval"], path)
-    assert sorted(report.failing()) == failing and not report.missing, [r for r in report.rows if not r["passed"]]
+    assert sorted(report.failing()) == failing and not report.missing, [r for r in report.rows if not r.passed]
     assert report.passed is (not failing)
 
     # 2. the pipeline's decision tree, on the evidence the pipeline gathers (the gate's verdict included)

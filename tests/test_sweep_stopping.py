@@ -138,7 +138,7 @@ def test_continued_study_stops_with_its_reason_and_the_version_carries_the_evide
     version = s2["registry"]["version"]
     tags = client.get_model_version("latentgate", version).tags
     rows = check_candidate(version).rows
-    assert rows and {f"hero.check.{r['name']}": check_tag_value(r) for r in rows}.items() <= tags.items()
+    assert rows and {f"hero.check.{r.name}": check_tag_value(r) for r in rows}.items() <= tags.items()
     assert tags["latentgate.checked_by"] == f"sweep run {s2['parent_run_id']}"
     assert "hero.audit" not in tags  # evidence only: the sweep never promotes (no audit, no alias move)
     assert s2["registry"]["evidence"] == f"{len(rows)} hero.check.* tags on version {version}"

@@ -94,7 +94,7 @@ def gate_readiness(eval_run_id: str | None, checklist_path=None) -> dict | None:
     if not eval_run_id:
         return None
     rep = check_candidate(eval_run_id, checklist_path=checklist_path)
-    rows = [{k: r.get(k) for k in ("name", "passed", "observed", "op", "threshold", "source", "detail")}
+    rows = [{k: getattr(r, k) for k in ("name", "passed", "observed", "op", "threshold", "source", "detail")}
             for r in rep.rows]
     return {"source": "latentgate.registry.gate", "passed": rep.passed, "rows": rows, "missing": list(rep.missing)}
 

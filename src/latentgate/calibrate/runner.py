@@ -162,7 +162,7 @@ def judge(gate: dict, checklist: Checklist) -> tuple[bool, list[dict] | None, li
         return False, None, [f"gate chain {gate['status']}: {gate['error'] or 'no eval run'}"]
     report = check_candidate(eval_run, checklist)
     kept = ("name", "kind", "passed", "observed", "op", "threshold", "missing", "decides")
-    rows = [_clean({**{k: r[k] for k in kept},
+    rows = [_clean({**{k: getattr(r, k) for k in kept},
                     "failure": other_failures(r, checklist)}) for r in report.rows]
     return bool(report.passed), rows, report.failing() + list(report.missing)
 

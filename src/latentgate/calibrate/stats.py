@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from latentgate.eval.scoring import wilson_interval
 from latentgate.registry.checklist import (
@@ -25,6 +26,9 @@ from latentgate.registry.checklist import (
     Checklist,
 )
 from latentgate.schema import Calibration
+
+if TYPE_CHECKING:  # the annotation only: this module stays free of MLflow (registry.gate imports it)
+    from latentgate.registry.gate import CheckRow
 
 # Two-sided 95% Student t quantiles (t_{0.975, df}); beyond df 30, linear in 1/df towards the normal's 1.960.
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -98,25 +102,25 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def other_failures(row: dict, checklist: Checklist) -> list[str]:
+def other_failures(row: CheckRow, checklist: Checklist) -> list[str]:
     """Why a gate report row fails besides its observed value against its threshold: what no threshold change
     can fix. An eval_collapse row keeps each collapse limit it failed (one answer, top-k answers, empty answers);
     any other row that failed although its value passed its threshold keeps that (e.g. a digest tag that does not
     match the scored rows)."""
-    if row["missing"]:
+    if row.missing:
         return []
-    if row["kind"] == "eval_collapse" and row.get("collapse"):
-        st = row["collapse"]
-        why = checklist.collapse_rule(row["name"]).why(st["top_prediction_share"], None, st["top_prediction"],
-                                                       st["top_k_share"], st["empty_share"])
+    if row.kind == "eval_collapse" and row.collapse:
+        st = row.collapse
+        why = checklist.collapse_rule(row.name).why(st["top_prediction_share"], None, st["top_prediction"],
+                                                    st["top_k_share"], st["empty_share"])
         return [why] if why else []
-    if not row["passed"]:
+    if not row.passed:
         try:
-            passes_threshold = checklist.criterion(row["name"]).compare(row["observed"], row["threshold"])
+            passes_threshold = checklist.criterion(row.name).compare(row.observed, row.threshold)
         except (TypeError, ValueError):
             return []
         if passes_threshold:
-            return [row["detail"] or "failed besides its threshold"]
+            return [row.detail or "failed besides its threshold"]
     return []
 
 

@@ -15,6 +15,7 @@ from latentgate.registry.candidate import CandidateEvidence, Missing
 from latentgate.registry.checklist import Checklist
 from latentgate.registry.gate import (
     TAG_MAX,
+    CheckRow,
     Report,
     alias_holder,
     as_checklist,
@@ -78,13 +79,12 @@ def verify(checklist=None, name: str | None = None, *, checklist_path=None) -> R
     mv = c.get_model_version(name, holder)
     problems = audit_problems(mv, cl) + checkpoint_drift(c, mv, name)
     report = check_candidate(holder, cl, name)
-    audit_row = {"name": "audit", "passed": not problems, "observed": "; ".join(problems) or "promoted by the gate",
-                 "op": "==", "threshold": "audited promotion",
-                 "source": f"version {holder} tags {VersionTag.AUDIT}, {VersionTag.CHECK_PREFIX}*",
-                 "detail": mv.tags.get(VersionTag.AUDIT, "")[:300], "missing": [], "kind": "audit",
-                 "description": "the alias was moved by `latentgate promote` under the checklist in force after every "
-                                "criterion passed, and the checkpoint is the one it pinned",
-                 "params": {}}
+    audit_row = CheckRow(
+        "audit", not problems, "; ".join(problems) or "promoted by the gate", "==", "audited promotion",
+        source=f"version {holder} tags {VersionTag.AUDIT}, {VersionTag.CHECK_PREFIX}*",
+        detail=mv.tags.get(VersionTag.AUDIT, "")[:300], kind="audit",
+        description="the alias was moved by `latentgate promote` under the checklist in force after every criterion "
+                    "passed, and the checkpoint is the one it pinned")
     report.rows.insert(0, audit_row)
     report.passed = report.passed and not problems
     report.candidate = f"models:/{name}@{cl.alias} (version {holder})"

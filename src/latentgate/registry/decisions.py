@@ -94,19 +94,20 @@ def evidence_from_report(report, checklist, phase: str, budget_left_s: float | N
                          launch_hero: bool = False, run_ids: dict | None = None) -> PhaseEvidence:
     """The decision tree's evidence, read from the gate's report (registry/gate.py check_candidate): the one
     computation of every figure, never a second one."""
-    def row(name: str) -> dict:
-        return report.row(name) or {}
+    def observed(name: str):
+        r = report.row(name)
+        return None if r is None else r.observed
 
-    learning, collapse = row(LEARNING), row(COLLAPSE).get("collapse") or {}
-    shown = learning.get("shown") or {}
-    params = learning.get("params") or {}
-    show = params.get("show") or []
+    learning, collapse_row = report.row(LEARNING), report.row(COLLAPSE)
+    collapse = (collapse_row.collapse if collapse_row else None) or {}
+    shown = learning.shown if learning else {}
+    show = (learning.params.get("show") if learning else None) or []
     raw, const, shuffled = ([shown.get(k) for k in show] + [None] * 3)[:3]  # show: [raw, constant, shuffled]
     failed = tuple(sorted(set(report.failing()))) + tuple(report.missing)
     provenance = tuple(n for n in checklist.provenance() if n in failed)
-    return PhaseEvidence(phase=phase, f1_max=row(BREAKTHROUGH).get("observed"), first_acc=raw,
-                         checklist_passed=bool(report.passed), f1_mean=row(QUALITY).get("observed"),
-                         first_acc_lift=learning.get("observed"), first_acc_const=const,
+    return PhaseEvidence(phase=phase, f1_max=observed(BREAKTHROUGH), first_acc=raw,
+                         checklist_passed=bool(report.passed), f1_mean=observed(QUALITY),
+                         first_acc_lift=observed(LEARNING), first_acc_const=const,
                          first_acc_shuffled=shuffled, top_prediction_share=collapse.get("top_prediction_share"),
                          repetition_rate=collapse.get("repetition_rate"), top_k_share=collapse.get("top_k_share"),
                          empty_share=collapse.get("empty_share"), checklist_failed=failed,

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from filelock import FileLock, Timeout
@@ -42,10 +43,32 @@ TAG_MAX = 4900
 
 
 @dataclass
+class CheckRow:
+    """One criterion judged on one candidate: a row of the gate's report (and of its JSON artifact)."""
+
+    name: str
+    passed: bool
+    observed: Any
+    op: str
+    threshold: Any
+    source: str = ""
+    detail: str = ""
+    missing: list[str] = field(default_factory=list)
+    kind: str = ""
+    description: str = ""
+    params: dict = field(default_factory=dict)
+    step: int | None = None  # metric_peak / metric_final / metric_extrapolated: the step observed
+    shown: dict = field(default_factory=dict)  # the `show` metrics at that step
+    collapse: dict | None = None  # eval_collapse: the statistics it judged (eval/controls.py Collapse)
+    decides: bool = True  # false: judged and shown, never refusing (hero.yaml `decides`)
+    calibrated_by: str = ""
+
+
+@dataclass
 class Report:
     candidate: str
     passed: bool
-    rows: list[dict]
+    rows: list[CheckRow]
     missing: list[str]
     version: str | None = None
     eval_run: str | None = None
@@ -60,15 +83,15 @@ class Report:
 
     def failing(self) -> list[str]:
         """The deciding criteria that failed: what refused the candidate."""
-        return [r["name"] for r in self.rows if not r["passed"] and r.get("decides", True)]
+        return [r.name for r in self.rows if not r.passed and r.decides]
 
     def failing_reported(self) -> list[str]:
         """Criteria that failed but do not decide (the checklist's `decides: false`): shown, never refusing."""
-        return [r["name"] for r in self.rows if not r["passed"] and not r.get("decides", True)]
+        return [r.name for r in self.rows if not r.passed and not r.decides]
 
-    def row(self, name: str) -> dict | None:
+    def row(self, name: str) -> CheckRow | None:
         """The row of one criterion (None when the checklist has no such criterion)."""
-        return next((r for r in self.rows if r["name"] == name), None)
+        return next((r for r in self.rows if r.name == name), None)
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
@@ -156,14 +179,12 @@ def resolve_candidate(c, ref: str, name: str) -> tuple[str | None, str | None, l
 
 # ---- evaluation -----------------------------------------------------------------------------------------------
 
-def _row(crit, obs) -> dict:
+def _row(crit, obs) -> CheckRow:
     threshold = obs.threshold if obs.threshold is not None else crit.threshold
     passed = crit.compare(obs.observed, threshold) and not obs.missing and not obs.failure
-    return {"name": crit.name, "passed": passed, "observed": obs.observed, "op": crit.op, "threshold": threshold,
-            "source": obs.source, "detail": obs.detail, "missing": list(obs.missing), "kind": crit.kind,
-            "description": crit.description, "params": crit.params, "step": obs.step, "shown": dict(obs.shown),
-            "collapse": None if obs.collapse is None else asdict(obs.collapse), "decides": crit.decides,
-            "calibrated_by": crit.calibrated_by}
+    return CheckRow(crit.name, passed, obs.observed, crit.op, threshold, obs.source, obs.detail, list(obs.missing),
+                    crit.kind, crit.description, crit.params, obs.step, dict(obs.shown),
+                    None if obs.collapse is None else asdict(obs.collapse), crit.decides, crit.calibrated_by)
 
 
 def check_candidate(version_or_eval_run: str, checklist=None, name: str | None = None, *,
@@ -186,8 +207,8 @@ def check_candidate(version_or_eval_run: str, checklist=None, name: str | None =
                 obs = Observation(None, "", missing=[str(err)])
         rows.append(_row(crit, obs))
     # Missing evidence of a criterion that does not decide is shown on its row, and refuses nothing.
-    all_missing = list(dict.fromkeys(missing + [m for r in rows if r["decides"] for m in r["missing"]]))
-    passed = all(r["passed"] for r in rows if r["decides"]) and not all_missing
+    all_missing = list(dict.fromkeys(missing + [m for r in rows if r.decides for m in r.missing]))
+    passed = all(r.passed for r in rows if r.decides) and not all_missing
     return Report(candidate=str(version_or_eval_run), passed=passed,
                   rows=rows, missing=all_missing, version=version, eval_run=eval_run, model_name=name,
                   alias=cl.alias,
@@ -244,12 +265,12 @@ def tag_refuses(value: str) -> bool:
     return not value.startswith("pass") and not value.startswith("fail" + SHOWN_ONLY)
 
 
-def check_tag_value(row: dict) -> str:
-    state = ("pass" if row["passed"] else "fail") + ("" if row.get("decides", True) else SHOWN_ONLY)
-    if row["missing"]:
-        return f"{state} missing: {'; '.join(row['missing'])}"[:TAG_MAX]
-    why = f"; {row['detail']}" if not row["passed"] and row.get("detail") else ""
-    return f"{state} observed={_fmt(row['observed'])} {row['op']} {_fmt(row['threshold'])}{why}"[:TAG_MAX]
+def check_tag_value(row: CheckRow) -> str:
+    state = ("pass" if row.passed else "fail") + ("" if row.decides else SHOWN_ONLY)
+    if row.missing:
+        return f"{state} missing: {'; '.join(row.missing)}"[:TAG_MAX]
+    why = f"; {row.detail}" if not row.passed and row.detail else ""
+    return f"{state} observed={_fmt(row.observed)} {row.op} {_fmt(row.threshold)}{why}"[:TAG_MAX]
 
 
 def write_check_tags(c, mv, report: Report, cl: Checklist) -> None:
@@ -259,7 +280,7 @@ def write_check_tags(c, mv, report: Report, cl: Checklist) -> None:
         if key.removeprefix(VersionTag.CHECK_PREFIX) not in cl.names():
             c.delete_model_version_tag(mv.name, mv.version, key)
     for row in report.rows:
-        c.set_model_version_tag(mv.name, mv.version, f"{VersionTag.CHECK_PREFIX}{row['name']}", check_tag_value(row))
+        c.set_model_version_tag(mv.name, mv.version, f"{VersionTag.CHECK_PREFIX}{row.name}", check_tag_value(row))
 
 
 def _event(c, name: str, version: str, text: str) -> None:
@@ -377,11 +398,10 @@ def format_table(report: Report, explain: bool = False) -> str:
             + f"  eval run {report.eval_run or 'none'} ──")
     rows = [("criterion", "result", "observed", "threshold", "source")]
     for r in report.rows:
-        thr = f"{r['op']} {_fmt(r['threshold'])}" if r["threshold"] is not None else "—"
-        why = f" — {r['detail']}" if not r["passed"] and r.get("detail") and not explain else ""
-        result = ("PASS" if r["passed"] else "FAIL") + ("" if r.get("decides", True) else " (shown)")
-        rows.append((r["name"], result, _fmt(r["observed"])[:40], thr[:24],
-                     (r["source"] or "; ".join(r["missing"])) + why))
+        thr = f"{r.op} {_fmt(r.threshold)}" if r.threshold is not None else "—"
+        why = f" — {r.detail}" if not r.passed and r.detail and not explain else ""
+        result = ("PASS" if r.passed else "FAIL") + ("" if r.decides else " (shown)")
+        rows.append((r.name, result, _fmt(r.observed)[:40], thr[:24], (r.source or "; ".join(r.missing)) + why))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [head] + ["  ".join(x.ljust(w) for x, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
                       for row in rows]
@@ -389,14 +409,14 @@ def format_table(report: Report, explain: bool = False) -> str:
         lines.append("")
         lines.append(f"checklist {report.checklist} (sha256 {report.checklist_sha256[:12]})")
         for r in report.rows:
-            lines.append(f"- {r['name']}: {r['description']}")
-            lines.append(f"    query: {r['kind']} {json.dumps(r['params'], sort_keys=True)}; passes when observed "
-                         f"{r['op']} threshold")
-            if r["detail"]:
-                lines.append(f"    found: {r['detail']}")
-            if r.get("calibrated_by"):
-                role = "decides" if r.get("decides", True) else "shown only, does not decide"
-                lines.append(f"    {role}: {r['calibrated_by']}")
+            lines.append(f"- {r.name}: {r.description}")
+            lines.append(f"    query: {r.kind} {json.dumps(r.params, sort_keys=True)}; passes when observed "
+                         f"{r.op} threshold")
+            if r.detail:
+                lines.append(f"    found: {r.detail}")
+            if r.calibrated_by:
+                role = "decides" if r.decides else "shown only, does not decide"
+                lines.append(f"    {role}: {r.calibrated_by}")
     if report.missing:
         lines.append("missing evidence:")
         lines += [f"  - {m}" for m in report.missing]
