@@ -219,3 +219,54 @@ def bpe_ws(bpe_lm_dir, micro_cfg):
 
     cfg = config.resolve("micro", {"base.name": str(bpe_lm_dir)})
     return build_workspace(cfg, cfg.base.name, load_splits(cfg))
+
+
+GEMMA = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}"
+         "\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n"
+         "{% endif %}")
+TURN_TOKENS = ["<start_of_turn>", "<end_of_turn>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+               "<|im_start|>", "<|im_end|>"]
+
+
+@pytest.fixture(scope="session")
+def sp_lm_dir(tmp_path_factory, micro_cfg):
+    """A local HF folder like Llama-2 / Mistral / Gemma: a SentencePiece-style BPE tokenizer ("▁" word prefix from
+    a Metaspace pre-tokenizer, prepended to the first word only; BOS `<s>` added by the post-processor; EOS `</s>`),
+    trained here on the task's text, a Gemma-style chat template whose turns end with `<end_of_turn>` (not EOS), and
+    a tiny random Llama."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from latentgate.train.workspace import load_splits
+
+    splits = load_splits(micro_cfg)
+    corpus = [f"context : {e.context} question : {e.question} answer : {e.answer}\n" for e in splits["train"]]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    specials = ["<unk>", "<s>", "</s>", *TURN_TOKENS]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=500, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                     pad_token="<unk>", additional_special_tokens=TURN_TOKENS, chat_template=GEMMA)
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                      bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
+                                      pad_token_id=hf_tok.pad_token_id, tie_word_embeddings=True))
+    folder = tmp_path_factory.mktemp("sp_lm")
+    lm.save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def sp_ws(sp_lm_dir, micro_cfg):
+    """A Workspace on the SentencePiece LM folder, loaded the way any external LM is."""
+    from latentgate import config
+    from latentgate.train.workspace import build_workspace, load_splits
+
+    cfg = config.resolve("micro", {"base.name": str(sp_lm_dir)})
+    return build_workspace(cfg, cfg.base.name, load_splits(cfg))

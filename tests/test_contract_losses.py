@@ -38,7 +38,8 @@ def test_answers_have_no_bos_and_end_with_eos(tiny_ws):
     assert all(tok.bos_token_id not in a for a in ids) and all(a[-1] == tok.eos_token_id for a in ids)
 
 
-@pytest.mark.parametrize("ws_fixture", ["tiny_ws", "bpe_ws"])  # word-level builtin, and a byte-level BPE LM
+# word-level builtin, a byte-level BPE LM, and a SentencePiece one (BOS added by its tokenizer)
+@pytest.mark.parametrize("ws_fixture", ["tiny_ws", "bpe_ws", "sp_ws"])
 def test_tf_loss_equals_hf_labels_loss_latent_and_text(ws_fixture, request):
     ws = request.getfixturevalue(ws_fixture)
     ex = _mixed(ws)

@@ -13,70 +13,26 @@ import torch
 
 import test_contract_losses as contract_tests  # their checks, run here on the SentencePiece LM
 import test_real_lm as real_lm_tests
+from conftest import CHATML, GEMMA
 from latentgate import config
 from latentgate.data.records import Example
 from latentgate.errors import ConfigError
 from latentgate.model.contract import (
-    IGNORE,
     PrefixContract,
-    answer_logits,
-    build_latent_batch,
-    build_text_batch,
     encode_answers,
     end_of_turn_id,
     text_prompt,
 )
 from latentgate.model.latent import EncoderTokenizer
 from latentgate.train.flops import _body_params, step_flops
-from latentgate.train.losses import compute_losses
 
-GEMMA = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}"
-         "\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n"
-         "{% endif %}")
 LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
           "{{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
           "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 LLAMA2 = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
           "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
 NO_END = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}" \
          "assistant: {% endif %}"
-TURN_TOKENS = ["<start_of_turn>", "<end_of_turn>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-               "<|im_start|>", "<|im_end|>"]
-
-
-@pytest.fixture(scope="module")
-def sp_lm_dir(tmp_path_factory, micro_cfg):
-    """A local HF folder like Llama-2 / Mistral / Gemma: a SentencePiece-style BPE tokenizer ("▁" word prefix from
-    a Metaspace pre-tokenizer, prepended to the first word only; BOS `<s>` added by the post-processor; EOS `</s>`),
-    trained here on the task's text, a Gemma-style chat template whose turns end with `<end_of_turn>` (not EOS), and
-    a tiny random Llama."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from latentgate.train.workspace import load_splits
-
-    splits = load_splits(micro_cfg)
-    corpus = [f"context : {e.context} question : {e.question} answer : {e.answer}\n" for e in splits["train"]]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    specials = ["<unk>", "<s>", "</s>", *TURN_TOKENS]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=500, special_tokens=specials))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                     pad_token="<unk>", additional_special_tokens=TURN_TOKENS, chat_template=GEMMA)
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                      bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
-                                      pad_token_id=hf_tok.pad_token_id, tie_word_embeddings=True))
-    folder = tmp_path_factory.mktemp("sp_lm")
-    lm.save_pretrained(folder)
-    hf_tok.save_pretrained(folder)
-    return folder
 
 
 def _ws(folder, **overrides):
@@ -84,11 +40,6 @@ def _ws(folder, **overrides):
 
     cfg = config.resolve("micro", {"base.name": str(folder), **overrides})
     return build_workspace(cfg, cfg.base.name, load_splits(cfg))
-
-
-@pytest.fixture(scope="module")
-def sp_ws(sp_lm_dir):
-    return _ws(sp_lm_dir)
 
 
 def _mixed(ws, n=6):
@@ -215,22 +166,6 @@ def test_sentencepiece_contract_matches_how_the_lm_reads_text(sp_ws):
         assert list(c.head_ids) + tok(body, add_special_tokens=False)["input_ids"] + list(c.anchor_ids) + ids \
             == natural
         assert tok.convert_ids_to_tokens(ids)[0].startswith("▁")  # " paris" after the anchor, a word start
-
-
-def test_sentencepiece_tf_loss_equals_hf_labels_loss_latent_and_text(sp_ws):
-    ws = sp_ws
-    ex = _mixed(ws)
-    answers = encode_answers(ws.contract, ws.tokenizer, [e.answer for e in ex])
-    with torch.no_grad():
-        lat = ws.latents(ex)
-        for batch in (build_latent_batch(ws.contract, ws.embed, lat, answer_targets=answers),
-                      build_text_batch(ws.contract, ws.tokenizer, ws.embed,
-                                       [text_prompt(e.context, e.question) for e in ex], answers)):
-            ours = compute_losses(answer_logits(ws.lm, batch), batch.answer_targets, batch.answer_mask,
-                                  ws.cfg.stage_a).raw["tf"]
-            hf = ws.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, labels=batch.labels).loss
-            assert torch.allclose(ours, hf, atol=1e-5), (float(ours), float(hf))
-            assert int((batch.labels != IGNORE).sum()) == int(batch.answer_mask.sum())
 
 
 def test_anchor_answer_merge_fallback_warns(sp_ws):

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, cli_env, run_cli
+from conftest import ROOT, cli_env, free_port, run_cli
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
 
@@ -104,9 +103,7 @@ def _start_server(root: Path, port: int) -> subprocess.Popen:
 def test_class2_tracking_server_dies_mid_run(tmp_path):
     from mlflow import MlflowClient
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = _start_server(tmp_path, port)
     env = cli_env({"MLFLOW_TRACKING_URI": uri})

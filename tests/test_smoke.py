@@ -49,9 +49,15 @@ PER_STEP = ("loss", "first_raw", "kce_raw", "kd_raw", "tf_raw", "first_weighted"
 PER_PROBE = ("probe_first_acc", "probe_first_acc_lo")
 
 
-def test_step_metrics_count_optimizer_steps(micro_smoke, micro_cfg):
+def test_step_metrics_count_optimizer_steps(micro_smoke, micro_cfg, tiny_ws, tmp_path):
     """Every step metric has exactly one point per OPTIMIZER step (1..steps), probes at every probe_every-th step
-    and the last; micro_step counts micro-batches (steps x grad_accum)."""
+    and the last; micro_step counts micro-batches (steps x grad_accum). The smoke runs grad_accum 1, where a metric
+    logged at its micro-step would look the same, so a tracked Stage A with grad_accum 2 is read back as well."""
+    import dataclasses
+
+    from latentgate.tracking.runs import tracked_run
+    from latentgate.train.trainer import train_stage
+
     c = _client()
     for stage in ("stage_a", "stage_b"):
         run_id = micro_smoke["children"][stage]
@@ -66,6 +72,16 @@ def test_step_metrics_count_optimizer_steps(micro_smoke, micro_cfg):
             assert [m.step for m in c.get_metric_history(run_id, f"{stage}/{key}")] == probes, key
     lora = c.get_metric_history(micro_smoke["children"]["stage_b"], "stage_b/grad_norm_lora")
     assert [m.step for m in lora] == list(range(1, micro_cfg.stage_b.steps + 1)) and all(m.value > 0 for m in lora)
+
+    ws = tiny_ws
+    ws.cfg.stage_a = dataclasses.replace(ws.cfg.stage_a, steps=3, grad_accum=2, batch_size=4, warmup_steps=0,
+                                         probe_every=3)
+    with tracked_run("grad_accum", nested=False) as tr:
+        train_stage(ws, ws.cfg.stage_a, tr, tmp_path, name="stage_a")
+    for key in PER_STEP:
+        assert [m.step for m in c.get_metric_history(tr.run_id, f"stage_a/{key}")] == [1, 2, 3], key
+    micro = c.get_metric_history(tr.run_id, "stage_a/micro_step")
+    assert [(m.step, int(m.value)) for m in micro] == [(1, 2), (2, 4), (3, 6)]
 
 
 def test_grad_accum_counts_optimizer_steps_apart_from_micro_steps(tiny_ws, tmp_path):

@@ -35,6 +35,7 @@ from latentgate.registry.checklist import load_checklist
 from latentgate.schema import Artifact, MlflowTag, Tag
 from latentgate.tracking import lineage
 from latentgate.tracking.lineage import ModelUri
+from latentgate.tracking.reuse import config_key
 from latentgate.tracking.runs import PROCESS_TAGS, adopt_project_run, git_commit, setup_experiment
 from latentgate.tracking.tracker import full_params
 from latentgate.train.load import check_compatible
@@ -45,8 +46,9 @@ STAGE_OF = {"stage_a": "stage_a", "stage_b": "stage_b", "extend": "stage_b", "fi
 
 
 def step_key(entry_point: str, cfg: Config) -> str:
-    """What a phase's result depends on: the base LM only on base/data; every other phase on the whole config."""
-    return lineage.base_hash(cfg) if entry_point == "base" else config_hash(cfg)
+    """What a phase's result depends on (tracking/reuse.py config_key: the base LM only on base/data; every other
+    phase on the whole config)."""
+    return config_key(entry_point, cfg)
 
 
 def phase_tags(entry_point: str, cfg: Config, preset: str, input_uri: str = "", output_dir: Path | None = None) -> dict:

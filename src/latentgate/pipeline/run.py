@@ -34,7 +34,7 @@ from mlflow.projects import _project_spec
 
 from latentgate.config import Config, flatten, parse_set_args, resolve
 from latentgate.errors import ConfigError, LatentgateError
-from latentgate.phases.entry import INPUT_PARAM, hero, run_entry, step_key
+from latentgate.phases.entry import INPUT_PARAM, hero, run_entry
 from latentgate.registry.approval import HeroRequest, plan_hero
 from latentgate.registry.checklist import load_checklist
 from latentgate.registry.decisions import (
@@ -54,7 +54,9 @@ from latentgate.schema import Artifact, SweepTag, Tag
 from latentgate.sweep.study import load_study
 from latentgate.tracking import lineage
 from latentgate.tracking.lineage import ModelUri, RunUri
+from latentgate.tracking.reuse import find_phase_run, reuse_key
 from latentgate.tracking.runs import adopt_project_run, git_commit, setup_experiment, tracked_run
+from latentgate.train.workspace import load_splits
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -173,22 +175,10 @@ class StepFailed(LatentgateError):
 
 
 def already_ran(entry_point: str, cfg: Config, input_uri: str, commit: str, experiment_id: str) -> str | None:
-    """A FINISHED run of `entry_point` with the same step key (resolved config), input URI and git commit."""
-
-    key = step_key(entry_point, cfg)
-    runs = lineage.client().search_runs(
-        [experiment_id], order_by=["attributes.start_time DESC"], max_results=50,
-        filter_string=(f"tags.`{Tag.ENTRY_POINT}` = '{entry_point}' and tags.`{Tag.STEP_KEY}` = '{key}' "
-                       "and attributes.status = 'FINISHED'"))
-    flat = {k: str(v) for k, v in flatten(cfg).items()}
-    for run in runs:
-        tags, params = run.data.tags, run.data.params
-        if tags.get(Tag.INPUT_URI, "") != input_uri or tags.get(Tag.GIT_COMMIT) != commit:
-            continue
-        if any(params.get(k, flat[k]) != flat[k] for k in flat):  # the logged resolved config agrees
-            continue
-        return run.info.run_id
-    return None
+    """A FINISHED run of `entry_point` with the same reuse key (tracking/reuse.py: resolved config, input URI, git
+    commit, data digests) and the same logged config."""
+    key = reuse_key(entry_point, cfg, input_uri, load_splits(cfg), commit=commit)
+    return find_phase_run(lineage.client(), experiment_id, key, cfg)
 
 
 class Pipeline:

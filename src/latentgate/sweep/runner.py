@@ -20,7 +20,6 @@ ask under a file lock, so they never start more trials than the budget.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -36,7 +35,7 @@ from mlflow.exceptions import MlflowException
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import TrialState
 
-from latentgate.config import config_hash, flatten
+from latentgate.config import flatten
 from latentgate.errors import CheckpointError, ConfigError, Interrupted, StoreError
 from latentgate.phases.smoke import run_output_dir
 from latentgate.phases.stages import run_base, run_stage
@@ -50,6 +49,7 @@ from latentgate.sweep.study import StudySpec, build_pruner, build_sampler, spec_
 from latentgate.tracking import lineage
 from latentgate.tracking.lineage import RunUri
 from latentgate.tracking.progress import task
+from latentgate.tracking.reuse import SWEEP_STAGE_A, reuse_key
 from latentgate.tracking.runs import adopt_project_run, setup_experiment, tracked_run, tracking_uri
 from latentgate.tracking.secrets import mask_secrets
 from latentgate.train.manifest import COMPAT_KEYS, check_compat, read_manifest
@@ -161,9 +161,11 @@ def _describe_last(study) -> str:
 # ---- coordinator -----------------------------------------------------------------------------------------------
 
 def ensure_stage_a(spec: StudySpec, cfg, echo=print) -> str:
-    """`resume_from: auto`: reuse a FINISHED Stage A run with the same config (base, data, model, stage_a), or run
+    """`resume_from: auto`: reuse a FINISHED Stage A run with the same reuse key (tracking/reuse.py, scope
+    SWEEP_STAGE_A: the config's data, base, model but LoRA, and stage_a; git commit; data digests), or run
     base + Stage A once (as children of the active run). Returns its checkpoint URI."""
-    key = config_hash(cfg, ("data", "base", "stage_a")) + "-" + _model_key(cfg)
+    splits = load_splits(cfg)
+    key = reuse_key(SWEEP_STAGE_A, cfg, splits=splits).digest()
     exp = mlflow.get_experiment_by_name(cfg.run.experiment)
     ids = [exp.experiment_id] if exp else []
     active = mlflow.active_run()
@@ -178,15 +180,9 @@ def ensure_stage_a(spec: StudySpec, cfg, echo=print) -> str:
             return str(RunUri(runs[0].info.run_id, Artifact.checkpoint("stage_a")))
     echo("resume_from: auto -> training the base LM (or reusing a registered one) and Stage A once")
     out = run_output_dir(cfg, f"sweep-{spec.name}-stage_a")
-    splits = load_splits(cfg)
     base = run_base(cfg, out, splits)["base"]
     a = run_stage(cfg, "stage_a", base, out, splits, tags={SweepTag.STAGE_A_KEY: key, SweepTag.STUDY: spec.name})
     return a["checkpoint_uri"]
-
-
-def _model_key(cfg) -> str:
-    keep = {k: v for k, v in flatten(cfg).items() if k.startswith("model.") and not k.startswith("model.lora_")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def _check_resume(spec: StudySpec, cfg, uri: str) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 
 from latentgate import config
-from latentgate.config import load_yaml_mapping
+from latentgate.config_parse import coerce, load_yaml_mapping
 from latentgate.errors import ConfigError, did_you_mean
 from latentgate.safety import refuse_loop
 from latentgate.schema import EvalKey, EvalPath, Probe, Summary
@@ -310,7 +310,7 @@ def _check_space(space, table: dict, where: str, preset: str, overrides: dict) -
             choices = d.get("choices")
             if not isinstance(choices, list) or not choices:
                 raise ConfigError(f"{where}: search_space.{key}.choices must be a non-empty list", "list the values")
-            p.choices = [config._coerce(key, field_type, c) for c in choices]
+            p.choices = [coerce(key, field_type, c) for c in choices]
             values = p.choices
         else:
             want = float if typ == "float" else int
@@ -342,7 +342,7 @@ def _check_space(space, table: dict, where: str, preset: str, overrides: dict) -
             if cond_key not in out or out[cond_key].type != "categorical" or out[cond_key].when:
                 raise ConfigError(f"{where}: search_space.{key}.when names {cond_key!r}, which is not an "
                                   "unconditional categorical key of the search space", "condition on such a key")
-            if config._coerce(cond_key, table[cond_key][0], cond_val) not in out[cond_key].choices:
+            if coerce(cond_key, table[cond_key][0], cond_val) not in out[cond_key].choices:
                 raise ConfigError(f"{where}: search_space.{key}.when: {cond_val!r} is not a choice of {cond_key}",
                                   f"use one of {out[cond_key].choices}")
     out = {k: p for k, p in out.items() if not p.when} | {k: p for k, p in out.items() if p.when}

@@ -22,10 +22,11 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from latentgate.config import Config, config_hash
+from latentgate.config import Config
 from latentgate.errors import CheckpointError
 from latentgate.safety import refuse_loop
 from latentgate.schema import Artifact, Tag
+from latentgate.tracking.reuse import BASE, config_key
 from latentgate.tracking.runs import local_artifacts, tracking_uri
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -160,9 +161,8 @@ def base_source(tag: str) -> tuple[str, str]:
 
 
 def base_hash(cfg: Config) -> str:
-    """What identifies a trained base LM: its data and base config (the sanity-gate thresholds do not)."""
-    runtime = ("base.gate_", "base.gradient_checkpointing", "base.attn_implementation")  # same weights either way
-    return config_hash(cfg, ("base", "data"), exclude=runtime)
+    """What identifies a trained base LM: its data and base config (the reuse key's scope `base`)."""
+    return config_key(BASE, cfg)
 
 
 def find_registered_base(cfg: Config) -> BaseLM | None:
