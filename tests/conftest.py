@@ -52,7 +52,7 @@ def micro_cfg():
 
 @pytest.fixture(scope="session")
 def micro_smoke(mlflow_store, micro_cfg, tmp_path_factory):
-    """One end-to-end micro smoke (seconds) in the shared store: its summary dict (run ids, output dir)."""
+    """One end-to-end micro smoke (seconds) in the shared store: its SmokeResult (run ids, output dir)."""
     import dataclasses
 
     from latentgate.phases.smoke import run_smoke

@@ -54,9 +54,9 @@ def test_report_figures_equal_values_recomputed_from_metric_history(micro_smoke,
     # the shipped rules at micro scale: the shipped file refuses the micro smoke's 24 unpinned eval questions
     # (test_the_shipped_checklist_refuses_the_micro_smoke_on_provenance), this copy judges what it learned
     checklist = micro_scale_checklist(tmp_path, micro_cfg, load_splits(micro_cfg)["eval"])
-    rep, files = analyze(micro_smoke["run_id"], tmp_path / "out", log=True, last_n=2, checklist_path=checklist)
+    rep, files = analyze(micro_smoke.run_id, tmp_path / "out", log=True, last_n=2, checklist_path=checklist)
     client = MlflowClient()
-    kids = micro_smoke["children"]
+    kids = micro_smoke.children
 
     for stage in ("stage_a", "stage_b"):
         probes = _history(client, kids[stage], f"{stage}/probe_first_acc")
@@ -118,11 +118,11 @@ def test_report_figures_equal_values_recomputed_from_metric_history(micro_smoke,
         s["peak_first_acc"] for s in rep["stages"] if s["run_id"] == kids["stage_b"])
 
     # report.md, report.json and the plots were logged to the run; report.json is the report.
-    logged = {a.path for a in client.list_artifacts(micro_smoke["run_id"], "analysis")}
+    logged = {a.path for a in client.list_artifacts(micro_smoke.run_id, "analysis")}
     assert {"analysis/report.md", "analysis/report.json", "analysis/plots"} <= logged
-    plots = {Path(a.path).name for a in client.list_artifacts(micro_smoke["run_id"], "analysis/plots")}
+    plots = {Path(a.path).name for a in client.list_artifacts(micro_smoke.run_id, "analysis/plots")}
     assert {"first_acc.png", "losses.png", "grad_norm.png", "f1_histogram.png", "error_modes.png"} <= plots
-    got = json.loads(Path(client.download_artifacts(micro_smoke["run_id"], "analysis/report.json",
+    got = json.loads(Path(client.download_artifacts(micro_smoke.run_id, "analysis/report.json",
                                                     str(tmp_path / "dl"))).read_text())
     assert got["stages"][-1]["peak_first_acc"] == rep["stages"][-1]["peak_first_acc"]
     for f in files:
@@ -136,7 +136,7 @@ def test_the_shipped_checklist_refuses_the_micro_smoke_on_provenance(micro_smoke
     from latentgate.analysis.history import load_run_bundle
     from latentgate.analysis.report import build_report
 
-    rep = build_report(load_run_bundle(micro_smoke["run_id"]))
+    rep = build_report(load_run_bundle(micro_smoke.run_id))
     assert rep["readiness"]["source"] == "latentgate.registry.gate"
     rows = {r["name"]: r for r in rep["readiness"]["rows"]}
     assert not rows["eval_size"]["passed"] and rows["eval_size"]["observed"] == 24
@@ -151,13 +151,13 @@ def test_the_shipped_checklist_refuses_the_micro_smoke_on_provenance(micro_smoke
 def test_analyze_accepts_a_stage_run_an_eval_run_and_the_cli(micro_smoke, tmp_path):
     from latentgate.analysis.history import load_run_bundle
 
-    stage = load_run_bundle(micro_smoke["children"]["stage_b"])
+    stage = load_run_bundle(micro_smoke.children["stage_b"])
     assert [s.stage for s in stage.stages] == ["stage_b"] and not stage.evals
-    ev = load_run_bundle(micro_smoke["children"]["eval"])  # the stage it scored comes along (checkpoint tag)
-    assert [s.run_id for s in ev.stages] == [micro_smoke["children"]["stage_b"]]
+    ev = load_run_bundle(micro_smoke.children["eval"])  # the stage it scored comes along (checkpoint tag)
+    assert [s.run_id for s in ev.stages] == [micro_smoke.children["stage_b"]]
     assert len(ev.evals) == 1 and ev.evals[0].rows
 
-    result = _invoke("analyze", micro_smoke["run_id"], "--no-log", "--no-plots", "--out", str(tmp_path / "o"))
+    result = _invoke("analyze", micro_smoke.run_id, "--no-log", "--no-plots", "--out", str(tmp_path / "o"))
     assert result.exit_code == 0, result.output
     assert "First-token learning" in result.output and "Recommendation:" in result.output
     md = (tmp_path / "o" / "report.md").read_text()
@@ -169,7 +169,7 @@ def test_analyze_accepts_a_stage_run_an_eval_run_and_the_cli(micro_smoke, tmp_pa
     import runpy
     import sys
 
-    diag = Path(micro_smoke["output_dir"]) / "stage_b" / "diagnostics.jsonl"
+    diag = Path(micro_smoke.output_dir) / "stage_b" / "diagnostics.jsonl"
     argv = sys.argv
     sys.argv = ["analyze_breakthrough.py", str(diag), "--json", "--no-plots"]
     try:
@@ -313,7 +313,7 @@ def test_recommendation_branches_on_three_synthetic_histories(mlflow_store, tmp_
 def test_stage_and_eval_plots_are_valid_pngs_and_fast(micro_smoke, tmp_path):
     from latentgate.analysis.plots import make_eval_plots, make_stage_plots
 
-    out = Path(micro_smoke["output_dir"])
+    out = Path(micro_smoke.output_dir)
     make_stage_plots(out / "stage_a" / "diagnostics.jsonl", tmp_path / "warm")  # first call pays the imports
     t0 = time.perf_counter()
     stage = make_stage_plots(out / "stage_b" / "diagnostics.jsonl", tmp_path / "b")
@@ -460,12 +460,12 @@ def test_compare_two_runs(micro_smoke, mlflow_store, tmp_path):
     other = _synthetic_run(client, exp_id, tmp_path, *HISTORIES["phase3"])
     client.log_param(other, "stage_b.lr", "1e-4")
     plot = tmp_path / "overlay.png"
-    result = _invoke("compare", micro_smoke["run_id"], other, "--plot", str(plot), "--json")
+    result = _invoke("compare", micro_smoke.run_id, other, "--plot", str(plot), "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    assert [r["run_id"] for r in data["runs"]] == [micro_smoke["run_id"], other]
+    assert [r["run_id"] for r in data["runs"]] == [micro_smoke.run_id, other]
     assert data["runs"][1]["peak_first_acc"] == 0.14 and data["runs"][1]["peak_step"] == 20
-    eval_metrics = client.get_run(micro_smoke["children"]["eval"]).data.metrics
+    eval_metrics = client.get_run(micro_smoke.children["eval"]).data.metrics
     assert data["runs"][0]["latent_f1"] == eval_metrics["eval/latent/f1"]
     assert "stage_b.lr" in data["differing_params"]
     _assert_png(plot)

@@ -108,7 +108,7 @@ def run_chain(role: str, conf: Configuration, cfg: Config, echo) -> dict:
     tags = {CalibrateTag.ROLE: role, CalibrateTag.CONFIG_HASH: config_hash(cfg), CalibrateTag.REUSE_KEY: key.digest(),
             CalibrateTag.CONFIGURATION: conf.name}
     try:
-        run_id = run_smoke(cfg, conf.preset, name=CHAIN_NAME[role], tags=tags)["run_id"]
+        run_id = run_smoke(cfg, conf.preset, name=CHAIN_NAME[role], tags=tags).run_id
     except DETERMINISTIC_FAILURES as err:
         echo(f"  {role}: failed ({type(err).__name__}: {str(err)[:160]}); recorded as an outcome")
         run_id = find_chain(key, cfg)

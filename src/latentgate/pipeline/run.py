@@ -147,9 +147,9 @@ class InProcessRunner:
     def run(self, entry_point: str, params: dict) -> str:
         if entry_point == "hero":
             request = HeroRequest(scale=float(params["scale"]) or None, checklist=params["checklist"] or None)
-            return hero(request)["run_id"]
+            return hero(request).run_id
         cfg = resolve(params["preset"], parse_set_args([params.get("overrides", "")]))
-        return run_entry(entry_point, cfg, params["preset"], params.get(INPUT_PARAM.get(entry_point, ""), ""))["run_id"]
+        return run_entry(entry_point, cfg, params["preset"], params.get(INPUT_PARAM.get(entry_point, ""), "")).run_id
 
 
 def _wait(entry_point: str, submitted) -> str:
