@@ -1,11 +1,15 @@
 """The plan's decision tree, pure: what one phase produced (`PhaseEvidence`) -> the next phase (`decide`). The
 pipeline follows it and the analysis report recommends with it; every threshold and comparison comes from the
-checklist (registry/hero.yaml through `registry.checklist`)."""
+checklist (registry/hero.yaml through `registry.checklist`).
+
+`evidence_from_report` and `collapse_of` are the one place that reads the gate's report (registry/gate.py
+check_candidate) for the pipeline's decision and the analysis report: neither computes a figure of its own."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from latentgate.eval.controls import Collapse
 from latentgate.registry.checklist import BREAKTHROUGH, COLLAPSE, LEARNING, QUALITY
 
 # next_phase values
@@ -97,7 +101,7 @@ def evidence_from_report(report, checklist, phase: str, budget_left_s: float | N
     def row(name: str) -> dict:
         return report.row(name) or {}
 
-    learning, collapse = row(LEARNING), row(COLLAPSE).get("collapse") or {}
+    learning, collapse = row(LEARNING), collapse_of(report)
     shown = learning.get("shown") or {}
     params = learning.get("params") or {}
     show = params.get("show") or []
@@ -107,11 +111,20 @@ def evidence_from_report(report, checklist, phase: str, budget_left_s: float | N
     return PhaseEvidence(phase=phase, f1_max=row(BREAKTHROUGH).get("observed"), first_acc=raw,
                          checklist_passed=bool(report.passed), f1_mean=row(QUALITY).get("observed"),
                          first_acc_lift=learning.get("observed"), first_acc_const=const,
-                         first_acc_shuffled=shuffled, top_prediction_share=collapse.get("top_prediction_share"),
-                         repetition_rate=collapse.get("repetition_rate"), top_k_share=collapse.get("top_k_share"),
-                         empty_share=collapse.get("empty_share"), checklist_failed=failed,
+                         first_acc_shuffled=shuffled,
+                         top_prediction_share=None if collapse is None else collapse.top_prediction_share,
+                         repetition_rate=None if collapse is None else collapse.repetition_rate,
+                         top_k_share=None if collapse is None else collapse.top_k_share,
+                         empty_share=None if collapse is None else collapse.empty_share, checklist_failed=failed,
                          provenance_failed=provenance, budget_left_s=budget_left_s, launch_hero=launch_hero,
                          run_ids=dict(run_ids or {}))
+
+
+def collapse_of(report) -> Collapse | None:
+    """The collapse statistics the gate judged (the evidence of its no_mode_collapse row, computed once by
+    eval/controls.py collapse_stats); None without a report or without that evidence."""
+    stats = ((report.row(COLLAPSE) if report is not None else None) or {}).get("collapse")
+    return Collapse(**stats) if stats else None
 
 
 def fmt_value(v) -> str:
