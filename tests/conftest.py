@@ -52,7 +52,7 @@ def micro_cfg():
 
 @pytest.fixture(scope="session")
 def micro_smoke(mlflow_store, micro_cfg, tmp_path_factory):
-    """One end-to-end micro smoke (seconds) in the shared store: its summary dict (run ids, output dir)."""
+    """One end-to-end micro smoke (seconds) in the shared store: its SmokeResult (run ids, output dir)."""
     import dataclasses
 
     from latentgate.phases.smoke import run_smoke
@@ -270,3 +270,79 @@ def sp_ws(sp_lm_dir, micro_cfg):
 
     cfg = config.resolve("micro", {"base.name": str(sp_lm_dir)})
     return build_workspace(cfg, cfg.base.name, load_splits(cfg))
+
+
+def recorded_candidate(folder: Path, probes: dict[int, float], latent_f1: list[float], const: float = 0.01,
+                       grad: float = 2.0, steps: int = 30) -> dict:
+    """A real recorded lineage in the session's store, as the registry gate reads one: a parent smoke run with base,
+    Stage A, Stage B and eval children, all FINISHED at one commit. Stage A and B log loss, grad norm (`grad`) and
+    first_acc at every one of `steps` optimizer steps; Stage B logs its raw probe first-token accuracy at the steps
+    of `probes` with the probe's controls (constant guess `const`, shuffled latent 0) and their lift. The eval run
+    scored the smoke preset's pinned eval set (its 200 questions; the digest tag and every row's example hash
+    match the shipped pin), latent F1 `latent_f1[i]` on question i: 'paris' where F1 > 0, a different wrong answer
+    everywhere else, none repetitive. Returns {"parent", "stage_b", "eval"} run ids."""
+    import json  # lazy: conftest sets the environment before anything heavy is imported
+
+    import mlflow  # lazy: as above
+    from mlflow import MlflowClient  # lazy: as above
+    from mlflow.entities import Metric, Param  # lazy: as above
+
+    from latentgate.config import config_hash, flatten, resolve  # lazy: as above
+    from latentgate.registry.checklist import load_checklist  # lazy: as above
+    from latentgate.tracking.tracker import example_sha256  # lazy: as above
+    from latentgate.train.workspace import load_splits  # lazy: as above
+
+    client = MlflowClient()
+    exp = mlflow.get_experiment_by_name("latentgate").experiment_id
+    now = int(time.time() * 1000)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    parent = client.create_run(exp, run_name="recorded", tags={"latentgate.phase": "smoke"}).info.run_id
+
+    def child(phase: str, **tags) -> str:
+        return client.create_run(exp, run_name=phase, tags={"latentgate.phase": phase, "mlflow.parentRunId": parent,
+                                                             "latentgate.git_commit": commit, **tags}).info.run_id
+
+    base = child("base")
+    stage_a = child("stage_a")
+    stage_b = child("stage_b", **{"latentgate.init_from": f"runs:/{stage_a}/checkpoints/stage_a",
+                                  "latentgate.base_run": base})
+    for stage, run in (("stage_a", stage_a), ("stage_b", stage_b)):
+        metrics = []
+        for step in range(1, steps + 1):
+            metrics += [Metric(f"{stage}/loss", 5.0 - step * 0.01, now, step),
+                        Metric(f"{stage}/grad_norm", grad, now, step), Metric(f"{stage}/first_acc", 0.05, now, step)]
+            if stage == "stage_b" and step in probes:
+                acc = probes[step]
+                metrics += [Metric("stage_b/probe_first_acc", acc, now, step),
+                            Metric("stage_b/probe_first_acc_lo", acc / 2, now, step),
+                            Metric("stage_b/probe_first_acc_hi", min(1.0, acc * 2), now, step),
+                            Metric("stage_b/probe_first_acc_const", const, now, step),
+                            Metric("stage_b/probe_first_acc_shuffled", 0.0, now, step),
+                            Metric("stage_b/probe_first_acc_lift", acc - const, now, step)]
+        client.log_batch(run, metrics=metrics, params=[Param(f"{stage}.steps", str(steps))])
+    smoke = resolve("smoke")
+    digest = load_checklist().pinned_digest(config_hash(smoke, ("data",)))
+    ev = child("eval", **{"latentgate.checkpoint": f"runs:/{stage_b}/checkpoints/stage_b",
+                          "latentgate.base_run": base, "dataset.eval.digest": digest})
+    examples = load_splits(smoke)["eval"]  # the pinned eval set: its rows hash to the pinned digest
+    rows = [{"id": ex.id, "path": "latent", "question": ex.question, "references": ["paris"],
+             "prediction": "paris" if f > 0 else f"x{i}", "first_token": i, "em": float(f == 1.0), "f1": f,
+             "first_token_correct": f > 0, "error_mode": "correct" if f == 1.0 else "wrong_entity",
+             "example_sha256": example_sha256(ex)} for i, (f, ex) in enumerate(zip(latent_f1, examples, strict=True))]
+    rows += [{**r, "path": "text", "f1": 0.8} for r in rows]
+    mean = sum(latent_f1) / len(latent_f1)
+    top_share = max(sum(f > 0 for f in latent_f1), 1) / len(latent_f1)
+    paths = {"latent": {"f1": mean, "em": mean, "n": len(latent_f1), "top_prediction_share": top_share,
+                        "repetition_rate": 0.0},
+             "text": {"f1": 0.8}, "zero_latent": {"f1": 0.0}, "shuffled_latent": {"f1": 0.0}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "eval_detailed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "metrics.json").write_text(json.dumps({"paths": paths}))
+    client.log_artifact(ev, str(folder / "eval_detailed.jsonl"))
+    client.log_artifact(ev, str(folder / "metrics.json"))
+    params = [Param(k, str(v)) for k, v in flatten(smoke).items()]  # the config the eval ran with
+    client.log_batch(ev, metrics=[Metric(f"eval/{p}/{k}", v, now, 0) for p, m in paths.items() for k, v in m.items()
+                                  if k != "n"], params=params)
+    for run in (base, stage_a, stage_b, ev, parent):
+        client.set_terminated(run)
+    return {"parent": parent, "stage_b": stage_b, "eval": ev}

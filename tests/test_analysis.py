@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import micro_scale_checklist
+from conftest import micro_scale_checklist, recorded_candidate
+from latentgate.schema import Probe
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,9 +55,9 @@ def test_report_figures_equal_values_recomputed_from_metric_history(micro_smoke,
     # the shipped rules at micro scale: the shipped file refuses the micro smoke's 24 unpinned eval questions
     # (test_the_shipped_checklist_refuses_the_micro_smoke_on_provenance), this copy judges what it learned
     checklist = micro_scale_checklist(tmp_path, micro_cfg, load_splits(micro_cfg)["eval"])
-    rep, files = analyze(micro_smoke["run_id"], tmp_path / "out", log=True, last_n=2, checklist_path=checklist)
+    rep, files = analyze(micro_smoke.run_id, tmp_path / "out", log=True, last_n=2, checklist_path=checklist)
     client = MlflowClient()
-    kids = micro_smoke["children"]
+    kids = micro_smoke.children
 
     for stage in ("stage_a", "stage_b"):
         probes = _history(client, kids[stage], f"{stage}/probe_first_acc")
@@ -118,11 +119,11 @@ def test_report_figures_equal_values_recomputed_from_metric_history(micro_smoke,
         s["peak_first_acc"] for s in rep["stages"] if s["run_id"] == kids["stage_b"])
 
     # report.md, report.json and the plots were logged to the run; report.json is the report.
-    logged = {a.path for a in client.list_artifacts(micro_smoke["run_id"], "analysis")}
+    logged = {a.path for a in client.list_artifacts(micro_smoke.run_id, "analysis")}
     assert {"analysis/report.md", "analysis/report.json", "analysis/plots"} <= logged
-    plots = {Path(a.path).name for a in client.list_artifacts(micro_smoke["run_id"], "analysis/plots")}
+    plots = {Path(a.path).name for a in client.list_artifacts(micro_smoke.run_id, "analysis/plots")}
     assert {"first_acc.png", "losses.png", "grad_norm.png", "f1_histogram.png", "error_modes.png"} <= plots
-    got = json.loads(Path(client.download_artifacts(micro_smoke["run_id"], "analysis/report.json",
+    got = json.loads(Path(client.download_artifacts(micro_smoke.run_id, "analysis/report.json",
                                                     str(tmp_path / "dl"))).read_text())
     assert got["stages"][-1]["peak_first_acc"] == rep["stages"][-1]["peak_first_acc"]
     for f in files:
@@ -136,7 +137,7 @@ def test_the_shipped_checklist_refuses_the_micro_smoke_on_provenance(micro_smoke
     from latentgate.analysis.history import load_run_bundle
     from latentgate.analysis.report import build_report
 
-    rep = build_report(load_run_bundle(micro_smoke["run_id"]))
+    rep = build_report(load_run_bundle(micro_smoke.run_id))
     assert rep["readiness"]["source"] == "latentgate.registry.gate"
     rows = {r["name"]: r for r in rep["readiness"]["rows"]}
     assert not rows["eval_size"]["passed"] and rows["eval_size"]["observed"] == 24
@@ -151,13 +152,13 @@ def test_the_shipped_checklist_refuses_the_micro_smoke_on_provenance(micro_smoke
 def test_analyze_accepts_a_stage_run_an_eval_run_and_the_cli(micro_smoke, tmp_path):
     from latentgate.analysis.history import load_run_bundle
 
-    stage = load_run_bundle(micro_smoke["children"]["stage_b"])
+    stage = load_run_bundle(micro_smoke.children["stage_b"])
     assert [s.stage for s in stage.stages] == ["stage_b"] and not stage.evals
-    ev = load_run_bundle(micro_smoke["children"]["eval"])  # the stage it scored comes along (checkpoint tag)
-    assert [s.run_id for s in ev.stages] == [micro_smoke["children"]["stage_b"]]
+    ev = load_run_bundle(micro_smoke.children["eval"])  # the stage it scored comes along (checkpoint tag)
+    assert [s.run_id for s in ev.stages] == [micro_smoke.children["stage_b"]]
     assert len(ev.evals) == 1 and ev.evals[0].rows
 
-    result = _invoke("analyze", micro_smoke["run_id"], "--no-log", "--no-plots", "--out", str(tmp_path / "o"))
+    result = _invoke("analyze", micro_smoke.run_id, "--no-log", "--no-plots", "--out", str(tmp_path / "o"))
     assert result.exit_code == 0, result.output
     assert "First-token learning" in result.output and "Recommendation:" in result.output
     md = (tmp_path / "o" / "report.md").read_text()
@@ -169,7 +170,7 @@ def test_analyze_accepts_a_stage_run_an_eval_run_and_the_cli(micro_smoke, tmp_pa
     import runpy
     import sys
 
-    diag = Path(micro_smoke["output_dir"]) / "stage_b" / "diagnostics.jsonl"
+    diag = Path(micro_smoke.output_dir) / "stage_b" / "diagnostics.jsonl"
     argv = sys.argv
     sys.argv = ["analyze_breakthrough.py", str(diag), "--json", "--no-plots"]
     try:
@@ -188,87 +189,47 @@ def test_analyze_accepts_a_stage_run_an_eval_run_and_the_cli(micro_smoke, tmp_pa
 CONST = 0.01  # the synthetic probes' constant-guess control (the shuffled-latent one is 0)
 
 
-def _synthetic_run(client, exp_id: str, tmp: Path, probes: list[tuple[int, float]], latent_f1s: list[float],
-                   text_f1: float = 0.8) -> str:
-    """A real parent run with a stage_b child (step metrics, the probe's controls and lift) and an eval child
-    (metrics + eval_detailed.jsonl)."""
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    parent = client.create_run(exp_id, run_name="synthetic", tags={"latentgate.phase": "smoke"}).info.run_id
-    sb = client.create_run(exp_id, run_name="stage_b", tags={"latentgate.phase": "stage_b",
-                                                              "mlflow.parentRunId": parent}).info.run_id
-    metrics = []
-    probe_at = dict(probes)
-    for step in range(1, max(probe_at) + 1):
-        metrics += [Metric("stage_b/loss", 5.0 - step * 0.01, now, step), Metric("stage_b/grad_norm", 2.0, now, step),
-                    Metric("stage_b/first_acc", probe_at.get(step, 0.05), now, step)]
-        if step in probe_at:
-            metrics += [Metric("stage_b/probe_first_acc", probe_at[step], now, step),
-                        Metric("stage_b/probe_first_acc_lo", probe_at[step] / 2, now, step),
-                        Metric("stage_b/probe_first_acc_hi", probe_at[step] * 2, now, step),
-                        Metric("stage_b/probe_first_acc_const", CONST, now, step),
-                        Metric("stage_b/probe_first_acc_shuffled", 0.0, now, step),
-                        Metric("stage_b/probe_first_acc_lift", probe_at[step] - CONST, now, step)]
-    client.log_batch(sb, metrics=metrics)
-    client.set_terminated(sb)
-    ev = client.create_run(exp_id, run_name="eval", tags={"latentgate.phase": "eval", "mlflow.parentRunId": parent,
-                                                          "latentgate.checkpoint": f"runs:/{sb}/checkpoints/stage_b"})
-    ev = ev.info.run_id
-    mean = sum(latent_f1s) / len(latent_f1s)
-    rows = [{"id": f"q{i}", "path": "latent", "question": "?", "references": ["paris"],
-             "prediction": "paris" if f > 0 else f"x{i}", "first_token": i, "em": float(f == 1.0), "f1": f,
-             "first_token_correct": f > 0, "error_mode": "correct" if f == 1.0 else "wrong_entity"}
-            for i, f in enumerate(latent_f1s)]
-    rows += [{**r, "path": "text", "f1": text_f1} for r in rows]
-    out = tmp / ev
-    out.mkdir(parents=True)
-    (out / "eval_detailed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    client.log_artifact(ev, str(out / "eval_detailed.jsonl"))
-    client.log_batch(ev, metrics=[Metric(f"eval/{p}/{k}", v, now, 0) for p, k, v in (
-        ("latent", "f1", mean), ("latent", "em", 0.0), ("latent", "repetition_rate", 0.0),
-        ("latent", "top_prediction_share", 1 / len(rows)), ("text", "f1", text_f1),
-        ("zero_latent", "f1", 0.0), ("shuffled_latent", "f1", 0.0))])
-    client.set_terminated(ev)
-    client.set_terminated(parent)
-    return parent
-
-
-HISTORIES = {  # verdict: (probe history of stage B (raw; lift = raw - 1%), per-example latent F1 over 200 questions:
-    # every wrong answer different, so 4 of them are not "4 answers for half the inputs")
-    "hero-ready": ([(10, 0.05), (20, 0.15), (30, 0.14)], [0.0, 1.0, 0.0, 0.0] * 50),
-    "phase3": ([(10, 0.05), (20, 0.14), (30, 0.13)], [0.0, 0.0, 0.0, 0.0] * 50),
-    "phase2": ([(10, 0.02), (20, 0.08), (30, 0.06)], [0.0, 0.0, 0.0, 0.0] * 50),
+HISTORIES = {  # verdict: (probe history of stage B (raw; lift = raw - 1%), per-example latent F1 over the smoke's 200
+    # eval questions: every wrong answer different, so 4 of them are not "4 answers for half the inputs")
+    "hero-ready": ({10: 0.05, 20: 0.15, 30: 0.14}, [0.0, 1.0, 0.0, 0.0] * 50),
+    "phase3": ({10: 0.05, 20: 0.14, 30: 0.13}, [0.0, 0.0, 0.0, 0.0] * 50),
+    "phase2": ({10: 0.02, 20: 0.08, 30: 0.06}, [0.0, 0.0, 0.0, 0.0] * 50),
 }
 
 
 def test_recommendation_branches_on_three_synthetic_histories(mlflow_store, tmp_path):
-    import mlflow
     import yaml
-    from mlflow import MlflowClient
 
     from latentgate.analysis.history import load_run_bundle
     from latentgate.analysis.report import build_report, recommend
     from latentgate.registry.checklist import load_checklist
     from latentgate.registry.decisions import PhaseEvidence
 
-    client = MlflowClient()
-    exp_id = mlflow.get_experiment_by_name("latentgate").experiment_id
     bundles = {}
     for verdict, (probes, f1s) in HISTORIES.items():
-        bundles[verdict] = load_run_bundle(_synthetic_run(client, exp_id, tmp_path, probes, f1s))
-        # the local evaluation of the checklist (the registry gate also demands lineage and a pinned dataset,
-        # which synthetic runs do not have)
-        rep = build_report(bundles[verdict], use_gate=False)
+        # a whole recorded lineage on the pinned eval set: the registry gate judges it, and the report shows that
+        runs = recorded_candidate(tmp_path / verdict, probes, f1s, const=CONST)
+        bundles[verdict] = load_run_bundle(runs["parent"])
+        rep = build_report(bundles[verdict])
+        assert rep["readiness"]["source"] == "latentgate.registry.gate"
         assert rep["recommendation"]["verdict"] == verdict, rep["recommendation"]
         assert rep["readiness"]["passed"] is (verdict == "hero-ready")
         assert rep["recommendation"]["threshold"] == rep["readiness"]["thresholds"]["first_token_learning"]
-    hero = build_report(bundles["hero-ready"], use_gate=False)
+    hero = build_report(bundles["hero-ready"])
     learning = next(r for r in hero["readiness"]["rows"] if r["name"] == "first_token_learning")
     assert learning["observed"] == pytest.approx(0.13)  # the final lift, not the peak's 0.14; its detail says so
-    assert learning["detail"] == "final lift at step 30: first_acc 0.14, constant guess 0.01, shuffled latent 0"
+    assert learning["detail"].startswith("at the final step 30: probe_first_acc 0.14, probe_first_acc_const 0.01")
+    assert hero["recommendation"]["first_acc_lift"] == learning["observed"]  # the gate's figure, never a second one
+    stage_b = next(s for s in hero["stages"] if s["stage"] == "stage_b")
+    # the report's stage figures: the peak lift and the controls at its step (registry.series, as the gate's peaks)
+    assert (stage_b["peak_first_acc_lift"], stage_b["peak_lift_step"]) == (pytest.approx(0.14), 20)
+    assert (stage_b[Probe.CONST], stage_b["peak_first_acc"], stage_b["regression_pct"]) == \
+        (CONST, 0.15, pytest.approx(100 / 15))
+    # the collapse statistics are the gate's evidence (its no_mode_collapse row), at the checklist's top_k
+    collapse = hero["eval"]["collapse"]
+    assert (collapse["n"], collapse["top_prediction"], collapse["top_prediction_share"]) == (200, "paris", 0.25)
+    assert collapse["top_k"] == load_checklist().collapse_rule().top_k
     assert hero["eval"]["breakthrough"]["first_f1_nonzero_idx"] == 1
-    assert hero["eval"]["breakthrough"]["example"]["id"] == "q1"
 
     # The pure function (the pipeline's decision tree), at the edges: the final LIFT over the controls decides.
     cl = load_checklist()
@@ -300,9 +261,38 @@ def test_recommendation_branches_on_three_synthetic_histories(mlflow_store, tmp_
                 c["threshold"] = threshold
         custom = tmp_path / f"checklist-{threshold}.yaml"
         custom.write_text(yaml.safe_dump(data))
-        rep = build_report(bundles["phase2"], checklist_path=custom, use_gate=False)
+        rep = build_report(bundles["phase2"], checklist_path=custom)
         assert rep["readiness"]["thresholds"]["first_token_learning"] == threshold
         assert rep["recommendation"]["verdict"] == verdict, (threshold, rep["recommendation"])
+
+
+def test_the_reports_peaks_are_the_gates_and_it_never_judges_alone(tmp_path):
+    """Issue #26, evidence computed once: a peak is registry/series.py's for the gate (metric_peak, metric_final_drop)
+    and the report's stage figures alike, so a NaN probe (a diverged step) is no peak for either (the report's own
+    max() over the records once returned the NaN when it came first). Without the gate's report (here: no eval
+    run) the report shows its figures and judges nothing: no readiness rows of its own, no recommendation."""
+    import math
+
+    from latentgate.analysis.history import bundle_from_diagnostics
+    from latentgate.analysis.report import build_report, stage_figures
+    from latentgate.registry.series import Point, drop_from_peak, peak
+
+    probes = ((10, math.nan), (20, 0.15), (30, 0.15), (40, 0.12))
+    diag = tmp_path / "diagnostics.jsonl"
+    diag.write_text("".join(json.dumps({"stage": "stage_b", "global_step": step, "probe_first_acc": acc,
+                                        "probe_first_acc_const": CONST, "probe_first_acc_shuffled": 0.0,
+                                        "probe_first_acc_lift": acc - CONST}) + "\n" for step, acc in probes))
+    bundle = bundle_from_diagnostics(diag)
+    fig = stage_figures(bundle.stages[0])
+    assert (fig["peak_first_acc"], fig["peak_step"]) == (0.15, 20)  # the earliest of equal maxima, NaN skipped
+    assert (fig["peak_first_acc_lift"], fig["peak_lift_step"]) == (pytest.approx(0.14), 20)
+    assert fig["regression_pct"] == pytest.approx(100 * drop_from_peak(0.15, 0.12)) == pytest.approx(20.0)
+    assert peak(probes) == Point(20, 0.15) and peak([(1, math.nan)]) is None
+    assert drop_from_peak(0.0, 0.1) == 0.0 and math.isnan(drop_from_peak(0.15, math.nan))
+
+    rep = build_report(bundle)
+    assert rep["readiness"]["rows"] == [] and rep["readiness"]["passed"] is None
+    assert rep["readiness"]["note"].startswith("no eval run") and rep["recommendation"] is None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -313,7 +303,7 @@ def test_recommendation_branches_on_three_synthetic_histories(mlflow_store, tmp_
 def test_stage_and_eval_plots_are_valid_pngs_and_fast(micro_smoke, tmp_path):
     from latentgate.analysis.plots import make_eval_plots, make_stage_plots
 
-    out = Path(micro_smoke["output_dir"])
+    out = Path(micro_smoke.output_dir)
     make_stage_plots(out / "stage_a" / "diagnostics.jsonl", tmp_path / "warm")  # first call pays the imports
     t0 = time.perf_counter()
     stage = make_stage_plots(out / "stage_b" / "diagnostics.jsonl", tmp_path / "b")
@@ -452,20 +442,18 @@ def test_monitor_stall_exits_4_and_failed_run_exits_5(mlflow_store):
 
 
 def test_compare_two_runs(micro_smoke, mlflow_store, tmp_path):
-    import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    exp_id = mlflow.get_experiment_by_name("latentgate").experiment_id
-    other = _synthetic_run(client, exp_id, tmp_path, *HISTORIES["phase3"])
+    other = recorded_candidate(tmp_path / "other", *HISTORIES["phase3"], const=CONST)["parent"]
     client.log_param(other, "stage_b.lr", "1e-4")
     plot = tmp_path / "overlay.png"
-    result = _invoke("compare", micro_smoke["run_id"], other, "--plot", str(plot), "--json")
+    result = _invoke("compare", micro_smoke.run_id, other, "--plot", str(plot), "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    assert [r["run_id"] for r in data["runs"]] == [micro_smoke["run_id"], other]
+    assert [r["run_id"] for r in data["runs"]] == [micro_smoke.run_id, other]
     assert data["runs"][1]["peak_first_acc"] == 0.14 and data["runs"][1]["peak_step"] == 20
-    eval_metrics = client.get_run(micro_smoke["children"]["eval"]).data.metrics
+    eval_metrics = client.get_run(micro_smoke.children["eval"]).data.metrics
     assert data["runs"][0]["latent_f1"] == eval_metrics["eval/latent/f1"]
     assert "stage_b.lr" in data["differing_params"]
     _assert_png(plot)

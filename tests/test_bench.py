@@ -203,14 +203,15 @@ def test_measure_subprocess_reports_the_child_peak_rss(tmp_path):
 
 
 def test_smoke_summary_is_parsed_from_the_real_format():
+    from latentgate.phases.results import SmokeResult
     from latentgate.phases.smoke import format_summary
 
-    summary = {"run_id": "0123456789abcdef0123456789abcdef", "text_f1": 0.9, "latent_f1": 0.125, "latent_em": 0.05,
-               "stage_a_probe_first_acc": 0.2, "stage_b_probe_first_acc": None, "controls_f1": {"zero_latent": 0.0},
-               "wall_seconds": 123.4, "base_source": "reused:x", "children": {}, "output_dir": "runs/x",
-               "tracking_uri": "sqlite:////tmp/x/mlflow.db"}
+    summary = SmokeResult(run_id="0123456789abcdef0123456789abcdef", text_f1=0.9, latent_f1=0.125, latent_em=0.05,
+                          stage_a_probe_first_acc=0.2, stage_b_probe_first_acc=None,
+                          controls_f1={"zero_latent": 0.0}, wall_seconds=123.4, base_source="reused:x",
+                          output_dir="runs/x", tracking_uri="sqlite:////tmp/x/mlflow.db")
     parsed = processes.parse_smoke_summary("noise\n" + format_summary(summary) + "\n")
-    assert parsed == {"run_id": summary["run_id"], "latent_f1": 0.125, "latent_em": 0.05, "wall_seconds": 123.0,
+    assert parsed == {"run_id": summary.run_id, "latent_f1": 0.125, "latent_em": 0.05, "wall_seconds": 123.0,
                       "tracking_uri": "sqlite:////tmp/x/mlflow.db"}
 
 

@@ -38,17 +38,17 @@ def test_names_of_the_issue_and_the_trials():
 
 
 def test_run_names_say_what_differs(micro_smoke, micro_cfg):
-    kids = micro_smoke["children"]
+    kids = micro_smoke.children
     stage_b = f"stage_b fte=3 lr=5e-4 r=2 {micro_cfg.stage_b.steps} steps"  # micro: LoRA rank 2, not the default 8
     assert _run(kids["stage_a"]).info.run_name == f"stage_a fte=3 lr=1e-3 {micro_cfg.stage_a.steps} steps"
     assert _run(kids["stage_b"]).info.run_name == stage_b
     assert _run(kids["eval"]).info.run_name == f"eval of {stage_b}"
     assert _run(kids["base"]).info.run_name.startswith("base builtin 2x32 ")  # trained, or reused from a run
-    assert _run(micro_smoke["run_id"]).info.run_name == f"smoke micro ({stage_b.removeprefix('stage_b ')})"
+    assert _run(micro_smoke.run_id).info.run_name == f"smoke micro ({stage_b.removeprefix('stage_b ')})"
 
 
 def test_descriptions_carry_the_outcome(micro_smoke):
-    kids = micro_smoke["children"]
+    kids = micro_smoke.children
     ev = _run(kids["eval"])
     f1 = ev.data.metrics["eval/latent/f1"]
     assert f"Latent F1 {f1:.3f}" in ev.data.tags[NOTE] and "eval_table.json" in ev.data.tags[NOTE]
@@ -60,14 +60,14 @@ def test_descriptions_carry_the_outcome(micro_smoke):
         assert f"runs:/{run.info.run_id}/checkpoints/{stage}" in note and "Final loss " in note
     base = _run(kids["base"]).data.tags[NOTE]
     assert base.startswith("**Base LM** ") and "sanity gate passed" in base
-    parent = _run(micro_smoke["run_id"]).data.tags[NOTE]
-    assert f"latent F1 {micro_smoke['latent_f1']:.3f}" in parent and kids["eval"] in parent
+    parent = _run(micro_smoke.run_id).data.tags[NOTE]
+    assert f"latent F1 {micro_smoke.latent_f1:.3f}" in parent and kids["eval"] in parent
 
 
 def test_eval_table_has_one_row_per_question_and_path(micro_smoke, micro_cfg):
     import mlflow
 
-    ev = micro_smoke["children"]["eval"]
+    ev = micro_smoke.children["eval"]
     table = mlflow.load_table("eval_table.json", run_ids=[ev])
     detailed = Path(mlflow.artifacts.download_artifacts(run_id=ev, artifact_path="eval_detailed.jsonl"))
     rows = [json.loads(line) for line in detailed.read_text().splitlines() if line]
@@ -87,17 +87,17 @@ def test_eval_run_records_system_metrics(micro_smoke, micro_cfg, monkeypatch, tm
     from latentgate.train.workspace import load_splits
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
-    uri = f"runs:/{micro_smoke['children']['stage_b']}/checkpoints/stage_b"
-    ev = run_eval(micro_cfg, base_from_run(micro_smoke["children"]["stage_b"]), resolve_checkpoint(uri), tmp_path,
+    uri = f"runs:/{micro_smoke.children['stage_b']}/checkpoints/stage_b"
+    ev = run_eval(micro_cfg, base_from_run(micro_smoke.children["stage_b"]), resolve_checkpoint(uri), tmp_path,
                   load_splits(micro_cfg), source_uri=uri)
-    metrics = _run(ev["run_id"]).data.metrics
+    metrics = _run(ev.run_id).data.metrics
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
             "system/disk_usage_percentage"} <= set(metrics), sorted(metrics)
     assert not any(k.startswith("system/gpu") for k in metrics)  # no CUDA here: no GPU figures, and no error
 
 
 def test_datasets_are_logged_with_their_source(micro_smoke):
-    run = _run(micro_smoke["children"]["stage_a"])
+    run = _run(micro_smoke.children["stage_a"])
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     for name in ("train", "probe", "eval"):
         ds = inputs[name].dataset

@@ -240,7 +240,7 @@ def tuned(mlflow_store, micro_cfg, tmp_path_factory):
     cfg = resolve("micro", {"stage_b.first_token_ce_weight": 7.5, "stage_b.lr": 2e-3,
                             "run.output_dir": str(tmp_path_factory.mktemp("tuned"))})
     smoke = run_smoke(cfg, "micro")
-    version = register_candidate(smoke["children"]["eval"], "lg-faithful")
+    version = register_candidate(smoke.children["eval"], "lg-faithful")
     pin = {config_hash(cfg, ("data",)): dataset_digest(load_splits(cfg)["eval"])}
     return {"cfg": cfg, "smoke": smoke, "version": version, "pin": pin}
 

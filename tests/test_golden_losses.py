@@ -19,7 +19,7 @@ GOLDEN = {
 def test_first_losses_of_the_micro_smoke_are_the_recorded_ones(micro_smoke, stage):
     from mlflow import MlflowClient
 
-    history = MlflowClient().get_metric_history(micro_smoke["children"][stage], f"{stage}/loss")
+    history = MlflowClient().get_metric_history(micro_smoke.children[stage], f"{stage}/loss")
     losses = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(1, len(GOLDEN[stage]) + 1))
     assert losses == pytest.approx(GOLDEN[stage], rel=1e-6, abs=0)

@@ -44,7 +44,7 @@ def hard(mlflow_store, tmp_path_factory) -> dict:
     summary = run_smoke(cfg, "hard")
     path = micro_scale_checklist(tmp_path_factory.mktemp("hard-checklist"), cfg, load_splits(cfg)["eval"])
     checklist = load_checklist(path)
-    evidence = gather_evidence("extend", summary["children"]["stage_b"], summary["children"]["eval"],
+    evidence = gather_evidence("extend", summary.children["stage_b"], summary.children["eval"],
                                PipelineOptions(preset="hard", checklist=str(path)), None, checklist=checklist)
     return {"summary": summary, "evidence": evidence, "checklist": checklist}
 
@@ -68,11 +68,11 @@ def test_the_hard_regime_signature(hard):
     s, ev, checklist = hard["summary"], hard["evidence"], hard["checklist"]
     client = MlflowClient()
     # a competent text teacher: the base LM passed its sanity gate, and reads the answers off the text
-    assert client.get_run(s["children"]["base"]).data.metrics["text_f1"] >= resolve("hard", MICRO).base.gate_min_f1
+    assert client.get_run(s.children["base"]).data.metrics["text_f1"] >= resolve("hard", MICRO).base.gate_min_f1
     # ... while the latent path has not learned to read: its F1 is a small fraction of the teacher's
-    assert s["latent_f1"] < 0.2 * s["text_f1"]
+    assert s.latent_f1 < 0.2 * s.text_f1
     # Stage A learns nothing (the plan's "first_acc = 0.000 throughout"): never above the constant guess
-    history = {k: {m.step: m.value for m in client.get_metric_history(s["children"]["stage_a"], f"stage_a/{k}")}
+    history = {k: {m.step: m.value for m in client.get_metric_history(s.children["stage_a"], f"stage_a/{k}")}
                for k in ("probe_first_acc", "probe_first_acc_const")}
     assert history["probe_first_acc"] and all(acc <= history["probe_first_acc_const"][step] + 1e-9
                                               for step, acc in history["probe_first_acc"].items())

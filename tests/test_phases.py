@@ -65,7 +65,7 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="module")
 def stage_a_uri(micro_smoke) -> str:
-    return f"runs:/{micro_smoke['children']['stage_a']}/checkpoints/stage_a"
+    return f"runs:/{micro_smoke.children['stage_a']}/checkpoints/stage_a"
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +313,7 @@ def test_missing_or_wrong_kind_of_checkpoint_fails_before_any_run(micro_smoke, t
         entry.stage_b(cfg, str(tmp_path / "nope"))
     with pytest.raises(CheckpointError, match="does not exist|cannot resolve"):
         entry.eval_checkpoint(cfg, "runs:/0123456789abcdef0123456789abcdef/checkpoints/stage_b")
-    stage_b = f"runs:/{micro_smoke['children']['stage_b']}/checkpoints/stage_b"
+    stage_b = f"runs:/{micro_smoke.children['stage_b']}/checkpoints/stage_b"
     with pytest.raises(CheckpointError, match="is a stage_b checkpoint; this phase starts from a stage_a"):
         entry.fix(resolve("micro", {"run.output_dir": str(tmp_path), "stage_b.scheduled_sampling": "true"}), stage_b)
     assert len(all_runs()) == before
@@ -338,7 +338,7 @@ def test_a_finished_phase_is_never_overwritten(micro_smoke, stage_a_uri, monkeyp
             and r.info.status == "FINISHED"]
     if not runs:  # make one
         cfg = resolve("micro", {"run.output_dir": str(tmp_path)})
-        runs = [_client().get_run(entry.stage_b(cfg, stage_a_uri)["run_id"])]
+        runs = [_client().get_run(entry.stage_b(cfg, stage_a_uri).run_id)]
     finished = runs[0]
     metrics_before = dict(finished.data.metrics)
     with pytest.raises(ConfigError, match="never overwritten"):
@@ -492,7 +492,7 @@ def test_pipeline_phase2_branch_end_to_end(tmp_path_factory, mlflow_store, micro
     assert promote(sweep_step["best_eval_run"], checklist=sweep_rules).passed
     ran = entry.hero(HeroRequest(checklist=str(sweep_rules), scale=1,
                                  overrides={"run.output_dir": str(out / "hero")}))
-    hero_run = _client().get_run(ran["run_id"])
+    hero_run = _client().get_run(ran.run_id)
     tuned = _client().get_run(sweep_step["best_stage_b_run"]).data.params
     assert hero_run.data.tags["latentgate.hero_approved_run"] == sweep_step["best_stage_b_run"]
     hero = hero_run.data.params
@@ -553,11 +553,11 @@ def test_kill9_mid_stage_b_then_resume_matches_an_uninterrupted_run(stage_a_uri,
     # A kill can land after a metric flush and before the checkpoint it precedes (flush, then save): keys then hold
     # steps past the checkpoint. Make sure some do (as a partial flush would leave them); resume must not log them
     # twice. Keys the killed process already flushed past the checkpoint are left as they are.
-    ref_metrics = c.get_run(ref["run_id"]).data.metrics
+    ref_metrics = c.get_run(ref.run_id).data.metrics
     logged = {k: max((m.step for m in c.get_metric_history(run.info.run_id, k)), default=0) for k in ref_metrics}
     early = [Metric(k, m.value, m.timestamp, m.step) for k in ref_metrics
              if k.startswith("stage_b/") and k != "stage_b/loss" and logged[k] <= resumed_at
-             for m in c.get_metric_history(ref["run_id"], k) if m.step == resumed_at + 1]
+             for m in c.get_metric_history(ref.run_id, k) if m.step == resumed_at + 1]
     if early:
         c.log_batch(run.info.run_id, metrics=early, synchronous=True)
     past_checkpoint = sorted({k for k in ref_metrics if logged[k] > resumed_at} | {m.key for m in early})
@@ -570,16 +570,16 @@ def test_kill9_mid_stage_b_then_resume_matches_an_uninterrupted_run(stage_a_uri,
     for key in [k for k in resumed.data.metrics if k.startswith("stage_b/")]:
         steps = [m.step for m in c.get_metric_history(run.info.run_id, key)]
         assert len(steps) == len(set(steps)), f"{key}: duplicated steps {sorted(steps)}"
-        assert sorted(steps) == sorted(m.step for m in c.get_metric_history(ref["run_id"], key)), key
+        assert sorted(steps) == sorted(m.step for m in c.get_metric_history(ref.run_id, key)), key
     finals = {}
     for k in COMPARED:
         a = sorted((m.step, m.value) for m in c.get_metric_history(run.info.run_id, f"stage_b/{k}"))
-        b = sorted((m.step, m.value) for m in c.get_metric_history(ref["run_id"], f"stage_b/{k}"))
+        b = sorted((m.step, m.value) for m in c.get_metric_history(ref.run_id, f"stage_b/{k}"))
         assert a == b, k
         finals[k] = (a[-1][1], b[-1][1])
     assert past_checkpoint  # the case this guards against really was in the store
     report = {"kill_after_step": reached, "checkpoint_target": target, "resumed_from_step": resumed_at,
               "keys_in_store_past_checkpoint": len(past_checkpoint),
               "final_metrics_resumed_vs_uninterrupted": finals, "resumed_run": run.info.run_id,
-              "uninterrupted_run": ref["run_id"]}
+              "uninterrupted_run": ref.run_id}
     print("KILL-RESUME " + json.dumps(report))  # pytest -s shows it

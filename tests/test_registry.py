@@ -63,7 +63,7 @@ def lenient(tmp_path_factory, pin) -> Path:
 def latent_f1(micro_smoke) -> float:
     import mlflow
 
-    path = mlflow.artifacts.download_artifacts(run_id=micro_smoke["children"]["eval"], artifact_path="metrics.json")
+    path = mlflow.artifacts.download_artifacts(run_id=micro_smoke.children["eval"], artifact_path="metrics.json")
     return json.loads(Path(path).read_text())["paths"]["latent"]["f1"]
 
 
@@ -79,7 +79,7 @@ def candidate(micro_smoke) -> str:
     """The micro smoke's model, registered (pyfunc, models from code) as a version of `latentgate`."""
     from latentgate.registry.model import register_candidate
 
-    return register_candidate(micro_smoke["children"]["eval"], "latentgate")
+    return register_candidate(micro_smoke.children["eval"], "latentgate")
 
 
 def clone(version: str, name: str, src: str = "latentgate") -> str:
@@ -171,7 +171,7 @@ def test_passing_candidate_gets_hero_with_tags_report_and_audit(candidate, lenie
 
     report = promote(v, checklist=lenient, name=name)
     assert report.passed and report.decision == "promoted" and holder(name) == v
-    assert report.lineage == micro_smoke["children"]
+    assert report.lineage == micro_smoke.children
     tags = tags_of(name, v)
     cl = load_checklist(lenient)
     for crit in cl.criteria:  # deciding criteria all passed; the ones shown only may fail and refuse nothing
@@ -183,7 +183,7 @@ def test_passing_candidate_gets_hero_with_tags_report_and_audit(candidate, lenie
     assert audit["decision"] == "promote" and audit["passed"] is True and audit["version"] == v
     assert audit["rules_sha256"] == cl.sha256 and audit["commit"] and audit["time"]
     saved = json.loads(Path(mlflow.artifacts.download_artifacts(tags["hero.report"])).read_text())
-    assert saved["passed"] is True and saved["version"] == v and saved["eval_run"] == micro_smoke["children"]["eval"]
+    assert saved["passed"] is True and saved["version"] == v and saved["eval_run"] == micro_smoke.children["eval"]
     assert [r["name"] for r in saved["rows"]] == cl.names()
     assert all(r["passed"] for r in saved["rows"] if r["decides"])
     grad = next(r for r in saved["rows"] if r["name"] == "gradient_health")
@@ -193,7 +193,7 @@ def test_passing_candidate_gets_hero_with_tags_report_and_audit(candidate, lenie
     # the promotion pinned the registered checkpoint, and its audit names the checklist it ran under
     assert audit["checkpoint_sha256"] == tags["hero.checkpoint_sha256"] == tags["latentgate.checkpoint_sha256"]
     # check_candidate is read-only and also takes the eval run or the smoke run directly
-    assert check_candidate(micro_smoke["run_id"], lenient, name).eval_run == micro_smoke["children"]["eval"]
+    assert check_candidate(micro_smoke.run_id, lenient, name).eval_run == micro_smoke.children["eval"]
 
 
 def test_strict_checklist_refuses_and_names_failing_criteria(candidate, strict, tmp_path, pin):
@@ -229,7 +229,7 @@ def test_collapsed_predictions_are_refused(micro_smoke, lenient, tmp_path):
     from latentgate.registry.gate import check_candidate
 
     c = MlflowClient()
-    src = c.get_run(micro_smoke["children"]["eval"])
+    src = c.get_run(micro_smoke.children["eval"])
     run = c.create_run(src.info.experiment_id, tags={k: v for k, v in src.data.tags.items()
                                                      if k.startswith(("latentgate.", "dataset."))})
     params = [Param(k, v) for k, v in src.data.params.items()]
@@ -258,8 +258,8 @@ def test_missing_evidence_fails_with_the_list(micro_smoke, lenient, candidate, t
     from latentgate.registry.gate import check_candidate, promote
 
     c = MlflowClient()
-    exp = c.get_run(micro_smoke["run_id"]).info.experiment_id
-    commit = c.get_run(micro_smoke["run_id"]).data.tags["latentgate.git_commit"]
+    exp = c.get_run(micro_smoke.run_id).info.experiment_id
+    commit = c.get_run(micro_smoke.run_id).data.tags["latentgate.git_commit"]
     stage_b = c.create_run(exp, tags={"latentgate.phase": "stage_b", "latentgate.git_commit": commit}).info.run_id
     ev = c.create_run(exp, tags={"latentgate.phase": "eval", "latentgate.git_commit": commit,
                                  "latentgate.checkpoint": f"runs:/{stage_b}/checkpoints/stage_b"}).info.run_id
@@ -422,7 +422,7 @@ def test_pyfunc_round_trip_equals_the_eval_predictions(candidate, lenient, micro
     examples = load_splits(micro_cfg)["eval"]
     frame = pd.DataFrame({"context": [e.context for e in examples], "question": [e.question for e in examples]})
     out = model.predict(frame)
-    detailed = Path(mlflow.artifacts.download_artifacts(run_id=micro_smoke["children"]["eval"],
+    detailed = Path(mlflow.artifacts.download_artifacts(run_id=micro_smoke.children["eval"],
                                                         artifact_path="eval_detailed.jsonl"))
     rows = [json.loads(x) for x in detailed.read_text().splitlines()]
     assert list(out["answer"]) == [r["prediction"] for r in rows if r["path"] == "latent"]
@@ -517,13 +517,13 @@ def _base_dir(micro_smoke) -> str:
     import mlflow
     from mlflow import MlflowClient
 
-    base = MlflowClient().get_run(micro_smoke["children"]["base"])
+    base = MlflowClient().get_run(micro_smoke.children["base"])
     holder_run = base.data.tags["latentgate.base_source"].split(":", 1)[1]
     return mlflow.artifacts.download_artifacts(run_id=holder_run, artifact_path="base_lm")
 
 
 def _stage_b_uri(micro_smoke) -> str:
-    return f"runs:/{micro_smoke['children']['stage_b']}/checkpoints/stage_b"
+    return f"runs:/{micro_smoke.children['stage_b']}/checkpoints/stage_b"
 
 
 # ---- the CLI -----------------------------------------------------------------------------------------------------
@@ -545,7 +545,7 @@ def test_a_continued_sweep_does_not_register_its_unchanged_best_again(candidate,
     from latentgate.sweep.finalize import register_best
     from latentgate.tracking.tracker import NullTracker
 
-    eval_run = micro_smoke["children"]["eval"]
+    eval_run = micro_smoke.children["eval"]
     mine = lambda: {str(v.version) for v in MlflowClient().search_model_versions("name='latentgate'")  # noqa: E731
                     if v.tags.get(Tag.EVAL_RUN) == eval_run}
     before = mine()

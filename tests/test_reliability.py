@@ -388,7 +388,7 @@ def test_training_fault_sigterm_writes_final_checkpoint_and_resume_continues(sig
     out = ckpt.parents[2]
     result = run_stage(cfg, "stage_a", base, out, splits,
                        resume=resume_from, run_id=runs["stage_a"].info.run_id)
-    assert result["steps"] == step + 2
+    assert result.steps == step + 2
     run = client().get_run(runs["stage_a"].info.run_id)
     assert run.info.status == "FINISHED"
     steps = [m.step for m in client().get_metric_history(run.info.run_id, "stage_a/loss")]
@@ -962,7 +962,7 @@ def test_refused_promote_keeps_the_alias_and_demote_needs_a_real_version(micro_s
 
     name = f"lg-keep-{os.getpid()}"
     lenient = write_checklist(tmp_path / "lenient.yaml", dict([eval_digest(micro_cfg)]), LENIENT)
-    ok = run_cli("promote", micro_smoke["children"]["eval"], "--checklist", str(lenient), "--name", name)
+    ok = run_cli("promote", micro_smoke.children["eval"], "--checklist", str(lenient), "--name", name)
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
     version = ok.stdout.split("PROMOTED: alias hero -> version ")[1].split()[0]
     reg = registry_state()

@@ -40,7 +40,7 @@ def _one_error_line(proc) -> str:
 
 @pytest.fixture(scope="module")
 def stage_a_uri(micro_smoke) -> str:
-    return f"runs:/{micro_smoke['children']['stage_a']}/checkpoints/stage_a"
+    return f"runs:/{micro_smoke.children['stage_a']}/checkpoints/stage_a"
 
 
 # ---- class 2: the tracking server dies mid-run ----------------------------------------------------------------------
@@ -292,7 +292,7 @@ def _interrupted_copy(micro_smoke, tmp_path: Path, commit: str) -> str:
     from mlflow.entities import Param
 
     c = _client()
-    src = c.get_run(micro_smoke["children"]["stage_a"])
+    src = c.get_run(micro_smoke.children["stage_a"])
     out = Path(src.data.tags["latentgate.output_dir"])
     shutil.copytree(out, tmp_path / "out")
     tags = {k: v for k, v in src.data.tags.items() if k.startswith("latentgate.")}
@@ -328,13 +328,13 @@ def test_class4_resume_under_other_code(micro_smoke, tmp_path):
     # the registry's lineage criterion sees a run resumed across commits (the smoke's own lineage, one tag added)
     cl = load_checklist()
     criterion = cl.criterion("lineage")
-    ev = CandidateEvidence(micro_smoke["children"]["eval"])
+    ev = CandidateEvidence(micro_smoke.children["eval"])
     c = _client()
-    stage_a = micro_smoke["children"]["stage_a"]
+    stage_a = micro_smoke.children["stage_a"]
     assert check_lineage(ev, criterion, cl).observed == 0
     c.set_tag(stage_a, "latentgate.resumed_commits", f"{old} -> {now}")
     try:
-        obs = check_lineage(CandidateEvidence(micro_smoke["children"]["eval"]), criterion, cl)
+        obs = check_lineage(CandidateEvidence(micro_smoke.children["eval"]), criterion, cl)
         assert obs.observed == 1 and f"resumed across commits {old[:10]} -> {now[:10]}" in obs.detail
     finally:
         c.delete_tag(stage_a, "latentgate.resumed_commits")

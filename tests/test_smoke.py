@@ -21,7 +21,7 @@ def _client():
 
 def test_run_tree_params_and_status(micro_smoke, micro_cfg):
     c = _client()
-    parent = c.get_run(micro_smoke["run_id"])
+    parent = c.get_run(micro_smoke.run_id)
     assert parent.info.status == "FINISHED"
     kids = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(k.data.tags["latentgate.phase"] for k in kids) == sorted(CHILDREN)
@@ -40,7 +40,7 @@ def micro_smoke_cfg(summary, micro_cfg):
     import dataclasses
 
     cfg = dataclasses.replace(micro_cfg)
-    cfg.run = dataclasses.replace(micro_cfg.run, output_dir=str(Path(summary["output_dir"]).parent))
+    cfg.run = dataclasses.replace(micro_cfg.run, output_dir=str(Path(summary.output_dir).parent))
     return cfg
 
 
@@ -60,7 +60,7 @@ def test_step_metrics_count_optimizer_steps(micro_smoke, micro_cfg, tiny_ws, tmp
 
     c = _client()
     for stage in ("stage_a", "stage_b"):
-        run_id = micro_smoke["children"][stage]
+        run_id = micro_smoke.children[stage]
         stage_cfg = getattr(micro_cfg, stage)
         steps = list(range(1, stage_cfg.steps + 1))
         for key in PER_STEP:
@@ -70,7 +70,7 @@ def test_step_metrics_count_optimizer_steps(micro_smoke, micro_cfg, tiny_ws, tmp
         probes = sorted({*range(stage_cfg.probe_every, stage_cfg.steps + 1, stage_cfg.probe_every), stage_cfg.steps})
         for key in PER_PROBE:
             assert [m.step for m in c.get_metric_history(run_id, f"{stage}/{key}")] == probes, key
-    lora = c.get_metric_history(micro_smoke["children"]["stage_b"], "stage_b/grad_norm_lora")
+    lora = c.get_metric_history(micro_smoke.children["stage_b"], "stage_b/grad_norm_lora")
     assert [m.step for m in lora] == list(range(1, micro_cfg.stage_b.steps + 1)) and all(m.value > 0 for m in lora)
 
     ws = tiny_ws
@@ -104,29 +104,52 @@ def test_grad_accum_counts_optimizer_steps_apart_from_micro_steps(tiny_ws, tmp_p
     assert [p["step"] for p in result["probes"]] == [2, 4]
 
 
+def test_the_smoke_returns_typed_results_and_records_them_field_by_field(micro_smoke, tmp_path):
+    """run_smoke returns a SmokeResult (no string-keyed dict): the parent run's summary.json is it field by field, its
+    metrics carry the schema's names; each stage run's stage_summary.json is its StageResult without the probes."""
+    import dataclasses
+
+    from latentgate.phases.results import SmokeResult, StageResult
+    from latentgate.schema import Summary
+
+    c = _client()
+    assert isinstance(micro_smoke, SmokeResult)
+    assert {Summary.TEXT_F1, Summary.LATENT_F1, Summary.LATENT_EM} <= {f.name for f in dataclasses.fields(SmokeResult)}
+    saved = json.loads(Path(c.download_artifacts(micro_smoke.run_id, "summary.json", str(tmp_path))).read_text())
+    assert saved == json.loads(json.dumps(micro_smoke.as_record()))
+    metrics = c.get_run(micro_smoke.run_id).data.metrics
+    assert (metrics[Summary.LATENT_F1], metrics[Summary.TEXT_F1]) == (micro_smoke.latent_f1, micro_smoke.text_f1)
+    assert sorted(micro_smoke.children) == sorted(CHILDREN)
+    stage_b = micro_smoke.children["stage_b"]
+    recorded = json.loads(Path(c.download_artifacts(stage_b, "stage_summary.json", str(tmp_path))).read_text())
+    assert set(recorded) == {f.name for f in dataclasses.fields(StageResult)} - {"probes"}
+    assert recorded["run_id"] == stage_b and recorded["checkpoint_uri"] == f"runs:/{stage_b}/checkpoints/stage_b"
+    assert micro_smoke.stage_b_probe_first_acc == recorded["final_probe"]["first_acc"]
+
+
 def test_datasets_and_artifacts(micro_smoke):
     c = _client()
-    a = c.get_run(micro_smoke["children"]["stage_a"])
+    a = c.get_run(micro_smoke.children["stage_a"])
     names = {d.dataset.name for d in a.inputs.dataset_inputs}
     assert names == {"train", "probe", "eval"}
     assert a.data.tags["dataset.eval.digest"]
     arts = {f.path for f in c.list_artifacts(a.info.run_id)}
     assert {"diagnostics.jsonl", "contract.json", "checkpoints", "stage_summary.json"} <= arts
-    ck = {f.path for f in c.list_artifacts(micro_smoke["children"]["stage_b"], "checkpoints/stage_b")}
+    ck = {f.path for f in c.list_artifacts(micro_smoke.children["stage_b"], "checkpoints/stage_b")}
     assert "checkpoints/stage_b/manifest.json" in ck and "checkpoints/stage_b/lora" in ck
-    ev = {f.path for f in c.list_artifacts(micro_smoke["children"]["eval"])}
+    ev = {f.path for f in c.list_artifacts(micro_smoke.children["eval"])}
     assert {"eval_detailed.jsonl", "metrics.json", "contract.json", "plots"} <= ev
     plots = {f.path for f in c.list_artifacts(a.info.run_id, "plots")}
     assert {"plots/first_acc.png", "plots/losses.png", "plots/grad_norm.png"} <= plots
     # the base run records the sanity gate; the run that trained the base LM (this one, or an earlier test's
     # with the same config: the registry reuses it) holds its weights
-    assert "sanity_gate.json" in {f.path for f in c.list_artifacts(micro_smoke["children"]["base"])}
-    _, holder = base_source(micro_smoke["base_source"])
+    assert "sanity_gate.json" in {f.path for f in c.list_artifacts(micro_smoke.children["base"])}
+    _, holder = base_source(micro_smoke.base_source)
     assert "base_lm" in {f.path for f in c.list_artifacts(holder)}
 
 
 def test_output_folder_contract(micro_smoke, micro_cfg):
-    out = Path(micro_smoke["output_dir"])
+    out = Path(micro_smoke.output_dir)
     a = out / "stage_a" / "checkpoints" / "stage_a"
     assert sorted(p.name for p in a.iterdir()) == sorted(
         ["manifest.json", "encoder.safetensors", "adapter.safetensors", "optimizer.pt", "scheduler.pt", "rng.json"])
@@ -157,7 +180,7 @@ def test_second_smoke_reuses_base(micro_smoke, micro_cfg, tmp_path):
     cfg = dataclasses.replace(micro_cfg)
     cfg.run = dataclasses.replace(micro_cfg.run, output_dir=str(tmp_path))
     again = run_smoke(cfg, "micro")
-    assert again["base_source"] == f"reused:{base_source(micro_smoke['base_source'])[1]}"
+    assert again.base_source == f"reused:{base_source(micro_smoke.base_source)[1]}"
     from latentgate.schema import Tag
     from latentgate.tracking.lineage import base_hash
 

@@ -65,7 +65,7 @@ def children(run_id: str) -> list:
 
 @pytest.fixture(scope="module")
 def stage_a_uri(micro_smoke) -> str:
-    return f"runs:/{micro_smoke['children']['stage_a']}/checkpoints/stage_a"
+    return f"runs:/{micro_smoke.children['stage_a']}/checkpoints/stage_a"
 
 
 # ---- study files -----------------------------------------------------------------------------------------------

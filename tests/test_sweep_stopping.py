@@ -14,7 +14,7 @@ from test_sweep import load, write_study
 
 @pytest.fixture(scope="module")
 def stage_a_uri(micro_smoke) -> str:
-    return f"runs:/{micro_smoke['children']['stage_a']}/checkpoints/stage_a"
+    return f"runs:/{micro_smoke.children['stage_a']}/checkpoints/stage_a"
 
 
 # ---- study files -----------------------------------------------------------------------------------------------

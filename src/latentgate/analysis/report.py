@@ -4,9 +4,12 @@ histories and run artifacts, closed by the readiness checklist and the plan's re
 `build_report(bundle)` returns a JSON-able dict; `render.to_markdown` and `render.print_rich` show it;
 `analyze(run_id)` does all of it, makes the plots and logs report.md, report.json and the PNGs to the run (under
 `analysis/`).
-Thresholds come from the readiness checklist (`latentgate.registry.checklist`), and the recommendation is the
-pipeline's own decision tree (`latentgate.registry.decisions.decide`): the report, the monitor and the pipeline judge
-a run by the same file and the same rules.
+The readiness table is the registry gate's report on the eval run (`registry.gate.check_candidate`, read-only), and
+the recommendation is the pipeline's own decision tree (`registry.decisions.decide`) on the evidence the pipeline
+reads from that report (`registry.decisions.evidence_from_report`): the report, the monitor and the pipeline judge a
+run by the same file and the same rules, and no figure they judge is computed here a second time. Peaks and drops
+from a peak are `registry.series`'s (as the gate's); collapse statistics are the gate's (`decisions.collapse_of`) or,
+without it, the eval's recorded ones.
 """
 
 from __future__ import annotations
@@ -21,22 +24,14 @@ from typing import Any
 from latentgate.analysis import history
 from latentgate.analysis.history import RunBundle, StageHistory
 from latentgate.analysis.plots import bundle_plots
-from latentgate.analysis.render import fmt_num, to_markdown
+from latentgate.analysis.render import to_markdown
 from latentgate.errors import ConfigError
-from latentgate.eval import controls, scoring
-from latentgate.registry import decisions
-from latentgate.registry.checklist import (
-    BREAKTHROUGH,
-    COLLAPSE,
-    GRADIENTS,
-    LEARNING,
-    QUALITY,
-    STABILITY,
-    Checklist,
-    load_checklist,
-)
-from latentgate.registry.gate import check_candidate
-from latentgate.schema import Artifact, EvalKey, EvalPath, GradGroup, Probe, Stage, Summary, Tag
+from latentgate.eval import scoring
+from latentgate.eval.controls import Collapse
+from latentgate.registry import decisions, series
+from latentgate.registry.checklist import BREAKTHROUGH, GRADIENTS, LEARNING, Checklist, load_checklist
+from latentgate.registry.gate import Report, check_candidate
+from latentgate.schema import EvalKey, EvalPath, GradGroup, Probe, Stage, Summary, Tag
 from latentgate.tracking import lineage
 
 VERDICTS = ("hero-ready", "phase3", "phase2")
@@ -56,7 +51,7 @@ def recommend(evidence: decisions.PhaseEvidence, checklist: Checklist) -> tuple[
 
     * "hero-ready": the best example F1 passes f1_breakthrough and every checklist criterion passes -> Phase 4
       (hero run);
-    * "phase3": F1 fails f1_breakthrough, the peak first-token LIFT over the controls passes first_token_learning,
+    * "phase3": F1 fails f1_breakthrough, the final first-token LIFT over the controls passes first_token_learning,
       no collapse (no_mode_collapse) -> exposure bias, scheduled sampling;
     * "phase2": anything else, including mode collapse (rule `collapsed`: one answer for many inputs) -> tune.
     """
@@ -89,14 +84,28 @@ def thresholds(cl: Checklist) -> dict[str, float]:
     return {c.name: c.threshold for c in cl.criteria if c.threshold is not None}
 
 
-def gate_readiness(eval_run_id: str | None, checklist_path=None) -> dict | None:
-    """The registry's checklist, evaluated read-only on the eval run; None without an eval run."""
-    if not eval_run_id:
-        return None
-    rep = check_candidate(eval_run_id, checklist_path=checklist_path)
+GATE = "latentgate.registry.gate"
+
+
+def gate_report(bundle: RunBundle, cl: Checklist) -> tuple[Report | None, str]:
+    """The registry gate's report on the bundle's eval run (read-only: `check_candidate`), or None and why not. The
+    gate is the one judge: without it the report shows its figures and no readiness of its own."""
+    if not bundle.evals:
+        return None, ("no eval run: the registry gate judges an eval run and its lineage (analyze the smoke or its "
+                      "eval run)")
+    try:
+        return check_candidate(bundle.evals[-1].run_id, cl), ""
+    except Exception as err:  # noqa: BLE001 - the report's figures still stand without the gate
+        return None, f"registry gate failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+
+
+def gate_readiness(report: Report | None, note: str = "") -> dict:
+    """The readiness table: the gate's rows as it judged them (empty, with the note, when it could not judge)."""
+    if report is None:
+        return {"source": GATE, "passed": None, "rows": [], "missing": [], "note": note}
     rows = [{k: getattr(r, k) for k in ("name", "passed", "observed", "op", "threshold", "source", "detail")}
-            for r in rep.rows]
-    return {"source": "latentgate.registry.gate", "passed": rep.passed, "rows": rows, "missing": list(rep.missing)}
+            for r in report.rows]
+    return {"source": GATE, "passed": report.passed, "rows": rows, "missing": list(report.missing)}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -127,13 +136,17 @@ def stage_figures(stage_hist: StageHistory, last_n: int = 3) -> dict[str, Any]:
     if not probes:
         return out
     acc, lo, hi, top5 = Probe.FIRST_ACC, Probe.FIRST_ACC_LO, Probe.FIRST_ACC_HI, Probe.FIRST_ACC_TOP5
-    peak = max(probes, key=lambda p: (p[acc], -p["step"]))  # earliest step among equal maxima
+    at_step = {p["step"]: p for p in probes}
+    top = series.peak((p["step"], p[acc]) for p in probes)  # the gate's peak: earliest step among equal maxima
+    if top is None:  # no finite accuracy: no peak to show
+        return out
+    peak = at_step[top.step]
     final = probes[-1]
     tail = [p[acc] for p in probes[-last_n:]]
     out.update({
-        "peak_first_acc": peak[acc], "peak_step": peak["step"], "peak_interval": [peak.get(lo), peak.get(hi)],
+        "peak_first_acc": top.value, "peak_step": top.step, "peak_interval": [peak.get(lo), peak.get(hi)],
         "final_first_acc": final[acc], "final_step": final["step"], "final_interval": [final.get(lo), final.get(hi)],
-        "regression_pct": (peak[acc] - final[acc]) / peak[acc] * 100 if peak[acc] > 0 else 0.0,
+        "regression_pct": series.drop_from_peak(top.value, final[acc]) * 100,
         "last_n": {"n": len(tail), "mean": statistics.fmean(tail), "min": min(tail), "max": max(tail),
                    "std": statistics.pstdev(tail)},
     })
@@ -143,11 +156,11 @@ def stage_figures(stage_hist: StageHistory, last_n: int = 3) -> dict[str, Any]:
     f1s = [p[Probe.F1] for p in probes if Probe.F1 in p]
     if f1s:
         out.update(probe_f1_max=max(f1s), probe_f1_final=final.get(Probe.F1))
-    lifted = [p for p in probes if Probe.LIFT in p]
-    if lifted:  # the controls: what the probe scores with no information about the input
-        best = max(lifted, key=lambda p: (p[Probe.LIFT], -p["step"]))
+    lift = series.peak((p["step"], p[Probe.LIFT]) for p in probes if Probe.LIFT in p)
+    if lift is not None:  # the controls: what the probe scores with no information about the input
+        best = at_step[lift.step]
         out.update({Probe.CONST: best.get(Probe.CONST), Probe.SHUFFLED: best.get(Probe.SHUFFLED)},  # at the peak lift
-                   peak_first_acc_lift=best[Probe.LIFT], peak_lift_step=best["step"], peak_lift_first_acc=best[acc],
+                   peak_first_acc_lift=lift.value, peak_lift_step=lift.step, peak_lift_first_acc=best[acc],
                    final_first_acc_lift=final.get(Probe.LIFT), final_const=final.get(Probe.CONST),
                    final_shuffled=final.get(Probe.SHUFFLED),
                    final_top_first_token_share=final.get(Probe.TOP_SHARE),
@@ -185,7 +198,10 @@ def _stage_label(stage_hist: StageHistory, stages: list[StageHistory]) -> str:
     return f"{stage_hist.stage}#{same.index(stage_hist) + 1}"
 
 
-def eval_figures(ev, top_k: int = 1) -> dict[str, Any]:
+def eval_figures(ev, collapse: Collapse | None = None) -> dict[str, Any]:
+    """One eval run's figures: per-path metrics, the latent path's breakthrough and error modes from its rows, and
+    its collapse statistics as the gate judged them (`collapse`, its no_mode_collapse evidence), else as the eval
+    recorded them (metrics.json): never computed again here."""
     out: dict[str, Any] = {"run_id": ev.run_id, "status": ev.status, "checkpoint": ev.checkpoint,
                            "paths": {p: dict(ev.metrics[p]) for p in EvalPath.ALL if p in ev.metrics}}
     latent_rows = ev.path_rows(EvalPath.LATENT)
@@ -197,7 +213,7 @@ def eval_figures(ev, top_k: int = 1) -> dict[str, Any]:
         modes = {m: 0 for m in scoring.ERROR_MODES}
         for r in latent_rows:
             modes[r.get("error_mode", "wrong_entity")] = modes.get(r.get("error_mode", "wrong_entity"), 0) + 1
-        alike = asdict(controls.row_collapse(latent_rows, top_k))
+        alike = asdict(collapse) if collapse is not None else _recorded_collapse(latent)
         n = len(latent_rows)
         out["breakthrough"] = {
             "any_f1_nonzero": idx is not None, "first_f1_nonzero_idx": idx, "n": n,
@@ -216,8 +232,8 @@ def eval_figures(ev, top_k: int = 1) -> dict[str, Any]:
                                agg.get(EvalKey.FIRST_F1_NONZERO_IDX), "n": agg.get("n"), "example": None}
         if agg.get(EvalKey.F1_DISTRIBUTION):
             out["f1_distribution"] = agg[EvalKey.F1_DISTRIBUTION]
-        out["collapse"] = {k: latent.get(k) for k in (EvalKey.TOP_PREDICTION_SHARE, EvalKey.REPETITION_RATE,
-                                                       EvalKey.EMPTY_RATE, EvalKey.DISTINCT_FIRST_TOKENS)}
+        out["collapse"] = {**_recorded_collapse(latent), **(asdict(collapse) if collapse is not None else {}),
+                           **{k: latent.get(k) for k in (EvalKey.EMPTY_RATE, EvalKey.DISTINCT_FIRST_TOKENS)}}
         if agg.get(EvalKey.ERROR_MODES):
             out["collapse"]["error_modes"] = agg[EvalKey.ERROR_MODES]
     if latent and "f1" in latent:
@@ -226,43 +242,9 @@ def eval_figures(ev, top_k: int = 1) -> dict[str, Any]:
     return out
 
 
-def local_readiness(stage: dict | None, ev: dict | None, grads: dict, cl: Checklist) -> dict:
-    """The plan's six criteria from this report's own figures (when the registry gate is unavailable), judged by the
-    checklist file's criteria (`Criterion.compare`): the same observed quantities as the gate, the same comparisons
-    and thresholds, no list of its own."""
-    stage, ev = stage or {}, ev or {}
-    bt = ev.get("breakthrough") or {}
-    col = ev.get("collapse") or {}
-    latent = (ev.get("paths") or {}).get(EvalPath.LATENT) or {}
-    src_stage = Stage.metric(stage.get("stage", "stage"), Probe.PREFIX)
-    peak = stage.get("peak_first_acc")
-    lift_detail = ("" if stage.get("final_first_acc_lift") is None else  # what is judged: the registered checkpoint
-                   f"final lift at step {stage['final_step']}: first_acc {stage['final_first_acc']:.4g}, "
-                   f"constant guess {fmt_num(stage.get('final_const'), '.4g')}, shuffled latent "
-                   f"{fmt_num(stage.get('final_shuffled'), '.4g')}")
-    rule = cl.collapse_rule()
-    collapse = rule.why(col.get(EvalKey.TOP_PREDICTION_SHARE), col.get(EvalKey.REPETITION_RATE),
-                        col.get("top_prediction"), col.get("top_k_share"), col.get("empty_share"))
-    observed = {  # name -> (observed, source, detail, failure)
-        LEARNING: (stage.get("final_first_acc_lift"), src_stage + Probe.LIFT, lift_detail, ""),
-        STABILITY: (None if peak is None else stage.get("regression_pct", 0.0) / 100, src_stage + Probe.FIRST_ACC,
-                    "", ""),
-        BREAKTHROUGH: (bt.get("max_f1"), f"{Artifact.EVAL_DETAILED} (latent)", "", ""),
-        QUALITY: (latent.get("f1"), EvalKey.metric(EvalPath.LATENT, EvalKey.F1), "", ""),
-        GRADIENTS: (grads.get("max_grad_norm"), f"{Stage.GRAD_NORM} (all stages)", "", ""),
-        COLLAPSE: (col.get(EvalKey.REPETITION_RATE), f"{Artifact.EVAL_DETAILED} (latent)", collapse or "",
-                   collapse or ""),
-    }
-    rows = []
-    for name, (value, source, detail, failure) in observed.items():
-        if name not in cl.names():
-            continue
-        c = cl.criterion(name)
-        rows.append({"name": name, "passed": None if value is None else c.compare(value) and not failure,
-                     "observed": value, "op": c.op, "threshold": c.threshold, "source": source, "detail": detail})
-    missing = [r["name"] for r in rows if r["observed"] is None]
-    return {"source": "local (latentgate.registry.gate unavailable)", "rows": rows, "missing": missing,
-            "passed": not missing and all(r["passed"] for r in rows)}
+def _recorded_collapse(latent: dict) -> dict:
+    """The latent path's collapse aggregates as the eval recorded them (metrics.json / eval/latent/* metrics)."""
+    return {k: latent.get(k) for k in (EvalKey.TOP_PREDICTION_SHARE, EvalKey.REPETITION_RATE)}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -270,7 +252,9 @@ def local_readiness(stage: dict | None, ev: dict | None, grads: dict, cl: Checkl
 # ------------------------------------------------------------------------------------------------------------
 
 
-def build_report(bundle: RunBundle, last_n: int = 3, checklist_path=None, use_gate: bool = True) -> dict[str, Any]:
+def build_report(bundle: RunBundle, last_n: int = 3, checklist_path=None) -> dict[str, Any]:
+    """The report of a run bundle: its figures, and the registry gate's judgement of its eval run (the readiness
+    table, and through `decisions.evidence_from_report` the recommendation), which it never recomputes."""
     cl = load_checklist(checklist_path)
     th_source = f"{cl.path} (version {cl.version}, sha256 {cl.sha256[:12]})"
     stages = [stage_figures(s, last_n) for s in bundle.stages]
@@ -278,33 +262,25 @@ def build_report(bundle: RunBundle, last_n: int = 3, checklist_path=None, use_ga
         fig["label"] = _stage_label(stage_hist, bundle.stages)
     evaluated = bundle.evaluated_stage()
     ev_stage = next((f for f, s in zip(stages, bundle.stages, strict=True) if s is evaluated), None)
-    ev = eval_figures(bundle.evals[-1], cl.collapse_rule().top_k) if bundle.evals else None
+    gate, note = gate_report(bundle, cl)
+    ev = eval_figures(bundle.evals[-1], decisions.collapse_of(gate)) if bundle.evals else None
     grads = gradient_figures(bundle.stages)
-    readiness = None
-    note = ""
-    if use_gate and ev is not None:
-        try:
-            readiness = gate_readiness(ev["run_id"], checklist_path)
-        except Exception as err:  # noqa: BLE001 - the report still stands without the gate
-            note = f"registry gate failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-    if readiness is None:
-        readiness = local_readiness(ev_stage, ev, grads, cl)
-        readiness["note"] = note or "registry gate unavailable: figures below are this report's, against " + th_source
-    readiness["thresholds"] = thresholds(cl)
-    readiness["thresholds_source"] = th_source
-    rec = None
+    readiness = {**gate_readiness(gate, note), "thresholds": thresholds(cl), "thresholds_source": th_source}
     peak = (ev_stage or {}).get("peak_first_acc")
     f1 = (((ev or {}).get("paths") or {}).get(EvalPath.LATENT) or {}).get("f1")
-    if peak is not None and f1 is not None:
-        failed = [r["name"] for r in readiness["rows"] if not r["passed"]]
-        verdict, decision = recommend(_evidence(ev_stage, ev, readiness, failed, bundle, cl), cl)
+    rec = None
+    if gate is not None and peak is not None and f1 is not None:
+        evidence = decisions.evidence_from_report(gate, cl, "extend",  # the report judges a Phase 1 result
+                                                  run_ids={"stage_b": ev_stage["run_id"], "eval": ev["run_id"]})
+        verdict, decision = recommend(evidence, cl)
         next_step = NEXT_STEP_OF_RULE.get(decision.rule, NEXT_STEP[verdict])
-        broke_through = cl.criterion(BREAKTHROUGH).compare(decision.evidence.f1_max)
+        failed = gate.failing()
+        broke_through = cl.criterion(BREAKTHROUGH).compare(evidence.f1_max)
         if verdict == "phase2" and broke_through and failed and set(failed) <= set(cl.provenance()):
             next_step = (f"the learning criteria pass but the evidence does not ({', '.join(failed)}): re-run the "
                          "smoke so its runs form a clean lineage at one commit on the pinned eval set, then promote")
         rec = {"verdict": verdict, "rule": decision.rule, "next_step": next_step, "peak_first_acc": peak,
-               "first_acc_lift": decision.evidence.first_acc_lift, Summary.LATENT_F1: f1,
+               "first_acc_lift": evidence.first_acc_lift, Summary.LATENT_F1: f1,
                "checklist_passed": readiness["passed"], "threshold": cl.threshold(LEARNING),
                "reason": decision.reason}
     return {
@@ -320,22 +296,6 @@ def build_report(bundle: RunBundle, last_n: int = 3, checklist_path=None, use_ga
         "readiness": readiness,
         "recommendation": rec,
     }
-
-
-def _evidence(stage: dict, ev: dict, readiness: dict, failed: list[str], bundle: RunBundle,
-              cl: Checklist) -> decisions.PhaseEvidence:
-    """The decision tree's evidence from this report's figures (a Phase 1 result)."""
-    bt, col = ev.get("breakthrough") or {}, ev.get("collapse") or {}
-    latent = (ev.get("paths") or {}).get(EvalPath.LATENT) or {}
-    return decisions.PhaseEvidence(
-        phase="extend", f1_max=bt.get("max_f1", latent.get("f1")), first_acc=stage.get("final_first_acc"),
-        checklist_passed=bool(readiness["passed"]), f1_mean=latent.get("f1"),
-        first_acc_lift=stage.get("final_first_acc_lift"), first_acc_const=stage.get("final_const"),
-        first_acc_shuffled=stage.get("final_shuffled"), top_prediction_share=col.get(EvalKey.TOP_PREDICTION_SHARE),
-        repetition_rate=col.get(EvalKey.REPETITION_RATE), top_k_share=col.get("top_k_share"),
-        empty_share=col.get("empty_share"), checklist_failed=tuple(failed),
-        provenance_failed=tuple(n for n in failed if n in cl.provenance()),
-        run_ids={"stage_b": stage.get("run_id"), "eval": ev.get("run_id")})
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ from latentgate.model.contract import encode_answers
 from latentgate.model.memory_arch import SHAPES, arch_from_hf_config
 from latentgate.model.memory_plan import plan_memory
 from latentgate.phases.smoke import run_smoke
-from latentgate.schema import Summary
 from latentgate.train.flops import step_flops
 from latentgate.train.trainer import batch_indices, build_optimizer
 
@@ -102,15 +101,15 @@ def smoke_row(opts: CheckOptions, device: torch.device) -> Row:
     cfg = resolve(preset, out)
     t0 = time.perf_counter()
     s = run_smoke(cfg, preset, name="gpu-check")
-    wall, f1 = time.perf_counter() - t0, s[Summary.LATENT_F1]
-    measured = (f"{wall:.0f} s wall, latent F1 {f1:.3f} (text F1 {s[Summary.TEXT_F1]:.3f}) on {device_name(device)}, "
-                f"run {s['run_id'][:8]}")
+    wall, f1 = time.perf_counter() - t0, s.latent_f1
+    measured = (f"{wall:.0f} s wall, latent F1 {f1:.3f} (text F1 {s.text_f1:.3f}) on {device_name(device)}, "
+                f"run {s.run_id[:8]}")
     if opts.tiny:
         return Row("smollm2_smoke", *SMOKE[:2], f"tiny (micro preset stands in): {measured}", SMOKE[2], INFO, f1,
                    details={"wall_seconds": wall})
     floor = SMOLLM2_CPU_F1 - F1_TOLERANCE
     return Row("smollm2_smoke", *SMOKE[:2], measured, SMOKE[2], PASS if f1 >= floor else FAIL, f1, ">=", floor,
-               {"wall_seconds": wall, "run_id": s["run_id"]})
+               {"wall_seconds": wall, "run_id": s.run_id})
 
 
 # ---- 2 and 3. a Llama-3-8B-shaped Stage B step, then generation on the same model -------------------------------

@@ -118,7 +118,7 @@ def run_chain(role: str, conf: Configuration, cfg: Config, echo, allow_other_com
             CalibrateTag.REUSE_KEY_ANY_COMMIT: key.any_commit(), CalibrateTag.COMMIT: key.git_commit,
             CalibrateTag.CONFIGURATION: conf.name}
     try:
-        run_id = run_smoke(cfg, conf.preset, name=CHAIN_NAME[role], tags=tags)["run_id"]
+        run_id = run_smoke(cfg, conf.preset, name=CHAIN_NAME[role], tags=tags).run_id
     except DETERMINISTIC_FAILURES as err:
         echo(f"  {role}: failed ({type(err).__name__}: {str(err)[:160]}); recorded as an outcome")
         run_id = find_chain(key, cfg)

@@ -35,23 +35,26 @@ def _phase(entry_point: str, default_preset: str, input_option: str | None = Non
     return command
 
 
-def _summary(entry_point: str, result: dict) -> str:
-    lines = [f"{entry_point}: run {result.get('run_id')}"]
-    if result.get("checkpoint_uri"):
-        lines.append(f"checkpoint  {result['checkpoint_uri']}")
-    if result.get("final_probe"):
-        p = result["final_probe"]
-        lift = "" if p.get(Probe.LIFT) is None else (
-            f" (lift {p[Probe.LIFT]:+.1%} over the controls: constant guess {p[Probe.CONST]:.1%}, "
-            f"shuffled latent {p[Probe.SHUFFLED]:.1%})")
-        lines.append(f"probe first-token accuracy {p.get(Probe.FIRST_ACC, 0):.1%}{lift} after {result.get('steps')} "
-                     "optimizer steps")
-    if result.get("metrics"):
-        for path, m in result["metrics"]["paths"].items():
-            lines.append(f"{path:16s} EM {m['em']:.3f}  F1 {m['f1']:.3f}  "
+def _summary(entry_point: str, result) -> str:
+    """What a phase prints: its run, then by kind of result the checkpoint and last probe (a stage), every path's
+    scores (an eval) or the base LM (base)."""
+    from latentgate.phases.results import BaseResult, EvalResult, StageResult  # lazy: `--help` imports no MLflow
+
+    lines = [f"{entry_point}: run {result.run_id}"]
+    if isinstance(result, StageResult):
+        lines.append(f"checkpoint  {result.checkpoint_uri}")
+        if result.final_probe:
+            lift = "" if result.final(Probe.LIFT) is None else (
+                f" (lift {result.final(Probe.LIFT):+.1%} over the controls: constant guess "
+                f"{result.final(Probe.CONST):.1%}, shuffled latent {result.final(Probe.SHUFFLED):.1%})")
+            lines.append(f"probe first-token accuracy {result.final(Probe.FIRST_ACC) or 0:.1%}{lift} after "
+                         f"{result.steps} optimizer steps")
+    elif isinstance(result, EvalResult):
+        for path, m in result.paths.items():
+            lines.append(f"{path:16s} EM {m[EvalKey.EM]:.3f}  F1 {m[EvalKey.F1]:.3f}  "
                          f"first-token top-1 {m[EvalKey.FIRST_TOP1]:.3f}")
-    if result.get("source"):
-        lines.append(f"base LM     {result['source']}")
+    elif isinstance(result, BaseResult):
+        lines.append(f"base LM     {result.source}")
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ from mlflow.exceptions import MlflowException
 from latentgate.config import Config, config_hash, flatten, from_flat
 from latentgate.distributed import owns_store
 from latentgate.errors import CheckpointError, ConfigError, LatentgateError
+from latentgate.phases.results import BaseResult, EvalResult, SmokeResult, StageResult
 from latentgate.phases.smoke import run_output_dir, run_smoke
 from latentgate.phases.stages import run_base, run_eval, run_stage
 from latentgate.registry.approval import HeroRequest, plan_hero
@@ -115,7 +116,7 @@ def prepare_checkpoint(cfg: Config, uri: str, want: str | None = None) -> tuple[
 
 # ---- the entry points ---------------------------------------------------------------------------------------------
 
-def base(cfg: Config, preset: str = "") -> dict:
+def base(cfg: Config, preset: str = "") -> BaseResult:
     """`base`: train the builtin base LM (or reuse the registered one with the same config), then the sanity gate."""
     attached = _open(cfg)
     with _preflight(attached):
@@ -124,7 +125,7 @@ def base(cfg: Config, preset: str = "") -> dict:
     return run_base(cfg, out, splits, run_id=attached, tags=phase_tags("base", cfg, preset, "", out))
 
 
-def stage_a(cfg: Config, preset: str = "") -> dict:
+def stage_a(cfg: Config, preset: str = "") -> StageResult:
     """`stage_a`: encoder + adapter against the frozen base LM registered for this config."""
     attached = _open(cfg)
     with _preflight(attached):
@@ -139,7 +140,7 @@ def stage_a(cfg: Config, preset: str = "") -> dict:
                      tags=phase_tags("stage_a", cfg, preset, "", out))
 
 
-def stage_b(cfg: Config, resume_from: str, preset: str = "", entry_point: str = "stage_b") -> dict:
+def stage_b(cfg: Config, resume_from: str, preset: str = "", entry_point: str = "stage_b") -> StageResult:
     """`stage_b` (and Phase 1 `extend`, Phase 3 `fix`): Stage B with LoRA, starting from a Stage A checkpoint."""
     attached = _open(cfg)
     with _preflight(attached):
@@ -152,12 +153,12 @@ def stage_b(cfg: Config, resume_from: str, preset: str = "", entry_point: str = 
     return run_stage(cfg, "stage_b", base_info, out, splits, init_from=local, run_id=attached, tags=tags)
 
 
-def extend(cfg: Config, resume_from: str, preset: str = "") -> dict:
+def extend(cfg: Config, resume_from: str, preset: str = "") -> StageResult:
     """Phase 1: Stage B resumed from Stage A with the budget doubled (preset `extend`)."""
     return stage_b(cfg, resume_from, preset, entry_point="extend")
 
 
-def fix(cfg: Config, resume_from: str, preset: str = "") -> dict:
+def fix(cfg: Config, resume_from: str, preset: str = "") -> StageResult:
     """Phase 3: Stage B with scheduled sampling (preset `fix`: p_gold 1.0 -> 0.5)."""
     if not cfg.stage_b.scheduled_sampling:
         raise ConfigError("fix is the scheduled-sampling phase but stage_b.scheduled_sampling is false",
@@ -165,7 +166,7 @@ def fix(cfg: Config, resume_from: str, preset: str = "") -> dict:
     return stage_b(cfg, resume_from, preset, entry_point="fix")
 
 
-def eval_checkpoint(cfg: Config, checkpoint: str, preset: str = "") -> dict:
+def eval_checkpoint(cfg: Config, checkpoint: str, preset: str = "") -> EvalResult:
     """`eval`: every eval path (latent and its controls) on a Stage A or Stage B checkpoint."""
     attached = _open(cfg)
     with _preflight(attached):
@@ -176,7 +177,7 @@ def eval_checkpoint(cfg: Config, checkpoint: str, preset: str = "") -> dict:
                     tags=phase_tags("eval", cfg, preset, checkpoint, out))
 
 
-def hero(request: HeroRequest) -> dict:
+def hero(request: HeroRequest) -> SmokeResult:
     """Phase 4: the approved recipe at the hero budget, end to end (base reused, Stage A, Stage B, eval). Starts
     only from the version holding the alias, promoted under the checklist in force, with its pinned checkpoint;
     otherwise it exits with the reasons and starts nothing (`plan_hero` alone says what would run)."""
@@ -198,7 +199,8 @@ ENTRY_POINTS = {"base": base, "stage_a": stage_a, "stage_b": stage_b, "extend": 
 INPUT_PARAM = {"stage_b": "resume_from", "extend": "resume_from", "fix": "resume_from", "eval": "checkpoint"}
 
 
-def run_entry(entry_point: str, cfg: Config, preset: str = "", input_uri: str = "") -> dict:
+def run_entry(entry_point: str, cfg: Config, preset: str = "",
+              input_uri: str = "") -> BaseResult | StageResult | EvalResult:
     """Call an entry point in this process (the CLI and the pipeline's in-process runner)."""
     fn = ENTRY_POINTS[entry_point]
     return fn(cfg, input_uri, preset) if entry_point in INPUT_PARAM else fn(cfg, preset)
@@ -206,7 +208,7 @@ def run_entry(entry_point: str, cfg: Config, preset: str = "", input_uri: str = 
 
 # ---- resume ---------------------------------------------------------------------------------------------------------
 
-def resume(run_id: str, allow_other_commit: bool = False) -> dict:
+def resume(run_id: str, allow_other_commit: bool = False) -> StageResult:
     """Continue a killed, failed or interrupted training phase in the SAME run, from its last checkpoint. The
     config is rebuilt from the run's logged params (`config_of_run`); already-logged metric steps are not logged
     again. A run recorded at another git commit is refused unless `allow_other_commit`: then both commits are

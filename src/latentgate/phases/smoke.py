@@ -8,7 +8,8 @@ from pathlib import Path
 
 from latentgate.config import Config, flatten
 from latentgate.distributed import main_only
-from latentgate.schema import Artifact, EvalKey, EvalPath, Probe, Summary, Tag
+from latentgate.phases.results import SmokeResult
+from latentgate.schema import Artifact, Summary, Tag
 from latentgate.tracking import labels, progress
 from latentgate.tracking.runs import adopt_project_run, setup_experiment, tracked_run, tracking_uri
 from latentgate.tracking.secrets import mask_secrets
@@ -29,7 +30,7 @@ def run_output_dir(cfg: Config, name: str) -> Path:
 PHASES = ("base LM", "stage_a", "stage_b", "eval")
 
 
-def run_smoke(cfg: Config, preset: str = "smoke", name: str = "smoke", tags: dict | None = None) -> dict:
+def run_smoke(cfg: Config, preset: str = "smoke", name: str = "smoke", tags: dict | None = None) -> SmokeResult:
     """The whole chain as one parent run `name` (the smoke; the hero uses it with its own name and tags). Its
     progress (one line per phase) starts before anything slow: MLflow's import and store, the data."""
     with progress.task(name, total=len(PHASES), unit="phases", every=float("inf"), eta=False,
@@ -37,7 +38,7 @@ def run_smoke(cfg: Config, preset: str = "smoke", name: str = "smoke", tags: dic
         return _run_smoke(cfg, preset, name, tags, bar)
 
 
-def _run_smoke(cfg: Config, preset: str, name: str, tags: dict | None, bar) -> dict:
+def _run_smoke(cfg: Config, preset: str, name: str, tags: dict | None, bar) -> SmokeResult:
     # here, not at the top: the stages import torch and MLflow (seconds), and the first progress line comes before
     import mlflow  # lazy: first progress line before MLflow's import
 
@@ -59,47 +60,34 @@ def _run_smoke(cfg: Config, preset: str, name: str, tags: dict | None, bar) -> d
         parent.log_params(flatten(cfg))
         bar.update(0, force=True, at=PHASES[0])
         base_run = run_base(cfg, out, splits)
-        base = base_run["base"]
+        base = base_run.base
         bar.update(1, force=True, at=PHASES[1])
         a = run_stage(cfg, "stage_a", base, out, splits)
         bar.update(2, force=True, at=PHASES[2])
-        b = run_stage(cfg, "stage_b", base, out, splits, init_from=Path(a["checkpoint"]))
+        b = run_stage(cfg, "stage_b", base, out, splits, init_from=Path(a.checkpoint))
         bar.update(3, force=True, at=PHASES[3])
-        ev = run_eval(cfg, base, Path(b["checkpoint"]), out, splits, source_uri=b["checkpoint_uri"])
+        ev = run_eval(cfg, base, Path(b.checkpoint), out, splits, source_uri=b.checkpoint_uri)
         bar.update(4)
-        paths = ev["metrics"]["paths"]
-        latent = paths[EvalPath.LATENT]
-        summary = {
-            "run_id": parent.run_id,
-            Summary.TEXT_F1: (paths.get(EvalPath.TEXT) or base_run["text"])[EvalKey.F1],
-            Summary.LATENT_F1: latent[EvalKey.F1], Summary.LATENT_EM: latent[EvalKey.EM],
-            "stage_a_probe_first_acc": (a["final_probe"] or {}).get(Probe.FIRST_ACC),
-            "stage_b_probe_first_acc": (b["final_probe"] or {}).get(Probe.FIRST_ACC),
-            "controls_f1": {p: paths[p][EvalKey.F1] for p in (EvalPath.ZERO_LATENT, EvalPath.SHUFFLED_LATENT,
-                                                               EvalPath.TOKEN_BUDGET) if p in paths},
-            "wall_seconds": time.perf_counter() - t0, "base_source": base.source,
-            "children": {"base": base_run["run_id"], "stage_a": a["run_id"], "stage_b": b["run_id"],
-                         "eval": ev["run_id"]},
-            "output_dir": str(out), "tracking_uri": mask_secrets(tracking_uri()),
-        }
-        parent.log_metrics({k: summary[k] for k in (Summary.TEXT_F1, Summary.LATENT_F1, Summary.LATENT_EM,
-                                                    "wall_seconds")}, step=0)
-        parent.log_dict(summary, Artifact.SUMMARY)
-        parent.set_tags({Tag.CHILDREN: ",".join(summary["children"].values())})
-        parent.set_description(labels.smoke_note(name, preset, summary))
+        summary = SmokeResult.of_chain(parent.run_id, base_run, a, b, ev, wall_seconds=time.perf_counter() - t0,
+                                       output_dir=str(out), tracking_uri=mask_secrets(tracking_uri()))
+        parent.log_metrics({Summary.TEXT_F1: summary.text_f1, Summary.LATENT_F1: summary.latent_f1,
+                            Summary.LATENT_EM: summary.latent_em, "wall_seconds": summary.wall_seconds}, step=0)
+        parent.log_dict(summary.as_record(), Artifact.SUMMARY)
+        parent.set_tags({Tag.CHILDREN: ",".join(summary.children.values())})
+        parent.set_description(labels.smoke_note(name, preset, summary.as_record()))
     return summary
 
 
-def format_summary(s: dict) -> str:
-    ctrl = ", ".join(f"{k} {v:.3f}" for k, v in s["controls_f1"].items())
+def format_summary(s: SmokeResult) -> str:
+    ctrl = ", ".join(f"{k} {v:.3f}" for k, v in s.controls_f1.items())
     fa = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
     return "\n".join([
         "── latentgate smoke ──",
-        f"text-teacher F1   {s[Summary.TEXT_F1]:.3f}",
-        f"latent F1 / EM    {s[Summary.LATENT_F1]:.3f} / {s[Summary.LATENT_EM]:.3f}",
+        f"text-teacher F1   {s.text_f1:.3f}",
+        f"latent F1 / EM    {s.latent_f1:.3f} / {s.latent_em:.3f}",
         f"controls F1       {ctrl}",
-        f"probe first-token Stage A {fa(s['stage_a_probe_first_acc'])}, Stage B {fa(s['stage_b_probe_first_acc'])}",
-        f"base LM           {s['base_source']}",
-        f"wall time         {s['wall_seconds']:.0f} s",
-        f"run id            {s['run_id']}  (mlflow ui --backend-store-uri {s['tracking_uri']})",
+        f"probe first-token Stage A {fa(s.stage_a_probe_first_acc)}, Stage B {fa(s.stage_b_probe_first_acc)}",
+        f"base LM           {s.base_source}",
+        f"wall time         {s.wall_seconds:.0f} s",
+        f"run id            {s.run_id}  (mlflow ui --backend-store-uri {s.tracking_uri})",
     ])

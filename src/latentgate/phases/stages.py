@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -19,6 +20,7 @@ from latentgate.eval.evaluate import evaluate
 from latentgate.model.latent import encoder_text
 from latentgate.model.lora import attach_lora
 from latentgate.model.memory_fit import check_fits
+from latentgate.phases.results import BaseResult, EvalResult, StageResult
 from latentgate.schema import Artifact, EvalKey, Stage, Summary, Tag
 from latentgate.tracking import labels, lineage, progress
 from latentgate.tracking.lineage import BaseLM, RunUri
@@ -32,19 +34,19 @@ from latentgate.train.trainer import checkpoint_modules, train_stage
 from latentgate.train.workspace import build_workspace, resolve_device
 
 
-def run_base(cfg: Config, out_dir: Path, splits, run_id: str | None = None, tags: dict | None = None) -> dict:
+def run_base(cfg: Config, out_dir: Path, splits, run_id: str | None = None,
+             tags: dict | None = None) -> BaseResult:
     """Reuse the registered base LM when its config matches; otherwise train it. Then the sanity gate.
-    Returns {"run_id", "base": BaseLM, "source", "text", "seconds"}.
     Under torchrun rank 0 does all of it (it registers the base LM); the other ranks then read the base LM
     from the store by its run."""
 
     result = dist.main_only(lambda: _run_base(cfg, out_dir, splits, run_id, tags))
     if not dist.owns_store():
-        result = {**result, "base": lineage.base_from_run(result["run_id"])}
+        result = replace(result, base=lineage.base_from_run(result.run_id))
     return result
 
 
-def _run_base(cfg: Config, out_dir: Path, splits, run_id: str | None, tags: dict | None) -> dict:
+def _run_base(cfg: Config, out_dir: Path, splits, run_id: str | None, tags: dict | None) -> BaseResult:
 
     enable_system_metrics()
     with tracked_run("base", run_id=run_id, tags=tags) as tr:
@@ -72,8 +74,7 @@ def _run_base(cfg: Config, out_dir: Path, splits, run_id: str | None, tags: dict
         sanity_gate(cfg, text)
         if base.kind == "trained":
             tr.set_tags({Tag.BASE_VERSION: lineage.register_base(cfg, tr.run_id)})
-        return {"run_id": tr.run_id, "base": base, "source": source, "text": text,
-                "seconds": time.perf_counter() - t0}
+        return BaseResult(run_id=tr.run_id, base=base, source=source, text=text, seconds=time.perf_counter() - t0)
 
 
 def check_memory(cfg: Config, stage: str, base_dir: str, splits) -> None:
@@ -98,7 +99,8 @@ def _log_stage_common(tr, cfg: Config, splits, ws, stage: str) -> None:
 
 
 def run_stage(cfg: Config, stage: str, base: BaseLM, out_dir: Path, splits, init_from: Path | None = None,
-              resume: Path | None = None, run_id: str | None = None, on_probe=None, tags: dict | None = None) -> dict:
+              resume: Path | None = None, run_id: str | None = None, on_probe=None,
+              tags: dict | None = None) -> StageResult:
     """Stage A (encoder+adapter, LM frozen) or Stage B (resumed from Stage A, plus LoRA)."""
 
     check_memory(cfg, stage, base.dir, splits)  # a run that cannot fit is refused before anything loads
@@ -122,32 +124,32 @@ def run_stage(cfg: Config, stage: str, base: BaseLM, out_dir: Path, splits, init
         if resume is None:
             _log_stage_common(tr, cfg, splits, ws, stage)
         stage_dir = out_dir / stage
-        result = train_stage(ws, getattr(cfg, stage), tr, stage_dir, name=stage, resume=resume, on_probe=on_probe)
-        result.update(run_id=tr.run_id, checkpoint_uri=str(RunUri(tr.run_id, Artifact.checkpoint(stage))))
+        summary = train_stage(ws, getattr(cfg, stage), tr, stage_dir, name=stage, resume=resume, on_probe=on_probe)
+        result = StageResult.from_summary(summary, tr.run_id, str(RunUri(tr.run_id, Artifact.checkpoint(stage))))
         if not dist.owns_store():  # ranks > 0: rank 0 logs the artifacts and makes the plots
             return result
         tr.log_artifact(stage_dir / Artifact.DIAGNOSTICS)
         tr.log_artifact(stage_dir / Artifact.DIAGNOSTICS_EPOCH)
         _log_plots(tr, "stage", stage_dir / Artifact.DIAGNOSTICS, stage_dir / "plots")
-        progress.upload_dir(tr, result["checkpoint"], Artifact.checkpoint(stage), f"checkpoint {stage}")
+        progress.upload_dir(tr, result.checkpoint, Artifact.checkpoint(stage), f"checkpoint {stage}")
         tr.log_metrics({Stage.metric(stage, Stage.FINAL_PROBE_PREFIX + k): v
-                        for k, v in (result["final_probe"] or {}).items()}, step=result["steps"])
-        tr.log_dict({k: v for k, v in result.items() if k != "probes"}, Artifact.STAGE_SUMMARY)
+                        for k, v in (result.final_probe or {}).items()}, step=result.steps)
+        tr.log_dict(result.as_record(), Artifact.STAGE_SUMMARY)
         init_uri = (tags or {}).get(Tag.INIT_FROM) or str(init_from or "")
         loss = _final_loss(stage_dir / Artifact.DIAGNOSTICS)
-        tr.set_description(labels.stage_note(phase, stage, result, init_uri, loss))
+        tr.set_description(labels.stage_note(phase, stage, asdict(result), init_uri, loss))
         return result
 
 
 def run_eval(cfg: Config, base: BaseLM, checkpoint: Path, out_dir: Path, splits, source_uri: str = "",
-             run_id: str | None = None, tags: dict | None = None) -> dict:
+             run_id: str | None = None, tags: dict | None = None) -> EvalResult:
     """Every eval path on `checkpoint`. Under torchrun rank 0 evaluates and the others receive its metrics."""
 
     return dist.main_only(lambda: _run_eval(cfg, base, checkpoint, out_dir, splits, source_uri, run_id, tags))
 
 
 def _run_eval(cfg: Config, base: BaseLM, checkpoint: Path, out_dir: Path, splits, source_uri: str,
-              run_id: str | None, tags: dict | None) -> dict:
+              run_id: str | None, tags: dict | None) -> EvalResult:
 
     enable_system_metrics()
     check_memory(cfg, "eval", base.dir, splits)  # before the checkpoint loads
@@ -161,7 +163,7 @@ def _run_eval(cfg: Config, base: BaseLM, checkpoint: Path, out_dir: Path, splits
         metrics = evaluate(ws, splits["eval"], eval_dir)
         record_eval(tr, ws, metrics, eval_dir)
         tr.set_description(labels.eval_note(metrics, source_uri or str(checkpoint)))
-        return {"run_id": tr.run_id, "metrics": metrics}
+        return EvalResult(run_id=tr.run_id, metrics=metrics)
 
 
 def record_eval(tr, ws, metrics: dict, eval_dir: Path) -> None:

@@ -8,7 +8,7 @@
       otherwise                                  -> Phase 2 (sweep) -> eval of the best trial -> checklist
                                                     -> Phase 3 if still short
     "F1 breakthrough", "first-token learning" and "mode collapse" are the checklist's criteria f1_breakthrough (best
-    example F1), first_token_learning (peak first-token LIFT: the probe's first-token accuracy minus the better of
+    example F1), first_token_learning (final first-token LIFT: the probe's first-token accuracy minus the better of
     its controls, constant guess and shuffled latent; raw accuracy is shown, never read as learning) and
     no_mode_collapse. No new phase starts once the budget is spent. Every threshold and comparison comes from the
     checklist file (registry/hero.yaml, through latentgate.registry.checklist), none from a constant here.
@@ -149,9 +149,9 @@ class InProcessRunner:
     def run(self, entry_point: str, params: dict) -> str:
         if entry_point == "hero":
             request = HeroRequest(scale=float(params["scale"]) or None, checklist=params["checklist"] or None)
-            return hero(request)["run_id"]
+            return hero(request).run_id
         cfg = resolve(params["preset"], parse_set_args([params.get("overrides", "")]))
-        return run_entry(entry_point, cfg, params["preset"], params.get(INPUT_PARAM.get(entry_point, ""), ""))["run_id"]
+        return run_entry(entry_point, cfg, params["preset"], params.get(INPUT_PARAM.get(entry_point, ""), "")).run_id
 
 
 def _wait(entry_point: str, submitted) -> str:

@@ -1,11 +1,15 @@
 """The plan's decision tree, pure: what one phase produced (`PhaseEvidence`) -> the next phase (`decide`). The
 pipeline follows it and the analysis report recommends with it; every threshold and comparison comes from the
-checklist (registry/hero.yaml through `registry.checklist`)."""
+checklist (registry/hero.yaml through `registry.checklist`).
+
+`evidence_from_report` and `collapse_of` are the one place that reads the gate's report (registry/gate.py
+check_candidate) for the pipeline's decision and the analysis report: neither computes a figure of its own."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from latentgate.eval.controls import Collapse
 from latentgate.registry.checklist import BREAKTHROUGH, COLLAPSE, LEARNING, QUALITY
 
 # next_phase values
@@ -98,8 +102,7 @@ def evidence_from_report(report, checklist, phase: str, budget_left_s: float | N
         r = report.row(name)
         return None if r is None else r.observed
 
-    learning, collapse_row = report.row(LEARNING), report.row(COLLAPSE)
-    collapse = (collapse_row.collapse if collapse_row else None) or {}
+    learning, collapse = report.row(LEARNING), collapse_of(report)
     shown = learning.shown if learning else {}
     show = (learning.params.get("show") if learning else None) or []
     raw, const, shuffled = ([shown.get(k) for k in show] + [None] * 3)[:3]  # show: [raw, constant, shuffled]
@@ -108,11 +111,20 @@ def evidence_from_report(report, checklist, phase: str, budget_left_s: float | N
     return PhaseEvidence(phase=phase, f1_max=observed(BREAKTHROUGH), first_acc=raw,
                          checklist_passed=bool(report.passed), f1_mean=observed(QUALITY),
                          first_acc_lift=observed(LEARNING), first_acc_const=const,
-                         first_acc_shuffled=shuffled, top_prediction_share=collapse.get("top_prediction_share"),
-                         repetition_rate=collapse.get("repetition_rate"), top_k_share=collapse.get("top_k_share"),
-                         empty_share=collapse.get("empty_share"), checklist_failed=failed,
+                         first_acc_shuffled=shuffled,
+                         top_prediction_share=None if collapse is None else collapse.top_prediction_share,
+                         repetition_rate=None if collapse is None else collapse.repetition_rate,
+                         top_k_share=None if collapse is None else collapse.top_k_share,
+                         empty_share=None if collapse is None else collapse.empty_share, checklist_failed=failed,
                          provenance_failed=provenance, budget_left_s=budget_left_s, launch_hero=launch_hero,
                          run_ids=dict(run_ids or {}))
+
+
+def collapse_of(report) -> Collapse | None:
+    """The collapse statistics the gate judged (the evidence of its no_mode_collapse row, computed once by
+    eval/controls.py collapse_stats); None without a report or without that evidence."""
+    row = report.row(COLLAPSE) if report is not None else None
+    return Collapse(**row.collapse) if row is not None and row.collapse else None
 
 
 def fmt_value(v) -> str:

@@ -16,6 +16,7 @@ from latentgate.errors import ConfigError
 from latentgate.eval.controls import Collapse, row_collapse
 from latentgate.registry.candidate import CandidateEvidence, Missing, short_id
 from latentgate.registry.checklist import ANY, Checklist, Criterion
+from latentgate.registry.series import drop_from_peak, peak
 from latentgate.schema import Artifact, EvalPath, EvalRow, Tag
 from latentgate.tracking.tracker import digest_of_hashes, full_params
 
@@ -36,10 +37,6 @@ class Observation:
 
 # ---- checks: one per criterion kind ----------------------------------------------------------------------------
 
-def _finite(values) -> list[float]:
-    return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-
-
 def _at_step(ev: CandidateEvidence, c: Criterion, step: int) -> dict[str, float]:
     """The `show` metrics (e.g. the raw accuracy and the controls behind a lift) at one step."""
     shown = {}
@@ -59,14 +56,14 @@ def _shown_text(shown: dict[str, float]) -> str:
 
 def check_metric_peak(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     hist = ev.history(c.params["run"], c.params["metric"])
-    vals = _finite(m.value for m in hist)
-    if not vals:
+    top = peak((m.step, m.value) for m in hist)
+    if top is None:
         raise Missing(f"{ev.src(c.params['run'])}: {c.params['metric']} has no finite value")
-    peak = max(vals)
-    step = next(m.step for m in hist if m.value == peak)
-    shown = _at_step(ev, c, step)
-    return Observation(peak, f"metric history {c.params['metric']} ({ev.src(c.params['run'])}, {len(hist)} points)",
-                       f"peak at step {step}" + (f": {_shown_text(shown)}" if shown else ""), step=step, shown=shown)
+    shown = _at_step(ev, c, top.step)
+    return Observation(top.value, f"metric history {c.params['metric']} ({ev.src(c.params['run'])}, {len(hist)} "
+                                  "points)",
+                       f"peak at step {top.step}" + (f": {_shown_text(shown)}" if shown else ""), step=top.step,
+                       shown=shown)
 
 
 def check_metric_final(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
@@ -79,24 +76,24 @@ def check_metric_final(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Ob
     if steps.isdigit() and last.step != int(steps):
         raise Missing(f"{ev.src(c.params['run'])}: {c.params['metric']} was last recorded at step {last.step}, not "
                       f"at the final checkpoint (step {steps})")
-    vals = _finite(m.value for m in hist)
-    peak = f"; peak {max(vals):.4g} at step {next(m.step for m in hist if m.value == max(vals))}" if vals else ""
+    top = peak((m.step, m.value) for m in hist)
+    at_peak = f"; peak {top.value:.4g} at step {top.step}" if top else ""
     shown = _at_step(ev, c, last.step)
     return Observation(last.value, f"metric history {c.params['metric']} ({ev.src(c.params['run'])}, "
                                    f"{len(hist)} points)",
-                       f"at the final step {last.step}" + (f": {_shown_text(shown)}" if shown else "") + peak,
+                       f"at the final step {last.step}" + (f": {_shown_text(shown)}" if shown else "") + at_peak,
                        step=last.step, shown=shown)
 
 
 def check_metric_final_drop(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     hist = ev.history(c.params["run"], c.params["metric"])
-    vals = _finite(m.value for m in hist)
-    if not vals:
+    top = peak((m.step, m.value) for m in hist)
+    if top is None:
         raise Missing(f"{ev.src(c.params['run'])}: {c.params['metric']} has no finite value")
-    peak, final = max(vals), hist[-1].value
-    drop = float("nan") if not math.isfinite(final) else ((peak - final) / peak if peak > 0 else 0.0)
-    return Observation(drop, f"metric history {c.params['metric']} ({ev.src(c.params['run'])}, {len(hist)} points)",
-                       f"peak {peak:.4g}, final {final:.4g} at step {hist[-1].step}")
+    final = hist[-1].value
+    return Observation(drop_from_peak(top.value, final), f"metric history {c.params['metric']} "
+                                                         f"({ev.src(c.params['run'])}, {len(hist)} points)",
+                       f"peak {top.value:.4g}, final {final:.4g} at step {hist[-1].step}")
 
 
 def extrapolate_log_step(points: list[tuple[int, float]], to_step: float) -> tuple[float, float]:

@@ -85,23 +85,23 @@ def run_trial(ctx: TrialContext, trial) -> float:
                 Tag.INIT_FROM: ctx.resume_from}  # the URI (registry lineage), not the local download
         stage_b = run_stage(cfg, "stage_b", ctx.base, out, ctx.splits, init_from=ctx.stage_a_dir,
                             on_probe=on_probe, tags=tags)
-        lineage.client().set_tag(stage_b["run_id"], SweepTag.TRIAL_STATE, "COMPLETE")
-        trial.set_user_attr(TrialAttr.STAGE_B_RUN_ID, stage_b["run_id"])
-        trial.set_user_attr(TrialAttr.CHECKPOINT_URI, stage_b["checkpoint_uri"])
-        trial.set_user_attr(TrialAttr.OPTIMIZER_STEPS, int(stage_b["steps"]))
-        ev = run_eval(cfg, ctx.base, Path(stage_b["checkpoint"]), out, ctx.splits,
-                      source_uri=stage_b["checkpoint_uri"])
-        paths = ev["metrics"]["paths"]
+        lineage.client().set_tag(stage_b.run_id, SweepTag.TRIAL_STATE, "COMPLETE")
+        trial.set_user_attr(TrialAttr.STAGE_B_RUN_ID, stage_b.run_id)
+        trial.set_user_attr(TrialAttr.CHECKPOINT_URI, stage_b.checkpoint_uri)
+        trial.set_user_attr(TrialAttr.OPTIMIZER_STEPS, int(stage_b.steps))
+        ev = run_eval(cfg, ctx.base, Path(stage_b.checkpoint), out, ctx.splits,
+                      source_uri=stage_b.checkpoint_uri)
+        paths = ev.paths
         value, main, tie = spec.score(paths)
         latent = paths[EvalPath.LATENT]
-        trial.set_user_attr(TrialAttr.EVAL_RUN_ID, ev["run_id"])
+        trial.set_user_attr(TrialAttr.EVAL_RUN_ID, ev.run_id)
         trial.set_user_attr(TrialAttr.LATENT_F1, latent[EvalKey.F1])
         trial.set_user_attr(TrialAttr.LATENT_FIRST_TOP1, latent[EvalKey.FIRST_TOP1])
-        _upload_artifacts(ctx, trial, run_id, out / "eval", ev["metrics"])
+        _upload_artifacts(ctx, trial, run_id, out / "eval", ev.metrics)
         trial_runs.end_trial_run(run_id, "COMPLETE", metrics={
             Summary.OBJECTIVE: value, Summary.LATENT_F1: latent[EvalKey.F1], Summary.LATENT_EM: latent[EvalKey.EM],
-            Summary.LATENT_FIRST_TOP1: latent[EvalKey.FIRST_TOP1], Summary.OPTIMIZER_STEPS: stage_b["steps"]},
-            tags={Tag.EVAL_RUN: ev["run_id"], Tag.STAGE_B_RUN: stage_b["run_id"]})
+            Summary.LATENT_FIRST_TOP1: latent[EvalKey.FIRST_TOP1], Summary.OPTIMIZER_STEPS: stage_b.steps},
+            tags={Tag.EVAL_RUN: ev.run_id, Tag.STAGE_B_RUN: stage_b.run_id})
         return value
     except optuna.TrialPruned as err:
         trial.set_user_attr(TrialAttr.OPTIMIZER_STEPS, int(state["step"]))
@@ -112,13 +112,13 @@ def run_trial(ctx: TrialContext, trial) -> float:
         raise
     except (Interrupted, KeyboardInterrupt) as err:  # told to stop: Optuna catches it, so the worker is told here
         ctx.stopped = err
-        steps = int(stage_b["steps"]) if stage_b else int(state["step"])
+        steps = int(stage_b.steps) if stage_b else int(state["step"])
         trial.set_user_attr(TrialAttr.OPTIMIZER_STEPS, steps)
         trial_runs.end_trial_run(run_id, "KILLED", metrics={Summary.OPTIMIZER_STEPS: steps},
                          tags={Tag.ERROR: " ".join(f"{type(err).__name__}: {err}".split())[:500]})
         raise
     except BaseException as err:
-        steps = int(stage_b["steps"]) if stage_b else int(state["step"])
+        steps = int(stage_b.steps) if stage_b else int(state["step"])
         trial.set_user_attr(TrialAttr.OPTIMIZER_STEPS, steps)
         trial_runs.end_trial_run(run_id, "FAIL", metrics={Summary.OPTIMIZER_STEPS: steps},
                          tags={Tag.ERROR: f"{type(err).__name__}: {str(err)[:500]}"})

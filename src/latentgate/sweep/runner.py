@@ -180,9 +180,9 @@ def ensure_stage_a(spec: StudySpec, cfg, echo=print) -> str:
             return str(RunUri(runs[0].info.run_id, Artifact.checkpoint("stage_a")))
     echo("resume_from: auto -> training the base LM (or reusing a registered one) and Stage A once")
     out = run_output_dir(cfg, f"sweep-{spec.name}-stage_a")
-    base = run_base(cfg, out, splits)["base"]
+    base = run_base(cfg, out, splits).base
     a = run_stage(cfg, "stage_a", base, out, splits, tags={SweepTag.STAGE_A_KEY: key, SweepTag.STUDY: spec.name})
-    return a["checkpoint_uri"]
+    return a.checkpoint_uri
 
 
 def _check_resume(spec: StudySpec, cfg, uri: str) -> None:
