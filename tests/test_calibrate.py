@@ -183,6 +183,22 @@ def test_rows_that_do_not_decide_are_neither_judged_nor_tuned():
     assert h["verdicts"] == [False, False, True, True] and h["agreement"] == 1.0
 
 
+def test_held_out_verdicts_do_not_lean_on_thresholds_fitted_with_the_left_out_record():
+    # 0.019 was fitted on all four and separates them. Left out, 0.0198 is judged by the middle of (0.0176, 0.13),
+    # 0.074, and refused; 0.0176 by the middle of (0.005, 0.0198), 0.0124, and promoted: both wrong, whatever
+    # threshold the file holds (a tie broken towards 0.019 would have made both right)
+    def rec(q, hero, threshold):
+        return {"split": "fit", "rows": [_row("generation_quality", q, ">=", threshold)], "hero_finished": True,
+                "smoke_f1": q, "hero_f1": hero}
+
+    for threshold in (0.019, 0.10):
+        records = [rec(0.005, 0.02, threshold), rec(0.0176, 0.1, threshold), rec(0.0198, 0.44, threshold),
+                   rec(0.13, 0.9, threshold)]
+        h = stats.heldout_report(records, 0.2)
+        assert h["verdicts"] == [False, True, False, True], threshold
+        assert h["confusion"] == {"tp": 1, "fp": 1, "fn": 1, "tn": 1}
+
+
 def test_gate_shapes_side_by_side_on_the_same_records():
     records = [_shaped(0.02, 0.0, 0.02), _shaped(0.05, 0.3, 0.04), _shaped(0.3, 0.3, 0.5), _shaped(0.5, 0.3, 0.9)]
     shapes = {x["shape"]: x for x in stats.compare_shapes(records, [0.1, 0.6])}
@@ -213,6 +229,10 @@ def test_learning_curve_extrapolated_straight_in_log_steps():
     assert value == pytest.approx(0.1 + 0.05 * math.log(300)) and slope == pytest.approx(0.05)
     flat, zero = extrapolate_log_step([(10, 0.2), (20, 0.2), (30, 0.2)], 300)
     assert flat == pytest.approx(0.2) and zero == pytest.approx(0.0)
+    # an NLL read below 0 stays at its floor when no ceiling is given, and the other way round
+    from latentgate.registry.evidence import bounded
+
+    assert bounded(-0.44, 0.0, None) == 0.0 and bounded(1.3, None, 1.0) == 1.0 and bounded(0.5, 0.0, 1.0) == 0.5
 
 
 # ---- what promote prints: the calibration of the candidate's family ------------------------------------------------

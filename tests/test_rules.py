@@ -95,7 +95,7 @@ def test_one_threshold_moves_the_gate_the_report_the_monitor_and_the_pipeline(ca
     # evidence the pipeline reads
     rep = build_report(load_run_bundle(candidate["parent"]), checklist_path=path)
     assert rep["readiness"]["source"] == "latentgate.registry.gate"
-    assert sorted(r["name"] for r in rep["readiness"]["rows"] if not r["passed"]) == failing
+    assert sorted(r["name"] for r in rep["readiness"]["rows"] if not r["passed"] and r["decides"]) == failing
     assert (rep["recommendation"]["rule"], rep["recommendation"]["verdict"]) == (rule, verdict)
     assert rep["recommendation"]["first_acc_lift"] == evidence.first_acc_lift
 

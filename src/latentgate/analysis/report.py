@@ -103,7 +103,8 @@ def gate_readiness(report: Report | None, note: str = "") -> dict:
     """The readiness table: the gate's rows as it judged them (empty, with the note, when it could not judge)."""
     if report is None:
         return {"source": GATE, "passed": None, "rows": [], "missing": [], "note": note}
-    rows = [{k: getattr(r, k) for k in ("name", "passed", "observed", "op", "threshold", "source", "detail")}
+    rows = [{k: getattr(r, k) for k in ("name", "passed", "observed", "op", "threshold", "source", "detail",
+                                                "decides")}
             for r in report.rows]
     return {"source": GATE, "passed": report.passed, "rows": rows, "missing": list(report.missing)}
 

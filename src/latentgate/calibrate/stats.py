@@ -179,19 +179,28 @@ def current_thresholds(records: list[dict]) -> dict:
     return current
 
 
-def fit_thresholds(fit: list[dict], current: dict, passes: int = 2) -> dict[str, float]:
-    """The thresholds that agree best with the outcomes of `fit` (coordinate ascent on agreement; among equally
-    good values the current one, else the nearest to it): only those that change, {name: new value}."""
+def fit_thresholds(fit: list[dict], current: dict, passes: int = 2, held_out: bool = False) -> dict[str, float]:
+    """The thresholds that agree best with the outcomes of `fit` (coordinate ascent on agreement): only those that
+    change, {name: new value}. Among equally good values a proposal keeps the current one, else the nearest to it.
+    `held_out`: the current thresholds may have been fitted on the very record left out, so they must not tip a tie;
+    the value farthest from every observed value (the middle of the widest gap that agrees best) is taken."""
     chosen: dict[str, float] = {}
     for _ in range(passes):
         for name in tunable(fit):
             observed = sorted({r["observed"] for rec in fit for r in rec["rows"] or []
                                if r["name"] == name and _number(r["observed"])})
             now = chosen.get(name, current[name])
-            candidates = {now, *observed, *((a + b) / 2 for a, b in zip(observed, observed[1:]))}
+            mids = {(a + b) / 2 for a, b in zip(observed, observed[1:])}
+            if held_out:
+                candidates = {*observed, *mids} or {now}
+                scored = [(_agreement(fit, {**chosen, name: c}) or 0.0,
+                           min((abs(c - o) for o in observed), default=0.0), c) for c in candidates]
+                chosen[name] = max(scored, key=lambda x: (x[0], x[1], -x[2]))[2]
+                continue
+            candidates = {now, *observed, *mids}
             scored = [(_agreement(fit, {**chosen, name: c}) or 0.0, -abs(c - current[name]), c == now, c)
                       for c in candidates]
-            chosen[name] = max(scored, key=lambda s: (s[0], s[2], s[1]))[3]
+            chosen[name] = max(scored, key=lambda x: (x[0], x[2], x[1]))[3]
     return {n: v for n, v in chosen.items() if v != current[n]}
 
 
@@ -225,12 +234,13 @@ def hero_targets(target: float) -> list[float]:
 
 def leave_one_out(records: list[dict], passes: int = 2) -> list[bool]:
     """Each record's held-out verdict: the thresholds fitted on every other record (all of them, whatever their
-    split), then the left-out record judged with them. Records: {"rows", "outcome"}."""
+    split; ties broken without the current thresholds, which may come from a fit that saw this record), then the
+    left-out record judged with them. Records: {"rows", "outcome"}."""
     current = current_thresholds(records)
     out = []
     for i, rec in enumerate(records):
         others = records[:i] + records[i + 1:]
-        out.append(verdict_with(rec["rows"], fit_thresholds(others, current, passes) if others else {}))
+        out.append(verdict_with(rec["rows"], fit_thresholds(others, current, passes, held_out=True) if others else {}))
     return out
 
 

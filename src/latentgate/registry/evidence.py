@@ -109,6 +109,15 @@ def extrapolate_log_step(points: list[tuple[int, float]], to_step: float) -> tup
     return y_mean + slope * (math.log(to_step) - x_mean), slope
 
 
+def bounded(value: float, floor: float | None, ceiling: float | None) -> float:
+    """`value` kept within [floor, ceiling]; a bound that is None does not apply."""
+    if floor is not None:
+        value = max(value, floor)
+    if ceiling is not None:
+        value = min(value, ceiling)
+    return value
+
+
 def check_metric_extrapolated(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     """A metric's learning curve extrapolated to the hero's budget: the run's steps x the checklist's hero.scale,
     by `extrapolate_log_step` over every finite point after step 0, then kept within [floor, ceiling] (an accuracy
@@ -123,7 +132,7 @@ def check_metric_extrapolated(ev: CandidateEvidence, c: Criterion, cl: Checklist
     to_step = last * cl.hero_scale()
     value, slope = extrapolate_log_step(points, to_step)
     floor, ceiling = c.params.get("floor"), c.params.get("ceiling")
-    clipped = min(max(value, floor if floor is not None else value), ceiling if ceiling is not None else value)
+    clipped = bounded(value, floor, ceiling)
     return Observation(clipped, f"metric history {metric} ({ev.src(run)}, {len(points)} points)",
                        f"{points[-1][1]:.4g} at step {points[-1][0]}, {slope:+.4g} per e-fold of steps -> {value:.4g} "
                        f"at step {to_step:g} (the hero budget: x{cl.hero_scale():g})", step=points[-1][0])
