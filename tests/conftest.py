@@ -120,15 +120,25 @@ def mlflow_server(tmp_path_factory):
         proc.wait(timeout=30)
 
 
+def every_criterion_decides(data: dict) -> dict:
+    """A checklist's data with every criterion deciding except the learning-curve ones (kind metric_extrapolated):
+    the plan's rule, for tests of the gate's mechanics on micro runs, which learn nothing, so a curve read at the
+    hero's budget (what the shipped file decides by) refuses them all. Returns `data`."""
+    for c in data["criteria"]:
+        c["decides"] = c["kind"] != "metric_extrapolated"
+    return data
+
+
 def checklist_copy(path: Path, edits: dict | None = None, **top) -> Path:
-    """A copy of the shipped registry/hero.yaml at `path`: criteria edited by `edits` ({criterion: {key: value}},
+    """A copy of the shipped registry/hero.yaml at `path`, every criterion deciding but the curves
+    (`every_criterion_decides`): criteria edited by `edits` ({criterion: {key: value}},
     params merged; an unknown criterion is an error), top-level keys replaced by `top` (eval_dataset_digest,
     model_name, ...). Returns `path`."""
     import yaml  # lazy: conftest sets the environment before anything heavy is imported
 
     from latentgate.registry.checklist import DEFAULT_PATH  # lazy: as above
 
-    data = {**yaml.safe_load(DEFAULT_PATH.read_text()), **top}
+    data = every_criterion_decides({**yaml.safe_load(DEFAULT_PATH.read_text()), **top})
     unknown = set(edits or {}) - {c["name"] for c in data["criteria"]}
     assert not unknown, f"no such criteria in {DEFAULT_PATH.name}: {sorted(unknown)}"
     for c in data["criteria"]:

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import pytest
 
+from conftest import every_criterion_decides
 from latentgate.calibrate import stats
 from latentgate.errors import ConfigError
 from latentgate.registry.calibration import (
@@ -414,7 +415,7 @@ def open_checklist(tmp_path):
 
     from latentgate.registry.checklist import DEFAULT_PATH
 
-    data = yaml.safe_load(DEFAULT_PATH.read_text())
+    data = every_criterion_decides(yaml.safe_load(DEFAULT_PATH.read_text()))
     for crit in data["criteria"]:
         if crit["name"] in OPEN:
             crit["threshold"] = OPEN[crit["name"]]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, checklist_copy, cli_env, run_cli
+from conftest import ROOT, checklist_copy, cli_env, every_criterion_decides, run_cli
 from latentgate.config import flatten, parse_set_args, resolve
 from latentgate.errors import CheckpointError, ConfigError
 from latentgate.pipeline.run import PipelineOptions, format_decisions, phase_overrides, run_pipeline
@@ -172,7 +172,7 @@ def test_the_issues_run_reads_as_collapse_and_shows_its_raw_numbers(checklist):
 
 def test_thresholds_come_from_the_checklist_file(tmp_path, checklist):
     assert checklist.threshold("first_token_learning") == 0.12 and checklist.threshold("f1_breakthrough") == 0.0
-    data = yaml.safe_load(DEFAULT_PATH.read_text())
+    data = every_criterion_decides(yaml.safe_load(DEFAULT_PATH.read_text()))
     for c in data["criteria"]:
         if c["name"] == "first_token_learning":
             c["threshold"] = 0.05
@@ -419,7 +419,7 @@ def test_pipeline_twice_second_time_reuses_every_step(steer_to_fix, tmp_path_fac
     assert "exposure_bias" in md and ids["extend"] in md
     tags = _client().get_run(second["run_id"]).data.tags
     assert tags["latentgate.final_rule"] == "plan_exhausted"
-    # a changed override is a different step: Phase 1 runs again, earlier steps are still reused
+    # the fix step (Phase 3) trained what the plan's fix is: scheduled sampling, twice the Stage B steps
     fix_run = _client().get_run(first["steps"][4]["run_id"])
     assert fix_run.data.params["stage_b.scheduled_sampling"] == "True"
     assert fix_run.data.params["stage_b.steps"] == str(2 * resolve("micro").stage_b.steps)
@@ -471,8 +471,8 @@ def test_pipeline_phase2_branch_end_to_end(tmp_path_factory, mlflow_store, micro
     assert sweep_run.data.tags["latentgate.best_trial_run"] == sweep_step["best_trial_run"]
     # the decision after the sweep read the best trial's own runs
     after_sweep = summary["decisions"][1]["evidence"]
-    assert after_sweep["run_ids"]["stage_b"] == sweep_step["best_trial_run"] or \
-        after_sweep["run_ids"]["eval"] == sweep_step["best_eval_run"]
+    assert {k: after_sweep["run_ids"][k] for k in ("stage_b", "eval")} == \
+        {"stage_b": sweep_step["best_stage_b_run"], "eval": sweep_step["best_eval_run"]}
     # Phase 3 starts from the same Stage A and carries the best trial's tuned Stage B params
     fix_run = _client().get_run(summary["steps"][5]["run_id"])
     best = _client().get_run(sweep_step["best_trial_run"]).data.params

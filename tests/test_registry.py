@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import every_criterion_decides, free_port
 from latentgate.errors import ConfigError, GateRefused
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def eval_digest(cfg) -> tuple[str, str]:
 
 
 def write_checklist(path: Path, pin: dict, changes: dict) -> Path:
-    data = yaml.safe_load((ROOT / "registry" / "hero.yaml").read_text())
+    data = every_criterion_decides(yaml.safe_load((ROOT / "registry" / "hero.yaml").read_text()))
     data["eval_dataset_digest"] = pin
     for c in data["criteria"]:
         c.update(changes.get(c["name"], {}))
@@ -441,14 +442,6 @@ def test_pyfunc_round_trip_equals_the_eval_predictions(candidate, lenient, micro
                                                  attention_mask=prefix.attention_mask).logits)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # 20-40 s: a fresh virtual environment and `mlflow models serve`
 def test_hero_loads_and_serves_where_latentgate_is_not_installed(candidate, lenient, micro_cfg, tmp_path):
     """models:/latentgate@hero carries its code and requirements: in a fresh venv holding only the model's
@@ -487,7 +480,7 @@ def test_hero_loads_and_serves_where_latentgate_is_not_installed(candidate, leni
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
 
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen([str(python), "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
                                "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path, env=env, stdout=log,

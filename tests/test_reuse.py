@@ -20,7 +20,7 @@ def stage_a_phase(mlflow_store, tmp_path_factory):
 
     cfg = resolve("micro", {"run.output_dir": str(tmp_path_factory.mktemp("reuse-runs"))})
     run_entry("base", cfg, "micro")
-    run_id = run_entry("stage_a", cfg, "micro")["run_id"]
+    run_id = run_entry("stage_a", cfg, "micro").run_id
     return cfg, lineage.client().get_run(run_id)
 
 

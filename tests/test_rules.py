@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import recorded_candidate
+from conftest import every_criterion_decides, recorded_candidate
 from latentgate.registry.checklist import DEFAULT_PATH, load_checklist
 
 STEPS = 30
@@ -32,7 +32,7 @@ def candidate(mlflow_store, tmp_path_factory) -> dict:
 
 def _edited(tmp_path: Path, name: str, edit: dict) -> Path:
     """A copy of the shipped hero.yaml with one criterion edited."""
-    data = yaml.safe_load(DEFAULT_PATH.read_text())
+    data = every_criterion_decides(yaml.safe_load(DEFAULT_PATH.read_text()))
     if edit:
         crit = next(c for c in data["criteria"] if c["name"] == edit["criterion"])
         for key, value in edit.items():

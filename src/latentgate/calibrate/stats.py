@@ -192,10 +192,19 @@ def fit_thresholds(fit: list[dict], current: dict, passes: int = 2, held_out: bo
             now = chosen.get(name, current[name])
             mids = {(a + b) / 2 for a, b in zip(observed, observed[1:])}
             if held_out:
-                candidates = {*observed, *mids} or {now}
+                # beyond the observed range too (pass all, fail all), one half-range away, so a fit on a few
+                # records may keep every one of them on its side
+                spread = (observed[-1] - observed[0]) / 2 if len(observed) > 1 else max(abs(observed[0]), 1.0) \
+                    if observed else 1.0
+                ends = {observed[0] - spread, observed[-1] + spread} if observed else set()
+                candidates = {*observed, *mids, *ends} or {now}
+                # last, between candidates equally good and equally far from the data (the two ends), the more
+                # lenient: without evidence either way the gate does not refuse
+                op = next(r["op"] for rec in fit for r in rec["rows"] or [] if r["name"] == name)
+                lenient = -1.0 if op in (">=", ">") else 1.0
                 scored = [(_agreement(fit, {**chosen, name: c}) or 0.0,
-                           min((abs(c - o) for o in observed), default=0.0), c) for c in candidates]
-                chosen[name] = max(scored, key=lambda x: (x[0], x[1], -x[2]))[2]
+                           min((abs(c - o) for o in observed), default=0.0), lenient * c, c) for c in candidates]
+                chosen[name] = max(scored)[3]
                 continue
             candidates = {now, *observed, *mids}
             scored = [(_agreement(fit, {**chosen, name: c}) or 0.0, -abs(c - current[name]), c == now, c)
