@@ -221,14 +221,19 @@ def bpe_lm_dir(tmp_path_factory, micro_cfg) -> Path:
     return folder
 
 
+def external_ws(folder):
+    """A Workspace on a local HF LM folder at micro scale, loaded the way any external LM is."""
+    from latentgate import config  # lazy: conftest sets the environment before anything heavy is imported
+    from latentgate.train.workspace import build_workspace, load_splits  # lazy: as above
+
+    cfg = config.resolve("micro", {"base.name": str(folder)})
+    return build_workspace(cfg, cfg.base.name, load_splits(cfg))
+
+
 @pytest.fixture()
 def bpe_ws(bpe_lm_dir, micro_cfg):
     """A Workspace on the BPE LM folder, loaded the way any external LM is (lm_self encoder, answer_end=none)."""
-    from latentgate import config
-    from latentgate.train.workspace import build_workspace, load_splits
-
-    cfg = config.resolve("micro", {"base.name": str(bpe_lm_dir)})
-    return build_workspace(cfg, cfg.base.name, load_splits(cfg))
+    return external_ws(bpe_lm_dir)
 
 
 GEMMA = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}"
@@ -275,11 +280,7 @@ def sp_lm_dir(tmp_path_factory, micro_cfg):
 @pytest.fixture()
 def sp_ws(sp_lm_dir, micro_cfg):
     """A Workspace on the SentencePiece LM folder, loaded the way any external LM is."""
-    from latentgate import config
-    from latentgate.train.workspace import build_workspace, load_splits
-
-    cfg = config.resolve("micro", {"base.name": str(sp_lm_dir)})
-    return build_workspace(cfg, cfg.base.name, load_splits(cfg))
+    return external_ws(sp_lm_dir)
 
 
 def recorded_candidate(folder: Path, probes: dict[int, float], latent_f1: list[float], const: float = 0.01,
