@@ -179,34 +179,38 @@ def current_thresholds(records: list[dict]) -> dict:
     return current
 
 
+def _held_out_threshold(fit: list[dict], chosen: dict, name: str, observed: list[float], now: float) -> float:
+    """The best-agreeing threshold for `name` that no threshold under test picked: among equally good candidates,
+    the one farthest from every observed value (the middle of the widest gap), then the more lenient one (without
+    evidence either way the gate does not refuse). Candidates: the observed values, the midpoints between them and
+    one half-range beyond each end (pass all, fail all), so a fit on a few records may keep each on its side."""
+    if not observed:
+        return now
+    spread = (observed[-1] - observed[0]) / 2 if len(observed) > 1 else max(abs(observed[0]), 1.0)
+    candidates = {*observed, *((a + b) / 2 for a, b in zip(observed, observed[1:])),
+                  observed[0] - spread, observed[-1] + spread}
+    op = next(r["op"] for rec in fit for r in rec["rows"] or [] if r["name"] == name)
+    lenient = -1.0 if op in (">=", ">") else 1.0
+    scored = [(_agreement(fit, {**chosen, name: c}) or 0.0, min(abs(c - o) for o in observed), lenient * c, c)
+              for c in candidates]
+    return max(scored)[3]
+
+
 def fit_thresholds(fit: list[dict], current: dict, passes: int = 2, held_out: bool = False) -> dict[str, float]:
     """The thresholds that agree best with the outcomes of `fit` (coordinate ascent on agreement): only those that
     change, {name: new value}. Among equally good values a proposal keeps the current one, else the nearest to it.
-    `held_out`: the current thresholds may have been fitted on the very record left out, so they must not tip a tie;
-    the value farthest from every observed value (the middle of the widest gap that agrees best) is taken."""
+    `held_out`: the current thresholds may have been fitted on the very record left out, so they must not tip a tie
+    (`_held_out_threshold`)."""
     chosen: dict[str, float] = {}
     for _ in range(passes):
         for name in tunable(fit):
             observed = sorted({r["observed"] for rec in fit for r in rec["rows"] or []
                                if r["name"] == name and _number(r["observed"])})
             now = chosen.get(name, current[name])
-            mids = {(a + b) / 2 for a, b in zip(observed, observed[1:])}
             if held_out:
-                # beyond the observed range too (pass all, fail all), one half-range away, so a fit on a few
-                # records may keep every one of them on its side
-                spread = (observed[-1] - observed[0]) / 2 if len(observed) > 1 else max(abs(observed[0]), 1.0) \
-                    if observed else 1.0
-                ends = {observed[0] - spread, observed[-1] + spread} if observed else set()
-                candidates = {*observed, *mids, *ends} or {now}
-                # last, between candidates equally good and equally far from the data (the two ends), the more
-                # lenient: without evidence either way the gate does not refuse
-                op = next(r["op"] for rec in fit for r in rec["rows"] or [] if r["name"] == name)
-                lenient = -1.0 if op in (">=", ">") else 1.0
-                scored = [(_agreement(fit, {**chosen, name: c}) or 0.0,
-                           min((abs(c - o) for o in observed), default=0.0), lenient * c, c) for c in candidates]
-                chosen[name] = max(scored)[3]
+                chosen[name] = _held_out_threshold(fit, chosen, name, observed, now)
                 continue
-            candidates = {now, *observed, *mids}
+            candidates = {now, *observed, *((a + b) / 2 for a, b in zip(observed, observed[1:]))}
             scored = [(_agreement(fit, {**chosen, name: c}) or 0.0, -abs(c - current[name]), c == now, c)
                       for c in candidates]
             chosen[name] = max(scored, key=lambda x: (x[0], x[2], x[1]))[3]
