@@ -102,10 +102,10 @@ def run_smoke(data: Path, out: Path, model: str, extra: list[str], every: float)
     return child.returncode
 
 
-def run_steps(data: Path, model: str, stage: str, steps: int, extra: list[str]) -> int:
+def run_steps(data: Path, model: str, stage: str, steps: int, extra: list[str], trim: bool = True) -> int:
     import torch  # lazy: `run` and `data` need no torch here
 
-    from latentgate import config  # lazy: as above
+    from latentgate import config, heap  # lazy: as above
     from latentgate.eval.probe import run_probe  # lazy: as above
     from latentgate.model.lora import attach_lora  # lazy: as above
     from latentgate.train.trainer import build_optimizer, set_training_modes, stage_step  # lazy: as above
@@ -148,6 +148,8 @@ def run_steps(data: Path, model: str, stage: str, steps: int, extra: list[str]) 
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if trim:
+            heap.release(ws.device)  # as the trainer does after each optimizer step
         mark(f"step {step}: optimizer")
     run_probe(ws, splits["probe"], with_f1=True)
     mark(f"probe ({len(splits['probe'])} examples, with F1)")
@@ -171,12 +173,13 @@ def main() -> int:
     s.add_argument("--steps", type=int, default=1, help="optimizer steps")
     s.add_argument("--model", default=os.environ.get("LATENTGATE_SMOLLM2_DIR", MODEL))
     s.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--keep-heap", action="store_true", help="no malloc_trim after each step (as before issue #25)")
     args = ap.parse_args()
     if args.verb == "data":
         write_data(args.path)
         return 0
     if args.verb == "steps":
-        return run_steps(args.data, args.model, args.stage, args.steps, args.extra)
+        return run_steps(args.data, args.model, args.stage, args.steps, args.extra, trim=not args.keep_heap)
     return run_smoke(args.data, args.out, args.model, args.extra, args.every)
 
 

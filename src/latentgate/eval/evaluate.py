@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from latentgate import heap
 from latentgate.eval import controls, scoring
 from latentgate.eval.generate import decode, greedy_generate
 from latentgate.eval.probe import EvalMode
@@ -95,6 +96,7 @@ def evaluate(ws, examples, out_dir: Path, paths=None, batch_size: int | None = N
                 f1_sums[path] += sum(r["f1"] for r in rows[-len(chunk):])
                 bar.update(advance=len(chunk), **{f"{p} F1": f1_sums[p] / min(start + len(chunk), len(examples))
                                                   for p in paths[: paths.index(path) + 1]})
+            heap.release(ws.device)  # a batch's freed activations (their sizes change with prompt length)
     with (out_dir / Artifact.EVAL_DETAILED).open("w") as fh:
         for r in rows:
             fh.write(json.dumps(r) + "\n")

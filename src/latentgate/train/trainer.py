@@ -29,6 +29,7 @@ from transformers import get_constant_schedule_with_warmup
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from latentgate import distributed as dist
+from latentgate import heap
 from latentgate.config import StageConfig, flatten
 from latentgate.errors import STOP_SIGNALS, ConfigError, Interrupted, TrainingFault
 from latentgate.eval.probe import epoch_samples, run_probe
@@ -351,7 +352,9 @@ def train_stage(ws: Workspace, section: StageConfig, tracker, out_dir: Path, *, 
             totals, failure = _attempt(run.step) if failure is None else (None, failure)
             signum = dist.agree(dist.News(failure, flag.signum))  # every rank, before the gradient all-reduce
             record = run.update(totals)
+            heap.release(ws.device)  # the step's freed activations, before the probe allocates its own
             _, failure = _attempt(run.record, record, diag, diag_epoch, bar)
+            heap.release(ws.device)
         if failure is None:  # the final checkpoint (rank 0), at the end or where a signal stopped every rank
             diag.flush()
             diag_epoch.flush()
