@@ -143,13 +143,13 @@ def run_steps(data: Path, model: str, stage: str, steps: int, extra: list[str], 
             mark(f"step {step} micro-batch {micro}: losses")
             (out.total / st.grad_accum).backward()
             del out
+            if trim:
+                heap.release(ws.device)  # as the trainer does after each micro-batch
             mark(f"step {step} micro-batch {micro}: backward")
         torch.nn.utils.clip_grad_norm_(trainable, st.clip_norm if st.clip_norm > 0 else float("inf"))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if trim:
-            heap.release(ws.device)  # as the trainer does after each optimizer step
         mark(f"step {step}: optimizer")
     run_probe(ws, splits["probe"], with_f1=True)
     mark(f"probe ({len(splits['probe'])} examples, with F1)")

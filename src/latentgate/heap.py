@@ -1,4 +1,4 @@
-"""Hand the C heap's freed pages back to the OS between optimizer steps and eval batches on CPU (issue #25).
+"""Hand the C heap's freed pages back to the OS after each micro-batch, probe and eval batch on CPU (issue #25).
 
 Why: on CPU torch allocates activations with malloc. glibc raises its mmap threshold to the largest block freed so
 far (up to 32 MiB), so after the first step a step's transient activations come from the heap, and when they are

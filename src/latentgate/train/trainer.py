@@ -236,6 +236,7 @@ class StageRun:
                                     "lower the learning rate or the loss weights, "
                                     "then resume from the last checkpoint")
             (out.total / st.grad_accum).backward()
+            heap.release(ws.device)  # this micro-batch's freed activations: the next one's shapes differ
             state.micro_step += 1
             for k in Loss.TERMS:
                 totals.losses[Loss.key(k)] += raw[k] / st.grad_accum
@@ -352,9 +353,8 @@ def train_stage(ws: Workspace, section: StageConfig, tracker, out_dir: Path, *, 
             totals, failure = _attempt(run.step) if failure is None else (None, failure)
             signum = dist.agree(dist.News(failure, flag.signum))  # every rank, before the gradient all-reduce
             record = run.update(totals)
-            heap.release(ws.device)  # the step's freed activations, before the probe allocates its own
             _, failure = _attempt(run.record, record, diag, diag_epoch, bar)
-            heap.release(ws.device)
+            heap.release(ws.device)  # what the probe freed
         if failure is None:  # the final checkpoint (rank 0), at the end or where a signal stopped every rank
             diag.flush()
             diag_epoch.flush()
