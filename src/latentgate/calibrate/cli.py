@@ -35,7 +35,8 @@ def calibrate(set_file, checklist, allow_other_commit, check, preset, sets, over
     if check:
         click.echo(json.dumps(cs.to_dict(), indent=2, sort_keys=True))
         return
-    from latentgate.calibrate.runner import format_summary, run_calibration
+    from latentgate.calibrate.report import format_summary  # lazy: the CLI starts without MLflow or torch
+    from latentgate.calibrate.runner import run_calibration
     from latentgate.registry.checklist import load_checklist
 
     load_checklist(checklist).hero_f1_target()  # a checklist without the target fails before anything trains
