@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from conftest import every_criterion_decides
+from conftest import ROOT, every_criterion_decides
 from latentgate.calibrate import stats
 from latentgate.calibrate.figures import SplitAgreement
 from latentgate.calibrate.records import ByRole, ChainRecord, ConfigurationRecord, GateRow, StageSteps
@@ -301,6 +302,25 @@ def test_records_round_trip_through_calibration_json(tmp_path):
     assert CalibrationSummary.from_dict(json.loads(json.dumps(tag.to_dict()))) == tag
     assert tag.families == (FAMILY,) and tag.fit == reread.fit.line and tag.heldout == reread.heldout[0].confusion
     assert scatter(back, reread, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mlproject_calibrate_entry_passes_allow_other_commit():
+    """`mlflow run . -e calibrate -P allow_other_commit=true` reaches the CLI as --allow-other-commit; the default
+    leaves it off, and the bare flag of the command line still works."""
+    from mlflow.projects._project_spec import load_project
+
+    from latentgate.cli import main
+
+    entry = load_project(str(ROOT)).get_entry_point("calibrate")
+    command = main.commands["calibrate"]
+    for params, expected in (({}, False), ({"allow_other_commit": "true"}, True),
+                             ({"allow_other_commit": "false", "set_file": "micro"}, False)):
+        argv = shlex.split(entry.compute_command(params, storage_dir=None))
+        assert argv[:2] == ["latentgate", "calibrate"], argv
+        got = command.make_context("calibrate", argv[2:]).params
+        assert got["allow_other_commit"] is expected, params
+        assert got["set_file"] == params.get("set_file", "cpu") and got["overrides"] == ""
+    assert command.make_context("calibrate", ["cpu", "--allow-other-commit"]).params["allow_other_commit"] is True
 
 
 def test_learning_curve_extrapolated_straight_in_log_steps():
