@@ -102,7 +102,7 @@ def chain_record(run_id: str, reused: bool, key: ReuseKey) -> ChainRecord:
     return ChainRecord(
         run_id=run_id, status=run.info.status, reused=reused, reuse_key=key,
         commit=run.data.tags.get(CalibrateTag.COMMIT, key.git_commit), error=run.data.tags.get(Tag.ERROR, ""),
-        children={p: k.info.run_id for p, k in children.items()}, latent_f1=json_safe(f1), steps=steps,
+        children={p: k.info.run_id for p, k in children.items()}, latent_f1=json_safe(f1), steps=steps,  # nan: no F1
         wall_seconds=total - (_seconds(children["base"]) if "base" in children else 0.0),
         wall_seconds_with_base=total,
         # where the time went: each phase's run, and the chain's own work between them (start-up, store)
@@ -229,8 +229,9 @@ def run_calibration(cs: CalibrationSet, checklist_path=None, echo=print,
         echo(f"[{i}/{len(cs.configurations)}] {conf.name} ({conf.expect}, {conf.split})")
         judged.append(run_configuration(conf, cl, target, echo, allow_other_commit))
     stats = summarize(judged, target)
-    # the leave-one-out verdict at the checklist's target
-    records = [replace(rec, heldout_verdict=held) for rec, held in zip(judged, stats.heldout[0].verdicts, strict=True)]
+    # each record's leave-one-out verdict at the checklist's target
+    records = tuple(replace(rec, heldout_verdict=held)
+                    for rec, held in zip(judged, stats.heldout[0].verdicts, strict=True))
     setup_experiment(cs.configurations[0].gate.run.experiment)
     with tracked_run(f"calibrate {cs.name}", nested=False, run_id=project_run,
                      tags={Tag.PHASE: PHASE, CalibrateTag.SET: cs.name}) as parent:
@@ -257,12 +258,12 @@ def run_calibration(cs: CalibrationSet, checklist_path=None, echo=print,
 
 def summary_metrics(stats: CalibrationStats) -> dict[str, float]:
     """The calibration's figures as parent-run metrics (those with a number)."""
-    c, rates, line = stats.confusion.to_dict(), stats.rates, stats.fit.line if stats.fit else None
-    metrics = {**{f"confusion_{k}": v for k, v in c.items()}, "n": rates.n, "agreement": rates.agreement,
-               "precision_promote": rates.precision_promote, "precision_refuse": rates.precision_refuse,
-               "cost_ratio_flops": stats.flops.ratio, "cost_ratio_wall": stats.wall_seconds.ratio,
-               "fit_slope": line and line.slope, "fit_intercept": line and line.intercept,
-               "fit_residual_sd": line and line.s, **heldout_metrics(stats.heldout[0])}
+    rates, line = stats.rates, stats.fit.line if stats.fit else None
+    fit = {} if line is None else {"fit_slope": line.slope, "fit_intercept": line.intercept, "fit_residual_sd": line.s}
+    metrics = {**{f"confusion_{k}": v for k, v in stats.confusion.to_dict().items()}, "n": rates.n,
+               "agreement": rates.agreement, "precision_promote": rates.precision_promote,
+               "precision_refuse": rates.precision_refuse, "cost_ratio_flops": stats.flops.ratio,
+               "cost_ratio_wall": stats.wall_seconds.ratio, **fit, **heldout_metrics(stats.heldout[0])}
     return {k: v for k, v in metrics.items() if v is not None}
 
 

@@ -71,10 +71,9 @@ def t975(df: int) -> float:
 def confusion(pairs: Iterable[tuple[bool, bool]]) -> Confusion:
     """(verdict, outcome) pairs -> tp: promote & success, fp: promote & failure, fn: refuse & success,
     tn: refuse & failure."""
-    out = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
-    for verdict, outcome in pairs:
-        out[("t" if verdict == outcome else "f") + ("p" if verdict else "n")] += 1
-    return Confusion(**out)
+    pairs = [(bool(v), bool(o)) for v, o in pairs]
+    return Confusion(tp=sum(v and o for v, o in pairs), fp=sum(v and not o for v, o in pairs),
+                     fn=sum(not v and o for v, o in pairs), tn=sum(not v and not o for v, o in pairs))
 
 
 def _ratio(num: int, den: int) -> float | None:
