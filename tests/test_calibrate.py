@@ -10,12 +10,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from conftest import every_criterion_decides
+from conftest import ROOT, every_criterion_decides
 from latentgate.calibrate import stats
+from latentgate.calibrate.figures import SplitAgreement
+from latentgate.calibrate.records import ByRole, ChainRecord, ConfigurationRecord, GateRow, StageSteps
 from latentgate.errors import ConfigError
 from latentgate.registry.calibration import (
     CalibrationSummary,
@@ -29,6 +33,7 @@ from latentgate.registry.calibration import (
 )
 from latentgate.registry.gate import CheckRow
 from latentgate.registry.hero_recipe import BUDGET_KEYS
+from latentgate.tracking.reuse import ReuseKey
 
 # ---- pure statistics ----------------------------------------------------------------------------------------------
 
@@ -42,10 +47,10 @@ from latentgate.registry.hero_recipe import BUDGET_KEYS
 ])
 def test_confusion_and_rates(pairs, counts, agreement, p_promote, p_refuse):
     c = stats.confusion(pairs)
-    assert c == counts
+    assert c == Confusion(**counts)
     r = stats.rates(c)
-    assert (r["agreement"], r["precision_promote"], r["precision_refuse"]) == (agreement, p_promote, p_refuse)
-    assert r["n"] == len(pairs)
+    assert (r.agreement, r.precision_promote, r.precision_refuse) == (agreement, p_promote, p_refuse)
+    assert r.n == len(pairs)
 
 
 @pytest.mark.parametrize("df, t", [(1, 12.706), (2, 4.303), (10, 2.228), (30, 2.042), (120, 1.980), (10**9, 1.960)])
@@ -57,54 +62,74 @@ def test_t_quantiles(df, t):
 def test_fit_line_and_prediction_interval():
     assert stats.fit_line([0.1, 0.2], [0.3, 0.5]) is None  # two points: no residual degrees of freedom
     assert stats.fit_line([0.2, 0.2, 0.2], [0.1, 0.3, 0.5]) is None  # one x: no line
-    exact = stats.fit_line([0, 1, 2, 3], [1, 3, 5, 7])
-    assert (exact["slope"], exact["intercept"], exact["s"]) == pytest.approx((2, 1, 0))
-    assert (exact["x_min"], exact["x_max"]) == (0, 3)
-    assert predict(LineFit.from_dict(exact), 10) == pytest.approx((21, 21, 21))
+    exact = stats.fit_line([0, 1, 2, 3], [1, 3, 5, 7]).line
+    assert (exact.slope, exact.intercept, exact.s) == pytest.approx((2, 1, 0))
+    assert (exact.x_min, exact.x_max) == (0, 3)
+    assert predict(exact, 10) == pytest.approx((21, 21, 21))
     xs, ys = [0.0, 1.0, 2.0], [0.0, 2.0, 1.0]  # slope 0.5, intercept 0.5, residuals -0.5, 1, -0.5
-    fit = stats.fit_line(xs, ys)
-    assert (fit["slope"], fit["intercept"]) == pytest.approx((0.5, 0.5))
-    assert fit["s"] == pytest.approx(math.sqrt(1.5))  # SSE 1.5 over n - 2 = 1
-    y, lo, hi = predict(LineFit.from_dict(fit), 1.0)
+    fitted = stats.fit_line(xs, ys)
+    fit = fitted.line
+    assert (fit.slope, fit.intercept) == pytest.approx((0.5, 0.5))
+    assert fit.s == pytest.approx(math.sqrt(1.5))  # SSE 1.5 over n - 2 = 1
+    assert fitted.r2 == pytest.approx(0.25)  # SSE 1.5 of a total 2
+    assert LineFit.from_dict(fitted.to_dict()) == fit  # what the summary tag carries
+    y, lo, hi = predict(fit, 1.0)
     half = 12.706 * math.sqrt(1.5) * math.sqrt(1 + 1 / 3)  # at the mean x
     assert (y, lo, hi) == pytest.approx((1.0, 1.0 - half, 1.0 + half), abs=1e-3)
 
 
-def _row(name, observed, op, threshold, passed=None, missing=()):
+def _row(name, observed, op, threshold, passed=None, missing=()) -> GateRow:
     from latentgate.registry.checklist import OPS
 
     passed = OPS[op](observed, threshold) if passed is None else passed
-    return {"name": name, "observed": observed, "op": op, "threshold": threshold, "passed": passed,
-            "missing": list(missing)}
+    return GateRow(name, passed, observed, op, threshold, missing=tuple(missing))
+
+
+FAMILY = Family("builtin:aaaa", "data1", (30, 30))
+KEY = ReuseKey("gate", "cfg0", "", "c" * 40, "train0", "eval0", "builtin:aaaa")
+
+
+def _chain(run_id: str, wall: float = 0.0) -> ChainRecord:
+    return ChainRecord(run_id, "FINISHED", reused=False, reuse_key=KEY, commit=KEY.git_commit, wall_seconds=wall)
+
+
+def _record(rows, split="fit", outcome=False, smoke_f1=None, hero_f1=None, finished=True, verdict=False,
+            flops=(0.0, 0.0), wall=(0.0, 0.0)) -> ConfigurationRecord:
+    """A configuration's record with what the statistics read; its chains are stand-ins."""
+    return ConfigurationRecord(name="c", expect="good", preset="micro", overrides={}, split=split, verdict=verdict,
+                               failing=(), rows=None if rows is None else tuple(rows), outcome=outcome,
+                               hero_finished=finished, family=FAMILY, smoke_f1=smoke_f1, hero_f1=hero_f1,
+                               flops=ByRole(*flops), micro_step_flops={}, config_hash=ByRole("g", "h"),
+                               gate=_chain("g", wall[0]), hero=_chain("h", wall[1]))
 
 
 def _rec(split, quality, outcome, lineage=0, collapsed=False):
     rows = [_row("generation_quality", quality, ">=", 0.01),
             _row("lineage", lineage, "==", 0),
             _row("no_mode_collapse", 0.0, "<", 0.1, passed=not collapsed)]
-    return {"split": split, "rows": rows, "outcome": outcome}
+    return _record(rows, split, outcome)
 
 
 def test_threshold_proposal_fits_one_split_and_is_judged_on_the_other():
     # hero success needs a smoke F1 around 0.3; the checklist's 0.01 passes everything
     records = [_rec("fit", 0.05, False), _rec("fit", 0.1, False), _rec("fit", 0.4, True), _rec("fit", 0.6, True),
                _rec("fit", 0.7, True, collapsed=True), _rec("fit", 0.8, False, lineage=1),
-               _rec("holdout", 0.02, False), _rec("holdout", 0.5, True), {"split": "holdout", "rows": None,
-                                                                          "outcome": False}]
+               _rec("holdout", 0.02, False), _rec("holdout", 0.5, True), _record(None, "holdout", False)]
     prop = stats.propose_thresholds(records)
-    assert set(prop["changes"]) == {"generation_quality"}  # lineage (==) is a pin, never tuned
-    new = prop["changes"]["generation_quality"]
-    assert new["from"] == 0.01 and 0.1 < new["to"] <= 0.4
+    assert set(prop.changes) == {"generation_quality"}  # lineage (==) is a pin, never tuned
+    old, new = prop.changes["generation_quality"]
+    assert old == 0.01 and 0.1 < new <= 0.4
     # before: the two low F1s are promoted and fail; after: only the collapsed success still disagrees
-    assert prop["fit"] == {"n": 6, "before": 0.5, "after": pytest.approx(5 / 6)}
-    assert prop["holdout"] == {"n": 3, "before": pytest.approx(2 / 3), "after": 1.0}
+    assert prop.fit == SplitAgreement(n=6, before=0.5, after=pytest.approx(5 / 6))
+    assert prop.holdout == SplitAgreement(n=3, before=pytest.approx(2 / 3), after=1.0)
+    assert prop.to_dict()["changes"] == {"generation_quality": {"from": 0.01, "to": new}}  # calibration.json's
     # a row failing for another reason (collapse) keeps failing whatever its threshold; no rows refuses
-    assert not stats.verdict_with(records[4]["rows"], {"no_mode_collapse": 1.0})
+    assert not stats.verdict_with(records[4].rows, {"no_mode_collapse": 1.0})
     assert not stats.verdict_with(None, {})
-    assert stats.verdict_with(records[2]["rows"], {"generation_quality": 0.3})
+    assert stats.verdict_with(records[2].rows, {"generation_quality": 0.3})
 
 
-def _collapse_row(checklist, top_share: float, repetition: float) -> dict:
+def _collapse_row(checklist, top_share: float, repetition: float) -> GateRow:
     """A no_mode_collapse row as the gate reports it (registry/gate.py), then as the calibration keeps it."""
     crit, rule = checklist.criterion("no_mode_collapse"), checklist.collapse_rule()
     st = {"n": 100, "top_prediction": "the", "top_prediction_count": round(100 * top_share),
@@ -113,8 +138,7 @@ def _collapse_row(checklist, top_share: float, repetition: float) -> dict:
     why = rule.why(top_share, repetition, "the", top_share, 0.0)
     row = CheckRow(crit.name, why is None, repetition, crit.op, crit.threshold, detail=why or "", kind=crit.kind,
                    collapse=st)
-    return {"name": row.name, "passed": row.passed, "observed": row.observed, "op": row.op,
-            "threshold": row.threshold, "missing": [], "failure": stats.other_failures(row, checklist)}
+    return GateRow.of(row, stats.other_failures(row, checklist))
 
 
 def test_threshold_proposal_keeps_every_reason_a_row_failed():
@@ -122,23 +146,23 @@ def test_threshold_proposal_keeps_every_reason_a_row_failed():
 
     cl = load_checklist()
     both = _collapse_row(cl, top_share=0.6, repetition=0.3)  # one answer for 60% AND 30% repetitive
-    assert not both["passed"] and len(both["failure"]) == 1 and "one answer" in both["failure"][0]
-    assert "repetitive" not in both["failure"][0]  # the thresholded reason is the observed value, not a failure
+    assert not both.passed and len(both.failure) == 1 and "one answer" in both.failure[0]
+    assert "repetitive" not in both.failure[0]  # the thresholded reason is the observed value, not a failure
     repetitive = _collapse_row(cl, top_share=0.1, repetition=0.3)  # only too repetitive
-    assert not repetitive["passed"] and repetitive["failure"] == []
+    assert not repetitive.passed and repetitive.failure == ()
     loose = {"no_mode_collapse": 0.9}
     assert stats.verdict_with([repetitive], loose)  # the threshold was its only reason
     assert not stats.verdict_with([both], loose)  # the top-share limit still fails it
     # the proposal cannot promote the doubly failed row by loosening the repetition limit
     fine = _collapse_row(cl, top_share=0.05, repetition=0.0)
-    records = [{"split": "fit", "rows": [both], "outcome": True}, {"split": "fit", "rows": [fine], "outcome": True}]
+    records = [_record([both], outcome=True), _record([fine], outcome=True)]
     prop = stats.propose_thresholds(records)
-    assert prop["changes"] == {} and prop["fit"]["after"] == 0.5
+    assert prop.changes == {} and prop.fit.after == 0.5
 
 
-def _loo(quality: float, hero_f1: float | None, finished: bool = True) -> dict:
-    return {"split": "fit", "rows": [_row("generation_quality", quality, ">=", 0.01)], "hero_finished": finished,
-            "smoke_f1": quality, "hero_f1": hero_f1}
+def _loo(quality: float, hero_f1: float | None, finished: bool = True) -> ConfigurationRecord:
+    return _record([_row("generation_quality", quality, ">=", 0.01)], finished=finished, smoke_f1=quality,
+                   hero_f1=hero_f1)
 
 
 def test_leave_one_out_heldout_verdicts_at_several_targets():
@@ -148,40 +172,41 @@ def test_leave_one_out_heldout_verdicts_at_several_targets():
     # target 0.1: each left-out record is judged by a threshold fitted on the other three (0.25, 0.225, 0.35,
     # 0.25): the two low ones are refused, the two high ones promoted, all four right
     h = stats.heldout_report(records, 0.1)
-    assert h["verdicts"] == [False, False, True, True] and h["outcomes"] == [False, False, True, True]
-    assert h["confusion"] == {"tp": 2, "fp": 0, "fn": 0, "tn": 2}
-    assert h["agreement"] == 1.0 and h["precision_promote"] == 1.0 and h["failures_refused"] == 1.0
-    assert h["agreement_wilson"] == pytest.approx([0.510, 1.0], abs=1e-3)  # Wilson 95% of 4 of 4
+    assert h.verdicts == (False, False, True, True) and h.outcomes == (False, False, True, True)
+    assert h.confusion == Confusion(tp=2, fp=0, fn=0, tn=2)
+    assert h.agreement == 1.0 and h.precision_promote == 1.0 and h.failures_refused == 1.0
+    assert h.agreement_wilson == pytest.approx((0.510, 1.0), abs=1e-3)  # Wilson 95% of 4 of 4
     # target 0.4: only the last hero succeeds; left out, 0.4 is promoted by the 0.35 fitted on the others: wrong
     h = stats.heldout_report(records, 0.4)
-    assert h["verdicts"] == [False, False, True, True] and h["outcomes"] == [False, False, False, True]
-    assert h["confusion"] == {"tp": 1, "fp": 1, "fn": 0, "tn": 2}
-    assert (h["agreement"], h["precision_promote"], h["failures_refused"]) == (0.75, 0.5, pytest.approx(2 / 3))
-    assert (h["n_promote"], h["n_failures"]) == (2, 3)
+    assert h.verdicts == (False, False, True, True) and h.outcomes == (False, False, False, True)
+    assert h.confusion == Confusion(tp=1, fp=1, fn=0, tn=2)
+    assert (h.agreement, h.precision_promote, h.failures_refused) == (0.75, 0.5, pytest.approx(2 / 3))
+    assert (h.n_promote, h.n_failures) == (2, 3)
     # a hero that did not finish is a failure whatever F1 it recorded
-    assert not stats.outcome_at(_loo(0.6, 0.5, finished=False), 0.1) and stats.outcome_at(records[3], 0.5)
-    summary = stats.summarize([{**r, "verdict": True, "outcome": stats.outcome_at(r, 0.1),
-                                "flops": {"gate": 1, "hero": 10}, "wall_seconds": {"gate": 1, "hero": 5}}
+    assert not stats.outcome_at(0.5, False, 0.1) and stats.outcome_at(0.5, True, 0.5)
+    summary = stats.summarize([replace(r, verdict=True, outcome=stats.outcome_at(r.hero_f1, r.hero_finished, 0.1),
+                                       flops=ByRole(1.0, 10.0), gate=_chain("g", 1.0), hero=_chain("h", 5.0))
                                for r in records], 0.1)
-    assert [x["target"] for x in summary["heldout"]] == [0.1, 0.2, 0.4]
-    assert summary["confusion"] == {"tp": 2, "fp": 2, "fn": 0, "tn": 0}  # in sample, at the checklist's 0.01
+    assert [x.target for x in summary.heldout] == [0.1, 0.2, 0.4]
+    assert summary.confusion == Confusion(tp=2, fp=2, fn=0, tn=0)  # in sample, at the checklist's 0.01
+    assert (summary.flops.ratio, summary.wall_seconds.ratio) == (0.1, 0.2)  # 4 x 1 of 4 x 10, 4 x 1 of 4 x 5
 
 
-def _shaped(quality: float, collapse: float, hero_f1: float) -> dict:
+def _shaped(quality: float, collapse: float, hero_f1: float) -> ConfigurationRecord:
     """A record with a deciding F1 row and a collapse row that is shown only (decides false)."""
     rows = [_row("generation_quality", quality, ">=", 0.01),
-            {**_row("no_mode_collapse", collapse, "<", 0.1), "decides": False}]
-    return {"split": "fit", "rows": rows, "hero_finished": True, "smoke_f1": quality, "hero_f1": hero_f1}
+            replace(_row("no_mode_collapse", collapse, "<", 0.1), decides=False)]
+    return _record(rows, smoke_f1=quality, hero_f1=hero_f1)
 
 
 def test_rows_that_do_not_decide_are_neither_judged_nor_tuned():
     # good recipes whose collapse share is high at the gate (0.3): shown only, they must not refuse them
     records = [_shaped(0.02, 0.0, 0.02), _shaped(0.05, 0.3, 0.04), _shaped(0.3, 0.3, 0.5), _shaped(0.5, 0.3, 0.9)]
-    assert stats.verdict_with(records[3]["rows"], {})  # the failing collapse row is shown, not deciding
-    assert not stats.verdict_with([{**r, "decides": True} for r in records[3]["rows"]], {})
+    assert stats.verdict_with(records[3].rows, {})  # the failing collapse row is shown, not deciding
+    assert not stats.verdict_with([replace(r, decides=True) for r in records[3].rows], {})
     assert stats.tunable(records) == ["generation_quality"]
     h = stats.heldout_report(records, 0.1)
-    assert h["verdicts"] == [False, False, True, True] and h["agreement"] == 1.0
+    assert h.verdicts == (False, False, True, True) and h.agreement == 1.0
 
 
 def test_held_out_verdicts_do_not_lean_on_thresholds_fitted_with_the_left_out_record():
@@ -189,36 +214,113 @@ def test_held_out_verdicts_do_not_lean_on_thresholds_fitted_with_the_left_out_re
     # 0.074, and refused; 0.0176 by the middle of (0.005, 0.0198), 0.0124, and promoted: both wrong, whatever
     # threshold the file holds (a tie broken towards 0.019 would have made both right)
     def rec(q, hero, threshold):
-        return {"split": "fit", "rows": [_row("generation_quality", q, ">=", threshold)], "hero_finished": True,
-                "smoke_f1": q, "hero_f1": hero}
+        return _record([_row("generation_quality", q, ">=", threshold)], smoke_f1=q, hero_f1=hero)
 
     for threshold in (0.019, 0.10):
         records = [rec(0.005, 0.02, threshold), rec(0.0176, 0.1, threshold), rec(0.0198, 0.44, threshold),
                    rec(0.13, 0.9, threshold)]
         h = stats.heldout_report(records, 0.2)
-        assert h["verdicts"] == [False, True, False, True], threshold
-        assert h["confusion"] == {"tp": 1, "fp": 1, "fn": 1, "tn": 1}
+        assert h.verdicts == (False, True, False, True), threshold
+        assert h.confusion == Confusion(tp=1, fp=1, fn=1, tn=1)
 
 
 def test_gate_shapes_side_by_side_on_the_same_records():
     records = [_shaped(0.02, 0.0, 0.02), _shaped(0.05, 0.3, 0.04), _shaped(0.3, 0.3, 0.5), _shaped(0.5, 0.3, 0.9)]
-    shapes = {x["shape"]: x for x in stats.compare_shapes(records, [0.1, 0.6])}
+    shapes = {x.shape: x for x in stats.compare_shapes(records, [0.1, 0.6])}
     # as written: the file's 0.01 promotes all four; two heroes fail at 0.1
-    written = shapes["the checklist as written"]["reports"][0]
-    assert written["verdicts"] == [True] * 4 and written["confusion"] == {"tp": 2, "fp": 2, "fn": 0, "tn": 0}
+    written = shapes["the checklist as written"].reports[0]
+    assert written.verdicts == (True,) * 4 and written.confusion == Confusion(tp=2, fp=2, fn=0, tn=0)
     # the collapse criterion alone, refitted: it cannot split 0.3 from 0.3, so one failure is always promoted
-    alone = shapes["no_mode_collapse alone"]["reports"][0]
-    assert alone["agreement"] < 1.0 and shapes["no_mode_collapse alone"]["deciding"] == ["no_mode_collapse"]
+    alone = shapes["no_mode_collapse alone"].reports[0]
+    assert alone.agreement < 1.0 and shapes["no_mode_collapse alone"].deciding == ("no_mode_collapse",)
     # generation_quality alone (also the deciding set): held out, all four right at 0.1; at 0.6 only the last
     # succeeds and, left out, it is judged by a threshold fitted on three records with no success: refused
-    f1 = shapes["generation_quality alone"]["reports"]
-    assert f1[0]["agreement"] == 1.0 and f1[1]["outcomes"] == [False, False, False, True]
-    assert shapes["the plan's six"]["deciding"] == ["generation_quality", "no_mode_collapse"]
-    assert [r["target"] for r in f1] == [0.1, 0.6]
-    from latentgate.calibrate.runner import format_shapes
+    f1 = shapes["generation_quality alone"].reports
+    assert f1[0].agreement == 1.0 and f1[1].outcomes == (False, False, False, True)
+    assert shapes["the plan's six"].deciding == ("generation_quality", "no_mode_collapse")
+    assert [r.target for r in f1] == [0.1, 0.6]
+    from latentgate.calibrate.report import format_shapes
 
     text = "\n".join(format_shapes(list(shapes.values())))
     assert "generation_quality alone" in text and "100% [51%,100%]" in text
+
+
+def _full_record(name: str, smoke_f1: float | None, hero_f1: float | None, verdict: bool, split="fit"):
+    """A record as the runner makes it, with every field filled (a non-finite observed value among its rows)."""
+    rows = (_row("generation_quality", smoke_f1 if smoke_f1 is not None else 0.0, ">=", 0.01),
+            GateRow("gradient_health", False, math.inf, "<", 500.0, kind="metric_max", failure=("non-finite",)),
+            GateRow("eval_size", False, None, ">=", 64, kind="eval_size", missing=("eval/n",), decides=False))
+    chain = ChainRecord("r" * 32, "FINISHED", reused=True, reuse_key=KEY, commit="d" * 40, error="",
+                        children={"base": "b" * 32, "stage_a": "a" * 32, "eval": "e" * 32}, latent_f1=smoke_f1,
+                        steps={"stage_a": StageSteps(3, 6), "stage_b": StageSteps(4, 8)}, wall_seconds=12.5,
+                        wall_seconds_with_base=20.0, phase_seconds={"base": 7.5, "stage_a": 10.0, "between": 2.5})
+    hero = replace(chain, run_id="h" * 32, status="FAILED" if hero_f1 is None else "FINISHED", latent_f1=hero_f1,
+                   reused=False, error="TrainingFault: loss nan" if hero_f1 is None else "")
+    return ConfigurationRecord(name=name, expect="good", preset="smoke", overrides={"stage_a.lr": 0.03},
+                               split=split, verdict=verdict, failing=() if verdict else ("gradient_health",),
+                               rows=rows, outcome=hero_f1 is not None and hero_f1 >= 0.1,
+                               hero_finished=hero_f1 is not None, family=FAMILY, smoke_f1=smoke_f1, hero_f1=hero_f1,
+                               flops=ByRole(1e12, 1e13), micro_step_flops={"stage_a": 1e10, "stage_b": 2e10},
+                               config_hash=ByRole("g" * 16, "h" * 16), gate=chain, hero=hero,
+                               heldout_verdict=verdict, child_run="k" * 32)
+
+
+def test_records_round_trip_through_calibration_json(tmp_path):
+    """A record written to calibration.json reads back equal, with the fields the statistics, the scatter and the
+    summary tag (registry/calibration.py) read; nothing non-finite reaches the JSON."""
+    from latentgate.calibrate.plot import scatter
+    from latentgate.calibrate.runner import promotion_summary
+    from latentgate.calibrate.spec import CalibrationSet
+    from latentgate.schema import Calibration
+
+    records = (_full_record("a", 0.05, 0.02, True), _full_record("b", 0.2, 0.3, True),
+               _full_record("c", 0.4, None, False), _full_record("d", 0.6, 0.5, True, split="holdout"))
+    text = json.dumps([r.to_dict() for r in records], allow_nan=False)  # JSON-safe: inf observed -> null
+    saved = json.loads(text)
+    back = tuple(ConfigurationRecord.from_dict(d) for d in saved)
+    assert back[0].rows[1].observed is None and records[0].rows[1].observed == math.inf  # the one change: inf
+    assert back == tuple(replace(r, rows=(r.rows[0], replace(r.rows[1], observed=None), r.rows[2]))
+                         for r in records)
+    first = saved[0]  # calibration.json's field names, as before the records were typed
+    assert (first["name"], first["split"], first["verdict"], first["outcome"], first["agree"]) == \
+        ("a", "fit", True, False, False)
+    assert (first[Calibration.SMOKE_F1], first[Calibration.HERO_F1]) == (0.05, 0.02)
+    assert first["gate"]["steps"]["stage_b"] == {"optimizer": 4, "micro": 8}
+    assert first["gate"]["reuse_key"]["digest"] == KEY.digest() and first["gate"]["latent_f1"] == 0.05
+    assert first["wall_seconds"] == {"gate": 12.5, "hero": 12.5} and first["child_run"] == "k" * 32
+    assert first["rows"][2] == {"name": "eval_size", "kind": "eval_size", "passed": False, "observed": None,
+                                "op": ">=", "threshold": 64, "missing": ["eval/n"], "decides": False,
+                                "failure": []}
+    assert Family.from_dict(first["family"]) == FAMILY
+    # the statistics read the same figures from the records read back ...
+    original, reread = stats.summarize(records, 0.1), stats.summarize(back, 0.1)
+    assert reread.to_dict() == original.to_dict()
+    assert reread.fit is not None and reread.fit.line.n == 3 and reread.confusion == Confusion(tp=2, fp=1, tn=1)
+    # ... and so does the summary tag `promote` reads, through its own JSON
+    cs = CalibrationSet("unit", Path("unit.yaml"), "s" * 64, 10, ())
+    tag = promotion_summary(cs, "p" * 32, reread, back, "x" * 64)
+    assert CalibrationSummary.from_dict(json.loads(json.dumps(tag.to_dict()))) == tag
+    assert tag.families == (FAMILY,) and tag.fit == reread.fit.line and tag.heldout == reread.heldout[0].confusion
+    assert scatter(back, reread, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mlproject_calibrate_entry_passes_allow_other_commit():
+    """`mlflow run . -e calibrate -P allow_other_commit=true` reaches the CLI as --allow-other-commit; the default
+    leaves it off, and the bare flag of the command line still works."""
+    from mlflow.projects._project_spec import load_project
+
+    from latentgate.cli import main
+
+    entry = load_project(str(ROOT)).get_entry_point("calibrate")
+    command = main.commands["calibrate"]
+    for params, expected in (({}, False), ({"allow_other_commit": "true"}, True),
+                             ({"allow_other_commit": "false", "set_file": "micro"}, False)):
+        argv = shlex.split(entry.compute_command(params, storage_dir=None))
+        assert argv[:2] == ["latentgate", "calibrate"], argv
+        got = command.make_context("calibrate", argv[2:]).params
+        assert got["allow_other_commit"] is expected, params
+        assert got["set_file"] == params.get("set_file", "cpu") and got["overrides"] == ""
+    assert command.make_context("calibrate", ["cpu", "--allow-other-commit"]).params["allow_other_commit"] is True
 
 
 def test_learning_curve_extrapolated_straight_in_log_steps():
@@ -237,9 +339,6 @@ def test_learning_curve_extrapolated_straight_in_log_steps():
 
 
 # ---- what promote prints: the calibration of the candidate's family ------------------------------------------------
-
-FAMILY = Family("builtin:aaaa", "data1", (30, 30))
-
 
 def _summary(run_id="c" * 32, families=(FAMILY,), hero_scale=10.0, fit=None, heldout=Confusion(3, 1, 2, 4)):
     return CalibrationSummary(set="cpu", run_id=run_id, hero_f1_target=0.1, n=10, confusion=Confusion(2, 0, 5, 3),
@@ -453,8 +552,9 @@ def test_micro_calibration_matrix_artifacts_and_reuse(mlflow_store, tmp_path, op
 
     from mlflow import MlflowClient
 
+    from latentgate.calibrate.report import format_summary
     from latentgate.calibrate.reuse import reuse_key
-    from latentgate.calibrate.runner import find_chain, format_summary, run_calibration
+    from latentgate.calibrate.runner import find_chain, run_calibration
     from latentgate.calibrate.spec import load_set
     from latentgate.config import from_flat
     from latentgate.registry.calibration import calibration_note
@@ -466,7 +566,7 @@ def test_micro_calibration_matrix_artifacts_and_reuse(mlflow_store, tmp_path, op
     lines: list[str] = []
     result = run_calibration(cs, open_checklist, echo=lines.append)
     c = MlflowClient()
-    parent = c.get_run(result["run_id"])
+    parent = c.get_run(result.run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["latentgate.phase"] == "calibrate"
     assert parent.info.run_name == "calibrate micro"
 
@@ -493,33 +593,32 @@ def test_micro_calibration_matrix_artifacts_and_reuse(mlflow_store, tmp_path, op
     pairs = [(EXPECTED[n][0] == "promote", EXPECTED[n][1] == "success") for n in names]
     expected = _count(pairs)
     assert expected == {"tp": 1, "fp": 0, "fn": 1, "tn": 1}
-    assert result["confusion"] == expected
+    assert result.stats.confusion == Confusion(**expected)
     assert {k: int(parent.data.metrics[f"confusion_{k}"]) for k in expected} == expected
-    assert result["agreement"] == pytest.approx(2 / 3)
+    assert result.stats.rates.agreement == pytest.approx(2 / 3)
 
     # held out (leave one out): with one configuration left out, the other two leave every threshold as it is
     # (lr-high's gradient norm cannot be passed by a value it observed; micro and diverges already agree), so each
     # held-out verdict is the recorded one; at the higher targets the outcomes are the recorded hero F1s'
-    held = result["heldout"]
-    assert [h["target"] for h in held] == [0.0, 0.1, 0.3]
-    assert held[0]["verdicts"] == [EXPECTED[n][0] == "promote" for n in names]
-    assert held[0]["confusion"] == expected and held[0]["agreement_wilson"][0] > 0
+    held = result.stats.heldout
+    assert [h.target for h in held] == [0.0, 0.1, 0.3]
+    assert list(held[0].verdicts) == [EXPECTED[n][0] == "promote" for n in names]
+    assert held[0].confusion == Confusion(**expected) and held[0].agreement_wilson[0] > 0
     assert {k: int(parent.data.metrics[f"heldout_confusion_{k}"]) for k in expected} == expected
     for h in held:
-        assert h["outcomes"] == [hero_f1[n] is not None and hero_f1[n] >= h["target"] for n in names]
-        assert _count(list(zip(h["verdicts"], h["outcomes"]))) == h["confusion"]
-        assert h["verdicts"][names.index("diverges")] is False  # no gate evidence: refused whatever the thresholds
-    assert [r["heldout_verdict"] for r in result["configurations"]] == held[0]["verdicts"]
+        assert list(h.outcomes) == [hero_f1[n] is not None and hero_f1[n] >= h.target for n in names]
+        assert _count(list(zip(h.verdicts, h.outcomes))) == h.confusion.to_dict()
+        assert h.verdicts[names.index("diverges")] is False  # no gate evidence: refused whatever the thresholds
+    assert tuple(r.heldout_verdict for r in result.configurations) == held[0].verdicts
     text = format_summary(result)
     assert "held-out verdicts (leave-one-out" in text and "hero F1 >= 0: agreement 67% (2 of 3, 95% Wilson" in text
     assert any(line.startswith("micro") and "PROMOTE  PROMOTE" in line for line in text.splitlines())
-    for r in result["configurations"]:  # compute is counted from the optimizer steps the stage runs recorded
-        if r["hero"]["status"] == "FINISHED":
-            assert r["hero"]["steps"]["stage_b"]["optimizer"] == 5 * r["gate"]["steps"]["stage_b"]["optimizer"] > 0
-    cost = result["cost"]
-    assert 0 < cost["flops"]["ratio"] < 0.3 and cost["wall_seconds"]["ratio"] > 0  # hero: 5x the gate's steps
+    for r in result.configurations:  # compute is counted from the optimizer steps the stage runs recorded
+        if r.hero.finished:
+            assert r.hero.steps["stage_b"].optimizer == 5 * r.gate.steps["stage_b"].optimizer > 0
+    assert 0 < result.stats.flops.ratio < 0.3 and result.stats.wall_seconds.ratio > 0  # hero: 5x the gate's steps
     # where the time went, per phase: the chains' own runs, summed (the hero's Stage B ran 5x the gate's steps)
-    by_phase = cost["phase_seconds"]
+    by_phase = result.stats.phase_seconds
     assert {"base", "stage_a", "stage_b", "eval", "between"} <= set(by_phase["gate"])
     assert by_phase["hero"]["stage_b"] > by_phase["gate"]["stage_b"] > 0
 
@@ -530,12 +629,18 @@ def test_micro_calibration_matrix_artifacts_and_reuse(mlflow_store, tmp_path, op
     saved = json.loads((folder / "calibration.json").read_text())
     assert saved["confusion"] == expected and len(saved["configurations"]) == 3
     assert {"agreement", "precision_promote", "precision_refuse", "cost", "fit", "proposal", "heldout"} <= set(saved)
+    assert saved == json.loads(json.dumps(result.to_dict()))
+    # the records read back from it are the ones the run made; each configuration run's configuration.json too
+    assert tuple(ConfigurationRecord.from_dict(d) for d in saved["configurations"]) == result.configurations
+    for rec in result.configurations:
+        own = json.loads((local_artifacts(f"runs:/{rec.child_run}") / "configuration.json").read_text())
+        assert ConfigurationRecord.from_dict(own) == replace(rec, child_run="")
     assert (folder / "calibration.png").read_bytes()[:4] == b"\x89PNG"
 
     # reuse keys on the commit, data and base weights besides the config: another commit finds no chain
     gate_conf = cs.configurations[0]
     key = reuse_key("gate", gate_conf.gate)
-    assert find_chain(key, gate_conf.gate) == result["configurations"][0]["gate"]["run_id"]
+    assert find_chain(key, gate_conf.gate) == result.configurations[0].gate.run_id
     assert c.get_run(find_chain(key, gate_conf.gate)).data.tags[CalibrateTag.REUSE_KEY] == key.digest()
     for change in ({"git_commit": "0" * 40}, {"eval_digest": "0" * 16}, {"base_weights": "builtin:0"}):
         assert find_chain(dataclasses.replace(key, **change), gate_conf.gate) is None
@@ -545,27 +650,27 @@ def test_micro_calibration_matrix_artifacts_and_reuse(mlflow_store, tmp_path, op
     assert find_chain(dataclasses.replace(other, eval_digest="0" * 16), gate_conf.gate, allow_other_commit=True) is None
 
     # the gate shapes, side by side on the same runs: the checklist as written is the recorded verdicts
-    shapes = {x["shape"]: x for x in result["shapes"]}
-    written = shapes["the checklist as written"]["reports"][0]
-    assert written["verdicts"] == [r["verdict"] for r in result["configurations"]]
+    shapes = {x.shape: x for x in result.stats.shapes}
+    written = shapes["the checklist as written"].reports[0]
+    assert written.verdicts == tuple(r.verdict for r in result.configurations)
     assert "gate shapes on the same runs" in text and "gradient_health alone" in shapes
 
     # the repeated command trains nothing: every chain is reused (the failed ones too), the matrix is the same
     chains = {r.info.run_id for r in _runs(c, f"tags.`{CalibrateTag.ROLE}` != ''")}
     stages = len(_runs(c, "tags.`latentgate.phase` = 'stage_a'"))
     again = run_calibration(cs, open_checklist, echo=lines.append)
-    assert again["run_id"] != result["run_id"] and again["confusion"] == expected
-    assert all(r["gate"]["reused"] and r["hero"]["reused"] for r in again["configurations"])
-    assert [(r["gate"]["run_id"], r["hero"]["run_id"]) for r in again["configurations"]] == \
-        [(r["gate"]["run_id"], r["hero"]["run_id"]) for r in result["configurations"]]
+    assert again.run_id != result.run_id and again.stats.confusion == Confusion(**expected)
+    assert all(r.gate.reused and r.hero.reused for r in again.configurations)
+    assert [(r.gate.run_id, r.hero.run_id) for r in again.configurations] == \
+        [(r.gate.run_id, r.hero.run_id) for r in result.configurations]
     assert {r.info.run_id for r in _runs(c, f"tags.`{CalibrateTag.ROLE}` != ''")} == chains
     assert len(_runs(c, "tags.`latentgate.phase` = 'stage_a'")) == stages
 
     # what promote / analyze print about a candidate of the family: the latest calibration of it
-    first = result["configurations"][0]
-    eval_run = first["gate"]["children"]["eval"]
-    note = calibration_note(eval_run, first["verdict"], checklist=open_checklist)
-    assert note.startswith(f"calibration (run {again['run_id'][:8]}, set micro, 3 configurations")
+    first = result.configurations[0]
+    eval_run = first.gate.children["eval"]
+    note = calibration_note(eval_run, first.verdict, checklist=open_checklist)
+    assert note.startswith(f"calibration (run {again.run_id[:8]}, set micro, 3 configurations")
     assert "a PASS like this led to a successful hero in 1 of 1 held-out cases (leave-one-out)" in note
     assert "no fitted line" in note  # two smoke F1s: no line, so no prediction
     from conftest import run_cli
@@ -574,14 +679,14 @@ def test_micro_calibration_matrix_artifacts_and_reuse(mlflow_store, tmp_path, op
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "a PASS like this led to a successful hero in 1 of 1 held-out cases (leave-one-out)" in proc.stdout
     # under the shipped checklist (hero scale 10) the micro calibration (x5) is of another family
-    other = calibration_note(eval_run, first["verdict"])
+    other = calibration_note(eval_run, first.verdict)
     assert other.startswith("calibration: no calibration of this family (") and "hero scale x10 differs" in other
     # a promotion (not a dry run) records it on the model version
     name = f"lg-calibrate-{os.getpid()}"
     c.create_registered_model(name)
     mv = c.create_model_version(name, source=f"runs:/{eval_run}/checkpoint", run_id=eval_run)
-    assert calibration_note(eval_run, first["verdict"], version=mv.version, name=name,
+    assert calibration_note(eval_run, first.verdict, version=mv.version, name=name,
                             checklist=open_checklist) == note
     recorded = json.loads(c.get_model_version(name, mv.version).tags["hero.calibration"])
-    assert recorded["calibration_run"] == again["run_id"] and recorded["smoke_f1"] == first["smoke_f1"]
+    assert recorded["calibration_run"] == again.run_id and recorded["smoke_f1"] == first.smoke_f1
     assert recorded["heldout_promote_success"] == [1, 1]

@@ -11,9 +11,10 @@ from latentgate.cli_common import config_options, guarded
 @click.argument("set_file", default="cpu", required=False)
 @click.option("--checklist", default=None, help="readiness checklist file (default: registry/hero.yaml); its "
               "calibration.hero_f1_target defines a successful hero")
-@click.option("--allow-other-commit", is_flag=True, help="also reuse chains trained at another git commit (same "
-              "config, data and base LM): for a change you know leaves training and eval alone, e.g. a new rule "
-              "file; the commits are recorded")
+@click.option("--allow-other-commit", type=click.BOOL, is_flag=False, flag_value=True, default=False,
+              show_default=True, help="also reuse chains trained at another git commit (same config, data and base "
+              "LM): for a change you know leaves training and eval alone, e.g. a new rule file; the commits are "
+              "recorded. A bare flag means true; the MLproject passes true or false")
 @click.option("--check", is_flag=True, help="only validate the set file and print the resolved configurations")
 @config_options
 @guarded
@@ -35,7 +36,8 @@ def calibrate(set_file, checklist, allow_other_commit, check, preset, sets, over
     if check:
         click.echo(json.dumps(cs.to_dict(), indent=2, sort_keys=True))
         return
-    from latentgate.calibrate.runner import format_summary, run_calibration
+    from latentgate.calibrate.report import format_summary  # lazy: the CLI starts without MLflow or torch
+    from latentgate.calibrate.runner import run_calibration
     from latentgate.registry.checklist import load_checklist
 
     load_checklist(checklist).hero_f1_target()  # a checklist without the target fails before anything trains
