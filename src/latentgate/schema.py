@@ -335,13 +335,13 @@ class EvalKey:
 
 
 _ROW_FIX = "the file is truncated, edited or not written by `latentgate eval`: re-run the eval to write it again"
-_ROW_TYPES = {  # what each JSON type name a field needs accepts (bool is not a number here, though Python says so)
-    "str": lambda v: isinstance(v, str),
-    "str or null": lambda v: v is None or isinstance(v, str),
-    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    "int or null": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
-    "bool": lambda v: isinstance(v, bool),
-    "list of str": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+_ROW_TYPES = {  # what a field of each JSON type accepts (a bool is no number here, though Python says so)
+    "a string": lambda v: isinstance(v, str),
+    "a string or null": lambda v: v is None or isinstance(v, str),
+    "a number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "an integer or null": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
+    "true or false": lambda v: isinstance(v, bool),
+    "a list of strings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
 }
 
 
@@ -365,9 +365,9 @@ class EvalRow:
     # eval set's digest from the rows it judges (tracking/tracker.py digest_of_hashes)
     FIELDS = (ID, PATH, QUESTION, REFERENCES, PREDICTION, FIRST_TOKEN, EM, F1, FIRST_TOKEN_CORRECT, ERROR_MODE,
               EXAMPLE_SHA256)  # in file order
-    TYPES = {ID: "str", PATH: "str", QUESTION: "str", REFERENCES: "list of str", PREDICTION: "str",
-             FIRST_TOKEN: "int or null", EM: "number", F1: "number", FIRST_TOKEN_CORRECT: "bool", ERROR_MODE: "str",
-             EXAMPLE_SHA256: "str or null"}
+    TYPES = {ID: "a string", PATH: "a string", QUESTION: "a string", REFERENCES: "a list of strings",
+             PREDICTION: "a string", FIRST_TOKEN: "an integer or null", EM: "a number", F1: "a number",
+             FIRST_TOKEN_CORRECT: "true or false", ERROR_MODE: "a string", EXAMPLE_SHA256: "a string or null"}
 
     id: str  # the example's id
     path: str  # an EvalPath
@@ -382,30 +382,30 @@ class EvalRow:
     example_sha256: str | None = None  # None in rows scored before rows carried it (the gate asks to re-run)
 
     def value(self, name: str):
-        """The field a file field name (`EvalRow.F1`, a checklist's `field:`) names."""
+        """The field a file field name names (`EvalRow.F1`, a checklist's `field:`), as the file holds it."""
         if name not in self.FIELDS:
             raise KeyError(name)
-        return getattr(self, name)
+        return list(self.references) if name == self.REFERENCES else getattr(self, name)
 
     def to_json(self) -> dict:
         """The row as eval_detailed.jsonl holds it: `json.dumps` of this is its line."""
-        return {name: list(self.references) if name == self.REFERENCES else getattr(self, name)
-                for name in self.FIELDS}
+        return {name: self.value(name) for name in self.FIELDS}
 
     @classmethod
-    def from_json(cls, obj, where: str) -> EvalRow:
+    def from_json(cls, obj, where: str | None = None) -> EvalRow:
         """The row a parsed JSON line holds. `where` (file:line) names it in the DataError that a missing field or a
         wrong type raises. A row without example_sha256 (scored by an older latentgate) loads with None; fields
         this version does not know are ignored."""
+        where = where or Artifact.EVAL_DETAILED
         if not isinstance(obj, dict):
-            raise DataError(f"{where}: an eval row is a JSON object, not {type(obj).__name__}", _ROW_FIX)
+            raise DataError(f"{where}: an eval row must be a JSON object, got {_short(obj)}", _ROW_FIX)
         missing = [n for n in cls.FIELDS if n not in obj and n != cls.EXAMPLE_SHA256]
         if missing:
-            raise DataError(f"{where}: eval row without {', '.join(missing)}", _ROW_FIX)
-        wrong = [f"{n} is {_short(obj[n])}, not {t}" for n, t in cls.TYPES.items()
+            raise DataError(f"{where}: eval row: missing field {', '.join(map(repr, missing))}", _ROW_FIX)
+        wrong = [f"field {n!r} must be {t}, got {_short(obj[n])}" for n, t in cls.TYPES.items()
                  if n in obj and not _ROW_TYPES[t](obj[n])]
         if wrong:
-            raise DataError(f"{where}: eval row with a wrong type: {'; '.join(wrong)}", _ROW_FIX)
+            raise DataError(f"{where}: eval row: {'; '.join(wrong)}", _ROW_FIX)
         return cls(**{n: obj.get(n) for n in cls.FIELDS} | {
             cls.REFERENCES: tuple(obj[cls.REFERENCES]), cls.EM: float(obj[cls.EM]), cls.F1: float(obj[cls.F1])})
 
