@@ -19,7 +19,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from latentgate.errors import DataError, StoreError
-from latentgate.schema import Artifact, EvalKey, MlflowTag, Probe, Stage, Tag
+from latentgate.schema import Artifact, EvalKey, EvalRow, MlflowTag, Probe, Stage, Tag
 from latentgate.tracking.lineage import client, run_in_uri
 from latentgate.tracking.secrets import mask_secrets
 
@@ -90,7 +90,7 @@ class EvalResult:
     status: str = "FINISHED"
     start_time: int = 0
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # path -> k -> value
-    rows: list[dict] | None = None
+    rows: list[EvalRow] | None = None  # eval_detailed.jsonl
     aggregates: dict | None = None
     checkpoint: str = ""
     params: dict[str, str] = field(default_factory=dict)
@@ -101,8 +101,8 @@ class EvalResult:
         """The stage run whose checkpoint was evaluated (`latentgate.checkpoint` = runs:/<id>/...)."""
         return run_in_uri(self.checkpoint)
 
-    def path_rows(self, path: str) -> list[dict]:
-        return [r for r in (self.rows or []) if r.get("path") == path]
+    def path_rows(self, path: str) -> list[EvalRow]:
+        return [r for r in (self.rows or []) if r.path == path]
 
 
 @dataclass
@@ -265,7 +265,7 @@ def load_eval(cl, run, with_artifacts: bool = True) -> EvalResult:
         with tempfile.TemporaryDirectory(prefix="latentgate-eval-") as tmp:
             detailed = download(run.info.run_id, Artifact.EVAL_DETAILED, Path(tmp))
             if detailed is not None:
-                ev.rows = read_jsonl(detailed)
+                ev.rows = EvalRow.read(detailed)
             agg = download(run.info.run_id, Artifact.EVAL_METRICS, Path(tmp))
             if agg is not None:
                 ev.aggregates = json.loads(agg.read_text())

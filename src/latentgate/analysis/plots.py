@@ -23,7 +23,7 @@ from latentgate.analysis.history import read_jsonl, split_stages
 from latentgate.errors import LatentgateError
 from latentgate.eval.scoring import ERROR_MODES, F1_BUCKETS, f1_buckets
 from latentgate.registry.checklist import GRADIENTS, LEARNING, load_checklist
-from latentgate.schema import Artifact, EvalKey, EvalPath, GradGroup, Loss, Probe, Stage
+from latentgate.schema import Artifact, EvalKey, EvalPath, EvalRow, GradGroup, Loss, Probe, Stage
 
 DPI = 100
 PATH_COLOURS = {EvalPath.LATENT: "#d62728", EvalPath.TEXT: "#1f77b4", EvalPath.TOKEN_BUDGET: "#2ca02c",
@@ -222,15 +222,15 @@ def _grouped_bars(ax, categories: list[str], per_path: dict[str, dict[str, int]]
     ax.legend(fontsize=7)
 
 
-def eval_plots(rows: list[dict], out_dir: Path, aggregates: dict | None = None) -> list[Path]:
+def eval_plots(rows: list[EvalRow], out_dir: Path, aggregates: dict | None = None) -> list[Path]:
     """f1_histogram.png and error_modes.png from eval_detailed rows (or metrics.json aggregates)."""
     out_dir = Path(out_dir)
     f1s: dict[str, list[float]] = {}
     modes: dict[str, dict[str, int]] = {}
     for r in rows:
-        f1s.setdefault(r["path"], []).append(float(r["f1"]))
-        m = modes.setdefault(r["path"], {})
-        m[r.get("error_mode", "wrong_entity")] = m.get(r.get("error_mode", "wrong_entity"), 0) + 1
+        f1s.setdefault(r.path, []).append(r.f1)
+        m = modes.setdefault(r.path, {})
+        m[r.error_mode] = m.get(r.error_mode, 0) + 1
     buckets = {p: f1_buckets(v) for p, v in f1s.items()}
     if not rows and aggregates:
         for p, a in (aggregates.get("paths") or {}).items():
@@ -266,7 +266,7 @@ def make_eval_plots(eval_dir: Path, out_dir: Path) -> list[Path]:
     rows, agg = [], None
     try:
         if (eval_dir / Artifact.EVAL_DETAILED).is_file():
-            rows = read_jsonl(eval_dir / Artifact.EVAL_DETAILED)
+            rows = EvalRow.read(eval_dir / Artifact.EVAL_DETAILED)
         if (eval_dir / Artifact.EVAL_METRICS).is_file():
             agg = json.loads((eval_dir / Artifact.EVAL_METRICS).read_text())
     except Exception as err:  # noqa: BLE001

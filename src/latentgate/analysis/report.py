@@ -31,7 +31,7 @@ from latentgate.eval.controls import Collapse
 from latentgate.registry import decisions, series
 from latentgate.registry.checklist import BREAKTHROUGH, GRADIENTS, LEARNING, Checklist, load_checklist
 from latentgate.registry.gate import Report, check_candidate
-from latentgate.schema import EvalKey, EvalPath, GradGroup, Probe, Stage, Summary, Tag
+from latentgate.schema import EvalKey, EvalPath, EvalRow, GradGroup, Probe, Stage, Summary, Tag
 from latentgate.tracking import lineage
 
 VERDICTS = ("hero-ready", "phase3", "phase2")
@@ -209,24 +209,25 @@ def eval_figures(ev, collapse: Collapse | None = None) -> dict[str, Any]:
     agg = ((ev.aggregates or {}).get("paths") or {}).get(EvalPath.LATENT) or {}
     latent = ev.metrics.get(EvalPath.LATENT, {})
     if latent_rows:
-        f1s = [float(r["f1"]) for r in latent_rows]
+        f1s = [r.f1 for r in latent_rows]
         idx = scoring.first_nonzero_index(f1s)
         modes = {m: 0 for m in scoring.ERROR_MODES}
         for r in latent_rows:
-            modes[r.get("error_mode", "wrong_entity")] = modes.get(r.get("error_mode", "wrong_entity"), 0) + 1
+            modes[r.error_mode] = modes.get(r.error_mode, 0) + 1
         alike = asdict(collapse) if collapse is not None else _recorded_collapse(latent)
         n = len(latent_rows)
         out["breakthrough"] = {
             "any_f1_nonzero": idx is not None, "first_f1_nonzero_idx": idx, "n": n,
             "n_f1_nonzero": sum(1 for v in f1s if v > 0), "mean_f1_rows": sum(f1s) / n, "max_f1": max(f1s),
-            "example": None if idx is None else {k: latent_rows[idx].get(k) for k in
-                                                  ("id", "question", "prediction", "references", "f1")},
+            "example": None if idx is None else {k: latent_rows[idx].value(k) for k in
+                                                  (EvalRow.ID, EvalRow.QUESTION, EvalRow.PREDICTION,
+                                                   EvalRow.REFERENCES, EvalRow.F1)},
         }
         out["f1_distribution"] = scoring.f1_buckets(f1s)
         out["collapse"] = {
             **alike, "repetition_count": modes.get("repetition", 0), "empty_count": modes.get("empty", 0),
             EvalKey.EMPTY_RATE: modes.get("empty", 0) / n,
-            EvalKey.DISTINCT_FIRST_TOKENS: len({r.get("first_token") for r in latent_rows}), "error_modes": modes,
+            EvalKey.DISTINCT_FIRST_TOKENS: len({r.first_token for r in latent_rows}), "error_modes": modes,
         }
     elif latent:  # metrics only (artifacts missing)
         out["breakthrough"] = {"any_f1_nonzero": latent.get("f1", 0) > 0, "first_f1_nonzero_idx":

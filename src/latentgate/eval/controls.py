@@ -88,9 +88,8 @@ def collapse_stats(predictions: list[str], repetitive: list[bool], top_k: int = 
                     empty_share=sum(a == "" for a in answers) / n, repetition_rate=sum(repetitive) / n)
 
 
-def row_collapse(rows: list[dict], top_k: int = 1) -> Collapse:
+def row_collapse(rows: list[EvalRow], top_k: int = 1) -> Collapse:
     """`collapse_stats` of one path's eval_detailed.jsonl rows."""
     if not rows:
         raise ValueError("no eval rows to judge collapse on")
-    return collapse_stats([r[EvalRow.PREDICTION] for r in rows],
-                          [r[EvalRow.ERROR_MODE] == "repetition" for r in rows], top_k)
+    return collapse_stats([r.prediction for r in rows], [r.error_mode == "repetition" for r in rows], top_k)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +25,20 @@ from latentgate.model.contract import answer_logits, build_latent_batch, build_t
 from latentgate.schema import Artifact, EvalKey, EvalPath, EvalRow
 from latentgate.tracking import progress
 from latentgate.tracking.tracker import example_sha256
+
+
+@dataclass
+class _Tally:
+    """What one path accumulates over the batches besides its rows (first-token hits, teacher-forced NLL, prompt
+    sizes, and the gold first tokens: scoring only, for the constant-guess control)."""
+
+    hits: int = 0
+    hits5: int = 0
+    nll: float = 0.0
+    tokens: float = 0.0
+    prompt_tokens: int = 0
+    prompt_bytes: int = 0
+    gold_first: list[int] = field(default_factory=list)
 
 
 def _prefix_for(ws, path: str, chunk, latents: torch.Tensor | None):
@@ -51,9 +66,8 @@ def evaluate(ws, examples, out_dir: Path, paths=None, batch_size: int | None = N
     paths = list(paths or ws.cfg.eval.paths)
     batch_size = batch_size or ws.cfg.eval.batch_size
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    extra: dict[str, dict] = {p: {"hits": 0, "hits5": 0, "nll": 0.0, "tokens": 0.0, "prompt_tokens": 0,
-                                  "prompt_bytes": 0, "gold_first": []} for p in paths}
+    rows: list[EvalRow] = []
+    tallies = {p: _Tally() for p in paths}
     f1_sums = dict.fromkeys(paths, 0.0)  # progress only: the running F1 of each path
     with EvalMode(ws.encoder, ws.adapter, ws.lm), \
             progress.task(progress_name, total=len(examples) * len(paths), unit="answers") as bar:
@@ -71,66 +85,63 @@ def evaluate(ws, examples, out_dir: Path, paths=None, batch_size: int | None = N
                     sb = scoring_batch(gold_first)
                     logits = answer_logits(ws.lm, sb).float()
                 nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), sb.answer_targets, reduction="none")
-                e = extra[path]
-                e["nll"] += float((nll * sb.answer_mask).sum())
-                e["tokens"] += float(sb.answer_mask.sum())
+                e = tallies[path]
+                e.nll += float((nll * sb.answer_mask).sum())
+                e.tokens += float(sb.answer_mask.sum())
                 gold0 = sb.answer_targets[:, 0]
                 top5 = gen.first_logits.topk(min(5, gen.first_logits.shape[-1]), -1).indices
                 first_ok = (gen.first_logits.argmax(-1) == gold0).tolist()
-                e["hits"] += sum(first_ok)
-                e["hits5"] += int((top5 == gold0[:, None]).any(-1).sum())
-                e["gold_first"] += gold0.tolist()  # scoring only: the constant-guess control
+                e.hits += sum(first_ok)
+                e.hits5 += int((top5 == gold0[:, None]).any(-1).sum())
+                e.gold_first += gold0.tolist()  # scoring only: the constant-guess control
                 if prompts is not None:
-                    e["prompt_tokens"] += int(prefix.attention_mask.sum())
-                    e["prompt_bytes"] += sum(len(p.encode()) for p in prompts)
+                    e.prompt_tokens += int(prefix.attention_mask.sum())
+                    e.prompt_bytes += sum(len(p.encode()) for p in prompts)
                 preds = decode(ws.tokenizer, gen.token_ids)
                 for ex, pred, ok, ids in zip(chunk, preds, first_ok, gen.token_ids):
-                    refs = list(ex.answers)
-                    rows.append({EvalRow.ID: ex.id, EvalRow.PATH: path, EvalRow.QUESTION: ex.question,
-                                 EvalRow.REFERENCES: refs, EvalRow.PREDICTION: pred,
-                                 EvalRow.FIRST_TOKEN: ids[0] if ids else None,
-                                 EvalRow.EM: scoring.exact_match(pred, refs), EvalRow.F1: scoring.f1(pred, refs),
-                                 EvalRow.FIRST_TOKEN_CORRECT: bool(ok),
-                                 EvalRow.ERROR_MODE: scoring.error_mode(pred, refs),
-                                 EvalRow.EXAMPLE_SHA256: example_sha256(ex)})
-                f1_sums[path] += sum(r["f1"] for r in rows[-len(chunk):])
+                    refs = tuple(ex.answers)
+                    rows.append(EvalRow(id=ex.id, path=path, question=ex.question, references=refs, prediction=pred,
+                                        first_token=ids[0] if ids else None, em=scoring.exact_match(pred, refs),
+                                        f1=scoring.f1(pred, refs), first_token_correct=bool(ok),
+                                        error_mode=scoring.error_mode(pred, refs), example_sha256=example_sha256(ex)))
+                f1_sums[path] += sum(r.f1 for r in rows[-len(chunk):])
                 bar.update(advance=len(chunk), **{f"{p} F1": f1_sums[p] / min(start + len(chunk), len(examples))
                                                   for p in paths[: paths.index(path) + 1]})
             heap.release(ws.device)  # a batch's freed activations (their sizes change with prompt length)
     with (out_dir / Artifact.EVAL_DETAILED).open("w") as fh:
         for r in rows:
-            fh.write(json.dumps(r) + "\n")
-    metrics = aggregate(rows, extra, ws, len(examples))
+            fh.write(json.dumps(r.to_json()) + "\n")
+    metrics = aggregate(rows, tallies, ws, len(examples))
     (out_dir / Artifact.EVAL_METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
 
 
-def aggregate(rows: list[dict], extra: dict, ws, n_examples: int) -> dict:
+def aggregate(rows: list[EvalRow], tallies: dict[str, _Tally], ws, n_examples: int) -> dict:
     """Aggregates per path, with EM/F1 from the shipped `evaluate` metric module (SQuAD v1.1, all references)."""
     metric = load_squad_metric()
     out: dict = {"n_examples": n_examples, "paths": {}}
-    for path, e in extra.items():
-        prs = [r for r in rows if r["path"] == path]
+    for path, e in tallies.items():
+        prs = [r for r in rows if r.path == path]
         official = metric.compute(
-            predictions=[{"id": r["id"], "prediction_text": r["prediction"]} for r in prs],
-            references=[{"id": r["id"], "answers": {"text": r["references"], "answer_start": []}} for r in prs])
-        f1s = [r["f1"] for r in prs]
-        modes = Counter(r["error_mode"] for r in prs)
+            predictions=[{"id": r.id, "prediction_text": r.prediction} for r in prs],
+            references=[{"id": r.id, "answers": {"text": list(r.references), "answer_start": []}} for r in prs])
+        f1s = [r.f1 for r in prs]
+        modes = Counter(r.error_mode for r in prs)
         n = len(prs)
         out["paths"][path] = {
             EvalKey.EM: official["exact_match"] / 100, EvalKey.F1: official["f1"] / 100, "n": n,
-            EvalKey.FIRST_TOP1: e["hits"] / n, EvalKey.FIRST_TOP5: e["hits5"] / n,
-            EvalKey.FIRST_TOP1_CONST: controls.constant_guess_accuracy(e["gold_first"]),
-            EvalKey.NLL_PER_TOKEN: e["nll"] / max(e["tokens"], 1.0), EvalKey.F1_DISTRIBUTION: scoring.f1_buckets(f1s),
+            EvalKey.FIRST_TOP1: e.hits / n, EvalKey.FIRST_TOP5: e.hits5 / n,
+            EvalKey.FIRST_TOP1_CONST: controls.constant_guess_accuracy(e.gold_first),
+            EvalKey.NLL_PER_TOKEN: e.nll / max(e.tokens, 1.0), EvalKey.F1_DISTRIBUTION: scoring.f1_buckets(f1s),
             EvalKey.FIRST_F1_NONZERO_IDX: scoring.first_nonzero_index(f1s),
             EvalKey.ERROR_MODES: {m: modes.get(m, 0) for m in scoring.ERROR_MODES},
             EvalKey.REPETITION_RATE: modes.get("repetition", 0) / n, EvalKey.EMPTY_RATE: modes.get("empty", 0) / n,
             EvalKey.TOP_PREDICTION_SHARE: controls.row_collapse(prs).top_prediction_share,
-            EvalKey.DISTINCT_FIRST_TOKENS: len({r["first_token"] for r in prs}),
+            EvalKey.DISTINCT_FIRST_TOKENS: len({r.first_token for r in prs}),
         }
-        if e["prompt_tokens"]:
-            out["paths"][path]["prompt_tokens_per_example"] = e["prompt_tokens"] / n
-            out["paths"][path]["prompt_bytes_per_example"] = e["prompt_bytes"] / n
+        if e.prompt_tokens:
+            out["paths"][path]["prompt_tokens_per_example"] = e.prompt_tokens / n
+            out["paths"][path]["prompt_bytes_per_example"] = e.prompt_bytes / n
     elem = torch.finfo(ws.embed.weight.dtype).bits // 8
     hidden = ws.embed.weight.shape[1]
     out["latent_tokens"] = ws.contract.num_latents

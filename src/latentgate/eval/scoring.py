@@ -26,6 +26,8 @@ import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+from latentgate.schema import EvalKey
+
 __all__ = [
     "ERROR_MODES",
     "F1_BUCKETS",
@@ -96,14 +98,14 @@ def f1(prediction: str, references: str | Iterable[str]) -> float:
 
 
 def score_each(predictions: Sequence[str], references: Sequence[str | Iterable[str]]) -> list[dict[str, float]]:
-    """Per-example ``{"em", "f1"}`` (fractions), aligned with ``predictions``."""
+    """Per-example ``{EvalKey.EM, EvalKey.F1}`` (fractions), aligned with ``predictions``."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} reference lists")
-    return [{"em": exact_match(p, r), "f1": f1(p, r)} for p, r in zip(predictions, references)]
+    return [{EvalKey.EM: exact_match(p, r), EvalKey.F1: f1(p, r)} for p, r in zip(predictions, references)]
 
 
 def score_many(predictions: Sequence[str], references: Sequence[str | Iterable[str]]) -> dict[str, float]:
-    """Mean EM and F1 as fractions in [0, 1]: ``{"em": ..., "f1": ..., "n": ...}``.
+    """Mean EM and F1 as fractions in [0, 1]: ``{EvalKey.EM: ..., EvalKey.F1: ..., "n": ...}``.
 
     Multiply by 100 to get the numbers the official script / the ``squad_v1`` evaluate metric report.
     """
@@ -111,7 +113,7 @@ def score_many(predictions: Sequence[str], references: Sequence[str | Iterable[s
     if not each:
         raise ValueError("no predictions to score")
     n = len(each)
-    return {"em": sum(e["em"] for e in each) / n, "f1": sum(e["f1"] for e in each) / n, "n": n}
+    return {key: sum(e[key] for e in each) / n for key in (EvalKey.EM, EvalKey.F1)} | {"n": n}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from latentgate.model.latent import encoder_text
 from latentgate.model.lora import attach_lora
 from latentgate.model.memory_fit import check_fits
 from latentgate.phases.results import BaseResult, EvalResult, StageResult
-from latentgate.schema import Artifact, EvalKey, Stage, Summary, Tag
+from latentgate.schema import Artifact, EvalKey, EvalRow, Stage, Summary, Tag
 from latentgate.tracking import labels, lineage, progress
 from latentgate.tracking.lineage import BaseLM, RunUri
 from latentgate.tracking.runs import tracked_run
@@ -178,13 +178,14 @@ def record_eval(tr, ws, metrics: dict, eval_dir: Path) -> None:
     tr.log_dict(ws.contract.to_dict(), Artifact.CONTRACT)
 
 
-TABLE_COLUMNS = ("id", "path", "question", "prediction", "references", "f1", "em", "error_mode", "first_token_correct")
+TABLE_COLUMNS = (EvalRow.ID, EvalRow.PATH, EvalRow.QUESTION, EvalRow.PREDICTION, EvalRow.REFERENCES, EvalRow.F1,
+                 EvalRow.EM, EvalRow.ERROR_MODE, EvalRow.FIRST_TOKEN_CORRECT)
 
 
 def eval_table(detailed: Path) -> list[dict]:
     """One row per question and path, for `mlflow.log_table` (references joined with ' | ')."""
-    rows = [json.loads(line) for line in detailed.read_text().splitlines() if line.strip()]
-    return [{k: (" | ".join(r[k]) if k == "references" else r[k]) for k in TABLE_COLUMNS} for r in rows]
+    return [{k: " | ".join(r.references) if k == EvalRow.REFERENCES else r.value(k) for k in TABLE_COLUMNS}
+            for r in EvalRow.read(detailed)]
 
 
 def _final_loss(diagnostics: Path) -> float | None:

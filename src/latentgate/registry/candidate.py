@@ -14,6 +14,7 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
+from latentgate.errors import DataError
 from latentgate.schema import Artifact, EvalRow, MlflowTag, Tag
 from latentgate.tracking import lineage
 from latentgate.tracking.lineage import RunUri, run_in_uri
@@ -41,7 +42,7 @@ class CandidateEvidence:
         self._how: dict[str, str] = {}  # phase -> how it was found
         self._hist: dict[tuple[str, str], list] = {}
         self._artifacts: dict[str, Path] = {}
-        self._rows: list[dict] | None = None  # eval_detailed.jsonl, read once
+        self._rows: list[EvalRow] | None = None  # eval_detailed.jsonl, read once
         self._resolve()
 
     # ---- lineage ---------------------------------------------------------------------------------------------
@@ -160,11 +161,15 @@ class CandidateEvidence:
             raise Missing(f"eval run {short_id(self.eval_run_id)}: {Artifact.EVAL_METRICS} has no path {path!r}")
         return m
 
-    def detailed_rows(self, path: str) -> list[dict]:
+    def detailed_rows(self, path: str) -> list[EvalRow]:
+        """The eval's rows of one path, in eval order; an unreadable file is missing evidence, saying why."""
         if self._rows is None:
-            file = self.artifact(Artifact.EVAL_DETAILED)
-            self._rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-        rows = [r for r in self._rows if r.get(EvalRow.PATH) == path]
+            try:
+                self._rows = EvalRow.read(self.artifact(Artifact.EVAL_DETAILED))
+            except (OSError, DataError) as err:
+                raise Missing(f"eval run {short_id(self.eval_run_id)}: {Artifact.EVAL_DETAILED} is unreadable "
+                              f"({err})") from None
+        rows = [r for r in self._rows if r.path == path]
         if not rows:
             raise Missing(f"eval run {short_id(self.eval_run_id)}: {Artifact.EVAL_DETAILED} has no {path!r} rows")
         return rows

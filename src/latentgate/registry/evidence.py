@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from latentgate.config import config_hash, from_flat
-from latentgate.errors import ConfigError
+from latentgate.errors import ConfigError, did_you_mean
 from latentgate.eval.controls import Collapse, row_collapse
 from latentgate.registry.candidate import CandidateEvidence, Missing, short_id
 from latentgate.registry.checklist import ANY, Checklist, Criterion
@@ -187,9 +187,17 @@ def check_nonfinite_steps(ev: CandidateEvidence, c: Criterion, cl: Checklist) ->
                        "; ".join(problems) or "every optimizer step logged, all finite", missing=missing)
 
 
+def _row_values(rows: list[EvalRow], name: str) -> list:
+    """The field `name` (a criterion's `field:`) of every row; a name that is no eval row field is missing evidence."""
+    if name not in EvalRow.FIELDS:
+        raise Missing(f"{Artifact.EVAL_DETAILED} rows have no field {name!r} (fix the criterion's field: "
+                      f"{did_you_mean(name, EvalRow.FIELDS, 'one of ' + ', '.join(EvalRow.FIELDS))})")
+    return [r.value(name) for r in rows]
+
+
 def check_eval_example_max(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     rows = ev.detailed_rows(c.params["path"])
-    vals = [float(r.get(c.params["field"], float("nan"))) for r in rows]
+    vals = [float("nan") if v is None else float(v) for v in _row_values(rows, c.params["field"])]
     best = max(vals)
     nonzero = sum(v > 0 for v in vals)
     return Observation(best, f"{Artifact.EVAL_DETAILED} ({ev.src('eval')}, {len(rows)} {c.params['path']} rows)",
@@ -208,7 +216,7 @@ def check_eval_metric(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Obs
 
 def check_eval_share(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> Observation:
     rows = ev.detailed_rows(c.params["path"])
-    hits = sum(r.get(c.params["field"]) == c.params["equals"] for r in rows)
+    hits = sum(v == c.params["equals"] for v in _row_values(rows, c.params["field"]))
     return Observation(hits / len(rows),
                        f"{Artifact.EVAL_DETAILED} ({ev.src('eval')}, {len(rows)} {c.params['path']} rows)",
                        f"{hits} of {len(rows)} with {c.params['field']}={c.params['equals']}")
@@ -315,7 +323,7 @@ def check_dataset_digest(ev: CandidateEvidence, c: Criterion, cl: Checklist) -> 
 def _scored_digest(ev: CandidateEvidence) -> str:
     """The eval set's digest recomputed from the latent path's scored rows, in eval order."""
     rows = ev.detailed_rows(EvalPath.LATENT)
-    hashes = [r.get(EvalRow.EXAMPLE_SHA256) for r in rows]
+    hashes = [r.example_sha256 for r in rows]
     if not all(isinstance(h, str) and h for h in hashes):
         raise Missing(f"eval run {short_id(ev.eval_run_id)}: {Artifact.EVAL_DETAILED} rows carry no "
                       f"{EvalRow.EXAMPLE_SHA256} (scored by an older latentgate): re-run the eval")

@@ -14,7 +14,7 @@ from optuna.artifacts import upload_artifact
 
 from latentgate.errors import Interrupted
 from latentgate.phases.stages import run_eval, run_stage
-from latentgate.schema import Artifact, EvalKey, EvalPath, Summary, SweepTag, Tag, TrialAttr
+from latentgate.schema import Artifact, EvalKey, EvalPath, EvalRow, Summary, SweepTag, Tag, TrialAttr
 from latentgate.sweep import tracking as trial_runs
 from latentgate.sweep.study import StudySpec, suggest
 from latentgate.tracking import lineage
@@ -22,6 +22,8 @@ from latentgate.tracking.lineage import BaseLM
 from latentgate.train.workspace import load_splits
 
 SAMPLE_ROWS = 20
+SAMPLE_FIELDS = (EvalRow.ID, EvalRow.QUESTION, EvalRow.REFERENCES, EvalRow.PREDICTION, EvalRow.F1, EvalRow.EM,
+                 EvalRow.FIRST_TOKEN_CORRECT, EvalRow.ERROR_MODE)  # what sample_predictions.jsonl shows of a row
 
 
 def trial_base(uri: str, cfg) -> BaseLM:
@@ -128,12 +130,10 @@ def run_trial(ctx: TrialContext, trial) -> float:
 def _upload_artifacts(ctx: TrialContext, trial, run_id: str, eval_dir: Path, metrics: dict) -> None:
     """Sample predictions and the F1 breakdown: to the Optuna artifact store (the dashboard shows them) and to
     the trial's MLflow run."""
-    rows = [json.loads(line) for line in (eval_dir / Artifact.EVAL_DETAILED).read_text().splitlines() if line]
-    latent = [r for r in rows if r["path"] == EvalPath.LATENT][:SAMPLE_ROWS]
+    rows = EvalRow.read(eval_dir / Artifact.EVAL_DETAILED)
+    latent = [r for r in rows if r.path == EvalPath.LATENT][:SAMPLE_ROWS]
     samples = eval_dir / "sample_predictions.jsonl"
-    samples.write_text("".join(json.dumps({k: r[k] for k in ("id", "question", "references", "prediction", "f1",
-                                                                 "em", "first_token_correct", "error_mode")}) + "\n"
-                               for r in latent))
+    samples.write_text("".join(json.dumps({k: r.value(k) for k in SAMPLE_FIELDS}) + "\n" for r in latent))
     lp = metrics["paths"][EvalPath.LATENT]
     breakdown = {EvalPath.LATENT: {k: lp[k] for k in (
                      EvalKey.F1, EvalKey.EM, EvalKey.FIRST_TOP1, EvalKey.FIRST_TOP5, EvalKey.F1_DISTRIBUTION,

@@ -134,17 +134,18 @@ def eval_note(metrics: dict, source_uri: str = "") -> str:
     lines = []
     if EvalPath.LATENT in paths:
         lat = paths[EvalPath.LATENT]
-        lines.append(f"**Latent F1 {lat['f1']:.3f} / EM {lat['em']:.3f}** on {lat['n']} questions "
+        f1 = lat[EvalKey.F1]
+        lines.append(f"**Latent F1 {f1:.3f} / EM {lat[EvalKey.EM]:.3f}** on {lat['n']} questions "
                      f"(first-token top-1 {_pct(lat.get(EvalKey.FIRST_TOP1))}).")
-        controls = {p: m["f1"] for p, m in paths.items() if p not in (EvalPath.LATENT, EvalPath.TEXT)}
+        controls = {p: m[EvalKey.F1] for p, m in paths.items() if p not in (EvalPath.LATENT, EvalPath.TEXT)}
         if controls:
             best = max(controls.values())
-            verdict = "beats every control" if lat["f1"] > best else "does NOT beat the best control"
+            verdict = "beats every control" if f1 > best else "does NOT beat the best control"
             lines.append("Controls F1: " + ", ".join(f"{p} {v:.3f}" for p, v in controls.items())
-                         + f"; the latent {verdict} (margin {lat['f1'] - best:+.3f}).")
+                         + f"; the latent {verdict} (margin {f1 - best:+.3f}).")
     if EvalPath.TEXT in paths:
         text = paths[EvalPath.TEXT]
-        lines.append(f"Text teacher F1 {text['f1']:.3f}, NLL/token {text[EvalKey.NLL_PER_TOKEN]:.3f}.")
+        lines.append(f"Text teacher F1 {text[EvalKey.F1]:.3f}, NLL/token {text[EvalKey.NLL_PER_TOKEN]:.3f}.")
     if source_uri:
         lines.append(f"Checkpoint: `{mask_secrets(source_uri)}`.")
     lines.append("One row per question and path (prediction, references, F1, error mode): artifact "
@@ -158,7 +159,7 @@ def base_note(cfg, source: str, text: dict, gate: dict) -> str:
              "external": f"{mask_secrets(cfg.base.name)} (external)"}.get(kind, source)
     verdict = "passed" if gate.get("passed") else (f"FAILED (needs F1 >= {gate.get('min_f1')} and NLL/token <= "
                                                    f"{gate.get('max_nll')})")
-    return (f"**Base LM** {where}. Text-teacher F1 {text['f1']:.3f} / EM {text['em']:.3f}, NLL/token "
+    return (f"**Base LM** {where}. Text-teacher F1 {text[EvalKey.F1]:.3f} / EM {text[EvalKey.EM]:.3f}, NLL/token "
             f"{text[EvalKey.NLL_PER_TOKEN]:.3f}: sanity gate {verdict}.")
 
 

@@ -15,7 +15,7 @@ from latentgate.errors import GateRefused
 from latentgate.eval.evaluate import evaluate
 from latentgate.model.base_lm import build_builtin_lm, builtin_tokenizer
 from latentgate.model.contract import PrefixContract, answer_logits, build_text_batch, encode_answers, text_prompt
-from latentgate.schema import Artifact, EvalPath, Summary
+from latentgate.schema import Artifact, EvalKey, EvalPath, Summary
 from latentgate.tracking import progress
 from latentgate.train.trainer import batch_indices
 from latentgate.train.workspace import Workspace, load_splits, resolve_device, set_threads
@@ -27,9 +27,9 @@ def text_eval(ws: Workspace, examples, out_dir: Path, progress_name: str | None 
 
 def gate_record(cfg: Config, text_metrics: dict) -> dict:
     """What the sanity gate saw and required: logged as `sanity_gate.json` whether it passed or not."""
-    passed = text_metrics["f1"] >= cfg.base.gate_min_f1 and text_metrics["nll_per_token"] <= cfg.base.gate_max_nll
-    return {"base": cfg.base.name, Summary.TEXT_F1: text_metrics["f1"],
-            Summary.TEXT_NLL_PER_TOKEN: text_metrics["nll_per_token"], "min_f1": cfg.base.gate_min_f1,
+    f1, nll = text_metrics[EvalKey.F1], text_metrics[EvalKey.NLL_PER_TOKEN]
+    passed = f1 >= cfg.base.gate_min_f1 and nll <= cfg.base.gate_max_nll
+    return {"base": cfg.base.name, Summary.TEXT_F1: f1, Summary.TEXT_NLL_PER_TOKEN: nll, "min_f1": cfg.base.gate_min_f1,
             "max_nll": cfg.base.gate_max_nll, "passed": passed, "prompt_format": cfg.model.prompt_format,
             "answer_end": cfg.model.answer_end}
 
@@ -44,8 +44,8 @@ def sanity_gate(cfg: Config, text_metrics: dict) -> dict:
         else:
             fix = ("a weak reader cannot teach the latent path: try model.prompt_format=chat or a stronger LM; if this "
                    "score is what this LM can do, set base.gate_min_f1 / base.gate_max_nll for it")
-        raise GateRefused(f"text-teacher sanity gate failed for {cfg.base.name}: F1 {text_metrics['f1']:.3f} "
-                          f"(need >= {cfg.base.gate_min_f1}), NLL/token {text_metrics['nll_per_token']:.2f} "
+        raise GateRefused(f"text-teacher sanity gate failed for {cfg.base.name}: F1 {record[Summary.TEXT_F1]:.3f} "
+                          f"(need >= {cfg.base.gate_min_f1}), NLL/token {record[Summary.TEXT_NLL_PER_TOKEN]:.2f} "
                           f"(need <= {cfg.base.gate_max_nll})", fix)
     return record
 
@@ -88,7 +88,8 @@ def train_builtin_base(cfg: Config, tracker, out_dir: Path, splits=None) -> tupl
                        "base/elapsed": time.perf_counter() - t0}
             if b.eval_every and step % b.eval_every == 0 and step < b.steps:
                 probe = text_eval(ws, splits["probe"], out_dir / "base_probe", progress_name=None)
-                metrics.update({"base/probe_text_f1": probe["f1"], "base/probe_text_nll": probe["nll_per_token"]})
+                metrics.update({"base/probe_text_f1": probe[EvalKey.F1],
+                                "base/probe_text_nll": probe[EvalKey.NLL_PER_TOKEN]})
                 lm.train()
             tracker.log_metrics(metrics, step=step)
             bar.update(step, loss=metrics["base/loss"], **{"probe text F1": metrics.get("base/probe_text_f1")})
