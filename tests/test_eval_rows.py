@@ -11,7 +11,7 @@ import json
 import pytest
 
 from latentgate.errors import DataError
-from latentgate.schema import EvalRow
+from latentgate.eval_row import EvalRow
 
 # A row exactly as eval/evaluate.py wrote it before rows were typed (a dict, json.dumps with default settings).
 OLD_LINE = ('{"id": "syn-0007", "path": "latent", "question": "Where was Ada born?", "references": ["Paris", '

@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "latentgate"
 
 # bottom first; a module may import its own area and anything in a lower layer
 LAYERS = [
-    {"errors", "schema"},
+    {"errors", "schema", "eval_row"},
     {"config", "config_parse", "data", "safety", "distributed", "heap"},
     {"tracking"},
     {"cli_common"},

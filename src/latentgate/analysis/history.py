@@ -19,7 +19,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from latentgate.errors import DataError, StoreError
-from latentgate.schema import Artifact, EvalKey, EvalRow, MlflowTag, Probe, Stage, Tag
+from latentgate.eval_row import EvalRow
+from latentgate.schema import Artifact, EvalKey, MlflowTag, Probe, Stage, Tag
 from latentgate.tracking.lineage import client, run_in_uri
 from latentgate.tracking.secrets import mask_secrets
 

@@ -22,8 +22,9 @@ from matplotlib.ticker import PercentFormatter
 from latentgate.analysis.history import read_jsonl, split_stages
 from latentgate.errors import LatentgateError
 from latentgate.eval.scoring import ERROR_MODES, F1_BUCKETS, f1_buckets
+from latentgate.eval_row import EvalRow
 from latentgate.registry.checklist import GRADIENTS, LEARNING, load_checklist
-from latentgate.schema import Artifact, EvalKey, EvalPath, EvalRow, GradGroup, Loss, Probe, Stage
+from latentgate.schema import Artifact, EvalKey, EvalPath, GradGroup, Loss, Probe, Stage
 
 DPI = 100
 PATH_COLOURS = {EvalPath.LATENT: "#d62728", EvalPath.TEXT: "#1f77b4", EvalPath.TOKEN_BUDGET: "#2ca02c",

@@ -28,10 +28,11 @@ from latentgate.analysis.render import to_markdown
 from latentgate.errors import ConfigError
 from latentgate.eval import scoring
 from latentgate.eval.controls import Collapse
+from latentgate.eval_row import EvalRow
 from latentgate.registry import decisions, series
 from latentgate.registry.checklist import BREAKTHROUGH, GRADIENTS, LEARNING, Checklist, load_checklist
 from latentgate.registry.gate import Report, check_candidate
-from latentgate.schema import EvalKey, EvalPath, EvalRow, GradGroup, Probe, Stage, Summary, Tag
+from latentgate.schema import EvalKey, EvalPath, GradGroup, Probe, Stage, Summary, Tag
 from latentgate.tracking import lineage
 
 VERDICTS = ("hero-ready", "phase3", "phase2")

@@ -20,7 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from latentgate.eval.scoring import normalize_answer
-from latentgate.schema import EvalRow, Probe
+from latentgate.eval_row import EvalRow
+from latentgate.schema import Probe
 
 
 def top_share(values: Iterable) -> float:

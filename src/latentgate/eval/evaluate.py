@@ -21,8 +21,9 @@ from latentgate.eval import controls, scoring
 from latentgate.eval.generate import decode, greedy_generate
 from latentgate.eval.probe import EvalMode
 from latentgate.eval.squad_metric import load_squad_metric
+from latentgate.eval_row import EvalRow
 from latentgate.model.contract import answer_logits, build_latent_batch, build_text_batch, encode_answers, text_prompt
-from latentgate.schema import Artifact, EvalKey, EvalPath, EvalRow
+from latentgate.schema import Artifact, EvalKey, EvalPath
 from latentgate.tracking import progress
 from latentgate.tracking.tracker import example_sha256
 

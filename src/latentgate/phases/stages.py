@@ -17,11 +17,12 @@ from latentgate import distributed as dist
 from latentgate.analysis.plots import make_eval_plots, make_stage_plots
 from latentgate.config import Config, config_hash, flatten
 from latentgate.eval.evaluate import evaluate
+from latentgate.eval_row import EvalRow
 from latentgate.model.latent import encoder_text
 from latentgate.model.lora import attach_lora
 from latentgate.model.memory_fit import check_fits
 from latentgate.phases.results import BaseResult, EvalResult, StageResult
-from latentgate.schema import Artifact, EvalKey, EvalRow, Stage, Summary, Tag
+from latentgate.schema import Artifact, EvalKey, Stage, Summary, Tag
 from latentgate.tracking import labels, lineage, progress
 from latentgate.tracking.lineage import BaseLM, RunUri
 from latentgate.tracking.runs import tracked_run

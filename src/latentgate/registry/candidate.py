@@ -15,7 +15,8 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 
 from latentgate.errors import DataError
-from latentgate.schema import Artifact, EvalRow, MlflowTag, Tag
+from latentgate.eval_row import EvalRow
+from latentgate.schema import Artifact, MlflowTag, Tag
 from latentgate.tracking import lineage
 from latentgate.tracking.lineage import RunUri, run_in_uri
 from latentgate.tracking.runs import local_artifacts

@@ -14,10 +14,11 @@ from typing import Any
 from latentgate.config import config_hash, from_flat
 from latentgate.errors import ConfigError, did_you_mean
 from latentgate.eval.controls import Collapse, row_collapse
+from latentgate.eval_row import EvalRow
 from latentgate.registry.candidate import CandidateEvidence, Missing, short_id
 from latentgate.registry.checklist import ANY, Checklist, Criterion
 from latentgate.registry.series import drop_from_peak, peak
-from latentgate.schema import Artifact, EvalPath, EvalRow, Tag
+from latentgate.schema import Artifact, EvalPath, Tag
 from latentgate.tracking.tracker import digest_of_hashes, full_params
 
 

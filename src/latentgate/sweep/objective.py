@@ -13,8 +13,9 @@ import optuna
 from optuna.artifacts import upload_artifact
 
 from latentgate.errors import Interrupted
+from latentgate.eval_row import EvalRow
 from latentgate.phases.stages import run_eval, run_stage
-from latentgate.schema import Artifact, EvalKey, EvalPath, EvalRow, Summary, SweepTag, Tag, TrialAttr
+from latentgate.schema import Artifact, EvalKey, EvalPath, Summary, SweepTag, Tag, TrialAttr
 from latentgate.sweep import tracking as trial_runs
 from latentgate.sweep.study import StudySpec, suggest
 from latentgate.tracking import lineage
