@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from latentgate.cli_common import guarded
+from latentgate.tracking.uris import RunUri
 
 EXIT_CODES_HELP = """\b
 Exit codes (the most severe alert seen wins):
@@ -69,7 +70,7 @@ def analyze(target, out_dir, no_log, last_n, checklist, no_plots, as_json):
 
             click.echo(calibration_note(rep["eval"]["run_id"], rep["readiness"]["passed"], checklist=checklist))
         if rep["run"]["run_id"] and not no_log:
-            click.echo(f"logged: runs:/{rep['run']['run_id']}/analysis/ (report.md, report.json"
+            click.echo(f"logged: {RunUri(rep['run']['run_id'], 'analysis/')} (report.md, report.json"
                        f"{', plots/' if any(f.suffix == '.png' for f in files) else ''})")
         if out_dir:
             click.echo(f"written: {', '.join(str(f) for f in files)}")

@@ -21,8 +21,9 @@ from mlflow.exceptions import MlflowException
 from latentgate.errors import DataError, StoreError
 from latentgate.eval_row import EvalRow
 from latentgate.schema import Artifact, EvalKey, MlflowTag, Probe, Stage, Tag
-from latentgate.tracking.lineage import client, run_in_uri
+from latentgate.tracking.lineage import client
 from latentgate.tracking.secrets import mask_secrets
+from latentgate.tracking.uris import run_in_uri
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 NOT_STAGES = ("eval", "base")

@@ -35,10 +35,10 @@ from latentgate.registry.approval import HeroRequest, plan_hero
 from latentgate.registry.checklist import load_checklist
 from latentgate.schema import Artifact, MlflowTag, Tag
 from latentgate.tracking import lineage
-from latentgate.tracking.lineage import ModelUri
 from latentgate.tracking.reuse import config_key
 from latentgate.tracking.runs import PROCESS_TAGS, adopt_project_run, git_commit, setup_experiment
 from latentgate.tracking.tracker import full_params
+from latentgate.tracking.uris import ModelUri
 from latentgate.train.load import check_compatible
 from latentgate.train.workspace import load_splits, resolve_device
 

@@ -24,9 +24,10 @@ from latentgate.model.memory_fit import check_fits
 from latentgate.phases.results import BaseResult, EvalResult, StageResult
 from latentgate.schema import Artifact, EvalKey, Stage, Summary, Tag
 from latentgate.tracking import labels, lineage, progress
-from latentgate.tracking.lineage import BaseLM, RunUri
+from latentgate.tracking.lineage import BaseLM
 from latentgate.tracking.runs import tracked_run
 from latentgate.tracking.tracker import dataset_source, enable_system_metrics
+from latentgate.tracking.uris import RunUri
 from latentgate.train import checkpoint as ckpt
 from latentgate.train.base import gate_record, sanity_gate, text_eval, train_builtin_base
 from latentgate.train.load import load_trained

@@ -53,9 +53,9 @@ from latentgate.registry.model import version_for_eval_run
 from latentgate.schema import Artifact, SweepTag, Tag
 from latentgate.sweep.study import load_study
 from latentgate.tracking import lineage
-from latentgate.tracking.lineage import ModelUri, RunUri
 from latentgate.tracking.reuse import find_phase_run, reuse_key
 from latentgate.tracking.runs import adopt_project_run, git_commit, setup_experiment, tracked_run
+from latentgate.tracking.uris import ModelUri, RunUri
 from latentgate.train.workspace import load_splits
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -26,8 +26,9 @@ from latentgate.registry.gate import (
 )
 from latentgate.registry.hero_recipe import RECIPE, HeroPlan, hero_plan
 from latentgate.schema import Tag, VersionTag
-from latentgate.tracking.lineage import ModelUri, client
+from latentgate.tracking.lineage import client
 from latentgate.tracking.tracker import full_params
+from latentgate.tracking.uris import ModelUri
 
 
 def audit_problems(mv, cl: Checklist) -> list[str]:

@@ -13,7 +13,8 @@ from mlflow.exceptions import MlflowException
 from latentgate.errors import LatentgateError
 from latentgate.registry.model import manifest_sha256
 from latentgate.schema import Tag, VersionTag
-from latentgate.tracking.lineage import ModelUri, resolve_checkpoint
+from latentgate.tracking.lineage import resolve_checkpoint
+from latentgate.tracking.uris import ModelUri
 from latentgate.train.manifest import verify_checkpoint
 
 

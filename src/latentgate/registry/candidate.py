@@ -18,8 +18,8 @@ from latentgate.errors import DataError
 from latentgate.eval_row import EvalRow
 from latentgate.schema import Artifact, MlflowTag, Tag
 from latentgate.tracking import lineage
-from latentgate.tracking.lineage import RunUri, run_in_uri
 from latentgate.tracking.runs import local_artifacts
+from latentgate.tracking.uris import RunUri, run_in_uri
 
 MAX_HOPS = 8
 

@@ -36,8 +36,9 @@ from latentgate.registry.checklist import Checklist, load_checklist
 from latentgate.registry.evidence import CHECKS, Observation
 from latentgate.registry.model import register_candidate
 from latentgate.schema import Artifact, Tag, VersionTag
-from latentgate.tracking.lineage import RUN_ID, ModelUri, RunUri, client, parse_uri
+from latentgate.tracking.lineage import client
 from latentgate.tracking.runs import git_commit
+from latentgate.tracking.uris import RUN_ID, ModelUri, RunUri, parse_uri
 
 TAG_MAX = 4900
 

@@ -27,9 +27,10 @@ from latentgate.config import flatten, from_flat
 from latentgate.data.records import Example
 from latentgate.errors import CheckpointError, DataError, StoreError
 from latentgate.schema import Artifact, Tag
-from latentgate.tracking.lineage import base_from_run, client, resolve_checkpoint, run_in_uri
+from latentgate.tracking.lineage import base_from_run, client, resolve_checkpoint
 from latentgate.tracking.runs import tracked_run
 from latentgate.tracking.tracker import full_params
+from latentgate.tracking.uris import run_in_uri
 from latentgate.train.manifest import write_manifest
 
 BOUND = (Tag.EVAL_RUN, Tag.CHECKPOINT_SHA256)  # the register run's params that bind a version to its evidence

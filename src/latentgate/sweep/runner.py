@@ -47,11 +47,11 @@ from latentgate.sweep.stopping import COORDINATOR_ENV, die_with_parent, end_orph
 from latentgate.sweep.storage import AskLock, dashboard_command, open_storage, resolve_storage
 from latentgate.sweep.study import StudySpec, build_pruner, build_sampler, spec_from_dict
 from latentgate.tracking import lineage
-from latentgate.tracking.lineage import RunUri
 from latentgate.tracking.progress import task
 from latentgate.tracking.reuse import SWEEP_STAGE_A, reuse_key
 from latentgate.tracking.runs import adopt_project_run, setup_experiment, tracked_run, tracking_uri
 from latentgate.tracking.secrets import mask_secrets
+from latentgate.tracking.uris import RunUri
 from latentgate.train.manifest import COMPAT_KEYS, check_compat, read_manifest
 from latentgate.train.workspace import load_splits
 

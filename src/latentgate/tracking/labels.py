@@ -13,8 +13,9 @@ from mlflow.exceptions import MlflowException
 
 from latentgate.config import ModelConfig, StageConfig
 from latentgate.schema import Artifact, EvalKey, EvalPath, Probe, Summary
-from latentgate.tracking.lineage import base_source, client, run_in_uri
+from latentgate.tracking.lineage import base_source, client
 from latentgate.tracking.secrets import mask_secrets
+from latentgate.tracking.uris import run_in_uri
 
 # config key (last part, or the full key for model.*) -> short name; "" shows the value alone
 SHORT = {"first_token_ce_weight": "fte", "lr": "lr", "schedule": "", "min_lr": "min_lr", "warmup_steps": "warmup",

@@ -14,7 +14,6 @@ path, the param `base.name`).
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +27,7 @@ from latentgate.safety import refuse_loop
 from latentgate.schema import Artifact, Tag
 from latentgate.tracking.reuse import BASE, config_key
 from latentgate.tracking.runs import local_artifacts, tracking_uri
-
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+from latentgate.tracking.uris import ModelUri, RunUri, parse_uri
 
 
 def client() -> MlflowClient:
@@ -47,50 +45,6 @@ def use_store() -> str:
 
 
 # ---- URIs -----------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RunUri:
-    run_id: str
-    path: str = ""
-
-    def __str__(self) -> str:
-        return f"runs:/{self.run_id}/{self.path}" if self.path else f"runs:/{self.run_id}"
-
-
-@dataclass(frozen=True)
-class ModelUri:
-    name: str
-    alias: str = ""
-    version: str = ""
-
-    def __str__(self) -> str:
-        return f"models:/{self.name}@{self.alias}" if self.alias else f"models:/{self.name}/{self.version}"
-
-
-def parse_uri(uri: str) -> RunUri | ModelUri | None:
-    """A `runs:/` or `models:/` URI parsed; None for anything else (a local folder, a store URI)."""
-    uri = uri or ""
-    if uri.startswith("runs:/"):
-        run_id, _, path = uri.removeprefix("runs:/").partition("/")
-        return RunUri(run_id, path)
-    if uri.startswith("models:/"):
-        ref = uri.removeprefix("models:/")
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            return ModelUri(name, alias=alias.strip("/"))
-        name, _, version = ref.rstrip("/").partition("/")
-        return ModelUri(name, version=version)
-    return None
-
-
-def run_in_uri(uri: str, strict: bool = False) -> str | None:
-    """The run id a `runs:/` URI names, read from the URI alone (no store access); None for any other form, and,
-    with `strict`, for an id that is not 32 hex digits."""
-    parsed = parse_uri(uri)
-    if not isinstance(parsed, RunUri) or not parsed.run_id or (strict and not RUN_ID.match(parsed.run_id)):
-        return None
-    return parsed.run_id
-
 
 def run_id_of(uri: str) -> str | None:
     """The MLflow run behind a runs:/ or models:/ URI (a model version is looked up); None for a local path."""

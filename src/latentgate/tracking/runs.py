@@ -32,6 +32,7 @@ from latentgate.schema import Artifact, MlflowTag, Tag
 from latentgate.tracking.processes import PROCESS_TAGS, close_orphaned_runs, process_tags  # noqa: F401 (re-exported)
 from latentgate.tracking.secrets import mask_secrets
 from latentgate.tracking.tracker import MlflowTracker, NullTracker
+from latentgate.tracking.uris import RunUri
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -288,7 +289,7 @@ def tracked_run(name: str, *, nested: bool = True, tags: dict | None = None, run
         checkpoint = getattr(err, "checkpoint", None)
         if checkpoint and not getattr(err, "logged", False):  # the final checkpoint, resumable by runs:/ URI
             err.logged = True  # the innermost run (the stage that trained) owns it, not its parents
-            tags[Tag.FINAL_CHECKPOINT] = f"runs:/{tracker.run_id}/{Artifact.checkpoint(name)}"
+            tags[Tag.FINAL_CHECKPOINT] = str(RunUri(tracker.run_id, Artifact.checkpoint(name)))
             try:
                 tracker.log_artifacts(checkpoint, Artifact.checkpoint(name))
             except Exception:  # noqa: BLE001 - the local checkpoint is still there, and named in the error
