@@ -31,7 +31,7 @@ from latentgate.registry.calibration import (
     format_assessment,
     predict,
 )
-from latentgate.registry.gate import CheckRow
+from latentgate.registry.gate_report import CheckRow
 from latentgate.registry.hero_recipe import BUDGET_KEYS
 from latentgate.tracking.reuse import ReuseKey
 

@@ -184,7 +184,8 @@ def test_eval_reports_the_constant_guess_per_path(collapsed):
 def test_the_collapsed_run_is_not_exposure_bias_and_fails_the_checklist_naming_collapse(collapsed, tmp_path):
     from latentgate.pipeline.run import PipelineOptions, gather_evidence
     from latentgate.registry.decisions import STOP, SWEEP, decide
-    from latentgate.registry.gate import check_candidate, format_table
+    from latentgate.registry.gate import check_candidate
+    from latentgate.registry.gate_report import format_table
 
     # the shipped file refuses 24 unpinned eval questions before judging anything; its rules at micro scale judge
     shipped = load_checklist()

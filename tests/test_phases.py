@@ -145,8 +145,12 @@ BRANCHES = {
                                         PROMOTE),
     "after Phase 3, still short: stop": (ev("fix", f1_max=0.0, lift=0.5), "plan_exhausted", STOP),
     "after Phase 3, ready: promote": (ev("fix", f1_max=0.1, lift=0.5, passed=True), "ready_stop_before_hero", PROMOTE),
-    "no eval rows, no lift recorded: never ready": (ev(f1_max=None, lift=None, share=None, repetition=None,
-                                                       passed=True), "needs_tuning", SWEEP),
+    "no eval rows, no lift recorded (the gate refuses missing evidence): Phase 2": (
+        ev(f1_max=None, lift=None, share=None, repetition=None), "needs_tuning", SWEEP),
+    "F1=0 but the gate passes (f1_breakthrough shown only): promote, never Phase 3": (
+        ev(f1_max=0.0, lift=0.3, passed=True), "ready_stop_before_hero", PROMOTE),
+    "after the sweep, F1=0, the gate passes: promote": (ev("sweep", f1_max=0.0, lift=0.3, passed=True),
+                                                        "ready_stop_before_hero", PROMOTE),
 }
 
 
@@ -184,8 +188,8 @@ def test_thresholds_come_from_the_checklist_file(tmp_path, checklist):
     lift_8 = ev(f1_max=0.0, lift=0.08)
     assert decide(lift_8, checklist).next_phase == SWEEP  # 8% < 12%
     assert decide(lift_8, edited).next_phase == FIX  # 8% >= 5% in the edited file
-    f1_02 = ev(f1_max=0.2, lift=0.3, passed=True)
-    assert decide(f1_02, checklist).next_phase == PROMOTE
+    f1_02 = ev(f1_max=0.2, lift=0.3)  # refused by the gate: the plan's branches read the file's thresholds
+    assert decide(f1_02, checklist).rule == "needs_tuning"  # 0.2 > 0: a breakthrough, so no exposure bias
     assert decide(f1_02, edited).rule == "exposure_bias"  # 0.2 is no breakthrough when the file says F1 > 0.5
 
 

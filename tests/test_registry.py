@@ -107,7 +107,7 @@ def tags_of(name: str, version: str) -> dict:
 def holder(name: str) -> str | None:
     from mlflow import MlflowClient
 
-    from latentgate.registry.gate import alias_holder
+    from latentgate.registry.writes import alias_holder
 
     return alias_holder(MlflowClient(), name, "hero")
 

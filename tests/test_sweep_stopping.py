@@ -102,7 +102,8 @@ def test_continued_study_stops_with_its_reason_and_the_version_carries_the_evide
                                                                                      mlflow_store, capfd):
     from mlflow import MlflowClient
 
-    from latentgate.registry.gate import check_candidate, check_tag_value
+    from latentgate.registry.gate import check_candidate
+    from latentgate.registry.writes import check_tag_value
     from latentgate.sweep.finalize import format_summary
     from latentgate.sweep.runner import run_sweep
     from latentgate.sweep.study import load_study

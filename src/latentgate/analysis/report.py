@@ -31,7 +31,8 @@ from latentgate.eval.controls import Collapse
 from latentgate.eval_row import EvalRow
 from latentgate.registry import decisions, series
 from latentgate.registry.checklist import BREAKTHROUGH, GRADIENTS, LEARNING, Checklist, load_checklist
-from latentgate.registry.gate import Report, check_candidate
+from latentgate.registry.gate import check_candidate
+from latentgate.registry.gate_report import Report
 from latentgate.schema import EvalKey, EvalPath, GradGroup, Probe, Stage, Summary, Tag
 from latentgate.tracking import lineage
 
@@ -50,10 +51,10 @@ def recommend(evidence: decisions.PhaseEvidence, checklist: Checklist) -> tuple[
     """The plan's verdict on a Phase 1 result: the pipeline's decision tree (`decide`) on the same evidence, read
     against the same checklist, so the report never recommends what the pipeline would not do:
 
-    * "hero-ready": the best example F1 passes f1_breakthrough and every checklist criterion passes -> Phase 4
-      (hero run);
-    * "phase3": F1 fails f1_breakthrough, the final first-token LIFT over the controls passes first_token_learning,
-      no collapse (no_mode_collapse) -> exposure bias, scheduled sampling;
+    * "hero-ready": the gate passes (every deciding criterion of the checklist, whatever the criteria shown only
+      say) -> Phase 4 (hero run);
+    * "phase3": the gate refuses, F1 fails f1_breakthrough, the final first-token LIFT over the controls passes
+      first_token_learning, no collapse (no_mode_collapse) -> exposure bias, scheduled sampling;
     * "phase2": anything else, including mode collapse (rule `collapsed`: one answer for many inputs) -> tune.
     """
     decision = decisions.decide(evidence, checklist)

@@ -41,7 +41,7 @@ from latentgate.registry.checklist import (
 )
 
 if TYPE_CHECKING:  # the annotation only: no store access here (registry.gate reads one)
-    from latentgate.registry.gate import CheckRow
+    from latentgate.registry.gate_report import CheckRow
 
 Records = Sequence[ConfigurationRecord]
 

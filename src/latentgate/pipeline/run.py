@@ -1,17 +1,20 @@
 """`pipeline`: the plan's decision tree, carried out and recorded.
 
-    base -> stage_a -> Phase 1 (extend) -> eval -> checklist
-      F1 breakthrough and the checklist passes  -> promote (alias hero); stop before the hero unless --launch-hero
-      mode collapse (one answer for many         -> Phase 2 (sweep), rule `collapsed`: a model that says the same
-        inputs, or repetition)                      thing to everyone is not an exposure-bias case
-      no F1 breakthrough, first-token learning   -> Phase 3 (fix: scheduled sampling) -> eval -> checklist
-      otherwise                                  -> Phase 2 (sweep) -> eval of the best trial -> checklist
-                                                    -> Phase 3 if still short
-    "F1 breakthrough", "first-token learning" and "mode collapse" are the checklist's criteria f1_breakthrough (best
-    example F1), first_token_learning (final first-token LIFT: the probe's first-token accuracy minus the better of
-    its controls, constant guess and shuffled latent; raw accuracy is shown, never read as learning) and
-    no_mode_collapse. No new phase starts once the budget is spent. Every threshold and comparison comes from the
-    checklist file (registry/hero.yaml, through latentgate.registry.checklist), none from a constant here.
+    base -> stage_a -> Phase 1 (extend) -> eval -> the gate (check_candidate, read-only)
+      the gate passes                           -> promote (alias hero); stop before the hero unless --launch-hero
+      the gate refuses, and:
+        mode collapse (one answer for many       -> Phase 2 (sweep), rule `collapsed`: a model that says the same
+          inputs, or repetition)                    thing to everyone is not an exposure-bias case
+        no F1 breakthrough, first-token learning -> Phase 3 (fix: scheduled sampling) -> eval -> the gate
+        otherwise                                -> Phase 2 (sweep) -> eval of the best trial -> the gate
+                                                    -> Phase 3 if still refused
+    "The gate passes" is the gate's own verdict: every criterion the checklist marks as deciding passes, whatever
+    the criteria shown only say (a latent F1 of 0 included). "F1 breakthrough", "first-token learning" and "mode
+    collapse" are the checklist's criteria f1_breakthrough (best example F1), first_token_learning (final first-token
+    LIFT: the probe's first-token accuracy minus the better of its controls, constant guess and shuffled latent; raw
+    accuracy is shown, never read as learning) and no_mode_collapse. No new phase starts once the budget is spent.
+    Every threshold and comparison comes from the checklist file (registry/hero.yaml, through
+    latentgate.registry.checklist), none from a constant here.
 
 Like MLflow's multistep example, each step is an entry point run (`mlflow.projects.run`, with our env_manager
 passed on: inner runs do not inherit it) and a FINISHED run with the same entry point, resolved config (step key)

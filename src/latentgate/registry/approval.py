@@ -13,18 +13,10 @@ from latentgate.errors import GateRefused
 from latentgate.registry.binding import bound_eval_run, checkpoint_drift
 from latentgate.registry.candidate import CandidateEvidence, Missing
 from latentgate.registry.checklist import Checklist
-from latentgate.registry.gate import (
-    TAG_MAX,
-    CheckRow,
-    Report,
-    alias_holder,
-    as_checklist,
-    check_candidate,
-    commit_stamp,
-    tag_refuses,
-    utc_now,
-)
+from latentgate.registry.gate import as_checklist, check_candidate, commit_stamp, utc_now
+from latentgate.registry.gate_report import CheckRow, Report
 from latentgate.registry.hero_recipe import RECIPE, HeroPlan, hero_plan
+from latentgate.registry.writes import TAG_MAX, alias_holder, tag_refuses
 from latentgate.schema import Tag, VersionTag
 from latentgate.tracking.lineage import client
 from latentgate.tracking.tracker import full_params

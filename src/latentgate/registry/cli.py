@@ -32,8 +32,8 @@ def _refuse_if_failed(report, what: str) -> None:
 def promote(version_or_run, dry_run, explain, checklist, name):
     """Evaluate the hero checklist for VERSION_OR_RUN (a model version, or an eval/smoke run, which is registered
     first) and move the alias `hero` only if every criterion passes. Exit 4 when refused."""
-    from latentgate.registry.gate import format_table
     from latentgate.registry.gate import promote as do_promote
+    from latentgate.registry.gate_report import format_table
 
     report = do_promote(version_or_run, dry_run=dry_run or explain, checklist=checklist, name=name)
     click.echo(format_table(report, explain=explain))
@@ -55,7 +55,7 @@ def promote(version_or_run, dry_run, explain, checklist, name):
 def demote(version, reason, to, checklist, name):
     """Take the alias `hero` off VERSION (history stays in its tags); optionally promote --to another version."""
     from latentgate.registry.gate import demote as do_demote
-    from latentgate.registry.gate import format_table
+    from latentgate.registry.gate_report import format_table
 
     out = do_demote(version, reason, to=to, checklist=checklist, name=name)
     held = "it held the alias" if out["held_alias"] else "it did not hold the alias"
@@ -75,7 +75,7 @@ def demote(version, reason, to, checklist, name):
 def verify(checklist, name, explain):
     """Re-check the version holding `hero`: an alias set by hand, or evidence that no longer passes, fails (exit 4)."""
     from latentgate.registry.approval import verify as do_verify
-    from latentgate.registry.gate import format_table
+    from latentgate.registry.gate_report import format_table
 
     report = do_verify(checklist=checklist, name=name)
     click.echo(format_table(report, explain=explain))

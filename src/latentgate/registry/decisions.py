@@ -1,6 +1,7 @@
 """The plan's decision tree, pure: what one phase produced (`PhaseEvidence`) -> the next phase (`decide`). The
 pipeline follows it and the analysis report recommends with it; every threshold and comparison comes from the
-checklist (registry/hero.yaml through `registry.checklist`).
+checklist (registry/hero.yaml through `registry.checklist`). The gate is the one rule for the hero: a candidate it
+passes goes on to promote and Phase 4; the plan's other branches apply only to one it refuses.
 
 `evidence_from_report` and `collapse_of` are the one place that reads the gate's report (registry/gate.py
 check_candidate) for the pipeline's decision and the analysis report: neither computes a figure of its own."""
@@ -23,7 +24,7 @@ class PhaseEvidence:
     phase: str  # the phase just finished: extend | sweep | fix
     f1_max: float | None  # best latent F1 over the eval examples
     first_acc: float | None  # raw probe first-token accuracy at the registered checkpoint (never read as learning)
-    checklist_passed: bool  # every criterion of the readiness checklist (the registry's gate, dry run)
+    checklist_passed: bool  # the gate's verdict (check_candidate, read-only): every DECIDING criterion passes
     f1_mean: float | None = None
     first_acc_lift: float | None = None  # lift over the controls there: what first_token_learning judges
     first_acc_const: float | None = None  # the probe's constant-guess control
@@ -48,9 +49,12 @@ class Decision:
 
 
 def decide(evidence: PhaseEvidence, checklist) -> Decision:
-    """The plan's decision tree. `checklist` is the registry's Checklist: its criteria f1_breakthrough,
-    first_token_learning and no_mode_collapse supply every threshold and comparison (registry/hero.yaml); the only
-    other number is the budget (spent when none is left)."""
+    """The plan's decision tree, with the gate as its one rule for Phase 4: where the gate passes (every deciding
+    criterion of the checklist, `checklist_passed`), the next step is promote and then the hero, whatever a
+    criterion that is only shown says (latent F1 0 included). Where it refuses, the plan's branches pick the next
+    phase: `checklist` is the registry's Checklist, whose criteria f1_breakthrough, first_token_learning and
+    no_mode_collapse supply every threshold and comparison (registry/hero.yaml); the only other number is the
+    budget (spent when none is left)."""
     f1c, ftc = checklist.criterion(BREAKTHROUGH), checklist.criterion(LEARNING)
     f1_ok = f1c.compare(evidence.f1_max)
     ft_ok = ftc.compare(evidence.first_acc_lift)
@@ -66,12 +70,12 @@ def decide(evidence: PhaseEvidence, checklist) -> Decision:
     def out(rule: str, nxt: str, reason: str) -> Decision:
         return Decision(rule, nxt, evidence, reason)
 
-    if f1_ok and evidence.checklist_passed:
+    if evidence.checklist_passed:  # the gate's verdict, and nothing else, decides Phase 4
+        gate_txt = f"the gate passes (every deciding criterion of the checklist; {f1_txt})"
         if evidence.launch_hero and not spent:
-            return out("ready_launch_hero", HERO, f"{f1_txt} and the checklist passes: promote, then the hero run")
+            return out("ready_launch_hero", HERO, f"{gate_txt}: promote, then the hero run")
         why = "budget spent" if evidence.launch_hero else "--launch-hero not given"
-        return out("ready_stop_before_hero", PROMOTE, f"{f1_txt} and the checklist passes: promote; stop before "
-                                                      f"the hero ({why})")
+        return out("ready_stop_before_hero", PROMOTE, f"{gate_txt}: promote; stop before the hero ({why})")
     if evidence.provenance_failed:  # no phase of the plan can fix where the evidence comes from
         which = ", ".join(evidence.provenance_failed)
         return out("provenance", STOP, f"the evidence cannot be trusted as recorded ({which} failed): pin the eval "

@@ -4,10 +4,9 @@
 removes `hero` first if this very version holds it and now fails; writes one tag per criterion
 (`hero.check.<name>`), a JSON report artifact (`hero.report`) and the audit tag (`hero.audit`: rule file hash,
 commit, time, decision); and moves the alias LAST, only when everything passed. A crash anywhere in between leaves
-`hero` where it was (on a version whose audit passed) or nowhere, never on a failing version. The lock (a file
-lock next to the SQLite store; a per-URI lock file in the temp folder for other stores, which serialises
-promotions from one machine only) makes concurrent promotions apply one after the other: the registry always
-reads as a sequence of complete promotions.
+`hero` where it was (on a version whose audit passed) or nowhere, never on a failing version. The lock and the
+writes themselves (check tags, events, the report artifact) are registry/writes.py; the report and its printed
+table are registry/gate_report.py.
 
 Whether the holder may start a hero (`verify`, `approved_version`) is registry/approval.py; what binds a version
 to its evidence and weights is registry/binding.py.
@@ -15,18 +14,10 @@ to its evidence and weights is registry/binding.py.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import tempfile
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
 
-import mlflow
-from filelock import FileLock, Timeout
 from mlflow.exceptions import MlflowException
 
 from latentgate.errors import ConfigError, GateRefused, StoreError
@@ -34,86 +25,24 @@ from latentgate.registry.binding import bound_eval_run, pin_problems
 from latentgate.registry.candidate import CandidateEvidence, Missing
 from latentgate.registry.checklist import Checklist, load_checklist
 from latentgate.registry.evidence import CHECKS, Observation
+from latentgate.registry.gate_report import CheckRow, Report
 from latentgate.registry.model import register_candidate
-from latentgate.schema import Artifact, Tag, VersionTag
+from latentgate.registry.writes import (
+    TAG_MAX,
+    add_event,
+    alias_holder,
+    log_report_artifact,
+    registry_lock,
+    write_check_tags,
+)
+from latentgate.schema import Tag, VersionTag
 from latentgate.tracking.lineage import client
 from latentgate.tracking.runs import git_commit
 from latentgate.tracking.uris import RUN_ID, ModelUri, RunUri, parse_uri
 
-TAG_MAX = 4900
-
-
-@dataclass
-class CheckRow:
-    """One criterion judged on one candidate: a row of the gate's report (and of its JSON artifact)."""
-
-    name: str
-    passed: bool
-    observed: Any
-    op: str
-    threshold: Any
-    source: str = ""
-    detail: str = ""
-    missing: list[str] = field(default_factory=list)
-    kind: str = ""
-    description: str = ""
-    params: dict = field(default_factory=dict)
-    step: int | None = None  # metric_peak / metric_final / metric_extrapolated: the step observed
-    shown: dict = field(default_factory=dict)  # the `show` metrics at that step
-    collapse: dict | None = None  # eval_collapse: the statistics it judged (eval/controls.py Collapse)
-    decides: bool = True  # false: judged and shown, never refusing (hero.yaml `decides`)
-    calibrated_by: str = ""
-
-
-@dataclass
-class Report:
-    candidate: str
-    passed: bool
-    rows: list[CheckRow]
-    missing: list[str]
-    version: str | None = None
-    eval_run: str | None = None
-    model_name: str = ""
-    alias: str = ""
-    lineage: dict = field(default_factory=dict)
-    checklist: str = ""
-    checklist_sha256: str = ""
-    decision: str = "evaluated"  # evaluated | dry-run | promoted | refused | refused-holder | verified
-    time: str = ""
-    commit: str = ""
-
-    def failing(self) -> list[str]:
-        """The deciding criteria that failed: what refused the candidate."""
-        return [r.name for r in self.rows if not r.passed and r.decides]
-
-    def failing_reported(self) -> list[str]:
-        """Criteria that failed but do not decide (the checklist's `decides: false`): shown, never refusing."""
-        return [r.name for r in self.rows if not r.passed and not r.decides]
-
-    def row(self, name: str) -> CheckRow | None:
-        """The row of one criterion (None when the checklist has no such criterion)."""
-        return next((r for r in self.rows if r.name == name), None)
-
-    def to_dict(self) -> dict:
-        return _jsonable(asdict(self))
-
-
-def _jsonable(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
 
 def utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _stamp() -> str:
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
 
 
 def commit_stamp() -> str:
@@ -217,87 +146,7 @@ def check_candidate(version_or_eval_run: str, checklist=None, name: str | None =
                   time=utc_now(), commit=commit_stamp())
 
 
-# ---- registry writes ---------------------------------------------------------------------------------------------
-
-def _lock_path(name: str) -> Path:
-    uri = mlflow.get_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///"))
-        return db.with_name(f"{db.name}.{name}.registry.lock")
-    key = hashlib.sha256(uri.encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"latentgate-registry-{key}-{name}.lock"
-
-
-@contextmanager
-def registry_lock(name: str, timeout: float = 300.0):
-    """Serialise registry writes for one registered model (threads and processes alike)."""
-    lock = FileLock(_lock_path(name))
-    try:
-        lock.acquire(timeout=timeout)
-    except Timeout:
-        raise StoreError(f"registry lock {lock.lock_file} is held for over {timeout:.0f} s",
-                         "another promote/demote is running; retry when it ends") from None
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def alias_holder(c, name: str, alias: str) -> str | None:
-    try:
-        return str(c.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "missing"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-SHOWN_ONLY = " (shown, not deciding)"  # in a check tag: the criterion is judged but the verdict does not read it
-
-
-def tag_refuses(value: str) -> bool:
-    """Does a `hero.check.<name>` tag value record a failure that refuses (a deciding criterion that failed)?"""
-    return not value.startswith("pass") and not value.startswith("fail" + SHOWN_ONLY)
-
-
-def check_tag_value(row: CheckRow) -> str:
-    state = ("pass" if row.passed else "fail") + ("" if row.decides else SHOWN_ONLY)
-    if row.missing:
-        return f"{state} missing: {'; '.join(row.missing)}"[:TAG_MAX]
-    why = f"; {row.detail}" if not row.passed and row.detail else ""
-    return f"{state} observed={_fmt(row.observed)} {row.op} {_fmt(row.threshold)}{why}"[:TAG_MAX]
-
-
-def write_check_tags(c, mv, report: Report, cl: Checklist) -> None:
-    """One `hero.check.<criterion>` tag per row of the report (promote, and the sweep's record of its best trial);
-    tags of criteria the checklist no longer has are removed. The caller holds the registry lock."""
-    for key in [k for k in mv.tags if k.startswith(VersionTag.CHECK_PREFIX)]:
-        if key.removeprefix(VersionTag.CHECK_PREFIX) not in cl.names():
-            c.delete_model_version_tag(mv.name, mv.version, key)
-    for row in report.rows:
-        c.set_model_version_tag(mv.name, mv.version, f"{VersionTag.CHECK_PREFIX}{row.name}", check_tag_value(row))
-
-
-def _event(c, name: str, version: str, text: str) -> None:
-    c.set_model_version_tag(name, version, f"{VersionTag.EVENT_PREFIX}{_stamp()}", text[:TAG_MAX])
-
-
-def _write_report_artifact(c, mv, report: Report) -> str:
-    """The JSON report, logged to the version's run (hero_reports/); returns its URI ('' without a run)."""
-    if not mv.run_id:
-        return ""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"v{mv.version}-{_stamp()}.json"
-        path.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True, default=str))
-        c.log_artifact(mv.run_id, str(path), Artifact.HERO_REPORTS)
-    return str(RunUri(mv.run_id, f"{Artifact.HERO_REPORTS}/{path.name}"))
-
+# ---- promote, demote ---------------------------------------------------------------------------------------
 
 def promote(version: str, dry_run: bool = False, checklist=None, name: str | None = None, *,
             checklist_path=None) -> Report:
@@ -324,8 +173,9 @@ def promote(version: str, dry_run: bool = False, checklist=None, name: str | Non
             # that gave it (so they still agree); the refusal is a report and an event. `latentgate verify` shows
             # evidence that no longer passes; `latentgate demote` takes the alias off, on purpose.
             report.decision = "refused-holder"
-            report_uri = _write_report_artifact(c, mv, report)
-            _event(c, name, v, f"re-promotion refused, {cl.alias} kept: {', '.join(report.failing())} ({report_uri})")
+            report_uri = log_report_artifact(c, mv, report)
+            add_event(c, name, v,
+                      f"re-promotion refused, {cl.alias} kept: {', '.join(report.failing())} ({report_uri})")
             return report
         write_check_tags(c, mv, report, cl)
         pin = pin_problems(c, mv, name) if report.passed else []
@@ -333,7 +183,7 @@ def promote(version: str, dry_run: bool = False, checklist=None, name: str | Non
             report.passed = False
             report.missing += pin
         report.decision = "promoted" if report.passed else "refused"
-        report_uri = _write_report_artifact(c, mv, report)
+        report_uri = log_report_artifact(c, mv, report)
         audit = {"decision": "promote" if report.passed else "refuse", "passed": report.passed, "version": v,
                  "eval_run": report.eval_run, "rules_file": report.checklist, "rules_sha256": report.checklist_sha256,
                  "commit": report.commit, "time": report.time, "failing": report.failing(), "report": report_uri,
@@ -348,12 +198,12 @@ def promote(version: str, dry_run: bool = False, checklist=None, name: str | Non
             if VersionTag.SUPERSEDED_BY in mv.tags:  # promoted again, on its own evidence
                 c.delete_model_version_tag(name, v, VersionTag.SUPERSEDED_BY)
             c.set_registered_model_alias(name, cl.alias, v)  # LAST: only after every tag landed
-            _event(c, name, v, f"promoted to {cl.alias} (previous holder: {holder or 'none'})")
+            add_event(c, name, v, f"promoted to {cl.alias} (previous holder: {holder or 'none'})")
             if holder and holder != v:
                 c.set_model_version_tag(name, holder, VersionTag.SUPERSEDED_BY, v)
-                _event(c, name, holder, f"alias {cl.alias} moved to version {v}")
+                add_event(c, name, holder, f"alias {cl.alias} moved to version {v}")
         else:
-            _event(c, name, v, f"refused: {', '.join(report.failing())}")
+            add_event(c, name, v, f"refused: {', '.join(report.failing())}")
     return report
 
 
@@ -383,52 +233,9 @@ def demote(version: str, reason: str, to: str | None = None, checklist=None, nam
         audit.update(decision="demote", passed=False, demoted_at=utc_now(), demote_reason=reason, version=v)
         c.set_model_version_tag(name, v, VersionTag.AUDIT, json.dumps(audit, sort_keys=True)[:TAG_MAX])
         c.set_model_version_tag(name, v, VersionTag.PASSED, "false")
-        _event(c, name, v, f"demoted{' (held ' + cl.alias + ')' if held else ''}: {reason}")
+        add_event(c, name, v, f"demoted{' (held ' + cl.alias + ')' if held else ''}: {reason}")
     out = {"version": v, "held_alias": held, "reason": reason, "promoted": None, "alias": cl.alias}
     if to:
         out["promoted"] = promote(to, checklist=cl, name=name)
     out["holder"] = alias_holder(c, name, cl.alias)
     return out
-
-
-# ---- printing ------------------------------------------------------------------------------------------------
-
-def format_table(report: Report, explain: bool = False) -> str:
-    head = (f"── hero gate: {report.candidate}"
-            + (f" (version {report.version})" if report.version and report.version not in report.candidate else "")
-            + f"  eval run {report.eval_run or 'none'} ──")
-    rows = [("criterion", "result", "observed", "threshold", "source")]
-    for r in report.rows:
-        thr = f"{r.op} {_fmt(r.threshold)}" if r.threshold is not None else "—"
-        why = f" — {r.detail}" if not r.passed and r.detail and not explain else ""
-        result = ("PASS" if r.passed else "FAIL") + ("" if r.decides else " (shown)")
-        rows.append((r.name, result, _fmt(r.observed)[:40], thr[:24], (r.source or "; ".join(r.missing)) + why))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = [head] + ["  ".join(x.ljust(w) for x, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
-                      for row in rows]
-    if explain:
-        lines.append("")
-        lines.append(f"checklist {report.checklist} (sha256 {report.checklist_sha256[:12]})")
-        for r in report.rows:
-            lines.append(f"- {r.name}: {r.description}")
-            lines.append(f"    query: {r.kind} {json.dumps(r.params, sort_keys=True)}; passes when observed "
-                         f"{r.op} threshold")
-            if r.detail:
-                lines.append(f"    found: {r.detail}")
-            if r.calibrated_by:
-                role = "decides" if r.decides else "shown only, does not decide"
-                lines.append(f"    {role}: {r.calibrated_by}")
-    if report.missing:
-        lines.append("missing evidence:")
-        lines += [f"  - {m}" for m in report.missing]
-    verdict = {"dry-run": "would PROMOTE" if report.passed else "would REFUSE",
-               "promoted": f"PROMOTED: alias {report.alias} -> version {report.version}",
-               "refused": f"REFUSED: version {report.version} keeps no alias",
-               "refused-holder": f"REFUSED: version {report.version} keeps the alias {report.alias} it held (a refusal "
-                                 f"moves no alias; `latentgate demote {report.version} --reason ...` takes it off)",
-               "verified": "VERIFIED" if report.passed else "VERIFY FAILED"}.get(report.decision,
-                                                                                 "PASS" if report.passed else "FAIL")
-    failing, shown = report.failing(), report.failing_reported()
-    lines.append(f"{verdict}" + (f" (failing: {', '.join(failing)})" if failing and not report.passed else "")
-                 + (f"; failing but not deciding: {', '.join(shown)}" if shown else ""))
-    return "\n".join(lines)

@@ -13,8 +13,10 @@ from optuna.trial import TrialState as S
 from optuna.visualization import matplotlib as ov
 
 from latentgate.registry.checklist import load_checklist
-from latentgate.registry.gate import Report, alias_holder, check_candidate, registry_lock, write_check_tags
+from latentgate.registry.gate import check_candidate
+from latentgate.registry.gate_report import Report
 from latentgate.registry.model import register_candidate, version_for_eval_run
+from latentgate.registry.writes import alias_holder, registry_lock, write_check_tags
 from latentgate.schema import StudyAttr, Summary, SweepTag, TrialAttr, VersionTag
 from latentgate.sweep.stopping import progress
 from latentgate.sweep.study import StudySpec
