@@ -21,7 +21,8 @@ import yaml
 from conftest import ROOT, checklist_copy, cli_env, every_criterion_decides, run_cli
 from latentgate.config import flatten, parse_set_args, resolve
 from latentgate.errors import CheckpointError, ConfigError
-from latentgate.pipeline.run import PipelineOptions, format_decisions, phase_overrides, run_pipeline
+from latentgate.pipeline.run import PipelineOptions, phase_overrides, run_pipeline
+from latentgate.pipeline.summary import format_decisions
 from latentgate.registry.checklist import DEFAULT_PATH, load_checklist
 from latentgate.registry.decisions import FIX, HERO, PROMOTE, STOP, SWEEP, PhaseEvidence, decide
 
@@ -374,11 +375,11 @@ def test_pipeline_promotes_then_runs_the_hero_of_the_approved_recipe(approve_any
     opts = PipelineOptions(preset="micro", overrides={"run.output_dir": str(out), "stage_b.first_token_ce_weight": 7.5},
                            checklist=str(approve_anything), runner="inprocess", launch_hero=True, hero_scale=2)
     summary = run_pipeline(opts)
-    steps = [s["entry_point"] for s in summary["steps"]]
+    steps = [s.entry_point for s in summary.steps]
     assert steps == ["base", "stage_a", "extend", "eval", "promote", "hero"], steps
-    assert summary["decisions"][-1]["rule"] == "ready_launch_hero"
-    hero_run = _client().get_run(summary["steps"][-1]["run_id"])
-    approved = _client().get_run(summary["steps"][2]["run_id"]).data.params  # the extend run: the approved recipe
+    assert summary.decisions[-1].rule == "ready_launch_hero"
+    hero_run = _client().get_run(summary.steps[-1].run_id)
+    approved = _client().get_run(summary.steps[2].run_id).data.params  # the extend run: the approved recipe
     hero = hero_run.data.params
     differ = {k for k in approved if k in hero and approved[k] != hero[k]}
     assert differ == set(BUDGET_KEYS), differ  # Stage A checkpointed only at its end: now every approved length
@@ -402,29 +403,29 @@ def test_pipeline_twice_second_time_reuses_every_step(steer_to_fix, tmp_path_fac
 
     out = tmp_path_factory.mktemp("pipeline")
     first = run_pipeline(_pipeline_opts(out, steer_to_fix))
-    assert [s["entry_point"] for s in first["steps"]] == ["base", "stage_a", "extend", "eval", "fix", "eval"]
-    assert [d["rule"] for d in first["decisions"]] == ["exposure_bias", "plan_exhausted"]
+    assert [s.entry_point for s in first.steps] == ["base", "stage_a", "extend", "eval", "fix", "eval"]
+    assert [d.rule for d in first.decisions] == ["exposure_bias", "plan_exhausted"]
     training_before = phase_runs()
     second = run_pipeline(_pipeline_opts(out, steer_to_fix))
     assert phase_runs() == training_before  # no new phase run at all
-    assert all(s["reused"] for s in second["steps"])
-    assert [s["run_id"] for s in second["steps"]] == [s["run_id"] for s in first["steps"]]
+    assert all(s.reused for s in second.steps)
+    assert [s.run_id for s in second.steps] == [s.run_id for s in first.steps]
     # steps hand each other URIs; the decisions and their evidence are artifacts of the pipeline run
-    ids = {s["entry_point"]: s["run_id"] for s in first["steps"][:3]}
-    assert first["steps"][2]["input_uri"] == f"runs:/{ids['stage_a']}/checkpoints/stage_a"
-    assert first["steps"][3]["input_uri"] == f"runs:/{ids['extend']}/checkpoints/stage_b"
-    local = Path(mlflow.artifacts.download_artifacts(run_id=second["run_id"], artifact_path="decisions.json"))
+    ids = {s.entry_point: s.run_id for s in first.steps[:3]}
+    assert first.steps[2].input_uri == f"runs:/{ids['stage_a']}/checkpoints/stage_a"
+    assert first.steps[3].input_uri == f"runs:/{ids['extend']}/checkpoints/stage_b"
+    local = Path(mlflow.artifacts.download_artifacts(run_id=second.run_id, artifact_path="decisions.json"))
     recorded = json.loads(local.read_text())
     assert [d["rule"] for d in recorded["decisions"]] == ["exposure_bias", "plan_exhausted"]
     evidence = recorded["decisions"][0]["evidence"]
-    assert evidence["run_ids"] == {"stage_b": ids["extend"], "eval": first["steps"][3]["run_id"]}
+    assert evidence["run_ids"] == {"stage_b": ids["extend"], "eval": first.steps[3].run_id}
     assert evidence["f1_max"] == 0.0 and evidence["first_acc"] is not None
-    md = Path(mlflow.artifacts.download_artifacts(run_id=second["run_id"], artifact_path="decisions.md")).read_text()
+    md = Path(mlflow.artifacts.download_artifacts(run_id=second.run_id, artifact_path="decisions.md")).read_text()
     assert "exposure_bias" in md and ids["extend"] in md
-    tags = _client().get_run(second["run_id"]).data.tags
+    tags = _client().get_run(second.run_id).data.tags
     assert tags["latentgate.final_rule"] == "plan_exhausted"
     # the fix step (Phase 3) trained what the plan's fix is: scheduled sampling, twice the Stage B steps
-    fix_run = _client().get_run(first["steps"][4]["run_id"])
+    fix_run = _client().get_run(first.steps[4].run_id)
     assert fix_run.data.params["stage_b.scheduled_sampling"] == "True"
     assert fix_run.data.params["stage_b.steps"] == str(2 * resolve("micro").stage_b.steps)
 
@@ -462,24 +463,24 @@ def test_pipeline_phase2_branch_end_to_end(tmp_path_factory, mlflow_store, micro
     finally:
         os.environ["PATH"] = old_path
     print(format_decisions(summary))
-    rules = [d["rule"] for d in summary["decisions"]]
+    rules = [d.rule for d in summary.decisions]
     # the micro run gives most eval questions the same (empty) latent answer: collapse, not a first-token shortfall
     assert rules[:2] == ["collapsed", "still_short_after_sweep"], rules
-    share = summary["decisions"][0]["evidence"]["top_prediction_share"]
+    share = summary.decisions[0].evidence.top_prediction_share
     assert share > load_checklist().collapse_rule().max_top_share
-    steps = [s["entry_point"] for s in summary["steps"]]
+    steps = [s.entry_point for s in summary.steps]
     assert steps[:5] == ["base", "stage_a", "extend", "eval", "sweep"] and steps[5:7] == ["fix", "eval"], steps
-    sweep_step = summary["steps"][4]
-    sweep_run = _client().get_run(sweep_step["run_id"])
+    sweep_step = summary.steps[4]
+    sweep_run = _client().get_run(sweep_step.run_id)
     assert sweep_run.info.status == "FINISHED"
-    assert sweep_run.data.tags["latentgate.best_trial_run"] == sweep_step["best_trial_run"]
+    assert sweep_run.data.tags["latentgate.best_trial_run"] == sweep_step.best_trial_run
     # the decision after the sweep read the best trial's own runs
-    after_sweep = summary["decisions"][1]["evidence"]
-    assert {k: after_sweep["run_ids"][k] for k in ("stage_b", "eval")} == \
-        {"stage_b": sweep_step["best_stage_b_run"], "eval": sweep_step["best_eval_run"]}
+    after_sweep = summary.decisions[1].evidence
+    assert {k: after_sweep.run_ids[k] for k in ("stage_b", "eval")} == \
+        {"stage_b": sweep_step.best_stage_b_run, "eval": sweep_step.best_eval_run}
     # Phase 3 starts from the same Stage A and carries the best trial's tuned Stage B params
-    fix_run = _client().get_run(summary["steps"][5]["run_id"])
-    best = _client().get_run(sweep_step["best_trial_run"]).data.params
+    fix_run = _client().get_run(summary.steps[5].run_id)
+    best = _client().get_run(sweep_step.best_trial_run).data.params
     assert fix_run.data.params["stage_b.scheduled_sampling"] == "True"
     for key in ("stage_b.lr", "stage_b.first_token_ce_weight"):
         assert fix_run.data.params[key] == best[key]
@@ -493,12 +494,12 @@ def test_pipeline_phase2_branch_end_to_end(tmp_path_factory, mlflow_store, micro
     rules["model_name"] = "lg-sweep-hero"  # its own registered model: other tests' aliases stay where they are
     sweep_rules = out / "sweep-hero.yaml"
     sweep_rules.write_text(yaml.safe_dump(rules, sort_keys=False))
-    assert promote(sweep_step["best_eval_run"], checklist=sweep_rules).passed
+    assert promote(sweep_step.best_eval_run, checklist=sweep_rules).passed
     ran = entry.hero(HeroRequest(checklist=str(sweep_rules), scale=1,
                                  overrides={"run.output_dir": str(out / "hero")}))
     hero_run = _client().get_run(ran.run_id)
-    tuned = _client().get_run(sweep_step["best_stage_b_run"]).data.params
-    assert hero_run.data.tags["latentgate.hero_approved_run"] == sweep_step["best_stage_b_run"]
+    tuned = _client().get_run(sweep_step.best_stage_b_run).data.params
+    assert hero_run.data.tags["latentgate.hero_approved_run"] == sweep_step.best_stage_b_run
     hero = hero_run.data.params
     assert {k for k in tuned if k in hero and tuned[k] != hero[k]} <= set(BUDGET_KEYS) | {"run.output_dir"}
     for key in ("stage_b.lr", "stage_b.first_token_ce_weight", "stage_b.k", "model.lora_r"):

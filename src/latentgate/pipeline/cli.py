@@ -29,7 +29,8 @@ def pipeline(launch_hero, checklist, budget_minutes, env_manager, runner, hero_s
     """The plan's decision tree: Phase 1 -> checklist -> promote / Phase 3 / Phase 2 (+ Phase 3), reusing
     finished steps, with every decision recorded in decisions.json / decisions.md of the pipeline run."""
     from latentgate import config as cfgmod
-    from latentgate.pipeline.run import PipelineOptions, format_decisions, run_pipeline
+    from latentgate.pipeline.run import PipelineOptions, run_pipeline
+    from latentgate.pipeline.summary import format_decisions
 
     pairs = cfgmod.cli_overrides(sets, overrides)
     opts = PipelineOptions(preset=preset or "smoke", overrides=pairs, launch_hero=launch_hero,

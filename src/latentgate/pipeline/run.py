@@ -38,6 +38,7 @@ from mlflow.projects import _project_spec
 from latentgate.config import Config, flatten, parse_set_args, resolve
 from latentgate.errors import ConfigError, LatentgateError
 from latentgate.phases.entry import INPUT_PARAM, hero, run_entry
+from latentgate.pipeline.summary import PipelineSummary, Step, decisions_markdown
 from latentgate.registry.approval import HeroRequest, plan_hero
 from latentgate.registry.checklist import load_checklist
 from latentgate.registry.decisions import (
@@ -49,7 +50,6 @@ from latentgate.registry.decisions import (
     PhaseEvidence,
     decide,
     evidence_from_report,
-    fmt_value,
 )
 from latentgate.registry.gate import check_candidate, promote
 from latentgate.registry.model import version_for_eval_run
@@ -82,22 +82,6 @@ def phase_overrides(phase: str, cfg: Config) -> dict:
 
 
 # ---- steps: run an entry point, or reuse a finished run -------------------------------------------------------
-
-@dataclass
-class Step:
-    """One step of the pipeline, as steps.json and decisions.json record it."""
-
-    entry_point: str
-    run_id: str = ""
-    reused: bool = False
-    input_uri: str = ""
-    overrides: dict = field(default_factory=dict)
-    seconds: float = 0.0
-    version: str = ""  # promote: the model version the alias moved to
-    best_trial_run: str = ""  # sweep: its best trial's run, that trial's Stage B and eval runs
-    best_stage_b_run: str = ""
-    best_eval_run: str = ""
-
 
 @dataclass
 class PipelineOptions:
@@ -238,13 +222,13 @@ class Pipeline:
 
     def record(self, decision: Decision) -> None:
         self.decisions.append(decision)
-        self.tr.log_dict(self.summary(), "decisions.json")
+        self.tr.log_dict(self.summary().to_dict(), "decisions.json")
         self.tr.log_text(decisions_markdown(self.summary()), "decisions.md")
 
-    def summary(self) -> dict:
-        return {"preset": self.opts.preset, "overrides": self.opts.overrides, "git_commit": self.commit,
-                "checklist": {"path": str(self.checklist.path), "sha256": self.checklist.sha256},
-                "steps": [asdict(s) for s in self.steps], "decisions": [asdict(d) for d in self.decisions]}
+    def summary(self) -> PipelineSummary:
+        return PipelineSummary(self.tr.run_id, self.opts.preset, dict(self.opts.overrides), self.commit,
+                               str(self.checklist.path), self.checklist.sha256, tuple(self.steps),
+                               tuple(self.decisions))
 
 
 # ---- evidence, registry, sweep ------------------------------------------------------------------------------------
@@ -304,7 +288,7 @@ def promote_version(eval_run: str, checklist_path: str | None, name: str) -> str
 
 # ---- the pipeline ---------------------------------------------------------------------------------------------------
 
-def run_pipeline(opts: PipelineOptions) -> dict:
+def run_pipeline(opts: PipelineOptions) -> PipelineSummary:
     cfg = resolve(opts.preset, opts.overrides)  # a bad override fails here, before any step
     _overrides_string(opts.overrides)
     checklist = load_checklist(opts.checklist)
@@ -347,49 +331,8 @@ def run_pipeline(opts: PipelineOptions) -> dict:
             stage_over = {**phase_overrides("fix", cfg), **tuned}
             stage_run = pl.step("fix", stage_over, stage_a_uri)
             eval_run = pl.step("eval", stage_over, str(RunUri(stage_run, Artifact.checkpoint("stage_b"))))
-        summary = {"run_id": tr.run_id, **pl.summary()}
+        summary = pl.summary()
         tr.set_tags({Tag.FINAL_RULE: decision.rule, Tag.FINAL_NEXT: decision.next_phase})
-        tr.log_dict(summary, "decisions.json")
+        tr.log_dict(summary.to_dict(), "decisions.json")
         tr.log_text(decisions_markdown(summary), "decisions.md")
     return summary
-
-
-# ---- records ------------------------------------------------------------------------------------------------------
-
-def decisions_markdown(summary: dict) -> str:
-    lines = ["# latentgate pipeline decisions", "",
-             f"preset `{summary['preset']}`, git commit `{summary['git_commit']}`, checklist "
-             f"`{summary['checklist']['path']}` (sha256 {summary['checklist']['sha256'][:12]})", "",
-             "## Steps", "", "| step | run | reused | input |", "|---|---|---|---|"]
-    for s in summary["steps"]:
-        lines.append(f"| {s['entry_point']} | {s.get('run_id') or s.get('version', '')} | "
-                     f"{'yes' if s.get('reused') else 'no'} | {s.get('input_uri', '')} |")
-    lines += ["", "## Decisions", ""]
-    for i, d in enumerate(summary["decisions"], 1):
-        ev = d["evidence"]
-        lines += [f"### {i}. after {ev['phase']}: `{d['rule']}` -> **{d['next_phase']}**", "", d["reason"], "",
-                  "| evidence | value |", "|---|---|",
-                  f"| best example latent F1 | {fmt_value(ev['f1_max'])} |",
-                  f"| mean latent F1 | {fmt_value(ev['f1_mean'])} |",
-                  f"| probe first-token accuracy at the registered checkpoint (raw) | {fmt_value(ev['first_acc'])} |",
-                  f"| first-token lift over the controls there | {fmt_value(ev['first_acc_lift'])} |",
-                  f"| controls at that step: constant guess, shuffled latent | {fmt_value(ev.get('first_acc_const'))}, "
-                  f"{fmt_value(ev.get('first_acc_shuffled'))} |",
-                  f"| latent top prediction share, repetition | {fmt_value(ev.get('top_prediction_share'))}, "
-                  f"{fmt_value(ev.get('repetition_rate'))} |",
-                  f"| checklist passed | {ev['checklist_passed']} |",
-                  f"| checklist failed | {', '.join(ev['checklist_failed']) or '-'} |",
-                  f"| budget left (s) | {fmt_value(ev['budget_left_s'])} |"]
-        lines += [f"| run {k} | {v} |" for k, v in ev["run_ids"].items()]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def format_decisions(summary: dict) -> str:
-    out = [f"── latentgate pipeline ── run {summary['run_id']}"]
-    for s in summary["steps"]:
-        out.append(f"  {s['entry_point']:8s} {s.get('run_id') or s.get('version', '')}  "
-                   f"{'(reused)' if s.get('reused') else ''}")
-    for d in summary["decisions"]:
-        out.append(f"decision after {d['evidence']['phase']}: {d['rule']} -> {d['next_phase']}: {d['reason']}")
-    return "\n".join(out)
