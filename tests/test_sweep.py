@@ -354,13 +354,17 @@ def test_cli_help_does_not_import_heavy_modules():
 @pytest.mark.slow
 def test_sweep_bench_quick_measures_both_comparisons(tmp_path, mlflow_store):
     """`latentgate bench --sweep --quick`: each row's numbers are what its studies (read back from their journals)
-    spent, and its verdict follows its stated rule (micro numbers mean nothing, so which verdict is not asserted)."""
+    spent, and its verdict follows its stated rule (micro numbers mean nothing, so which verdict is not asserted).
+    The micro study with a pruner that stops every trial at its first probe (step 3 of 6 or 9): the two sides of
+    the pruning comparison then differ, so a ratio taken the wrong way round shows."""
     import optuna
 
     from latentgate.bench.sweeps import F1_GAP, bench_sweep
     from latentgate.sweep.storage import open_storage
 
-    rows = bench_sweep(out_dir=tmp_path, quick=True, echo=lambda *_: None)
+    study = write_study(tmp_path, "micro-prune", "auto", pruner={"name": "threshold", "lower": 2.0},
+                        search_space={"stage_b.steps": {"type": "int", "low": 6, "high": 9, "step": 3}})
+    rows = bench_sweep(out_dir=tmp_path, quick=True, study=str(study), echo=lambda *_: None)
     assert [r.key for r in rows] == ["sweep_workers", "sweep_pruning"]
     workers, pruning = rows
     studies = {}
@@ -381,7 +385,8 @@ def test_sweep_bench_quick_measures_both_comparisons(tmp_path, mlflow_store):
     res = pruning.details
     assert not [t for t in studies["unpruned"] if t.state.name != "COMPLETE"]
     assert res["unpruned"]["optimizer_steps"] == full(studies["unpruned"]) and res["unpruned"]["pruned_trials"] == 0
-    assert res["pruned"]["pruned_trials"] == sum(t.state.name == "PRUNED" for t in studies["pruned"])
+    assert res["pruned"]["pruned_trials"] == sum(t.state.name == "PRUNED" for t in studies["pruned"]) == 4
+    assert res["pruned"]["optimizer_steps"] == 3 * 4 < res["unpruned"]["optimizer_steps"]  # each stopped at step 3
     assert pruning.value == pytest.approx(res["pruned"]["optimizer_steps"] / res["unpruned"]["optimizer_steps"])
     assert res["f1_gap"] == pytest.approx(res["unpruned"]["best_latent_f1"] - res["pruned"]["best_latent_f1"])
     assert pruning.status == ("PASS" if pruning.value <= 0.5 and res["f1_gap"] <= F1_GAP else "FAIL")
