@@ -89,12 +89,13 @@ def test_the_sweep_tags_and_reuses_its_stage_a_by_the_key(mlflow_store, tmp_path
     from latentgate.sweep.runner import ensure_stage_a
     from latentgate.sweep.study import load_study
     from latentgate.tracking import lineage
+    from latentgate.tracking.uris import run_in_uri
 
     spec = load_study("micro")
     cfg = resolve("micro", {"run.output_dir": str(tmp_path)})
     lines: list[str] = []
     uri = ensure_stage_a(spec, cfg, echo=lines.append)
-    run = lineage.client().get_run(lineage.run_in_uri(uri))
+    run = lineage.client().get_run(run_in_uri(uri))
     assert run.data.tags[SweepTag.STAGE_A_KEY] == reuse_key(SWEEP_STAGE_A, cfg, splits=load_splits(cfg)).digest()
     # another LoRA (what the trials search) finds the same Stage A, trains nothing
     again = ensure_stage_a(spec, resolve("micro", {"run.output_dir": str(tmp_path), "model.lora_r": 4}),
