@@ -1,4 +1,4 @@
-"""eval_detailed.jsonl rows as a type (`schema.EvalRow`): what the eval writes, the gate, the sweep and analysis read
+"""eval_detailed.jsonl rows as a type (`eval_row.EvalRow`): what the eval writes, the gate, the sweep and analysis read
 back, field for field. The file format stays the one existing runs hold: a row as written before the type existed
 loads and is written again byte for byte; a row that lost a field or holds a wrong type is one line naming the file,
 the line, the field and the fix."""

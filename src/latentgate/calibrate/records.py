@@ -103,7 +103,7 @@ class ChainRecord:
 
 @dataclass(frozen=True)
 class GateRow:
-    """A checklist row of the gate's report (registry/gate.py CheckRow) as the calibration keeps it: what
+    """A checklist row of the gate's report (registry/gate_report.py CheckRow) as the calibration keeps it: what
     re-judging it at another threshold needs, and `failure`, every reason it fails besides its threshold (what no
     threshold change can fix: stats.other_failures)."""
 

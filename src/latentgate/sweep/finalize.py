@@ -81,7 +81,7 @@ def register_best(eval_run_id: str | None, tr, echo=print) -> dict:
 
 def record_checks(report: Report, checked_by: str) -> str:
     """The checked version's evidence, as `latentgate promote` records it: one `hero.check.<criterion>` tag per
-    criterion (the value from `registry.gate.check_tag_value`, the function promote writes them with; tags of
+    criterion (the value from `registry.writes.check_tag_value`, the function promote writes them with; tags of
     criteria the checklist no longer has are removed), under the registry lock, and `latentgate.checked_by`. The
     alias never moves here, and a version holding it keeps its tags (`latentgate promote <version>` re-checks it,
     and takes the alias off if it now fails). Returns what was done."""
