@@ -188,6 +188,16 @@ def test_scheduled_sampling_stage_trains(tiny_ws, tmp_path):
     assert {m for m, _ in trainable} == {"encoder", "adapter"}  # Stage A: the LM is frozen
     assert {key for key in trainable if not torch.equal(before[key], after[key])} == trainable
     assert all(torch.equal(before[key], p) for key, p in after.items() if key not in trainable)
+    # the sampled tokens reach the LM: the same run with p_gold held at 1.0 (the same draws, every gold kept) matches
+    # at step 0 (p_gold 1.0 in both) and differs once p_gold < 1
+    with torch.no_grad():
+        for key, p in params().items():
+            p.copy_(before[key])
+    ws.cfg.stage_a = dataclasses.replace(ws.cfg.stage_a, p_gold_floor=1.0)
+    train_stage(ws, ws.cfg.stage_a, NullTracker(), tmp_path / "gold", name="stage_a")
+    gold = [json.loads(x) for x in (tmp_path / "gold" / "diagnostics.jsonl").read_text().splitlines()]
+    assert gold[0]["tf_raw"] == rows[0]["tf_raw"]
+    assert [r["tf_raw"] for r in gold[1:]] != [r["tf_raw"] for r in rows[1:]]
 
 
 def test_external_hf_model_by_path(tiny_ws, tmp_path):

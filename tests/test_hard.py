@@ -80,6 +80,7 @@ def test_the_hard_regime_signature(hard):
     # from the checklist's bar, which fails on it
     assert ev.first_acc is not None and ev.first_acc_lift is not None
     assert ev.first_acc_lift <= 0.05
+    assert ev.first_acc_lift == pytest.approx(ev.first_acc - max(ev.first_acc_const, ev.first_acc_shuffled))
     assert not checklist.criterion(LEARNING).compare(ev.first_acc_lift)
     assert "first_token_learning" in ev.checklist_failed and not ev.checklist_passed
     assert not ev.provenance_failed  # judged on what it learned, not refused for where the evidence comes from
