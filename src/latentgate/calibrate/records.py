@@ -89,7 +89,7 @@ class ChainRecord:
         return {"run_id": self.run_id, "status": self.status, "reused": self.reused,
                 "reuse_key": self.reuse_key.to_dict(), "commit": self.commit, "error": self.error,
                 "children": dict(self.children), Summary.LATENT_F1: json_safe(self.latent_f1),
-                "steps": {s: asdict(st) for s, st in self.steps.items()}, "wall_seconds": self.wall_seconds,
+                "steps": {s: asdict(ran) for s, ran in self.steps.items()}, "wall_seconds": self.wall_seconds,
                 "wall_seconds_with_base": self.wall_seconds_with_base, "phase_seconds": dict(self.phase_seconds)}
 
     @classmethod
@@ -97,7 +97,7 @@ class ChainRecord:
         key = ReuseKey(**{f.name: d["reuse_key"][f.name] for f in fields(ReuseKey)})
         return cls(d["run_id"], d["status"], bool(d["reused"]), key, d["commit"], d.get("error") or "",
                    dict(d["children"]), d[Summary.LATENT_F1],
-                   {s: StageSteps(int(st["optimizer"]), int(st["micro"])) for s, st in d["steps"].items()},
+                   {s: StageSteps(int(ran["optimizer"]), int(ran["micro"])) for s, ran in d["steps"].items()},
                    float(d["wall_seconds"]), float(d["wall_seconds_with_base"]), dict(d.get("phase_seconds") or {}))
 
 

@@ -33,10 +33,10 @@ def format_heldout(h: TargetReport) -> str:
 
 
 def format_summary(r: CalibrationResult) -> str:
-    st = r.stats
-    c, rates, fit, prop = st.confusion, st.rates, st.fit, st.proposal
+    stats = r.stats
+    c, rates, fit, prop = stats.confusion, stats.rates, stats.fit, stats.proposal
     lines = [f"── latentgate calibrate {r.set.name}: {rates.n} configurations, hero target F1 >= "
-             f"{st.hero_f1_target:g}, hero scale x{r.set.hero_scale} ──",
+             f"{stats.hero_f1_target:g}, hero scale x{r.set.hero_scale} ──",
              f"{'configuration':20s} {'split':8s} {'verdict':8s} {'held out':8s} {'smoke F1':>8s} {'hero F1':>8s}  "
              "outcome   reused",
              *[f"{x.name:20s} {x.split:8s} {_word(x.verdict):8s} {_word(x.heldout_verdict):8s} "
@@ -46,16 +46,16 @@ def format_summary(r: CalibrationResult) -> str:
              f"refuse+success {c.fn}, refuse+failure {c.tn}",
              f"agreement {_pct(rates.agreement)}; precision of promote {_pct(rates.precision_promote)} "
              f"(of {rates.n_promote}), of refuse {_pct(rates.precision_refuse)} (of {rates.n_refuse})",
-             f"cost of the gate over the hero: {_ratio(st.flops.ratio)} of the FLOPs, "
-             f"{_ratio(st.wall_seconds.ratio)} of the wall time",
+             f"cost of the gate over the hero: {_ratio(stats.flops.ratio)} of the FLOPs, "
+             f"{_ratio(stats.wall_seconds.ratio)} of the wall time",
              *[f"  {role} wall time by phase: " + ", ".join(f"{p} {sec:.0f} s" for p, sec in phases.items())
-               for role, phases in st.phase_seconds.items()]]
+               for role, phases in stats.phase_seconds.items()]]
     if fit:
         line = fit.line
         lines.append(f"hero F1 = {line.intercept:.3f} + {line.slope:.3f} x smoke F1 (n {line.n}, residual sd "
                      f"{line.s:.3f}, 95% prediction interval +-{line.t:.2f} x sd x sqrt(1 + 1/n + ...))")
     else:
-        lines.append(f"no line fitted: {st.fit_points} configuration(s) with both F1s, and a line needs 3 with "
+        lines.append(f"no line fitted: {stats.fit_points} configuration(s) with both F1s, and a line needs 3 with "
                      "different smoke F1s")
     if prop.changes:
         changes = ", ".join(f"{n} {old:g} -> {new:g}" for n, (old, new) in prop.changes.items())
@@ -67,9 +67,9 @@ def format_summary(r: CalibrationResult) -> str:
                      f"configurations ({_pct(prop.fit.before)}; held out {_pct(prop.holdout.before)})")
     lines.append(f"held-out verdicts (leave-one-out: thresholds refitted on the other {rates.n - 1} configurations, "
                  "the left-out one judged with them):")
-    lines += [format_heldout(h) for h in st.heldout]
-    if st.shapes:
-        lines += format_shapes(st.shapes)
+    lines += [format_heldout(h) for h in stats.heldout]
+    if stats.shapes:
+        lines += format_shapes(stats.shapes)
     lines.append(f"run id {r.run_id} (calibration.json, calibration.png)")
     return "\n".join(lines)
 

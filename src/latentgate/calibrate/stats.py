@@ -121,9 +121,9 @@ def other_failures(row: CheckRow, checklist: Checklist) -> list[str]:
     if row.missing:
         return []
     if row.kind == "eval_collapse" and row.collapse:
-        st = row.collapse
-        why = checklist.collapse_rule(row.name).why(st["top_prediction_share"], None, st["top_prediction"],
-                                                    st["top_k_share"], st["empty_share"])
+        collapse = row.collapse
+        why = checklist.collapse_rule(row.name).why(collapse["top_prediction_share"], None, collapse["top_prediction"],
+                                                    collapse["top_k_share"], collapse["empty_share"])
         return [why] if why else []
     if not row.passed:
         try:
