@@ -21,8 +21,6 @@ if TYPE_CHECKING:  # the annotation only
     from latentgate.calibrate.spec import CalibrationSet
     from latentgate.registry.gate_report import CheckRow
 
-STAGES = ("stage_a", "stage_b")  # the stages a chain trains (its base LM is shared by both scales, not counted)
-ROLES = ("gate", "hero")  # the two chains of a configuration: the smoke-scale gate and the hero-scale run
 
 T = TypeVar("T")
 

@@ -27,7 +27,6 @@ import mlflow
 from latentgate.calibrate.figures import CalibrationStats, TargetReport
 from latentgate.calibrate.plot import scatter
 from latentgate.calibrate.records import (
-    STAGES,
     ByRole,
     CalibrationResult,
     ChainRecord,
@@ -46,6 +45,7 @@ from latentgate.phases.smoke import run_smoke
 from latentgate.registry.calibration import PHASE, CalibrationSummary, Family
 from latentgate.registry.checklist import Checklist, load_checklist
 from latentgate.registry.gate import check_candidate
+from latentgate.registry.hero_recipe import STAGES
 from latentgate.schema import CalibrateTag, EvalKey, EvalPath, MlflowTag, Stage, Tag
 from latentgate.tracking.lineage import base_from_run, client
 from latentgate.tracking.runs import adopt_project_run, setup_experiment, tracked_run

@@ -42,10 +42,6 @@ class PipelineSummary:
     steps: tuple[Step, ...]
     decisions: tuple[Decision, ...]
 
-    def step(self, entry_point: str) -> Step:
-        """The first step of this entry point."""
-        return next(s for s in self.steps if s.entry_point == entry_point)
-
     def to_dict(self) -> dict:
         return {"run_id": self.run_id, "preset": self.preset, "overrides": self.overrides,
                 "git_commit": self.git_commit, "checklist": {"path": self.checklist_path,
